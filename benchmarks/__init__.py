@@ -1,0 +1,1 @@
+"""Benchmarks shipped with mcomp (installed as ``mcomp.benchmarks``)."""

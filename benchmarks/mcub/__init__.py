@@ -1,0 +1,1 @@
+"""MCUB: the multimodal commonality understanding benchmark (installed as ``mcomp.benchmarks.mcub``)."""

@@ -1,0 +1,113 @@
+"""Image adapter: open_clip vision tower, penultimate-layer patch tokens, pad-to-square preprocessing.
+
+Defaults mirror the published image MLLM (LLaVA-1.5 style): CLIP ViT-L/14-336 (OpenAI, QuickGELU),
+`hidden_states[-2]`, CLS dropped (576 x 1024), `mlp2x_gelu` projector.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from mcomp.encoders.clip_tower import ClipVisionTower
+from mcomp.errors import MediaError
+from mcomp.modality import AdapterConfig, ModalityAdapter, register_modality
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def load_image(path: str, modality: str = "image") -> Image.Image:
+    """Decode an image file fully (a truncated file fails here, not later) as RGB."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("RGB")
+    except FileNotFoundError:
+        raise MediaError(path, "file not found", modality) from None
+    except UnidentifiedImageError:
+        raise MediaError(path, "not a recognised image format", modality) from None
+    except (OSError, SyntaxError, ValueError) as err:  # PIL reports truncation/corruption as OSError
+        raise MediaError(path, f"corrupt or truncated image ({err})", modality) from None
+
+
+def expand_to_square(img: Image.Image, mean: tuple[float, ...]) -> Image.Image:
+    """Pad to a square canvas filled with int(255*mean), the image centred with floor offsets."""
+    width, height = img.size
+    if width == height:
+        return img
+    side = max(width, height)
+    background = tuple(int(255 * m) for m in mean)
+    canvas = Image.new(img.mode, (side, side), background)
+    canvas.paste(img, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+def clip_pixel_transform(image_size: int, mean=CLIP_MEAN, std=CLIP_STD):
+    """Resize the shortest edge (bicubic), centre-crop, scale to [0,1], normalise."""
+    import open_clip
+
+    return open_clip.image_transform(
+        image_size, is_train=False, mean=mean, std=std, resize_mode="shortest", interpolation="bicubic"
+    )
+
+
+@dataclasses.dataclass
+class ImageAdapterConfig(AdapterConfig):
+    adapter: str = "image"
+    tower: str = "ViT-L-14-336-quickgelu"  # an open_clip model name
+    tower_config: dict[str, Any] | None = None  # inline open_clip model config (overrides `tower`)
+    checkpoint: str | None = None  # local weights file; None = random init (never a download)
+    select_layer: int = -2
+    select_feature: str = "patch"  # "patch": CLS dropped; "cls_patch": CLS kept
+    image_aspect_ratio: str = "pad"  # "pad" (pad to square) or "resize" (centre-crop only)
+    projector_type: str = "mlp2x_gelu"
+
+    def __post_init__(self):
+        if self.select_feature not in ("patch", "cls_patch"):
+            raise ValueError(f"select_feature must be 'patch' or 'cls_patch', got {self.select_feature!r}")
+        if self.image_aspect_ratio not in ("pad", "resize"):
+            raise ValueError(f"image_aspect_ratio must be 'pad' or 'resize', got {self.image_aspect_ratio!r}")
+
+
+@register_modality("image")
+class ImageAdapter(ModalityAdapter):
+    modality = "image"
+    placeholder = "<image>"
+    aliases = ("vision",)
+    config_class = ImageAdapterConfig
+
+    def build_encoder(self) -> ClipVisionTower:
+        cfg: ImageAdapterConfig = self.config
+        tower = ClipVisionTower(cfg.tower, cfg.tower_config, cfg.checkpoint)
+        self._transform = clip_pixel_transform(tower.image_size)
+        return tower
+
+    @property
+    def encoder_dim(self) -> int:
+        return self.encoder.width
+
+    @property
+    def num_tokens(self) -> int:
+        return self.encoder.num_patches + (1 if self.config.select_feature == "cls_patch" else 0)
+
+    def load(self, path: str) -> Image.Image:
+        return load_image(path, self.modality)
+
+    def preprocess(self, raw: Image.Image) -> torch.Tensor:
+        if not isinstance(raw, Image.Image):
+            raise MediaError(None, f"expected a file path or a PIL image, got {type(raw).__name__}", self.modality)
+        img = raw.convert("RGB")
+        if self.config.image_aspect_ratio == "pad":
+            img = expand_to_square(img, CLIP_MEAN)
+        return self._transform(img)
+
+    def _is_preprocessed(self, tensor: torch.Tensor) -> bool:
+        size = self.encoder.image_size
+        return tuple(tensor.shape) == (3, size, size)
+
+    def encode(self, batch: torch.Tensor) -> torch.Tensor:
+        tokens = self.encoder(batch, self.config.select_layer)
+        return tokens[:, 1:] if self.config.select_feature == "patch" else tokens

@@ -1,0 +1,197 @@
+"""Checkpoint of a multimodal model (safetensors only).
+
+    DIR/
+      mcomp_config.json          MLLMConfig: base-model reference + checksum, template, adapter configs
+      projectors.safetensors     "<modality>.<param>" for every projector
+      encoders.safetensors       encoder weights of adapters not loaded from a file (random-init towers)
+      adapter_config.json        LoRA in peft format (only when the LLM carries LoRA)
+      adapter_model.safetensors
+      tokenizer files            the tokenizer the model was built with
+      base/                      the base LLM, only when it has no directory of its own to refer to
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mcomp.configuration import JsonConfig
+from mcomp.io import atomic_directory, load_tensors, save_tensors
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "mcomp_config.json"
+FORMAT = "mcomp-mllm"
+FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass
+class MLLMConfig(JsonConfig):
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+    mcomp_version: str = ""
+    base_model: str = ""  # transformers directory; relative paths are relative to the checkpoint
+    base_model_sha256: str = ""  # checksum of the base LLM weights (LoRA excluded)
+    base_model_config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    template: str = "vicuna_v1"
+    adapters: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    lora: bool = False
+
+
+def base_state_dict(llm) -> dict[str, torch.Tensor]:
+    """The base LLM's own weights, with any peft LoRA layers looked through."""
+    from peft import PeftModel
+
+    model = llm.get_base_model() if isinstance(llm, PeftModel) else llm
+    out = {}
+    for name, tensor in model.state_dict().items():
+        if "lora_" in name:
+            continue
+        out[name.replace(".base_layer.", ".")] = tensor
+    return out
+
+
+def base_weights_sha256(llm) -> str:
+    """Checksum over names, dtypes, shapes and bytes of the base weights (order independent)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(base_state_dict(llm).items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _base_directory(llm) -> str | None:
+    from peft import PeftModel
+
+    model = llm.get_base_model() if isinstance(llm, PeftModel) else llm
+    path = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
+    if path and os.path.isfile(os.path.join(path, "config.json")):
+        return os.path.abspath(path)
+    return None
+
+
+def _save_base(llm, path: Path) -> None:
+    """Write the pristine base LLM (no LoRA) as a transformers directory."""
+    from peft import PeftModel
+
+    model = llm.get_base_model() if isinstance(llm, PeftModel) else llm
+    path.mkdir(parents=True)
+    model.config.save_pretrained(path)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(path)
+    state = base_state_dict(llm)
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    save_tensors(state, path / "model.safetensors", metadata={"format": "pt"})
+
+
+def save_mllm(model, path: str | os.PathLike, *, overwrite: bool = False, base_model: str | None = None) -> None:
+    """Save atomically: the directory appears only when every file is written."""
+    from peft import PeftModel
+
+    import mcomp
+
+    base_dir = base_model or _base_directory(model.llm)
+    with atomic_directory(path, overwrite=overwrite) as tmp:
+        if base_dir is None:
+            _save_base(model.llm, tmp / "base")
+            base_ref = "base"
+        else:
+            base_ref = os.path.abspath(base_dir)
+        adapters = []
+        projectors, encoders = {}, {}
+        for modality, adapter in model.adapters.items():
+            adapters.append(adapter.config.to_dict())
+            for k, v in adapter.projector.state_dict().items():
+                projectors[f"{modality}.{k}"] = v
+            if getattr(adapter.config, "checkpoint", None) is None:  # random init: weights must travel
+                for k, v in adapter.encoder.state_dict().items():
+                    encoders[f"{modality}.{k}"] = v
+        save_tensors(projectors, tmp / "projectors.safetensors")
+        if encoders:
+            save_tensors(encoders, tmp / "encoders.safetensors")
+        is_lora = isinstance(model.llm, PeftModel)
+        if is_lora:
+            model.llm.save_pretrained(str(tmp), safe_serialization=True)
+        model.tokenizer.save_pretrained(str(tmp))
+        text_cfg = model.llm.config.get_text_config()
+        MLLMConfig(
+            mcomp_version=mcomp.__version__,
+            base_model=base_ref,
+            base_model_sha256=base_weights_sha256(model.llm),
+            base_model_config={
+                "model_type": text_cfg.model_type, "hidden_size": text_cfg.hidden_size,
+                "num_hidden_layers": text_cfg.num_hidden_layers, "vocab_size": text_cfg.vocab_size,
+            },
+            template=model.template.name,
+            adapters=adapters,
+            lora=is_lora,
+        ).to_json_file(tmp / CONFIG_NAME)
+    logger.info("saved multimodal model to %s", path)
+
+
+def read_config(path: str | os.PathLike) -> MLLMConfig:
+    cfg_path = Path(path) / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{path}: not an mcomp model directory (no {CONFIG_NAME})")
+    cfg = MLLMConfig.from_json_file(cfg_path)
+    if cfg.format != FORMAT or cfg.format_version > FORMAT_VERSION:
+        raise ValueError(f"{cfg_path}: unsupported format {cfg.format!r} version {cfg.format_version}")
+    return cfg
+
+
+def resolve_base(path: str | os.PathLike, cfg: MLLMConfig) -> Path:
+    base = Path(cfg.base_model)
+    if not base.is_absolute():
+        base = Path(path) / base
+    if not (base / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: base model directory {base} (from {CONFIG_NAME}: base_model) not found")
+    return base
+
+
+def load_mllm(path: str | os.PathLike, *, device: str = "cpu", dtype: torch.dtype | None = None,
+              check_base: bool = True):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mcomp.model import MultimodalLM
+
+    path = Path(path)
+    cfg = read_config(path)
+    base = resolve_base(path, cfg)
+    llm = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype or "auto", trust_remote_code=False)
+    if check_base and cfg.base_model_sha256 and base_weights_sha256(llm) != cfg.base_model_sha256:
+        raise ValueError(
+            f"{path}: the base model at {base} is not the one this checkpoint was trained on "
+            f"(weights checksum differs from base_model_sha256 in {CONFIG_NAME})"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    if cfg.lora:
+        llm = PeftModel.from_pretrained(llm, str(path), is_trainable=False)
+    model = MultimodalLM.build(llm, tokenizer, cfg.adapters, template=cfg.template)
+    projectors = load_tensors(path / "projectors.safetensors")
+    encoders = load_tensors(path / "encoders.safetensors") if (path / "encoders.safetensors").is_file() else {}
+    for modality, adapter in model.adapters.items():
+        _load_prefixed(adapter.projector, projectors, modality, path / "projectors.safetensors")
+        if getattr(adapter.config, "checkpoint", None) is None:
+            _load_prefixed(adapter.encoder, encoders, modality, path / "encoders.safetensors")
+    return model.to(device).eval()
+
+
+def _load_prefixed(module: torch.nn.Module, tensors: dict[str, torch.Tensor], prefix: str, source: Path) -> None:
+    state = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"{source}: weights for {prefix!r} do not match: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    for k, v in state.items():
+        if v.shape != own[k].shape:
+            raise ValueError(f"{source}: tensor {prefix}.{k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
+    module.load_state_dict(state, strict=True)

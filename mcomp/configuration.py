@@ -1,0 +1,42 @@
+"""Configs are dataclasses that round-trip to JSON (the peft way)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, TypeVar
+
+from mcomp.io import atomic_write_text
+
+T = TypeVar("T", bound="JsonConfig")
+
+
+@dataclasses.dataclass
+class JsonConfig:
+    """Mixin: `to_dict`/`from_dict` and JSON files. Unknown fields are an error, not ignored."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls: type[T], data: dict[str, Any], *, source: str = "config") -> T:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"{source}: unknown field(s) {unknown} for {cls.__name__}; known: {sorted(names)}")
+        try:
+            return cls(**data)
+        except TypeError as err:
+            raise ValueError(f"{source}: {err}") from None
+
+    def to_json_file(self, path: str | os.PathLike) -> None:
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def from_json_file(cls: type[T], path: str | os.PathLike) -> T:
+        with open(path, encoding="utf-8") as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}: not valid JSON ({err})") from None
+        return cls.from_dict(data, source=str(path))

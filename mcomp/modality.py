@@ -1,0 +1,215 @@
+"""The modality adapter abstraction and its registry.
+
+A modality adapter turns media files into LLM input embeddings:
+
+    path --load--> raw media --preprocess--> tensor --(stack)--> encode (frozen) --> project --> [B, n, hidden]
+
+Each adapter type is registered under a name (``@register_modality``). Third-party packages
+register theirs through the ``mcomp.modalities`` entry-point group, pointing at the class:
+
+    [project.entry-points."mcomp.modalities"]
+    toy = "my_package.toy:ToyAdapter"
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from importlib.metadata import entry_points
+from typing import Any, ClassVar, Sequence
+
+import torch
+from torch import nn
+
+from mcomp.configuration import JsonConfig
+from mcomp.errors import MediaBatchError, MediaError
+
+logger = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "mcomp.modalities"
+
+
+@dataclasses.dataclass
+class AdapterConfig(JsonConfig):
+    """Fields every adapter config has. Subclasses add encoder/projector fields."""
+
+    adapter: str = ""  # registry name of the adapter type; filled in by the registry
+    projector_type: str = "mlp2x_gelu"
+
+
+class ModalityAdapter(nn.Module):
+    """Encoder (frozen) + projector (trainable) + media loading for one modality.
+
+    Subclasses set the class attributes and implement `load`, `preprocess`, `build_encoder`,
+    `encode` and `encoder_dim`; the rest (batching, error collection, projection) is shared.
+    """
+
+    modality: ClassVar[str]  # what the input is: "image", "audio", ...
+    placeholder: ClassVar[str]  # literal tag in prompts, e.g. "<image>"
+    aliases: ClassVar[tuple[str, ...]] = ()  # other keys for `modal_inputs` (e.g. "vision")
+    config_class: ClassVar[type[AdapterConfig]] = AdapterConfig
+
+    def __init__(self, config: AdapterConfig, llm_hidden_size: int):
+        super().__init__()
+        self.config = config
+        self.llm_hidden_size = llm_hidden_size
+        self.encoder = self.build_encoder()
+        self.encoder.requires_grad_(False)
+        self.encoder.eval()
+        from mcomp.encoders.projector import build_projector
+
+        self.projector = build_projector(config.projector_type, self.encoder_dim, llm_hidden_size)
+
+    # --- to implement -------------------------------------------------------------------
+    def build_encoder(self) -> nn.Module:
+        raise NotImplementedError
+
+    @property
+    def encoder_dim(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens one input occupies in the LLM sequence."""
+        raise NotImplementedError
+
+    def load(self, path: str) -> Any:
+        """Decode a media file from disk; raise MediaError naming the file on failure."""
+        raise NotImplementedError
+
+    def preprocess(self, raw: Any) -> torch.Tensor:
+        """Turn decoded media into the encoder's input tensor for one sample."""
+        raise NotImplementedError
+
+    def encode(self, batch: torch.Tensor) -> torch.Tensor:
+        """Frozen encoder features [B, n, encoder_dim]."""
+        raise NotImplementedError
+
+    # --- shared -------------------------------------------------------------------------
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.encoder.eval()  # frozen: BatchNorm/dropout stay in inference mode
+        return self
+
+    def input_tensor(self, source: Any) -> torch.Tensor:
+        """One sample: a path is decoded from disk; anything else is taken as decoded media."""
+        if isinstance(source, (str, os.PathLike)):
+            raw = self.load(os.fspath(source))
+            try:
+                return self.preprocess(raw)
+            except MediaError:
+                raise
+            except Exception as err:
+                raise MediaError(source, f"preprocessing failed: {err}", self.modality) from err
+        if isinstance(source, torch.Tensor) and source.dim() > 0 and self._is_preprocessed(source):
+            return source
+        return self.preprocess(source)
+
+    def _is_preprocessed(self, tensor: torch.Tensor) -> bool:
+        return False
+
+    def prepare(self, sources: Sequence[Any]) -> torch.Tensor:
+        """Decode and preprocess every source; report all failures at once, by sample index."""
+        tensors, failures = [], {}
+        for i, src in enumerate(sources):
+            try:
+                tensors.append(self.input_tensor(src))
+            except MediaError as err:
+                failures[i] = err
+        if failures:
+            raise MediaBatchError(failures)
+        return self.collate(tensors)
+
+    def collate(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack(tensors)
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """Encoder input batch -> projected features [B, num_tokens, llm_hidden_size]."""
+        with torch.no_grad():
+            feats = self.encode(batch.to(self.device))
+        return self.project(feats)
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        proj_dtype = next(self.projector.parameters()).dtype
+        return self.projector(features.to(proj_dtype))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def fingerprint(self) -> str:
+        """Identifies the encoder (config + weights), so cached features can be reused safely."""
+        h = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
+        for name, tensor in sorted(self.encoder.state_dict().items()):
+            h.update(name.encode())
+            h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()[:16]
+
+
+_REGISTRY: dict[str, type[ModalityAdapter]] = {}
+_ENTRY_POINTS_LOADED = False
+
+
+def register_modality(name: str):
+    """Class decorator: make an adapter type available by name (e.g. in configs and the CLI)."""
+
+    def deco(cls: type[ModalityAdapter]) -> type[ModalityAdapter]:
+        if not (isinstance(cls, type) and issubclass(cls, ModalityAdapter)):
+            raise TypeError(f"@register_modality({name!r}) needs a ModalityAdapter subclass, got {cls!r}")
+        for attr in ("modality", "placeholder"):
+            if not isinstance(getattr(cls, attr, None), str):
+                raise TypeError(f"{cls.__name__} must set the class attribute {attr!r}")
+        other = _REGISTRY.get(name)
+        if other is not None and other is not cls:
+            raise ValueError(f"modality adapter {name!r} is already registered by {other.__module__}.{other.__qualname__}")
+        cls.adapter_name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def _load_entry_points() -> None:
+    global _ENTRY_POINTS_LOADED
+    if _ENTRY_POINTS_LOADED:
+        return
+    _ENTRY_POINTS_LOADED = True
+    import mcomp.encoders  # noqa: F401  (built-in adapters register on import)
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in _REGISTRY:
+            continue
+        try:
+            cls = ep.load()
+        except Exception as err:  # a broken plug-in must not take mcomp down
+            logger.warning("modality plug-in %r (%s) failed to load: %s", ep.name, ep.value, err)
+            continue
+        if ep.name not in _REGISTRY:
+            register_modality(ep.name)(cls)
+
+
+def available_adapters() -> dict[str, type[ModalityAdapter]]:
+    """All adapter types: built-in, decorated, and from installed plug-ins."""
+    _load_entry_points()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get_adapter_class(name: str) -> type[ModalityAdapter]:
+    adapters = available_adapters()
+    if name not in adapters:
+        raise KeyError(f"unknown modality adapter {name!r}; available: {sorted(adapters)}")
+    return adapters[name]
+
+
+def build_adapter(config: AdapterConfig | dict[str, Any], llm_hidden_size: int) -> ModalityAdapter:
+    """Build an adapter from its config (an AdapterConfig or its dict with an `adapter` field)."""
+    if isinstance(config, dict):
+        if "adapter" not in config:
+            raise ValueError(f"adapter config has no 'adapter' field (the adapter type name): {config}")
+        cls = get_adapter_class(config["adapter"])
+        config = cls.config_class.from_dict(config, source=f"{config['adapter']} adapter config")
+    else:
+        cls = get_adapter_class(config.adapter)
+    return cls(config, llm_hidden_size)

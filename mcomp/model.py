@@ -1,0 +1,291 @@
+"""The multimodal model: a transformers causal LM plus modality adapters spliced into its input.
+
+Data path for one sample:
+    prompt text --tokenize_with_placeholders--> ids with sentinel ids at placeholders
+    media files --adapter.prepare/forward--> [num_tokens, hidden] per input
+    ids + features --_assemble--> inputs_embeds (each sentinel replaced by its input's features)
+Samples are left-padded into a batch; position ids follow the attention mask.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections import defaultdict
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mcomp.conversation import get_template
+from mcomp.errors import MediaBatchError, PlaceholderMismatchError
+from mcomp.modality import AdapterConfig, ModalityAdapter, build_adapter
+from mcomp.tokenization import tokenize_continuation, tokenize_with_placeholders
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+TEXT = -1  # modality id of text positions
+Media = Mapping[str, Any]  # modality key -> one source or a list of sources (paths or decoded media)
+
+
+@dataclasses.dataclass
+class MultimodalInputs:
+    """A left-padded batch ready for the LLM."""
+
+    inputs_embeds: torch.Tensor  # [B, T, H]
+    attention_mask: torch.Tensor  # [B, T], 0 on padding
+    position_ids: torch.Tensor  # [B, T]
+    modality_ids: torch.Tensor  # [B, T]: TEXT (-1) or the index of the modality in model.modalities
+    labels: torch.Tensor | None = None  # [B, T], IGNORE_INDEX except on continuation tokens
+    continuation_ids: list[list[int]] | None = None  # per sample, the continuation token ids
+
+
+@dataclasses.dataclass
+class LoglikelihoodResult:
+    logprob: float  # sum of log-probabilities of the continuation tokens
+    is_greedy: bool  # every continuation token is the argmax
+    num_tokens: int
+
+
+class MultimodalLM(nn.Module):
+    def __init__(self, llm: nn.Module, tokenizer, adapters: Sequence[ModalityAdapter], template: str = "vicuna_v1"):
+        super().__init__()
+        self.llm = llm
+        self.tokenizer = tokenizer
+        names = [a.modality for a in adapters]
+        if len(set(names)) != len(names):
+            raise ValueError(f"one adapter per modality: got modalities {names}")
+        self.adapters = nn.ModuleDict({a.modality: a for a in adapters})
+        self.template = get_template(template)
+        # Sentinel ids for placeholders: negative, so they never collide with the vocabulary.
+        self.placeholder_ids = {a.placeholder: -200 - i for i, a in enumerate(adapters)}
+        self._sentinel_to_modality = {-200 - i: a.modality for i, a in enumerate(adapters)}
+        self._key_to_modality = {}
+        for a in adapters:
+            for key in (a.modality, *a.aliases):
+                self._key_to_modality[key] = a.modality
+
+    @classmethod
+    def build(cls, llm, tokenizer, adapter_configs: Sequence[AdapterConfig | dict], template: str = "vicuna_v1"):
+        hidden = llm.config.get_text_config().hidden_size
+        adapters = [build_adapter(c, hidden) for c in adapter_configs]
+        dtype = next(llm.parameters()).dtype
+        return cls(llm, tokenizer, [a.to(dtype) for a in adapters], template)
+
+    # --- properties -----------------------------------------------------------------------
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.adapters.keys())
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.llm.parameters()).device
+
+    @property
+    def hidden_size(self) -> int:
+        return self.llm.config.get_text_config().hidden_size
+
+    def modality_of(self, key: str) -> str:
+        if key not in self._key_to_modality:
+            raise PlaceholderMismatchError(
+                f"this model has no adapter for modality {key!r} (it has: {', '.join(self.modalities) or 'none'})"
+            )
+        return self._key_to_modality[key]
+
+    # --- inputs ---------------------------------------------------------------------------
+    def _normalise_media(self, media: Sequence[Media | None], n: int) -> list[dict[str, list]]:
+        if len(media) != n:
+            raise ValueError(f"got {n} prompt(s) but {len(media)} media mapping(s)")
+        out = []
+        for sample in media:
+            per = defaultdict(list)
+            for key, sources in (sample or {}).items():
+                items = list(sources) if isinstance(sources, (list, tuple)) else [sources]
+                per[self.modality_of(key)].extend(items)
+            out.append(dict(per))
+        return out
+
+    def encode_media(self, media: list[dict[str, list]]) -> list[dict[str, list[torch.Tensor]]]:
+        """Projected features per sample and modality; all inputs of one modality run as one batch.
+
+        A bad file raises MediaBatchError keyed by *sample* index, naming every failing file.
+        """
+        features: list[dict[str, list[torch.Tensor]]] = [defaultdict(list) for _ in media]
+        failures = {}
+        for modality, adapter in self.adapters.items():
+            owners = [(i, src) for i, sample in enumerate(media) for src in sample.get(modality, [])]
+            if not owners:
+                continue
+            try:
+                batch = adapter.prepare([src for _, src in owners])
+            except MediaBatchError as err:
+                for flat_index, media_err in err.failures.items():
+                    failures.setdefault(owners[flat_index][0], media_err)
+                continue
+            projected = adapter(batch)
+            for (i, _), feats in zip(owners, projected):
+                features[i][modality].append(feats)
+        if failures:
+            raise MediaBatchError(failures)
+        return features
+
+    def tokenize(self, prompt: str) -> list[int]:
+        return tokenize_with_placeholders(self.tokenizer, prompt, self.placeholder_ids)
+
+    def _check_placeholders(self, index: int, ids: list[int], media: dict[str, list]) -> None:
+        counts = defaultdict(int)
+        for t in ids:
+            if t in self._sentinel_to_modality:
+                counts[self._sentinel_to_modality[t]] += 1
+        for modality in sorted(set(counts) | set(media)):
+            have, want = len(media.get(modality, [])), counts.get(modality, 0)
+            if have != want:
+                tag = self.adapters[modality].placeholder
+                raise PlaceholderMismatchError(
+                    f"sample {index}: the prompt has {want} {tag} placeholder(s) but {have} {modality} input(s) were given"
+                )
+
+    def prepare_inputs(
+        self,
+        prompts: Sequence[str],
+        media: Sequence[Media | None] | None = None,
+        continuations: Sequence[str | Sequence[int]] | None = None,
+    ) -> MultimodalInputs:
+        """Tokenise, encode media, splice and left-pad. Continuations (text or ids) get labels."""
+        prompts = list(prompts)
+        media_n = self._normalise_media(list(media) if media is not None else [None] * len(prompts), len(prompts))
+        ids = [self.tokenize(p) for p in prompts]
+        for i, (sample_ids, sample_media) in enumerate(zip(ids, media_n)):
+            self._check_placeholders(i, sample_ids, sample_media)
+        features = self.encode_media(media_n)
+        cont_ids = None
+        if continuations is not None:
+            if len(continuations) != len(prompts):
+                raise ValueError(f"got {len(prompts)} prompt(s) but {len(continuations)} continuation(s)")
+            cont_ids = [tokenize_continuation(self.tokenizer, c) if isinstance(c, str) else list(c) for c in continuations]
+        return self._assemble(ids, features, cont_ids)
+
+    def _assemble(self, ids, features, cont_ids) -> MultimodalInputs:
+        embed = self.llm.get_input_embeddings()
+        device, dtype = embed.weight.device, embed.weight.dtype
+        modality_index = {m: k for k, m in enumerate(self.modalities)}
+        seqs, mods, labels = [], [], []
+        for i, sample_ids in enumerate(ids):
+            tail = cont_ids[i] if cont_ids is not None else []
+            all_ids = torch.tensor(sample_ids + tail, dtype=torch.long, device=device)
+            text_embeds = embed(all_ids.clamp(min=0))
+            text_labels = torch.tensor([IGNORE_INDEX] * len(sample_ids) + tail, dtype=torch.long)
+            used = defaultdict(int)
+            pieces, piece_mods, piece_labels, start = [], [], [], 0
+            sentinel_pos = [p for p, t in enumerate(sample_ids) if t < 0]
+            for pos in sentinel_pos + [len(all_ids)]:
+                if pos > start:  # a run of text tokens
+                    pieces.append(text_embeds[start:pos])
+                    piece_mods.append(torch.full((pos - start,), TEXT, dtype=torch.long))
+                    piece_labels.append(text_labels[start:pos])
+                if pos < len(sample_ids):  # a placeholder: the next input of its modality
+                    modality = self._sentinel_to_modality[sample_ids[pos]]
+                    feats = features[i][modality][used[modality]].to(device=device, dtype=dtype)
+                    used[modality] += 1
+                    pieces.append(feats)
+                    piece_mods.append(torch.full((feats.shape[0],), modality_index[modality], dtype=torch.long))
+                    piece_labels.append(torch.full((feats.shape[0],), IGNORE_INDEX, dtype=torch.long))
+                start = pos + 1
+            seqs.append(torch.cat(pieces))
+            mods.append(torch.cat(piece_mods))
+            labels.append(torch.cat(piece_labels))
+        length = max(s.shape[0] for s in seqs)
+        batch = len(seqs)
+        inputs_embeds = torch.zeros(batch, length, seqs[0].shape[1], dtype=dtype, device=device)
+        attention_mask = torch.zeros(batch, length, dtype=torch.long, device=device)
+        modality_ids = torch.full((batch, length), TEXT, dtype=torch.long, device=device)
+        label_t = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long, device=device)
+        for b, (s, m, lab) in enumerate(zip(seqs, mods, labels)):
+            n = s.shape[0]
+            inputs_embeds[b, length - n :] = s
+            attention_mask[b, length - n :] = 1
+            modality_ids[b, length - n :] = m.to(device)
+            label_t[b, length - n :] = lab.to(device)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        return MultimodalInputs(
+            inputs_embeds, attention_mask, position_ids, modality_ids,
+            labels=label_t if cont_ids is not None else None, continuation_ids=cont_ids,
+        )
+
+    # --- model API ------------------------------------------------------------------------
+    def forward(self, inputs: MultimodalInputs, **kwargs):
+        """LLM forward over spliced embeddings; with labels, the loss covers continuation tokens only."""
+        return self.llm(
+            inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
+            position_ids=inputs.position_ids, labels=inputs.labels, **kwargs,
+        )
+
+    @torch.no_grad()
+    def generate(
+        self, prompts: Sequence[str], media: Sequence[Media | None] | None = None, max_new_tokens: int = 128, **kwargs
+    ) -> list[str]:
+        """Greedy (unless told otherwise) generation; returns the cleaned new text per prompt."""
+        inputs = self.prepare_inputs(prompts, media)
+        kwargs.setdefault("do_sample", False)
+        out = self.llm.generate(
+            inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
+            max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id, **kwargs,
+        )
+        texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
+        return [clean_generation(t, self.template.sep2) for t in texts]
+
+    @torch.no_grad()
+    def loglikelihood(
+        self, context: str, continuations: Sequence[str], media: Media | None = None
+    ) -> list[LoglikelihoodResult]:
+        """Score each continuation after one context (the lm-eval `loglikelihood` request)."""
+        n = len(continuations)
+        media_n = self._normalise_media([media], 1)
+        ctx_ids = self.tokenize(context)
+        self._check_placeholders(0, ctx_ids, media_n[0])
+        features = self.encode_media(media_n) * n  # encode once, share across options
+        cont_ids = [tokenize_continuation(self.tokenizer, c) for c in continuations]
+        for c, ids in zip(continuations, cont_ids):
+            if not ids:
+                raise ValueError(f"continuation {c!r} tokenises to nothing")
+        inputs = self._assemble([ctx_ids] * n, features, cont_ids)
+        logits = self.forward(dataclasses.replace(inputs, labels=None)).logits.float()
+        return score_continuations(logits, inputs)
+
+    # --- persistence ----------------------------------------------------------------------
+    def save_pretrained(self, path: str | os.PathLike, **kwargs) -> None:
+        from mcomp.checkpoint import save_mllm
+
+        save_mllm(self, path, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> "MultimodalLM":
+        from mcomp.checkpoint import load_mllm
+
+        return load_mllm(path, **kwargs)
+
+
+def score_continuations(logits: torch.Tensor, inputs: MultimodalInputs) -> list[LoglikelihoodResult]:
+    """Sum of log p(continuation token | prefix); the continuation is the tail of each row."""
+    logprobs = F.log_softmax(logits, dim=-1)
+    results = []
+    length = logits.shape[1]
+    for b, ids in enumerate(inputs.continuation_ids):
+        m = len(ids)
+        target = torch.tensor(ids, device=logits.device)
+        rows = logprobs[b, length - m - 1 : length - 1]  # position t predicts token t+1
+        lp = rows.gather(-1, target[:, None]).squeeze(-1)
+        greedy = bool((rows.argmax(-1) == target).all())
+        results.append(LoglikelihoodResult(float(lp.sum()), greedy, m))
+    return results
+
+
+def clean_generation(text: str, stop: str = "</s>") -> str:
+    """Strip, drop a trailing stop string, strip again (the published answer cleaning)."""
+    text = text.strip()
+    if stop and text.endswith(stop):
+        text = text[: -len(stop)]
+    return text.strip()

@@ -1,0 +1,85 @@
+"""Tiny models built locally (no download): a Llama with a locally trained tokenizer, and a tiny
+open_clip ViT. Same architectures and key names as the real ones; shapes in `configs/`."""
+from __future__ import annotations
+
+import string
+from typing import Iterable
+
+import torch
+
+from mcomp.conversation import get_template
+from mcomp.resources import load_config
+
+SPECIAL_TOKENS = ("<unk>", "<s>", "</s>")
+
+
+def default_corpus() -> list[str]:
+    """Text for the tiny tokenizer: the template text plus the shipped word list."""
+    template = get_template("vicuna_v1")
+    words = load_config("tiny", "corpus.yaml")["sentences"]
+    return [template.prompt("What is shown in the image?")] + list(words)
+
+
+def build_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 512):
+    """A Llama-like BPE tokenizer (SentencePiece-style "▁" word prefix, BOS added), trained here.
+
+    Every printable ASCII character is in the base alphabet, so no input maps to <unk>.
+    Training is deterministic for a given corpus.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    alphabet = sorted(set(string.printable) | {"▁"})
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), initial_alphabet=alphabet, show_progress=False
+    )
+    tok.train_from_iterator(list(corpus if corpus is not None else default_corpus()), trainer=trainer)
+    bos = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>",
+        padding_side="left",
+    )
+
+
+def build_llm(tokenizer, shape: str = "tiny-llama", seed: int = 0, **overrides):
+    """A randomly initialised Llama causal LM with a shipped shape (`configs/llm/<shape>.json`)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = dict(load_config("llm", f"{shape}.json"))
+    cfg.pop("architectures", None)
+    cfg.update(overrides)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, **cfg,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.eval()
+
+
+def tiny_image_adapter_config(**overrides):
+    from mcomp.encoders.image import ImageAdapterConfig
+
+    fields = {"tower": "tiny-vit", "tower_config": load_config("encoders", "tiny-vit.json")}
+    fields.update(overrides)
+    return ImageAdapterConfig(**fields)
+
+
+def build_tiny_mllm(adapter_configs=None, seed: int = 0, llm_shape: str = "tiny-llama"):
+    """A tiny MultimodalLM (image adapter by default), everything randomly initialised from `seed`."""
+    from mcomp.model import MultimodalLM
+
+    tokenizer = build_tokenizer()
+    llm = build_llm(tokenizer, llm_shape, seed=seed)
+    configs = adapter_configs if adapter_configs is not None else [tiny_image_adapter_config()]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        return MultimodalLM.build(llm, tokenizer, configs)

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Set up a fresh machine for mcomp: system library for open3d, a virtual environment with the
+# pinned dependencies, and mcomp itself (editable). Idempotent: a second run only checks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# open3d needs libusb-1.0 at import time.
+if ! ldconfig -p 2>/dev/null | grep -q 'libusb-1.0.so.0'; then
+  echo "[setup] installing libusb-1.0-0 (needed by open3d)"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  $SUDO DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libusb-1.0-0 >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv"
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.mcomp-requirements.sha256
+want=$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  echo "[setup] installing pinned dependencies (about a minute on a fresh machine)"
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -r requirements.txt
+  .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+  echo "$want" > "$stamp"
+fi
+.venv/bin/python -c "import mcomp, open3d, torchaudio, torchvision" \
+  || { echo "[setup] import check failed" >&2; exit 1; }
+echo "[setup] ready: $(.venv/bin/mcomp --version)"
