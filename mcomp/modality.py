@@ -58,13 +58,17 @@ class ModalityAdapter(nn.Module):
         self.encoder = self.build_encoder()
         self.encoder.requires_grad_(False)
         self.encoder.eval()
-        from mcomp.encoders.projector import build_projector
-
-        self.projector = build_projector(config.projector_type, self.encoder_dim, llm_hidden_size)
+        self.projector = self.build_projector()
 
     # --- to implement -------------------------------------------------------------------
     def build_encoder(self) -> nn.Module:
         raise NotImplementedError
+
+    def build_projector(self) -> nn.Module:
+        """Trainable map from encoder features to the LLM width (override for e.g. a Q-Former)."""
+        from mcomp.encoders.projector import build_projector
+
+        return build_projector(self.config.projector_type, self.encoder_dim, self.llm_hidden_size)
 
     @property
     def encoder_dim(self) -> int:

@@ -255,6 +255,19 @@ class MultimodalLM(nn.Module):
         logits = self.forward(dataclasses.replace(inputs, labels=None)).logits.float()
         return score_continuations(logits, inputs)
 
+    def add_lora(self, r: int = 8, alpha: int = 16, dropout: float = 0.0, target_modules=None, init: bool | str = True):
+        """Wrap the LLM with a peft LoRA adapter (default: all linear layers of the decoder blocks).
+
+        `init=False` draws B at random too (peft), handy to get a non-trivial adapter in tests.
+        """
+        from peft import LoraConfig, get_peft_model
+
+        targets = target_modules or ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                            init_lora_weights=init, task_type="CAUSAL_LM")
+        self.llm = get_peft_model(self.llm, config)
+        return self
+
     # --- persistence ----------------------------------------------------------------------
     def save_pretrained(self, path: str | os.PathLike, **kwargs) -> None:
         from mcomp.checkpoint import save_mllm

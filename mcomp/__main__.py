@@ -1,0 +1,5 @@
+import sys
+
+from mcomp.cli import main
+
+sys.exit(main())

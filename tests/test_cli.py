@@ -1,0 +1,51 @@
+"""The `mcomp` command line: help, version, info, ask."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import mcomp
+from mcomp.cli import main
+
+
+def test_help_and_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"mcomp {mcomp.__version__}"
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "info" in out and "ask" in out
+
+
+def test_console_script_is_installed():
+    bin_dir = __import__("pathlib").Path(sys.executable).parent
+    out = subprocess.run([str(bin_dir / "mcomp"), "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == f"mcomp {mcomp.__version__}"
+
+
+def test_info_lists_versions_devices_modalities(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "torch " in out and "transformers" in out and "devices: cpu" in out
+    assert "placeholder=<image>" in out
+
+
+def test_ask_generates_and_scores(capsys, image_files):
+    assert main(["ask", "--tiny", "--media", f"image={image_files['png']}", "--max-new-tokens", "3", "What is it?"]) == 0
+    assert capsys.readouterr().out.startswith("answer: ")
+    assert main(["ask", "--tiny", "--media", f"image={image_files['png']}", "--options", "red,blue", "Colour?"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("red\tlogprob=-") and lines[1].startswith("blue\tlogprob=-")
+    assert lines[2] in ("answer: red", "answer: blue")
+
+
+def test_ask_errors_are_one_clear_line(capsys, image_files):
+    assert main(["ask", "--tiny", "--media", "image", "q"]) == 1
+    assert "expected MODALITY=PATH" in capsys.readouterr().err
+    assert main(["ask", "--tiny", "--media", f"image={image_files['truncated']}", "q"]) == 1
+    err = capsys.readouterr().err
+    assert "truncated.png" in err and "Traceback" not in err
