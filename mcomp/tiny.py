@@ -73,6 +73,14 @@ def tiny_image_adapter_config(**overrides):
     return ImageAdapterConfig(**fields)
 
 
+def tiny_video_adapter_config(**overrides):
+    from mcomp.encoders.video import VideoAdapterConfig
+
+    fields = {"tower": "tiny-vit", "tower_config": load_config("encoders", "tiny-vit.json")}
+    fields.update(overrides)
+    return VideoAdapterConfig(**fields)
+
+
 def build_tiny_mllm(adapter_configs=None, seed: int = 0, llm_shape: str = "tiny-llama"):
     """A tiny MultimodalLM (image adapter by default), everything randomly initialised from `seed`."""
     from mcomp.model import MultimodalLM

@@ -1,0 +1,186 @@
+"""Video adapter: 8 uniformly sampled frames, a per-frame open_clip vision tower, all tokens kept.
+
+Mirrors the published video MLLM's layout (LanguageBind-Video features): frames at
+floor(linspace(0, n-1, 8)), short side resized to 224 and centre-cropped, CLIP normalisation,
+`hidden_states[-2]` of every frame with CLS kept (8 x 257 tokens for ViT-L/14 at 224), frame-major,
+then `mlp2x_gelu`. Deviation, on purpose: the released preprocessing flips frames at random even at
+evaluation (RandomHorizontalFlip p=0.5); mcomp never flips, so the same file gives the same tokens.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from mcomp.encoders.clip_tower import ClipVisionTower
+from mcomp.encoders.image import CLIP_MEAN, CLIP_STD, load_image
+from mcomp.errors import MediaError
+from mcomp.modality import AdapterConfig, ModalityAdapter, register_modality
+
+VIDEO_EXTENSIONS = {".mp4", ".webm", ".avi", ".mkv", ".mov", ".gif", ".m4v", ".mpeg", ".mpg"}
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+
+def frame_indices(total: int, num_frames: int) -> list[int]:
+    """floor(linspace(0, total-1, num_frames)), the published uniform sampling."""
+    return [int(i) for i in np.floor(np.linspace(0, total - 1, num_frames))]
+
+
+def _count_frames(path: str) -> int:
+    import av
+
+    with av.open(path) as container:
+        stream = container.streams.video[0]
+        if stream.frames and stream.frames > 0:
+            return int(stream.frames)
+        return sum(1 for packet in container.demux(stream) if packet.size > 0)
+
+
+def read_video_frames(path: str, num_frames: int, modality: str = "video") -> list[np.ndarray]:
+    """Decode `num_frames` uniformly spaced RGB frames (H, W, 3 uint8) with PyAV.
+
+    A still image is a one-frame video, repeated to `num_frames` (as the published code does).
+    """
+    import av
+
+    ext = os.path.splitext(path)[1].lower()
+    if not os.path.isfile(path):
+        raise MediaError(path, "file not found", modality)
+    if ext in IMAGE_EXTENSIONS:
+        frame = np.asarray(load_image(path, modality))
+        return [frame] * num_frames
+    if ext not in VIDEO_EXTENSIONS:
+        raise MediaError(path, f"unsupported video extension {ext!r} (expected one of {sorted(VIDEO_EXTENSIONS)})", modality)
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise MediaError(path, "the file has no video stream", modality)
+        total = _count_frames(path)
+        if total <= 0:
+            raise MediaError(path, "the video has no frames", modality)
+        wanted = frame_indices(total, num_frames)
+        picked: dict[int, np.ndarray] = {}
+        last = None
+        with av.open(path) as container:
+            for i, frame in enumerate(container.decode(video=0)):
+                if i in wanted:
+                    picked[i] = frame.to_ndarray(format="rgb24")
+                last = (i, frame)
+                if i >= wanted[-1]:
+                    break
+    except MediaError:
+        raise
+    except (av.error.FFmpegError, OSError, ValueError, IndexError) as err:
+        raise MediaError(path, f"cannot decode video ({err})", modality) from None
+    if last is None:
+        raise MediaError(path, "no decodable frame in the video", modality)
+    if len(picked) < len(set(wanted)):
+        # The container promised more frames than decode; take the last decoded frame for the rest.
+        fallback = last[1].to_ndarray(format="rgb24")
+        picked.update({i: fallback for i in wanted if i not in picked})
+    return [picked[i] for i in wanted]
+
+
+@dataclasses.dataclass
+class VideoAdapterConfig(AdapterConfig):
+    adapter: str = "video"
+    tower: str = "ViT-L-14"  # an open_clip model name (224 px, 16x16 patches + CLS = 257 tokens)
+    tower_config: dict[str, Any] | None = None
+    checkpoint: str | None = None
+    num_frames: int = 8
+    select_layer: int = -2
+    pool: str = "none"  # "none" | "time" (average frames in groups) | "space" (average patch grids)
+    pool_size: int = 2  # frames per group (time) or patch window side (space)
+    projector_type: str = "mlp2x_gelu"
+
+    def __post_init__(self):
+        if self.pool not in ("none", "time", "space"):
+            raise ValueError(f"pool must be 'none', 'time' or 'space', got {self.pool!r}")
+        if self.num_frames < 1 or self.pool_size < 1:
+            raise ValueError("num_frames and pool_size must be >= 1")
+        if self.pool == "time" and self.num_frames % self.pool_size:
+            raise ValueError(f"pool_size {self.pool_size} must divide num_frames {self.num_frames} for time pooling")
+
+
+@register_modality("video")
+class VideoAdapter(ModalityAdapter):
+    modality = "video"
+    placeholder = "<video>"
+    config_class = VideoAdapterConfig
+
+    def build_encoder(self) -> ClipVisionTower:
+        cfg: VideoAdapterConfig = self.config
+        tower = ClipVisionTower(cfg.tower, cfg.tower_config, cfg.checkpoint)
+        grid = tower.image_size // tower.patch_size
+        if cfg.pool == "space" and grid % cfg.pool_size:
+            raise ValueError(f"pool_size {cfg.pool_size} must divide the {grid}x{grid} patch grid for space pooling")
+        return tower
+
+    @property
+    def encoder_dim(self) -> int:
+        return self.encoder.width
+
+    @property
+    def tokens_per_frame(self) -> int:
+        patches = self.encoder.num_patches
+        if self.config.pool == "space":
+            patches //= self.config.pool_size**2
+        return 1 + patches
+
+    @property
+    def num_tokens(self) -> int:
+        frames = self.config.num_frames
+        if self.config.pool == "time":
+            frames //= self.config.pool_size
+        return frames * self.tokens_per_frame
+
+    def load(self, path: str) -> list[np.ndarray]:
+        return read_video_frames(path, self.config.num_frames, self.modality)
+
+    def preprocess(self, raw) -> torch.Tensor:
+        """Frames -> [T, 3, S, S]: scale to [0,1], short side to S (bilinear), centre crop, normalise."""
+        if isinstance(raw, Image.Image):
+            raw = [np.asarray(raw.convert("RGB"))] * self.config.num_frames
+        if not isinstance(raw, (list, tuple)) or not raw:
+            raise MediaError(None, f"expected a file path, a PIL image or a list of frames, got {type(raw).__name__}", self.modality)
+        if len(raw) != self.config.num_frames:
+            raw = [raw[i] for i in frame_indices(len(raw), self.config.num_frames)]
+        clip = torch.from_numpy(np.stack([np.asarray(f) for f in raw])).permute(0, 3, 1, 2).float() / 255.0
+        size = self.encoder.image_size
+        h, w = clip.shape[-2:]
+        scale = size / min(h, w)
+        new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
+        # pytorchvideo's ShortSideScale, as released: bilinear, no antialiasing.
+        clip = F.interpolate(clip, size=(new_h, new_w), mode="bilinear", align_corners=False)
+        top, left = (new_h - size) // 2, (new_w - size) // 2
+        clip = clip[:, :, top : top + size, left : left + size]
+        mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+        std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+        return (clip - mean) / std
+
+    def _is_preprocessed(self, tensor: torch.Tensor) -> bool:
+        size = self.encoder.image_size
+        return tuple(tensor.shape) == (self.config.num_frames, 3, size, size)
+
+    def encode(self, batch: torch.Tensor) -> torch.Tensor:
+        """[B, T, 3, S, S] -> [B, T' * tokens_per_frame, width], frame-major, CLS first in each frame."""
+        b, t = batch.shape[:2]
+        tokens = self.encoder(batch.flatten(0, 1), self.config.select_layer)  # [B*T, 1+P, D]
+        tokens = tokens.view(b, t, tokens.shape[1], tokens.shape[2])
+        if self.config.pool == "time":
+            k = self.config.pool_size
+            tokens = tokens.view(b, t // k, k, *tokens.shape[2:]).mean(dim=2)
+        elif self.config.pool == "space":
+            k = self.config.pool_size
+            cls, patches = tokens[:, :, :1], tokens[:, :, 1:]
+            grid = int(patches.shape[2] ** 0.5)
+            d = patches.shape[-1]
+            grid_maps = patches.reshape(-1, grid, grid, d).permute(0, 3, 1, 2)
+            pooled = F.avg_pool2d(grid_maps, k).flatten(2).transpose(1, 2)
+            tokens = torch.cat([cls, pooled.view(b, tokens.shape[1], -1, d)], dim=2)
+        return tokens.flatten(1, 2)
