@@ -144,7 +144,18 @@ class ModalityAdapter(nn.Module):
         return next(self.parameters()).device
 
     def fingerprint(self) -> str:
-        """Identifies the encoder (config + weights), so cached features can be reused safely."""
+        """Identifies the encoder (config + weights), so cached features can be reused safely.
+
+        Computed once: the encoder is frozen (call `forget_fingerprint` after replacing its weights).
+        """
+        if getattr(self, "_fingerprint", None) is None:
+            self._fingerprint = self._compute_fingerprint()
+        return self._fingerprint
+
+    def forget_fingerprint(self) -> None:
+        self._fingerprint = None
+
+    def _compute_fingerprint(self) -> str:
         h = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
         for name, tensor in sorted(self.encoder.state_dict().items()):
             h.update(name.encode())

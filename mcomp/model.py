@@ -59,6 +59,7 @@ class MultimodalLM(nn.Module):
             raise ValueError(f"one adapter per modality: got modalities {names}")
         self.adapters = nn.ModuleDict({a.modality: a for a in adapters})
         self.template = get_template(template)
+        self.feature_cache = None  # optional mcomp.feature_cache.FeatureCache for encoder outputs
         # Sentinel ids for placeholders: negative, so they never collide with the vocabulary.
         self.placeholder_ids = {a.placeholder: -200 - i for i, a in enumerate(adapters)}
         self._sentinel_to_modality = {-200 - i: a.modality for i, a in enumerate(adapters)}
@@ -118,18 +119,36 @@ class MultimodalLM(nn.Module):
             owners = [(i, src) for i, sample in enumerate(media) for src in sample.get(modality, [])]
             if not owners:
                 continue
-            try:
-                batch = adapter.prepare([src for _, src in owners])
-            except MediaBatchError as err:
-                for flat_index, media_err in err.failures.items():
+            encoded = self._encode_with_cache(adapter, [src for _, src in owners])
+            if isinstance(encoded, MediaBatchError):
+                for flat_index, media_err in encoded.failures.items():
                     failures.setdefault(owners[flat_index][0], media_err)
                 continue
-            projected = adapter(batch)
+            projected = adapter.project(encoded)
             for (i, _), feats in zip(owners, projected):
                 features[i][modality].append(feats)
         if failures:
             raise MediaBatchError(failures)
         return features
+
+    def _encode_with_cache(self, adapter: ModalityAdapter, sources: list) -> torch.Tensor | MediaBatchError:
+        """Frozen encoder features for `sources`, read from / written to the feature cache if set."""
+        cache = self.feature_cache
+        fingerprint = adapter.fingerprint() if cache is not None else None
+        cached = [cache.get(fingerprint, s) if cache is not None else None for s in sources]
+        todo = [k for k, c in enumerate(cached) if c is None]
+        if todo:
+            try:
+                batch = adapter.prepare([sources[k] for k in todo])
+            except MediaBatchError as err:
+                return MediaBatchError({todo[k]: e for k, e in err.failures.items()})
+            with torch.no_grad():
+                fresh = adapter.encode(batch.to(adapter.device))
+            for k, feats in zip(todo, fresh):
+                cached[k] = feats
+                if cache is not None:
+                    cache.put(fingerprint, sources[k], feats)
+        return torch.stack([c.to(adapter.device) for c in cached])
 
     def tokenize(self, prompt: str) -> list[int]:
         return tokenize_with_placeholders(self.tokenizer, prompt, self.placeholder_ids)
