@@ -4,8 +4,9 @@
       mcomp_config.json          MLLMConfig: base-model reference + checksum, template, adapter configs
       projectors.safetensors     "<modality>.<param>" for every projector
       encoders.safetensors       encoder weights of adapters not loaded from a file (random-init towers)
-      adapter_config.json        LoRA in peft format (only when the LLM carries LoRA)
-      adapter_model.safetensors
+      lora/<name>/               each LoRA adapter in peft format (adapter_config.json +
+                                 adapter_model.safetensors); routes in mcomp_config.json
+      modality_tokens.safetensors  DAMC prefix/suffix tokens ("prefix.<modality>", "suffix.<modality>")
       tokenizer files            the tokenizer the model was built with
       base/                      the base LLM, only when it has no directory of its own to refer to
 """
@@ -40,16 +41,14 @@ class MLLMConfig(JsonConfig):
     base_model_config: dict[str, Any] = dataclasses.field(default_factory=dict)
     template: str = "vicuna_v1"
     adapters: list[dict[str, Any]] = dataclasses.field(default_factory=list)
-    lora: bool = False
+    lora: dict[str, Any] | None = None  # {"spec": LoraSpec, "adapters": [names], "routes": {route: [[name, coef]]}}
+    provenance: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def base_state_dict(llm) -> dict[str, torch.Tensor]:
-    """The base LLM's own weights, with any peft LoRA layers looked through."""
-    from peft import PeftModel
-
-    model = llm.get_base_model() if isinstance(llm, PeftModel) else llm
+    """The base LLM's own weights, with LoRA layers looked through."""
     out = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in llm.state_dict().items():
         if "lora_" in name:
             continue
         out[name.replace(".base_layer.", ".")] = tensor
@@ -67,10 +66,7 @@ def base_weights_sha256(llm) -> str:
 
 
 def _base_directory(llm) -> str | None:
-    from peft import PeftModel
-
-    model = llm.get_base_model() if isinstance(llm, PeftModel) else llm
-    path = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
+    path = getattr(llm, "name_or_path", "") or getattr(llm.config, "_name_or_path", "")
     if path and os.path.isfile(os.path.join(path, "config.json")):
         return os.path.abspath(path)
     return None
@@ -78,9 +74,7 @@ def _base_directory(llm) -> str | None:
 
 def _save_base(llm, path: Path) -> None:
     """Write the pristine base LLM (no LoRA) as a transformers directory."""
-    from peft import PeftModel
-
-    model = llm.get_base_model() if isinstance(llm, PeftModel) else llm
+    model = llm
     path.mkdir(parents=True)
     model.config.save_pretrained(path)
     if getattr(model, "generation_config", None) is not None:
@@ -93,9 +87,8 @@ def _save_base(llm, path: Path) -> None:
 
 def save_mllm(model, path: str | os.PathLike, *, overwrite: bool = False, base_model: str | None = None) -> None:
     """Save atomically: the directory appears only when every file is written."""
-    from peft import PeftModel
-
     import mcomp
+    from mcomp.peft_format import save_adapter
 
     base_dir = base_model or _base_directory(model.llm)
     with atomic_directory(path, overwrite=overwrite) as tmp:
@@ -116,9 +109,16 @@ def save_mllm(model, path: str | os.PathLike, *, overwrite: bool = False, base_m
         save_tensors(projectors, tmp / "projectors.safetensors")
         if encoders:
             save_tensors(encoders, tmp / "encoders.safetensors")
-        is_lora = isinstance(model.llm, PeftModel)
-        if is_lora:
-            model.llm.save_pretrained(str(tmp), safe_serialization=True)
+        lora = None
+        if model.lora_spec is not None:
+            for name in model.lora_adapters:
+                save_adapter(model.llm, name, tmp / "lora" / name, base_model_name=base_ref)
+            lora = {"spec": model.lora_spec.to_dict(), "adapters": model.lora_adapters,
+                    "routes": {r: [[n, c] for n, c in t] for r, t in model.routing.routes.items()}}
+        tokens = {f"prefix.{m}": t for m, t in model.prefix_tokens.items()}
+        tokens.update({f"suffix.{m}": t for m, t in model.suffix_tokens.items()})
+        if tokens:
+            save_tensors(tokens, tmp / "modality_tokens.safetensors")
         model.tokenizer.save_pretrained(str(tmp))
         text_cfg = model.llm.config.get_text_config()
         MLLMConfig(
@@ -131,7 +131,8 @@ def save_mllm(model, path: str | os.PathLike, *, overwrite: bool = False, base_m
             },
             template=model.template.name,
             adapters=adapters,
-            lora=is_lora,
+            lora=lora,
+            provenance=model.provenance,
         ).to_json_file(tmp / CONFIG_NAME)
     logger.info("saved multimodal model to %s", path)
 
@@ -157,10 +158,11 @@ def resolve_base(path: str | os.PathLike, cfg: MLLMConfig) -> Path:
 
 def load_mllm(path: str | os.PathLike, *, device: str = "cpu", dtype: torch.dtype | None = None,
               check_base: bool = True):
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from mcomp.lora import LoraSpec
     from mcomp.model import MultimodalLM
+    from mcomp.peft_format import load_adapter_into
 
     path = Path(path)
     cfg = read_config(path)
@@ -172,9 +174,22 @@ def load_mllm(path: str | os.PathLike, *, device: str = "cpu", dtype: torch.dtyp
             f"(weights checksum differs from base_model_sha256 in {CONFIG_NAME})"
         )
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
-    if cfg.lora:
-        llm = PeftModel.from_pretrained(llm, str(path), is_trainable=False)
     model = MultimodalLM.build(llm, tokenizer, cfg.adapters, template=cfg.template)
+    model.provenance = cfg.provenance
+    if cfg.lora:
+        for name in cfg.lora["adapters"]:
+            load_adapter_into(model, path / "lora" / name, name)
+        model.lora_spec = LoraSpec.from_dict(cfg.lora["spec"], source=f"{path}/{CONFIG_NAME}: lora.spec")
+        model.set_routes({r: [(n, c) for n, c in t] for r, t in cfg.lora["routes"].items()})
+    tokens_path = path / "modality_tokens.safetensors"
+    if tokens_path.is_file():
+        for key, value in load_tensors(tokens_path).items():
+            kind, modality = key.split(".", 1)
+            if modality not in model.adapters or kind not in ("prefix", "suffix"):
+                raise ValueError(f"{tokens_path}: unexpected tensor {key!r}")
+            model.add_modality_tokens(modality, value.shape[0] if kind == "prefix" else 0,
+                                      value.shape[0] if kind == "suffix" else 0)
+            getattr(model, f"{kind}_tokens")[modality].data.copy_(value)
     projectors = load_tensors(path / "projectors.safetensors")
     encoders = load_tensors(path / "encoders.safetensors") if (path / "encoders.safetensors").is_file() else {}
     for modality, adapter in model.adapters.items():

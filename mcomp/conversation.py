@@ -30,6 +30,29 @@ class ConversationTemplate:
                 out += f"{name}:"
         return out
 
+    def segments(self, turns: Sequence[tuple[str, str | None]]) -> list[tuple[str, bool]]:
+        """The rendered text cut into (text, is_answer) pieces; joined, they equal `render(turns)`.
+
+        An answer piece is the assistant's message plus its separator (what training predicts).
+        """
+        seps = (self.sep, self.sep2)
+        out: list[tuple[str, bool]] = []
+        context = self.system + self.sep
+        for i, (role, message) in enumerate(turns):
+            if role not in self.roles:
+                raise ValueError(f"template {self.name}: unknown role {role!r}; expected one of {sorted(self.roles)}")
+            name = self.roles[role]
+            if not message:
+                context += f"{name}:"
+            elif role == "gpt":
+                out += [(context + f"{name}:", False), (f" {message}{seps[i % 2]}", True)]
+                context = ""
+            else:
+                context += f"{name}: {message}{seps[i % 2]}"
+        if context:
+            out.append((context, False))
+        return out
+
     def prompt(self, question: str) -> str:
         """The generation prompt for one user message: `<system> USER: <question> ASSISTANT:`."""
         return self.render([("human", question), ("gpt", None)])

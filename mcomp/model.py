@@ -20,6 +20,7 @@ from torch import nn
 
 from mcomp.conversation import get_template
 from mcomp.errors import MediaBatchError, PlaceholderMismatchError
+from mcomp.lora import TEXT_ROUTE, LoraSpec, RoutingState, inject_routed_layers, routed_layers
 from mcomp.modality import AdapterConfig, ModalityAdapter, build_adapter
 from mcomp.tokenization import tokenize_continuation, tokenize_with_placeholders
 
@@ -60,6 +61,12 @@ class MultimodalLM(nn.Module):
         self.adapters = nn.ModuleDict({a.modality: a for a in adapters})
         self.template = get_template(template)
         self.feature_cache = None  # optional mcomp.feature_cache.FeatureCache for encoder outputs
+        self.routing = RoutingState()
+        self.lora_spec: LoraSpec | None = None
+        # DAMC's learnable tokens around each modality input (none unless added).
+        self.prefix_tokens = nn.ParameterDict()
+        self.suffix_tokens = nn.ParameterDict()
+        self.provenance: dict[str, Any] = {}  # how the model was made (set by train/compose)
         # Sentinel ids for placeholders: negative, so they never collide with the vocabulary.
         self.placeholder_ids = {a.placeholder: -200 - i for i, a in enumerate(adapters)}
         self._sentinel_to_modality = {-200 - i: a.modality for i, a in enumerate(adapters)}
@@ -179,27 +186,55 @@ class MultimodalLM(nn.Module):
         for i, (sample_ids, sample_media) in enumerate(zip(ids, media_n)):
             self._check_placeholders(i, sample_ids, sample_media)
         features = self.encode_media(media_n)
-        cont_ids = None
-        if continuations is not None:
-            if len(continuations) != len(prompts):
-                raise ValueError(f"got {len(prompts)} prompt(s) but {len(continuations)} continuation(s)")
-            cont_ids = [tokenize_continuation(self.tokenizer, c) if isinstance(c, str) else list(c) for c in continuations]
-        return self._assemble(ids, features, cont_ids)
+        if continuations is None:
+            return self._assemble(ids, features)
+        if len(continuations) != len(prompts):
+            raise ValueError(f"got {len(prompts)} prompt(s) but {len(continuations)} continuation(s)")
+        cont_ids = [tokenize_continuation(self.tokenizer, c) if isinstance(c, str) else list(c) for c in continuations]
+        labels = [[IGNORE_INDEX] * len(p) + c for p, c in zip(ids, cont_ids)]
+        return self._assemble([p + c for p, c in zip(ids, cont_ids)], features, labels, cont_ids)
 
-    def _assemble(self, ids, features, cont_ids) -> MultimodalInputs:
+    def prepare_conversations(
+        self, conversations: Sequence[Sequence[Mapping[str, Any]]], media: Sequence[Media | None] | None = None
+    ) -> MultimodalInputs:
+        """Training inputs from LLaVA-style turns ({"from": "human"|"gpt", "value": ...}).
+
+        The template renders the turns; the loss covers each assistant answer and its end separator.
+        """
+        media_n = self._normalise_media(list(media) if media is not None else [None] * len(conversations),
+                                        len(conversations))
+        ids, labels = [], []
+        for i, turns in enumerate(conversations):
+            pieces = self.template.segments([(t["from"], t.get("value")) for t in turns])
+            sample_ids, sample_labels = [], []
+            for k, (text, is_answer) in enumerate(pieces):
+                piece = self.tokenize(text)
+                if k > 0 and self.tokenizer.bos_token_id is not None:
+                    piece = piece[1:]  # BOS only once, at the start
+                sample_ids += piece
+                sample_labels += piece if is_answer else [IGNORE_INDEX] * len(piece)
+            if not any(t != IGNORE_INDEX for t in sample_labels):
+                raise ValueError(f"conversation {i} has no assistant answer to learn from")
+            self._check_placeholders(i, sample_ids, media_n[i])
+            ids.append(sample_ids)
+            labels.append([IGNORE_INDEX if t < 0 else t for t in sample_labels])
+        return self._assemble(ids, self.encode_media(media_n), labels)
+
+    def _assemble(self, ids, features, labels=None, cont_ids=None) -> MultimodalInputs:
+        """Splice features at the sentinels of `ids`; `labels` (aligned with ids) become label rows."""
         embed = self.llm.get_input_embeddings()
         device, dtype = embed.weight.device, embed.weight.dtype
         modality_index = {m: k for k, m in enumerate(self.modalities)}
-        seqs, mods, labels = [], [], []
+        seqs, mods, label_rows = [], [], []
         for i, sample_ids in enumerate(ids):
-            tail = cont_ids[i] if cont_ids is not None else []
-            all_ids = torch.tensor(sample_ids + tail, dtype=torch.long, device=device)
+            all_ids = torch.tensor(sample_ids, dtype=torch.long, device=device)
             text_embeds = embed(all_ids.clamp(min=0))
-            text_labels = torch.tensor([IGNORE_INDEX] * len(sample_ids) + tail, dtype=torch.long)
+            text_labels = torch.tensor(labels[i] if labels is not None else [IGNORE_INDEX] * len(sample_ids),
+                                       dtype=torch.long)
             used = defaultdict(int)
             pieces, piece_mods, piece_labels, start = [], [], [], 0
             sentinel_pos = [p for p, t in enumerate(sample_ids) if t < 0]
-            for pos in sentinel_pos + [len(all_ids)]:
+            for pos in sentinel_pos + [len(sample_ids)]:
                 if pos > start:  # a run of text tokens
                     pieces.append(text_embeds[start:pos])
                     piece_mods.append(torch.full((pos - start,), TEXT, dtype=torch.long))
@@ -208,20 +243,24 @@ class MultimodalLM(nn.Module):
                     modality = self._sentinel_to_modality[sample_ids[pos]]
                     feats = features[i][modality][used[modality]].to(device=device, dtype=dtype)
                     used[modality] += 1
+                    if modality in self.prefix_tokens:
+                        feats = torch.cat([self.prefix_tokens[modality].to(dtype), feats])
+                    if modality in self.suffix_tokens:
+                        feats = torch.cat([feats, self.suffix_tokens[modality].to(dtype)])
                     pieces.append(feats)
                     piece_mods.append(torch.full((feats.shape[0],), modality_index[modality], dtype=torch.long))
                     piece_labels.append(torch.full((feats.shape[0],), IGNORE_INDEX, dtype=torch.long))
                 start = pos + 1
             seqs.append(torch.cat(pieces))
             mods.append(torch.cat(piece_mods))
-            labels.append(torch.cat(piece_labels))
+            label_rows.append(torch.cat(piece_labels))
         length = max(s.shape[0] for s in seqs)
         batch = len(seqs)
         inputs_embeds = torch.zeros(batch, length, seqs[0].shape[1], dtype=dtype, device=device)
         attention_mask = torch.zeros(batch, length, dtype=torch.long, device=device)
         modality_ids = torch.full((batch, length), TEXT, dtype=torch.long, device=device)
         label_t = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long, device=device)
-        for b, (s, m, lab) in enumerate(zip(seqs, mods, labels)):
+        for b, (s, m, lab) in enumerate(zip(seqs, mods, label_rows)):
             n = s.shape[0]
             inputs_embeds[b, length - n :] = s
             attention_mask[b, length - n :] = 1
@@ -230,16 +269,23 @@ class MultimodalLM(nn.Module):
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         return MultimodalInputs(
             inputs_embeds, attention_mask, position_ids, modality_ids,
-            labels=label_t if cont_ids is not None else None, continuation_ids=cont_ids,
+            labels=label_t if labels is not None else None, continuation_ids=cont_ids,
         )
 
     # --- model API ------------------------------------------------------------------------
     def forward(self, inputs: MultimodalInputs, **kwargs):
-        """LLM forward over spliced embeddings; with labels, the loss covers continuation tokens only."""
-        return self.llm(
-            inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
-            position_ids=inputs.position_ids, labels=inputs.labels, **kwargs,
-        )
+        """LLM forward over spliced embeddings; with labels, the loss covers continuation tokens only.
+
+        Positions are routed to LoRA adapters by modality while the call runs.
+        """
+        self.routing.route_ids = self._route_ids(inputs.modality_ids)
+        try:
+            return self.llm(
+                inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
+                position_ids=inputs.position_ids, labels=inputs.labels, **kwargs,
+            )
+        finally:
+            self.routing.route_ids = None
 
     @torch.no_grad()
     def generate(
@@ -248,11 +294,15 @@ class MultimodalLM(nn.Module):
         """Greedy (unless told otherwise) generation; returns the cleaned new text per prompt."""
         inputs = self.prepare_inputs(prompts, media)
         kwargs.setdefault("do_sample", False)
-        out = self.llm.generate(
-            inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
-            max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id, **kwargs,
-        )
+        self.routing.route_ids = self._route_ids(inputs.modality_ids)  # the prompt step only
+        try:
+            out = self.llm.generate(
+                inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
+                max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=self.tokenizer.eos_token_id, **kwargs,
+            )
+        finally:
+            self.routing.route_ids = None
         texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
         return [clean_generation(t, self.template.sep2) for t in texts]
 
@@ -270,22 +320,61 @@ class MultimodalLM(nn.Module):
         for c, ids in zip(continuations, cont_ids):
             if not ids:
                 raise ValueError(f"continuation {c!r} tokenises to nothing")
-        inputs = self._assemble([ctx_ids] * n, features, cont_ids)
+        inputs = self._assemble([ctx_ids + c for c in cont_ids], features, None, cont_ids)
         logits = self.forward(dataclasses.replace(inputs, labels=None)).logits.float()
         return score_continuations(logits, inputs)
 
-    def add_lora(self, r: int = 8, alpha: int = 16, dropout: float = 0.0, target_modules=None, init: bool | str = True):
-        """Wrap the LLM with a peft LoRA adapter (default: all linear layers of the decoder blocks).
+    def inserted_tokens(self, modality: str) -> int:
+        """Positions one input of `modality` occupies: prefix + features + suffix."""
+        n = self.adapters[modality].num_tokens
+        for tokens in (self.prefix_tokens, self.suffix_tokens):
+            if modality in tokens:
+                n += tokens[modality].shape[0]
+        return n
 
-        `init=False` draws B at random too (peft), handy to get a non-trivial adapter in tests.
-        """
-        from peft import LoraConfig, get_peft_model
+    # --- LoRA and routing -----------------------------------------------------------------
+    @property
+    def lora_adapters(self) -> list[str]:
+        layers = routed_layers(self.llm)
+        return list(next(iter(layers.values())).lora_A.keys()) if layers else []
 
-        targets = target_modules or ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-        config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
-                            init_lora_weights=init, task_type="CAUSAL_LM")
-        self.llm = get_peft_model(self.llm, config)
-        return self
+    def add_lora(self, spec: LoraSpec | None = None, name: str = TEXT_ROUTE, seed: int = 0, zero_b: bool = True,
+                 **spec_fields) -> None:
+        """Add a LoRA adapter `name` on every targeted linear layer (peft's init: B = 0)."""
+        spec = spec or LoraSpec(**spec_fields)
+        if self.lora_spec is None:
+            inject_routed_layers(self.llm, spec.target_modules, self.routing)
+            self.lora_spec = spec
+        elif set(spec.target_modules) != set(self.lora_spec.target_modules):
+            raise ValueError(f"all LoRA adapters must target the same modules: {spec.target_modules} "
+                             f"vs {self.lora_spec.target_modules}")
+        if name in self.lora_adapters:
+            raise ValueError(f"LoRA adapter {name!r} already exists")
+        g = torch.Generator().manual_seed(seed)
+        for layer in routed_layers(self.llm).values():
+            layer.add_adapter(name, spec.r, spec.alpha, spec.dropout, zero_b=zero_b, generator=g)
+
+    def set_routes(self, routes: dict[str, list[tuple[str, float]]]) -> None:
+        """Which adapters (and coefficients) each route uses; see `mcomp.lora`."""
+        known = set(self.lora_adapters)
+        for route, terms in routes.items():
+            if route != TEXT_ROUTE and route not in self.adapters:
+                raise ValueError(f"route {route!r} is neither 'text' nor a modality of this model ({self.modalities})")
+            for adapter_name, _ in terms:
+                if adapter_name not in known:
+                    raise ValueError(f"route {route!r} uses unknown LoRA adapter {adapter_name!r} (have {sorted(known)})")
+        self.routing.routes = {r: [(n, float(c)) for n, c in t] for r, t in routes.items()}
+
+    def add_modality_tokens(self, modality: str, prefix: int, suffix: int) -> None:
+        """Learnable tokens around each input of `modality` (zero-initialised, as published)."""
+        dtype = self.llm.get_input_embeddings().weight.dtype
+        for tokens, n in ((self.prefix_tokens, prefix), (self.suffix_tokens, suffix)):
+            if n > 0:
+                tokens[modality] = nn.Parameter(torch.zeros(n, self.hidden_size, dtype=dtype, device=self.device))
+
+    def _route_ids(self, modality_ids: torch.Tensor) -> torch.Tensor:
+        self.routing.route_names = [TEXT_ROUTE] + self.modalities
+        return modality_ids + 1  # TEXT (-1) -> route 0, modality k -> route k + 1
 
     # --- persistence ----------------------------------------------------------------------
     def save_pretrained(self, path: str | os.PathLike, **kwargs) -> None:

@@ -81,6 +81,14 @@ def tiny_video_adapter_config(**overrides):
     return VideoAdapterConfig(**fields)
 
 
+def tiny_point_adapter_config(**overrides):
+    from mcomp.encoders.point import PointAdapterConfig
+
+    fields = {"encoder": load_config("encoders", "tiny-pointbert.json"), "num_points": 256}
+    fields.update(overrides)
+    return PointAdapterConfig(**fields)
+
+
 def build_tiny_mllm(adapter_configs=None, seed: int = 0, llm_shape: str = "tiny-llama"):
     """A tiny MultimodalLM (image adapter by default), everything randomly initialised from `seed`."""
     from mcomp.model import MultimodalLM

@@ -1,0 +1,200 @@
+"""Routed LoRA: named low-rank adapters on the LLM's linear layers, chosen per token.
+
+Every targeted `nn.Linear` becomes a `RoutedLinear` holding any number of named adapters
+(A: [r, in], B: [out, r], scaling alpha/r). A *route* says which adapters, with which
+coefficients, a group of tokens goes through:
+
+    routes = {"text": [("text", 1.0)], "image": [("image", 1.0)]}      # DAMC-trained image model
+    routes = {"text": [("text-image", 0.5), ("text-audio", 0.5)]}       # NaiveMC, linear merge
+
+A token of modality m takes route m if there is one, else the text route. Each group of tokens is
+gathered, goes through its adapters only (one matmul pair: the adapters of a route are stacked
+along the rank), and is scattered back; attention stays joint because only the projections are
+routed. Tokens of modalities absent from the input cost nothing, and a linear merge
+y = Wx + sum_i c_i s_i B_i A_i x is exact without ever forming a dense delta.
+
+During generation the decode steps see one new token at a time, which does not match the routed
+prompt: those tokens take the text route, as in the published models.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from mcomp.configuration import JsonConfig
+
+TEXT_ROUTE = "text"
+LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclasses.dataclass
+class LoraSpec(JsonConfig):
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = dataclasses.field(default_factory=lambda: list(LLAMA_TARGETS))
+
+    def __post_init__(self):
+        if self.r < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
+            raise ValueError(f"LoRA needs r >= 1, alpha > 0 and 0 <= dropout < 1 (got r={self.r}, "
+                             f"alpha={self.alpha}, dropout={self.dropout})")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+
+class RoutingState:
+    """Shared by all routed layers of one model: the routes, and the route of each position."""
+
+    def __init__(self):
+        self.routes: dict[str, list[tuple[str, float]]] = {}
+        self.route_names: list[str] | None = None  # route name per route id of `route_ids`
+        self.route_ids: torch.Tensor | None = None  # [B, T] while a routed forward runs
+
+    def text_terms(self) -> list[tuple[str, float]]:
+        return self.routes.get(TEXT_ROUTE, [])
+
+    def terms(self, route: str) -> list[tuple[str, float]]:
+        return self.routes.get(route, self.text_terms())
+
+    def groups(self, x: torch.Tensor):
+        """[(terms, flat token index or None for all)] for the tokens of `x` ([B, T, in])."""
+        ids = self.route_ids
+        if ids is None or tuple(ids.shape) != tuple(x.shape[:2]):
+            return [(self.text_terms(), None)]
+        by_terms: dict[tuple, list[int]] = {}
+        present = torch.unique(ids).tolist()
+        for rid in present:
+            key = tuple(self.terms(self.route_names[rid]))
+            by_terms.setdefault(key, []).append(rid)
+        if len(by_terms) == 1:
+            return [(list(next(iter(by_terms))), None)]
+        flat = ids.reshape(-1)
+        out = []
+        for key, rids in by_terms.items():
+            mask = flat == rids[0]
+            for rid in rids[1:]:
+                mask |= flat == rid
+            out.append((list(key), mask.nonzero().squeeze(1)))
+        return out
+
+
+class RoutedLinear(nn.Module):
+    """A frozen base linear layer plus named LoRA adapters applied per route."""
+
+    def __init__(self, base_layer: nn.Linear, state: RoutingState):
+        super().__init__()
+        self.base_layer = base_layer
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.scaling: dict[str, float] = {}
+        self.dropout: dict[str, float] = {}
+        self._state = [state]  # in a list: not a submodule, not in the state dict
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, zero_b: bool = True,
+                    generator: torch.Generator | None = None) -> None:
+        """peft's default init: A kaiming-uniform(a=sqrt 5), B zero (so a new adapter changes nothing)."""
+        w = self.base_layer.weight
+        a = torch.empty(r, self.in_features, dtype=torch.float32)
+        bound = 1 / math.sqrt(self.in_features)  # kaiming_uniform with a=sqrt(5) on fan_in
+        a.uniform_(-bound, bound, generator=generator)
+        b = torch.zeros(self.out_features, r, dtype=torch.float32)
+        if not zero_b:
+            b.uniform_(-bound, bound, generator=generator)
+        self.lora_A[name] = nn.Parameter(a.to(device=w.device, dtype=w.dtype))
+        self.lora_B[name] = nn.Parameter(b.to(device=w.device, dtype=w.dtype))
+        self.scaling[name] = alpha / r
+        self.dropout[name] = dropout
+
+    def remove_adapter(self, name: str) -> None:
+        del self.lora_A[name], self.lora_B[name]
+        self.scaling.pop(name)
+        self.dropout.pop(name)
+
+    def delta_weight(self, terms: Iterable[tuple[str, float]]) -> torch.Tensor:
+        """sum_i c_i s_i B_i A_i as a dense [out, in] float32 matrix."""
+        out = torch.zeros(self.out_features, self.in_features, dtype=torch.float32, device=self.weight.device)
+        for name, coef in terms:
+            out += (coef * self.scaling[name]) * (self.lora_B[name].float() @ self.lora_A[name].float())
+        return out
+
+    def _stacked(self, terms):
+        """The adapters of a route stacked along the rank: one matmul pair for any number of them."""
+        names = [n for n, c in terms if c != 0.0 and n in self.lora_A]
+        if not names:
+            return None
+        coefs = {n: c for n, c in terms}
+        if len(names) == 1:
+            n = names[0]
+            return self.lora_A[n], self.lora_B[n] * (coefs[n] * self.scaling[n]), self.dropout[n]
+        a = torch.cat([self.lora_A[n] for n in names], dim=0)
+        b = torch.cat([self.lora_B[n] * (coefs[n] * self.scaling[n]) for n in names], dim=1)
+        return a, b, max(self.dropout[n] for n in names)
+
+    def _delta(self, x: torch.Tensor, stacked) -> torch.Tensor:
+        a, b, p = stacked
+        x = x.to(a.dtype)
+        if p > 0 and self.training:
+            x = nn.functional.dropout(x, p)
+        return (x @ a.t()) @ b.t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        if not self.lora_A:
+            return y
+        groups = self._state[0].groups(x)
+        if len(groups) == 1 and groups[0][1] is None:
+            stacked = self._stacked(groups[0][0])
+            return y if stacked is None else y + self._delta(x, stacked).to(y.dtype)
+        flat_x = x.reshape(-1, x.shape[-1])
+        flat_y = y.reshape(-1, y.shape[-1])
+        for terms, index in groups:
+            stacked = self._stacked(terms)
+            if stacked is None or index.numel() == 0:
+                continue
+            delta = self._delta(flat_x.index_select(0, index), stacked).to(y.dtype)
+            flat_y = flat_y.index_add(0, index, delta)
+        return flat_y.view_as(y)
+
+
+def inject_routed_layers(llm: nn.Module, targets: Iterable[str], state: RoutingState) -> list[str]:
+    """Replace each targeted nn.Linear (matched by the last name component) by a RoutedLinear."""
+    targets = set(targets)
+    replaced = []
+    for path, module in list(llm.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if child_name in targets and isinstance(child, nn.Linear) and not isinstance(child, RoutedLinear):
+                setattr(module, child_name, RoutedLinear(child, state))
+                replaced.append(f"{path}.{child_name}" if path else child_name)
+    if not replaced:
+        raise ValueError(f"no nn.Linear named {sorted(targets)} found in the LLM")
+    return replaced
+
+
+def routed_layers(llm: nn.Module) -> dict[str, RoutedLinear]:
+    return {path: m for path, m in llm.named_modules() if isinstance(m, RoutedLinear)}
+
+
+def fold_route(llm: nn.Module, terms: list[tuple[str, float]]) -> None:
+    """Add sum_i c_i s_i B_i A_i into each base weight (the dense equivalent of a linear route)."""
+    with torch.no_grad():
+        for layer in routed_layers(llm).values():
+            w = layer.base_layer.weight
+            w.copy_((w.float() + layer.delta_weight(terms)).to(w.dtype))

@@ -1,0 +1,88 @@
+"""Routed LoRA adapters saved and loaded in peft's on-disk format.
+
+Each adapter is a folder with `adapter_config.json` (written by peft's own LoraConfig) and
+`adapter_model.safetensors` with keys `base_model.model.<module path>.lora_{A,B}.weight`, so a
+peft user can load any single adapter with `PeftModel.from_pretrained(base, folder)`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from mcomp.io import load_tensors, save_tensors
+from mcomp.lora import LoraSpec, routed_layers
+
+PREFIX = "base_model.model."
+
+
+def save_adapter(llm, name: str, folder: str | os.PathLike, base_model_name: str = "") -> None:
+    from peft import LoraConfig
+
+    layers = routed_layers(llm)
+    some = next(iter(layers.values()))
+    if name not in some.lora_A:
+        raise KeyError(f"no LoRA adapter {name!r} (have {list(some.lora_A)})")
+    r = some.lora_A[name].shape[0]
+    alpha = some.scaling[name] * r
+    targets = sorted({path.rsplit(".", 1)[-1] for path in layers})
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    LoraConfig(r=r, lora_alpha=alpha, lora_dropout=some.dropout[name], target_modules=targets, bias="none",
+               task_type="CAUSAL_LM", base_model_name_or_path=base_model_name or None).save_pretrained(str(folder))
+    tensors = {}
+    for path, layer in layers.items():
+        tensors[f"{PREFIX}{path}.lora_A.weight"] = layer.lora_A[name]
+        tensors[f"{PREFIX}{path}.lora_B.weight"] = layer.lora_B[name]
+    save_tensors(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+
+
+def read_adapter(folder: str | os.PathLike) -> tuple[LoraSpec, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """(spec, {module path: (A, B)}) from a peft LoRA folder; strict about what it finds."""
+    folder = Path(folder)
+    cfg_path = folder / "adapter_config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{folder}: no adapter_config.json (not a peft LoRA folder)")
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not LORA")
+    targets = cfg.get("target_modules") or []
+    spec = LoraSpec(r=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), dropout=float(cfg.get("lora_dropout", 0.0)),
+                    target_modules=sorted(targets) if isinstance(targets, list) else [targets])
+    weights_path = folder / "adapter_model.safetensors"
+    tensors = load_tensors(weights_path)
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if not key.startswith(PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
+            raise ValueError(f"{weights_path}: unexpected tensor {key!r} (only LoRA A/B weights are supported)")
+        path, kind = key[len(PREFIX):].rsplit(".", 2)[0], key.rsplit(".", 2)[1]
+        pairs.setdefault(path, {})[kind] = value
+    out = {}
+    for path, ab in pairs.items():
+        if set(ab) != {"lora_A", "lora_B"}:
+            raise ValueError(f"{weights_path}: module {path} lacks {({'lora_A', 'lora_B'} - set(ab)).pop()}")
+        out[path] = (ab["lora_A"], ab["lora_B"])
+    return spec, out
+
+
+def load_adapter_into(model, folder: str | os.PathLike, name: str) -> None:
+    """Add the peft LoRA in `folder` to `model` (a MultimodalLM) as adapter `name`."""
+    spec, pairs = read_adapter(folder)
+    model.add_lora(LoraSpec(r=spec.r, alpha=spec.alpha, dropout=spec.dropout,
+                            target_modules=model.lora_spec.target_modules if model.lora_spec else spec.target_modules),
+                   name=name)
+    layers = routed_layers(model.llm)
+    missing = sorted(set(layers) - set(pairs))
+    unexpected = sorted(set(pairs) - set(layers))
+    if missing or unexpected:
+        raise ValueError(f"{folder}: LoRA modules do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    with torch.no_grad():
+        for path, (a, b) in pairs.items():
+            layer = layers[path]
+            if tuple(a.shape) != tuple(layer.lora_A[name].shape) or tuple(b.shape) != tuple(layer.lora_B[name].shape):
+                raise ValueError(f"{folder}: {path}: LoRA shapes {tuple(a.shape)}/{tuple(b.shape)} do not fit "
+                                 f"the layer ({layer.in_features} -> {layer.out_features}, r={spec.r})")
+            layer.lora_A[name].copy_(a)
+            layer.lora_B[name].copy_(b)
