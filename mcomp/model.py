@@ -80,7 +80,8 @@ class MultimodalLM(nn.Module):
         hidden = llm.config.get_text_config().hidden_size
         adapters = [build_adapter(c, hidden) for c in adapter_configs]
         dtype = next(llm.parameters()).dtype
-        return cls(llm, tokenizer, [a.to(dtype) for a in adapters], template)
+        # Inference mode by default (dropout off, e.g. in a Q-Former); training calls .train().
+        return cls(llm, tokenizer, [a.to(dtype) for a in adapters], template).eval()
 
     # --- properties -----------------------------------------------------------------------
     @property

@@ -89,6 +89,16 @@ def tiny_point_adapter_config(**overrides):
     return PointAdapterConfig(**fields)
 
 
+def tiny_audio_adapter_config(**overrides):
+    """A small BEATs + Q-Former: encoder shape in `configs/encoders/tiny-beats.json`, front-end length
+    and Q-Former shape in `configs/encoders/tiny-audio.json`."""
+    from mcomp.encoders.audio import AudioAdapterConfig
+
+    fields = {"encoder_config": load_config("encoders", "tiny-beats.json"), **load_config("encoders", "tiny-audio.json")}
+    fields.update(overrides)
+    return AudioAdapterConfig(**fields)
+
+
 def build_tiny_mllm(adapter_configs=None, seed: int = 0, llm_shape: str = "tiny-llama"):
     """A tiny MultimodalLM (image adapter by default), everything randomly initialised from `seed`."""
     from mcomp.model import MultimodalLM
