@@ -9,7 +9,7 @@ import sys
 
 import mcomp
 
-SUBCOMMANDS = ["info", "ask"]
+SUBCOMMANDS = ["info", "ask", "train"]
 
 
 def build_parser() -> argparse.ArgumentParser:

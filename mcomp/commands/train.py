@@ -1,0 +1,93 @@
+"""`mcomp train`: train a single-modality MLLM (stage 1: projector; stage 2: LoRA + projector)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "train", help="train a single-modality MLLM on LLaVA-style conversation data",
+        description="Stage 1 trains the projector with the LLM frozen; stage 2 adds LoRA. --decoupled trains "
+                    "DAMC-style separate text and modality LoRA plus prefix/suffix tokens. Runs on accelerate "
+                    "(`accelerate launch -m mcomp train ...` for several GPUs); resumes from --checkpoint-dir.",
+    )
+    init = p.add_mutually_exclusive_group(required=True)
+    init.add_argument("--init", help="a saved mcomp model to continue from (e.g. the stage-1 output)")
+    init.add_argument("--base", help="a transformers causal-LM directory, or 'tiny' for the built-in tiny Llama")
+    p.add_argument("--adapter", default="image",
+                   help="with --base: an adapter type (published defaults) or tiny:<type> for the tiny shapes")
+    p.add_argument("--adapter-config", help="with --base: a JSON file with the adapter config (overrides --adapter)")
+    p.add_argument("--data", required=True, help="training JSON ([{id, conversations, modal_inputs}])")
+    p.add_argument("--data-root", help="folder media paths are relative to (default: the JSON's folder)")
+    p.add_argument("--out", required=True, help="output model directory (must not exist unless --force)")
+    p.add_argument("--checkpoint-dir", help="resumable checkpoints (default: <out>.checkpoints)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--config", help="a JSON file with TrainConfig fields; flags below override it")
+    p.add_argument("--stage", type=int, choices=(1, 2))
+    p.add_argument("--decoupled", action="store_true", default=None, help="DAMC: separate text/modality LoRA")
+    for name, typ in (("lora-r", int), ("lora-alpha", float), ("learning-rate", float), ("epochs", int),
+                      ("max-steps", int), ("batch-size", int), ("grad-accum", int), ("seed", int),
+                      ("save-every", int), ("prefix-tokens", int), ("suffix-tokens", int)):
+        p.add_argument(f"--{name}", type=typ)
+    p.set_defaults(func=run)
+
+
+def build_start_model(args):
+    import mcomp
+    from mcomp import tiny
+    from mcomp.model import MultimodalLM
+
+    if args.init:
+        return mcomp.load(args.init)
+    if args.adapter_config:
+        adapter_cfg = json.loads(Path(args.adapter_config).read_text())
+    elif args.adapter.startswith("tiny:"):
+        kind = args.adapter.split(":", 1)[1]
+        factory = getattr(tiny, f"tiny_{kind}_adapter_config", None)
+        if factory is None:
+            raise ValueError(f"--adapter {args.adapter}: no tiny config for {kind!r}")
+        adapter_cfg = factory()
+    else:
+        adapter_cfg = {"adapter": args.adapter}
+    if args.base == "tiny":
+        tokenizer = tiny.build_tokenizer()
+        llm = tiny.build_llm(tokenizer, seed=0)
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.base, trust_remote_code=False)
+        llm = AutoModelForCausalLM.from_pretrained(args.base, trust_remote_code=False)
+    return MultimodalLM.build(llm, tokenizer, [adapter_cfg])
+
+
+def run(args: argparse.Namespace) -> int:
+    from mcomp.data import load_conversation_data
+    from mcomp.io import sha256_file
+    from mcomp.train import TrainConfig, train
+
+    fields = json.loads(Path(args.config).read_text()) if args.config else {}
+    for key in ("stage", "decoupled", "lora_r", "lora_alpha", "learning_rate", "epochs", "max_steps", "batch_size",
+                "grad_accum", "seed", "save_every", "prefix_tokens", "suffix_tokens"):
+        value = getattr(args, key)
+        if value is not None:
+            fields[key] = value
+    cfg = TrainConfig.from_dict(fields, source=args.config or "command line")
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise FileExistsError(f"{out} already exists (use --force to replace it)")
+    samples = load_conversation_data(args.data, args.data_root)
+    model = build_start_model(args)
+    summary = train(model, samples, cfg, args.checkpoint_dir or f"{out}.checkpoints")
+    history = list(model.provenance.get("training", []))
+    history.append({"config": cfg.to_dict(), "data": str(Path(args.data).resolve()),
+                    "data_sha256": sha256_file(args.data), "steps": summary["steps"],
+                    "final_loss": summary["final_loss"]})
+    model.provenance = {**model.provenance, "training": history}
+    model.save_pretrained(out, overwrite=args.force)
+    print(f"trained {summary['steps']} steps, final loss {summary['final_loss']:.4f}; saved {out}")
+    return 0

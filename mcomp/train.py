@@ -1,0 +1,207 @@
+"""Training a single-modality MLLM (the published two-stage recipe) on accelerate.
+
+Stage 1: projector only, LLM frozen. Stage 2: LoRA on the LLM's linear layers plus the projector.
+Decoupled (DAMC): a text LoRA and a modality LoRA on every targeted layer, routed per token,
+plus learnable prefix/suffix tokens around each modality input.
+
+Resumable: every `save_every` steps the trainable weights (safetensors), optimizer state (read
+back with weights_only=True), RNG state and position in the data are written atomically under
+the checkpoint folder; a new run with the same folder continues from the latest one and ends
+with the same weights as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from mcomp.configuration import JsonConfig
+from mcomp.data import ConversationSample
+from mcomp.io import atomic_directory, load_tensors, save_tensors
+from mcomp.lora import LLAMA_TARGETS, TEXT_ROUTE, LoraSpec
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TrainConfig(JsonConfig):
+    stage: int = 2
+    decoupled: bool = False
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    target_modules: list[str] = dataclasses.field(default_factory=lambda: list(LLAMA_TARGETS))
+    prefix_tokens: int = 5  # decoupled only (published: 5/5)
+    suffix_tokens: int = 5
+    learning_rate: float = 2e-4
+    projector_lr: float | None = None  # default: learning_rate
+    epochs: int = 1
+    max_steps: int = 0  # > 0 overrides epochs
+    batch_size: int = 4
+    grad_accum: int = 1
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    save_every: int = 0  # steps between resumable checkpoints (0: only at the end)
+    log_every: int = 10
+
+    def __post_init__(self):
+        if self.stage not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {self.stage}")
+        if self.decoupled and self.stage != 2:
+            raise ValueError("decoupled (DAMC) training is a stage-2 setting")
+        for name in ("batch_size", "grad_accum", "epochs", "lora_r"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def prepare_for_training(model, cfg: TrainConfig) -> None:
+    """Add what the stage trains (LoRA, routes, DAMC tokens) and freeze everything else."""
+    modality = _single_modality(model)
+    if cfg.stage == 2:
+        spec = LoraSpec(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                        target_modules=list(cfg.target_modules))
+        if TEXT_ROUTE not in model.lora_adapters:
+            model.add_lora(spec, name=TEXT_ROUTE, seed=cfg.seed)
+        routes = {TEXT_ROUTE: [(TEXT_ROUTE, 1.0)]}
+        if cfg.decoupled:
+            if modality not in model.lora_adapters:
+                model.add_lora(spec, name=modality, seed=cfg.seed + 1)
+            routes[modality] = [(modality, 1.0)]
+            if modality not in model.prefix_tokens and modality not in model.suffix_tokens:
+                model.add_modality_tokens(modality, cfg.prefix_tokens, cfg.suffix_tokens)
+        model.set_routes(routes)
+    model.requires_grad_(False)
+    for p in trainable_parameters(model).values():
+        p.requires_grad_(True)
+
+
+def _single_modality(model) -> str:
+    if len(model.modalities) != 1:
+        raise ValueError(f"a modality MLLM is trained with exactly one adapter, this model has {model.modalities}")
+    return model.modalities[0]
+
+
+def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
+    """Projectors, LoRA factors and DAMC tokens, by their names in the model."""
+    out = {}
+    for name, p in model.named_parameters():
+        if ".projector." in name or ".lora_A." in name or ".lora_B." in name or name.startswith(("prefix_tokens.", "suffix_tokens.")):
+            out[name] = p
+    return out
+
+
+def _latest_checkpoint(folder: Path) -> Path | None:
+    steps = sorted((int(p.name.split("-")[1]), p) for p in folder.glob("step-*") if (p / "trainer_state.json").is_file())
+    return steps[-1][1] if steps else None
+
+
+def train(model, samples: list[ConversationSample], cfg: TrainConfig, checkpoint_dir: str | os.PathLike,
+          stop_after: int | None = None) -> dict:
+    """Train in place; returns a summary. `stop_after` ends early after that many steps (tests
+    use it to simulate an interruption)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    if not samples:
+        raise ValueError("no training samples")
+    checkpoint_dir = Path(checkpoint_dir)
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, cpu=not torch.cuda.is_available())
+    set_seed(cfg.seed)
+    prepare_for_training(model, cfg)
+    params = trainable_parameters(model)
+    proj = [p for n, p in params.items() if ".projector." in n]
+    rest = [p for n, p in params.items() if ".projector." not in n]
+    groups = [{"params": proj, "lr": cfg.projector_lr or cfg.learning_rate}]
+    if rest:
+        groups.append({"params": rest, "lr": cfg.learning_rate})
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    per_epoch = math.ceil(len(samples) / cfg.batch_size)  # micro-batches per epoch
+    total = cfg.max_steps or math.ceil(per_epoch * cfg.epochs / cfg.grad_accum)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    core = accelerator.unwrap_model(model)
+
+    step, losses = 0, []
+    latest = _latest_checkpoint(checkpoint_dir)
+    if latest is not None:
+        step, losses = _restore(core, optimizer, scheduler, latest, cfg)
+        logger.info("resumed from %s (step %d)", latest, step)
+
+    core.train()
+    bar = tqdm(total=total, initial=step, desc=f"train stage {cfg.stage}", disable=not accelerator.is_main_process)
+    micro = step * cfg.grad_accum  # micro-batches consumed so far: a flat stream over seeded epochs
+    order, order_epoch = None, -1
+    while step < total and (stop_after is None or step < stop_after):
+        epoch, k = divmod(micro, per_epoch)
+        if epoch != order_epoch:
+            order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+            order_epoch = epoch
+        batch = [samples[i] for i in order[k * cfg.batch_size : (k + 1) * cfg.batch_size]]
+        micro += 1
+        with accelerator.accumulate(model):
+            inputs = core.prepare_conversations([s.conversations for s in batch], [s.media for s in batch])
+            loss = model(inputs).loss
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+        if not accelerator.sync_gradients:
+            continue
+        step += 1
+        losses.append(float(loss.detach()))
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if cfg.log_every and step % cfg.log_every == 0:
+            recent = losses[-cfg.log_every:]
+            logger.info("step %d/%d loss %.4f", step, total, sum(recent) / len(recent))
+        if accelerator.is_main_process and ((cfg.save_every and step % cfg.save_every == 0) or step == total):
+            _save_checkpoint(core, optimizer, scheduler, checkpoint_dir / f"step-{step}", step, losses, cfg)
+    bar.close()
+    core.eval()
+    return {"steps": step, "total_steps": total, "final_loss": losses[-1] if losses else None,
+            "mean_loss_last_10": sum(losses[-10:]) / max(1, len(losses[-10:])), "losses": losses}
+
+
+def _save_checkpoint(model, optimizer, scheduler, folder: Path, step: int, losses: list[float], cfg: TrainConfig):
+    with atomic_directory(folder, overwrite=True) as tmp:
+        tensors = {n: p.detach() for n, p in trainable_parameters(model).items()}
+        tensors["__rng_state__"] = torch.get_rng_state()
+        save_tensors(tensors, tmp / "trainable.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps({
+            "step": step, "losses": losses, "scheduler": scheduler.state_dict(), "config": cfg.to_dict(),
+        }))
+    for old in folder.parent.glob("step-*"):  # keep only the newest checkpoint
+        if old != folder and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _restore(model, optimizer, scheduler, folder: Path, cfg: TrainConfig):
+    state = json.loads((folder / "trainer_state.json").read_text())
+    if state["config"] != cfg.to_dict():
+        raise ValueError(f"{folder}: this checkpoint was written with a different training config; "
+                         f"use another checkpoint folder or the same settings")
+    tensors = load_tensors(folder / "trainable.safetensors")
+    torch.set_rng_state(tensors.pop("__rng_state__"))
+    params = trainable_parameters(model)
+    if set(tensors) != set(params):
+        raise ValueError(f"{folder}: trainable weights do not match the model "
+                         f"(missing {sorted(set(params) - set(tensors))[:5]}, unexpected {sorted(set(tensors) - set(params))[:5]})")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(state["scheduler"])
+    return int(state["step"]), list(state["losses"])
