@@ -176,27 +176,54 @@ def load_mllm(path: str | os.PathLike, *, device: str = "cpu", dtype: torch.dtyp
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     model = MultimodalLM.build(llm, tokenizer, cfg.adapters, template=cfg.template)
     model.provenance = cfg.provenance
+    for modality in model.adapters:
+        load_adapter_weights(model, modality, path)
     if cfg.lora:
         for name in cfg.lora["adapters"]:
             load_adapter_into(model, path / "lora" / name, name)
         model.lora_spec = LoraSpec.from_dict(cfg.lora["spec"], source=f"{path}/{CONFIG_NAME}: lora.spec")
         model.set_routes({r: [(n, c) for n, c in t] for r, t in cfg.lora["routes"].items()})
-    tokens_path = path / "modality_tokens.safetensors"
-    if tokens_path.is_file():
-        for key, value in load_tensors(tokens_path).items():
-            kind, modality = key.split(".", 1)
-            if modality not in model.adapters or kind not in ("prefix", "suffix"):
-                raise ValueError(f"{tokens_path}: unexpected tensor {key!r}")
-            model.add_modality_tokens(modality, value.shape[0] if kind == "prefix" else 0,
-                                      value.shape[0] if kind == "suffix" else 0)
-            getattr(model, f"{kind}_tokens")[modality].data.copy_(value)
-    projectors = load_tensors(path / "projectors.safetensors")
-    encoders = load_tensors(path / "encoders.safetensors") if (path / "encoders.safetensors").is_file() else {}
-    for modality, adapter in model.adapters.items():
-        _load_prefixed(adapter.projector, projectors, modality, path / "projectors.safetensors")
-        if getattr(adapter.config, "checkpoint", None) is None:
-            _load_prefixed(adapter.encoder, encoders, modality, path / "encoders.safetensors")
+    load_modality_tokens(model, path)
     return model.to(device).eval()
+
+
+def load_adapter_weights(model, modality: str, path: str | os.PathLike, source_modality: str | None = None) -> None:
+    """Projector (and, for random-init encoders, encoder) weights of `modality` from checkpoint `path`."""
+    path = Path(path)
+    adapter = model.adapters[modality]
+    key = source_modality or modality
+    _load_prefixed(adapter.projector, load_tensors(path / "projectors.safetensors"), key, path / "projectors.safetensors")
+    if getattr(adapter.config, "checkpoint", None) is None:
+        enc_path = path / "encoders.safetensors"
+        _load_prefixed(adapter.encoder, load_tensors(enc_path) if enc_path.is_file() else {}, key, enc_path)
+        adapter.forget_fingerprint()
+
+
+def load_modality_tokens(model, path: str | os.PathLike, only: str | None = None) -> None:
+    """DAMC prefix/suffix tokens saved in `path` (all, or those of modality `only`)."""
+    tokens_path = Path(path) / "modality_tokens.safetensors"
+    if not tokens_path.is_file():
+        return
+    for key, value in load_tensors(tokens_path).items():
+        kind, modality = key.split(".", 1)
+        if only is not None and modality != only:
+            continue
+        if modality not in model.adapters or kind not in ("prefix", "suffix"):
+            raise ValueError(f"{tokens_path}: unexpected tensor {key!r}")
+        model.add_modality_tokens(modality, value.shape[0] if kind == "prefix" else 0,
+                                  value.shape[0] if kind == "suffix" else 0)
+        getattr(model, f"{kind}_tokens")[modality].data.copy_(value)
+
+
+def tokenizer_sha256(path: str | os.PathLike) -> str:
+    """Checksum of the tokenizer files saved with a checkpoint (same tokenizer <=> same files)."""
+    h = hashlib.sha256()
+    for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+        f = Path(path) / name
+        if f.is_file():
+            h.update(name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
 
 
 def _load_prefixed(module: torch.nn.Module, tensors: dict[str, torch.Tensor], prefix: str, source: Path) -> None:

@@ -76,9 +76,13 @@ class MultimodalLM(nn.Module):
                 self._key_to_modality[key] = a.modality
 
     @classmethod
-    def build(cls, llm, tokenizer, adapter_configs: Sequence[AdapterConfig | dict], template: str = "vicuna_v1"):
+    def build(cls, llm, tokenizer, adapter_configs: Sequence[AdapterConfig | dict], template: str = "vicuna_v1",
+              seed: int = 0):
+        """Adapters are built around `llm`; their random init (towers, projectors) comes from `seed`."""
         hidden = llm.config.get_text_config().hidden_size
-        adapters = [build_adapter(c, hidden) for c in adapter_configs]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            adapters = [build_adapter(c, hidden) for c in adapter_configs]
         dtype = next(llm.parameters()).dtype
         # Inference mode by default (dropout off, e.g. in a Q-Former); training calls .train().
         return cls(llm, tokenizer, [a.to(dtype) for a in adapters], template).eval()

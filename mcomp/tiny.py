@@ -106,6 +106,4 @@ def build_tiny_mllm(adapter_configs=None, seed: int = 0, llm_shape: str = "tiny-
     tokenizer = build_tokenizer()
     llm = build_llm(tokenizer, llm_shape, seed=seed)
     configs = adapter_configs if adapter_configs is not None else [tiny_image_adapter_config()]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + 1)
-        return MultimodalLM.build(llm, tokenizer, configs)
+    return MultimodalLM.build(llm, tokenizer, configs, seed=seed + 1)
