@@ -9,7 +9,7 @@ import sys
 
 import mcomp
 
-SUBCOMMANDS = ["info", "ask", "train"]
+SUBCOMMANDS = ["info", "ask", "train", "compose"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,95 @@
+"""`mcomp compose`: NaiveMC or DAMC composition of single-modality MLLMs into one model."""
+from __future__ import annotations
+
+import argparse
+import logging
+
+logger = logging.getLogger(__name__)
+
+MERGES = ("linear", "ties", "dare_ties", "dare_linear", "pcb")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "compose", help="compose single-modality MLLMs that share a base LLM (NaiveMC, DAMC)",
+        description="Reuse every model's encoder and projector and merge their LLM (LoRA) parameters. "
+                    "NaiveMC merges everything; DAMC merges only the text adapters and routes each "
+                    "modality's tokens through that model's own modality adapter.",
+    )
+    p.add_argument("--modalities", help="comma-separated modalities to compose (default: the keys of --models)")
+    p.add_argument("--models", required=True, help="MODALITY=DIR,... single-modality model directories")
+    p.add_argument("--method", choices=("naivemc", "damc"), default="naivemc")
+    p.add_argument("--merge", default="linear", help=f"merge backend for the text parameters: {', '.join(MERGES)} "
+                   "(dare = dare_ties)")
+    p.add_argument("--weights", help="MODALITY=λ,... per-model coefficients (default: 1/n each)")
+    p.add_argument("--merge-params", default="",
+                   help="NAME=VALUE,... merge-engine parameters, e.g. density=0.2 or ratio=0.1,clip=0.01,inter=v1")
+    p.add_argument("--convert", action="store_true",
+                   help="DAMC from non-decoupled models: each model's one LoRA serves its modality and text tokens")
+    p.add_argument("--lora-rank", type=int,
+                   help="non-linear merges: re-factorise the merged text delta to this LoRA rank by SVD "
+                        "(DAMC default: sum of input ranks; NaiveMC default: fold into the base weights)")
+    p.add_argument("--search-weights", action="store_true", help="search the per-model weights on --dev data")
+    p.add_argument("--dev", help="dev conversations JSON for --search-weights (never the test split)")
+    p.add_argument("--dev-root", help="media folder for --dev (default: its folder)")
+    p.add_argument("--budget", type=int, default=30, help="objective evaluations for --search-weights")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output model directory (loads with mcomp.load)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=run)
+
+
+def parse_pairs(text: str | None, what: str, convert=str) -> dict:
+    out = {}
+    for item in (text or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ValueError(f"{what}: expected NAME=VALUE pairs separated by commas, got {item!r}")
+        try:
+            out[key.strip()] = convert(value.strip())
+        except ValueError:
+            raise ValueError(f"{what}: bad value in {item!r}") from None
+    return out
+
+
+def _param_value(value: str):
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
+
+
+def run(args: argparse.Namespace) -> int:
+    from mcomp.compose import compose
+
+    models = parse_pairs(args.models, "--models")
+    if args.modalities:
+        wanted = [m.strip() for m in args.modalities.split(",") if m.strip()]
+        if sorted(wanted) != sorted(models):
+            raise ValueError(f"--modalities {wanted} and the keys of --models {sorted(models)} differ")
+    merge = "dare_ties" if args.merge == "dare" else args.merge
+    if merge not in MERGES:
+        raise ValueError(f"--merge must be one of {', '.join(MERGES)}, got {args.merge!r}")
+    weights = parse_pairs(args.weights, "--weights", float) or None
+    params = parse_pairs(args.merge_params, "--merge-params", _param_value)
+    kwargs = dict(method=args.method, merge=merge, merge_params=params, convert=args.convert, lora_rank=args.lora_rank)
+    if args.search_weights:
+        if not args.dev:
+            raise ValueError("--search-weights needs --dev DATA (a validation split)")
+        from mcomp.compose import search_weights
+        from mcomp.data import load_conversation_data
+
+        dev = load_conversation_data(args.dev, args.dev_root)
+        weights, best = search_weights(models, dev, budget=args.budget, seed=args.seed, **kwargs)
+        print(f"searched weights: {weights} (dev mean log-likelihood {best:.4f})")
+    model = compose(models, weights=weights, **kwargs)
+    model.save_pretrained(args.out, overwrite=args.force)
+    comp = model.provenance["composition"]
+    print(f"composed {', '.join(model.modalities)} with {comp['method']} + {comp['merge']} "
+          f"(weights {comp['weights']}); saved {args.out}")
+    return 0

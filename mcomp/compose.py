@@ -1,0 +1,242 @@
+"""Compose single-modality MLLMs that share a base LLM into one MLLM (NaiveMC, DAMC).
+
+Every input keeps its encoder, projector and (DAMC) prefix/suffix tokens. What differs is the
+LLM side:
+
+- NaiveMC: all tokens go through the merged text LoRA. A linear merge stays exact and
+  unmaterialised (routes of coefficient-weighted adapters, `mcomp.lora`); TIES/DARE/PCB merge
+  the dense deltas dW_m = s_m B_m A_m with the merge engine and fold the result into the base
+  weights (or re-factorise it to a LoRA of `lora_rank`).
+- DAMC: only the text adapters are merged (same choices); each modality's tokens keep that
+  model's own modality adapter (coefficient 1) and its prefix/suffix tokens.
+
+Semantics follow the published composition (spec: modelcompose.md §3), with the merge of LoRA
+adapters done on dW, never on A and B separately (spec: merging.md, "LoRA adapters").
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from mcomp.checkpoint import (
+    CONFIG_NAME, MLLMConfig, base_weights_sha256, load_adapter_weights, load_modality_tokens, read_config,
+    resolve_base, tokenizer_sha256,
+)
+from mcomp.io import sha256_file
+from mcomp.lora import TEXT_ROUTE, LoraSpec, routed_layers
+from mcomp.modality import get_adapter_class
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("naivemc", "damc")
+LINEAR = "linear"
+
+
+@dataclasses.dataclass
+class ComposeInput:
+    modality: str
+    path: Path
+    config: MLLMConfig
+
+    @property
+    def lora_adapters(self) -> list[str]:
+        return list(self.config.lora["adapters"]) if self.config.lora else []
+
+    @property
+    def decoupled(self) -> bool:
+        return self.modality in self.lora_adapters
+
+
+def read_inputs(models: Mapping[str, str | os.PathLike]) -> list[ComposeInput]:
+    """Check each `modality -> directory` pair and that all inputs share one base and tokenizer."""
+    if not models:
+        raise ValueError("no models to compose")
+    inputs, seen = [], {}
+    for key, path in models.items():
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"model directory for {key!r} not found: {path}")
+        cfg = read_config(path)
+        if len(cfg.adapters) != 1:
+            raise ValueError(f"{path}: not a single-modality model (it has {len(cfg.adapters)} adapters)")
+        cls = get_adapter_class(cfg.adapters[0]["adapter"])
+        if key not in (cls.modality, *cls.aliases):
+            raise ValueError(f"--models {key}={path}: that directory holds a {cls.modality!r} model, not {key!r}")
+        if cls.modality in seen:
+            raise ValueError(f"modality {cls.modality!r} given twice: {seen[cls.modality]} and {path}")
+        seen[cls.modality] = path
+        inputs.append(ComposeInput(cls.modality, path, cfg))
+    first = inputs[0]
+    tok = tokenizer_sha256(first.path)
+    for other in inputs[1:]:
+        if other.config.base_model_config != first.config.base_model_config:
+            raise ValueError(f"{other.path} and {first.path} have different base LLMs: "
+                             f"{other.config.base_model_config} vs {first.config.base_model_config}")
+        if other.config.base_model_sha256 != first.config.base_model_sha256:
+            raise ValueError(f"{other.path} and {first.path} were trained on different base weights "
+                             f"(base_model_sha256 {other.config.base_model_sha256[:12]} vs {first.config.base_model_sha256[:12]})")
+        if tokenizer_sha256(other.path) != tok:
+            raise ValueError(f"{other.path} and {first.path} use different tokenizers")
+    return inputs
+
+
+def _coefficients(inputs: list[ComposeInput], weights: Mapping[str, float] | None) -> dict[str, float]:
+    names = [i.modality for i in inputs]
+    if weights is None:
+        return {m: 1.0 / len(names) for m in names}
+    unknown = sorted(set(weights) - set(names))
+    if unknown:
+        raise ValueError(f"weights given for {unknown}, which are not composed modalities ({names})")
+    return {m: float(weights.get(m, 0.0)) for m in names}
+
+
+def compose(
+    models: Mapping[str, str | os.PathLike],
+    method: str = "naivemc",
+    merge: str = LINEAR,
+    weights: Mapping[str, float] | None = None,
+    merge_params: Mapping[str, Any] | None = None,
+    convert: bool = False,
+    lora_rank: int | None = None,
+):
+    """Build the composed MultimodalLM from single-modality model directories."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mcomp.model import MultimodalLM
+    from mcomp.peft_format import load_adapter_into
+
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    inputs = read_inputs(models)
+    coef = _coefficients(inputs, weights)
+    for inp in inputs:
+        if TEXT_ROUTE not in inp.lora_adapters:
+            raise ValueError(f"{inp.path}: has no text LoRA to merge (a stage-1 model? train stage 2 first)")
+        if method == "damc" and not inp.decoupled and not convert:
+            raise ValueError(f"{inp.path}: DAMC needs a model trained with --decoupled; pass convert=True "
+                             f"(--convert) to use its single LoRA for both its modality and text tokens")
+        if method == "naivemc" and inp.decoupled:
+            logger.warning("%s was trained decoupled; NaiveMC uses only its text LoRA", inp.path)
+
+    first = inputs[0]
+    base = resolve_base(first.path, first.config)
+    llm = AutoModelForCausalLM.from_pretrained(str(base), trust_remote_code=False)
+    if base_weights_sha256(llm) != first.config.base_model_sha256:
+        raise ValueError(f"{base}: base weights do not match base_model_sha256 of {first.path}/{CONFIG_NAME}")
+    tokenizer = AutoTokenizer.from_pretrained(str(first.path), trust_remote_code=False)
+    model = MultimodalLM.build(llm, tokenizer, [i.config.adapters[0] for i in inputs], template=first.config.template)
+    for inp in inputs:
+        load_adapter_weights(model, inp.modality, inp.path)
+        load_adapter_into(model, inp.path / "lora" / TEXT_ROUTE, f"text-{inp.modality}")
+        if method == "damc":
+            source = inp.modality if inp.decoupled else TEXT_ROUTE  # convert: the one LoRA serves both
+            load_adapter_into(model, inp.path / "lora" / source, inp.modality)
+        load_modality_tokens(model, inp.path, only=inp.modality)
+
+    text_terms = [(f"text-{m}", c) for m, c in coef.items()]
+    report: dict[str, Any] = {}
+    if merge == LINEAR:
+        routes = {TEXT_ROUTE: text_terms}
+    else:
+        merged = merge_text_deltas(model, inputs, merge, coef, dict(merge_params or {}))
+        for inp in inputs:
+            _remove_adapter(model, f"text-{inp.modality}")
+        if method == "naivemc" and lora_rank is None:
+            fold_deltas(model, merged)
+            routes = {}
+            report["folded_into_base"] = True
+        else:
+            rank = lora_rank or sum(i.config.lora["spec"]["r"] for i in inputs)
+            report["lora_rank"] = rank
+            report["reconstruction_error"] = add_refactorised(model, merged, "text-merged", rank)
+            routes = {TEXT_ROUTE: [("text-merged", 1.0)]}
+    if method == "damc":
+        routes.update({i.modality: [(i.modality, 1.0)] for i in inputs})
+    if routes:
+        model.set_routes(routes)
+    elif model.lora_spec is not None and not model.lora_adapters:
+        model.lora_spec = None
+    model.provenance = {
+        "composition": {
+            "method": method, "merge": merge, "weights": coef, "merge_params": dict(merge_params or {}),
+            "convert": convert, **report,
+            "inputs": [{"modality": i.modality, "path": str(i.path.resolve()),
+                        "config_sha256": sha256_file(i.path / CONFIG_NAME),
+                        "base_model_sha256": i.config.base_model_sha256} for i in inputs],
+        }
+    }
+    return model.eval()
+
+
+def _remove_adapter(model, name: str) -> None:
+    for layer in routed_layers(model.llm).values():
+        layer.remove_adapter(name)
+
+
+def merge_text_deltas(model, inputs, merge: str, coef: dict[str, float], params: dict) -> dict[str, torch.Tensor]:
+    """Merge the dense text deltas dW_m = s_m B_m A_m of every routed layer with the merge engine."""
+    from mcomp.merge import merge_state_dicts
+
+    layers = routed_layers(model.llm)
+    deltas = [{path: layer.delta_weight([(f"text-{i.modality}", 1.0)]) for path, layer in layers.items()}
+              for i in inputs]
+    zeros = {path: torch.zeros_like(t) for path, t in deltas[0].items()}
+    params.setdefault("weights", [coef[i.modality] for i in inputs])
+    return merge_state_dicts(zeros, deltas, merge, **params)
+
+
+def fold_deltas(model, merged: dict[str, torch.Tensor]) -> None:
+    """Add merged deltas into the base weights. The base changes, so it will be saved with the model."""
+    layers = routed_layers(model.llm)
+    with torch.no_grad():
+        for path, delta in merged.items():
+            w = layers[path].base_layer.weight
+            w.copy_((w.float() + delta.float()).to(w.dtype))
+    model.llm.name_or_path = ""  # no longer the referenced base directory
+    model.llm.config._name_or_path = ""
+
+
+def add_refactorised(model, merged: dict[str, torch.Tensor], name: str, rank: int) -> float:
+    """Truncated SVD of each merged delta into a LoRA `name` (scaling 1); returns the relative
+    Frobenius reconstruction error over all layers."""
+    spec = LoraSpec(r=rank, alpha=float(rank), target_modules=model.lora_spec.target_modules)
+    model.add_lora(spec, name=name)
+    err2, norm2 = 0.0, 0.0
+    layers = routed_layers(model.llm)
+    with torch.no_grad():
+        for path, delta in merged.items():
+            delta = delta.float()
+            u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+            k = min(rank, s.shape[0])
+            b = torch.zeros(delta.shape[0], rank)
+            a = torch.zeros(rank, delta.shape[1])
+            b[:, :k] = u[:, :k] * s[:k]
+            a[:k] = vh[:k]
+            layer = layers[path]
+            layer.lora_A[name].copy_(a)
+            layer.lora_B[name].copy_(b)
+            err2 += float((delta - b @ a).pow(2).sum())
+            norm2 += float(delta.pow(2).sum())
+    return (err2 / norm2) ** 0.5 if norm2 > 0 else 0.0
+
+
+def dev_objective(dev_samples) -> Callable:
+    """Mean log-likelihood of the assistant answers of `dev_samples` (higher is better)."""
+
+    def objective(model) -> float:
+        with torch.no_grad():
+            total, count = 0.0, 0
+            for s in dev_samples:
+                inputs = model.prepare_conversations([s.conversations], [s.media])
+                out = model(inputs)
+                n = int((inputs.labels != -100).sum())
+                total -= float(out.loss) * n
+                count += n
+        return total / max(count, 1)
+
+    return objective

@@ -1,0 +1,138 @@
+"""NaiveMC and DAMC composition: every method and backend, exactness, bad input, CLI."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import mcomp
+from mcomp.cli import main
+from mcomp.compose import compose
+from mcomp.lora import fold_route, routed_layers
+from tests.composition_fixtures import train_models
+
+BACKENDS = ["linear", "ties", "dare_ties", "dare_linear", "pcb"]
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    return train_models(tmp_path_factory.mktemp("zoo"))
+
+
+def media(zoo, image=True, audio=True):
+    out = {}
+    if image:
+        out["image"] = str(zoo["image_data"].parent / "img0.png")
+    if audio:
+        out["audio"] = str(zoo["audio_data"].parent / "aud2.wav")
+    return out
+
+
+def prompt(model, image=True, audio=True):
+    lines = (["image: <image>"] if image else []) + (["audio: <audio>"] if audio else [])
+    return model.template.prompt("\n".join(lines + ["What do they have in common?"]))
+
+
+def logits(model, image=True, audio=True):
+    with torch.no_grad():
+        inputs = model.prepare_inputs([prompt(model, image, audio)], [media(model_zoo[0], image, audio)])
+        return model(inputs).logits
+
+
+model_zoo = []
+
+
+@pytest.fixture(autouse=True)
+def _zoo_for_helpers(zoo):
+    model_zoo[:] = [zoo]
+
+
+def test_naivemc_linear_is_exact_without_materialising(zoo):
+    model = compose({"image": zoo["image-plain"], "audio": zoo["audio-plain"]}, method="naivemc",
+                    weights={"image": 0.7, "audio": 0.4})
+    assert model.modalities == ["image", "audio"]
+    assert model.routing.routes == {"text": [("text-image", 0.7), ("text-audio", 0.4)]}
+    unmaterialised = logits(model)
+    fold_route(model.llm, model.routing.routes["text"])  # the same merge folded into dense weights
+    for layer in routed_layers(model.llm).values():
+        for name in list(layer.lora_A):
+            layer.remove_adapter(name)
+    torch.testing.assert_close(logits(model), unmaterialised, atol=1e-5, rtol=1e-5)
+
+
+def test_damc_with_one_modality_reproduces_that_model(zoo):
+    single = mcomp.load(zoo["image-damc"])
+    expected = logits(single, audio=False)
+    model = compose({"image": zoo["image-damc"], "audio": zoo["audio-damc"]}, method="damc",
+                    weights={"image": 1.0, "audio": 0.0})
+    assert model.routing.routes["image"] == [("image", 1.0)] and model.routing.routes["audio"] == [("audio", 1.0)]
+    torch.testing.assert_close(logits(model, audio=False), expected, atol=1e-5, rtol=1e-5)
+    # and with the audio model's text weight on, the text tokens change but the image tokens' adapter does not
+    mixed = compose({"image": zoo["image-damc"], "audio": zoo["audio-damc"]}, method="damc")
+    assert not torch.allclose(logits(mixed, audio=False), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["naivemc", "damc"])
+@pytest.mark.parametrize("merge", BACKENDS)
+def test_every_method_and_backend_composes_saves_and_loads(zoo, tmp_path, method, merge):
+    suffix = "damc" if method == "damc" else "plain"
+    params = {"pcb": {"ratio": 0.5, "clip": 0.01}, "ties": {"density": 0.5},
+              "dare_ties": {"density": 0.7, "seed": 1}, "dare_linear": {"density": 0.7, "seed": 1}}.get(merge, {})
+    model = compose({"image": zoo[f"image-{suffix}"], "audio": zoo[f"audio-{suffix}"]}, method=method, merge=merge,
+                    merge_params=params)
+    comp = model.provenance["composition"]
+    assert comp["method"] == method and comp["merge"] == merge and len(comp["inputs"]) == 2
+    before = logits(model)
+    assert torch.isfinite(before).all()
+    model.save_pretrained(tmp_path / "composed")
+    loaded = mcomp.load(tmp_path / "composed")
+    assert loaded.provenance == model.provenance
+    torch.testing.assert_close(logits(loaded), before, atol=1e-5, rtol=1e-5)
+    # any subset of the modalities works
+    assert loaded.generate([prompt(loaded, audio=False)], [media(zoo, audio=False)], max_new_tokens=3)
+    if method == "damc":
+        assert loaded.prefix_tokens["audio"].shape[0] == 5
+
+
+def test_damc_from_plain_models_needs_convert(zoo):
+    pair = {"image": zoo["image-plain"], "audio": zoo["audio-plain"]}
+    with pytest.raises(ValueError, match="DAMC needs a model trained with --decoupled"):
+        compose(pair, method="damc")
+    model = compose(pair, method="damc", convert=True)
+    layer = next(iter(routed_layers(model.llm).values()))
+    assert torch.equal(layer.lora_B["image"], layer.lora_B["text-image"])  # the one LoRA serves both
+
+
+def test_bad_inputs_are_refused_clearly(zoo, tmp_path, tokenizer):
+    with pytest.raises(ValueError, match="holds a 'image' model, not 'audio'"):
+        compose({"image": zoo["image-plain"], "audio": zoo["image-damc"]})
+    with pytest.raises(ValueError, match="modality 'image' given twice"):
+        compose({"image": zoo["image-plain"], "vision": zoo["image-damc"]})
+    with pytest.raises(FileNotFoundError, match="model directory for 'audio' not found"):
+        compose({"image": zoo["image-plain"], "audio": tmp_path / "nope"})
+    with pytest.raises(ValueError, match="weights given for \\['point'\\]"):
+        compose({"image": zoo["image-plain"], "audio": zoo["audio-plain"]}, weights={"point": 1.0})
+    # a model trained on another base
+    other = mcomp.load(zoo["audio-plain"])
+    with torch.no_grad():
+        other.llm.model.norm.weight.add_(0.5)
+    other.llm.name_or_path = ""
+    other.save_pretrained(tmp_path / "other-base")
+    with pytest.raises(ValueError, match="different base weights"):
+        compose({"image": zoo["image-plain"], "audio": tmp_path / "other-base"})
+
+
+def test_cli_compose(zoo, tmp_path, capsys):
+    out = tmp_path / "composed"
+    code = main(["compose", "--modalities", "image,audio", "--method", "damc", "--merge", "ties",
+                 "--models", f"image={zoo['image-damc']},audio={zoo['audio-damc']}",
+                 "--weights", "image=0.6,audio=0.6", "--merge-params", "density=0.5", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert "composed image, audio with damc + ties" in capsys.readouterr().out
+    cfg = json.loads((out / "mcomp_config.json").read_text())
+    assert cfg["provenance"]["composition"]["weights"] == {"image": 0.6, "audio": 0.6}
+    assert mcomp.load(out).modalities == ["image", "audio"]
+    assert main(["compose", "--models", f"image={zoo['image-damc']}", "--modalities", "image,audio",
+                 "--out", str(tmp_path / "x")]) == 1
+    assert "differ" in capsys.readouterr().err
