@@ -4,5 +4,6 @@ from mcomp.encoders.video import VideoAdapter, VideoAdapterConfig
 from mcomp.encoders.point import PointAdapter, PointAdapterConfig
 from mcomp.encoders.audio import AudioAdapter, AudioAdapterConfig
 from mcomp.encoders.audio_hf import WhisperAudioAdapter, WhisperAudioAdapterConfig
+from mcomp.encoders.languagebind import LanguageBindVideoAdapter, LanguageBindVideoAdapterConfig
 
-__all__ = ["AudioAdapter", "AudioAdapterConfig", "WhisperAudioAdapter", "WhisperAudioAdapterConfig", "ImageAdapter", "ImageAdapterConfig", "PointAdapter", "PointAdapterConfig", "VideoAdapter", "VideoAdapterConfig"]
+__all__ = ["AudioAdapter", "AudioAdapterConfig", "WhisperAudioAdapter", "WhisperAudioAdapterConfig", "ImageAdapter", "ImageAdapterConfig", "LanguageBindVideoAdapter", "LanguageBindVideoAdapterConfig", "PointAdapter", "PointAdapterConfig", "VideoAdapter", "VideoAdapterConfig"]

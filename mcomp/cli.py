@@ -9,7 +9,7 @@ import sys
 
 import mcomp
 
-SUBCOMMANDS = ["info", "ask", "train", "compose"]
+SUBCOMMANDS = ["info", "ask", "train", "compose", "import_model"]
 
 
 def build_parser() -> argparse.ArgumentParser:
