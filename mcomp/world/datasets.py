@@ -1,0 +1,205 @@
+"""What to write: the documents (JSON / text) and the media jobs (one per file to render).
+
+Nothing here renders or writes; `generate.py` does. Paths are relative to the world folder.
+
+* Modality training data `train/<modality>.json` (entities of the train split) and held-out-entity
+  validation data `val/<modality>.json` (dev-split entities, new renders), in the `mcomp train` format:
+  `{id, conversations: [{from, value}], modal_inputs: {key: [path relative to the JSON's folder]}}`.
+  Per render: a caption ("Describe the image." -> "a red cube") and `samples_per_media - 1` of:
+  colour question ("red"), shape question ("cube"), lettered entity question, lettered colour or
+  shape question. Prompts start with the MCUB placeholder line (`image: <image>\\n`). In `train`,
+  options only name training entities, so held-out entities never appear as (always wrong) options.
+* MCUB-style sets, one data root per split (`mcub/test`, `mcub/dev`) laid out as the published task
+  files expect: `data/test/MCUB-4.json`, `data/test/MCUB-3-<subset>.json`, `data/test/MCUB-answer.json`,
+  media under `media/<modality>/`, plus `data/test/MCUB-meta.json` (kind, inputs, answer per id).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from mcomp.world.entities import EXTENSION, MEDIA_KEY, MODALITIES, NOUN, AttributeSpace, Entity, EntitySplit, rng_for
+from mcomp.world.questions import (
+    ANSWER_SUFFIX,
+    LETTERS,
+    attribute_commonality,
+    balanced_cycle,
+    balanced_letters,
+    entity_commonality,
+    entity_distractors,
+    format_options,
+    mcub_prompt,
+    placeholder_lines,
+    place,
+)
+
+MCUB_SUBSETS: dict[str, tuple[str, ...]] = {
+    "MCUB-4": ("image", "audio", "video", "point"),
+    "MCUB-3-image-audio-video": ("image", "audio", "video"),
+    "MCUB-3-audio-video-pointcloud": ("audio", "video", "point"),
+    "MCUB-3-image-audio-pointcloud": ("image", "audio", "point"),
+    "MCUB-3-image-video-pointcloud": ("image", "video", "point"),
+}
+MCUB_DIR = "data/test"  # inside each MCUB data root, as the shipped task files expect
+SAMPLE_TYPES = ("colour", "shape", "mc_entity", "mc_attribute")
+
+
+@dataclasses.dataclass(frozen=True)
+class MediaJob:
+    relpath: str  # relative to the world folder
+    modality: str
+    entity: Entity
+
+
+@dataclasses.dataclass
+class Plan:
+    documents: dict[str, Any] = dataclasses.field(default_factory=dict)  # relpath -> JSON object or list of text lines
+    jobs: list[MediaJob] = dataclasses.field(default_factory=list)
+
+    def merge(self, other: "Plan") -> "Plan":
+        self.documents.update(other.documents)
+        self.jobs.extend(other.jobs)
+        return self
+
+
+def _turns(question: str, answer: str | None) -> list[dict[str, Any]]:
+    return [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+
+
+# --- modality training / validation data -------------------------------------------------------
+def modality_samples(
+    space: AttributeSpace,
+    modality: str,
+    entity: Entity,
+    media_path: str,
+    sample_id: str,
+    k: int,
+    option_pool: Sequence[Entity],
+    rng: np.random.Generator,
+) -> list[dict[str, Any]]:
+    """`k` conversation samples about one render: a caption first, then other question types."""
+    noun = NOUN[modality]
+    prefix = placeholder_lines([modality])
+    kinds = ["caption"] + [SAMPLE_TYPES[i] for i in rng.permutation(len(SAMPLE_TYPES))[: max(0, k - 1)]]
+    out = []
+    for j, kind in enumerate(kinds):
+        if kind == "caption":
+            describe = "Describe the image." if modality == "image" else f"What does the {noun} depict?"
+            question = describe if rng.random() < 0.5 else f"What object is in the {noun}?"
+            answer = entity.text
+        elif kind == "colour":
+            question, answer = f"What colour is the object in the {noun}?", entity.colour
+        elif kind == "shape":
+            question, answer = f"What shape is the object in the {noun}?", entity.shape
+        elif kind == "mc_entity":
+            letter = int(rng.integers(len(LETTERS)))
+            options = place(entity.text, [e.text for e in entity_distractors(entity, option_pool, rng)], letter)
+            question = f"What object does the {noun} depict?\n{format_options(options)}\n{ANSWER_SUFFIX}"
+            answer = LETTERS[letter]
+        else:  # mc_attribute
+            attr = "colour" if rng.random() < 0.5 else "shape"
+            value = entity.attribute(attr)
+            known = sorted({e.attribute(attr) for e in option_pool} - {value})
+            wrong = [known[i] for i in rng.choice(len(known), size=len(LETTERS) - 1, replace=False)]
+            letter = int(rng.integers(len(LETTERS)))
+            options = place(value, wrong, letter)
+            question = f"What {attr} is the object in the {noun}?\n{format_options(options)}\n{ANSWER_SUFFIX}"
+            answer = LETTERS[letter]
+        out.append({
+            "id": f"{sample_id}-{j}",
+            "conversations": _turns(prefix + question, answer),
+            "modal_inputs": {MEDIA_KEY[modality]: [media_path]},
+        })
+    return out
+
+
+def modality_plan(
+    space: AttributeSpace, folder: str, entities: Sequence[Entity], n_media: int,
+    samples_per_media: int, option_pool: Sequence[Entity], seed: int,
+) -> Plan:
+    """`<folder>/<modality>.json` for every modality, over `n_media` renders of `entities` (balanced)."""
+    plan = Plan()
+    for modality in MODALITIES:
+        rng = rng_for(seed, folder, modality, "questions")
+        picks = balanced_cycle(list(entities), n_media, rng)
+        samples = []
+        for i, entity in enumerate(picks):
+            local = f"media/{modality}/{i:05d}{EXTENSION[modality]}"
+            plan.jobs.append(MediaJob(f"{folder}/{local}", modality, entity))
+            samples += modality_samples(
+                space, modality, entity, local, f"{folder}-{modality}-{i:05d}", samples_per_media, option_pool, rng
+            )
+        plan.documents[f"{folder}/{modality}.json"] = samples
+    return plan
+
+
+# --- MCUB-style sets ------------------------------------------------------------------------------
+def mcub_plan(
+    space: AttributeSpace, split_name: str, answers_pool: Sequence[Entity], n_questions: int,
+    attribute_fraction: float, seed: int,
+) -> Plan:
+    """Question files, answer file and metadata of one MCUB data root (`mcub/<split_name>`).
+
+    Entity questions: the answer (shared entity) cycles over `answers_pool` (the split's held-out
+    entities); distractor options may be any other entity. Attribute questions: the shared value cycles
+    over all colours and shapes; the inputs may be any entities (new renders).
+    """
+    root = f"mcub/{split_name}"
+    everything = space.entities()
+    plan = Plan()
+    answers, meta = [], []
+    for subset, modalities in MCUB_SUBSETS.items():
+        rng = rng_for(seed, root, subset)
+        n_attr = int(round(n_questions * attribute_fraction))
+        kinds = ["attribute"] * n_attr + ["entity"] * (n_questions - n_attr)
+        kinds = [kinds[i] for i in rng.permutation(n_questions)]
+        letters = balanced_letters(n_questions, rng)
+        entity_answers = iter(balanced_cycle(list(answers_pool), n_questions - n_attr, rng))
+        shared_values = [("colour", v) for v in space.colour_names] + [("shape", v) for v in space.shape_names]
+        attribute_answers = iter(balanced_cycle(shared_values, n_attr, rng))
+        questions = []
+        for i, kind in enumerate(kinds):
+            qid = f"{split_name}-{subset}-{i:04d}"
+            n = len(modalities)
+            if kind == "entity":
+                item = entity_commonality(next(entity_answers), n, everything, letters[i], rng)
+            else:
+                attr, value = next(attribute_answers)
+                item = attribute_commonality(space, attr, value, n, letters[i], rng)
+            modal_inputs: dict[str, list[str]] = {}
+            for modality, entity in zip(modalities, item.inputs):
+                local = f"media/{modality}/{qid}{EXTENSION[modality]}"
+                plan.jobs.append(MediaJob(f"{root}/{local}", modality, entity))
+                modal_inputs[MEDIA_KEY[modality]] = [local]
+            prompt = mcub_prompt(modalities, item)
+            questions.append({"id": qid, "conversations": _turns(prompt, None), "modal_inputs": modal_inputs})
+            answers.append({"id": qid, "conversations": _turns(prompt, item.letter)})
+            meta.append({
+                "id": qid, "subset": subset, "kind": item.kind, "answer": item.letter, "answer_text": item.shared,
+                "shared_attribute": item.shared_attribute, "options": item.options,
+                "inputs": {m: e.key for m, e in zip(modalities, item.inputs)},
+            })
+        plan.documents[f"{root}/{MCUB_DIR}/{subset}.json"] = questions
+    plan.documents[f"{root}/{MCUB_DIR}/MCUB-answer.json"] = answers
+    plan.documents[f"{root}/{MCUB_DIR}/MCUB-meta.json"] = meta
+    return plan
+
+
+def world_plan(space: AttributeSpace, split: EntitySplit, cfg: Mapping[str, Any], seed: int) -> Plan:
+    """Every document and media job of the world, except the text corpora and the manifest."""
+    plan = Plan()
+    plan.merge(modality_plan(
+        space, "train", split.train, cfg["train"]["media_per_modality"], cfg["train"]["samples_per_media"],
+        split.train, seed,
+    ))
+    plan.merge(modality_plan(
+        space, "val", split.dev, cfg["val"]["media_per_modality"], cfg["val"]["samples_per_media"],
+        space.entities(), seed,
+    ))
+    for split_name, key in (("test", "test_questions"), ("dev", "dev_questions")):
+        plan.merge(mcub_plan(
+            space, split_name, split.of(split_name), cfg["mcub"][key], cfg["mcub"]["attribute_fraction"], seed,
+        ))
+    return plan
