@@ -159,7 +159,7 @@ class ModalityAdapter(nn.Module):
         h = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
         for name, tensor in sorted(self.encoder.state_dict().items()):
             h.update(name.encode())
-            h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         return h.hexdigest()[:16]
 
 

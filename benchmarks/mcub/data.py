@@ -1,0 +1,185 @@
+"""Reading the published benchmark files (MCUB, AVQA, MUSIC-AVQA, ModelNet40) as they are.
+
+Question file: a JSON list; each entry has `id` (any JSON scalar), `conversations` (a list of
+{"from": "human"|"gpt", "value": ...}; the first human turn is the question, used verbatim) and
+`modal_inputs` ({"vision"|"audio"|"video"|"point": [paths]}). Extra fields are ignored.
+Answer file: a JSON list of {"id", "conversations"} (reference = the last turn's value) or of
+{"id", "label", "label_name"} (ModelNet40 annotations).
+
+Relative media paths are resolved against the data root. A sample whose media file is missing is
+kept with `error` set, so it is recorded and counted, never dropped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+logger = logging.getLogger(__name__)
+
+MEDIA_KEYS_ORDER = ("vision", "image", "audio", "video", "point")  # for stable column order only
+
+
+def id_key(sample_id: Any) -> str:
+    """A hashable, type-exact key for a JSON id (1, 1.0, "1" and true are different ids)."""
+    return json.dumps(sample_id, sort_keys=True)
+
+
+@dataclasses.dataclass
+class Sample:
+    id: Any
+    subset: str
+    index: int  # position in its question file
+    question: str  # the first human turn, verbatim (it holds the placeholders)
+    media: dict[str, list[str]]  # key as in the file ("vision", "audio", ...) -> resolved paths
+    error: str | None = None  # set when the sample cannot be run (e.g. a missing media file)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.subset, id_key(self.id))
+
+
+def _load_json(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: {what} is not valid JSON ({err})") from None
+
+
+def resolve_media_path(path: str, data_root: str | os.PathLike | None) -> str:
+    if os.path.isabs(path) or data_root is None:
+        return path
+    return os.path.join(os.fspath(data_root), path)
+
+
+def _check_scalar_id(path: Path, i: int, entry: Mapping) -> Any:
+    if "id" not in entry:
+        raise ValueError(f"{path}: entry {i} has no 'id' field")
+    sample_id = entry["id"]
+    if isinstance(sample_id, (dict, list)) or sample_id is None:
+        raise ValueError(f"{path}: entry {i}: 'id' must be a JSON scalar (string or number), got {sample_id!r}")
+    return sample_id
+
+
+def first_human_turn(path: Path, i: int, entry: Mapping) -> str:
+    turns = entry.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise ValueError(f"{path}: entry {i} (id {entry.get('id')!r}): 'conversations' must be a non-empty list")
+    for k, turn in enumerate(turns):
+        if not isinstance(turn, Mapping) or "from" not in turn:
+            raise ValueError(f"{path}: entry {i} (id {entry.get('id')!r}): conversations[{k}] has no 'from' field")
+        if turn["from"] == "human":
+            value = turn.get("value")
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"{path}: entry {i} (id {entry.get('id')!r}): conversations[{k}].value "
+                                 f"(the question) must be a non-empty string")
+            return value
+    raise ValueError(f"{path}: entry {i} (id {entry.get('id')!r}): no 'human' turn in 'conversations'")
+
+
+def read_questions(
+    path: str | os.PathLike, subset: str, data_root: str | os.PathLike | None = None, check_files: bool = True
+) -> list[Sample]:
+    """All samples of a question file, in file order. Malformed entries raise; missing media marks the sample."""
+    path = Path(path)
+    data = _load_json(path, "question file")
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: a question file must be a JSON list of samples, got {type(data).__name__}")
+    samples, seen = [], {}
+    for i, entry in enumerate(data):
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"{path}: entry {i} must be an object, got {type(entry).__name__}")
+        sample_id = _check_scalar_id(path, i, entry)
+        k = id_key(sample_id)
+        if k in seen:
+            raise ValueError(f"{path}: id {sample_id!r} occurs twice (entries {seen[k]} and {i}); ids must be unique")
+        seen[k] = i
+        question = first_human_turn(path, i, entry)
+        modal_inputs = entry.get("modal_inputs", {}) or {}
+        if not isinstance(modal_inputs, Mapping):
+            raise ValueError(f"{path}: entry {i} (id {sample_id!r}): 'modal_inputs' must be an object")
+        media: dict[str, list[str]] = {}
+        for key, sources in modal_inputs.items():
+            items = [sources] if isinstance(sources, str) else sources
+            if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+                raise ValueError(f"{path}: entry {i} (id {sample_id!r}): modal_inputs[{key!r}] must be a list of paths")
+            if items:
+                media[key] = [resolve_media_path(s, data_root) for s in items]
+        error = None
+        if check_files:
+            missing = [f"{key} file {p}" for key, paths in media.items() for p in paths if not os.path.isfile(p)]
+            if missing:
+                error = "missing media: " + "; ".join(missing)
+        samples.append(Sample(sample_id, subset, i, question, media, error))
+    logger.info("%s: %d sample(s), %d with missing media", path, len(samples), sum(s.error is not None for s in samples))
+    return samples
+
+
+def read_answer_file(path: str | os.PathLike) -> dict[str, dict]:
+    """Answer-key entries by `id_key`. Conflicting duplicates raise; identical ones are tolerated."""
+    path = Path(path)
+    data = _load_json(path, "answer file")
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: an answer file must be a JSON list, got {type(data).__name__}")
+    out: dict[str, dict] = {}
+    for i, entry in enumerate(data):
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"{path}: entry {i} must be an object, got {type(entry).__name__}")
+        sample_id = _check_scalar_id(path, i, entry)
+        k = id_key(sample_id)
+        if k in out and out[k] != entry:
+            raise ValueError(f"{path}: id {sample_id!r} occurs twice with different content")
+        out[k] = dict(entry, _entry_index=i)
+    return out
+
+
+def check_answers_match(
+    samples: Sequence[Sample], answers: Mapping[str, dict], answer_path: str | os.PathLike, question_path: str
+) -> list[Sample]:
+    """Raise when the answer key matches none of the questions; return the samples it lacks (scored wrong)."""
+    missing = [s for s in samples if id_key(s.id) not in answers]
+    if samples and len(missing) == len(samples):
+        example = ", ".join(repr(s.id) for s in samples[:3])
+        raise ValueError(
+            f"answer file {answer_path} does not match question file {question_path}: none of its "
+            f"{len(samples)} question id(s) (e.g. {example}) is in the answer file ({len(answers)} entries)"
+        )
+    if missing:
+        logger.warning("%s: %d of %d question id(s) are missing from %s; they count as wrong (e.g. %r)",
+                       question_path, len(missing), len(samples), answer_path, missing[0].id)
+    return missing
+
+
+def as_hf_dataset(samples: Iterable[Sample], answers: Mapping[str, dict] | None = None, target_fn=None):
+    """The samples as a `datasets.Dataset` (one row per sample, one list column per media key).
+
+    Ids are stored as their JSON text (`id`) so mixed-type ids fit one column; `target` is the
+    reference answer when an answer key (and the function extracting the target) is given.
+    """
+    import datasets
+
+    samples = list(samples)
+    keys = sorted({k for s in samples for k in s.media},
+                  key=lambda k: (MEDIA_KEYS_ORDER.index(k) if k in MEDIA_KEYS_ORDER else len(MEDIA_KEYS_ORDER), k))
+    rows = []
+    for s in samples:
+        row = {"id": id_key(s.id), "subset": s.subset, "index": s.index, "question": s.question}
+        for k in keys:
+            row[k] = list(s.media.get(k, []))
+        entry = answers.get(id_key(s.id)) if answers is not None else None
+        row["target"] = target_fn(entry) if (entry is not None and target_fn is not None) else None
+        row["error"] = s.error
+        rows.append(row)
+    features = datasets.Features({
+        "id": datasets.Value("string"), "subset": datasets.Value("string"), "index": datasets.Value("int64"),
+        "question": datasets.Value("string"),
+        **{k: datasets.Sequence(datasets.Value("string")) for k in keys},
+        "target": datasets.Value("string"), "error": datasets.Value("string"),
+    })
+    return datasets.Dataset.from_list(rows, features=features)

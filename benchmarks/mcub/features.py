@@ -1,0 +1,80 @@
+"""Encoder features computed once per media file during an evaluation.
+
+`EvalFeatureCache` is what the evaluation sets as `model.feature_cache`: an in-memory LRU layer (so
+the options of a question, a generate call and the next question that shows the same file reuse
+the features) over an optional on-disk `mcomp.feature_cache.FeatureCache` (so other runs, e.g.
+other compositions of the same modality models, re-encode nothing). Keys are the encoder
+fingerprint and the file's content hash, as on disk.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+
+import torch
+
+from mcomp.feature_cache import FeatureCache
+from mcomp.io import sha256_file
+
+logger = logging.getLogger(__name__)
+
+
+class EvalFeatureCache:
+    def __init__(self, disk: FeatureCache | str | os.PathLike | None = None, max_items: int = 64):
+        self.disk = FeatureCache(disk) if isinstance(disk, (str, os.PathLike)) else disk
+        self.max_items = max_items
+        self._memory: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
+        self._hashes: dict[tuple[str, int, int], str] = {}  # (path, mtime_ns, size) -> sha256
+        self.memory_hits = 0
+        self.encoded = 0  # files that had to be run through an encoder
+
+    @property
+    def disk_hits(self) -> int:
+        return self.disk.hits if self.disk is not None else 0
+
+    def _key(self, fingerprint: str, source) -> tuple[str, str] | None:
+        if not isinstance(source, (str, os.PathLike)) or not os.path.isfile(source):
+            return None
+        st = os.stat(source)
+        stamp = (os.path.abspath(source), st.st_mtime_ns, st.st_size)
+        if stamp not in self._hashes:
+            self._hashes[stamp] = sha256_file(source)
+        return fingerprint, self._hashes[stamp]
+
+    def get(self, fingerprint: str, source) -> torch.Tensor | None:
+        key = self._key(fingerprint, source)
+        if key is None:
+            return None
+        if key in self._memory:
+            self._memory.move_to_end(key)
+            self.memory_hits += 1
+            return self._memory[key]
+        feats = self.disk.get(fingerprint, source) if self.disk is not None else None
+        if feats is not None:
+            self._remember(key, feats)
+        return feats
+
+    def put(self, fingerprint: str, source, features: torch.Tensor) -> None:
+        key = self._key(fingerprint, source)
+        if key is None:
+            return
+        self.encoded += 1
+        self._remember(key, features.detach())
+        if self.disk is not None:
+            self.disk.put(fingerprint, source, features)
+
+    def _remember(self, key, feats: torch.Tensor) -> None:
+        if self.max_items <= 0:
+            return
+        self._memory[key] = feats
+        self._memory.move_to_end(key)
+        while len(self._memory) > self.max_items:
+            self._memory.popitem(last=False)
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "encoded": self.encoded, "memory_hits": self.memory_hits, "disk_hits": self.disk_hits,
+            "disk_misses": self.disk.misses if self.disk is not None else 0,
+        }
+

@@ -1,0 +1,390 @@
+"""The evaluation loop: samples -> prompts -> model -> per-sample records -> metrics.
+
+Run directory layout:
+    run.json            what this run evaluates (checked on resume: a different run is refused)
+    samples.part-N.jsonl records appended by process N while the run is going (flush + fsync per line)
+    samples.jsonl       all records in question-file order, written when the run completes
+    results.json        metrics per subset, sample counts, model provenance, versions, seed
+
+Resuming: every sample that already has a record (in any of those files) is skipped, so a run that
+was killed continues where it stopped; no sample is evaluated or counted twice, and the final
+numbers equal those of an uninterrupted run (sample work does not depend on what ran before).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from mcomp.benchmarks.mcub.data import (
+    Sample, check_answers_match, id_key, read_answer_file, read_questions, resolve_media_path,
+)
+from mcomp.benchmarks.mcub.distributed import ProcessInfo
+from mcomp.benchmarks.mcub.features import EvalFeatureCache
+from mcomp.benchmarks.mcub.loglik import score_options
+from mcomp.benchmarks.mcub.prompting import build_prompt, ordered_media
+from mcomp.benchmarks.mcub.records import RecordWriter, iter_record_files, read_records
+from mcomp.benchmarks.mcub.registry import resolve
+from mcomp.benchmarks.mcub.scoring import accuracy
+from mcomp.benchmarks.mcub.tasks import ModeSpec, Task
+from mcomp.conversation import get_template
+from mcomp.errors import MediaBatchError, MediaError, PlaceholderMismatchError
+from mcomp.io import atomic_write_text, sha256_file
+
+logger = logging.getLogger(__name__)
+
+RESULTS_SCHEMA = "mcomp.eval.results/1"
+SAMPLE_ERRORS = (MediaBatchError, MediaError, PlaceholderMismatchError)
+
+
+@dataclasses.dataclass
+class EvalData:
+    """Everything read from disk for a run, checked against the task and the model."""
+
+    subsets: list[tuple[str, str, list[Sample]]]  # (subset name, question file, samples)
+    answers_path: str
+    answers: dict[str, dict]
+    targets: dict[tuple[str, str], str | None]  # sample key -> reference (None: not in the answer key)
+    all_targets: list[str]  # every reference in the answer file (closed answer sets)
+
+    @property
+    def samples(self) -> list[Sample]:
+        return [s for _, _, samples in self.subsets for s in samples]
+
+
+class OptionState:
+    """Shared with option functions: the answer key's references and a memo for per-run work."""
+
+    def __init__(self, all_targets: Sequence[str]):
+        self._all_targets = list(all_targets)
+        self.memo: dict[Any, Any] = {}
+
+    def all_targets(self) -> list[str]:
+        return list(self._all_targets)
+
+
+def load_data(
+    task: Task, data_root: str | os.PathLike, subsets: Sequence[str] | None = None,
+    questions: str | os.PathLike | None = None, answers: str | os.PathLike | None = None, limit: int | None = None,
+) -> EvalData:
+    """Read the question and answer files of the selected subsets; raise on files that do not fit."""
+    selected = task.select_subsets(subsets)
+    if questions is not None and len(selected) != 1:
+        raise ValueError(f"--questions replaces one subset's file, but task {task.name!r} has "
+                         f"{len(selected)} selected subsets ({', '.join(s.name for s in selected)}); pick one with --subset")
+    answers_path = os.fspath(answers) if answers is not None else resolve_media_path(task.answers, data_root)
+    answer_key = read_answer_file(answers_path)
+    target_fn = task.target_function()
+    all_targets = []
+    for entry in answer_key.values():
+        all_targets.append(target_fn(entry))
+    out = []
+    targets: dict[tuple[str, str], str | None] = {}
+    for subset in selected:
+        qpath = os.fspath(questions) if questions is not None else resolve_media_path(subset.questions, data_root)
+        samples = read_questions(qpath, subset.name, data_root)
+        check_answers_match(samples, answer_key, answers_path, qpath)
+        if limit is not None:
+            samples = samples[: max(0, limit)]
+        for s in samples:
+            entry = answer_key.get(id_key(s.id))
+            targets[s.key] = target_fn(entry) if entry is not None else None
+        out.append((subset.name, qpath, samples))
+    return EvalData(out, answers_path, answer_key, targets, all_targets)
+
+
+def check_modalities(model, task: Task, data: EvalData) -> None:
+    """Every modality a selected subset needs must have an adapter in the model (checked before compute)."""
+    have = list(model.modalities)
+    for subset in task.select_subsets([name for name, _, _ in data.subsets]):
+        for modality in subset.modalities:
+            if modality not in have:
+                raise ValueError(f"task {task.name!r} subset {subset.name!r} needs the {modality!r} modality, but the "
+                                 f"model has only: {', '.join(have) or 'none'}")
+    for name, qpath, samples in data.subsets:
+        for s in samples:
+            for key in s.media:
+                try:
+                    model.modality_of(key)
+                except PlaceholderMismatchError:
+                    raise ValueError(f"{qpath}: sample {s.id!r} has {key!r} inputs, but the model has no adapter "
+                                     f"for them (it has: {', '.join(have) or 'none'})") from None
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for dist in ("mcomp", "torch", "transformers", "accelerate", "datasets", "peft"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _file_digest(path: str) -> str:
+    return sha256_file(path) if os.path.isfile(path) else ""
+
+
+def evaluate_sample(
+    model, task: Task, mode: str, spec: ModeSpec, sample: Sample, target: str | None, state: OptionState,
+    max_new_tokens: int | None = None,
+) -> dict[str, Any]:
+    """One per-sample record. Media problems are recorded in `error` (the sample then counts as wrong)."""
+    template = get_template(task.template)
+    record: dict[str, Any] = {
+        "subset": sample.subset, "id": sample.id, "index": sample.index, "mode": mode, "prompt": None,
+        "target": target, "prediction": None, "correct": False, "error": sample.error,
+    }
+    if mode == "generate":
+        record["response"] = None
+    else:
+        record.update(option_scores=None, prediction_norm=None, correct_norm=False)
+    prompt = build_prompt(model, template, sample, task.modality_order)
+    record["prompt"] = prompt
+    if sample.error is not None:
+        return record
+    scorer = resolve("scorer", spec.scorer, task.source)
+    try:
+        media = ordered_media(model, sample, task.modality_order)
+        if mode == "generate":
+            tokens = max_new_tokens if max_new_tokens is not None else spec.max_new_tokens
+            response = model.generate([prompt], [media], max_new_tokens=tokens)[0]
+            record["response"] = response
+            prediction, correct = scorer(response, target if target is not None else "")
+            record.update(prediction=prediction, correct=bool(correct) and target is not None)
+            return record
+        options_fn = resolve("options", spec.options, task.source)
+        try:
+            options = options_fn(sample, state, **dict(spec.options_params))
+        except ValueError as err:
+            record["error"] = f"options: {err}"
+            return record
+        continuations = [o.continuation(spec.continuation) for o in options]
+        scores = score_options(model, prompt, continuations, media, batch_size=spec.option_batch_size)
+        record["option_scores"] = [
+            {"key": o.key, "continuation": c, "logprob": s.logprob, "num_tokens": s.num_tokens,
+             "num_chars": len(c), "is_greedy": s.is_greedy}
+            for o, c, s in zip(options, continuations, scores)
+        ]
+        best = max(range(len(scores)), key=lambda i: (scores[i].logprob, -i))
+        best_norm = max(range(len(scores)), key=lambda i: (scores[i].logprob / max(1, len(continuations[i])), -i))
+        prediction, correct = scorer(options[best].key, target if target is not None else "")
+        prediction_n, correct_n = scorer(options[best_norm].key, target if target is not None else "")
+        record.update(prediction=prediction, correct=bool(correct) and target is not None,
+                      prediction_norm=prediction_n, correct_norm=bool(correct_n) and target is not None)
+    except SAMPLE_ERRORS as err:
+        record["error"] = f"{type(err).__name__}: {err}"
+    return record
+
+
+def _identity(task: Task, mode: str, data: EvalData, limit, seed, max_new_tokens, model_name) -> dict[str, Any]:
+    return {
+        "task": task.name, "mode": mode, "subsets": [name for name, _, _ in data.subsets],
+        "questions": {name: os.path.abspath(q) for name, q, _ in data.subsets},
+        "answers": os.path.abspath(data.answers_path), "limit": limit, "seed": seed,
+        "max_new_tokens": max_new_tokens, "model": model_name,
+    }
+
+
+def _check_or_write_identity(run_dir: Path, identity: dict, proc: ProcessInfo) -> None:
+    path = run_dir / "run.json"
+    if proc.is_main and not path.is_file():
+        atomic_write_text(path, json.dumps(identity, indent=2, sort_keys=True) + "\n")
+    proc.barrier()
+    with open(path, encoding="utf-8") as f:
+        old = json.load(f)
+    differ = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
+    if differ:
+        details = "; ".join(f"{k}: {old.get(k)!r} there, {identity.get(k)!r} now" for k in differ)
+        raise ValueError(f"{run_dir} holds a different evaluation ({details}); use another --out directory "
+                         f"to start a new run")
+
+
+def _done_keys(run_dir: Path) -> set[tuple[str, str]]:
+    return {(r["subset"], id_key(r["id"])) for p in iter_record_files(run_dir) for r in read_records(p)}
+
+
+def evaluate(
+    model,
+    task: Task,
+    data_root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    mode: str | None = None,
+    subsets: Sequence[str] | None = None,
+    questions: str | os.PathLike | None = None,
+    answers: str | os.PathLike | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+    feature_cache: str | os.PathLike | None = None,
+    max_new_tokens: int | None = None,
+    model_name: str | None = None,
+    proc: ProcessInfo | None = None,
+    on_record: Callable[[dict], None] | None = None,
+) -> dict[str, Any] | None:
+    """Evaluate `model` on `task`; returns the results (on the main process; None on the others)."""
+    proc = proc or ProcessInfo()
+    mode, spec = task.mode(mode)
+    data = load_data(task, data_root, subsets, questions, answers, limit)
+    check_modalities(model, task, data)
+    model_name = model_name or type(model).__name__
+    run_dir = Path(out_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    identity = _identity(task, mode, data, limit, seed, max_new_tokens, model_name)
+    _check_or_write_identity(run_dir, identity, proc)
+
+    done = _done_keys(run_dir)
+    proc.barrier()  # every process has read the same finished samples before any writes more
+    pending = [s for s in data.samples if s.key not in done]
+    mine = proc.shard(pending)
+    logger.info("%s/%s: %d sample(s), %d already done, %d for process %d", task.name, mode, len(data.samples),
+                len(data.samples) - len(pending), len(mine), proc.rank)
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+    state = OptionState(data.all_targets)
+    previous_cache = getattr(model, "feature_cache", None)
+    cache = EvalFeatureCache(feature_cache)
+    model.feature_cache = cache
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    try:
+        with RecordWriter(run_dir / f"samples.part-{proc.rank}.jsonl") as writer:
+            for count, sample in enumerate(mine, 1):
+                if count % 50 == 0:
+                    rate = count / max(time.perf_counter() - start, 1e-9)
+                    logger.info("process %d: %d/%d samples (%.2f/s)", proc.rank, count, len(mine), rate)
+                record = evaluate_sample(model, task, mode, spec, sample, data.targets[sample.key], state,
+                                         max_new_tokens)
+                record = _finite(record)
+                writer.write(record)
+                if record["error"]:
+                    logger.warning("sample %r (%s): %s", sample.id, sample.subset, record["error"])
+                if on_record is not None:
+                    on_record(record)
+    finally:
+        model.feature_cache = previous_cache
+        model.train(was_training)
+    elapsed = time.perf_counter() - start
+    logger.info("process %d: %d sample(s) in %.1f s; feature cache %s", proc.rank, len(mine), elapsed, cache.stats())
+    proc.barrier()
+    if not proc.is_main:
+        return None
+    records = merge_records(run_dir, data)
+    results = compute_results(task, mode, data, records)
+    payload = {
+        "schema": RESULTS_SCHEMA,
+        "task": task.name,
+        "mode": mode,
+        "description": task.description,
+        "results": results,
+        "model": {
+            "name": model_name, "class": type(model).__name__, "modalities": list(model.modalities),
+            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        },
+        "provenance": dict(getattr(model, "provenance", None) or {}),
+        "prompt": {"template": task.template, "modality_order": list(task.modality_order)},
+        "data": {
+            "data_root": os.path.abspath(data_root),
+            "questions": {name: {"path": os.path.abspath(q), "sha256": _file_digest(q)} for name, q, _ in data.subsets},
+            "answers": {"path": os.path.abspath(data.answers_path), "sha256": _file_digest(data.answers_path)},
+        },
+        "task_config": dict(task.raw),
+        "seed": seed,
+        "limit": limit,
+        "max_new_tokens": (max_new_tokens if max_new_tokens is not None else spec.max_new_tokens)
+        if mode == "generate" else None,
+        "versions": _versions(),
+        "run": {
+            "world_size": proc.world_size, "last_session_seconds": round(elapsed, 3),
+            "last_session_samples_main_process": len(mine), "feature_cache_main_process": cache.stats(),
+            "feature_cache_dir": os.path.abspath(feature_cache) if feature_cache else None,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        },
+    }
+    payload = _finite(payload)  # NaN (e.g. the standard error of a single sample) -> None, as written
+    atomic_write_text(run_dir / "results.json", json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    logger.info("wrote %s", run_dir / "results.json")
+    return payload
+
+
+def merge_records(run_dir: Path, data: EvalData) -> list[dict[str, Any]]:
+    """All records of the run in question-file order in `samples.jsonl`; the shard files are then removed."""
+    by_key: dict[tuple[str, str], dict] = {}
+    files = list(iter_record_files(run_dir))
+    for path in files:
+        for record in read_records(path):
+            by_key.setdefault((record["subset"], id_key(record["id"])), record)
+    ordered, missing = [], []
+    for s in data.samples:
+        if s.key in by_key:
+            ordered.append(by_key[s.key])
+        else:
+            missing.append(s)
+    if missing:
+        raise RuntimeError(f"{run_dir}: {len(missing)} sample(s) have no record after all processes finished "
+                           f"(e.g. {missing[0].subset} id {missing[0].id!r}); re-run the same command to finish")
+    text = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in ordered)
+    atomic_write_text(run_dir / "samples.jsonl", text)
+    for path in files:
+        if path.name != "samples.jsonl":
+            path.unlink()
+    return ordered
+
+
+def compute_results(task: Task, mode: str, data: EvalData, records: Sequence[Mapping]) -> list[dict[str, Any]]:
+    """Accuracy (x100) and its standard error per subset; with several subsets, their mean too.
+
+    Denominator = every sample of the subset (one line each, as published): errors and ids missing from
+    the answer key count as wrong and are reported in `n_errors` / `n_missing_answer`.
+    """
+    metrics = ["accuracy"] + (["accuracy_norm"] if mode == "loglik" else [])
+    out = []
+    for name, _, samples in data.subsets:
+        subset_records = [r for r in records if r["subset"] == name]
+        for metric in metrics:
+            field = "correct" if metric == "accuracy" else "correct_norm"
+            flags = [bool(r.get(field)) for r in subset_records]
+            value, stderr = accuracy(flags)
+            out.append({
+                "task": task.name, "subset": name, "mode": mode, "metric": metric, "value": value,
+                "stderr": stderr, "n_samples": len(subset_records), "n_correct": sum(flags),
+                "n_errors": sum(1 for r in subset_records if r.get("error")),
+                "n_missing_answer": sum(1 for r in subset_records if r.get("target") is None),
+            })
+    if len(data.subsets) > 1:
+        for metric in metrics:
+            rows = [r for r in out if r["metric"] == metric]
+            k = len(rows)
+            out.append({
+                "task": task.name, "subset": "mean", "mode": mode, "metric": metric,
+                "value": sum(r["value"] for r in rows) / k,
+                "stderr": math.sqrt(sum(r["stderr"] ** 2 for r in rows)) / k,
+                "n_samples": sum(r["n_samples"] for r in rows), "n_correct": sum(r["n_correct"] for r in rows),
+                "n_errors": sum(r["n_errors"] for r in rows),
+                "n_missing_answer": sum(r["n_missing_answer"] for r in rows),
+            })
+    return out
+
+
+def _finite(obj):
+    """NaN/inf (e.g. the standard error of one sample) become null in JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj

@@ -1,0 +1,116 @@
+"""Option scoring with the context computed once (KV cache) equals `MultimodalLM.loglikelihood`."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mcomp.benchmarks.mcub.data import read_questions
+from mcomp.benchmarks.mcub.features import EvalFeatureCache
+from mcomp.benchmarks.mcub.loglik import score_options, score_options_full
+from mcomp.benchmarks.mcub.prompting import build_prompt, ordered_media, question_text
+from mcomp.benchmarks.mcub.synthetic import write_benchmark
+from mcomp.commands.eval import build_tiny_model
+from mcomp.conversation import get_template
+
+ORDER = ("image", "audio", "video", "point")
+OPTIONS = ["A", "B", "C", "D", "a grand piano", "a violin", "x", "the motorcycle"]  # 1 to 6 tokens
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models: one intra-op thread is as fast and does not fight other processes for the 2 cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = build_tiny_model("tiny:image,audio,video,point", seed=0)
+    m.feature_cache = EvalFeatureCache()  # encoders run once per file in this module
+    return m
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    root = write_benchmark(tmp_path_factory.mktemp("bench"), n=2, per_modality=1)
+    return read_questions(root / "data/test/MCUB-4.json", "MCUB-4", root)[0]
+
+
+def _check_equal(a, b):
+    assert [r.num_tokens for r in a] == [r.num_tokens for r in b]
+    assert [r.is_greedy for r in a] == [r.is_greedy for r in b]
+    for x, y in zip(a, b):
+        assert x.logprob == pytest.approx(y.logprob, abs=1e-4, rel=1e-5)
+
+
+def test_prompt_is_the_published_template(model, sample):
+    prompt = build_prompt(model, get_template("vicuna_v1"), sample, ORDER)
+    assert prompt == (
+        "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+        "detailed, and polite answers to the user's questions. USER: " + sample.question + " ASSISTANT:")
+    media = ordered_media(model, sample, ORDER)
+    assert list(media) == ["vision", "audio", "video", "point"]
+
+
+def test_missing_placeholders_get_demo_lines_in_modality_order(model, sample):
+    import dataclasses
+
+    bare = dataclasses.replace(sample, question="What do they share?",
+                               media={"point": sample.media["point"], "vision": sample.media["vision"]})
+    assert question_text(model, bare, ORDER) == "image: <image>\npoint: <point>\nWhat do they share?"
+    assert question_text(model, sample, ORDER) == sample.question  # placeholders present: verbatim
+
+
+def test_cached_scores_equal_model_loglikelihood(model, sample):
+    prompt = build_prompt(model, get_template("vicuna_v1"), sample, ORDER)
+    media = ordered_media(model, sample, ORDER)
+    reference = model.loglikelihood(prompt, OPTIONS, media)
+    assert len({r.num_tokens for r in reference}) > 2  # options of several lengths (right padding is exercised)
+    for batch_size in (1, 3, 16):
+        _check_equal(score_options(model, prompt, OPTIONS, media, batch_size=batch_size), reference)
+    _check_equal(score_options_full(model, prompt, OPTIONS, media), reference)
+
+
+def test_context_runs_once_and_features_are_encoded_once(model, sample, monkeypatch):
+    prompt = build_prompt(model, get_template("vicuna_v1"), sample, ORDER)
+    media = ordered_media(model, sample, ORDER)
+    lengths = []
+    real_forward = model.llm.forward
+
+    def spy(*args, **kwargs):
+        lengths.append(kwargs["inputs_embeds"].shape[:2])
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(model.llm, "forward", spy)
+    previous, model.feature_cache = model.feature_cache, EvalFeatureCache()
+    cache = model.feature_cache
+    try:
+        first = score_options(model, prompt, OPTIONS, media, batch_size=4)
+        again = score_options(model, prompt, OPTIONS, media, batch_size=4)
+    finally:
+        model.feature_cache = previous
+    ctx_len = lengths[0][1]
+    assert lengths[0] == (1, ctx_len) and ctx_len > 100  # the context: once per call, batch of one
+    assert all(b == 4 and t < 10 for b, t in lengths[1:3])  # then only the option tokens, two batches of 4
+    assert len(lengths) == 6
+    assert cache.encoded == 4 and cache.memory_hits == 4  # four files encoded once, reused by the second call
+    _check_equal(first, again)  # the cached keys/values were not modified by scoring
+
+
+def test_routed_lora_model(sample):
+    """Options are text: scored with the text route, as in `loglikelihood`, while media positions use theirs."""
+    m = build_tiny_model("tiny:image,audio,video,point", seed=1)
+    if not hasattr(m, "set_routes"):
+        pytest.skip("this MultimodalLM has no routed LoRA")
+    m.feature_cache = EvalFeatureCache()
+    m.add_lora(r=4, alpha=8, seed=3, zero_b=False)
+    m.add_lora(r=4, alpha=8, name="image", seed=4, zero_b=False)
+    m.set_routes({"text": [("text", 1.0)], "image": [("image", 1.0)]})
+    prompt = build_prompt(m, get_template("vicuna_v1"), sample, ORDER)
+    media = ordered_media(m, sample, ORDER)
+    reference = m.loglikelihood(prompt, OPTIONS, media)
+    _check_equal(score_options(m, prompt, OPTIONS, media, batch_size=3), reference)
+    m.set_routes({"text": [("text", 1.0)], "image": [("text", 1.0)]})  # the image route matters
+    assert m.loglikelihood(prompt, OPTIONS[:1], media)[0].logprob != pytest.approx(reference[0].logprob, abs=1e-6)
