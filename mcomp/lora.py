@@ -165,13 +165,20 @@ class RoutedLinear(nn.Module):
             return y if stacked is None else y + self._delta(x, stacked).to(y.dtype)
         flat_x = x.reshape(-1, x.shape[-1])
         flat_y = y.reshape(-1, y.shape[-1])
+        # The groups partition the tokens: compute each group's delta on its own rows, concatenate,
+        # and put the rows back in place with one gather (index_add on CPU loops per row).
+        order, parts = [], []
         for terms, index in groups:
             stacked = self._stacked(terms)
+            order.append(index)
             if stacked is None or index.numel() == 0:
-                continue
-            delta = self._delta(flat_x.index_select(0, index), stacked).to(y.dtype)
-            flat_y = flat_y.index_add(0, index, delta)
-        return flat_y.view_as(y)
+                parts.append(flat_y.new_zeros(index.numel(), flat_y.shape[1]))
+            else:
+                parts.append(self._delta(flat_x.index_select(0, index), stacked).to(y.dtype))
+        perm = torch.cat(order)
+        inverse = torch.empty_like(perm)
+        inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+        return (flat_y + torch.cat(parts).index_select(0, inverse)).view_as(y)
 
 
 def inject_routed_layers(llm: nn.Module, targets: Iterable[str], state: RoutingState) -> list[str]:
