@@ -85,10 +85,13 @@ def read_inputs(models: Mapping[str, str | os.PathLike]) -> list[ComposeInput]:
     return inputs
 
 
-def _coefficients(inputs: list[ComposeInput], weights: Mapping[str, float] | None) -> dict[str, float]:
+def _coefficients(inputs: list[ComposeInput], weights: Mapping[str, float] | None, merge: str) -> dict[str, float]:
+    """Default: the average (1/n) for sums (linear, dare_linear); 1 for TIES and PCB, which already
+    take a (disjoint or weighted) mean of the task vectors."""
     names = [i.modality for i in inputs]
     if weights is None:
-        return {m: 1.0 / len(names) for m in names}
+        default = 1.0 / len(names) if merge in (LINEAR, "dare_linear") else 1.0
+        return {m: default for m in names}
     unknown = sorted(set(weights) - set(names))
     if unknown:
         raise ValueError(f"weights given for {unknown}, which are not composed modalities ({names})")
@@ -113,7 +116,7 @@ def compose(
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     inputs = read_inputs(models)
-    coef = _coefficients(inputs, weights)
+    coef = _coefficients(inputs, weights, merge)
     for inp in inputs:
         if TEXT_ROUTE not in inp.lora_adapters:
             raise ValueError(f"{inp.path}: has no text LoRA to merge (a stage-1 model? train stage 2 first)")
@@ -240,3 +243,62 @@ def dev_objective(dev_samples) -> Callable:
         return total / max(count, 1)
 
     return objective
+
+
+def _install_dense_text_delta(model, merged: dict[str, torch.Tensor], name: str = "text-merged") -> None:
+    """Put merged deltas in as an exact adapter (A = I, B = dW, scaling 1): no SVD, for evaluation."""
+    layers = routed_layers(model.llm)
+    if name not in model.lora_adapters:
+        for layer in layers.values():
+            layer.add_adapter(name, layer.in_features, float(layer.in_features))
+    with torch.no_grad():
+        for path, delta in merged.items():
+            layer = layers[path]
+            layer.lora_A[name].copy_(torch.eye(layer.in_features))
+            layer.lora_B[name].copy_(delta)
+
+
+def search_weights(models: Mapping[str, str | os.PathLike], dev_samples, *, method: str = "naivemc",
+                   merge: str = LINEAR, merge_params: Mapping[str, Any] | None = None, convert: bool = False,
+                   lora_rank: int | None = None, budget: int = 30, seed: int = 0,
+                   bounds: tuple[float, float] = (0.0, 1.5)) -> tuple[dict[str, float], float]:
+    """Adaptive per-model weights: CMA-ES over λ_m maximising the mean answer log-likelihood on
+    `dev_samples` (a validation split). Linear merges only change route coefficients per
+    evaluation; PCB reuses its scores across evaluations (`mcomp.merge.search`)."""
+    from mcomp.merge.search import cma_search, search_coefficients
+
+    del lora_rank  # the final composition uses it; the search evaluates exact dense deltas
+    model = compose(models, method=method, merge=LINEAR, convert=convert)
+    names = model.modalities
+    objective = dev_objective(dev_samples)
+    modality_routes = {m: [(m, 1.0)] for m in names} if method == "damc" else {}
+
+    if merge == LINEAR:
+        def loss(w: list[float]) -> float:
+            model.set_routes({TEXT_ROUTE: [(f"text-{m}", c) for m, c in zip(names, w)], **modality_routes})
+            return -objective(model)
+
+        best_w, best_loss, _ = cma_search(loss, len(names), bounds=bounds, budget=budget, seed=seed)
+        return dict(zip(names, best_w)), -best_loss
+
+    layers = routed_layers(model.llm)
+    deltas = [{p: layer.delta_weight([(f"text-{m}", 1.0)]) for p, layer in layers.items()} for m in names]
+    zeros = {p: torch.zeros_like(t) for p, t in deltas[0].items()}
+    originals = {p: layer.base_layer.weight.detach().clone() for p, layer in layers.items()}
+    for m in names:
+        _remove_adapter(model, f"text-{m}")
+
+    def evaluate(merged: dict[str, torch.Tensor]) -> float:
+        if method == "naivemc":
+            with torch.no_grad():
+                for p, layer in layers.items():
+                    layer.base_layer.weight.copy_(originals[p] + merged[p].to(originals[p].dtype))
+            model.set_routes(modality_routes)
+        else:
+            _install_dense_text_delta(model, merged)
+            model.set_routes({TEXT_ROUTE: [("text-merged", 1.0)], **modality_routes})
+        return objective(model)
+
+    result = search_coefficients(zeros, deltas, evaluate, method=merge, bounds=bounds, budget=budget, seed=seed,
+                                 maximize=True, **dict(merge_params or {}))
+    return dict(zip(names, result.weights)), result.score

@@ -136,3 +136,20 @@ def test_cli_compose(zoo, tmp_path, capsys):
     assert main(["compose", "--models", f"image={zoo['image-damc']}", "--modalities", "image,audio",
                  "--out", str(tmp_path / "x")]) == 1
     assert "differ" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("merge", ["linear", "pcb"])
+def test_weight_search_is_seeded_and_its_score_is_real(zoo, merge):
+    from mcomp.compose import dev_objective, search_weights
+    from mcomp.data import load_conversation_data
+
+    dev = load_conversation_data(zoo["image_data"])[:2] + load_conversation_data(zoo["audio_data"])[:2]
+    pair = {"image": zoo["image-damc"], "audio": zoo["audio-damc"]}
+    params = {"ratio": 0.5, "clip": 0.01} if merge == "pcb" else {}
+    weights, score = search_weights(pair, dev, method="damc", merge=merge, merge_params=params, budget=6, seed=3)
+    again, score_again = search_weights(pair, dev, method="damc", merge=merge, merge_params=params, budget=6, seed=3)
+    assert weights == again and score == score_again
+    assert set(weights) == {"image", "audio"} and all(0.0 <= w <= 1.5 for w in weights.values())
+    if merge == "linear":  # the reported score is the dev objective of the composition with those weights
+        model = compose(pair, method="damc", weights=weights)
+        assert dev_objective(dev)(model) == pytest.approx(score, rel=1e-5)

@@ -1,0 +1,255 @@
+"""Exact order statistics of a stream of float32 rows, in bounded memory.
+
+PCB and TIES need, per task, a few order statistics (k-th smallest values) over the whole
+model (`global` scope). The released code sorts one n×d matrix; here the data arrives in
+chunks and every statistic is found exactly, without ever holding a row:
+
+* bracket (one pass): a small sample gives a value interval [L, U] that almost surely holds
+  the k-th value; one pass counts the values below L, the values equal to L, and collects
+  the few values in (L, U]; the k-th value is then selected among those. The counts verify
+  the bracket, so a wrong guess costs a fallback, never a wrong answer.
+* histogram (two passes, the fallback, and the method when there is no sample): float32
+  values map to order-preserving int32 keys; pass one counts the top 16 key bits (65536
+  bins), pass two counts the low 16 bits inside the one bin holding rank k. That pins the
+  exact 32-bit pattern, i.e. the exact value.
+* whole (no extra pass): when one chunk holds the whole row, torch.kthvalue directly.
+
+Ranks are 0-indexed positions in the ascending order (the spec's "index floor(d*p)").
+"""
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass, field
+
+import torch
+
+_BINS = 1 << 16
+
+
+def float_keys(x: torch.Tensor) -> torch.Tensor:
+    """int32 keys with the same order as the float32 values (-0.0 is folded onto +0.0)."""
+    bits = (x.float() + 0.0).view(torch.int32)  # x + 0.0 turns -0.0 into +0.0
+    return torch.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+
+
+def key_to_float(key: int) -> float:
+    bits = key if key >= 0 else key ^ 0x7FFFFFFF
+    return struct.unpack("<f", struct.pack("<i", bits))[0]
+
+
+def kth_smallest(row: torch.Tensor, rank: int) -> float:
+    """The value at 0-indexed position `rank` of the ascending sort of a 1-D tensor."""
+    return float(torch.kthvalue(row.float().flatten().cpu(), rank + 1).values)
+
+
+@dataclass
+class _Target:
+    row: int
+    rank: int
+    mode: str = "histogram"  # whole | bracket | histogram | fine | done
+    value: float | None = None
+    lo: float = -math.inf  # bracket
+    hi: float = math.inf
+    below: int = 0
+    equal: int = 0
+    found: int = 0
+    pieces: list = field(default_factory=list)
+    overflow: bool = False
+    coarse_bin: int = 0  # fine pass
+    rank_in_bin: int = 0
+
+
+class RowQuantiles:
+    """Exact k-th values of each row of an (n, total) matrix seen as a stream of (n, C) chunks.
+
+    `ranks[i]` lists the 0-indexed ranks wanted for row i. Drive it with `begin_pass`,
+    `update(chunk)` for every chunk in the same order, `end_pass`, while `needs_pass`.
+    `candidate_cap` bounds the values a bracket may collect (per target); beyond it the
+    target falls back to the histogram method.
+    """
+
+    def __init__(self, ranks: list[list[int]], total: int, *, candidate_cap: int = 1 << 24, z: float = 8.0):
+        self.total = int(total)
+        self.cap = int(candidate_cap)
+        self.z = float(z)
+        self.targets: list[_Target] = []
+        for row, rs in enumerate(ranks):
+            for r in rs:
+                if not 0 <= r < self.total:
+                    raise ValueError(f"rank {r} out of range for a row of {self.total} values")
+                self.targets.append(_Target(row=row, rank=int(r)))
+        self.passes = 0
+        self._hist: dict[int, torch.Tensor] = {}
+        self._seen = 0
+
+    # -- set-up ---------------------------------------------------------------------------
+    def use_sample(self, sample: torch.Tensor) -> None:
+        """Set value brackets from a sample (n, m) of the rows (spread over positions)."""
+        sample = sample.float().cpu()
+        m = sample.shape[1]
+        if m == 0:
+            return
+        for t in self.targets:
+            if t.mode != "histogram":
+                continue
+            p = (t.rank + 0.5) / self.total
+            centre = p * m
+            width = self.z * math.sqrt(m * p * (1 - p)) + 4
+            j_lo, j_hi = math.floor(centre - width), math.ceil(centre + width)
+            row = sample[t.row]
+            t.lo = float(torch.kthvalue(row, j_lo + 1).values) if j_lo >= 0 else -math.inf
+            t.hi = float(torch.kthvalue(row, j_hi + 1).values) if j_hi < m else math.inf
+            t.mode = "bracket"
+
+    @property
+    def needs_pass(self) -> bool:
+        return any(t.mode != "done" for t in self.targets)
+
+    def value(self, row: int, rank: int) -> float:
+        for t in self.targets:
+            if t.row == row and t.rank == rank:
+                if t.value is None:
+                    raise RuntimeError("order statistic not resolved yet")
+                return t.value
+        raise KeyError((row, rank))
+
+    # -- passes ---------------------------------------------------------------------------
+    def begin_pass(self) -> None:
+        self.passes += 1
+        self._seen = 0
+        self._hist = {}
+        for t in self.targets:
+            t.below = t.equal = t.found = 0
+            t.pieces = []
+            t.overflow = False
+
+    def update(self, x: torch.Tensor) -> None:
+        """Observe the next (n, C) chunk of the rows (float32, any device)."""
+        c = x.shape[1]
+        whole = self._seen == 0 and c == self.total
+        self._seen += c
+        by_row: dict[int, list[_Target]] = {}
+        for t in self.targets:
+            if t.mode != "done":
+                by_row.setdefault(t.row, []).append(t)
+        for r, targets in by_row.items():
+            row = x[r]
+            if whole:
+                for t in targets:
+                    t.value, t.mode = kth_smallest(row, t.rank), "whole"
+                continue
+            keys = None
+            if any(t.mode in ("histogram", "fine") for t in targets):
+                keys = float_keys(row)
+            if any(t.mode == "histogram" for t in targets):
+                counts = torch.bincount(((keys >> 16) + 32768).long(), minlength=_BINS)
+                self._hist[r] = counts if r not in self._hist else self._hist[r] + counts
+            fine_bins = set()
+            for t in targets:
+                if t.mode == "bracket":
+                    self._bracket_update(t, row)
+                elif t.mode == "fine" and t.coarse_bin not in fine_bins:
+                    fine_bins.add(t.coarse_bin)  # one fine histogram per (row, bin), shared by its targets
+                    sel = keys[(keys >> 16) == t.coarse_bin - 32768] & 0xFFFF
+                    counts = torch.bincount(sel.long(), minlength=_BINS)
+                    key = ("fine", r, t.coarse_bin)
+                    self._hist[key] = counts if key not in self._hist else self._hist[key] + counts  # type: ignore[index]
+
+    def _bracket_update(self, t: _Target, row: torch.Tensor) -> None:
+        lo, hi = t.lo, t.hi
+        if lo == hi:  # a point bracket (e.g. a mass of zeros): counts suffice
+            t.below += int((row < lo).sum())
+            t.equal += int((row == lo).sum())
+            return
+        # One comparison and one selection over the row: keep the side of the bracket that
+        # holds the smaller tail (the values above `lo` for upper ranks, below `hi` for lower
+        # ones); the count below `lo` then comes from sizes or from the small selection.
+        if t.rank >= self.total // 2:
+            side = row[row >= lo] if lo != -math.inf else row
+            t.below += row.numel() - side.numel()
+            inside = side[side <= hi] if hi != math.inf else side
+        else:
+            side = row[row <= hi] if hi != math.inf else row
+            if lo != -math.inf:
+                low = side < lo
+                t.below += int(low.sum())
+                inside = side[~low]
+            else:
+                inside = side
+        if t.overflow:
+            return
+        t.found += inside.numel()
+        if t.found > self.cap:
+            t.overflow = True
+            t.pieces = []
+        elif inside.numel():
+            t.pieces.append(inside.cpu())
+
+    def end_pass(self) -> None:
+        if self._seen != self.total:
+            raise RuntimeError(f"a pass saw {self._seen} values per row, expected {self.total}")
+        for t in self.targets:
+            if t.mode == "whole":
+                t.mode = "done"
+            elif t.mode == "bracket":
+                self._bracket_resolve(t)
+            elif t.mode == "histogram":
+                hist = self._hist[t.row].cpu()
+                cum = torch.cumsum(hist, 0)
+                b = int(torch.searchsorted(cum, torch.tensor(t.rank), right=True))
+                t.coarse_bin = b
+                t.rank_in_bin = t.rank - (int(cum[b - 1]) if b > 0 else 0)
+                t.mode = "fine"
+            elif t.mode == "fine":
+                hist = self._hist[("fine", t.row, t.coarse_bin)].cpu()  # type: ignore[index]
+                cum = torch.cumsum(hist, 0)
+                low = int(torch.searchsorted(cum, torch.tensor(t.rank_in_bin), right=True))
+                key = ((t.coarse_bin - 32768) << 16) | low
+                t.value = key_to_float(key)
+                t.mode = "done"
+        self._hist = {}
+
+    def _bracket_resolve(self, t: _Target) -> None:
+        j = t.rank - t.below  # position inside the bracket [lo, hi]
+        if t.lo == t.hi:
+            if 0 <= j < t.equal:
+                t.value, t.mode = t.lo, "done"
+            else:
+                t.mode = "histogram"
+        elif not t.overflow and 0 <= j < t.found:
+            t.value = kth_smallest(torch.cat(t.pieces), j)
+            t.mode = "done"
+        else:
+            t.mode = "histogram"  # the bracket missed (or overflowed): exact fallback
+        t.pieces = []
+
+
+class RowMax:
+    """Running maximum of each row."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.values: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor) -> None:
+        m = torch.amax(x, dim=1)
+        self.values = m if self.values is None else torch.maximum(self.values, m)
+
+    def result(self) -> list[float]:
+        assert self.values is not None
+        return [float(v) for v in self.values.cpu()]
+
+
+class RowSum:
+    """Sum of each row in float64 (counts of ±1 stay exact)."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.values = torch.zeros(n, dtype=torch.float64)
+
+    def update(self, x: torch.Tensor) -> None:
+        self.values += torch.sum(x, dim=1, dtype=torch.float64).cpu()
+
+    def result(self) -> list[float]:
+        return [float(v) for v in self.values]

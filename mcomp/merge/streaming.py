@@ -1,0 +1,328 @@
+"""The merge engine: validates the inputs, plans chunks, runs each method's passes, feeds a sink.
+
+Memory: one chunk at a time — an (n, C) float32 task-vector matrix plus the method's
+temporaries — so peak memory is a small multiple of n × chunk, whatever the model size. A
+group (all merged tensors for `global` scope, one tensor for `tensor` scope) that fits in
+`inmemory_elems` coordinates is read as a single chunk instead (fewer passes, same numbers).
+
+Passes per group: for each method stage, usually one pass (order statistics bracketed by a
+sample read once per group, see `mcomp.merge.selection`; two more passes if a bracket
+misses), then one merge pass that hands the merged delta to the sink. Statistics are exact,
+so the result does not depend on the chunking.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from mcomp.merge.registry import Chunk, MergeMethod, Segment, get_method, make_params
+from mcomp.merge.selection import RowQuantiles
+from mcomp.merge.sources import Source, TensorInfo
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CHUNK = 1 << 20
+DEFAULT_SAMPLE = 1 << 20
+SAMPLE_BLOCK = 2048
+
+
+@dataclass
+class MergeReport:
+    """What a run did: full passes over the inputs (the most any group needed; the sample read
+    for bracketing is not counted), time, and the per-group statistics."""
+
+    method: str
+    params: dict
+    passes: int = 0
+    seconds: float = 0.0
+    groups: int = 0
+    stats: list[dict] = field(default_factory=list)
+
+
+class _Collect:
+    """Stands in for an order-statistic reducer while the sample is observed."""
+
+    def __init__(self):
+        self.parts: list[torch.Tensor] = []
+
+    def update(self, x: torch.Tensor) -> None:
+        self.parts.append(x.float())
+
+    def values(self) -> torch.Tensor:
+        return torch.cat(self.parts, dim=1)
+
+
+class _Ignore:
+    def update(self, x: torch.Tensor) -> None:
+        pass
+
+
+class Sink:
+    """Receives the output: copied (unmerged) tensors and merged slices, in layout order."""
+
+    def copy(self, name: str, tensor: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def put(self, seg: Segment, base: torch.Tensor, delta: torch.Tensor) -> None:
+        """`base`: float32 θ0 slice; `delta`: float32 merged task-vector slice (scale included)."""
+        raise NotImplementedError
+
+
+def _fmt_models(names: list[str]) -> str:
+    return ", ".join(repr(n) for n in names)
+
+
+class MergeEngine:
+    """Merge `models` onto `base` with `method` (a registered name) and its parameters.
+
+    `keys`: restrict merging to these tensors (others are copied from the base).
+    `device`: where the per-chunk maths runs ("cpu", "cuda", ...); reading and writing stay
+    on the CPU. `chunk_elems`: coordinates per chunk. `inmemory_elems`: groups up to this many
+    coordinates are processed as one chunk. `sample_size`: coordinates sampled per group to
+    bracket order statistics (0: use the two-pass histogram instead).
+    """
+
+    def __init__(self, base: Source, models: list[Source], method: str, *, keys: list[str] | None = None,
+                 device: str | torch.device = "cpu", chunk_elems: int = DEFAULT_CHUNK, inmemory_elems: int = 0,
+                 sample_size: int = DEFAULT_SAMPLE, progress: bool = False, check_finite: bool = True,
+                 **params: Any):
+        if not models:
+            raise ValueError("need at least one model to merge")
+        self.base = base
+        self.models = models
+        self.n = len(models)
+        self.method_cls = get_method(method)
+        self.params = make_params(self.method_cls, self.n, **params)
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' requested but CUDA is not available")
+        self.chunk_elems = max(int(chunk_elems), 1)
+        self.inmemory_elems = int(inmemory_elems)
+        self.sample_size = int(sample_size)
+        self.progress = progress
+        self.check_finite = check_finite
+        self.merge_keys, self.copy_keys = self._validate(keys)
+        self.report = MergeReport(method=self.method_cls.name, params=self._params_dict())
+        self._group_passes = 0
+
+    def _params_dict(self) -> dict:
+        import dataclasses
+
+        return dataclasses.asdict(self.params)
+
+    # -- validation ---------------------------------------------------------------------------
+    def _validate(self, keys: list[str] | None) -> tuple[list[str], list[str]]:
+        base_keys = set(self.base.infos)
+        for m in self.models:
+            mk = set(m.infos)
+            if mk != base_keys:
+                missing, extra = sorted(base_keys - mk), sorted(mk - base_keys)
+                parts = []
+                if missing:
+                    parts.append(f"missing from the model: {missing[:5]}{' ...' if len(missing) > 5 else ''} ({len(missing)})")
+                if extra:
+                    parts.append(f"not in the base: {extra[:5]}{' ...' if len(extra) > 5 else ''} ({len(extra)})")
+                raise ValueError(f"model {m.name!r} and base {self.base.name!r} have different tensors: {'; '.join(parts)}")
+        order = self.base.storage_order() if hasattr(self.base, "storage_order") else list(self.base.infos)
+        for key in order:
+            b = self.base.infos[key]
+            for m in self.models:
+                info = m.infos[key]
+                if info.shape != b.shape:
+                    raise ValueError(f"tensor {key!r}: shape {list(info.shape)} in model {m.name!r} "
+                                     f"but {list(b.shape)} in base {self.base.name!r}")
+                if info.dtype != b.dtype:
+                    raise ValueError(f"tensor {key!r}: dtype {info.dtype} in model {m.name!r} "
+                                     f"but {b.dtype} in base {self.base.name!r}")
+        if keys is not None:
+            unknown = sorted(set(keys) - base_keys)
+            if unknown:
+                raise ValueError(f"tensors to merge not in base {self.base.name!r}: {unknown[:5]}")
+        wanted = set(keys) if keys is not None else None
+        merge = [k for k in order if self.base.infos[k].dtype.is_floating_point and (wanted is None or k in wanted)]
+        copy = [k for k in order if k not in set(merge)]
+        if not merge:
+            raise ValueError("no floating-point tensors to merge")
+        return merge, copy
+
+    # -- planning -----------------------------------------------------------------------------
+    def groups(self) -> list[list[str]]:
+        method = self.method_cls(self.params, self.n)
+        if method.scope() == "global":
+            return [list(self.merge_keys)]
+        return [[k] for k in self.merge_keys]
+
+    def chunks(self, group: list[str]) -> list[Chunk]:
+        infos = self.base.infos
+        total = sum(infos[k].numel for k in group)
+        if total <= self.inmemory_elems:
+            return [Chunk(tuple(Segment(k, 0, infos[k].numel) for k in group), 0)]
+        out: list[Chunk] = []
+        for k in group:
+            info = infos[k]
+            numel = info.numel
+            if numel <= self.chunk_elems:
+                out.append(Chunk((Segment(k, 0, numel),), len(out)))
+                continue
+            row = numel // info.shape[0] if info.shape and info.shape[0] else numel
+            step = max(self.chunk_elems // row, 1) * row if row <= self.chunk_elems else self.chunk_elems
+            pieces = math.ceil(numel / step)
+            step = math.ceil(numel / pieces / row) * row if row <= self.chunk_elems else math.ceil(numel / pieces)
+            for start in range(0, numel, step):
+                out.append(Chunk((Segment(k, start, min(start + step, numel)),), len(out)))
+        return out
+
+    def layout(self, out_dtype: torch.dtype | None = None) -> list[tuple[str, TensorInfo]]:
+        """Output order: copied tensors first, then merged tensors group by group."""
+        items = []
+        for k in self.copy_keys:
+            items.append((k, self.base.infos[k]))
+        for group in self.groups():
+            for k in group:
+                info = self.base.infos[k]
+                items.append((k, TensorInfo(info.shape, out_dtype or info.dtype)))
+        return items
+
+    # -- reading ------------------------------------------------------------------------------
+    def read(self, chunk: Chunk, check: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(θ0, τ) of a chunk as float32 on the engine device: shapes (C,) and (n, C)."""
+        size = chunk.size
+        base = torch.empty(size, dtype=torch.float32)
+        tau = torch.empty(self.n, size, dtype=torch.float32)
+        pos = 0
+        for seg in chunk.segments:
+            end = pos + seg.size
+            b = base[pos:end]
+            b.copy_(self.base.read(seg.name, seg.start, seg.stop))
+            for i, m in enumerate(self.models):
+                delta = m.read_delta(seg.name, seg.start, seg.stop, b)
+                if delta is not None:
+                    tau[i, pos:end].copy_(delta)
+                else:
+                    torch.sub(m.read(seg.name, seg.start, seg.stop), b, out=tau[i, pos:end])
+            pos = end
+        if check:
+            self._check_finite(chunk, base, tau)
+        if self.device.type != "cpu":
+            base, tau = base.to(self.device, non_blocking=True), tau.to(self.device, non_blocking=True)
+        return base, tau
+
+    def _check_finite(self, chunk: Chunk, base: torch.Tensor, tau: torch.Tensor) -> None:
+        # fast path: one reduction each; a NaN/Inf anywhere makes the sum non-finite (a finite
+        # overflow only costs the exact check below)
+        if math.isfinite(float(base.sum())) and math.isfinite(float(tau.sum())):
+            return
+        pos = 0
+        for seg in chunk.segments:
+            end = pos + seg.size
+            if not bool(torch.isfinite(base[pos:end]).all()):
+                raise ValueError(f"tensor {seg.name!r} of base {self.base.name!r} contains NaN or Inf")
+            bad = [m.name for i, m in enumerate(self.models) if not bool(torch.isfinite(tau[i, pos:end]).all())]
+            if bad:
+                raise ValueError(f"tensor {seg.name!r} contains NaN or Inf (or overflows against the base) in "
+                                 f"model(s) {_fmt_models(bad)}")
+            pos = end
+
+    def read_sample(self, group: list[str], size: int) -> torch.Tensor:
+        """τ at about `size` coordinates spread evenly over the group, in blocks: (n, m)."""
+        infos = self.base.infos
+        sizes = [infos[k].numel for k in group]
+        total = sum(sizes)
+        blocks = max(1, min(size, total) // SAMPLE_BLOCK)
+        gen = torch.Generator().manual_seed(12345)
+        offsets = ((torch.arange(blocks, dtype=torch.float64) + torch.rand(blocks, generator=gen, dtype=torch.float64))
+                   * (total / blocks)).long().tolist()
+        cum = [0]
+        for s in sizes:
+            cum.append(cum[-1] + s)
+        segs = []
+        ti = 0
+        for off in offsets:
+            while off >= cum[ti + 1]:
+                ti += 1
+            local = off - cum[ti]
+            start = max(0, min(local, sizes[ti] - SAMPLE_BLOCK))
+            segs.append(Segment(group[ti], start, min(start + SAMPLE_BLOCK, sizes[ti])))
+        _, tau = self.read(Chunk(tuple(segs)))
+        return tau
+
+    # -- running ------------------------------------------------------------------------------
+    def _bar(self, total: int, desc: str):
+        return tqdm(total=total, desc=desc, unit="param", unit_scale=True, disable=not self.progress, leave=False)
+
+    def group_stats(self, method: MergeMethod, group: list[str], chunks: list[Chunk], checked: list[bool]) -> dict:
+        """Run the method's statistic stages over a group (passes over its chunks)."""
+        d = sum(self.base.infos[k].numel for k in group)
+        stats: dict = {}
+        sample = None
+        for stage in range(method.num_stages()):
+            reducers = method.reducers(stage, d)
+            if not reducers:
+                method.finish(stage, reducers, stats)
+                continue
+            quantiles = {k: r for k, r in reducers.items() if isinstance(r, RowQuantiles)}
+            if quantiles and len(chunks) > 1 and self.sample_size > 0:
+                if sample is None:
+                    sample = self.read_sample(group, self.sample_size)
+                view = {k: (_Collect() if k in quantiles else _Ignore()) for k in reducers}
+                method.observe(stage, sample.clone(), Chunk(()), stats, view)
+                for k, q in quantiles.items():
+                    q.use_sample(view[k].values())
+            first = True
+            while first or any(q.needs_pass for q in quantiles.values()):
+                # later passes only finish order statistics whose bracket missed
+                view = reducers if first else {k: (r if k in quantiles else _Ignore()) for k, r in reducers.items()}
+                for q in quantiles.values():
+                    q.begin_pass()
+                self._group_passes += 1
+                with self._bar(d, f"{method.name} stage {stage + 1}") as bar:
+                    for chunk in chunks:
+                        _, tau = self.read(chunk, check=not checked[chunk.index])
+                        checked[chunk.index] = True
+                        method.observe(stage, tau, chunk, stats, view)
+                        bar.update(chunk.size)
+                for q in quantiles.values():
+                    q.end_pass()
+                first = False
+            if any(q.passes > 1 for q in quantiles.values()):
+                logger.info("%s stage %d: a sample bracket missed; exact histogram fallback used", method.name, stage + 1)
+            method.finish(stage, reducers, stats)
+        return stats
+
+    def run(self, sink: Sink) -> MergeReport:
+        t0 = time.perf_counter()
+        method = self.method_cls(self.params, self.n)
+        for k in self.copy_keys:
+            info = self.base.infos[k]
+            sink.copy(k, self.base.read(k, 0, info.numel).reshape(info.shape))
+        groups = self.groups()
+        for group in groups:
+            chunks = self.chunks(group)
+            checked = [not self.check_finite] * len(chunks)
+            self._group_passes = 1  # the merge pass
+            stats = self.group_stats(method, group, chunks, checked)
+            self.report.stats.append(stats)
+            logger.debug("%s: statistics %s", self.method_cls.name, stats)
+            self.report.passes = max(self.report.passes, self._group_passes)
+            with self._bar(sum(c.size for c in chunks), f"{method.name} merge") as bar:
+                for chunk in chunks:
+                    base, tau = self.read(chunk, check=not checked[chunk.index])
+                    checked[chunk.index] = True
+                    delta = method.merge(tau, chunk, stats)
+                    pos = 0
+                    for seg in chunk.segments:
+                        end = pos + seg.size
+                        sink.put(seg, base[pos:end], delta[pos:end])
+                        pos = end
+                    bar.update(chunk.size)
+        self.report.groups = len(groups)
+        self.report.seconds = time.perf_counter() - t0
+        logger.info("%s merge: %d group(s), %d pass(es) over the inputs, %.1f s", self.method_cls.name,
+                    len(groups), self.report.passes, self.report.seconds)
+        return self.report

@@ -1,0 +1,265 @@
+#!/usr/bin/env python
+"""Benchmark the streaming merge engine on synthetic checkpoints of realistic shapes.
+
+    python scripts/bench_merge.py --params 1e9 --models 3 --dtype float16 [--methods task_arithmetic,ties,pcb]
+
+Builds a base and n fine-tuned checkpoints (Llama-like tensor shapes, seeded) under a temporary
+directory, runs each method through `mcomp.merge.merge_checkpoints` in a fresh subprocess (so
+peak memory is per method), and reports wall time and peak *private* memory: the child's
+RssAnon (anonymous memory: file pages are excluded) sampled every 10 ms from
+/proc/<pid>/status by this process. It also runs PCB the way the released code does it (one
+flattened n×d float32 matrix, full sorts) at a size that fits in RAM, and extrapolates it
+linearly to the full size (clearly labelled; the sorts make the true time grow faster).
+The checkpoints are deleted at the end unless --keep.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+GIB = 1 << 30
+
+
+def llama_shapes(params: float, hidden=2048, inter=5632, kv=256, vocab=32000):
+    """TinyLlama-1.1B-like shapes; the layer count is chosen to reach about `params`."""
+    per_layer = 2 * hidden * hidden + 2 * kv * hidden + 3 * inter * hidden + 2 * hidden
+    fixed = 2 * vocab * hidden + hidden
+    layers = max(1, round((params - fixed) / per_layer))
+    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes.update({p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.k_proj.weight": (kv, hidden),
+                       p + "self_attn.v_proj.weight": (kv, hidden), p + "self_attn.o_proj.weight": (hidden, hidden),
+                       p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
+                       p + "mlp.down_proj.weight": (hidden, inter), p + "input_layernorm.weight": (hidden,),
+                       p + "post_attention_layernorm.weight": (hidden,)})
+    shapes["model.norm.weight"] = (hidden,)
+    shapes["lm_head.weight"] = (vocab, hidden)
+    return shapes
+
+
+def build(root: Path, shapes, n: int, dtype_name: str, seed: int) -> list[Path]:
+    import torch
+
+    from mcomp.merge.sources import TensorInfo
+    from mcomp.merge.writer import ShardedWriter
+
+    dtype = getattr(torch, dtype_name)
+    layout = [(k, TensorInfo(tuple(s), dtype)) for k, s in shapes.items()]
+    dirs = [root / "base"] + [root / f"ft{i}" for i in range(n)]
+    writers = []
+    for d in dirs:
+        d.mkdir(parents=True)
+        writers.append(ShardedWriter(d, layout, 2 * 10**9))
+    rows_per_block = 256
+    for ti, (k, shape) in enumerate(shapes.items()):
+        g = torch.Generator().manual_seed(seed * 100003 + ti)
+        rows = shape[0]
+        cols = shape[1] if len(shape) > 1 else 1
+        # fine-tuning deltas: per-model, per-tensor scale, heavy-ish tails (t-like via a random scale)
+        scales = [0.002 * (1 + 0.25 * i) * (0.5 + float(torch.rand((), generator=g))) for i in range(n)]
+        for r0 in range(0, rows, rows_per_block):
+            r1 = min(rows, r0 + rows_per_block)
+            cnt = (r1 - r0) * cols
+            base = torch.randn(cnt, generator=g).mul_(0.02) if len(shape) > 1 else torch.ones(cnt)
+            writers[0].write(k, base.to(dtype))
+            for i in range(n):
+                delta = torch.randn(cnt, generator=g).mul_(scales[i])
+                delta.mul_(torch.randn(cnt, generator=g).abs_().add_(0.5))
+                writers[i + 1].write(k, base.add(delta).to(dtype))
+    for w in writers:
+        w.close()
+    return dirs
+
+
+def rss_anon(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
+
+
+def run_child(args: list[str]) -> dict:
+    """Run this script as a worker; sample its anonymous memory; return its JSON result."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = [0]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_anon(proc.pid))
+            time.sleep(0.01)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    out, err = proc.communicate()
+    done.set()
+    th.join()
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {args[:2]} failed:\n{err[-3000:]}")
+    result = json.loads(out.strip().splitlines()[-1])
+    result["wall"] = wall
+    result["peak_anon"] = max(peak[0], result.get("final_anon", 0))
+    return result
+
+
+def worker_merge(a) -> None:
+    import torch
+
+    torch.set_num_threads(a.threads)
+    from mcomp.merge import merge_checkpoints
+
+    out = Path(a.out)
+    t0 = time.perf_counter()
+    report = merge_checkpoints(a.base, a.model, out, a.worker, force=True, chunk_elems=a.chunk)
+    seconds = time.perf_counter() - t0
+    shutil.rmtree(out)
+    print(json.dumps({"seconds": seconds, "passes": report.passes, "final_anon": rss_anon(os.getpid())}))
+
+
+def worker_reference(a) -> None:
+    """PCB as the released code computes it: flatten n×d float32, sort twice (ratio 0.1, clip 0.01)."""
+    import torch
+
+    torch.set_num_threads(a.threads)
+    from mcomp.merge.sources import SafetensorsCheckpoint
+
+    srcs = [SafetensorsCheckpoint(p) for p in [a.base, *a.model]]
+    keys, total = [], 0
+    for k in srcs[0].storage_order():
+        if total >= a.ref_params:
+            break
+        keys.append(k)
+        total += srcs[0].infos[k].numel
+    t0 = time.perf_counter()
+
+    def flat(src):
+        return torch.cat([src.read(k, 0, src.infos[k].numel).float() for k in keys])
+
+    base = flat(srcs[0])
+    tvs = torch.stack([flat(s) - base for s in srcs[1:]])
+
+    # --- the released code (PCB-Merging, merging.py), verbatim in substance ---
+    def normalize(x, dim=0):
+        mn, _ = torch.min(x, dim=dim, keepdim=True)
+        mx, _ = torch.max(x, dim=dim, keepdim=True)
+        return (x - mn) / (mx - mn)
+
+    def clamp(x, min_ratio=0.0, max_ratio=0.0):
+        d = x.size(1)
+        sorted_x, _ = torch.sort(x, dim=1)
+        lo = sorted_x[:, int(d * min_ratio)].unsqueeze(1)
+        hi = sorted_x[:, int(d * (1 - max_ratio) - 1)].unsqueeze(1)
+        return torch.clamp(x, lo, hi)
+
+    n = tvs.shape[0]
+    all_checks_abs = clamp(torch.abs(tvs), min_ratio=0.01, max_ratio=0.01)
+    clamped = torch.sign(tvs) * all_checks_abs
+    self_pcb = normalize(all_checks_abs, 1) ** 2
+    self_pcb_act = torch.exp(n * self_pcb)
+    cross_pcb = tvs * torch.sum(tvs, dim=0)
+    cross_pcb_act = torch.tanh(cross_pcb)
+    task_pcb = self_pcb_act * cross_pcb_act
+    scale = normalize(clamp(task_pcb, 1 - 0.1, 0), dim=1)
+    merged = torch.sum(clamped * scale, dim=0) / torch.clamp(torch.sum(scale, dim=0), min=1e-12)
+    out = (base + merged).half()
+    seconds = time.perf_counter() - t0
+    del out
+    print(json.dumps({"seconds": seconds, "params": total, "passes": 1, "final_anon": rss_anon(os.getpid())}))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--params", type=float, default=1e9, help="parameters per checkpoint (default 1e9)")
+    ap.add_argument("--models", type=int, default=3, help="fine-tuned models (default 3)")
+    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    ap.add_argument("--methods", default="task_arithmetic,ties,pcb", help="comma-separated methods")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads per worker (default 2 = this machine)")
+    ap.add_argument("--chunk", type=int, default=1 << 20, help="engine chunk (coordinates)")
+    ap.add_argument("--ref-params", type=float, default=3e7, help="size at which the released-code PCB is run (0: skip)")
+    ap.add_argument("--workdir", default="/tmp", help="where the synthetic checkpoints go")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--keep", action="store_true", help="keep the checkpoints")
+    # worker mode (internal)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--base", help=argparse.SUPPRESS)
+    ap.add_argument("--model", action="append", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker == "reference":
+        worker_reference(a)
+        return 0
+    if a.worker:
+        worker_merge(a)
+        return 0
+
+    root = Path(tempfile.mkdtemp(prefix="mcomp-bench-", dir=a.workdir))
+    try:
+        shapes = llama_shapes(a.params)
+        total = sum(math.prod(s) for s in shapes.values())
+        print(f"building base + {a.models} fine-tuned checkpoints: {total / 1e9:.3f}B parameters each, {a.dtype}, "
+              f"{len(shapes)} tensors, under {root}", flush=True)
+        t0 = time.perf_counter()
+        dirs = build(root, shapes, a.models, a.dtype, a.seed)
+        os.sync()  # flush the build's dirty pages so no method pays for their writeback
+        print(f"built in {time.perf_counter() - t0:.0f} s", flush=True)
+        common = ["--base", str(dirs[0])] + sum((["--model", str(d)] for d in dirs[1:]), [])
+        common += ["--threads", str(a.threads), "--chunk", str(a.chunk)]
+        rows = []
+        for method in [m.strip() for m in a.methods.split(",") if m.strip()]:
+            print(f"running {method} ...", flush=True)
+            r = run_child(["--worker", method, "--out", str(root / f"out-{method}"), *common])
+            rows.append((method, r))
+        ref_row = None
+        if a.ref_params > 0:
+            print("running PCB the released-code way (in memory) ...", flush=True)
+            ref_row = run_child(["--worker", "reference", "--ref-params", str(a.ref_params), *common])
+
+        ta = next((r for m, r in rows if m == "task_arithmetic"), None)
+        print()
+        print(f"load average during the runs (other users of the 2 cores): {os.getloadavg()[0]:.2f} (1 min)")
+        print(f"Synthetic Llama-like checkpoints: base + {a.models} models x {total / 1e9:.3f}B params, {a.dtype}; "
+              f"{a.threads} torch threads; engine chunk {a.chunk}")
+        head = f"{'method':<44} {'merge s':>9} {'wall s':>8} {'passes':>6} {'peak anon GiB':>14} {'time / TA':>10}"
+        print(head)
+        print("-" * len(head))
+        for method, r in rows:
+            ratio = f"{r['seconds'] / ta['seconds']:.2f}" if ta else "-"
+            print(f"{method:<44} {r['seconds']:>9.1f} {r['wall']:>8.1f} {r['passes']:>6} {r['peak_anon'] / GIB:>14.2f} {ratio:>10}")
+        if ref_row:
+            p = ref_row["params"]
+            f = total / p
+            print(f"{'pcb released-code way, measured @ %.2gB' % (p / 1e9):<44} {ref_row['seconds']:>9.1f} "
+                  f"{ref_row['wall']:>8.1f} {'-':>6} {ref_row['peak_anon'] / GIB:>14.2f} {'-':>10}")
+            ext_t = ref_row["seconds"] * f
+            ext_ratio = f"{ext_t / ta['seconds']:.2f}" if ta else "-"
+            print(f"{'pcb released-code way, EXTRAPOLATED x%.1f' % f:<44} {ext_t:>9.0f} {'-':>8} {'-':>6} "
+                  f"{ref_row['peak_anon'] * f / GIB:>14.1f} {ext_ratio:>10}")
+        pcb = next((r for m, r in rows if m == "pcb"), None)
+        if pcb and ta:
+            print()
+            print(f"PCB / task arithmetic wall time (merge s): {pcb['seconds'] / ta['seconds']:.2f}x   "
+                  f"PCB peak private memory: {pcb['peak_anon'] / GIB:.2f} GiB")
+    finally:
+        if not a.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,301 @@
+"""Streaming engine on disk, bad inputs, CLI with a tiny Llama, LoRA adapters, coefficient search."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+import merge_reference as ref  # noqa: E402
+
+from mcomp.merge import merge_checkpoints, merge_state_dicts  # noqa: E402
+from mcomp.merge.sources import SafetensorsCheckpoint  # noqa: E402
+from mcomp.merge.writer import ShardedWriter  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small per-chunk ops: intra-op threads only add barrier stalls on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def random_models(n=3, seed=0, dtype=torch.float16):
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"embed.weight": (300, 64), "layers.0.q.weight": (64, 64), "layers.0.norm.weight": (64,),
+              "layers.1.up.weight": (128, 64), "step": ()}
+    base = {k: (torch.randn(s, generator=g) * 0.1).to(dtype) for k, s in shapes.items() if k != "step"}
+    base["step"] = torch.tensor(3, dtype=torch.int64)
+    models = []
+    for i in range(n):
+        m = {k: (v.float() + 0.01 * torch.randn(v.shape, generator=g)).to(dtype) if v.is_floating_point() else v.clone()
+             for k, v in base.items()}
+        models.append(m)
+    return base, models
+
+
+def save_sharded(sd, directory: Path, shard_bytes=20_000):
+    """Write a sharded checkpoint + index with the streaming writer (also exercises it)."""
+    directory.mkdir(parents=True)
+    from mcomp.merge.sources import TensorInfo
+
+    layout = [(k, TensorInfo(tuple(v.shape), v.dtype)) for k, v in sd.items()]
+    w = ShardedWriter(directory, layout, shard_bytes)
+    for k, v in sd.items():
+        w.write(k, v.reshape(-1))
+    w.close()
+    return directory
+
+
+def load_dir(directory: Path):
+    src = SafetensorsCheckpoint(directory)
+    out = {k: src.read(k, 0, i.numel).reshape(i.shape) for k, i in src.infos.items()}
+    src.close()
+    return out
+
+
+@pytest.fixture()
+def ckpts(tmp_path):
+    base, models = random_models()
+    paths = [save_sharded(base, tmp_path / "base")]
+    paths += [save_sharded(m, tmp_path / f"m{i}") for i, m in enumerate(models)]
+    return base, models, paths
+
+
+@pytest.mark.parametrize("method,params", [
+    ("task_arithmetic", {"weights": [0.5, 1.0, 0.7]}),
+    ("ties", {"density": 0.25}),
+    ("pcb", {"ratio": 0.1, "clip": 0.01, "inter": "v2"}),
+    ("pcb", {"scope": "tensor"}),
+    ("dare_ties", {"density": 0.5, "seed": 4}),
+    ("dare_linear", {"density": 0.5, "rescale": "l1", "scope": "global"}),
+])
+def test_streaming_equals_in_memory(ckpts, tmp_path, method, params):
+    base, models, paths = ckpts
+    out = tmp_path / "out"
+    report = merge_checkpoints(paths[0], paths[1:], out, method, chunk_elems=1000, max_shard_size=30_000, **params)
+    assert (out / "model.safetensors.index.json").is_file()
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    streamed = load_dir(out)
+    in_memory = merge_state_dicts(base, models, method, **params)
+    assert set(streamed) == set(base)
+    for k in base:
+        assert streamed[k].dtype == base[k].dtype
+        if method == "dare_linear":  # float64 norm sums depend on chunking in the last bit
+            torch.testing.assert_close(streamed[k], in_memory[k], rtol=1e-3, atol=1e-3)
+        else:
+            assert torch.equal(streamed[k], in_memory[k]), k
+    assert report.passes >= 1
+    # safe_open reads the output too
+    with safe_open(str(out / index["weight_map"]["embed.weight"]), "pt") as f:
+        assert torch.equal(f.get_tensor("embed.weight"), streamed["embed.weight"])
+
+
+def test_streaming_pcb_matches_reference_fp16_in_fp32_out(ckpts, tmp_path):
+    base, models, paths = ckpts
+    merge_checkpoints(paths[0], paths[1:], tmp_path / "o", "pcb", chunk_elems=777, dtype="float32", ratio=0.2)
+    out = load_dir(tmp_path / "o")
+    fb = {k: v.float() for k, v in base.items() if v.is_floating_point()}
+    expect = ref.by_scope(fb, [{k: m[k].float() for k in fb} for m in models], "global", lambda t: ref.pcb(t, 0.2))
+    err = max(float((out[k] - expect[k]).abs().max()) for k in fb) / max(float(v.abs().max()) for v in expect.values())
+    assert err < 1e-6
+    assert out["step"].dtype == torch.int64 and int(out["step"]) == 3
+
+
+def test_bad_inputs_are_named(ckpts, tmp_path):
+    base, models, paths = ckpts
+    bad = dict(models[0])
+    bad["extra"] = torch.zeros(2, dtype=torch.float16)
+    save_file(bad, str(tmp_path / "extra.safetensors"))
+    with pytest.raises(ValueError, match=r"different tensors.*extra"):
+        merge_checkpoints(paths[0], [tmp_path / "extra.safetensors"], tmp_path / "o1")
+    shape = dict(models[0])
+    shape["layers.0.q.weight"] = torch.zeros(64, 63, dtype=torch.float16)
+    save_file(shape, str(tmp_path / "shape.safetensors"))
+    with pytest.raises(ValueError, match=r"layers\.0\.q\.weight.*shape.*shape\.safetensors"):
+        merge_checkpoints(paths[0], [paths[1], tmp_path / "shape.safetensors"], tmp_path / "o2")
+    dt = {k: (v.to(torch.bfloat16) if k == "embed.weight" else v) for k, v in models[0].items()}
+    save_file(dt, str(tmp_path / "dtype.safetensors"))
+    with pytest.raises(ValueError, match=r"embed\.weight.*dtype.*dtype\.safetensors"):
+        merge_checkpoints(paths[0], [tmp_path / "dtype.safetensors"], tmp_path / "o3")
+    nan = {k: v.clone() for k, v in models[1].items()}
+    nan["layers.1.up.weight"][5, 7] = float("nan")
+    save_file(nan, str(tmp_path / "nan.safetensors"))
+    with pytest.raises(ValueError, match=r"layers\.1\.up\.weight.*NaN.*nan\.safetensors"):
+        merge_checkpoints(paths[0], [paths[1], tmp_path / "nan.safetensors"], tmp_path / "o4", "pcb", chunk_elems=500)
+    for o in ("o1", "o2", "o3", "o4"):
+        assert not (tmp_path / o).exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+    with pytest.raises(ValueError, match="ratio"):
+        merge_checkpoints(paths[0], paths[1:], tmp_path / "o5", "pcb", ratio=2.0)
+
+
+def test_existing_output_refused_unless_force(ckpts, tmp_path):
+    base, models, paths = ckpts
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(FileExistsError, match="--force"):
+        merge_checkpoints(paths[0], paths[1:], out)
+    merge_checkpoints(paths[0], paths[1:], out, force=True)
+    assert not (out / "keep.txt").exists()
+    assert (out / "model.safetensors").is_file()
+
+
+def test_interrupted_merge_leaves_nothing_complete(ckpts, tmp_path, monkeypatch):
+    base, models, paths = ckpts
+    from mcomp.merge import api
+
+    calls = {"n": 0}
+    orig = api.CheckpointSink.put
+
+    def boom(self, seg, b, d):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return orig(self, seg, b, d)
+
+    monkeypatch.setattr(api.CheckpointSink, "put", boom)
+    with pytest.raises(KeyboardInterrupt):
+        merge_checkpoints(paths[0], paths[1:], tmp_path / "out", chunk_elems=500)
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+# -- CLI with a tiny Llama -----------------------------------------------------------------------
+def test_cli_merge_tiny_llama_loads_with_transformers(tmp_path, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from mcomp.commands import merge as merge_cmd
+    from mcomp.tiny import build_llm
+
+    base = build_llm(tokenizer, seed=0)
+    base.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    sd = base.state_dict()
+    g = torch.Generator().manual_seed(1)
+    for i in range(2):
+        m = build_llm(tokenizer, seed=0)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.add_(0.01 * torch.randn(p.shape, generator=g))
+        m.save_pretrained(tmp_path / f"ft{i}")
+    cfg = tmp_path / "merge.yaml"
+    cfg.write_text(f"""
+merge_method: pcb
+base_model: {tmp_path / 'base'}
+models:
+  - model: {tmp_path / 'base'}
+  - model: {tmp_path / 'ft0'}
+    parameters: {{weight: 1.2}}
+  - model: {tmp_path / 'ft1'}
+    parameters: {{weight: 1.0}}
+parameters: {{ratio: 0.2, clip: 0.01}}
+dtype: float32
+""")
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    merge_cmd.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["merge", str(cfg), "--out", str(tmp_path / "merged"), "--no-progress"])
+    assert args.func(args) == 0
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert (tmp_path / "merged" / "tokenizer.json").is_file()
+    msd = merged.state_dict()
+    assert any(not torch.equal(msd[k], sd[k]) for k in sd if k in msd)
+    ids = tokenizer("hello world", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.isfinite(merged(ids).logits).all()
+    # again without --force: refused, the output is untouched
+    with pytest.raises(FileExistsError, match="--force"):
+        args.func(args)
+    assert (tmp_path / "merged" / "config.json").is_file()
+
+
+# -- LoRA -------------------------------------------------------------------------------------------
+def make_adapter(directory: Path, shapes: dict[str, tuple[int, int]], r: int, alpha: float, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for key, (out_dim, in_dim) in shapes.items():
+        module = key[: -len(".weight")]
+        tensors[f"base_model.model.{module}.lora_A.weight"] = torch.randn(r, in_dim, generator=g) * 0.1
+        tensors[f"base_model.model.{module}.lora_B.weight"] = torch.randn(out_dim, r, generator=g) * 0.1
+    directory.mkdir(parents=True)
+    save_file(tensors, str(directory / "adapter_model.safetensors"))
+    targets = sorted({k.split(".")[-2] for k in shapes})
+    (directory / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": targets, "fan_in_fan_out": False}))
+    return directory
+
+
+def test_lora_merge_fold_refactorise_and_linear_terms(ckpts, tmp_path):
+    from mcomp.merge.lora import (apply_linear_terms, load_lora, lora_deltas, lora_linear_terms,
+                                  merge_lora_adapters)
+    from mcomp.merge import merge_task_vectors
+
+    base, models, paths = ckpts
+    shapes = {"layers.0.q.weight": (64, 64), "layers.1.up.weight": (128, 64)}
+    a1 = make_adapter(tmp_path / "a1", shapes, r=4, alpha=8, seed=1)
+    a2 = make_adapter(tmp_path / "a2", {"layers.0.q.weight": (64, 64)}, r=2, alpha=2, seed=2)
+    ad = [load_lora(a1), load_lora(a2)]
+    # ΔW-space merge (the second adapter does not touch `up`: ΔW = 0 there)
+    merged = merge_lora_adapters(ad, "ties", density=0.5)
+    d1, d2 = lora_deltas(ad[0]), lora_deltas(ad[1])
+    torch.testing.assert_close(d1["layers.0.q.weight"],
+                               2.0 * ad[0].modules["layers.0.q.weight"].B @ ad[0].modules["layers.0.q.weight"].A)
+    expect = merge_task_vectors([d1, {**d2, "layers.1.up.weight": torch.zeros(128, 64)}], "ties", density=0.5)
+    for k in expect:
+        torch.testing.assert_close(merged[k], expect[k])
+    # fold into the base weights, streaming
+    out = tmp_path / "folded"
+    merge_checkpoints(paths[0], [a1, a2], out, "ties", density=0.5, chunk_elems=1000, dtype="float32")
+    folded = load_dir(out)
+    for k in shapes:
+        torch.testing.assert_close(folded[k], base[k].float() + expect[k], rtol=1e-6, atol=1e-6)
+    assert torch.equal(folded["embed.weight"], base["embed.weight"].float())
+    # re-factorise to rank 6: the linear merge of rank 4 + rank 2 is exact at rank 6
+    out2 = tmp_path / "relora"
+    rep = merge_checkpoints(paths[0], [a1, a2], out2, "task_arithmetic", lora_rank=6)
+    errs = rep.stats[-1]["lora_reconstruction"]
+    assert max(errs.values()) < 1e-5 and rep.stats[-1]["lora_total_error"] < 1e-5
+    re = load_lora(out2)
+    lin = merge_lora_adapters(ad, "task_arithmetic")
+    for k in lin:
+        torch.testing.assert_close(re.modules[k].delta(), lin[k], rtol=1e-4, atol=1e-5)
+    rep3 = merge_checkpoints(paths[0], [a1, a2], tmp_path / "r2", "task_arithmetic", lora_rank=2)
+    assert rep3.stats[-1]["lora_total_error"] > 1e-3
+    # exact, unmaterialised linear combination
+    terms = lora_linear_terms(ad, weights=[0.5, 2.0], scale=1.5)
+    x = torch.randn(5, 64)
+    lin_w = merge_lora_adapters(ad, "task_arithmetic", weights=[0.5, 2.0], scale=1.5)
+    torch.testing.assert_close(apply_linear_terms(terms["layers.0.q.weight"], x), x @ lin_w["layers.0.q.weight"].T,
+                               rtol=1e-5, atol=1e-6)
+
+
+# -- coefficient search --------------------------------------------------------------------------------
+def test_search_reuses_scores_and_is_seeded():
+    from mcomp.merge.search import PreparedMerge, search_coefficients
+
+    base, models = random_models(dtype=torch.float32)
+    prep = PreparedMerge(base, models, "pcb", ratio=0.2)
+    a = prep.merge([1.1, 0.9, 1.25])
+    b = merge_state_dicts(base, models, "pcb", ratio=0.2, weights=[1.1, 0.9, 1.25])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    target = merge_state_dicts(base, models, "pcb", ratio=0.2, weights=[1.25, 0.85, 1.0])
+    keys = [k for k in base if base[k].is_floating_point()]
+
+    def objective(sd):  # "validation loss": distance to a known good merge
+        return sum(float(((sd[k] - target[k]) ** 2).sum()) for k in keys)
+
+    r1 = search_coefficients(base, models, objective, ratio=0.2, bounds=(0.8, 1.3), budget=40, seed=3)
+    r2 = search_coefficients(base, models, objective, ratio=0.2, bounds=(0.8, 1.3), budget=40, seed=3)
+    assert r1.weights == r2.weights and r1.evaluations == 40
+    assert r1.score < objective(prep.merge([1.0, 1.0, 1.0]))
