@@ -9,7 +9,7 @@ import sys
 
 import mcomp
 
-SUBCOMMANDS = ["info", "ask", "train", "merge", "compose", "import_model", "eval", "leaderboard"]
+SUBCOMMANDS = ["info", "ask", "train", "merge", "compose", "import_model", "eval", "leaderboard", "zoo", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

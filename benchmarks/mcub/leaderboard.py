@@ -50,10 +50,11 @@ class ColumnKey:
 
 @dataclasses.dataclass
 class Cell:
-    value: float | None
-    stderr: float | None
+    value: float | None  # the mean over runs (seeds) of this row and column
+    stderr: float | None  # one run: the metric's standard error; several: the std across runs
     n_samples: int
     run_dir: str
+    n_runs: int = 1
 
 
 def _first(prov: Mapping[str, Any], keys: Sequence[str]) -> str:
@@ -100,6 +101,7 @@ class Leaderboard:
 
 def build(run_dirs: Iterable[str | os.PathLike]) -> Leaderboard:
     cells: dict[tuple[RowKey, ColumnKey], Cell] = {}
+    runs_of: dict[tuple[RowKey, ColumnKey], list[Cell]] = {}  # several runs (seeds) of one cell
     runs = []
     seen: dict[ColumnKey, int] = {}  # first appearance: subsets keep their task-file order
     for run_dir in run_dirs:
@@ -109,10 +111,10 @@ def build(run_dirs: Iterable[str | os.PathLike]) -> Leaderboard:
         for r in data["results"]:
             col = ColumnKey(r["task"], r["subset"], r["mode"], r["metric"])
             seen.setdefault(col, len(seen))
-            if (row, col) in cells:
-                logger.warning("%s and %s both hold %s for %s; keeping the later one",
-                               cells[(row, col)].run_dir, run_dir, col.label(), row.label())
-            cells[(row, col)] = Cell(r["value"], r.get("stderr"), int(r.get("n_samples", 0)), str(run_dir))
+            runs_of.setdefault((row, col), []).append(
+                Cell(r["value"], r.get("stderr"), int(r.get("n_samples", 0)), str(run_dir)))
+    for key, group in runs_of.items():
+        cells[key] = group[0] if len(group) == 1 else _aggregate(group)
     if not cells:
         raise ValueError("no results in the given run directories")
     rows = sorted({k[0] for k in cells})
@@ -124,12 +126,23 @@ def build(run_dirs: Iterable[str | os.PathLike]) -> Leaderboard:
     return Leaderboard(rows, columns, cells, runs)
 
 
+def _aggregate(group: list[Cell]) -> Cell:
+    """Runs of the same row and column (e.g. seeds): mean, and the sample std across runs as spread."""
+    values = [c.value for c in group if c.value is not None and not (isinstance(c.value, float) and math.isnan(c.value))]
+    if not values:
+        return Cell(None, None, group[0].n_samples, group[0].run_dir, len(group))
+    mean = sum(values) / len(values)
+    spread = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else None
+    return Cell(mean, spread, sum(c.n_samples for c in group), ", ".join(c.run_dir for c in group), len(group))
+
+
 def _fmt(cell: Cell | None) -> str:
     if cell is None or cell.value is None or (isinstance(cell.value, float) and math.isnan(cell.value)):
         return NONE
     if cell.stderr is None or (isinstance(cell.stderr, float) and math.isnan(cell.stderr)):
         return f"{cell.value:.2f}"
-    return f"{cell.value:.2f} ± {cell.stderr:.2f}"
+    runs = f" (n={cell.n_runs})" if cell.n_runs > 1 else ""
+    return f"{cell.value:.2f} ± {cell.stderr:.2f}{runs}"
 
 
 def _md_escape(text: str) -> str:

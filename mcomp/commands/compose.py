@@ -17,7 +17,9 @@ def add_parser(sub) -> None:
                     "modality's tokens through that model's own modality adapter.",
     )
     p.add_argument("--modalities", help="comma-separated modalities to compose (default: the keys of --models)")
-    p.add_argument("--models", required=True, help="MODALITY=DIR,... single-modality model directories")
+    p.add_argument("--models", help="MODALITY=DIR,... single-modality model directories "
+                   "(default: the tiny zoo's models for --modalities, built locally if needed)")
+    p.add_argument("--zoo-size", default="full", help="without --models: which zoo (full or test)")
     p.add_argument("--method", choices=("naivemc", "damc"), default="naivemc")
     p.add_argument("--merge", default="linear", help=f"merge backend for the text parameters: {', '.join(MERGES)} "
                    "(dare = dare_ties)")
@@ -67,7 +69,16 @@ def _param_value(value: str):
 def run(args: argparse.Namespace) -> int:
     from mcomp.compose import compose
 
-    models = parse_pairs(args.models, "--models")
+    if args.models:
+        models = parse_pairs(args.models, "--models")
+    elif args.modalities:
+        from mcomp.zoo import build_zoo
+
+        zoo = build_zoo(args.zoo_size, args.seed)
+        flavour = "damc" if args.method == "damc" else "naivemc"
+        models = {m.strip(): zoo.model(m.strip(), flavour, 0) for m in args.modalities.split(",") if m.strip()}
+    else:
+        raise ValueError("give --models MODALITY=DIR,... or --modalities (which then uses the tiny zoo)")
     if args.modalities:
         wanted = [m.strip() for m in args.modalities.split(",") if m.strip()]
         if sorted(wanted) != sorted(models):

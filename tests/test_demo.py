@@ -1,0 +1,47 @@
+"""The embedded default end to end at the reduced size: world -> zoo -> compositions -> MCUB -> table."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import mcomp
+from mcomp.zoo import build_zoo
+from mcomp.zoo.build import MODALITIES
+from mcomp.zoo.demo import run_demo
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    return build_zoo("test", 0, tmp_path_factory.mktemp("zoo"))
+
+
+def test_zoo_holds_every_model_and_reuses_its_cache(zoo):
+    for m in MODALITIES:
+        assert zoo.encoder(m).is_file()
+        for flavour in ("stage1", "naivemc", "damc"):
+            assert (zoo.model(m, flavour, 0) / "mcomp_config.json").is_file()
+    damc = mcomp.load(zoo.model("audio", "damc", 0))
+    assert damc.lora_adapters == ["text", "audio"] and "audio" in damc.prefix_tokens
+    assert damc.adapters["audio"].config.checkpoint == str(zoo.encoder("audio"))  # the pretrained, frozen encoder
+    before = (zoo.root / "zoo.json").stat().st_mtime_ns
+    assert build_zoo("test", 0, zoo.root).root == zoo.root
+    assert (zoo.root / "zoo.json").stat().st_mtime_ns == before  # cached: nothing rebuilt
+
+
+def test_reduced_demo_runs_to_the_table(zoo, tmp_path):
+    summary = run_demo("test", 0, tmp_path / "demo", root=zoo.root,
+                       combos={"image+audio+video+point": MODALITIES}, merges={"linear": {}, "pcb": {"ratio": 0.5}})
+    table = (tmp_path / "demo" / "demo.md").read_text()
+    rows = [ln for ln in table.splitlines() if ln.startswith("| ") and not ln.startswith("| model")]
+    labels = {tuple(c.strip() for c in ln.strip("|").split("|")[:3]) for ln in rows}
+    assert ("base LLM + stage-1 projectors", "base", "-") in labels
+    assert {("image+audio+video+point", m, b) for m in ("naivemc", "damc") for b in ("linear", "pcb")} <= labels
+    assert {(f"{m} model (own modality)", "single", "-") for m in MODALITIES} <= labels
+    assert (tmp_path / "demo" / "index.html").read_text().count("<img") >= 1
+    record = json.loads(next((tmp_path / "demo" / "runs").glob("image_audio_video_point-damc-pcb-s0-mcub4/samples.jsonl"))
+                        .read_text().splitlines()[0])
+    assert record["error"] is None and len(record["option_scores"]) == 4
+    assert set(summary["held_out_accuracy"]) == {f"{m}-s0" for m in MODALITIES}
