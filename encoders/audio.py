@@ -25,10 +25,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from mcomp.encoders.beats import BEATs, BEATsConfig, load_beats
-from mcomp.encoders.qformer import QFormerConfig, QFormerProjector, parse_qformer_type
+from mcomp.encoders.qformer import QFormerProjector, QFormerProjectorMixin, parse_qformer_type
 from mcomp.errors import MediaError
 from mcomp.modality import AdapterConfig, ModalityAdapter, register_modality
 
@@ -216,23 +215,8 @@ class AudioAdapterConfig(AdapterConfig):
         )
 
 
-def build_qformer_projector(config, projector_type: str, encoder_width: int, encoder_tokens: int, out_dim: int) -> QFormerProjector:
-    """A Q-Former from the `qformer_*` fields shared by the audio adapter configs."""
-    qcfg = QFormerConfig.from_projector_type(
-        projector_type, hidden_size=config.qformer_hidden_size, num_heads=config.qformer_num_heads,
-        intermediate_size=config.qformer_intermediate_size, encoder_width=encoder_width,
-        max_positions=config.qformer_max_positions, dropout=config.qformer_dropout,
-    )
-    if encoder_tokens > qcfg.max_positions:
-        raise ValueError(
-            f"{config.adapter} adapter: the encoder gives {encoder_tokens} tokens per input but "
-            f"qformer_max_positions is {qcfg.max_positions}"
-        )
-    return QFormerProjector(qcfg, out_dim)
-
-
 @register_modality("audio")
-class AudioAdapter(ModalityAdapter):
+class AudioAdapter(QFormerProjectorMixin, ModalityAdapter):
     modality = "audio"
     placeholder = "<audio>"
     config_class = AudioAdapterConfig
@@ -251,13 +235,6 @@ class AudioAdapter(ModalityAdapter):
                 f">= the BEATs patch size {p}"
             )
         return encoder
-
-    def build_projector(self) -> nn.Module:
-        if parse_qformer_type(self.config.projector_type) is None:
-            return super().build_projector()
-        return build_qformer_projector(
-            self.config, self.config.projector_type, self.encoder_dim, self.encoder_tokens, self.llm_hidden_size
-        )
 
     @property
     def encoder_dim(self) -> int:

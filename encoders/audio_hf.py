@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from mcomp.encoders.audio import as_decoded_audio, build_qformer_projector, load_audio, mono_resampled
-from mcomp.encoders.qformer import QFormerProjector, parse_qformer_type
+from mcomp.encoders.audio import as_decoded_audio, load_audio, mono_resampled
+from mcomp.encoders.qformer import QFormerProjector, QFormerProjectorMixin, parse_qformer_type
 from mcomp.modality import AdapterConfig, ModalityAdapter, register_modality
 
 logger = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def _window_seconds(positions: int) -> int:
 
 
 @register_modality("audio-whisper")
-class WhisperAudioAdapter(ModalityAdapter):
+class WhisperAudioAdapter(QFormerProjectorMixin, ModalityAdapter):
     modality = "audio"
     placeholder = "<audio>"
     config_class = WhisperAudioAdapterConfig
@@ -94,13 +94,6 @@ class WhisperAudioAdapter(ModalityAdapter):
                 f"{self.feature_extractor.nb_max_frames} features but the encoder expects {wcfg.num_mel_bins} x {expected}"
             )
         return encoder
-
-    def build_projector(self) -> nn.Module:
-        if parse_qformer_type(self.config.projector_type) is None:
-            return super().build_projector()
-        return build_qformer_projector(
-            self.config, self.config.projector_type, self.encoder_dim, self.encoder_tokens, self.llm_hidden_size
-        )
 
     @property
     def encoder_dim(self) -> int:

@@ -257,20 +257,8 @@ class LanguageBindVideoAdapter(VideoAdapter):
             raise ValueError(f"pool_size {cfg.pool_size} must divide the {grid}x{grid} patch grid for space pooling")
         return tower
 
-    def encode(self, batch: torch.Tensor) -> torch.Tensor:
-        """[B, T, 3, S, S] -> [B, T' * tokens_per_frame, width], frame-major, CLS first in each frame."""
+    def frame_tokens(self, batch: torch.Tensor) -> torch.Tensor:
+        """The frames go through the tower together: its temporal attention mixes them."""
         b, t = batch.shape[:2]
         tokens = self.encoder(batch.flatten(0, 1), t, self.config.select_layer)
-        tokens = tokens.view(b, t, tokens.shape[1], tokens.shape[2])
-        if self.config.pool == "time":
-            k = self.config.pool_size
-            tokens = tokens.view(b, t // k, k, *tokens.shape[2:]).mean(dim=2)
-        elif self.config.pool == "space":
-            k = self.config.pool_size
-            cls, patches = tokens[:, :, :1], tokens[:, :, 1:]
-            grid = int(patches.shape[2] ** 0.5)
-            d = patches.shape[-1]
-            maps = patches.reshape(-1, grid, grid, d).permute(0, 3, 1, 2)
-            pooled = F.avg_pool2d(maps, k).flatten(2).transpose(1, 2)
-            tokens = torch.cat([cls, pooled.view(b, tokens.shape[1], -1, d)], dim=2)
-        return tokens.flatten(1, 2)
+        return tokens.view(b, t, tokens.shape[1], tokens.shape[2])

@@ -215,3 +215,28 @@ class QFormerProjector(nn.Module):
         queries = self.audio_query_tokens.expand(features.shape[0], -1, -1)
         return self.audio_llama_proj(self.audio_Qformer.bert(queries, features))
 
+
+def build_qformer_projector(config, projector_type: str, encoder_width: int, encoder_tokens: int, out_dim: int) -> QFormerProjector:
+    """A Q-Former from the `qformer_*` fields shared by the audio adapter configs."""
+    qcfg = QFormerConfig.from_projector_type(
+        projector_type, hidden_size=config.qformer_hidden_size, num_heads=config.qformer_num_heads,
+        intermediate_size=config.qformer_intermediate_size, encoder_width=encoder_width,
+        max_positions=config.qformer_max_positions, dropout=config.qformer_dropout,
+    )
+    if encoder_tokens > qcfg.max_positions:
+        raise ValueError(
+            f"{config.adapter} adapter: the encoder gives {encoder_tokens} tokens per input but "
+            f"qformer_max_positions is {qcfg.max_positions}"
+        )
+    return QFormerProjector(qcfg, out_dim)
+
+
+class QFormerProjectorMixin:
+    """For adapters whose projector is either a Q-Former (`qformer_<N>N_<L>L`) or a standard one."""
+
+    def build_projector(self):
+        if parse_qformer_type(self.config.projector_type) is None:
+            return super().build_projector()
+        return build_qformer_projector(
+            self.config, self.config.projector_type, self.encoder_dim, self.encoder_tokens, self.llm_hidden_size
+        )

@@ -167,14 +167,19 @@ class VideoAdapter(ModalityAdapter):
         size = self.encoder.image_size
         return tuple(tensor.shape) == (self.config.num_frames, 3, size, size)
 
+    def frame_tokens(self, batch: torch.Tensor) -> torch.Tensor:
+        """[B, T, 3, S, S] -> [B, T, 1 + patches, width]: the tower's tokens of every frame, CLS first."""
+        b, t = batch.shape[:2]
+        tokens = self.encoder(batch.flatten(0, 1), self.config.select_layer)
+        return tokens.view(b, t, tokens.shape[1], tokens.shape[2])
+
     def encode(self, batch: torch.Tensor) -> torch.Tensor:
         """[B, T, 3, S, S] -> [B, T' * tokens_per_frame, width], frame-major, CLS first in each frame."""
-        b, t = batch.shape[:2]
-        tokens = self.encoder(batch.flatten(0, 1), self.config.select_layer)  # [B*T, 1+P, D]
-        tokens = tokens.view(b, t, tokens.shape[1], tokens.shape[2])
+        tokens = self.frame_tokens(batch)
+        b = tokens.shape[0]
         if self.config.pool == "time":
             k = self.config.pool_size
-            tokens = tokens.view(b, t // k, k, *tokens.shape[2:]).mean(dim=2)
+            tokens = tokens.view(b, tokens.shape[1] // k, k, *tokens.shape[2:]).mean(dim=2)
         elif self.config.pool == "space":
             k = self.config.pool_size
             cls, patches = tokens[:, :, :1], tokens[:, :, 1:]
