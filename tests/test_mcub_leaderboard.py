@@ -107,3 +107,31 @@ def test_page_renders_in_headless_chromium(runs, tmp_path):
     assert lo < 80 and hi > 200  # text and charts drawn on the white page, not a blank or error page
     dark = sum(top.histogram()[:128])
     assert dark > 2000
+
+
+def test_runs_of_one_cell_are_averaged_with_their_spread(tmp_path):
+    """Seeds of one row and column: mean and sample std across runs (statistics module as reference)."""
+    import json
+    import statistics
+
+    from mcomp.benchmarks.mcub import leaderboard as lb
+    from mcomp.benchmarks.mcub.runner import RESULTS_SCHEMA
+
+    values = [40.0, 55.0, 61.0]
+    runs = []
+    for k, v in enumerate(values):
+        run = tmp_path / f"seed{k}"
+        run.mkdir()
+        (run / "results.json").write_text(json.dumps({
+            "schema": RESULTS_SCHEMA, "provenance": {"composition": {"method": "damc", "merge": "pcb"}}, "model": {"name": "pair"},
+            "results": [{"task": "mcub4", "subset": "MCUB-4", "mode": "loglik", "metric": "accuracy",
+                         "value": v, "stderr": 3.0, "n_samples": 10}]}))
+        runs.append(run)
+    board = lb.build(runs)
+    (row,) = board.rows
+    assert (row.method, row.backend) == ("damc", "pcb")
+    cell = board.cells[(row, board.columns[0])]
+    assert cell.n_runs == 3 and cell.n_samples == 30
+    assert cell.value == pytest.approx(statistics.mean(values))
+    assert cell.stderr == pytest.approx(statistics.stdev(values))
+    assert "(n=3)" in lb.to_markdown(board)
