@@ -8,6 +8,16 @@ from PIL import Image
 torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of tiny models: one intra-op thread is as fast and does not fight other
+    processes for the 2 cores (use with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from mcomp.tiny import build_tokenizer

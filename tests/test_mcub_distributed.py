@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from mcomp.benchmarks.mcub.records import read_records
 from mcomp.benchmarks.mcub.runner import evaluate
@@ -22,13 +21,7 @@ from mcomp.commands.eval import build_tiny_model
 TINY4 = "tiny:image,audio,video,point"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models: one intra-op thread is as fast and does not fight other processes for the 2 cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_two_processes_equal_one(tmp_path):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from mcomp.benchmarks.mcub.data import read_questions
 from mcomp.benchmarks.mcub.features import EvalFeatureCache
@@ -16,13 +15,7 @@ ORDER = ("image", "audio", "video", "point")
 OPTIONS = ["A", "B", "C", "D", "a grand piano", "a violin", "x", "the motorcycle"]  # 1 to 6 tokens
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models: one intra-op thread is as fast and does not fight other processes for the 2 cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -15,13 +15,7 @@ from mcomp.merge import make_params, merge_state_dicts, merge_task_vectors  # no
 from mcomp.merge.selection import RowQuantiles, float_keys, key_to_float  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small per-chunk ops: intra-op threads only add barrier stalls on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SHAPES = {"emb": (97, 32), "q": (32, 32), "norm": (32,), "up": (64, 32), "odd": (7, 5, 3)}
 

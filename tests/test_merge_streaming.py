@@ -18,13 +18,7 @@ from mcomp.merge.sources import SafetensorsCheckpoint  # noqa: E402
 from mcomp.merge.writer import ShardedWriter  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small per-chunk ops: intra-op threads only add barrier stalls on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def random_models(n=3, seed=0, dtype=torch.float16):
