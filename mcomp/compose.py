@@ -183,14 +183,13 @@ def _remove_adapter(model, name: str) -> None:
 
 def merge_text_deltas(model, inputs, merge: str, coef: dict[str, float], params: dict) -> dict[str, torch.Tensor]:
     """Merge the dense text deltas dW_m = s_m B_m A_m of every routed layer with the merge engine."""
-    from mcomp.merge import merge_state_dicts
+    from mcomp.merge import merge_task_vectors
 
     layers = routed_layers(model.llm)
     deltas = [{path: layer.delta_weight([(f"text-{i.modality}", 1.0)]) for path, layer in layers.items()}
               for i in inputs]
-    zeros = {path: torch.zeros_like(t) for path, t in deltas[0].items()}
     params.setdefault("weights", [coef[i.modality] for i in inputs])
-    return merge_state_dicts(zeros, deltas, merge, **params)
+    return merge_task_vectors(deltas, merge, **params)
 
 
 def fold_deltas(model, merged: dict[str, torch.Tensor]) -> None:
