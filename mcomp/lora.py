@@ -55,6 +55,8 @@ class RoutingState:
         self.routes: dict[str, list[tuple[str, float]]] = {}
         self.route_names: list[str] | None = None  # route name per route id of `route_ids`
         self.route_ids: torch.Tensor | None = None  # [B, T] while a routed forward runs
+        self._groups_of: torch.Tensor | None = None  # the route_ids the cached groups were made for
+        self._groups: list = []
 
     def text_terms(self) -> list[tuple[str, float]]:
         return self.routes.get(TEXT_ROUTE, [])
@@ -62,11 +64,24 @@ class RoutingState:
     def terms(self, route: str) -> list[tuple[str, float]]:
         return self.routes.get(route, self.text_terms())
 
+    def set_routes(self, routes: dict[str, list[tuple[str, float]]]) -> None:
+        self.routes = routes
+        self._groups_of = None
+
     def groups(self, x: torch.Tensor):
-        """[(terms, flat token index or None for all)] for the tokens of `x` ([B, T, in])."""
+        """[(terms, flat token index or None for all)] for the tokens of `x` ([B, T, in]).
+
+        Every routed layer of a forward sees the same positions: the groups are computed once.
+        """
         ids = self.route_ids
         if ids is None or tuple(ids.shape) != tuple(x.shape[:2]):
             return [(self.text_terms(), None)]
+        if self._groups_of is not ids:
+            self._groups = self._make_groups(ids)
+            self._groups_of = ids
+        return self._groups
+
+    def _make_groups(self, ids: torch.Tensor):
         by_terms: dict[tuple, list[int]] = {}
         present = torch.unique(ids).tolist()
         for rid in present:

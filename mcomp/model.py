@@ -368,7 +368,7 @@ class MultimodalLM(nn.Module):
             for adapter_name, _ in terms:
                 if adapter_name not in known:
                     raise ValueError(f"route {route!r} uses unknown LoRA adapter {adapter_name!r} (have {sorted(known)})")
-        self.routing.routes = {r: [(n, float(c)) for n, c in t] for r, t in routes.items()}
+        self.routing.set_routes({r: [(n, float(c)) for n, c in t] for r, t in routes.items()})
 
     def add_modality_tokens(self, modality: str, prefix: int, suffix: int) -> None:
         """Learnable tokens around each input of `modality` (zero-initialised, as published)."""
