@@ -50,16 +50,15 @@ class ClipVisionTower(nn.Module):
         return (self.image_size // self.patch_size) ** 2
 
     def load_checkpoint(self, path: str) -> None:
-        from mcomp.io import load_tensors
+        from mcomp.io import check_state_dict, load_tensors
 
         state = load_tensors(path)
         if isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
         if any(k.startswith("visual.") for k in state):
             state = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
-        missing, unexpected = self.visual.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{path}: vision tower weights do not match: missing {missing[:10]}, unexpected {unexpected[:10]}")
+        check_state_dict(self.visual.state_dict(), state, path, "vision tower")
+        self.visual.load_state_dict(state, strict=True)
         logger.info("loaded vision tower weights from %s", path)
 
     def forward(self, pixels: torch.Tensor, select_layer: int = -2) -> torch.Tensor:

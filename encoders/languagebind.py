@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mcomp.encoders.video import VideoAdapter, VideoAdapterConfig
-from mcomp.encoders.weights import check_state_dict, read_hf_weights, read_json
+from mcomp.encoders.weights import read_hf_weights, read_json
+from mcomp.io import check_state_dict
 from mcomp.io import load_tensors
 from mcomp.modality import register_modality
 

@@ -250,16 +250,8 @@ class PointBert(nn.Module):
         return self.norm(self.blocks(x, pos))
 
     def load_checkpoint(self, path: str) -> None:
-        """Load weights strictly from a local file: a plain state dict (`point_bert_v1.2.pt`), or a
-        Point-BERT training checkpoint (`state_dict` with `module.point_encoder.` prefixes)."""
-        from mcomp.io import load_tensors
-
-        state = load_tensors(path)
-        if isinstance(state.get("state_dict"), dict):
-            state = state["state_dict"]
-        prefix = "module.point_encoder."
-        if any(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        """Load weights strictly from a local file (see `read_pointbert_state`)."""
+        state = read_pointbert_state(path)
         expected = self.state_dict()
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
@@ -275,3 +267,17 @@ class PointBert(nn.Module):
             )
         self.load_state_dict(state, strict=True)
         logger.info("loaded Point-BERT weights from %s", path)
+
+
+def read_pointbert_state(path) -> dict:
+    """Point-BERT weights from a local file: a plain state dict (`point_bert_v1.2.pt`), or a
+    Point-BERT training checkpoint (`state_dict` with `module.point_encoder.` prefixes)."""
+    from mcomp.io import load_tensors
+
+    state = load_tensors(path)
+    if isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    prefix = "module.point_encoder."
+    if any(k.startswith(prefix) for k in state):
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    return state

@@ -5,7 +5,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable
 
 import torch
 
@@ -16,36 +16,6 @@ logger = logging.getLogger(__name__)
 # transformers checkpoint files, in the order transformers itself prefers them
 HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 HF_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-
-
-def _preview(names: list[str], limit: int = 12) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
-
-
-def check_state_dict(
-    expected: Mapping[str, torch.Size | tuple[int, ...] | torch.Tensor],
-    state: Mapping[str, torch.Tensor],
-    source: str | os.PathLike,
-    what: str,
-) -> None:
-    """Raise ValueError naming every missing key, unexpected key and wrong shape."""
-    def shape(v) -> tuple[int, ...]:
-        return tuple(v.shape) if hasattr(v, "shape") else tuple(v)
-
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k}: file {shape(state[k])} vs expected {shape(expected[k])}"
-             for k in sorted(set(state) & set(expected)) if shape(state[k]) != shape(expected[k])]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} key(s): {_preview(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} key(s): {_preview(unexpected)}")
-        if wrong:
-            parts.append(f"wrong shape for {len(wrong)} key(s): {_preview(wrong, 6)}")
-        raise ValueError(f"{source}: {what} weights do not match: " + "; ".join(parts))
 
 
 def hf_weight_files(folder: str | os.PathLike) -> list[Path]:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from mcomp.configuration import JsonConfig
-from mcomp.io import atomic_directory, load_tensors, save_tensors
+from mcomp.io import atomic_directory, check_state_dict, load_tensors, save_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -176,8 +176,9 @@ def load_mllm(path: str | os.PathLike, *, device: str = "cpu", dtype: torch.dtyp
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     model = MultimodalLM.build(llm, tokenizer, cfg.adapters, template=cfg.template)
     model.provenance = cfg.provenance
+    tensors = read_adapter_tensors(path)
     for modality in model.adapters:
-        load_adapter_weights(model, modality, path)
+        load_adapter_weights(model, modality, path, tensors)
     if cfg.lora:
         for name in cfg.lora["adapters"]:
             load_adapter_into(model, path / "lora" / name, name)
@@ -187,16 +188,23 @@ def load_mllm(path: str | os.PathLike, *, device: str = "cpu", dtype: torch.dtyp
     return model.to(device).eval()
 
 
-def load_adapter_weights(model, modality: str, path: str | os.PathLike, source_modality: str | None = None) -> None:
-    """Projector (and, for random-init encoders, encoder) weights of `modality` from checkpoint `path`."""
+def load_adapter_weights(model, modality: str, path: str | os.PathLike, tensors: dict | None = None) -> None:
+    """Projector (and, for random-init encoders, encoder) weights of `modality` from checkpoint
+    `path`; `tensors` = {"projectors": ..., "encoders": ...} already read, to read each file once."""
     path = Path(path)
+    tensors = tensors if tensors is not None else read_adapter_tensors(path)
     adapter = model.adapters[modality]
-    key = source_modality or modality
-    _load_prefixed(adapter.projector, load_tensors(path / "projectors.safetensors"), key, path / "projectors.safetensors")
+    _load_prefixed(adapter.projector, tensors["projectors"], modality, path / "projectors.safetensors")
     if getattr(adapter.config, "checkpoint", None) is None:
-        enc_path = path / "encoders.safetensors"
-        _load_prefixed(adapter.encoder, load_tensors(enc_path) if enc_path.is_file() else {}, key, enc_path)
+        _load_prefixed(adapter.encoder, tensors["encoders"], modality, path / "encoders.safetensors")
         adapter.forget_fingerprint()
+
+
+def read_adapter_tensors(path: str | os.PathLike) -> dict[str, dict[str, torch.Tensor]]:
+    path = Path(path)
+    encoders = path / "encoders.safetensors"
+    return {"projectors": load_tensors(path / "projectors.safetensors"),
+            "encoders": load_tensors(encoders) if encoders.is_file() else {}}
 
 
 def load_modality_tokens(model, path: str | os.PathLike, only: str | None = None) -> None:
@@ -228,12 +236,5 @@ def tokenizer_sha256(path: str | os.PathLike) -> str:
 
 def _load_prefixed(module: torch.nn.Module, tensors: dict[str, torch.Tensor], prefix: str, source: Path) -> None:
     state = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise ValueError(f"{source}: weights for {prefix!r} do not match: missing {missing[:8]}, unexpected {unexpected[:8]}")
-    for k, v in state.items():
-        if v.shape != own[k].shape:
-            raise ValueError(f"{source}: tensor {prefix}.{k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
+    check_state_dict(module.state_dict(), state, source, repr(prefix))
     module.load_state_dict(state, strict=True)

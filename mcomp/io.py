@@ -7,7 +7,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -81,6 +81,36 @@ def load_tensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, torc
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
     return obj
+
+
+def _preview(names: list[str], limit: int = 12) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def check_state_dict(
+    expected: Mapping[str, torch.Size | tuple[int, ...] | torch.Tensor],
+    state: Mapping[str, torch.Tensor],
+    source: str | os.PathLike,
+    what: str,
+) -> None:
+    """Raise ValueError naming every missing key, unexpected key and wrong shape."""
+    def shape(v) -> tuple[int, ...]:
+        return tuple(v.shape) if hasattr(v, "shape") else tuple(v)
+
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k}: file {shape(state[k])} vs expected {shape(expected[k])}"
+             for k in sorted(set(state) & set(expected)) if shape(state[k]) != shape(expected[k])]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} key(s): {_preview(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} key(s): {_preview(unexpected)}")
+        if wrong:
+            parts.append(f"wrong shape for {len(wrong)} key(s): {_preview(wrong, 6)}")
+        raise ValueError(f"{source}: {what} weights do not match: " + "; ".join(parts))
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:

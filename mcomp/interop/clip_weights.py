@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 
-from mcomp.encoders.weights import check_state_dict, read_hf_weights, read_json
+from mcomp.encoders.weights import read_hf_weights, read_json
+from mcomp.io import check_state_dict
 from mcomp.io import load_tensors, save_tensors
 
 logger = logging.getLogger(__name__)

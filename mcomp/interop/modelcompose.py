@@ -39,7 +39,8 @@ from typing import Any
 
 import torch
 
-from mcomp.encoders.weights import check_state_dict, read_json
+from mcomp.encoders.weights import read_json
+from mcomp.io import check_state_dict
 from mcomp.io import atomic_directory, load_tensors, save_tensors, sha256_file
 from mcomp.lora import LLAMA_TARGETS, TEXT_ROUTE, LoraSpec
 
@@ -396,14 +397,9 @@ def build_adapter_configs(ckpt: ReleasedCheckpoint, roots: list[Path], weights_d
 
 def point_bert_config(path: Path) -> dict[str, Any]:
     """Point-BERT shape from its weights (heads: width / 64; groups: the published 512 x 32)."""
-    from mcomp.encoders.pointbert import PointBertConfig
+    from mcomp.encoders.pointbert import PointBertConfig, read_pointbert_state
 
-    state = load_tensors(path)
-    if isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    prefix = "module.point_encoder."
-    if any(k.startswith(prefix) for k in state):
-        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    state = read_pointbert_state(path)
     needed = ("cls_token", "reduce_dim.weight", "encoder.first_conv.0.weight", "blocks.blocks.0.mlp.fc1.weight")
     missing = [k for k in needed if k not in state]
     if missing:
