@@ -8,6 +8,7 @@ Samples are left-padded into a batch; position ids follow the attention mask.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
@@ -313,21 +314,69 @@ class MultimodalLM(nn.Module):
 
     @torch.no_grad()
     def loglikelihood(
-        self, context: str, continuations: Sequence[str], media: Media | None = None
+        self, context: str, continuations: Sequence[str], media: Media | None = None, *,
+        reuse_context: bool = True, batch_size: int = 16,
     ) -> list[LoglikelihoodResult]:
-        """Score each continuation after one context (the lm-eval `loglikelihood` request)."""
-        n = len(continuations)
-        media_n = self._normalise_media([media], 1)
-        ctx_ids = self.tokenize(context)
-        self._check_placeholders(0, ctx_ids, media_n[0])
-        features = self.encode_media(media_n) * n  # encode once, share across options
+        """Score each continuation after one context (the lm-eval `loglikelihood` request).
+
+        The context (system text, media, question) is the same for every option and by far the
+        longest part: by default it runs once with `use_cache=True`, and the options are scored in
+        batches against copies of its keys/values (option tokens are text: they take the text
+        route, as generated tokens do). `reuse_context=False` runs context + option as one full
+        forward per option instead (same numbers up to rounding).
+        """
         cont_ids = [tokenize_continuation(self.tokenizer, c) for c in continuations]
         for c, ids in zip(continuations, cont_ids):
             if not ids:
                 raise ValueError(f"continuation {c!r} tokenises to nothing")
-        inputs = self._assemble([ctx_ids + c for c in cont_ids], features, None, cont_ids)
+        media_n = self._normalise_media([media], 1)
+        ctx_ids = self.tokenize(context)
+        self._check_placeholders(0, ctx_ids, media_n[0])
+        features = self.encode_media(media_n)  # encoded once, shared by every option
+        if reuse_context:
+            ctx = self._assemble([ctx_ids], features)
+            out = self.forward(ctx, use_cache=True)
+            if out.past_key_values is not None and hasattr(out.past_key_values, "batch_repeat_interleave"):
+                return self._score_against_cache(ctx, out, cont_ids, batch_size)
+        inputs = self._assemble([ctx_ids + c for c in cont_ids], features * len(cont_ids), None, cont_ids)
         logits = self.forward(dataclasses.replace(inputs, labels=None)).logits.float()
         return score_continuations(logits, inputs)
+
+    def _score_against_cache(self, ctx: MultimodalInputs, out, cont_ids: list[list[int]],
+                             batch_size: int) -> list[LoglikelihoodResult]:
+        """Option i's first token is read from the context's last logits; its other tokens come from
+        one forward over the option batch (right-padded) on a copy of the context's KV cache."""
+        first = F.log_softmax(out.logits[0, -1].float(), dim=-1)
+        ctx_len = ctx.inputs_embeds.shape[1]
+        embed = self.llm.get_input_embeddings()
+        device = ctx.inputs_embeds.device
+        results: list[LoglikelihoodResult] = []
+        for start in range(0, len(cont_ids), max(1, batch_size)):
+            chunk = cont_ids[start : start + batch_size]
+            tails = [ids[:-1] for ids in chunk]  # tokens that predict the option's later tokens
+            width, n = max(len(t) for t in tails), len(chunk)
+            logprobs = first.expand(n, 1, first.shape[-1])
+            if width > 0:
+                ids = torch.zeros(n, width, dtype=torch.long, device=device)
+                mask = torch.zeros(n, ctx_len + width, dtype=torch.long, device=device)
+                mask[:, :ctx_len] = 1
+                for b, t in enumerate(tails):
+                    ids[b, : len(t)] = torch.tensor(t, dtype=torch.long, device=device)
+                    mask[b, ctx_len : ctx_len + len(t)] = 1
+                step = MultimodalInputs(
+                    inputs_embeds=embed(ids), attention_mask=mask,
+                    position_ids=torch.arange(ctx_len, ctx_len + width, device=device).unsqueeze(0).expand(n, -1),
+                    modality_ids=torch.full((n, width), TEXT, dtype=torch.long, device=device),
+                )
+                logits = self.forward(step, past_key_values=_repeat_cache(out.past_key_values, n), use_cache=True).logits
+                logprobs = torch.cat([logprobs, F.log_softmax(logits.float(), dim=-1)], dim=1)  # row k predicts token k
+            for b, option_ids in enumerate(chunk):
+                target = torch.tensor(option_ids, device=device)
+                rows = logprobs[b, : len(option_ids)]
+                lp = rows.gather(-1, target[:, None]).squeeze(-1)
+                results.append(LoglikelihoodResult(float(lp.sum()), bool((rows.argmax(-1) == target).all()),
+                                                   len(option_ids)))
+        return results
 
     def inserted_tokens(self, modality: str) -> int:
         """Positions one input of `modality` occupies: prefix + features + suffix."""
@@ -392,6 +441,17 @@ class MultimodalLM(nn.Module):
         from mcomp.checkpoint import load_mllm
 
         return load_mllm(path, **kwargs)
+
+
+def _repeat_cache(cache, repeats: int):
+    """A copy of a batch-of-one KV cache repeated `repeats` times; `cache` itself is left unchanged."""
+    if hasattr(cache, "layers"):  # transformers Cache objects: layers reassign their tensors when repeating
+        new = copy.copy(cache)
+        new.layers = [copy.copy(layer) for layer in cache.layers]
+    else:
+        new = copy.deepcopy(cache)
+    new.batch_repeat_interleave(repeats)
+    return new
 
 
 def score_continuations(logits: torch.Tensor, inputs: MultimodalInputs) -> list[LoglikelihoodResult]:

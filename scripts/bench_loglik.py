@@ -69,7 +69,7 @@ def main(argv=None) -> int:
         methods = {
             "cached": lambda p, m, c: score_options(model, p, c, m),
             "full": lambda p, m, c: score_options_full(model, p, c, m),
-            "batched": lambda p, m, c: model.loglikelihood(p, c, m),
+            "batched": lambda p, m, c: model.loglikelihood(p, c, m, reuse_context=False),
         }
         # Interleaved: every question is timed with every method in turn, `repeats` times, and the per-question
         # minimum is kept, so bursts of load from other processes do not favour one method.

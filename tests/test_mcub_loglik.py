@@ -59,7 +59,7 @@ def test_missing_placeholders_get_demo_lines_in_modality_order(model, sample):
 def test_cached_scores_equal_model_loglikelihood(model, sample):
     prompt = build_prompt(model, get_template("vicuna_v1"), sample, ORDER)
     media = ordered_media(model, sample, ORDER)
-    reference = model.loglikelihood(prompt, OPTIONS, media)
+    reference = model.loglikelihood(prompt, OPTIONS, media, reuse_context=False)
     assert len({r.num_tokens for r in reference}) > 2  # options of several lengths (right padding is exercised)
     for batch_size in (1, 3, 16):
         _check_equal(score_options(model, prompt, OPTIONS, media, batch_size=batch_size), reference)
@@ -103,7 +103,7 @@ def test_routed_lora_model(sample):
     m.set_routes({"text": [("text", 1.0)], "image": [("image", 1.0)]})
     prompt = build_prompt(m, get_template("vicuna_v1"), sample, ORDER)
     media = ordered_media(m, sample, ORDER)
-    reference = m.loglikelihood(prompt, OPTIONS, media)
+    reference = m.loglikelihood(prompt, OPTIONS, media, reuse_context=False)
     _check_equal(score_options(m, prompt, OPTIONS, media, batch_size=3), reference)
     m.set_routes({"text": [("text", 1.0)], "image": [("text", 1.0)]})  # the image route matters
     assert m.loglikelihood(prompt, OPTIONS[:1], media)[0].logprob != pytest.approx(reference[0].logprob, abs=1e-6)
