@@ -17,26 +17,36 @@ from mcomp.io import load_tensors, save_tensors, sha256_file
 logger = logging.getLogger(__name__)
 
 
+class ContentHashes:
+    """sha256 of media files, computed once per (path, mtime, size)."""
+
+    def __init__(self):
+        self._known: dict[tuple[str, int, int], str] = {}
+
+    def __call__(self, source) -> str | None:
+        """The content hash of a file on disk; None for anything else (no stable identity)."""
+        if not isinstance(source, (str, os.PathLike)) or not os.path.isfile(source):
+            return None
+        st = os.stat(source)
+        key = (os.path.abspath(source), st.st_mtime_ns, st.st_size)
+        if key not in self._known:
+            self._known[key] = sha256_file(source)
+        return self._known[key]
+
+
 class FeatureCache:
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, hashes: ContentHashes | None = None):
         self.root = Path(root)
         self.hits = 0
         self.misses = 0
-        self._file_hashes: dict[tuple[str, float, int], str] = {}
-
-    def _content_hash(self, path: str) -> str:
-        st = os.stat(path)
-        key = (os.path.abspath(path), st.st_mtime, st.st_size)
-        if key not in self._file_hashes:
-            self._file_hashes[key] = sha256_file(path)
-        return self._file_hashes[key]
+        self.hashes = hashes or ContentHashes()
 
     def _path(self, fingerprint: str, source: str) -> Path:
-        digest = hashlib.sha256(f"{fingerprint}:{self._content_hash(source)}".encode()).hexdigest()
+        digest = hashlib.sha256(f"{fingerprint}:{self.hashes(source)}".encode()).hexdigest()
         return self.root / fingerprint / digest[:2] / f"{digest}.safetensors"
 
     def get(self, fingerprint: str, source) -> torch.Tensor | None:
-        if not isinstance(source, (str, os.PathLike)) or not os.path.isfile(source):
+        if self.hashes(source) is None:
             return None  # only files on disk have a stable identity
         path = self._path(fingerprint, os.fspath(source))
         if not path.is_file():
@@ -46,6 +56,6 @@ class FeatureCache:
         return load_tensors(path)["features"]
 
     def put(self, fingerprint: str, source, features: torch.Tensor) -> None:
-        if not isinstance(source, (str, os.PathLike)) or not os.path.isfile(source):
+        if self.hashes(source) is None:
             return
         save_tensors({"features": features.detach().cpu()}, self._path(fingerprint, os.fspath(source)))

@@ -14,18 +14,17 @@ from collections import OrderedDict
 
 import torch
 
-from mcomp.feature_cache import FeatureCache
-from mcomp.io import sha256_file
+from mcomp.feature_cache import ContentHashes, FeatureCache
 
 logger = logging.getLogger(__name__)
 
 
 class EvalFeatureCache:
     def __init__(self, disk: FeatureCache | str | os.PathLike | None = None, max_items: int = 64):
-        self.disk = FeatureCache(disk) if isinstance(disk, (str, os.PathLike)) else disk
+        self.hashes = disk.hashes if isinstance(disk, FeatureCache) else ContentHashes()
+        self.disk = FeatureCache(disk, self.hashes) if isinstance(disk, (str, os.PathLike)) else disk
         self.max_items = max_items
         self._memory: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
-        self._hashes: dict[tuple[str, int, int], str] = {}  # (path, mtime_ns, size) -> sha256
         self.memory_hits = 0
         self.encoded = 0  # files that had to be run through an encoder
 
@@ -34,13 +33,8 @@ class EvalFeatureCache:
         return self.disk.hits if self.disk is not None else 0
 
     def _key(self, fingerprint: str, source) -> tuple[str, str] | None:
-        if not isinstance(source, (str, os.PathLike)) or not os.path.isfile(source):
-            return None
-        st = os.stat(source)
-        stamp = (os.path.abspath(source), st.st_mtime_ns, st.st_size)
-        if stamp not in self._hashes:
-            self._hashes[stamp] = sha256_file(source)
-        return fingerprint, self._hashes[stamp]
+        digest = self.hashes(source)
+        return None if digest is None else (fingerprint, digest)
 
     def get(self, fingerprint: str, source) -> torch.Tensor | None:
         key = self._key(fingerprint, source)
