@@ -27,8 +27,11 @@ class TaskArithmetic(MergeMethod):
     Params = TaskArithmeticParams
     description = "θ0 + λ Σ w_i τ_i (Ilharco et al. 2023)"
 
+    def coefficients(self) -> list[float]:
+        return self.p.weight_list(self.n)
+
     def merge(self, tau: torch.Tensor, chunk: Chunk, stats: dict) -> torch.Tensor:
-        out = weighted_sum(tau, self.p.weight_list(self.n))
+        out = weighted_sum(tau, self.coefficients())
         return out.mul_(self.p.scale) if self.p.scale != 1.0 else out
 
 
@@ -43,13 +46,11 @@ class LinearParams(MethodParams):
 
 
 @register
-class Linear(MergeMethod):
+class Linear(TaskArithmetic):
     name = "linear"
     Params = LinearParams
     description = "weighted average θ0 + λ Σ (w_i/Σw) τ_i = Σ (w_i/Σw) θ_i for λ = 1"
 
-    def merge(self, tau: torch.Tensor, chunk: Chunk, stats: dict) -> torch.Tensor:
+    def coefficients(self) -> list[float]:
         w = self.p.weight_list(self.n)
-        total = sum(w)
-        out = weighted_sum(tau, [x / total for x in w])
-        return out.mul_(self.p.scale) if self.p.scale != 1.0 else out
+        return [x / sum(w) for x in w]
