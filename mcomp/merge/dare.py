@@ -75,8 +75,8 @@ class DareTiesParams(DareParams):
 
 
 class _Dare(MergeMethod):
-    def __init__(self, params, n):
-        super().__init__(params, n)
+    def __init__(self, params, n, workspace=None):
+        super().__init__(params, n, workspace)
         self.masks = MaskStream(params.seed, params.density)
 
     def _keep(self, tau: torch.Tensor, chunk: Chunk) -> torch.Tensor:

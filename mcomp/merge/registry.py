@@ -16,6 +16,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from mcomp.merge.kernels import Workspace
+
 SCOPES = ("global", "tensor")
 
 
@@ -100,9 +102,12 @@ class MergeMethod:
     Params: ClassVar[type[MethodParams]] = MethodParams
     description: ClassVar[str] = ""
 
-    def __init__(self, params: MethodParams, n: int):
+    def __init__(self, params: MethodParams, n: int, workspace: Workspace | None = None):
         self.p = params
         self.n = n
+        # scratch buffers for the per-chunk maths; None (fresh tensors) when the caller keeps
+        # what `merge`/`observe` helpers return across chunks
+        self.workspace = workspace
 
     def scope(self) -> str:
         """`global` (statistics over all merged tensors) or `tensor` (per tensor)."""

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mcomp.merge.kernels import between, count_below, count_equal
+
 _BINS = 1 << 16
 
 
@@ -159,32 +161,21 @@ class RowQuantiles:
     def _bracket_update(self, t: _Target, row: torch.Tensor) -> None:
         lo, hi = t.lo, t.hi
         if lo == hi:  # a point bracket (e.g. a mass of zeros): counts suffice
-            t.below += int((row < lo).sum())
-            t.equal += int((row == lo).sum())
+            t.below += count_below(row, lo)
+            t.equal += count_equal(row, lo)
             return
-        # One comparison and one selection over the row: keep the side of the bracket that
-        # holds the smaller tail (the values above `lo` for upper ranks, below `hi` for lower
-        # ones); the count below `lo` then comes from sizes or from the small selection.
-        if t.rank >= self.total // 2:
-            side = row[row >= lo] if lo != -math.inf else row
-            t.below += row.numel() - side.numel()
-            inside = side[side <= hi] if hi != math.inf else side
-        else:
-            side = row[row <= hi] if hi != math.inf else row
-            if lo != -math.inf:
-                low = side < lo
-                t.below += int(low.sum())
-                inside = side[~low]
-            else:
-                inside = side
+        # the bracket is narrow: count below it, collect the few values inside
+        if lo != -math.inf:
+            t.below += count_below(row, lo)
         if t.overflow:
             return
+        inside = between(row, lo, hi)
         t.found += inside.numel()
         if t.found > self.cap:
             t.overflow = True
             t.pieces = []
         elif inside.numel():
-            t.pieces.append(inside.cpu())
+            t.pieces.append(inside)
 
     def end_pass(self) -> None:
         if self._seen != self.total:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from mcomp.merge.kernels import Workspace, scratch
 from mcomp.merge.registry import Chunk, MergeMethod, Segment, get_method, make_params
 from mcomp.merge.selection import RowQuantiles
 from mcomp.merge.sources import Source, TensorInfo
@@ -52,7 +53,7 @@ class _Collect:
         self.parts: list[torch.Tensor] = []
 
     def update(self, x: torch.Tensor) -> None:
-        self.parts.append(x.float())
+        self.parts.append(x.to(torch.float32, copy=True))  # x may be a reused scratch buffer
 
     def values(self) -> torch.Tensor:
         return torch.cat(self.parts, dim=1)
@@ -190,11 +191,15 @@ class MergeEngine:
         return items
 
     # -- reading ------------------------------------------------------------------------------
-    def read(self, chunk: Chunk, check: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """(θ0, τ) of a chunk as float32 on the engine device: shapes (C,) and (n, C)."""
+    def read(self, chunk: Chunk, check: bool = False, workspace: Workspace | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(θ0, τ) of a chunk as float32 on the engine device: shapes (C,) and (n, C).
+
+        With a `workspace` they live in its buffers (valid until the next read)."""
         size = chunk.size
-        base = torch.empty(size, dtype=torch.float32)
-        tau = torch.empty(self.n, size, dtype=torch.float32)
+        like = torch.empty(0, dtype=torch.float32)
+        base = scratch(workspace if self.device.type == "cpu" else None, "read.base", (size,), like)
+        tau = scratch(workspace if self.device.type == "cpu" else None, "read.tau", (self.n, size), like)
         pos = 0
         for seg in chunk.segments:
             end = pos + seg.size
@@ -257,7 +262,9 @@ class MergeEngine:
         return tqdm(total=total, desc=desc, unit="param", unit_scale=True, disable=not self.progress, leave=False)
 
     def group_stats(self, method: MergeMethod, group: list[str], chunks: list[Chunk], checked: list[bool]) -> dict:
-        """Run the method's statistic stages over a group (passes over its chunks)."""
+        """Run the method's statistic stages over a group (passes over its chunks).
+
+        Chunks are read into `method.workspace` when it has one."""
         d = sum(self.base.infos[k].numel for k in group)
         stats: dict = {}
         sample = None
@@ -283,7 +290,7 @@ class MergeEngine:
                 self._group_passes += 1
                 with self._bar(d, f"{method.name} stage {stage + 1}") as bar:
                     for chunk in chunks:
-                        _, tau = self.read(chunk, check=not checked[chunk.index])
+                        _, tau = self.read(chunk, check=not checked[chunk.index], workspace=method.workspace)
                         checked[chunk.index] = True
                         method.observe(stage, tau, chunk, stats, view)
                         bar.update(chunk.size)
@@ -297,7 +304,7 @@ class MergeEngine:
 
     def run(self, sink: Sink) -> MergeReport:
         t0 = time.perf_counter()
-        method = self.method_cls(self.params, self.n)
+        method = self.method_cls(self.params, self.n, workspace=Workspace())
         for k in self.copy_keys:
             info = self.base.infos[k]
             sink.copy(k, self.base.read(k, 0, info.numel).reshape(info.shape))
@@ -312,7 +319,7 @@ class MergeEngine:
             self.report.passes = max(self.report.passes, self._group_passes)
             with self._bar(sum(c.size for c in chunks), f"{method.name} merge") as bar:
                 for chunk in chunks:
-                    base, tau = self.read(chunk, check=not checked[chunk.index])
+                    base, tau = self.read(chunk, check=not checked[chunk.index], workspace=method.workspace)
                     checked[chunk.index] = True
                     delta = method.merge(tau, chunk, stats)
                     pos = 0
