@@ -293,3 +293,22 @@ def test_search_reuses_scores_and_is_seeded():
     r2 = search_coefficients(base, models, objective, ratio=0.2, bounds=(0.8, 1.3), budget=40, seed=3)
     assert r1.weights == r2.weights and r1.evaluations == 40
     assert r1.score < objective(prep.merge([1.0, 1.0, 1.0]))
+
+
+@pytest.mark.parametrize("inter", ["v1", "v3"])
+def test_streaming_pcb_candidate_columns_change_nothing(ckpts, tmp_path, monkeypatch, inter):
+    """The merge pass computes β only where stage 1 saw some β_i above its bracket floor; the
+    output must be bit-identical to computing β everywhere."""
+    from mcomp.merge.pcb import Pcb
+
+    base, models, paths = ckpts
+    fast = merge_checkpoints(paths[0], paths[1:], tmp_path / "fast", "pcb", chunk_elems=1000, ratio=0.1, inter=inter,
+                             dtype="float32")
+    assert 0 < fast.stats[0]["candidates"] < 0.6  # the restricted path ran, on a minority of columns
+    monkeypatch.setattr(Pcb, "CANDIDATE_MASK_BYTES", 0)
+    full = merge_checkpoints(paths[0], paths[1:], tmp_path / "full", "pcb", chunk_elems=1000, ratio=0.1, inter=inter,
+                             dtype="float32")
+    assert "candidates" not in full.stats[0]
+    a, b = load_dir(tmp_path / "fast"), load_dir(tmp_path / "full")
+    for k in base:
+        assert torch.equal(a[k], b[k]), k

@@ -115,3 +115,31 @@ def scratch(workspace: Workspace | None, name: str, shape: tuple[int, ...], like
     if workspace is None:
         return torch.empty(shape, dtype=like.dtype, device=like.device)
     return workspace.get(name, shape, like)
+
+
+class GrowableArray:
+    """An append-only 1-D NumPy array in one buffer that doubles when full.
+
+    Values kept across a whole pass (a bracket's candidates, PCB's candidate bits) are stored
+    here rather than as one small array per chunk: many small long-lived blocks scattered
+    between the chunk temporaries fragment the C heap, which then grows by about a chunk's
+    worth of temporaries per chunk instead of reusing them.
+    """
+
+    def __init__(self, dtype, capacity: int = 1 << 16) -> None:
+        self._data = np.empty(max(int(capacity), 1), dtype=dtype)
+        self.size = 0
+
+    def append(self, values: np.ndarray) -> tuple[int, int]:
+        """Store `values`; returns their (start, stop) positions."""
+        start, stop = self.size, self.size + values.size
+        if stop > self._data.size:
+            grown = np.empty(max(stop, 2 * self._data.size), dtype=self._data.dtype)
+            grown[:start] = self._data[:start]
+            self._data = grown
+        self._data[start:stop] = values.reshape(-1)
+        self.size = stop
+        return start, stop
+
+    def view(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        return self._data[start:self.size if stop is None else stop]

@@ -22,9 +22,10 @@ import math
 import struct
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
-from mcomp.merge.kernels import between, count_below, count_equal
+from mcomp.merge.kernels import GrowableArray, between, count_below, count_equal
 
 _BINS = 1 << 16
 
@@ -56,7 +57,7 @@ class _Target:
     below: int = 0
     equal: int = 0
     found: int = 0
-    pieces: list = field(default_factory=list)
+    pieces: GrowableArray | None = None  # the values collected inside the bracket
     overflow: bool = False
     coarse_bin: int = 0  # fine pass
     rank_in_bin: int = 0
@@ -104,6 +105,16 @@ class RowQuantiles:
             t.hi = float(torch.kthvalue(row, j_hi + 1).values) if j_hi < m else math.inf
             t.mode = "bracket"
 
+    def bracket_floors(self) -> list[float] | None:
+        """Per row, the lowest bracket bound of its targets, while every target is bracketed
+        (so each value found later lies at or above it); None otherwise."""
+        floors = [math.inf] * (max((t.row for t in self.targets), default=-1) + 1)
+        for t in self.targets:
+            if t.mode != "bracket" or t.lo == -math.inf:
+                return None
+            floors[t.row] = min(floors[t.row], t.lo)
+        return floors
+
     @property
     def needs_pass(self) -> bool:
         return any(t.mode != "done" for t in self.targets)
@@ -123,7 +134,7 @@ class RowQuantiles:
         self._hist = {}
         for t in self.targets:
             t.below = t.equal = t.found = 0
-            t.pieces = []
+            t.pieces = None
             t.overflow = False
 
     def update(self, x: torch.Tensor) -> None:
@@ -173,9 +184,11 @@ class RowQuantiles:
         t.found += inside.numel()
         if t.found > self.cap:
             t.overflow = True
-            t.pieces = []
+            t.pieces = None
         elif inside.numel():
-            t.pieces.append(inside)
+            if t.pieces is None:
+                t.pieces = GrowableArray(np.float32)
+            t.pieces.append(inside.numpy())
 
     def end_pass(self) -> None:
         if self._seen != self.total:
@@ -209,11 +222,11 @@ class RowQuantiles:
             else:
                 t.mode = "histogram"
         elif not t.overflow and 0 <= j < t.found:
-            t.value = kth_smallest(torch.cat(t.pieces), j)
+            t.value = kth_smallest(torch.from_numpy(t.pieces.view()), j)
             t.mode = "done"
         else:
             t.mode = "histogram"  # the bracket missed (or overflowed): exact fallback
-        t.pieces = []
+        t.pieces = None
 
 
 class RowMax:
