@@ -19,21 +19,37 @@ _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
 
 
-def _ufunc_inplace(ufunc: np.ufunc, view: np.ndarray) -> None:
-    """ufunc(view) in place, split into contiguous pieces run on a small thread pool."""
+def _workers() -> ThreadPoolExecutor | None:
+    """A pool as wide as torch's thread count (None when that is 1)."""
     global _pool, _pool_size
-    flat = view.reshape(-1)
     workers = max(1, torch.get_num_threads())
-    if workers == 1 or flat.size < _PARALLEL_MIN:
-        ufunc(flat, out=flat)
-        return
+    if workers == 1:
+        return None
     if _pool is None or _pool_size != workers:
         if _pool is not None:
             _pool.shutdown(wait=True)
         _pool, _pool_size = ThreadPoolExecutor(workers, thread_name_prefix="mcomp-merge"), workers
-    step = -(-flat.size // workers)
+    return _pool
+
+
+def parallel_map(fn, items: list) -> list:
+    """[fn(x) for x in items], on the pool; for work that releases the GIL (NumPy, torch)."""
+    pool = _workers() if len(items) > 1 else None
+    if pool is None:
+        return [fn(x) for x in items]
+    return [f.result() for f in [pool.submit(fn, x) for x in items]]
+
+
+def _ufunc_inplace(ufunc: np.ufunc, view: np.ndarray) -> None:
+    """ufunc(view) in place, split into contiguous pieces run on the pool."""
+    flat = view.reshape(-1)
+    pool = _workers() if flat.size >= _PARALLEL_MIN else None
+    if pool is None:
+        ufunc(flat, out=flat)
+        return
+    step = -(-flat.size // _pool_size)
     pieces = [flat[i:i + step] for i in range(0, flat.size, step)]
-    for f in [_pool.submit(ufunc, p, out=p) for p in pieces]:
+    for f in [pool.submit(ufunc, p, out=p) for p in pieces]:
         f.result()
 
 

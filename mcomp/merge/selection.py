@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from mcomp.merge.kernels import GrowableArray, between, count_below, count_equal
+from mcomp.merge.kernels import GrowableArray, between, count_below, count_equal, parallel_map
 
 _BINS = 1 << 16
 
@@ -146,6 +146,10 @@ class RowQuantiles:
         for t in self.targets:
             if t.mode != "done":
                 by_row.setdefault(t.row, []).append(t)
+        if not whole and x.device.type == "cpu" and all(t.mode == "bracket" for ts in by_row.values() for t in ts):
+            # the common case: each row's bracket work is independent NumPy work; rows in parallel
+            parallel_map(lambda item: [self._bracket_update(t, x[item[0]]) for t in item[1]], list(by_row.items()))
+            return
         for r, targets in by_row.items():
             row = x[r]
             if whole:
