@@ -60,22 +60,22 @@ def _numpy_view(x: torch.Tensor) -> np.ndarray | None:
     return None
 
 
-def tanh_(x: torch.Tensor) -> torch.Tensor:
-    """In-place tanh."""
+def _unary_(x: torch.Tensor, ufunc: np.ufunc, fallback: str) -> torch.Tensor:
     view = _numpy_view(x)
     if view is None:
-        return x.tanh_()
-    _ufunc_inplace(np.tanh, view)
+        return getattr(x, fallback)()
+    _ufunc_inplace(ufunc, view)
     return x
+
+
+def tanh_(x: torch.Tensor) -> torch.Tensor:
+    """In-place tanh."""
+    return _unary_(x, np.tanh, "tanh_")
 
 
 def exp_(x: torch.Tensor) -> torch.Tensor:
     """In-place exp."""
-    view = _numpy_view(x)
-    if view is None:
-        return x.exp_()
-    _ufunc_inplace(np.exp, view)
-    return x
+    return _unary_(x, np.exp, "exp_")
 
 
 def count_below(row: torch.Tensor, value: float) -> int:
