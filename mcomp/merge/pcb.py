@@ -154,11 +154,11 @@ class Pcb(MergeMethod):
             reducers["clip"].update(torch.abs(tau, out=scratch(self.workspace, "pcb.a", tau.shape, tau)))
         else:
             beta, _ = self.beta(tau, stats)
-            self._record_candidates(beta, chunk, reducers["threshold"], stats)
+            self._record_candidates(beta, chunk, reducers["threshold"])
             reducers["threshold"].update(beta)
             reducers["max"].update(beta)
 
-    def _record_candidates(self, beta: torch.Tensor, chunk: Chunk, threshold, stats: dict) -> None:
+    def _record_candidates(self, beta: torch.Tensor, chunk: Chunk, threshold) -> None:
         """Stage 1, first pass: the coordinates where some β_i exceeds its bracket floor."""
         if self.workspace is None or not chunk.segments or not isinstance(threshold, RowQuantiles):
             return  # a sample, a fallback pass, or a caller that keeps the scores itself
