@@ -31,8 +31,9 @@ def test_zoo_holds_every_model_and_reuses_its_cache(zoo):
     assert (zoo.root / "zoo.json").stat().st_mtime_ns == before  # cached: nothing rebuilt
 
 
-def test_reduced_demo_runs_to_the_table(zoo, tmp_path):
-    summary = run_demo("test", 0, tmp_path / "demo", root=zoo.root,
+def test_reduced_demo_runs_to_the_table(zoo, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a relative output directory, as the README's main command passes
+    summary = run_demo("test", 0, "demo", root=zoo.root,
                        combos={"image+audio+video+point": MODALITIES}, merges={"linear": {}, "pcb": {"ratio": 0.5}})
     table = (tmp_path / "demo" / "demo.md").read_text()
     rows = [ln for ln in table.splitlines() if ln.startswith("| ") and not ln.startswith("| model")]

@@ -44,7 +44,8 @@ def reduced_task(zoo: Zoo, modalities: tuple[str, ...], out: Path) -> Path:
         turns = [dict(q["conversations"][0], value="\n".join(lines))] + q["conversations"][1:]
         reduced.append(dict(q, conversations=turns, modal_inputs={k: v for k, v in q["modal_inputs"].items() if k in keep}))
     name = "+".join(modalities)
-    qpath = out / "tasks" / f"MCUB-4-{name}.json"
+    # absolute: the task loader reads relative question paths against the data root
+    qpath = (out / "tasks" / f"MCUB-4-{name}.json").resolve()
     qpath.parent.mkdir(parents=True, exist_ok=True)
     qpath.write_text(json.dumps(reduced))
     task = _shipped_task("mcub4")
