@@ -107,6 +107,36 @@ def combine(clipped: torch.Tensor, s: torch.Tensor, weights: list[float] | None,
     return out.mul_(scale) if scale != 1.0 else out
 
 
+class CandidateColumns:
+    """Stage 1's record, one bit per coordinate, of where some β_i exceeds `floors[i]` (the low
+    end of t_i's sample bracket). Valid for the merge pass only if every exact t_i >= floors[i]."""
+
+    def __init__(self, floors: list[float], total: int, max_bytes: int):
+        self.floors = floors
+        self.bits = GrowableArray(np.uint8, capacity=min(total // 8 + 1024, max_bytes))
+        self.spans: dict[int, tuple[int, int]] = {}  # chunk index -> its bytes in `bits`
+        self.count = 0  # coordinates marked
+
+    def record(self, index: int, beta: torch.Tensor) -> None:
+        rows = beta.cpu().numpy() if beta.device.type != "cpu" else beta.numpy()
+        keep = rows[0] > self.floors[0]
+        for i in range(1, len(self.floors)):
+            keep |= rows[i] > self.floors[i]
+        self.spans[index] = self.bits.append(np.packbits(keep))
+        self.count += int(np.count_nonzero(keep))
+
+    def covers(self, thresholds: list[float]) -> bool:
+        return all(t >= f for t, f in zip(thresholds, self.floors))
+
+    def columns(self, index: int, size: int) -> torch.Tensor | None:
+        """Indices of the marked coordinates of chunk `index` (None if it was not recorded)."""
+        span = self.spans.get(index)
+        if span is None:
+            return None
+        bits = np.unpackbits(self.bits.view(*span), count=size).view(np.bool_)  # bool: nonzero 7x faster
+        return torch.from_numpy(np.flatnonzero(bits))
+
+
 @dataclass
 class PcbParams(MethodParams):
     ratio: float = 0.1
@@ -130,15 +160,15 @@ class Pcb(MergeMethod):
 
     # the candidate bit mask costs d/8 bytes per group; past this, merge without it
     CANDIDATE_MASK_BYTES = 1 << 30
+    _candidates: CandidateColumns | None = None  # this group's, once stage 1 recorded them
+    _candidates_possible = False  # may stage 1 (still) record them for this group
 
     def num_stages(self) -> int:
         return 2
 
     def reducers(self, stage: int, d: int) -> dict:
-        self._candidates: dict[int, tuple[int, int]] | None = None  # chunk -> span of self._bits
-        self._bits: GrowableArray | None = None
-        self._floors: list[float] | None = None
-        self._mask_fits = d / 8 <= self.CANDIDATE_MASK_BYTES
+        self._candidates = None
+        self._candidates_possible = stage == 1 and self.workspace is not None and d / 8 <= self.CANDIDATE_MASK_BYTES
         if stage == 0:
             lo, hi = clip_ranks(d, self.p.clip)
             return {"clip": RowQuantiles([[lo, hi]] * self.n, d)}
@@ -159,24 +189,19 @@ class Pcb(MergeMethod):
             reducers["max"].update(beta)
 
     def _record_candidates(self, beta: torch.Tensor, chunk: Chunk, threshold) -> None:
-        """Stage 1, first pass: the coordinates where some β_i exceeds its bracket floor."""
-        if self.workspace is None or not chunk.segments or not isinstance(threshold, RowQuantiles):
-            return  # a sample, a fallback pass, or a caller that keeps the scores itself
+        """Stage 1, first pass only: the coordinates where some β_i exceeds its bracket floor."""
+        if not self._candidates_possible or not chunk.segments:  # off, or the sample
+            return
+        if isinstance(threshold, RowQuantiles) and threshold.passes > 1:
+            self._candidates, self._candidates_possible = None, False  # a fallback pass: untrustworthy
+            return
         if self._candidates is None:
             floors = threshold.bracket_floors()
-            if floors is None or not self._mask_fits:
+            if floors is None:
+                self._candidates_possible = False
                 return
-            self._floors, self._candidates, self._candidate_count = floors, {}, 0
-            self._bits = GrowableArray(np.uint8, capacity=min(threshold.total // 8 + 1024, self.CANDIDATE_MASK_BYTES))
-        elif chunk.index in self._candidates or threshold.passes > 1:
-            self._candidates = None  # not the first pass: the mask would not be trustworthy
-            return
-        rows = beta.cpu().numpy() if beta.device.type != "cpu" else beta.numpy()
-        keep = rows[0] > self._floors[0]
-        for i in range(1, self.n):
-            keep |= rows[i] > self._floors[i]
-        self._candidates[chunk.index] = self._bits.append(np.packbits(keep))
-        self._candidate_count += int(np.count_nonzero(keep))
+            self._candidates = CandidateColumns(floors, threshold.total, self.CANDIDATE_MASK_BYTES)
+        self._candidates.record(chunk.index, beta)
 
     def finish(self, stage, reducers, stats):
         if stage == 0:
@@ -189,10 +214,10 @@ class Pcb(MergeMethod):
             r = q.targets[0].rank
             stats["t"] = [q.value(i, r) for i in range(self.n)]
             stats["m"] = reducers["max"].result()
-            if self._candidates is not None and not all(t >= f for t, f in zip(stats["t"], self._floors)):
+            if self._candidates is not None and not self._candidates.covers(stats["t"]):
                 self._candidates = None  # a bracket missed: the mask may drop kept coordinates
             if self._candidates is not None:  # share of coordinates the merge pass computes β on
-                stats["candidates"] = self._candidate_count / reducers["threshold"].total
+                stats["candidates"] = self._candidates.count / q.total
 
     def scores(self, tau: torch.Tensor, stats: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(s, τ̃): the λ-independent part of the merge (reused across coefficient search)."""
@@ -203,13 +228,12 @@ class Pcb(MergeMethod):
 
     def merge(self, tau: torch.Tensor, chunk: Chunk, stats: dict) -> torch.Tensor:
         weights = list(self.p.weights) if self.p.weights is not None else None
-        span = self._candidates.get(chunk.index) if getattr(self, "_candidates", None) else None
-        if span is None:
+        cols = self._candidates.columns(chunk.index, tau.shape[1]) if self._candidates is not None else None
+        if cols is None:
             s, clipped = self.scores(tau, stats)
             return combine(clipped, s, weights, self.p.scale, inplace=self.workspace is not None)
         size = tau.shape[1]
-        bits = np.unpackbits(self._bits.view(*span), count=size).view(np.bool_)  # bool: nonzero 7x faster
-        cols = torch.from_numpy(np.flatnonzero(bits)).to(tau.device)
+        cols = cols.to(tau.device)
         sub = torch.index_select(tau, 1, cols, out=scratch(self.workspace, "pcb.sub", (self.n, cols.numel()), tau))
         s, clipped = self.scores(sub, stats)
         delta = torch.zeros(size, dtype=tau.dtype, device=tau.device)
