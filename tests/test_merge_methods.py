@@ -216,8 +216,8 @@ def test_float_keys_order_and_roundtrip():
     assert [key_to_float(int(v)) for v in k] == [float(v) + 0.0 for v in x]
 
 
-@pytest.mark.parametrize("sample", [True, False])
-def test_row_quantiles_exact_with_ties_and_zeros(sample):
+@pytest.mark.parametrize("sample,blocks", [(True, False), (False, False), (True, True)])
+def test_row_quantiles_exact_with_ties_and_zeros(sample, blocks):
     g = torch.Generator().manual_seed(3)
     x = torch.randn(3, 20000, generator=g)
     x[0, :3000] = 0.0
@@ -228,10 +228,29 @@ def test_row_quantiles_exact_with_ties_and_zeros(sample):
         q.use_sample(x[:, ::97])
     while q.needs_pass:
         q.begin_pass()
-        for c in x.split(1234, dim=1):
-            q.update(c)
+        if blocks and q.blockwise:  # blocks of the chunks out of order, as parallel workers deliver them
+            assert q.passes == 1
+            for c in reversed(x.split(1234, dim=1)):
+                for b in c.split(100, dim=1)[::-1]:
+                    q.update_block(b)
+        else:
+            for c in x.split(1234, dim=1):
+                q.update(c)
         q.end_pass()
+    if blocks:
+        assert q.passes == 1  # the sample brackets held: the blockwise pass found everything
     s = torch.sort(x, dim=1).values
     for i, rs in enumerate(ranks):
         for r in rs:
             assert q.value(i, r) == float(s[i, r])
+
+
+def test_bracket_scan_counts_and_collects_exactly():
+    from mcomp.merge.kernels import bracket_scan
+
+    g = torch.Generator().manual_seed(5)
+    row = torch.round(torch.randn(50000, generator=g) * 8) / 8  # ties on both bracket ends
+    for lo, hi in [(-0.5, 0.25), (1.0, 1.0), (2.0, 3.5), (-10.0, 10.0)]:
+        below, inside = bracket_scan(row, lo, hi)
+        assert below == sum(1 for v in row.tolist() if v < lo)
+        assert inside.tolist() == [v for v in row.tolist() if lo <= v <= hi]  # stream order kept

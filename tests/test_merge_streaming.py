@@ -312,3 +312,32 @@ def test_streaming_pcb_candidate_columns_change_nothing(ckpts, tmp_path, monkeyp
     a, b = load_dir(tmp_path / "fast"), load_dir(tmp_path / "full")
     for k in base:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_streaming_pcb_parallel_blocks_change_nothing(ckpts, tmp_path, monkeypatch):
+    """With two threads the per-chunk maths runs in column blocks on a pool (statistics reduced
+    block by block, out of order); the output must be bit-identical to one block on one thread."""
+    from mcomp.merge import kernels
+    from mcomp.merge.pcb import Pcb
+
+    base, models, paths = ckpts
+    parallel = []
+    real = kernels.column_blocks
+
+    def spy(fn, size, block, workspace):
+        parallel.append(size > block and torch.get_num_threads() > 1)
+        return real(fn, size, block, workspace)
+
+    monkeypatch.setattr("mcomp.merge.pcb.column_blocks", spy)
+    monkeypatch.setattr(Pcb, "BLOCK_VALUES", 3 * 70)
+    torch.set_num_threads(2)  # the module fixture restores it
+    blocked = merge_checkpoints(paths[0], paths[1:], tmp_path / "blocked", "pcb", chunk_elems=1000, ratio=0.1,
+                                dtype="float32")
+    assert sum(parallel) > 10 and blocked.stats[0]["candidates"] > 0
+    torch.set_num_threads(1)
+    monkeypatch.setattr(Pcb, "BLOCK_VALUES", 1 << 30)
+    single = merge_checkpoints(paths[0], paths[1:], tmp_path / "single", "pcb", chunk_elems=1000, ratio=0.1,
+                               dtype="float32")
+    a, b = load_dir(tmp_path / "blocked"), load_dir(tmp_path / "single")
+    for k in base:
+        assert torch.equal(a[k], b[k]), k

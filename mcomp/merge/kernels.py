@@ -9,6 +9,7 @@ inside the engine's 1e-6 relative agreement with the reference.
 """
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -17,11 +18,15 @@ import torch
 _PARALLEL_MIN = 1 << 16  # below this, splitting costs more than it saves
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
+_local = threading.local()  # .in_block: this thread runs one of `column_blocks`' blocks
+_blocks_lock = threading.Lock()  # one `column_blocks` run at a time (it changes torch's thread count)
 
 
 def _workers() -> ThreadPoolExecutor | None:
-    """A pool as wide as torch's thread count (None when that is 1)."""
+    """A pool as wide as torch's thread count (None when that is 1, or inside a block)."""
     global _pool, _pool_size
+    if getattr(_local, "in_block", False):
+        return None  # already one of the parallel workers: split no further
     workers = max(1, torch.get_num_threads())
     if workers == 1:
         return None
@@ -38,6 +43,43 @@ def parallel_map(fn, items: list) -> list:
     if pool is None:
         return [fn(x) for x in items]
     return [f.result() for f in [pool.submit(fn, x) for x in items]]
+
+
+def column_blocks(fn, size: int, block: int, workspace: "Workspace | None") -> None:
+    """fn(start, stop, ws) for consecutive column blocks [start, stop) of `size`, on the pool.
+
+    Each worker runs whole blocks with torch at one intra-op thread and its own scratch
+    workspace (`ws`). A chain of element-wise ops over an (n, C) chunk otherwise streams four
+    or five chunk-sized buffers through memory once per op; on blocks that fit in cache the
+    same chain runs about twice as fast (measured: PCB's β, 7.4 ms -> 3.9 ms per 3 × 2^20
+    values on 2 cores). `fn` must write only its own columns.
+    """
+    workers = max(1, torch.get_num_threads())
+    pool = _workers() if size > block else None
+    if pool is None or workspace is None:
+        fn(0, size, workspace)
+        return
+    blocks = -(-size // block)
+    blocks = -(-blocks // workers) * workers  # equal shares: no worker waits for another's last block
+    step = -(-size // blocks)
+    starts = list(range(0, size, step))
+
+    def run(slot: int) -> None:
+        _local.in_block = True
+        try:
+            ws = workspace.slot(slot)
+            for start in starts[slot::workers]:
+                fn(start, min(start + step, size), ws)
+        finally:
+            _local.in_block = False
+
+    with _blocks_lock:
+        torch.set_num_threads(1)  # process-wide; restored below
+        try:
+            for f in [pool.submit(run, k) for k in range(workers)]:
+                f.result()
+        finally:
+            torch.set_num_threads(workers)
 
 
 def _ufunc_inplace(ufunc: np.ufunc, view: np.ndarray) -> None:
@@ -103,6 +145,22 @@ def between(row: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     return torch.from_numpy(view[mask])
 
 
+def bracket_scan(row: torch.Tensor, lo: float, hi: float) -> tuple[int, torch.Tensor]:
+    """(entries < lo, the entries v with lo <= v <= hi) of a finite row, in stream order.
+
+    Two comparisons, one count and one sparse selection: a comparison fewer than
+    `count_below` plus `between`. (Selecting a dense side first, say the top 10%, and
+    filtering it is 5x slower: dense boolean selection is branch-bound.)
+    """
+    view = _numpy_view(row)
+    if view is None:
+        return count_below(row, lo), between(row, lo, hi)
+    mask = view >= lo
+    at_least = int(np.count_nonzero(mask))
+    mask &= view <= hi
+    return view.size - at_least, torch.from_numpy(view[mask])
+
+
 class Workspace:
     """Scratch tensors reused from chunk to chunk.
 
@@ -114,6 +172,14 @@ class Workspace:
 
     def __init__(self) -> None:
         self._buffers: dict[str, torch.Tensor] = {}
+        self._slots: dict[int, Workspace] = {}
+
+    def slot(self, k: int) -> "Workspace":
+        """A separate workspace for parallel worker `k` (buffers are not shared between threads)."""
+        ws = self._slots.get(k)
+        if ws is None:
+            ws = self._slots[k] = Workspace()
+        return ws
 
     def get(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         numel = 1

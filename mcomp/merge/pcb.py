@@ -26,12 +26,13 @@ ratio 0.1) and writes exact zeros elsewhere, as the full computation would.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from mcomp.merge.kernels import GrowableArray, Workspace, exp_, scratch, tanh_
+from mcomp.merge.kernels import GrowableArray, Workspace, column_blocks, exp_, scratch, tanh_
 from mcomp.merge.registry import Chunk, MergeMethod, MethodParams, _choice, _number, register
 from mcomp.merge.selection import RowMax, RowQuantiles
 
@@ -109,32 +110,41 @@ def combine(clipped: torch.Tensor, s: torch.Tensor, weights: list[float] | None,
 
 class CandidateColumns:
     """Stage 1's record, one bit per coordinate, of where some β_i exceeds `floors[i]` (the low
-    end of t_i's sample bracket). Valid for the merge pass only if every exact t_i >= floors[i]."""
+    end of t_i's sample bracket). Valid for the merge pass only if every exact t_i >= floors[i].
+    Blocks of a chunk may be recorded from several threads, in any order."""
 
     def __init__(self, floors: list[float], total: int, max_bytes: int):
         self.floors = floors
         self.bits = GrowableArray(np.uint8, capacity=min(total // 8 + 1024, max_bytes))
-        self.spans: dict[int, tuple[int, int]] = {}  # chunk index -> its bytes in `bits`
+        self.spans: dict[int, list[tuple[int, int, int, int]]] = {}  # chunk -> (first column, columns, bytes)
         self.count = 0  # coordinates marked
+        self._lock = threading.Lock()
 
-    def record(self, index: int, beta: torch.Tensor) -> None:
+    def record(self, index: int, beta: torch.Tensor, start: int = 0) -> None:
+        """Mark the columns [start, start + width) of chunk `index`, whose β is `beta` (n, width)."""
         rows = beta.cpu().numpy() if beta.device.type != "cpu" else beta.numpy()
         keep = rows[0] > self.floors[0]
         for i in range(1, len(self.floors)):
             keep |= rows[i] > self.floors[i]
-        self.spans[index] = self.bits.append(np.packbits(keep))
-        self.count += int(np.count_nonzero(keep))
+        packed, marked = np.packbits(keep), int(np.count_nonzero(keep))
+        with self._lock:
+            span = self.bits.append(packed)
+            self.spans.setdefault(index, []).append((start, keep.size, *span))
+            self.count += marked
 
     def covers(self, thresholds: list[float]) -> bool:
         return all(t >= f for t, f in zip(thresholds, self.floors))
 
     def columns(self, index: int, size: int) -> torch.Tensor | None:
-        """Indices of the marked coordinates of chunk `index` (None if it was not recorded)."""
-        span = self.spans.get(index)
-        if span is None:
+        """Indices of the marked coordinates of chunk `index` (None unless all `size` were recorded)."""
+        spans = sorted(self.spans.get(index, ()))
+        if sum(width for _, width, _, _ in spans) != size:
             return None
-        bits = np.unpackbits(self.bits.view(*span), count=size).view(np.bool_)  # bool: nonzero 7x faster
-        return torch.from_numpy(np.flatnonzero(bits))
+        parts = []
+        for start, width, b0, b1 in spans:
+            bits = np.unpackbits(self.bits.view(b0, b1), count=width).view(np.bool_)  # bool: nonzero 7x faster
+            parts.append(np.flatnonzero(bits) + start)
+        return torch.from_numpy(np.concatenate(parts) if len(parts) > 1 else parts[0])
 
 
 @dataclass
@@ -160,6 +170,8 @@ class Pcb(MergeMethod):
 
     # the candidate bit mask costs d/8 bytes per group; past this, merge without it
     CANDIDATE_MASK_BYTES = 1 << 30
+    # values per (n, block) buffer of the per-chunk maths (1.5 MB: a few such buffers per worker fit in cache)
+    BLOCK_VALUES = 3 << 17
     _candidates: CandidateColumns | None = None  # this group's, once stage 1 recorded them
     _candidates_possible = False  # may stage 1 (still) record them for this group
 
@@ -174,34 +186,78 @@ class Pcb(MergeMethod):
             return {"clip": RowQuantiles([[lo, hi]] * self.n, d)}
         return {"threshold": RowQuantiles([[threshold_rank(d, self.p.ratio)]] * self.n, d), "max": RowMax(self.n)}
 
-    def beta(self, tau: torch.Tensor, stats: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def beta(self, tau: torch.Tensor, stats: dict, workspace: Workspace | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
         """(β, clipped magnitudes a) for this chunk."""
-        a, norm = clip_and_normalise(tau, stats["lo"], stats["hi"], self.workspace)
-        return balance(tau, norm, self.p.inter, self.workspace), a
+        ws = workspace if workspace is not None else self.workspace
+        a, norm = clip_and_normalise(tau, stats["lo"], stats["hi"], ws)
+        return balance(tau, norm, self.p.inter, ws), a
+
+    def _block_columns(self) -> int:
+        """Columns per block of the per-chunk maths."""
+        return max(1, self.BLOCK_VALUES // self.n)
+
+    def _blocked(self, tau: torch.Tensor) -> bool:
+        return self.workspace is not None and tau.device.type == "cpu"
+
+    def beta_chunk(self, tau: torch.Tensor, stats: dict) -> torch.Tensor:
+        """β of a whole chunk, computed block by block in parallel (same values as `beta`)."""
+        if not self._blocked(tau):
+            return self.beta(tau, stats)[0]
+        out = scratch(self.workspace, "pcb.beta", tau.shape, tau)
+
+        def block(start: int, stop: int, ws: Workspace) -> None:
+            out[:, start:stop].copy_(self.beta(tau[:, start:stop], stats, ws)[0])
+
+        column_blocks(block, tau.shape[1], self._block_columns(), self.workspace)
+        return out
 
     def observe(self, stage, tau, chunk, stats, reducers):
-        if stage == 0:
-            reducers["clip"].update(torch.abs(tau, out=scratch(self.workspace, "pcb.a", tau.shape, tau)))
-        else:
-            beta, _ = self.beta(tau, stats)
-            self._record_candidates(beta, chunk, reducers["threshold"])
-            reducers["threshold"].update(beta)
-            reducers["max"].update(beta)
+        quantiles = reducers["clip" if stage == 0 else "threshold"]
+        if (self._blocked(tau) and chunk.segments and isinstance(quantiles, RowQuantiles) and quantiles.blockwise
+                and isinstance(reducers.get("max", RowMax(0)), RowMax)):
+            # the common streaming case: every statistic reduces block by block, on the pool,
+            # while each block's values are still in cache
+            candidates = self._candidate_record(stage, quantiles)
 
-    def _record_candidates(self, beta: torch.Tensor, chunk: Chunk, threshold) -> None:
-        """Stage 1, first pass only: the coordinates where some β_i exceeds its bracket floor."""
-        if not self._candidates_possible or not chunk.segments:  # off, or the sample
+            def block(start: int, stop: int, ws: Workspace) -> None:
+                part = tau[:, start:stop]
+                if stage == 0:
+                    quantiles.update_block(torch.abs(part, out=scratch(ws, "pcb.a", part.shape, part)))
+                    return
+                beta = self.beta(part, stats, ws)[0]
+                if candidates is not None:
+                    candidates.record(chunk.index, beta, start)
+                quantiles.update_block(beta)
+                reducers["max"].update_block(beta)
+
+            column_blocks(block, tau.shape[1], self._block_columns(), self.workspace)
             return
-        if isinstance(threshold, RowQuantiles) and threshold.passes > 1:
+        if stage == 0:
+            quantiles.update(torch.abs(tau, out=scratch(self.workspace, "pcb.a", tau.shape, tau)))
+            return
+        beta = self.beta_chunk(tau, stats)
+        if chunk.segments:  # not the sample
+            candidates = self._candidate_record(stage, quantiles)
+            if candidates is not None:
+                candidates.record(chunk.index, beta)
+        quantiles.update(beta)
+        reducers["max"].update(beta)
+
+    def _candidate_record(self, stage: int, threshold) -> CandidateColumns | None:
+        """Where stage 1's candidate bits go for this pass (None: not recorded)."""
+        if stage != 1 or not self._candidates_possible:
+            return None
+        if not isinstance(threshold, RowQuantiles) or threshold.passes > 1:
             self._candidates, self._candidates_possible = None, False  # a fallback pass: untrustworthy
-            return
+            return None
         if self._candidates is None:
             floors = threshold.bracket_floors()
             if floors is None:
                 self._candidates_possible = False
-                return
+                return None
             self._candidates = CandidateColumns(floors, threshold.total, self.CANDIDATE_MASK_BYTES)
-        self._candidates.record(chunk.index, beta)
+        return self._candidates
 
     def finish(self, stage, reducers, stats):
         if stage == 0:
@@ -219,22 +275,31 @@ class Pcb(MergeMethod):
             if self._candidates is not None:  # share of coordinates the merge pass computes β on
                 stats["candidates"] = self._candidates.count / q.total
 
-    def scores(self, tau: torch.Tensor, stats: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def scores(self, tau: torch.Tensor, stats: dict, workspace: Workspace | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         """(s, τ̃): the λ-independent part of the merge (reused across coefficient search)."""
-        beta, a = self.beta(tau, stats)
+        ws = workspace if workspace is not None else self.workspace
+        beta, a = self.beta(tau, stats, ws)
         s = scores_from_beta(beta, stats["t"], stats["m"])
-        clipped = torch.sign(tau, out=scratch(self.workspace, "pcb.clipped", tau.shape, tau)).mul_(a)
+        clipped = torch.sign(tau, out=scratch(ws, "pcb.clipped", tau.shape, tau)).mul_(a)
         return s, clipped
 
     def merge(self, tau: torch.Tensor, chunk: Chunk, stats: dict) -> torch.Tensor:
         weights = list(self.p.weights) if self.p.weights is not None else None
-        cols = self._candidates.columns(chunk.index, tau.shape[1]) if self._candidates is not None else None
-        if cols is None:
+        if not self._blocked(tau):
             s, clipped = self.scores(tau, stats)
-            return combine(clipped, s, weights, self.p.scale, inplace=self.workspace is not None)
-        size = tau.shape[1]
-        cols = cols.to(tau.device)
-        sub = torch.index_select(tau, 1, cols, out=scratch(self.workspace, "pcb.sub", (self.n, cols.numel()), tau))
-        s, clipped = self.scores(sub, stats)
-        delta = torch.zeros(size, dtype=tau.dtype, device=tau.device)
-        return delta.index_copy_(0, cols, combine(clipped, s, weights, self.p.scale, inplace=True))
+            return combine(clipped, s, weights, self.p.scale)
+        cols = self._candidates.columns(chunk.index, tau.shape[1]) if self._candidates is not None else None
+        if cols is not None:  # β only where some task can pass its threshold; exact zeros elsewhere
+            tau = torch.index_select(tau, 1, cols, out=scratch(self.workspace, "pcb.sub", (self.n, cols.numel()), tau))
+        merged = scratch(self.workspace, "pcb.merged", (tau.shape[1],), tau)
+
+        def block(start: int, stop: int, ws: Workspace) -> None:
+            s, clipped = self.scores(tau[:, start:stop], stats, ws)
+            merged[start:stop] = combine(clipped, s, weights, self.p.scale, inplace=True)
+
+        column_blocks(block, tau.shape[1], self._block_columns(), self.workspace)
+        if cols is None:
+            return merged
+        delta = torch.zeros(chunk.size, dtype=tau.dtype, device=tau.device)
+        return delta.index_copy_(0, cols, merged)

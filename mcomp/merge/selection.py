@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import math
 import struct
+import threading
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from mcomp.merge.kernels import GrowableArray, between, count_below, count_equal, parallel_map
+from mcomp.merge.kernels import GrowableArray, bracket_scan, count_below, count_equal, parallel_map
 
 _BINS = 1 << 16
 
@@ -85,6 +86,7 @@ class RowQuantiles:
         self.passes = 0
         self._hist: dict[int, torch.Tensor] = {}
         self._seen = 0
+        self._lock = threading.Lock()  # `update_block` may run on several threads
 
     # -- set-up ---------------------------------------------------------------------------
     def use_sample(self, sample: torch.Tensor) -> None:
@@ -114,6 +116,11 @@ class RowQuantiles:
                 return None
             floors[t.row] = min(floors[t.row], t.lo)
         return floors
+
+    @property
+    def blockwise(self) -> bool:
+        """True when every open target is bracketed: then `update_block` may be used."""
+        return all(t.mode in ("bracket", "done") for t in self.targets) and self.needs_pass
 
     @property
     def needs_pass(self) -> bool:
@@ -148,7 +155,11 @@ class RowQuantiles:
                 by_row.setdefault(t.row, []).append(t)
         if not whole and x.device.type == "cpu" and all(t.mode == "bracket" for ts in by_row.values() for t in ts):
             # the common case: each row's bracket work is independent NumPy work; rows in parallel
-            parallel_map(lambda item: [self._bracket_update(t, x[item[0]]) for t in item[1]], list(by_row.items()))
+            parts = parallel_map(lambda item: [(t, self._bracket_scan(t, x[item[0]])) for t in item[1]],
+                                 list(by_row.items()))
+            for row_parts in parts:
+                for t, part in row_parts:
+                    self._bracket_add(t, part)
             return
         for r, targets in by_row.items():
             row = x[r]
@@ -173,26 +184,44 @@ class RowQuantiles:
                     key = ("fine", r, t.coarse_bin)
                     self._hist[key] = counts if key not in self._hist else self._hist[key] + counts  # type: ignore[index]
 
+    def update_block(self, x: torch.Tensor) -> None:
+        """Observe some columns of the rows, from any thread, in any order (while `blockwise`):
+        a bracket only counts and collects, and the k-th value of what it collected does not
+        depend on the order it was collected in."""
+        parts = [(t, self._bracket_scan(t, x[t.row])) for t in self.targets if t.mode == "bracket"]
+        with self._lock:
+            self._seen += x.shape[1]
+            for t, part in parts:
+                self._bracket_add(t, part)
+
     def _bracket_update(self, t: _Target, row: torch.Tensor) -> None:
+        self._bracket_add(t, self._bracket_scan(t, row))
+
+    def _bracket_scan(self, t: _Target, row: torch.Tensor) -> tuple[int, int, np.ndarray | None]:
+        """(values below the bracket, values equal to a point bracket, values inside it)."""
         lo, hi = t.lo, t.hi
         if lo == hi:  # a point bracket (e.g. a mass of zeros): counts suffice
-            t.below += count_below(row, lo)
-            t.equal += count_equal(row, lo)
-            return
+            return count_below(row, lo), count_equal(row, lo), None
         # the bracket is narrow: count below it, collect the few values inside
-        if lo != -math.inf:
-            t.below += count_below(row, lo)
         if t.overflow:
+            return (count_below(row, lo) if lo != -math.inf else 0), 0, None
+        below, inside = bracket_scan(row, lo, hi)
+        return below, 0, inside.numpy()
+
+    def _bracket_add(self, t: _Target, part: tuple[int, int, np.ndarray | None]) -> None:
+        below, equal, inside = part
+        t.below += below
+        t.equal += equal
+        if inside is None or t.overflow:
             return
-        inside = between(row, lo, hi)
-        t.found += inside.numel()
+        t.found += inside.size
         if t.found > self.cap:
             t.overflow = True
             t.pieces = None
-        elif inside.numel():
+        elif inside.size:
             if t.pieces is None:
                 t.pieces = GrowableArray(np.float32)
-            t.pieces.append(inside.numpy())
+            t.pieces.append(inside)
 
     def end_pass(self) -> None:
         if self._seen != self.total:
@@ -239,10 +268,17 @@ class RowMax:
     def __init__(self, n: int):
         self.n = n
         self.values: torch.Tensor | None = None
+        self._lock = threading.Lock()
 
     def update(self, x: torch.Tensor) -> None:
         m = torch.amax(x, dim=1)
         self.values = m if self.values is None else torch.maximum(self.values, m)
+
+    def update_block(self, x: torch.Tensor) -> None:
+        """`update` from any thread."""
+        m = torch.amax(x, dim=1)
+        with self._lock:
+            self.values = m if self.values is None else torch.maximum(self.values, m)
 
     def result(self) -> list[float]:
         assert self.values is not None
