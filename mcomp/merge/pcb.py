@@ -215,7 +215,7 @@ class Pcb(MergeMethod):
     def observe(self, stage, tau, chunk, stats, reducers):
         quantiles = reducers["clip" if stage == 0 else "threshold"]
         if (self._blocked(tau) and chunk.segments and isinstance(quantiles, RowQuantiles) and quantiles.blockwise
-                and isinstance(reducers.get("max", RowMax(0)), RowMax)):
+                and (stage == 0 or isinstance(reducers["max"], RowMax))):
             # the common streaming case: every statistic reduces block by block, on the pool,
             # while each block's values are still in cache
             candidates = self._candidate_record(stage, quantiles)
