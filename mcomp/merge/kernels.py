@@ -135,26 +135,16 @@ def count_equal(row: torch.Tensor, value: float) -> int:
     return int(np.count_nonzero(view == value))
 
 
-def between(row: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
-    """The entries v with lo <= v <= hi (a 1-D CPU tensor, in stream order)."""
-    view = _numpy_view(row)
-    if view is None:
-        return row[(row >= lo) & (row <= hi)].cpu()
-    mask = view >= lo
-    mask &= view <= hi
-    return torch.from_numpy(view[mask])
-
-
 def bracket_scan(row: torch.Tensor, lo: float, hi: float) -> tuple[int, torch.Tensor]:
     """(entries < lo, the entries v with lo <= v <= hi) of a finite row, in stream order.
 
-    Two comparisons, one count and one sparse selection: a comparison fewer than
-    `count_below` plus `between`. (Selecting a dense side first, say the top 10%, and
+    Two comparisons, one count and one sparse selection (a comparison fewer than counting
+    below and selecting inside separately). (Selecting a dense side first, say the top 10%, and
     filtering it is 5x slower: dense boolean selection is branch-bound.)
     """
     view = _numpy_view(row)
     if view is None:
-        return count_below(row, lo), between(row, lo, hi)
+        return count_below(row, lo), row[(row >= lo) & (row <= hi)].cpu()
     mask = view >= lo
     at_least = int(np.count_nonzero(mask))
     mask &= view <= hi

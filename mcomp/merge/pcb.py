@@ -200,49 +200,31 @@ class Pcb(MergeMethod):
     def _blocked(self, tau: torch.Tensor) -> bool:
         return self.workspace is not None and tau.device.type == "cpu"
 
-    def beta_chunk(self, tau: torch.Tensor, stats: dict) -> torch.Tensor:
-        """β of a whole chunk, computed block by block in parallel (same values as `beta`)."""
-        if not self._blocked(tau):
-            return self.beta(tau, stats)[0]
-        out = scratch(self.workspace, "pcb.beta", tau.shape, tau)
-
-        def block(start: int, stop: int, ws: Workspace) -> None:
-            out[:, start:stop].copy_(self.beta(tau[:, start:stop], stats, ws)[0])
-
-        column_blocks(block, tau.shape[1], self._block_columns(), self.workspace)
-        return out
-
     def observe(self, stage, tau, chunk, stats, reducers):
         quantiles = reducers["clip" if stage == 0 else "threshold"]
-        if (self._blocked(tau) and chunk.segments and isinstance(quantiles, RowQuantiles) and quantiles.blockwise
-                and (stage == 0 or isinstance(reducers["max"], RowMax))):
-            # the common streaming case: every statistic reduces block by block, on the pool,
-            # while each block's values are still in cache
-            candidates = self._candidate_record(stage, quantiles)
+        # the common streaming case: every statistic reduces block by block, on the pool, while
+        # each block's values are still in cache; otherwise (the sample, fallback passes, other
+        # devices, in memory) the whole chunk is one block
+        blockwise = (self._blocked(tau) and bool(chunk.segments) and isinstance(quantiles, RowQuantiles)
+                     and quantiles.blockwise)
+        update = quantiles.update_block if blockwise else quantiles.update
+        candidates = self._candidate_record(stage, quantiles) if chunk.segments else None
 
-            def block(start: int, stop: int, ws: Workspace) -> None:
-                part = tau[:, start:stop]
-                if stage == 0:
-                    quantiles.update_block(torch.abs(part, out=scratch(ws, "pcb.a", part.shape, part)))
-                    return
-                beta = self.beta(part, stats, ws)[0]
-                if candidates is not None:
-                    candidates.record(chunk.index, beta, start)
-                quantiles.update_block(beta)
-                reducers["max"].update_block(beta)
-
-            column_blocks(block, tau.shape[1], self._block_columns(), self.workspace)
-            return
-        if stage == 0:
-            quantiles.update(torch.abs(tau, out=scratch(self.workspace, "pcb.a", tau.shape, tau)))
-            return
-        beta = self.beta_chunk(tau, stats)
-        if chunk.segments:  # not the sample
-            candidates = self._candidate_record(stage, quantiles)
+        def block(start: int, stop: int, ws: Workspace | None) -> None:
+            part = tau[:, start:stop]
+            if stage == 0:
+                update(torch.abs(part, out=scratch(ws, "pcb.a", part.shape, part)))
+                return
+            beta = self.beta(part, stats, ws)[0]
             if candidates is not None:
-                candidates.record(chunk.index, beta)
-        quantiles.update(beta)
-        reducers["max"].update(beta)
+                candidates.record(chunk.index, beta, start)
+            update(beta)
+            reducers["max"].update(beta)
+
+        if blockwise:
+            column_blocks(block, tau.shape[1], self._block_columns(), self.workspace)
+        else:
+            block(0, tau.shape[1], self.workspace)
 
     def _candidate_record(self, stage: int, threshold) -> CandidateColumns | None:
         """Where stage 1's candidate bits go for this pass (None: not recorded)."""

@@ -204,7 +204,7 @@ class RowQuantiles:
             return count_below(row, lo), count_equal(row, lo), None
         # the bracket is narrow: count below it, collect the few values inside
         if t.overflow:
-            return (count_below(row, lo) if lo != -math.inf else 0), 0, None
+            return count_below(row, lo), 0, None
         below, inside = bracket_scan(row, lo, hi)
         return below, 0, inside.numpy()
 
@@ -271,11 +271,7 @@ class RowMax:
         self._lock = threading.Lock()
 
     def update(self, x: torch.Tensor) -> None:
-        m = torch.amax(x, dim=1)
-        self.values = m if self.values is None else torch.maximum(self.values, m)
-
-    def update_block(self, x: torch.Tensor) -> None:
-        """`update` from any thread."""
+        """Observe some columns of the rows (from any thread, in any order)."""
         m = torch.amax(x, dim=1)
         with self._lock:
             self.values = m if self.values is None else torch.maximum(self.values, m)
