@@ -18,14 +18,19 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 stamp=.venv/.mcomp-requirements.sha256
-want=$(cat requirements.txt pyproject.toml | sha256sum | cut -d' ' -f1)
+want=$(cat requirements.txt pyproject.toml setup.py mcomp/merge/_native.c | sha256sum | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "[setup] installing pinned dependencies (about a minute on a fresh machine)"
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q -r requirements.txt
+  # the merge engine's C kernels (optional: without a compiler the NumPy path is used); a stale
+  # in-place build would survive a change of compiler flags, so it goes first
+  rm -f mcomp/merge/_native.*.so
   .venv/bin/python -m pip install -q --no-deps --no-build-isolation -e .
   echo "$want" > "$stamp"
 fi
 .venv/bin/python -c "import mcomp, open3d, torchaudio, torchvision" \
   || { echo "[setup] import check failed" >&2; exit 1; }
+.venv/bin/python -c "from mcomp.merge import native; assert native.available()" 2>/dev/null \
+  || echo "[setup] note: the merge engine's C kernels were not built; it runs on its NumPy path (slower)"
 echo "[setup] ready: $(.venv/bin/mcomp --version)"

@@ -54,8 +54,20 @@ TIES_CASES = [(m, s, g) for m in ("in-memory", "chunked-sample") for s in ("glob
 TIES_CASES += [("chunked-histogram", "global", "mass")]
 
 
+@pytest.fixture(params=["native", "numpy"])
+def kernels_used(request, monkeypatch):
+    """Run with the fused native kernels (when built) and with the NumPy chain."""
+    from mcomp.merge import native
+
+    if request.param == "native" and not native.available():
+        pytest.skip("mcomp.merge._native is not built")
+    if request.param == "numpy":
+        monkeypatch.setattr(native, "_lib", None)
+    return request.param
+
+
 @pytest.mark.parametrize("mode,scope,inter", PCB_CASES)
-def test_pcb_matches_reference(mode, scope, inter):
+def test_pcb_matches_reference(mode, scope, inter, kernels_used):
     base, models = make_models()
     w = [1.2, 0.9, 1.1]
     expect = ref.by_scope(base, models, scope, lambda t: ref.pcb(t, 0.15, 0.02, inter, w, 1.3))
@@ -78,7 +90,7 @@ def test_pcb_variants_differ():
 
 
 @pytest.mark.parametrize("mode,scope,sign", TIES_CASES)
-def test_ties_matches_reference(mode, scope, sign):
+def test_ties_matches_reference(mode, scope, sign, kernels_used):
     base, models = make_models(n=4, seed=1)
     w = [1.0, 0.5, 2.0, 1.5]
     tvs = deltas_of(base, models)

@@ -314,11 +314,18 @@ def test_streaming_pcb_candidate_columns_change_nothing(ckpts, tmp_path, monkeyp
         assert torch.equal(a[k], b[k]), k
 
 
-def test_streaming_pcb_parallel_blocks_change_nothing(ckpts, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kernels_used", ["native", "numpy"])
+def test_streaming_pcb_parallel_blocks_change_nothing(ckpts, tmp_path, monkeypatch, kernels_used):
     """With two threads the per-chunk maths runs in column blocks on a pool (statistics reduced
-    block by block, out of order); the output must be bit-identical to one block on one thread."""
-    from mcomp.merge import kernels
+    block by block, out of order); the output must be bit-identical to one block on one thread,
+    with the fused native kernels and with the NumPy chain."""
+    from mcomp.merge import kernels, native
     from mcomp.merge.pcb import Pcb
+
+    if kernels_used == "native" and not native.available():
+        pytest.skip("mcomp.merge._native is not built")
+    if kernels_used == "numpy":
+        monkeypatch.setattr(native, "_lib", None)
 
     base, models, paths = ckpts
     parallel = []
@@ -330,12 +337,14 @@ def test_streaming_pcb_parallel_blocks_change_nothing(ckpts, tmp_path, monkeypat
 
     monkeypatch.setattr("mcomp.merge.pcb.column_blocks", spy)
     monkeypatch.setattr(Pcb, "BLOCK_VALUES", 3 * 70)
+    monkeypatch.setattr(Pcb, "NATIVE_BLOCK_VALUES", 3 * 70)
     torch.set_num_threads(2)  # the module fixture restores it
     blocked = merge_checkpoints(paths[0], paths[1:], tmp_path / "blocked", "pcb", chunk_elems=1000, ratio=0.1,
                                 dtype="float32")
     assert sum(parallel) > 10 and blocked.stats[0]["candidates"] > 0
     torch.set_num_threads(1)
     monkeypatch.setattr(Pcb, "BLOCK_VALUES", 1 << 30)
+    monkeypatch.setattr(Pcb, "NATIVE_BLOCK_VALUES", 1 << 30)
     single = merge_checkpoints(paths[0], paths[1:], tmp_path / "single", "pcb", chunk_elems=1000, ratio=0.1,
                                dtype="float32")
     a, b = load_dir(tmp_path / "blocked"), load_dir(tmp_path / "single")

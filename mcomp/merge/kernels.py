@@ -15,6 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from mcomp.merge import native
+
 _PARALLEL_MIN = 1 << 16  # below this, splitting costs more than it saves
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
@@ -142,6 +144,9 @@ def bracket_scan(row: torch.Tensor, lo: float, hi: float) -> tuple[int, torch.Te
     below and selecting inside separately). (Selecting a dense side first, say the top 10%, and
     filtering it is 5x slower: dense boolean selection is branch-bound.)
     """
+    if native.usable(row) and row.dim() == 1:
+        below, inside = native.bracket_scan(row, lo, hi)
+        return below, torch.from_numpy(inside)
     view = _numpy_view(row)
     if view is None:
         return count_below(row, lo), row[(row >= lo) & (row <= hi)].cpu()

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mcomp.merge import native
 from mcomp.merge.kernels import GrowableArray, Workspace, column_blocks, exp_, scratch, tanh_
 from mcomp.merge.registry import Chunk, MergeMethod, MethodParams, _choice, _number, register
 from mcomp.merge.selection import RowMax, RowQuantiles
@@ -51,13 +52,19 @@ def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(values, dtype=like.dtype, device=like.device).unsqueeze(1)
 
 
+def clip(tau: torch.Tensor, lo: list[float], hi: list[float], workspace: Workspace | None = None) -> torch.Tensor:
+    """a = clamp(|τ|, lo, hi), row by row."""
+    a = torch.abs(tau, out=scratch(workspace, "pcb.a", tau.shape, tau))
+    for i in range(tau.shape[0]):  # per row: scalar bounds clamp ~10x faster than tensor bounds
+        a[i].clamp_(lo[i], hi[i])
+    return a
+
+
 def clip_and_normalise(tau: torch.Tensor, lo: list[float], hi: list[float], workspace: Workspace | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """(a, N): clipped magnitudes and their min–max normalisation (zero range -> 0)."""
     lo_col = _column(lo, tau)
-    a = torch.abs(tau, out=scratch(workspace, "pcb.a", tau.shape, tau))
-    for i in range(tau.shape[0]):  # per row: scalar bounds clamp ~10x faster than tensor bounds
-        a[i].clamp_(lo[i], hi[i])
+    a = clip(tau, lo, hi, workspace)
     norm = torch.sub(a, lo_col, out=scratch(workspace, "pcb.norm", tau.shape, tau))
     norm.div_(torch.sub(_column(hi, tau), lo_col))
     for i in range(tau.shape[0]):
@@ -122,14 +129,17 @@ class CandidateColumns:
 
     def record(self, index: int, beta: torch.Tensor, start: int = 0) -> None:
         """Mark the columns [start, start + width) of chunk `index`, whose β is `beta` (n, width)."""
-        rows = beta.cpu().numpy() if beta.device.type != "cpu" else beta.numpy()
-        keep = rows[0] > self.floors[0]
-        for i in range(1, len(self.floors)):
-            keep |= rows[i] > self.floors[i]
-        packed, marked = np.packbits(keep), int(np.count_nonzero(keep))
+        if native.usable(beta):
+            packed, marked = native.mark_above(beta, self.floors)
+        else:
+            rows = beta.cpu().numpy() if beta.device.type != "cpu" else beta.numpy()
+            keep = rows[0] > self.floors[0]
+            for i in range(1, len(self.floors)):
+                keep |= rows[i] > self.floors[i]
+            packed, marked = np.packbits(keep), int(np.count_nonzero(keep))
         with self._lock:
             span = self.bits.append(packed)
-            self.spans.setdefault(index, []).append((start, keep.size, *span))
+            self.spans.setdefault(index, []).append((start, beta.shape[1], *span))
             self.count += marked
 
     def covers(self, thresholds: list[float]) -> bool:
@@ -140,6 +150,12 @@ class CandidateColumns:
         spans = sorted(self.spans.get(index, ()))
         if sum(width for _, width, _, _ in spans) != size:
             return None
+        if native.available():
+            out = np.empty(size, dtype=np.int64)
+            k = 0
+            for start, width, b0, b1 in spans:
+                k += native.bits_to_index(self.bits.view(b0, b1), width, start, out[k:])
+            return torch.from_numpy(out[:k])
         parts = []
         for start, width, b0, b1 in spans:
             bits = np.unpackbits(self.bits.view(b0, b1), count=width).view(np.bool_)  # bool: nonzero 7x faster
@@ -172,6 +188,7 @@ class Pcb(MergeMethod):
     CANDIDATE_MASK_BYTES = 1 << 30
     # values per (n, block) buffer of the per-chunk maths (1.5 MB: a few such buffers per worker fit in cache)
     BLOCK_VALUES = 3 << 17
+    NATIVE_BLOCK_VALUES = 3 << 19
     _candidates: CandidateColumns | None = None  # this group's, once stage 1 recorded them
     _candidates_possible = False  # may stage 1 (still) record them for this group
 
@@ -186,15 +203,19 @@ class Pcb(MergeMethod):
             return {"clip": RowQuantiles([[lo, hi]] * self.n, d)}
         return {"threshold": RowQuantiles([[threshold_rank(d, self.p.ratio)]] * self.n, d), "max": RowMax(self.n)}
 
-    def beta(self, tau: torch.Tensor, stats: dict, workspace: Workspace | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(β, clipped magnitudes a) for this chunk."""
+    def beta(self, tau: torch.Tensor, stats: dict, workspace: Workspace | None = None) -> torch.Tensor:
+        """β for this chunk (fused native kernel when available, else the NumPy/torch chain)."""
         ws = workspace if workspace is not None else self.workspace
-        a, norm = clip_and_normalise(tau, stats["lo"], stats["hi"], ws)
-        return balance(tau, norm, self.p.inter, ws), a
+        if native.usable(tau):
+            return native.pcb_beta(tau, stats["lo"], stats["hi"], self.p.inter, scratch(ws, "pcb.beta", tau.shape, tau))
+        _, norm = clip_and_normalise(tau, stats["lo"], stats["hi"], ws)
+        return balance(tau, norm, self.p.inter, ws)
 
     def _block_columns(self) -> int:
-        """Columns per block of the per-chunk maths."""
+        """Columns per block of the per-chunk maths. The native kernels tile internally, so for
+        them a block only has to share the chunk between the workers (fewer calls, less Python)."""
+        if native.available():
+            return max(1, self.NATIVE_BLOCK_VALUES // self.n)
         return max(1, self.BLOCK_VALUES // self.n)
 
     def _blocked(self, tau: torch.Tensor) -> bool:
@@ -213,9 +234,12 @@ class Pcb(MergeMethod):
         def block(start: int, stop: int, ws: Workspace | None) -> None:
             part = tau[:, start:stop]
             if stage == 0:
-                update(torch.abs(part, out=scratch(ws, "pcb.a", part.shape, part)))
+                if blockwise:
+                    quantiles.update_block(part, absolute=True)
+                else:
+                    update(torch.abs(part, out=scratch(ws, "pcb.a", part.shape, part)))
                 return
-            beta = self.beta(part, stats, ws)[0]
+            beta = self.beta(part, stats, ws)
             if candidates is not None:
                 candidates.record(chunk.index, beta, start)
             update(beta)
@@ -261,9 +285,8 @@ class Pcb(MergeMethod):
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """(s, τ̃): the λ-independent part of the merge (reused across coefficient search)."""
         ws = workspace if workspace is not None else self.workspace
-        beta, a = self.beta(tau, stats, ws)
-        s = scores_from_beta(beta, stats["t"], stats["m"])
-        clipped = torch.sign(tau, out=scratch(ws, "pcb.clipped", tau.shape, tau)).mul_(a)
+        s = scores_from_beta(self.beta(tau, stats, ws), stats["t"], stats["m"])
+        clipped = torch.sign(tau, out=scratch(ws, "pcb.clipped", tau.shape, tau)).mul_(clip(tau, stats["lo"], stats["hi"], ws))
         return s, clipped
 
     def merge(self, tau: torch.Tensor, chunk: Chunk, stats: dict) -> torch.Tensor:
@@ -272,6 +295,20 @@ class Pcb(MergeMethod):
             s, clipped = self.scores(tau, stats)
             return combine(clipped, s, weights, self.p.scale)
         cols = self._candidates.columns(chunk.index, tau.shape[1]) if self._candidates is not None else None
+        if native.usable(tau):  # fused: gathers the columns, writes each merged value in place
+            delta = scratch(self.workspace, "pcb.delta", (tau.shape[1],), tau)
+            if cols is not None:
+                delta.zero_()
+            width = cols.numel() if cols is not None else tau.shape[1]
+
+            def fused(start: int, stop: int, ws: Workspace) -> None:
+                if cols is None:
+                    native.pcb_merge(tau[:, start:stop], None, stats, self.p.inter, weights, self.p.scale, delta[start:])
+                else:
+                    native.pcb_merge(tau, cols[start:stop], stats, self.p.inter, weights, self.p.scale, delta)
+
+            column_blocks(fused, width, self._block_columns(), self.workspace)
+            return delta
         if cols is not None:  # β only where some task can pass its threshold; exact zeros elsewhere
             tau = torch.index_select(tau, 1, cols, out=scratch(self.workspace, "pcb.sub", (self.n, cols.numel()), tau))
         merged = scratch(self.workspace, "pcb.merged", (tau.shape[1],), tau)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mcomp.merge import native
 from mcomp.merge.kernels import GrowableArray, bracket_scan, count_below, count_equal, parallel_map
 
 _BINS = 1 << 16
@@ -184,11 +185,11 @@ class RowQuantiles:
                     key = ("fine", r, t.coarse_bin)
                     self._hist[key] = counts if key not in self._hist else self._hist[key] + counts  # type: ignore[index]
 
-    def update_block(self, x: torch.Tensor) -> None:
+    def update_block(self, x: torch.Tensor, absolute: bool = False) -> None:
         """Observe some columns of the rows, from any thread, in any order (while `blockwise`):
         a bracket only counts and collects, and the k-th value of what it collected does not
-        depend on the order it was collected in."""
-        parts = [(t, self._bracket_scan(t, x[t.row])) for t in self.targets if t.mode == "bracket"]
+        depend on the order it was collected in. `absolute`: the rows' values are |x|."""
+        parts = [(t, self._bracket_scan(t, x[t.row], absolute)) for t in self.targets if t.mode == "bracket"]
         with self._lock:
             self._seen += x.shape[1]
             for t, part in parts:
@@ -197,9 +198,16 @@ class RowQuantiles:
     def _bracket_update(self, t: _Target, row: torch.Tensor) -> None:
         self._bracket_add(t, self._bracket_scan(t, row))
 
-    def _bracket_scan(self, t: _Target, row: torch.Tensor) -> tuple[int, int, np.ndarray | None]:
-        """(values below the bracket, values equal to a point bracket, values inside it)."""
+    def _bracket_scan(self, t: _Target, row: torch.Tensor, absolute: bool = False
+                      ) -> tuple[int, int, np.ndarray | None]:
+        """(values below the bracket, values equal to a point bracket, values inside it), of |row|
+        when `absolute`."""
         lo, hi = t.lo, t.hi
+        if absolute and lo != hi and not t.overflow and native.usable(row):
+            below, inside = native.bracket_scan(row, lo, hi, absval=True)  # no |row| temporary
+            return below, 0, inside
+        if absolute:
+            row = row.abs()
         if lo == hi:  # a point bracket (e.g. a mass of zeros): counts suffice
             return count_below(row, lo), count_equal(row, lo), None
         # the bracket is narrow: count below it, collect the few values inside

@@ -1,0 +1,85 @@
+"""The fused native kernels (mcomp/merge/_native.c) against the NumPy/torch chain they replace."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mcomp.merge import native
+from mcomp.merge.kernels import bracket_scan
+from mcomp.merge.pcb import balance, clip, clip_and_normalise, combine, scores_from_beta
+
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
+              pytest.mark.skipif(not native.available(), reason="mcomp.merge._native is not built")]
+
+
+def task_vectors(n=3, d=5003, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tau = torch.randn(n, d, generator=g) ** 3 * 1e-3
+    tau[:, :97] = 0.0  # a mass of zeros: ties at the low clip
+    lo = [float(tau[i].abs().kthvalue(int(d * 0.02) + 1).values) for i in range(n)]
+    hi = [float(tau[i].abs().kthvalue(int(d * 0.98)).values) for i in range(n)]
+    hi[-1] = lo[-1]  # a zero range: N = 0 for that row (the documented guard)
+    return tau, lo, hi
+
+
+def rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("inter", ["v1", "v2", "v3"])
+def test_beta_matches_numpy_chain(inter):
+    tau, lo, hi = task_vectors()
+    _, norm = clip_and_normalise(tau, lo, hi)
+    expect = balance(tau, norm, inter)
+    out = native.pcb_beta(tau, lo, hi, inter, torch.empty_like(tau))
+    assert rel(out, expect) < 1e-6
+    # a block of columns (strided rows) gives the same bits as the whole: no position dependence
+    part = native.pcb_beta(tau[:, 1001:3002], lo, hi, inter, torch.empty(tau.shape[0], 2001))
+    assert torch.equal(part, out[:, 1001:3002])
+
+
+@pytest.mark.parametrize("inter", ["v1", "v3"])
+@pytest.mark.parametrize("weights,scale", [(None, 1.0), ([1.2, 0.8, 1.1], 1.5)])
+def test_merge_matches_numpy_chain(inter, weights, scale):
+    tau, lo, hi = task_vectors(seed=1)
+    d = tau.shape[1]
+    beta = native.pcb_beta(tau, lo, hi, inter, torch.empty_like(tau))
+    t = [float(beta[i].kthvalue(int(d * 0.8) + 1).values) for i in range(3)]
+    m = [float(beta[i].max()) for i in range(3)]
+    stats = {"lo": lo, "hi": hi, "t": t, "m": m}
+    # the NumPy chain on the same β, so ties with t_i resolve alike
+    expect = combine(torch.sign(tau) * clip(tau, lo, hi), scores_from_beta(beta.clone(), t, m), weights, scale)
+    out = torch.empty(d)
+    native.pcb_merge(tau, None, stats, inter, weights, scale, out)
+    assert rel(out, expect) < 1e-6
+    cols = torch.from_numpy(np.sort(np.random.default_rng(0).choice(d, 1234, replace=False))).long()
+    sparse = torch.full((d,), 7.0)
+    native.pcb_merge(tau, cols, stats, inter, weights, scale, sparse)
+    assert torch.equal(sparse[cols], out[cols])  # gathered columns: the same bits
+    untouched = np.setdiff1d(np.arange(d), cols.numpy())
+    assert bool((sparse[untouched] == 7.0).all())
+
+
+@pytest.mark.parametrize("absval", [False, True])
+def test_bracket_scan_counts_and_collects_like_numpy(absval):
+    row = torch.randn(10007, generator=torch.Generator().manual_seed(2))
+    row[::50] = 0.25  # ties on the bracket's low end
+    values = row.abs() if absval else row
+    lo, hi = 0.25, 0.31
+    below, inside = native.bracket_scan(row, lo, hi, absval=absval)
+    assert below == int((values < lo).sum())
+    assert torch.equal(torch.from_numpy(inside), values[(values >= lo) & (values <= hi)])
+    if not absval:
+        assert (below, inside.tolist()) == (bracket_scan(row, lo, hi)[0], bracket_scan(row, lo, hi)[1].tolist())
+
+
+def test_candidate_bits_round_trip():
+    x = torch.randn(3, 1003, generator=torch.Generator().manual_seed(3))
+    floors = [1.0, 1.5, 2.0]
+    bits, count = native.mark_above(x, floors)
+    keep = ((x[0] > 1.0) | (x[1] > 1.5) | (x[2] > 2.0)).numpy()
+    assert np.array_equal(bits, np.packbits(keep)) and count == int(keep.sum())
+    out = np.empty(1003, dtype=np.int64)
+    k = native.bits_to_index(bits, 1003, 40, out)
+    assert np.array_equal(out[:k], np.flatnonzero(keep) + 40)
