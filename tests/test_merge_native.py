@@ -83,3 +83,22 @@ def test_candidate_bits_round_trip():
     out = np.empty(1003, dtype=np.int64)
     k = native.bits_to_index(bits, 1003, 40, out)
     assert np.array_equal(out[:k], np.flatnonzero(keep) + 40)
+
+
+@pytest.mark.parametrize("with_floors", [False, True])
+def test_stage1_reduces_beta_like_separate_steps(with_floors):
+    tau, lo, hi = task_vectors(seed=4)
+    beta = native.pcb_beta(tau, lo, hi, "v1", torch.empty_like(tau))
+    brackets = [(float(b.quantile(0.85)), float(b.quantile(0.9))) for b in beta]
+    floors = [b[0] for b in brackets] if with_floors else None
+    got = native.pcb_stage1(tau[:, 3:], lo, hi, "v1", brackets, floors)  # strided rows, odd width
+    part = beta[:, 3:]
+    for i, (blo, bhi) in enumerate(brackets):
+        assert got.below[i] == int((part[i] < blo).sum())
+        assert torch.equal(torch.from_numpy(got.inside[i]), part[i][(part[i] >= blo) & (part[i] <= bhi)])
+    assert torch.equal(got.maxima, part.amax(1))
+    if with_floors:
+        bits, marked = native.mark_above(part.contiguous(), floors)
+        assert np.array_equal(got.bits, bits) and got.marked == marked
+    else:
+        assert got.bits is None

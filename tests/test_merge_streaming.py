@@ -336,12 +336,16 @@ def test_streaming_pcb_parallel_blocks_change_nothing(ckpts, tmp_path, monkeypat
         return real(fn, size, block, workspace)
 
     monkeypatch.setattr("mcomp.merge.pcb.column_blocks", spy)
+    fused = []
+    real_stage1 = native.pcb_stage1
+    monkeypatch.setattr(native, "pcb_stage1", lambda *a: fused.append(1) or real_stage1(*a))
     monkeypatch.setattr(Pcb, "BLOCK_VALUES", 3 * 70)
     monkeypatch.setattr(Pcb, "NATIVE_BLOCK_VALUES", 3 * 70)
     torch.set_num_threads(2)  # the module fixture restores it
     blocked = merge_checkpoints(paths[0], paths[1:], tmp_path / "blocked", "pcb", chunk_elems=1000, ratio=0.1,
                                 dtype="float32")
     assert sum(parallel) > 10 and blocked.stats[0]["candidates"] > 0
+    assert fused == [] if kernels_used == "numpy" else len(fused) > 10  # stage 1's fused kernel ran
     torch.set_num_threads(1)
     monkeypatch.setattr(Pcb, "BLOCK_VALUES", 1 << 30)
     monkeypatch.setattr(Pcb, "NATIVE_BLOCK_VALUES", 1 << 30)

@@ -188,8 +188,66 @@ MC_CLONES int mc_pcb_merge(const float *tau, int n, long w, long ld, const int64
     return 0;
 }
 
+/* PCB stage 1 on w columns of tau, everything a block contributes in one sweep while the tile
+ * is in cache: β (as mc_pcb_beta), and per row i
+ *   below[i] += #{β < blo[i]}, the β in [blo[i], bhi[i]] appended to row i of collect (stride
+ *   ldc >= w + 1; found[i] += their number), maxv[i] = max(maxv[i], max β);
+ * and, when floors is set, PCB's candidate bits (as mc_mark_above, of β against floors). */
+MC_CLONES int mc_pcb_stage1(const float *tau, int n, long w, long ld, const float *lo, const float *hi, int variant,
+                            const float *blo, const float *bhi, int64_t *below, float *collect, long ldc,
+                            int64_t *found, float *maxv, const float *floors, uint8_t *bits, int64_t *marked) {
+    tile_t tl;
+    if (tile_alloc(&tl, n)) return -1;
+    uint8_t keep[MC_TILE];
+    for (long c = 0; c < w; c += MC_TILE) {
+        long tw = w - c < MC_TILE ? w - c : MC_TILE;
+        tile_load(&tl, tau, n, ld, NULL, c, tw);
+        tile_beta(&tl, n, lo, hi, variant);
+        memset(keep, 0, sizeof keep);
+        for (int i = 0; i < n; i++) {
+            const float *b = ROW(tl.beta, i);
+            float l = blo[i], u = bhi[i], mx = maxv[i];
+            int cnt = 0, any = 0;
+#pragma omp simd reduction(+ : cnt) reduction(| : any) reduction(max : mx)
+            for (long j = 0; j < tw; j++) {
+                cnt += b[j] < l;
+                any |= (b[j] >= l) & (b[j] <= u);
+                mx = b[j] > mx ? b[j] : mx;
+            }
+            below[i] += cnt;
+            maxv[i] = mx;
+            if (any) {
+                float *out = collect + i * ldc;
+                int64_t k = found[i];
+                for (long j = 0; j < tw; j++) { /* branchless: store always, advance when inside */
+                    out[k] = b[j];
+                    k += (b[j] >= l) & (b[j] <= u);
+                }
+                found[i] = k;
+            }
+            if (floors) {
+                float f = floors[i];
+#pragma omp simd
+                for (long j = 0; j < tw; j++) keep[j] |= b[j] > f;
+            }
+        }
+        if (floors) {
+            for (long b8 = 0; b8 * 8 < tw; b8++) {
+                const uint8_t *k8 = keep + b8 * 8;
+                unsigned byte = (unsigned)k8[0] << 7 | (unsigned)k8[1] << 6 | (unsigned)k8[2] << 5 |
+                                (unsigned)k8[3] << 4 | (unsigned)k8[4] << 3 | (unsigned)k8[5] << 2 |
+                                (unsigned)k8[6] << 1 | (unsigned)k8[7];
+                bits[c / 8 + b8] = (uint8_t)byte;
+                *marked += __builtin_popcount(byte);
+            }
+        }
+    }
+    free(tl.tau);
+    return 0;
+}
+
 /* Over x[0:w] (|x| when absval): the number of values < lo, and the values v with
- * lo <= v <= hi copied to collect (in order; room for w). Returns how many were collected. */
+ * lo <= v <= hi copied to collect (in order; room for w + 1). Returns how many were collected. */
 MC_CLONES long mc_bracket_scan(const float *x, long w, int absval, float lo, float hi, float *collect,
                                int64_t *below) {
     int64_t nb = 0;
@@ -213,10 +271,11 @@ MC_CLONES long mc_bracket_scan(const float *x, long w, int absval, float lo, flo
             }
         }
         nb += cnt;
-        if (any) { /* rare for a narrow bracket */
+        if (any) { /* branchless: a bracket around a mass of tied values (fp16 inputs) is not sparse */
             for (long j = 0; j < tw; j++) {
                 float u = absval ? fabsf(v[j]) : v[j];
-                if (u >= lo && u <= hi) collect[k++] = u;
+                collect[k] = u;
+                k += (u >= lo) & (u <= hi);
             }
         }
     }

@@ -19,6 +19,7 @@ import importlib.util
 import logging
 import os
 import threading
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -48,6 +49,8 @@ def _load() -> ctypes.CDLL | None:
     lib.mc_pcb_merge.restype = ctypes.c_int
     lib.mc_bracket_scan.argtypes = [_P, _L, ctypes.c_int, ctypes.c_float, ctypes.c_float, _P, _P]
     lib.mc_bracket_scan.restype = _L
+    lib.mc_pcb_stage1.argtypes = [_P, ctypes.c_int, _L, _L, _P, _P, ctypes.c_int, _P, _P, _P, _P, _L, _P, _P, _P, _P, _P]
+    lib.mc_pcb_stage1.restype = ctypes.c_int
     lib.mc_mark_above.argtypes = [_P, ctypes.c_int, _L, _L, _P, _P]
     lib.mc_mark_above.restype = _L
     lib.mc_bits_to_index.argtypes = [_P, _L, ctypes.c_int64, _P]
@@ -100,12 +103,47 @@ def pcb_merge(tau: torch.Tensor, columns: torch.Tensor | None, stats: dict, inte
                              wts.ctypes.data if wts is not None else None, scale, out.data_ptr()))
 
 
+@dataclass
+class Stage1Block:
+    """What one block of columns contributes to PCB's stage 1 (see `pcb_stage1`)."""
+
+    below: list[int]  # per row: β below the row's bracket
+    inside: list[np.ndarray]  # per row: the β inside it, in column order
+    maxima: torch.Tensor  # per row: the largest β
+    bits: np.ndarray | None  # candidate bits (np.packbits order), when floors were given
+    marked: int
+
+
+def pcb_stage1(tau: torch.Tensor, lo: list[float], hi: list[float], inter: str, brackets: list[tuple[float, float]],
+               floors: list[float] | None) -> Stage1Block:
+    """PCB's β on the columns of `tau` (n, w) reduced on the fly: per row i, the count below and
+    the values inside `brackets[i]`, and the maximum; with `floors`, the candidate bits of
+    `mark_above`. β itself is never stored."""
+    n, w = tau.shape
+    buf = getattr(_local, "stage1", None)
+    if buf is None or buf.shape[0] < n or buf.shape[1] < w + 1:
+        buf = _local.stage1 = np.empty((n, max(w + 1, 1 << 17)), dtype=np.float32)
+    below, found = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
+    maxima = np.full(n, -np.inf, dtype=np.float32)
+    bits = np.empty((w + 7) // 8, dtype=np.uint8) if floors is not None else None
+    marked = ctypes.c_int64()
+    lo_a, hi_a = _floats(lo), _floats(hi)
+    blo, bhi = _floats([b[0] for b in brackets]), _floats([b[1] for b in brackets])
+    f = _floats(floors) if floors is not None else None
+    _check(_lib.mc_pcb_stage1(tau.data_ptr(), n, w, tau.stride(0), lo_a.ctypes.data, hi_a.ctypes.data, _VARIANTS[inter],
+                              blo.ctypes.data, bhi.ctypes.data, below.ctypes.data, buf.ctypes.data, buf.shape[1],
+                              found.ctypes.data, maxima.ctypes.data, f.ctypes.data if f is not None else None,
+                              bits.ctypes.data if bits is not None else None, ctypes.byref(marked)))
+    return Stage1Block(below=[int(b) for b in below], inside=[buf[i, :found[i]].copy() for i in range(n)],
+                       maxima=torch.from_numpy(maxima), bits=bits, marked=marked.value)
+
+
 def bracket_scan(row: torch.Tensor, lo: float, hi: float, absval: bool = False) -> tuple[int, np.ndarray]:
     """(values < lo, the values v with lo <= v <= hi in stream order) of a 1-D row (of |row|)."""
     w = row.numel()
     buf = getattr(_local, "collect", None)
-    if buf is None or buf.size < w:
-        buf = _local.collect = np.empty(max(w, 1 << 17), dtype=np.float32)
+    if buf is None or buf.size < w + 1:  # the kernel stores one past the last value it keeps
+        buf = _local.collect = np.empty(max(w + 1, 1 << 17), dtype=np.float32)
     below = ctypes.c_int64()
     k = _lib.mc_bracket_scan(row.data_ptr(), w, int(absval), lo, hi, buf.ctypes.data, ctypes.byref(below))
     return below.value, buf[:k].copy()

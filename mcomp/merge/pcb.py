@@ -137,9 +137,13 @@ class CandidateColumns:
             for i in range(1, len(self.floors)):
                 keep |= rows[i] > self.floors[i]
             packed, marked = np.packbits(keep), int(np.count_nonzero(keep))
+        self.record_bits(index, start, beta.shape[1], packed, marked)
+
+    def record_bits(self, index: int, start: int, width: int, packed: np.ndarray, marked: int) -> None:
+        """Store the packed bits of columns [start, start + width) of chunk `index`."""
         with self._lock:
             span = self.bits.append(packed)
-            self.spans.setdefault(index, []).append((start, beta.shape[1], *span))
+            self.spans.setdefault(index, []).append((start, width, *span))
             self.count += marked
 
     def covers(self, thresholds: list[float]) -> bool:
@@ -238,6 +242,15 @@ class Pcb(MergeMethod):
                     quantiles.update_block(part, absolute=True)
                 else:
                     update(torch.abs(part, out=scratch(ws, "pcb.a", part.shape, part)))
+                return
+            brackets = quantiles.row_brackets() if blockwise else None
+            if brackets is not None and native.usable(part):  # fused: β never leaves the cache
+                got = native.pcb_stage1(part, stats["lo"], stats["hi"], self.p.inter, brackets,
+                                        candidates.floors if candidates is not None else None)
+                quantiles.add_scanned(part.shape[1], got.below, got.inside)
+                reducers["max"].update_max(got.maxima)
+                if candidates is not None:
+                    candidates.record_bits(chunk.index, start, part.shape[1], got.bits, got.marked)
                 return
             beta = self.beta(part, stats, ws)
             if candidates is not None:

@@ -195,6 +195,23 @@ class RowQuantiles:
             for t, part in parts:
                 self._bracket_add(t, part)
 
+    def row_brackets(self) -> list[tuple[float, float]] | None:
+        """Per row, the (lo, hi) of its one target, when every row has exactly one target and each
+        is an open value bracket (the case a caller may scan itself, then `add_scanned`)."""
+        rows = [t.row for t in self.targets]
+        if rows != list(range(len(rows))) or not self.blockwise:
+            return None
+        if any(t.mode != "bracket" or t.lo == t.hi or t.overflow for t in self.targets):
+            return None
+        return [(t.lo, t.hi) for t in self.targets]
+
+    def add_scanned(self, width: int, below: list[int], inside: list[np.ndarray]) -> None:
+        """Add a block of `width` columns scanned against `row_brackets()` by the caller (any thread)."""
+        with self._lock:
+            self._seen += width
+            for t, b, v in zip(self.targets, below, inside):
+                self._bracket_add(t, (b, 0, v))
+
     def _bracket_update(self, t: _Target, row: torch.Tensor) -> None:
         self._bracket_add(t, self._bracket_scan(t, row))
 
@@ -280,7 +297,10 @@ class RowMax:
 
     def update(self, x: torch.Tensor) -> None:
         """Observe some columns of the rows (from any thread, in any order)."""
-        m = torch.amax(x, dim=1)
+        self.update_max(torch.amax(x, dim=1))
+
+    def update_max(self, m: torch.Tensor) -> None:
+        """Observe the per-row maxima `m` (n,) of some columns (from any thread, in any order)."""
         with self._lock:
             self.values = m if self.values is None else torch.maximum(self.values, m)
 
