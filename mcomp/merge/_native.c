@@ -53,15 +53,50 @@ static int tile_alloc(tile_t *tl, int n) {
 
 static inline float sign_of(float x) { return (float)((x > 0.0f) - (x < 0.0f)); }
 
-/* Load columns [c, c + tw) of tau (stride ld), or columns col[c..c+tw) when col is set. */
-static inline void tile_load(tile_t *tl, const float *tau, int n, long ld, const int64_t *col, long c, long tw) {
+/* Where a kernel reads τ: float32 rows (tau, row stride ld), or the stored values of the base
+ * and of the n models (dtype 1 float16, 2 bfloat16, 3 float32; model rows are separate arrays),
+ * τ_i = float(θ_i) − float(θ0) in float32, as the engine's reader computes it. Decoding here
+ * saves a float32 copy of every chunk per pass. */
+typedef struct {
+    const float *tau;
+    long ld;
+    const void *base;
+    const void *const *models;
+    int dtype;
+} src_t;
+
+static inline float stored(const void *p, long j, int dtype) {
+    if (dtype == 1) return (float)((const _Float16 *)p)[j];
+    if (dtype == 2) {
+        uint32_t u = (uint32_t)((const uint16_t *)p)[j] << 16;
+        float f;
+        memcpy(&f, &u, sizeof f);
+        return f;
+    }
+    return ((const float *)p)[j];
+}
+
+/* Load columns [c, c + tw), or columns col[c..c+tw) when col is set, zero-padded to the tile. */
+static inline void tile_load(tile_t *tl, const src_t *src, int n, const int64_t *col, long c, long tw) {
     for (int i = 0; i < n; i++) {
         float *t = ROW(tl->tau, i);
-        const float *row = tau + i * ld;
-        if (col)
-            for (long j = 0; j < tw; j++) t[j] = row[col[c + j]];
-        else
-            for (long j = 0; j < tw; j++) t[j] = row[c + j];
+        if (src->tau) {
+            const float *row = src->tau + i * src->ld;
+            if (col)
+                for (long j = 0; j < tw; j++) t[j] = row[col[c + j]];
+            else
+                for (long j = 0; j < tw; j++) t[j] = row[c + j];
+        } else {
+            const void *m = src->models[i], *b = src->base;
+            int dt = src->dtype;
+            if (col)
+                for (long j = 0; j < tw; j++) t[j] = stored(m, col[c + j], dt) - stored(b, col[c + j], dt);
+            else if (dt == 1)
+                for (long j = 0; j < tw; j++)
+                    t[j] = (float)((const _Float16 *)m)[c + j] - (float)((const _Float16 *)b)[c + j];
+            else
+                for (long j = 0; j < tw; j++) t[j] = stored(m, c + j, dt) - stored(b, c + j, dt);
+        }
         for (long j = tw; j < MC_TILE; j++) t[j] = 0.0f;
     }
 }
@@ -124,14 +159,14 @@ MC_CLONES __attribute__((noinline)) static void tile_beta(tile_t *tl, int n, con
     }
 }
 
-/* β (n × w, stride ldo) of tau (n × w, stride ld). variant: 1, 2 or 3. */
-MC_CLONES int mc_pcb_beta(const float *tau, int n, long w, long ld, const float *lo, const float *hi, int variant,
+/* β (n × w, stride ldo) of the w columns of src. variant: 1, 2 or 3. */
+MC_CLONES int mc_pcb_beta(const src_t *src, int n, long w, const float *lo, const float *hi, int variant,
                           float *out, long ldo) {
     tile_t tl;
     if (tile_alloc(&tl, n)) return -1;
     for (long c = 0; c < w; c += MC_TILE) {
         long tw = w - c < MC_TILE ? w - c : MC_TILE;
-        tile_load(&tl, tau, n, ld, NULL, c, tw);
+        tile_load(&tl, src, n, NULL, c, tw);
         tile_beta(&tl, n, lo, hi, variant);
         for (int i = 0; i < n; i++) {
             const float *b = ROW(tl.beta, i);
@@ -143,11 +178,11 @@ MC_CLONES int mc_pcb_beta(const float *tau, int n, long w, long ld, const float 
     return 0;
 }
 
-/* PCB steps 1-7 on w columns of tau: col[k] (or k when col is NULL) for k < w. The merged
+/* PCB steps 1-7 on w columns of src: col[k] (or k when col is NULL) for k < w. The merged
  * task-vector value of that column goes to out at the same position:
  *   s_i = (clamp(β_i, t_i, m_i) − t_i)/(m_i − t_i) (0 when m_i <= t_i),
  *   out = scale · Σ_i λ_i s_i sign(τ_i) a_i / max(Σ_i s_i, 1e-12)   (weights may be NULL). */
-MC_CLONES int mc_pcb_merge(const float *tau, int n, long w, long ld, const int64_t *col, const float *lo,
+MC_CLONES int mc_pcb_merge(const src_t *src, int n, long w, const int64_t *col, const float *lo,
                            const float *hi, const float *t, const float *m, int variant, const float *weights,
                            float scale, float *out) {
     tile_t tl;
@@ -157,7 +192,7 @@ MC_CLONES int mc_pcb_merge(const float *tau, int n, long w, long ld, const int64
         long tw = w - c < MC_TILE ? w - c : MC_TILE;
         memset(num, 0, sizeof num);
         memset(den, 0, sizeof den);
-        tile_load(&tl, tau, n, ld, col, c, tw);
+        tile_load(&tl, src, n, col, c, tw);
         tile_beta(&tl, n, lo, hi, variant);
         for (int i = 0; i < n; i++) {
             const float *ti = ROW(tl.tau, i), *ai = ROW(tl.a, i);
@@ -188,12 +223,12 @@ MC_CLONES int mc_pcb_merge(const float *tau, int n, long w, long ld, const int64
     return 0;
 }
 
-/* PCB stage 1 on w columns of tau, everything a block contributes in one sweep while the tile
+/* PCB stage 1 on w columns of src, everything a block contributes in one sweep while the tile
  * is in cache: β (as mc_pcb_beta), and per row i
  *   below[i] += #{β < blo[i]}, the β in [blo[i], bhi[i]] appended to row i of collect (stride
  *   ldc >= w + 1; found[i] += their number), maxv[i] = max(maxv[i], max β);
  * and, when floors is set, PCB's candidate bits (as mc_mark_above, of β against floors). */
-MC_CLONES int mc_pcb_stage1(const float *tau, int n, long w, long ld, const float *lo, const float *hi, int variant,
+MC_CLONES int mc_pcb_stage1(const src_t *src, int n, long w, const float *lo, const float *hi, int variant,
                             const float *blo, const float *bhi, int64_t *below, float *collect, long ldc,
                             int64_t *found, float *maxv, const float *floors, uint8_t *bits, int64_t *marked) {
     tile_t tl;
@@ -201,7 +236,7 @@ MC_CLONES int mc_pcb_stage1(const float *tau, int n, long w, long ld, const floa
     uint8_t keep[MC_TILE];
     for (long c = 0; c < w; c += MC_TILE) {
         long tw = w - c < MC_TILE ? w - c : MC_TILE;
-        tile_load(&tl, tau, n, ld, NULL, c, tw);
+        tile_load(&tl, src, n, NULL, c, tw);
         tile_beta(&tl, n, lo, hi, variant);
         memset(keep, 0, sizeof keep);
         for (int i = 0; i < n; i++) {

@@ -195,6 +195,8 @@ class LoraSource(Source):
                 raise ValueError(f"adapter {self.name!r}: ΔW of {key!r} has shape {list(want)} but the base weight "
                                  f"has {list(shape)}")
 
+    stores_weights = False  # the task vector comes from `read_delta`
+
     def read(self, key, start, stop):
         return self.base.read(key, start, stop)
 

@@ -43,13 +43,13 @@ def _load() -> ctypes.CDLL | None:
         logger.debug("mcomp.merge._native is not built: the merge engine uses its NumPy path")
         return None
     lib = ctypes.CDLL(spec.origin)
-    lib.mc_pcb_beta.argtypes = [_P, ctypes.c_int, _L, _L, _P, _P, ctypes.c_int, _P, _L]
+    lib.mc_pcb_beta.argtypes = [_P, ctypes.c_int, _L, _P, _P, ctypes.c_int, _P, _L]
     lib.mc_pcb_beta.restype = ctypes.c_int
-    lib.mc_pcb_merge.argtypes = [_P, ctypes.c_int, _L, _L, _P, _P, _P, _P, _P, ctypes.c_int, _P, ctypes.c_float, _P]
+    lib.mc_pcb_merge.argtypes = [_P, ctypes.c_int, _L, _P, _P, _P, _P, _P, ctypes.c_int, _P, ctypes.c_float, _P]
     lib.mc_pcb_merge.restype = ctypes.c_int
     lib.mc_bracket_scan.argtypes = [_P, _L, ctypes.c_int, ctypes.c_float, ctypes.c_float, _P, _P]
     lib.mc_bracket_scan.restype = _L
-    lib.mc_pcb_stage1.argtypes = [_P, ctypes.c_int, _L, _L, _P, _P, ctypes.c_int, _P, _P, _P, _P, _L, _P, _P, _P, _P, _P]
+    lib.mc_pcb_stage1.argtypes = [_P, ctypes.c_int, _L, _P, _P, ctypes.c_int, _P, _P, _P, _P, _L, _P, _P, _P, _P, _P]
     lib.mc_pcb_stage1.restype = ctypes.c_int
     lib.mc_mark_above.argtypes = [_P, ctypes.c_int, _L, _L, _P, _P]
     lib.mc_mark_above.restype = _L
@@ -65,10 +65,61 @@ def available() -> bool:
     return _lib is not None
 
 
-def usable(x: torch.Tensor) -> bool:
-    """Whether `x` (1-D, or 2-D with contiguous rows) can go to the native kernels."""
-    return (_lib is not None and x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad
-            and x.stride(-1) == 1)
+_STORED_DTYPES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3}
+
+
+@dataclass
+class StoredColumns:
+    """A chunk's columns as stored on disk: θ0 (C,) and θ_i (n, C) in their storage dtype. The
+    kernels compute τ_i = float(θ_i) − float(θ0) as they load each tile (exactly the reader's
+    float32 subtraction), which spares a float32 copy of the chunk per pass."""
+
+    base: torch.Tensor
+    models: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.models.shape)
+
+    @property
+    def device(self) -> torch.device:
+        return self.models.device
+
+    def columns(self, start: int, stop: int) -> "StoredColumns":
+        return StoredColumns(self.base[start:stop], self.models[:, start:stop])
+
+    @staticmethod
+    def supports(dtype: torch.dtype) -> bool:
+        return _lib is not None and dtype in _STORED_DTYPES
+
+
+def columns(x, start: int, stop: int):
+    """Columns [start, stop) of a task-vector matrix or of `StoredColumns`."""
+    return x.columns(start, stop) if isinstance(x, StoredColumns) else x[:, start:stop]
+
+
+class _Src(ctypes.Structure):  # src_t in _native.c
+    _fields_ = [("tau", _P), ("ld", _L), ("base", _P), ("models", ctypes.POINTER(_P)), ("dtype", ctypes.c_int)]
+
+
+def _src(x) -> _Src:
+    if isinstance(x, StoredColumns):
+        rows = (_P * x.shape[0])(*[x.models[i].data_ptr() for i in range(x.shape[0])])
+        src = _Src(None, 0, x.base.data_ptr(), ctypes.cast(rows, ctypes.POINTER(_P)), _STORED_DTYPES[x.models.dtype])
+        src._rows = rows  # keep the pointer array alive with the struct
+        return src
+    return _Src(x.data_ptr(), x.stride(0), None, None, 0)
+
+
+def usable(x) -> bool:
+    """Whether `x` (a 1-D tensor, a 2-D one with contiguous rows, or `StoredColumns`) can go to
+    the native kernels."""
+    if _lib is None:
+        return False
+    if isinstance(x, StoredColumns):
+        return (x.models.dtype in _STORED_DTYPES and x.base.dtype == x.models.dtype and x.device.type == "cpu"
+                and x.models.stride(-1) == 1 and x.base.stride(-1) == 1)
+    return x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad and x.stride(-1) == 1
 
 
 def _floats(values) -> np.ndarray:
@@ -80,25 +131,27 @@ def _check(code: int) -> None:
         raise MemoryError("mcomp.merge._native: out of memory for a tile buffer")
 
 
-def pcb_beta(tau: torch.Tensor, lo: list[float], hi: list[float], inter: str, out: torch.Tensor) -> torch.Tensor:
-    """PCB's β (steps 1-5) of `tau` (n, w) into `out` (n, w), as `mcomp.merge.pcb.beta` defines it."""
+def pcb_beta(tau, lo: list[float], hi: list[float], inter: str, out: torch.Tensor) -> torch.Tensor:
+    """PCB's β (steps 1-5) of `tau` (n, w), a tensor or `StoredColumns`, into `out` (n, w)."""
     n, w = tau.shape
     lo_a, hi_a = _floats(lo), _floats(hi)
-    _check(_lib.mc_pcb_beta(tau.data_ptr(), n, w, tau.stride(0), lo_a.ctypes.data, hi_a.ctypes.data,
-                            _VARIANTS[inter], out.data_ptr(), out.stride(0)))
+    src = _src(tau)
+    _check(_lib.mc_pcb_beta(ctypes.byref(src), n, w, lo_a.ctypes.data, hi_a.ctypes.data, _VARIANTS[inter],
+                            out.data_ptr(), out.stride(0)))
     return out
 
 
-def pcb_merge(tau: torch.Tensor, columns: torch.Tensor | None, stats: dict, inter: str,
+def pcb_merge(tau, columns: torch.Tensor | None, stats: dict, inter: str,
               weights: list[float] | None, scale: float, out: torch.Tensor) -> None:
-    """PCB steps 1-7 on the columns `columns` (int64) of `tau` (n, C), or on all of them;
+    """PCB steps 1-7 on the columns `columns` (int64) of `tau` (n, C; a tensor or `StoredColumns`),
+    or on all of them;
     each merged value goes to `out` at its column's position."""
     n = tau.shape[0]
     w = columns.numel() if columns is not None else tau.shape[1]
     arrays = [_floats(stats[k]) for k in ("lo", "hi", "t", "m")]
     wts = _floats(weights) if weights is not None else None
-    _check(_lib.mc_pcb_merge(tau.data_ptr(), n, w, tau.stride(0),
-                             columns.data_ptr() if columns is not None else None,
+    src = _src(tau)
+    _check(_lib.mc_pcb_merge(ctypes.byref(src), n, w, columns.data_ptr() if columns is not None else None,
                              *[a.ctypes.data for a in arrays], _VARIANTS[inter],
                              wts.ctypes.data if wts is not None else None, scale, out.data_ptr()))
 
@@ -114,7 +167,7 @@ class Stage1Block:
     marked: int
 
 
-def pcb_stage1(tau: torch.Tensor, lo: list[float], hi: list[float], inter: str, brackets: list[tuple[float, float]],
+def pcb_stage1(tau, lo: list[float], hi: list[float], inter: str, brackets: list[tuple[float, float]],
                floors: list[float] | None) -> Stage1Block:
     """PCB's β on the columns of `tau` (n, w) reduced on the fly: per row i, the count below and
     the values inside `brackets[i]`, and the maximum; with `floors`, the candidate bits of
@@ -130,7 +183,8 @@ def pcb_stage1(tau: torch.Tensor, lo: list[float], hi: list[float], inter: str, 
     lo_a, hi_a = _floats(lo), _floats(hi)
     blo, bhi = _floats([b[0] for b in brackets]), _floats([b[1] for b in brackets])
     f = _floats(floors) if floors is not None else None
-    _check(_lib.mc_pcb_stage1(tau.data_ptr(), n, w, tau.stride(0), lo_a.ctypes.data, hi_a.ctypes.data, _VARIANTS[inter],
+    src = _src(tau)
+    _check(_lib.mc_pcb_stage1(ctypes.byref(src), n, w, lo_a.ctypes.data, hi_a.ctypes.data, _VARIANTS[inter],
                               blo.ctypes.data, bhi.ctypes.data, below.ctypes.data, buf.ctypes.data, buf.shape[1],
                               found.ctypes.data, maxima.ctypes.data, f.ctypes.data if f is not None else None,
                               bits.ctypes.data if bits is not None else None, ctypes.byref(marked)))

@@ -38,6 +38,9 @@ from mcomp.merge.registry import Chunk, MergeMethod, MethodParams, _choice, _num
 from mcomp.merge.selection import RowMax, RowQuantiles
 
 
+_FLOAT32 = torch.empty(0)  # the dtype/device model for scratch buffers of float32 results
+
+
 def clip_ranks(d: int, clip: float) -> tuple[int, int]:
     """Reference indices: int(d * min_ratio) and int(d * (1 - max_ratio) - 1)."""
     return int(d * clip), max(int(d * (1 - clip) - 1), 0)
@@ -211,7 +214,7 @@ class Pcb(MergeMethod):
         """β for this chunk (fused native kernel when available, else the NumPy/torch chain)."""
         ws = workspace if workspace is not None else self.workspace
         if native.usable(tau):
-            return native.pcb_beta(tau, stats["lo"], stats["hi"], self.p.inter, scratch(ws, "pcb.beta", tau.shape, tau))
+            return native.pcb_beta(tau, stats["lo"], stats["hi"], self.p.inter, scratch(ws, "pcb.beta", tau.shape, _FLOAT32))
         _, norm = clip_and_normalise(tau, stats["lo"], stats["hi"], ws)
         return balance(tau, norm, self.p.inter, ws)
 
@@ -225,6 +228,11 @@ class Pcb(MergeMethod):
     def _blocked(self, tau: torch.Tensor) -> bool:
         return self.workspace is not None and tau.device.type == "cpu"
 
+    def accepts_stored(self, stage: int | None) -> bool:
+        # stage 1 and the merge pass read each chunk straight from its stored dtype (the kernels
+        # decode as they load); stage 0 sees the engine's float32 read, which also checks NaN/Inf
+        return stage != 0 and self.workspace is not None and native.available()
+
     def observe(self, stage, tau, chunk, stats, reducers):
         quantiles = reducers["clip" if stage == 0 else "threshold"]
         # the common streaming case: every statistic reduces block by block, on the pool, while
@@ -236,7 +244,7 @@ class Pcb(MergeMethod):
         candidates = self._candidate_record(stage, quantiles) if chunk.segments else None
 
         def block(start: int, stop: int, ws: Workspace | None) -> None:
-            part = tau[:, start:stop]
+            part = native.columns(tau, start, stop)
             if stage == 0:
                 if blockwise:
                     quantiles.update_block(part, absolute=True)
@@ -309,14 +317,15 @@ class Pcb(MergeMethod):
             return combine(clipped, s, weights, self.p.scale)
         cols = self._candidates.columns(chunk.index, tau.shape[1]) if self._candidates is not None else None
         if native.usable(tau):  # fused: gathers the columns, writes each merged value in place
-            delta = scratch(self.workspace, "pcb.delta", (tau.shape[1],), tau)
+            delta = scratch(self.workspace, "pcb.delta", (tau.shape[1],), _FLOAT32)
             if cols is not None:
                 delta.zero_()
             width = cols.numel() if cols is not None else tau.shape[1]
 
             def fused(start: int, stop: int, ws: Workspace) -> None:
                 if cols is None:
-                    native.pcb_merge(tau[:, start:stop], None, stats, self.p.inter, weights, self.p.scale, delta[start:])
+                    native.pcb_merge(native.columns(tau, start, stop), None, stats, self.p.inter, weights, self.p.scale,
+                                     delta[start:])
                 else:
                     native.pcb_merge(tau, cols[start:stop], stats, self.p.inter, weights, self.p.scale, delta)
 

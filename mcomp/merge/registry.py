@@ -120,6 +120,11 @@ class MergeMethod:
         """The reducers of `stage` for a group of d coordinates per task."""
         return {}
 
+    def accepts_stored(self, stage: int | None) -> bool:
+        """Whether `observe` for `stage` (`merge` for None) takes the chunk as stored values
+        (`mcomp.merge.native.StoredColumns`) instead of a float32 task-vector matrix."""
+        return False
+
     def observe(self, stage: int, tau: torch.Tensor, chunk: Chunk, stats: dict, reducers: dict) -> None:
         """Feed the reducers with this chunk's values."""
 

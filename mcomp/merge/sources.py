@@ -56,6 +56,14 @@ class Source:
         """The task vector slice directly, when the source has it exactly (LoRA); else None."""
         return None
 
+    # whether `read` gives this model's own weights (False for sources whose task vector comes
+    # from `read_delta`): only then can the engine hand stored values to a method
+    stores_weights: bool = True
+
+    def read_into(self, key: str, start: int, stop: int, out: torch.Tensor) -> None:
+        """`read` into `out` (stored dtype, stop - start elements)."""
+        out.copy_(self.read(key, start, stop))
+
     def close(self) -> None:
         pass
 
@@ -155,6 +163,11 @@ class SafetensorsCheckpoint(Source):
         return sorted(self.infos, key=lambda k: self._where[k])
 
     def read(self, key: str, start: int, stop: int) -> torch.Tensor:
+        out = torch.empty(stop - start, dtype=self.infos[key].dtype)
+        self.read_into(key, start, stop, out)
+        return out
+
+    def read_into(self, key: str, start: int, stop: int, out: torch.Tensor) -> None:
         info = self.infos[key]
         fi, offset = self._where[key]
         fd = self._fds[fi]
@@ -162,13 +175,11 @@ class SafetensorsCheckpoint(Source):
             fd = self._fds[fi] = os.open(self._files[fi], os.O_RDONLY)
         size = info.dtype.itemsize
         count = stop - start
-        out = torch.empty(count * size, dtype=torch.uint8)
         if count:
-            view = memoryview(out.numpy())
+            view = memoryview(out.view(torch.uint8).numpy())
             got = os.preadv(fd, [view], offset + start * size)
             if got != count * size:
                 raise ValueError(f"{self._files[fi]}: truncated file (tensor {key!r})")
-        return out.view(info.dtype)
 
     def close(self) -> None:
         for i, fd in enumerate(self._fds):

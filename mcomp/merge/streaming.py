@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mcomp.merge.kernels import Workspace, scratch
+from mcomp.merge.native import StoredColumns
 from mcomp.merge.registry import Chunk, MergeMethod, Segment, get_method, make_params
 from mcomp.merge.selection import RowQuantiles
 from mcomp.merge.sources import Source, TensorInfo
@@ -111,6 +112,7 @@ class MergeEngine:
         self.merge_keys, self.copy_keys = self._validate(keys)
         self.report = MergeReport(method=self.method_cls.name, params=self._params_dict())
         self._group_passes = 0
+        self._stored_ok: bool | None = None
 
     def _params_dict(self) -> dict:
         import dataclasses
@@ -218,6 +220,45 @@ class MergeEngine:
             base, tau = base.to(self.device, non_blocking=True), tau.to(self.device, non_blocking=True)
         return base, tau
 
+    def can_read_stored(self) -> bool:
+        """Whether chunks can be handed to a method as stored values (plain checkpoints of a
+        dtype the native kernels decode, maths on the CPU)."""
+        if self._stored_ok is None:
+            dtype = self.base.infos[self.merge_keys[0]].dtype
+            self._stored_ok = (self.device.type == "cpu" and StoredColumns.supports(dtype)
+                               and all(self.base.infos[k].dtype == dtype for k in self.merge_keys)
+                               and self.base.stores_weights and all(m.stores_weights for m in self.models))
+        return self._stored_ok
+
+    def read_stored(self, chunk: Chunk, workspace: Workspace | None = None) -> StoredColumns:
+        """θ0 and θ_i of a (checked) chunk in their stored dtype, in `workspace` buffers."""
+        size = chunk.size
+        like = torch.empty(0, dtype=self.base.infos[chunk.segments[0].name].dtype)
+        base = scratch(workspace, "read.stored_base", (size,), like)
+        models = scratch(workspace, "read.stored_models", (self.n, size), like)
+        pos = 0
+        for seg in chunk.segments:
+            end = pos + seg.size
+            self.base.read_into(seg.name, seg.start, seg.stop, base[pos:end])
+            for i, m in enumerate(self.models):
+                m.read_into(seg.name, seg.start, seg.stop, models[i, pos:end])
+            pos = end
+        return StoredColumns(base, models)
+
+    def _read_for(self, method: MergeMethod, stage: int | None, chunk: Chunk, checked: list[bool]):
+        """(float32 θ0 or None, the chunk for `method`): stored values when it takes them and the
+        chunk was already checked for NaN/Inf, else the float32 task vectors."""
+        if checked[chunk.index] and self.can_read_stored() and method.accepts_stored(stage):
+            stored = self.read_stored(chunk, method.workspace)
+            base = None
+            if stage is None:  # the sink needs float32 θ0
+                base = scratch(method.workspace, "read.base", (chunk.size,), torch.empty(0))
+                base.copy_(stored.base)
+            return base, stored
+        base, tau = self.read(chunk, check=not checked[chunk.index], workspace=method.workspace)
+        checked[chunk.index] = True
+        return base, tau
+
     def _check_finite(self, chunk: Chunk, base: torch.Tensor, tau: torch.Tensor) -> None:
         # fast path: one reduction each; a NaN/Inf anywhere makes the sum non-finite (a finite
         # overflow only costs the exact check below)
@@ -290,8 +331,7 @@ class MergeEngine:
                 self._group_passes += 1
                 with self._bar(d, f"{method.name} stage {stage + 1}") as bar:
                     for chunk in chunks:
-                        _, tau = self.read(chunk, check=not checked[chunk.index], workspace=method.workspace)
-                        checked[chunk.index] = True
+                        _, tau = self._read_for(method, stage, chunk, checked)
                         method.observe(stage, tau, chunk, stats, view)
                         bar.update(chunk.size)
                 for q in quantiles.values():
@@ -319,8 +359,7 @@ class MergeEngine:
             self.report.passes = max(self.report.passes, self._group_passes)
             with self._bar(sum(c.size for c in chunks), f"{method.name} merge") as bar:
                 for chunk in chunks:
-                    base, tau = self.read(chunk, check=not checked[chunk.index], workspace=method.workspace)
-                    checked[chunk.index] = True
+                    base, tau = self._read_for(method, None, chunk, checked)
                     delta = method.merge(tau, chunk, stats)
                     pos = 0
                     for seg in chunk.segments:
