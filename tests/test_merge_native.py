@@ -102,3 +102,33 @@ def test_stage1_reduces_beta_like_separate_steps(with_floors):
         assert np.array_equal(got.bits, bits) and got.marked == marked
     else:
         assert got.bits is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_stored_values_decode_like_the_reader(dtype):
+    """From stored fp16/bf16 values the kernels see τ_i = float(θ_i) − float(θ0): the |τ| brackets
+    count and collect what the reader's float32 task vectors give, and NaN/Inf is found."""
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(3001, generator=g).to(dtype)
+    models = (base.float() + 0.01 * torch.randn(3, 3001, generator=g)).to(dtype)
+    models[:, :50] = base[:50]  # zeros in τ
+    stored = native.StoredColumns(base, models)
+    tau = native.materialise(stored)
+    assert torch.equal(tau, models.float() - base.float())
+    mags = tau.abs()
+    brackets = [[(0.0, 0.0), (float(r.quantile(0.02)), float(r.quantile(0.03))),
+                 (float(r.quantile(0.98)), float(r.quantile(0.99)))] for r in mags]  # a point bracket first
+    below, inside = native.abs_brackets(stored.columns(7, 3001), brackets)
+    q = 0
+    for i, row in enumerate(brackets):
+        for lo, hi in row:
+            vals = mags[i, 7:]
+            assert below[q] == int((vals < lo).sum())
+            if lo == hi:
+                assert inside[q] == int((vals == lo).sum()) >= 43  # the zeros: counted, not collected
+            else:
+                assert torch.equal(torch.from_numpy(inside[q]), vals[(vals >= lo) & (vals <= hi)])
+            q += 1
+    assert native.all_finite(stored)
+    models[1, 2000] = float("inf")
+    assert not native.all_finite(stored)

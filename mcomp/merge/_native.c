@@ -101,6 +101,26 @@ static inline void tile_load(tile_t *tl, const src_t *src, int n, const int64_t 
     }
 }
 
+/* Append the x[j] (j < tw) with l <= x[j] <= u to out[*k...]. Hits are sparse (a narrow
+ * bracket) but land in most tiles, so the scan goes 16 values at a time and only a group with a
+ * hit runs the (branchless) copy: it stores every value and advances past the kept ones, so out
+ * needs one spare slot. */
+static inline void collect_between(const float *x, long tw, float l, float u, float *out, int64_t *k) {
+    int64_t m = *k;
+    for (long g = 0; g < tw; g += 16) {
+        long gw = tw - g < 16 ? tw - g : 16;
+        const float *v = x + g;
+        int hit = 0;
+        for (long j = 0; j < gw; j++) hit |= (v[j] >= l) & (v[j] <= u);
+        if (!hit) continue;
+        for (long j = 0; j < gw; j++) {
+            out[m] = v[j];
+            m += (v[j] >= l) & (v[j] <= u);
+        }
+    }
+    *k = m;
+}
+
 /* PCB steps 1-5 on the loaded tile: a = clamp(|τ|, lo, hi); N = (a − lo)/(hi − lo) (0 for a
  * range that is not positive); β = exp(n·N²) ⊙ inter, inter by variant 1, 2 or 3.
  * Not inlined: inlined into two callers, the vectoriser may pick different vector widths (so
@@ -226,7 +246,7 @@ MC_CLONES int mc_pcb_merge(const src_t *src, int n, long w, const int64_t *col, 
 /* PCB stage 1 on w columns of src, everything a block contributes in one sweep while the tile
  * is in cache: β (as mc_pcb_beta), and per row i
  *   below[i] += #{β < blo[i]}, the β in [blo[i], bhi[i]] appended to row i of collect (stride
- *   ldc >= w + 1; found[i] += their number), maxv[i] = max(maxv[i], max β);
+ *   ldc >= w + 1; found[i] += their number; a point bracket only counts), maxv[i] = max(maxv[i], max β);
  * and, when floors is set, PCB's candidate bits (as mc_mark_above, of β against floors). */
 MC_CLONES int mc_pcb_stage1(const src_t *src, int n, long w, const float *lo, const float *hi, int variant,
                             const float *blo, const float *bhi, int64_t *below, float *collect, long ldc,
@@ -251,14 +271,13 @@ MC_CLONES int mc_pcb_stage1(const src_t *src, int n, long w, const float *lo, co
             }
             below[i] += cnt;
             maxv[i] = mx;
-            if (any) {
-                float *out = collect + i * ldc;
-                int64_t k = found[i];
-                for (long j = 0; j < tw; j++) { /* branchless: store always, advance when inside */
-                    out[k] = b[j];
-                    k += (b[j] >= l) & (b[j] <= u);
-                }
-                found[i] = k;
+            if (any && l == u) { /* a point bracket: count, store nothing */
+                int eq = 0;
+#pragma omp simd reduction(+ : eq)
+                for (long j = 0; j < tw; j++) eq += b[j] == l;
+                found[i] += eq;
+            } else if (any) {
+                collect_between(b, tw, l, u, collect + i * ldc, &found[i]);
             }
             if (floors) {
                 float f = floors[i];
@@ -279,6 +298,66 @@ MC_CLONES int mc_pcb_stage1(const src_t *src, int n, long w, const float *lo, co
     }
     free(tl.tau);
     return 0;
+}
+
+/* Order statistics of |τ| over w columns of src, nb brackets per row: for row i and bracket k
+ * (index q = i * nb + k), below[q] += #{|τ_i| < blo[q]} and the |τ_i| in [blo[q], bhi[q]] are
+ * appended to row q of collect (stride ldc >= w + 1; found[q] += their number). A point bracket
+ * (blo[q] == bhi[q], a mass of tied values) only counts them. */
+MC_CLONES int mc_abs_brackets(const src_t *src, int n, long w, int nb, const float *blo, const float *bhi,
+                              int64_t *below, float *collect, long ldc, int64_t *found) {
+    tile_t tl;
+    if (tile_alloc(&tl, n)) return -1;
+    for (long c = 0; c < w; c += MC_TILE) {
+        long tw = w - c < MC_TILE ? w - c : MC_TILE;
+        tile_load(&tl, src, n, NULL, c, tw);
+        for (int i = 0; i < n; i++) {
+            const float *t = ROW(tl.tau, i);
+            float *a = ROW(tl.a, i);
+#pragma omp simd
+            for (long j = 0; j < MC_TILE; j++) a[j] = fabsf(t[j]);
+            for (int k = 0; k < nb; k++) {
+                int q = i * nb + k;
+                float l = blo[q], u = bhi[q];
+                int cnt = 0, any = 0;
+#pragma omp simd reduction(+ : cnt) reduction(| : any)
+                for (long j = 0; j < tw; j++) {
+                    cnt += a[j] < l;
+                    any |= (a[j] >= l) & (a[j] <= u);
+                }
+                below[q] += cnt;
+                if (any && l == u) { /* a point bracket (a mass of ties): count, store nothing */
+                    int eq = 0;
+#pragma omp simd reduction(+ : eq)
+                    for (long j = 0; j < tw; j++) eq += a[j] == l;
+                    found[q] += eq;
+                } else if (any) {
+                    collect_between(a, tw, l, u, collect + q * ldc, &found[q]);
+                }
+            }
+        }
+    }
+    free(tl.tau);
+    return 0;
+}
+
+/* 1 when every τ_i of src over w columns is finite, else 0 (a NaN or ±Inf in θ0 or θ_i makes τ_i
+ * one, as does a float32 overflow of the subtraction). */
+MC_CLONES int mc_all_finite(const src_t *src, int n, long w) {
+    tile_t tl;
+    if (tile_alloc(&tl, n)) return -1;
+    int bad = 0;
+    for (long c = 0; c < w && !bad; c += MC_TILE) {
+        long tw = w - c < MC_TILE ? w - c : MC_TILE;
+        tile_load(&tl, src, n, NULL, c, tw);
+        for (int i = 0; i < n; i++) {
+            const float *t = ROW(tl.tau, i);
+#pragma omp simd reduction(| : bad)
+            for (long j = 0; j < MC_TILE; j++) bad |= !(fabsf(t[j]) <= FLT_MAX);
+        }
+    }
+    free(tl.tau);
+    return !bad;
 }
 
 /* Over x[0:w] (|x| when absval): the number of values < lo, and the values v with

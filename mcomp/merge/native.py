@@ -51,6 +51,10 @@ def _load() -> ctypes.CDLL | None:
     lib.mc_bracket_scan.restype = _L
     lib.mc_pcb_stage1.argtypes = [_P, ctypes.c_int, _L, _P, _P, ctypes.c_int, _P, _P, _P, _P, _L, _P, _P, _P, _P, _P]
     lib.mc_pcb_stage1.restype = ctypes.c_int
+    lib.mc_abs_brackets.argtypes = [_P, ctypes.c_int, _L, ctypes.c_int, _P, _P, _P, _P, _L, _P]
+    lib.mc_abs_brackets.restype = ctypes.c_int
+    lib.mc_all_finite.argtypes = [_P, ctypes.c_int, _L]
+    lib.mc_all_finite.restype = ctypes.c_int
     lib.mc_mark_above.argtypes = [_P, ctypes.c_int, _L, _L, _P, _P]
     lib.mc_mark_above.restype = _L
     lib.mc_bits_to_index.argtypes = [_P, _L, ctypes.c_int64, _P]
@@ -91,6 +95,13 @@ class StoredColumns:
     @staticmethod
     def supports(dtype: torch.dtype) -> bool:
         return _lib is not None and dtype in _STORED_DTYPES
+
+
+def materialise(x) -> torch.Tensor:
+    """The float32 task vectors (n, w) of `x` (a tensor is returned as it is)."""
+    if not isinstance(x, StoredColumns):
+        return x
+    return torch.sub(x.models, x.base.float())  # float(θ_i) − float(θ0), as the reader does
 
 
 def columns(x, start: int, stop: int):
@@ -161,7 +172,7 @@ class Stage1Block:
     """What one block of columns contributes to PCB's stage 1 (see `pcb_stage1`)."""
 
     below: list[int]  # per row: β below the row's bracket
-    inside: list[np.ndarray]  # per row: the β inside it, in column order
+    inside: list[np.ndarray | int]  # per row: the β inside it, in column order (a point bracket: their count)
     maxima: torch.Tensor  # per row: the largest β
     bits: np.ndarray | None  # candidate bits (np.packbits order), when floors were given
     marked: int
@@ -188,8 +199,41 @@ def pcb_stage1(tau, lo: list[float], hi: list[float], inter: str, brackets: list
                               blo.ctypes.data, bhi.ctypes.data, below.ctypes.data, buf.ctypes.data, buf.shape[1],
                               found.ctypes.data, maxima.ctypes.data, f.ctypes.data if f is not None else None,
                               bits.ctypes.data if bits is not None else None, ctypes.byref(marked)))
-    return Stage1Block(below=[int(b) for b in below], inside=[buf[i, :found[i]].copy() for i in range(n)],
+    return Stage1Block(below=[int(b) for b in below],
+                       inside=[_inside(buf[i], int(found[i]), *brackets[i]) for i in range(n)],
                        maxima=torch.from_numpy(maxima), bits=bits, marked=marked.value)
+
+
+def _inside(row: np.ndarray, found: int, lo: float, hi: float) -> np.ndarray | int:
+    """A bracket's result: the values collected, or for a point bracket (lo == hi) their count."""
+    return found if lo == hi else row[:found].copy()
+
+
+def abs_brackets(tau, brackets: list[list[tuple[float, float]]]) -> tuple[list[int], list[np.ndarray]]:
+    """Order-statistic brackets over |τ| of `tau` (n, w; a tensor or `StoredColumns`), the same
+    number per row: (the counts below, the values inside) per bracket, row by row; for a point
+    bracket (lo == hi) the count of values equal to it instead of the values."""
+    n, w = tau.shape
+    nb = len(brackets[0])
+    flat = [b for row in brackets for b in row]
+    buf = getattr(_local, "abs_brackets", None)
+    if buf is None or buf.shape[0] < len(flat) or buf.shape[1] < w + 1:
+        buf = _local.abs_brackets = np.empty((len(flat), max(w + 1, 1 << 17)), dtype=np.float32)
+    below, found = np.zeros(len(flat), dtype=np.int64), np.zeros(len(flat), dtype=np.int64)
+    blo, bhi = _floats([b[0] for b in flat]), _floats([b[1] for b in flat])
+    src = _src(tau)
+    _check(_lib.mc_abs_brackets(ctypes.byref(src), n, w, nb, blo.ctypes.data, bhi.ctypes.data, below.ctypes.data,
+                                buf.ctypes.data, buf.shape[1], found.ctypes.data))
+    return [int(b) for b in below], [_inside(buf[q], int(found[q]), *flat[q]) for q in range(len(flat))]
+
+
+def all_finite(tau) -> bool:
+    """Whether every τ_i of `tau` (a tensor or `StoredColumns`) is finite."""
+    n, w = tau.shape
+    src = _src(tau)
+    ok = _lib.mc_all_finite(ctypes.byref(src), n, w)
+    _check(0 if ok >= 0 else ok)
+    return bool(ok)
 
 
 def bracket_scan(row: torch.Tensor, lo: float, hi: float, absval: bool = False) -> tuple[int, np.ndarray]:

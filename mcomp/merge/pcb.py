@@ -229,9 +229,8 @@ class Pcb(MergeMethod):
         return self.workspace is not None and tau.device.type == "cpu"
 
     def accepts_stored(self, stage: int | None) -> bool:
-        # stage 1 and the merge pass read each chunk straight from its stored dtype (the kernels
-        # decode as they load); stage 0 sees the engine's float32 read, which also checks NaN/Inf
-        return stage != 0 and self.workspace is not None and native.available()
+        # every pass reads each chunk straight from its stored dtype (the kernels decode as they load)
+        return self.workspace is not None and native.available()
 
     def observe(self, stage, tau, chunk, stats, reducers):
         quantiles = reducers["clip" if stage == 0 else "threshold"]
@@ -245,15 +244,16 @@ class Pcb(MergeMethod):
 
         def block(start: int, stop: int, ws: Workspace | None) -> None:
             part = native.columns(tau, start, stop)
+            brackets = quantiles.row_brackets() if blockwise else None
             if stage == 0:
-                if blockwise:
-                    quantiles.update_block(part, absolute=True)
+                if brackets is not None and native.usable(part):  # fused: |τ| never stored
+                    quantiles.add_scanned(part.shape[1], *native.abs_brackets(part, brackets))
                 else:
+                    part = native.materialise(part)
                     update(torch.abs(part, out=scratch(ws, "pcb.a", part.shape, part)))
                 return
-            brackets = quantiles.row_brackets() if blockwise else None
             if brackets is not None and native.usable(part):  # fused: β never leaves the cache
-                got = native.pcb_stage1(part, stats["lo"], stats["hi"], self.p.inter, brackets,
+                got = native.pcb_stage1(part, stats["lo"], stats["hi"], self.p.inter, [b[0] for b in brackets],
                                         candidates.floors if candidates is not None else None)
                 quantiles.add_scanned(part.shape[1], got.below, got.inside)
                 reducers["max"].update_max(got.maxima)

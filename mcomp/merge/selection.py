@@ -26,7 +26,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mcomp.merge import native
 from mcomp.merge.kernels import GrowableArray, bracket_scan, count_below, count_equal, parallel_map
 
 _BINS = 1 << 16
@@ -185,46 +184,46 @@ class RowQuantiles:
                     key = ("fine", r, t.coarse_bin)
                     self._hist[key] = counts if key not in self._hist else self._hist[key] + counts  # type: ignore[index]
 
-    def update_block(self, x: torch.Tensor, absolute: bool = False) -> None:
+    def update_block(self, x: torch.Tensor) -> None:
         """Observe some columns of the rows, from any thread, in any order (while `blockwise`):
         a bracket only counts and collects, and the k-th value of what it collected does not
-        depend on the order it was collected in. `absolute`: the rows' values are |x|."""
-        parts = [(t, self._bracket_scan(t, x[t.row], absolute)) for t in self.targets if t.mode == "bracket"]
+        depend on the order it was collected in."""
+        parts = [(t, self._bracket_scan(t, x[t.row])) for t in self.targets if t.mode == "bracket"]
         with self._lock:
             self._seen += x.shape[1]
             for t, part in parts:
                 self._bracket_add(t, part)
 
-    def row_brackets(self) -> list[tuple[float, float]] | None:
-        """Per row, the (lo, hi) of its one target, when every row has exactly one target and each
-        is an open value bracket (the case a caller may scan itself, then `add_scanned`)."""
-        rows = [t.row for t in self.targets]
-        if rows != list(range(len(rows))) or not self.blockwise:
+    def row_brackets(self) -> list[list[tuple[float, float]]] | None:
+        """Per row, the (lo, hi) of its targets, when rows 0..n-1 all have the same number of
+        targets and each is an open value bracket (the case a caller may scan itself, then
+        `add_scanned`); None otherwise."""
+        if not self.blockwise or any(t.mode != "bracket" for t in self.targets):
             return None
-        if any(t.mode != "bracket" or t.lo == t.hi or t.overflow for t in self.targets):
-            return None
-        return [(t.lo, t.hi) for t in self.targets]
+        rows: list[list[tuple[float, float]]] = []
+        for t in self.targets:  # targets are stored row by row
+            if t.row == len(rows):
+                rows.append([])
+            elif t.row != len(rows) - 1:
+                return None
+            rows[-1].append((t.lo, t.hi))
+        return rows if len({len(r) for r in rows}) == 1 else None
 
-    def add_scanned(self, width: int, below: list[int], inside: list[np.ndarray]) -> None:
-        """Add a block of `width` columns scanned against `row_brackets()` by the caller (any thread)."""
+    def add_scanned(self, width: int, below: list[int], inside: list[np.ndarray | int]) -> None:
+        """Add a block of `width` columns scanned against `row_brackets()` by the caller (any
+        thread): per target, row by row, the count below and the values inside (for a point
+        bracket, lo == hi, the count of values equal to it)."""
         with self._lock:
             self._seen += width
             for t, b, v in zip(self.targets, below, inside):
-                self._bracket_add(t, (b, 0, v))
+                self._bracket_add(t, (b, v, None) if t.lo == t.hi else (b, 0, v))
 
     def _bracket_update(self, t: _Target, row: torch.Tensor) -> None:
         self._bracket_add(t, self._bracket_scan(t, row))
 
-    def _bracket_scan(self, t: _Target, row: torch.Tensor, absolute: bool = False
-                      ) -> tuple[int, int, np.ndarray | None]:
-        """(values below the bracket, values equal to a point bracket, values inside it), of |row|
-        when `absolute`."""
+    def _bracket_scan(self, t: _Target, row: torch.Tensor) -> tuple[int, int, np.ndarray | None]:
+        """(values below the bracket, values equal to a point bracket, values inside it)."""
         lo, hi = t.lo, t.hi
-        if absolute and lo != hi and not t.overflow and native.usable(row):
-            below, inside = native.bracket_scan(row, lo, hi, absval=True)  # no |row| temporary
-            return below, 0, inside
-        if absolute:
-            row = row.abs()
         if lo == hi:  # a point bracket (e.g. a mass of zeros): counts suffice
             return count_below(row, lo), count_equal(row, lo), None
         # the bracket is narrow: count below it, collect the few values inside

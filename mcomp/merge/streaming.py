@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from mcomp.merge.kernels import Workspace, scratch
+from mcomp.merge.kernels import Workspace, parallel_map, scratch
+from mcomp.merge import native
 from mcomp.merge.native import StoredColumns
 from mcomp.merge.registry import Chunk, MergeMethod, Segment, get_method, make_params
 from mcomp.merge.selection import RowQuantiles
@@ -246,10 +247,15 @@ class MergeEngine:
         return StoredColumns(base, models)
 
     def _read_for(self, method: MergeMethod, stage: int | None, chunk: Chunk, checked: list[bool]):
-        """(float32 θ0 or None, the chunk for `method`): stored values when it takes them and the
-        chunk was already checked for NaN/Inf, else the float32 task vectors."""
-        if checked[chunk.index] and self.can_read_stored() and method.accepts_stored(stage):
+        """(float32 θ0 or None, the chunk for `method`): stored values when it takes them, else the
+        float32 task vectors. A chunk is checked for NaN/Inf the first time it is read."""
+        if self.can_read_stored() and method.accepts_stored(stage):
             stored = self.read_stored(chunk, method.workspace)
+            if not checked[chunk.index]:
+                halves = [(0, chunk.size // 2), (chunk.size // 2, chunk.size)]  # both cores
+                if not all(parallel_map(lambda h: native.all_finite(stored.columns(*h)), halves)):
+                    self.read(chunk, check=True)  # names the tensor and model(s) at fault
+                checked[chunk.index] = True
             base = None
             if stage is None:  # the sink needs float32 θ0
                 base = scratch(method.workspace, "read.base", (chunk.size,), torch.empty(0))
