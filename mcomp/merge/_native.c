@@ -101,12 +101,29 @@ static inline void tile_load(tile_t *tl, const src_t *src, int n, const int64_t 
     }
 }
 
-/* Append the x[j] (j < tw) with l <= x[j] <= u to out[*k...]. Hits are sparse (a narrow
- * bracket) but land in most tiles, so the scan goes 16 values at a time and only a group with a
- * hit runs the (branchless) copy: it stores every value and advances past the kept ones, so out
- * needs one spare slot. */
-static inline void collect_between(const float *x, long tw, float l, float u, float *out, int64_t *k) {
-    int64_t m = *k;
+/* One row's tile x[0:tw] against a bracket [l, u]: *below += #{x < l}; the values inside are
+ * appended to out[*found...] (one spare slot needed), or, for a point bracket (l == u, a mass
+ * of tied values), only counted. Hits are sparse (a narrow bracket) but land in most tiles, so
+ * the copy goes 16 values at a time and runs (branchless: store every value, advance past the
+ * kept ones) only in groups with a hit. */
+static inline void bracket_tile(const float *x, long tw, float l, float u, int64_t *below, float *out,
+                                int64_t *found) {
+    int cnt = 0, any = 0;
+#pragma omp simd reduction(+ : cnt) reduction(| : any)
+    for (long j = 0; j < tw; j++) {
+        cnt += x[j] < l;
+        any |= (x[j] >= l) & (x[j] <= u);
+    }
+    *below += cnt;
+    if (!any) return;
+    if (l == u) {
+        int eq = 0;
+#pragma omp simd reduction(+ : eq)
+        for (long j = 0; j < tw; j++) eq += x[j] == l;
+        *found += eq;
+        return;
+    }
+    int64_t m = *found;
     for (long g = 0; g < tw; g += 16) {
         long gw = tw - g < 16 ? tw - g : 16;
         const float *v = x + g;
@@ -118,7 +135,7 @@ static inline void collect_between(const float *x, long tw, float l, float u, fl
             m += (v[j] >= l) & (v[j] <= u);
         }
     }
-    *k = m;
+    *found = m;
 }
 
 /* PCB steps 1-5 on the loaded tile: a = clamp(|τ|, lo, hi); N = (a − lo)/(hi − lo) (0 for a
@@ -261,24 +278,11 @@ MC_CLONES int mc_pcb_stage1(const src_t *src, int n, long w, const float *lo, co
         memset(keep, 0, sizeof keep);
         for (int i = 0; i < n; i++) {
             const float *b = ROW(tl.beta, i);
-            float l = blo[i], u = bhi[i], mx = maxv[i];
-            int cnt = 0, any = 0;
-#pragma omp simd reduction(+ : cnt) reduction(| : any) reduction(max : mx)
-            for (long j = 0; j < tw; j++) {
-                cnt += b[j] < l;
-                any |= (b[j] >= l) & (b[j] <= u);
-                mx = b[j] > mx ? b[j] : mx;
-            }
-            below[i] += cnt;
+            float mx = maxv[i];
+#pragma omp simd reduction(max : mx)
+            for (long j = 0; j < tw; j++) mx = b[j] > mx ? b[j] : mx;
             maxv[i] = mx;
-            if (any && l == u) { /* a point bracket: count, store nothing */
-                int eq = 0;
-#pragma omp simd reduction(+ : eq)
-                for (long j = 0; j < tw; j++) eq += b[j] == l;
-                found[i] += eq;
-            } else if (any) {
-                collect_between(b, tw, l, u, collect + i * ldc, &found[i]);
-            }
+            bracket_tile(b, tw, blo[i], bhi[i], &below[i], collect + i * ldc, &found[i]);
             if (floors) {
                 float f = floors[i];
 #pragma omp simd
@@ -318,22 +322,7 @@ MC_CLONES int mc_abs_brackets(const src_t *src, int n, long w, int nb, const flo
             for (long j = 0; j < MC_TILE; j++) a[j] = fabsf(t[j]);
             for (int k = 0; k < nb; k++) {
                 int q = i * nb + k;
-                float l = blo[q], u = bhi[q];
-                int cnt = 0, any = 0;
-#pragma omp simd reduction(+ : cnt) reduction(| : any)
-                for (long j = 0; j < tw; j++) {
-                    cnt += a[j] < l;
-                    any |= (a[j] >= l) & (a[j] <= u);
-                }
-                below[q] += cnt;
-                if (any && l == u) { /* a point bracket (a mass of ties): count, store nothing */
-                    int eq = 0;
-#pragma omp simd reduction(+ : eq)
-                    for (long j = 0; j < tw; j++) eq += a[j] == l;
-                    found[q] += eq;
-                } else if (any) {
-                    collect_between(a, tw, l, u, collect + q * ldc, &found[q]);
-                }
+                bracket_tile(a, tw, blo[q], bhi[q], &below[q], collect + q * ldc, &found[q]);
             }
         }
     }
