@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark the streaming merge engine on synthetic checkpoints of realistic shapes.
 
-    python scripts/bench_merge.py --params 1e9 --models 3 --dtype float16 [--methods task_arithmetic,ties,pcb]
+    python scripts/bench_merge.py --params 1e9 --models 3 --dtype float16 [--methods task_arithmetic,ties,pcb] [--repeat 3]
 
 Builds a base and n fine-tuned checkpoints (Llama-like tensor shapes, seeded) under a temporary
 directory, runs each method through `mcomp.merge.merge_checkpoints` in a fresh subprocess (so
@@ -79,6 +79,15 @@ def build(root: Path, shapes, n: int, dtype_name: str, seed: int) -> list[Path]:
     for w in writers:
         w.close()
     return dirs
+
+
+def median_run(results: list[dict]) -> dict:
+    """The run with the median merge time (the upper median for an even count); its peak memory
+    is the largest of all runs."""
+    ordered = sorted(results, key=lambda r: r["seconds"])
+    mid = dict(ordered[len(ordered) // 2])
+    mid["peak_anon"] = max(r["peak_anon"] for r in results)
+    return mid
 
 
 def rss_anon(pid: int) -> int:
@@ -193,6 +202,9 @@ def main() -> int:
     ap.add_argument("--chunk", type=int, default=1 << 20, help="engine chunk (coordinates)")
     ap.add_argument("--ref-params", type=float, default=3e7, help="size at which the released-code PCB is run (0: skip)")
     ap.add_argument("--workdir", default="/tmp", help="where the synthetic checkpoints go")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="rounds over the methods, interleaved (TA, TIES, PCB, TA, ...); the table shows each "
+                         "method's median and the ratios of medians (default 1)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints")
     # worker mode (internal)
@@ -220,11 +232,16 @@ def main() -> int:
         print(f"built in {time.perf_counter() - t0:.0f} s", flush=True)
         common = ["--base", str(dirs[0])] + sum((["--model", str(d)] for d in dirs[1:]), [])
         common += ["--threads", str(a.threads), "--chunk", str(a.chunk)]
-        rows = []
-        for method in [m.strip() for m in a.methods.split(",") if m.strip()]:
-            print(f"running {method} ...", flush=True)
-            r = run_child(["--worker", method, "--out", str(root / f"out-{method}"), *common])
-            rows.append((method, r))
+        methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+        runs: dict[str, list[dict]] = {m: [] for m in methods}
+        for round_ in range(max(1, a.repeat)):
+            for method in methods:  # interleaved, so a slow spell of the machine hits every method
+                print(f"running {method} (round {round_ + 1}) ...", flush=True)
+                runs[method].append(run_child(["--worker", method, "--out", str(root / f"out-{method}"), *common]))
+        rows = [(m, median_run(runs[m])) for m in methods]
+        if a.repeat > 1:
+            print("\nper-round merge seconds: " + "; ".join(
+                f"{m} " + ", ".join(f"{r['seconds']:.1f}" for r in runs[m]) for m in methods))
         ref_row = None
         if a.ref_params > 0:
             print("running PCB the released-code way (in memory) ...", flush=True)
@@ -234,7 +251,7 @@ def main() -> int:
         print()
         print(f"load average during the runs (other users of the 2 cores): {os.getloadavg()[0]:.2f} (1 min)")
         print(f"Synthetic Llama-like checkpoints: base + {a.models} models x {total / 1e9:.3f}B params, {a.dtype}; "
-              f"{a.threads} torch threads; engine chunk {a.chunk}")
+              f"{a.threads} torch threads; engine chunk {a.chunk}; median of {max(1, a.repeat)} run(s) per method")
         head = f"{'method':<44} {'merge s':>9} {'wall s':>8} {'passes':>6} {'peak anon GiB':>14} {'time / TA':>10}"
         print(head)
         print("-" * len(head))

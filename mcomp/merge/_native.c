@@ -333,6 +333,16 @@ MC_CLONES int mc_abs_brackets(const src_t *src, int n, long w, int nb, const flo
 /* 1 when every τ_i of src over w columns is finite, else 0 (a NaN or ±Inf in θ0 or θ_i makes τ_i
  * one, as does a float32 overflow of the subtraction). */
 MC_CLONES int mc_all_finite(const src_t *src, int n, long w) {
+    if (!src->tau && src->dtype == 1) { /* float16: τ cannot overflow float32, so the stored bits
+                                           suffice: exponent all ones means NaN or Inf */
+        int bad = 0;
+        for (int i = -1; i < n; i++) {
+            const uint16_t *p = i < 0 ? src->base : src->models[i];
+#pragma omp simd reduction(| : bad)
+            for (long j = 0; j < w; j++) bad |= (p[j] & 0x7C00) == 0x7C00;
+        }
+        return !bad;
+    }
     tile_t tl;
     if (tile_alloc(&tl, n)) return -1;
     int bad = 0;

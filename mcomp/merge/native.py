@@ -74,23 +74,27 @@ _STORED_DTYPES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3}
 
 @dataclass
 class StoredColumns:
-    """A chunk's columns as stored on disk: θ0 (C,) and θ_i (n, C) in their storage dtype. The
-    kernels compute τ_i = float(θ_i) − float(θ0) as they load each tile (exactly the reader's
-    float32 subtraction), which spares a float32 copy of the chunk per pass."""
+    """A chunk's columns as stored on disk: θ0 (C,) and each θ_i (C,) in their storage dtype
+    (possibly views of memory-mapped files). The kernels compute τ_i = float(θ_i) − float(θ0)
+    as they load each tile (exactly the reader's float32 subtraction), which spares a float32
+    copy of the chunk per pass."""
 
     base: torch.Tensor
-    models: torch.Tensor
+    models: list[torch.Tensor]
+
+    def __post_init__(self):
+        self.models = list(self.models)  # a 2-D tensor gives its rows
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.models.shape)
+        return len(self.models), self.base.numel()
 
     @property
     def device(self) -> torch.device:
-        return self.models.device
+        return self.base.device
 
     def columns(self, start: int, stop: int) -> "StoredColumns":
-        return StoredColumns(self.base[start:stop], self.models[:, start:stop])
+        return StoredColumns(self.base[start:stop], [m[start:stop] for m in self.models])
 
     @staticmethod
     def supports(dtype: torch.dtype) -> bool:
@@ -101,7 +105,7 @@ def materialise(x) -> torch.Tensor:
     """The float32 task vectors (n, w) of `x` (a tensor is returned as it is)."""
     if not isinstance(x, StoredColumns):
         return x
-    return torch.sub(x.models, x.base.float())  # float(θ_i) − float(θ0), as the reader does
+    return torch.sub(torch.stack(x.models), x.base.float())  # float(θ_i) − float(θ0), as the reader does
 
 
 def columns(x, start: int, stop: int):
@@ -115,8 +119,8 @@ class _Src(ctypes.Structure):  # src_t in _native.c
 
 def _src(x) -> _Src:
     if isinstance(x, StoredColumns):
-        rows = (_P * x.shape[0])(*[x.models[i].data_ptr() for i in range(x.shape[0])])
-        src = _Src(None, 0, x.base.data_ptr(), ctypes.cast(rows, ctypes.POINTER(_P)), _STORED_DTYPES[x.models.dtype])
+        rows = (_P * len(x.models))(*[m.data_ptr() for m in x.models])
+        src = _Src(None, 0, x.base.data_ptr(), ctypes.cast(rows, ctypes.POINTER(_P)), _STORED_DTYPES[x.base.dtype])
         src._rows = rows  # keep the pointer array alive with the struct
         return src
     return _Src(x.data_ptr(), x.stride(0), None, None, 0)
@@ -128,8 +132,9 @@ def usable(x) -> bool:
     if _lib is None:
         return False
     if isinstance(x, StoredColumns):
-        return (x.models.dtype in _STORED_DTYPES and x.base.dtype == x.models.dtype and x.device.type == "cpu"
-                and x.models.stride(-1) == 1 and x.base.stride(-1) == 1)
+        return (x.base.dtype in _STORED_DTYPES and x.device.type == "cpu" and x.base.stride(-1) == 1
+                and all(m.dtype == x.base.dtype and m.device.type == "cpu" and m.stride(-1) == 1 and
+                        m.numel() == x.base.numel() for m in x.models))
     return x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad and x.stride(-1) == 1
 
 

@@ -13,6 +13,7 @@ neither pay page faults again nor show mapped pages in the process' memory.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +64,11 @@ class Source:
     def read_into(self, key: str, start: int, stop: int, out: torch.Tensor) -> None:
         """`read` into `out` (stored dtype, stop - start elements)."""
         out.copy_(self.read(key, start, stop))
+
+    def view(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Like `read`, but may share memory with the source (no copy); the caller must not write
+        to it and must not keep it past `close`."""
+        return self.read(key, start, stop)
 
     def close(self) -> None:
         pass
@@ -142,8 +148,10 @@ class SafetensorsCheckpoint(Source):
         self._where: dict[str, tuple[int, int]] = {}  # key -> (file index, absolute byte offset)
         self._files = find_weight_files(self.path)
         self._fds: list[int | None] = [None] * len(self._files)
+        self._maps: list[mmap.mmap | None] = [None] * len(self._files)
         for fi, file in enumerate(self._files):
             data_start, header = _read_header(file)
+            size = file.stat().st_size
             for key, entry in header.items():
                 if key == "__metadata__":
                     continue
@@ -155,6 +163,8 @@ class SafetensorsCheckpoint(Source):
                 begin, end = entry["data_offsets"]
                 if end - begin != info.numel * info.dtype.itemsize:
                     raise ValueError(f"{file}: tensor {key!r} has inconsistent data offsets")
+                if data_start + end > size:  # checked here: a mapped read past the end would crash
+                    raise ValueError(f"{file}: truncated file (tensor {key!r})")
                 self.infos[key] = info
                 self._where[key] = (fi, data_start + begin)
 
@@ -181,11 +191,28 @@ class SafetensorsCheckpoint(Source):
             if got != count * size:
                 raise ValueError(f"{self._files[fi]}: truncated file (tensor {key!r})")
 
+    def view(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Elements [start, stop) of `key` straight from a memory map of its file: no copy, and
+        the pages belong to the page cache (not to this process's private memory)."""
+        info = self.infos[key]
+        fi, offset = self._where[key]
+        mapped = self._maps[fi]
+        if mapped is None:
+            with open(self._files[fi], "rb") as f:
+                # copy-on-write: writable for torch, but nothing writes, so no page is ever copied
+                mapped = self._maps[fi] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        size = info.dtype.itemsize
+        if stop <= start:
+            return torch.empty(0, dtype=info.dtype)
+        return torch.frombuffer(mapped, dtype=info.dtype, count=stop - start, offset=offset + start * size)
+
     def close(self) -> None:
         for i, fd in enumerate(self._fds):
             if fd is not None:
                 os.close(fd)
                 self._fds[i] = None
+        # the maps close when the last tensor viewing them is gone
+        self._maps = [None] * len(self._maps)
 
     def __del__(self):  # pragma: no cover - best effort
         try:

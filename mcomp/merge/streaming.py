@@ -207,13 +207,13 @@ class MergeEngine:
         for seg in chunk.segments:
             end = pos + seg.size
             b = base[pos:end]
-            b.copy_(self.base.read(seg.name, seg.start, seg.stop))
+            b.copy_(self.base.view(seg.name, seg.start, seg.stop))
             for i, m in enumerate(self.models):
                 delta = m.read_delta(seg.name, seg.start, seg.stop, b)
                 if delta is not None:
                     tau[i, pos:end].copy_(delta)
                 else:
-                    torch.sub(m.read(seg.name, seg.start, seg.stop), b, out=tau[i, pos:end])
+                    torch.sub(m.view(seg.name, seg.start, seg.stop), b, out=tau[i, pos:end])
             pos = end
         if check:
             self._check_finite(chunk, base, tau)
@@ -232,7 +232,12 @@ class MergeEngine:
         return self._stored_ok
 
     def read_stored(self, chunk: Chunk, workspace: Workspace | None = None) -> StoredColumns:
-        """θ0 and θ_i of a (checked) chunk in their stored dtype, in `workspace` buffers."""
+        """θ0 and θ_i of a chunk in their stored dtype: views of the sources for a chunk of one
+        tensor (memory-mapped files: no copy), else copies in `workspace` buffers."""
+        if len(chunk.segments) == 1:
+            seg = chunk.segments[0]
+            return StoredColumns(self.base.view(seg.name, seg.start, seg.stop),
+                                 [m.view(seg.name, seg.start, seg.stop) for m in self.models])
         size = chunk.size
         like = torch.empty(0, dtype=self.base.infos[chunk.segments[0].name].dtype)
         base = scratch(workspace, "read.stored_base", (size,), like)
@@ -244,7 +249,7 @@ class MergeEngine:
             for i, m in enumerate(self.models):
                 m.read_into(seg.name, seg.start, seg.stop, models[i, pos:end])
             pos = end
-        return StoredColumns(base, models)
+        return StoredColumns(base, list(models))
 
     def _read_for(self, method: MergeMethod, stage: int | None, chunk: Chunk, checked: list[bool]):
         """(float32 θ0 or None, the chunk for `method`): stored values when it takes them, else the
