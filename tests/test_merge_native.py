@@ -80,9 +80,12 @@ def test_candidate_bits_round_trip():
     bits, count = native.mark_above(x, floors)
     keep = ((x[0] > 1.0) | (x[1] > 1.5) | (x[2] > 2.0)).numpy()
     assert np.array_equal(bits, np.packbits(keep)) and count == int(keep.sum())
-    out = np.empty(1003, dtype=np.int64)
+    out = np.empty(1003 + 7, dtype=np.int64)
     k = native.bits_to_index(bits, 1003, 40, out)
     assert np.array_equal(out[:k], np.flatnonzero(keep) + 40)
+    full = np.full(1003, True)  # padding bits of the last byte set: still only the first 1003 count
+    packed = np.packbits(np.concatenate([full, np.ones(5, dtype=bool)]))
+    assert native.bits_to_index(packed, 1003, 0, out) == 1003 and np.array_equal(out[:1003], np.arange(1003))
 
 
 @pytest.mark.parametrize("with_floors", [False, True])

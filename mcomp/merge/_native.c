@@ -425,17 +425,32 @@ MC_CLONES long mc_mark_above(const float *x, int n, long w, long ld, const float
     return marked;
 }
 
-/* Positions (plus start) of the set bits among the first w bits; returns their number. */
+/* Positions (plus start) of the set bits among the first w bits; returns their number. Per
+ * byte, a table gives the set positions: eight stores, then advance by the count (branchless;
+ * out needs 7 spare slots past the last position). */
 long mc_bits_to_index(const uint8_t *bits, long w, int64_t start, int64_t *out) {
-    long k = 0;
-    for (long b = 0; b * 8 < w; b++) {
-        unsigned byte = bits[b];
-        while (byte) {
-            int top = __builtin_clz(byte) - 24; /* position within the byte, from the top bit */
-            long j = b * 8 + top;
-            if (j < w) out[k++] = start + j;
-            byte &= ~(0x80u >> top);
+    static uint8_t pos[256][8], count[256];
+    static int ready = 0; /* filled once; concurrent first calls write the same bytes */
+    if (!ready) {
+        for (int b = 0; b < 256; b++) {
+            int k = 0;
+            for (int j = 0; j < 8; j++)
+                if (b & (0x80 >> j)) pos[b][k++] = (uint8_t)j;
+            count[b] = (uint8_t)k;
         }
+        __atomic_store_n(&ready, 1, __ATOMIC_RELEASE);
+    }
+    long k = 0, full = w / 8;
+    for (long b = 0; b < full; b++) {
+        unsigned byte = bits[b];
+        int64_t at = start + b * 8;
+        for (int j = 0; j < 8; j++) out[k + j] = at + pos[byte][j];
+        k += count[byte];
+    }
+    if (w % 8) { /* the last, partial byte: only its first w % 8 bits count */
+        unsigned byte = bits[full] & (0xFFu << (8 - w % 8)) & 0xFFu;
+        for (int j = 0; j < count[byte]; j++) out[k + j] = start + full * 8 + pos[byte][j];
+        k += count[byte];
     }
     return k;
 }

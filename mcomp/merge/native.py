@@ -263,6 +263,6 @@ def mark_above(x: torch.Tensor, floors: list[float]) -> tuple[np.ndarray, int]:
 
 def bits_to_index(bits: np.ndarray, w: int, start: int, out: np.ndarray) -> int:
     """Write start + the positions of the set bits among the first `w` (np.packbits order) to
-    `out` (int64, room for w); returns how many."""
+    `out` (int64, room for w + 7); returns how many."""
     bits = np.ascontiguousarray(bits)
     return int(_lib.mc_bits_to_index(bits.ctypes.data, w, start, out.ctypes.data))

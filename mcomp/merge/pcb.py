@@ -158,7 +158,7 @@ class CandidateColumns:
         if sum(width for _, width, _, _ in spans) != size:
             return None
         if native.available():
-            out = np.empty(size, dtype=np.int64)
+            out = np.empty(size + 7, dtype=np.int64)  # the kernel's spare slots
             k = 0
             for start, width, b0, b1 in spans:
                 k += native.bits_to_index(self.bits.view(b0, b1), width, start, out[k:])
