@@ -7,8 +7,9 @@
  * (libmvec, at most 4 ulp), far inside the engine's 1e-6 relative agreement with the reference.
  *
  * No Python objects are touched: callers pass raw pointers, and ctypes releases the GIL, so
- * the engine's worker threads run these in parallel. Matrices are n rows of w values with a
- * row stride `ld` (in values). The module init below only makes this a valid extension.
+ * the engine's worker threads run these in parallel. Task vectors come as a `src_t` (float32
+ * rows, or the stored base and model values, decoded here). The module init below only makes
+ * this a valid extension.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
