@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from mcomp.merge import native
-from mcomp.merge.kernels import bracket_scan
 from mcomp.merge.pcb import balance, clip, clip_and_normalise, combine, scores_from_beta
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
@@ -61,17 +60,15 @@ def test_merge_matches_numpy_chain(inter, weights, scale):
     assert bool((sparse[untouched] == 7.0).all())
 
 
-@pytest.mark.parametrize("absval", [False, True])
-def test_bracket_scan_counts_and_collects_like_numpy(absval):
+def test_bracket_scan_counts_and_collects_like_numpy():
     row = torch.randn(10007, generator=torch.Generator().manual_seed(2))
     row[::50] = 0.25  # ties on the bracket's low end
-    values = row.abs() if absval else row
     lo, hi = 0.25, 0.31
-    below, inside = native.bracket_scan(row, lo, hi, absval=absval)
-    assert below == int((values < lo).sum())
-    assert torch.equal(torch.from_numpy(inside), values[(values >= lo) & (values <= hi)])
-    if not absval:
-        assert (below, inside.tolist()) == (bracket_scan(row, lo, hi)[0], bracket_scan(row, lo, hi)[1].tolist())
+    below, inside = native.bracket_scan(row, lo, hi)
+    assert below == int((row < lo).sum())
+    assert torch.equal(torch.from_numpy(inside), row[(row >= lo) & (row <= hi)])
+    with pytest.raises(ValueError, match="lo < hi"):
+        native.bracket_scan(row, 0.25, 0.25)
 
 
 def test_candidate_bits_round_trip():

@@ -360,41 +360,13 @@ MC_CLONES int mc_all_finite(const src_t *src, int n, long w) {
     return !bad;
 }
 
-/* Over x[0:w] (|x| when absval): the number of values < lo, and the values v with
- * lo <= v <= hi copied to collect (in order; room for w + 1). Returns how many were collected. */
-MC_CLONES long mc_bracket_scan(const float *x, long w, int absval, float lo, float hi, float *collect,
-                               int64_t *below) {
-    int64_t nb = 0;
-    long k = 0;
-    for (long c = 0; c < w; c += 64) {
-        long tw = w - c < 64 ? w - c : 64;
-        const float *v = x + c;
-        int cnt = 0, any = 0;
-        if (absval) {
-#pragma omp simd reduction(+ : cnt) reduction(| : any)
-            for (long j = 0; j < tw; j++) {
-                float u = fabsf(v[j]);
-                cnt += u < lo;
-                any |= (u >= lo) & (u <= hi);
-            }
-        } else {
-#pragma omp simd reduction(+ : cnt) reduction(| : any)
-            for (long j = 0; j < tw; j++) {
-                cnt += v[j] < lo;
-                any |= (v[j] >= lo) & (v[j] <= hi);
-            }
-        }
-        nb += cnt;
-        if (any) { /* branchless: a bracket around a mass of tied values (fp16 inputs) is not sparse */
-            for (long j = 0; j < tw; j++) {
-                float u = absval ? fabsf(v[j]) : v[j];
-                collect[k] = u;
-                k += (u >= lo) & (u <= hi);
-            }
-        }
-    }
+/* Over x[0:w]: the number of values < lo, and the values v with lo <= v <= hi (lo < hi) copied
+ * to collect in order (room for w + 1). Returns how many were collected. */
+MC_CLONES long mc_bracket_scan(const float *x, long w, float lo, float hi, float *collect, int64_t *below) {
+    int64_t nb = 0, k = 0;
+    for (long c = 0; c < w; c += MC_TILE) bracket_tile(x + c, w - c < MC_TILE ? w - c : MC_TILE, lo, hi, &nb, collect, &k);
     *below = nb;
-    return k;
+    return (long)k;
 }
 
 /* Bit j of bits (np.packbits order: the first value in the top bit) is set where some row i

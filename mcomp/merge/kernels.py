@@ -144,7 +144,7 @@ def bracket_scan(row: torch.Tensor, lo: float, hi: float) -> tuple[int, torch.Te
     below and selecting inside separately). (Selecting a dense side first, say the top 10%, and
     filtering it is 5x slower: dense boolean selection is branch-bound.)
     """
-    if native.usable(row) and row.dim() == 1:
+    if native.usable(row) and row.dim() == 1 and lo < hi:
         below, inside = native.bracket_scan(row, lo, hi)
         return below, torch.from_numpy(inside)
     view = _numpy_view(row)

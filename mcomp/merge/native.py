@@ -50,7 +50,7 @@ def _load() -> ctypes.CDLL | None:
     lib.mc_pcb_beta.restype = ctypes.c_int
     lib.mc_pcb_merge.argtypes = [_P, ctypes.c_int, _L, _P, _P, _P, _P, _P, ctypes.c_int, _P, ctypes.c_float, _P]
     lib.mc_pcb_merge.restype = ctypes.c_int
-    lib.mc_bracket_scan.argtypes = [_P, _L, ctypes.c_int, ctypes.c_float, ctypes.c_float, _P, _P]
+    lib.mc_bracket_scan.argtypes = [_P, _L, ctypes.c_float, ctypes.c_float, _P, _P]
     lib.mc_bracket_scan.restype = _L
     lib.mc_pcb_stage1.argtypes = [_P, ctypes.c_int, _L, _P, _P, ctypes.c_int, _P, _P, _P, _P, _L, _P, _P, _P, _P, _P]
     lib.mc_pcb_stage1.restype = ctypes.c_int
@@ -244,14 +244,16 @@ def all_finite(tau) -> bool:
     return bool(ok)
 
 
-def bracket_scan(row: torch.Tensor, lo: float, hi: float, absval: bool = False) -> tuple[int, np.ndarray]:
-    """(values < lo, the values v with lo <= v <= hi in stream order) of a 1-D row (of |row|)."""
+def bracket_scan(row: torch.Tensor, lo: float, hi: float) -> tuple[int, np.ndarray]:
+    """(values < lo, the values v with lo <= v <= hi in stream order) of a 1-D row; lo < hi."""
+    if not lo < hi:
+        raise ValueError(f"bracket_scan needs lo < hi, got [{lo}, {hi}]")
     w = row.numel()
     buf = getattr(_local, "collect", None)
     if buf is None or buf.size < w + 1:  # the kernel stores one past the last value it keeps
         buf = _local.collect = np.empty(max(w + 1, 1 << 17), dtype=np.float32)
     below = ctypes.c_int64()
-    k = _lib.mc_bracket_scan(row.data_ptr(), w, int(absval), lo, hi, buf.ctypes.data, ctypes.byref(below))
+    k = _lib.mc_bracket_scan(row.data_ptr(), w, lo, hi, buf.ctypes.data, ctypes.byref(below))
     return below.value, buf[:k].copy()
 
 
