@@ -5,7 +5,9 @@ about 1.4 ulp), and torch's boolean-mask selection about 3× NumPy's. Both sit i
 loop (β is computed in two passes; exact selection runs in every statistics pass), so on CPU
 these go through NumPy, zero-copy, with the transcendental ones split over torch's thread
 count (NumPy ufuncs release the GIL). Other devices keep torch. The NumPy error is far
-inside the engine's 1e-6 relative agreement with the reference.
+inside the engine's 1e-6 relative agreement with the reference. Where the fused C kernels are
+built (`mcomp.merge.native`), `bracket_scan` and PCB's per-chunk maths use them instead; these
+NumPy kernels remain the fallback.
 """
 from __future__ import annotations
 

@@ -241,19 +241,22 @@ class Pcb(MergeMethod):
                      and quantiles.blockwise)
         update = quantiles.update_block if blockwise else quantiles.update
         candidates = self._candidate_record(stage, quantiles) if chunk.segments else None
+        # the brackets the fused kernels scan against (None: scan through the reducer)
+        brackets = quantiles.row_brackets() if blockwise and native.usable(tau) else None
+        if stage == 1 and brackets is not None:
+            brackets = [row[0] for row in brackets]  # one target per row
 
         def block(start: int, stop: int, ws: Workspace | None) -> None:
             part = native.columns(tau, start, stop)
-            brackets = quantiles.row_brackets() if blockwise else None
             if stage == 0:
-                if brackets is not None and native.usable(part):  # fused: |τ| never stored
+                if brackets is not None:  # fused: |τ| never stored
                     quantiles.add_scanned(part.shape[1], *native.abs_brackets(part, brackets))
                 else:
                     part = native.materialise(part)
                     update(torch.abs(part, out=scratch(ws, "pcb.a", part.shape, part)))
                 return
-            if brackets is not None and native.usable(part):  # fused: β never leaves the cache
-                got = native.pcb_stage1(part, stats["lo"], stats["hi"], self.p.inter, [b[0] for b in brackets],
+            if brackets is not None:  # fused: β never leaves the cache
+                got = native.pcb_stage1(part, stats["lo"], stats["hi"], self.p.inter, brackets,
                                         candidates.floors if candidates is not None else None)
                 quantiles.add_scanned(part.shape[1], got.below, got.inside)
                 reducers["max"].update_max(got.maxima)
