@@ -132,3 +132,17 @@ def test_stored_values_decode_like_the_reader(dtype):
     assert native.all_finite(stored)
     models[1, 2000] = float("inf")
     assert not native.all_finite(stored)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_every_stored_bit_pattern_decodes_exactly(dtype):
+    """All 65,536 patterns (against a zero base): the kernels' |τ| equals torch's conversion,
+    subnormals and infinities included; NaNs are caught by the finite check."""
+    patterns = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(dtype)
+    stored = native.StoredColumns(torch.zeros_like(patterns), [patterns])
+    expect = patterns.float().abs()
+    keep = ~torch.isnan(expect)
+    below, inside = native.abs_brackets(stored, [[(0.0, float("inf"))]])
+    assert below == [0] and torch.equal(torch.from_numpy(inside[0]), expect[keep])
+    assert not native.all_finite(stored)
+    assert native.all_finite(native.StoredColumns(torch.zeros(3, dtype=dtype), [patterns[:3]]))

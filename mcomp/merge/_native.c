@@ -66,14 +66,31 @@ typedef struct {
     int dtype;
 } src_t;
 
+static inline float bits_float(uint32_t u) {
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* float16 bits -> float32, exactly, in integer and float operations the vectoriser handles on
+ * every target (GCC 12 does not vectorise _Float16 conversions): a normal value's exponent and
+ * mantissa moved into place and scaled by 2^112, a subnormal one as its integer mantissa times
+ * 2^-24 (no float32 subnormal on the way, so flush-to-zero modes cannot change it), Inf/NaN
+ * given the float32 all-ones exponent, the sign put back. */
+static inline float half_float(uint16_t h) {
+    uint32_t em = h & 0x7FFFu;
+    float mag = em < 0x400u ? (float)em * 0x1p-24f : bits_float(em << 13) * 0x1p112f;
+    uint32_t u;
+    memcpy(&u, &mag, sizeof u);
+    u = em >= 0x7C00u ? (em << 13) | 0x7F800000u : u;
+    return bits_float(u | ((uint32_t)(h & 0x8000u) << 16));
+}
+
+static inline float bf16_float(uint16_t h) { return bits_float((uint32_t)h << 16); }
+
 static inline float stored(const void *p, long j, int dtype) {
-    if (dtype == 1) return (float)((const _Float16 *)p)[j];
-    if (dtype == 2) {
-        uint32_t u = (uint32_t)((const uint16_t *)p)[j] << 16;
-        float f;
-        memcpy(&f, &u, sizeof f);
-        return f;
-    }
+    if (dtype == 1) return half_float(((const uint16_t *)p)[j]);
+    if (dtype == 2) return bf16_float(((const uint16_t *)p)[j]);
     return ((const float *)p)[j];
 }
 
@@ -87,16 +104,18 @@ static inline void tile_load(tile_t *tl, const src_t *src, int n, const int64_t 
                 for (long j = 0; j < tw; j++) t[j] = row[col[c + j]];
             else
                 for (long j = 0; j < tw; j++) t[j] = row[c + j];
-        } else {
+        } else if (col) {
             const void *m = src->models[i], *b = src->base;
-            int dt = src->dtype;
-            if (col)
-                for (long j = 0; j < tw; j++) t[j] = stored(m, col[c + j], dt) - stored(b, col[c + j], dt);
-            else if (dt == 1)
-                for (long j = 0; j < tw; j++)
-                    t[j] = (float)((const _Float16 *)m)[c + j] - (float)((const _Float16 *)b)[c + j];
-            else
-                for (long j = 0; j < tw; j++) t[j] = stored(m, c + j, dt) - stored(b, c + j, dt);
+            for (long j = 0; j < tw; j++) t[j] = stored(m, col[c + j], src->dtype) - stored(b, col[c + j], src->dtype);
+        } else if (src->dtype == 1) {
+            const uint16_t *m = (const uint16_t *)src->models[i] + c, *b = (const uint16_t *)src->base + c;
+            for (long j = 0; j < tw; j++) t[j] = half_float(m[j]) - half_float(b[j]);
+        } else if (src->dtype == 2) {
+            const uint16_t *m = (const uint16_t *)src->models[i] + c, *b = (const uint16_t *)src->base + c;
+            for (long j = 0; j < tw; j++) t[j] = bf16_float(m[j]) - bf16_float(b[j]);
+        } else {
+            const float *m = (const float *)src->models[i] + c, *b = (const float *)src->base + c;
+            for (long j = 0; j < tw; j++) t[j] = m[j] - b[j];
         }
         for (long j = tw; j < MC_TILE; j++) t[j] = 0.0f;
     }
