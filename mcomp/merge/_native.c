@@ -170,6 +170,20 @@ static inline void bracket_tile(const float *x, long tw, float l, float u, int64
     *found = m;
 }
 
+/* Pack keep[0:tw] (0/1 per column) into bits, np.packbits order (the first column in the top
+ * bit; a short last byte padded with 0); returns the number of ones. */
+static inline long pack_bits(const uint8_t *keep, long tw, uint8_t *bits) {
+    long ones = 0;
+    for (long b = 0; b * 8 < tw; b++) {
+        const uint8_t *k8 = keep + b * 8;
+        unsigned byte = (unsigned)k8[0] << 7 | (unsigned)k8[1] << 6 | (unsigned)k8[2] << 5 | (unsigned)k8[3] << 4 |
+                        (unsigned)k8[4] << 3 | (unsigned)k8[5] << 2 | (unsigned)k8[6] << 1 | (unsigned)k8[7];
+        bits[b] = (uint8_t)byte;
+        ones += __builtin_popcount(byte);
+    }
+    return ones;
+}
+
 /* PCB steps 1-5 on the loaded tile: a = clamp(|τ|, lo, hi); N = (a − lo)/(hi − lo) (0 for a
  * range that is not positive); β = exp(n·N²) ⊙ inter, inter by variant 1, 2 or 3.
  * Not inlined: inlined into two callers, the vectoriser may pick different vector widths (so
@@ -321,16 +335,7 @@ MC_CLONES int mc_pcb_stage1(const src_t *src, int n, long w, const float *lo, co
                 for (long j = 0; j < tw; j++) keep[j] |= b[j] > f;
             }
         }
-        if (floors) {
-            for (long b8 = 0; b8 * 8 < tw; b8++) {
-                const uint8_t *k8 = keep + b8 * 8;
-                unsigned byte = (unsigned)k8[0] << 7 | (unsigned)k8[1] << 6 | (unsigned)k8[2] << 5 |
-                                (unsigned)k8[3] << 4 | (unsigned)k8[4] << 3 | (unsigned)k8[5] << 2 |
-                                (unsigned)k8[6] << 1 | (unsigned)k8[7];
-                bits[c / 8 + b8] = (uint8_t)byte;
-                *marked += __builtin_popcount(byte);
-            }
-        }
+        if (floors) *marked += pack_bits(keep, tw, bits + c / 8); /* tiles start on a byte */
     }
     free(tl.tau);
     return 0;
@@ -418,13 +423,7 @@ MC_CLONES long mc_mark_above(const float *x, int n, long w, long ld, const float
 #pragma omp simd
             for (long j = 0; j < tw; j++) keep[j] |= xi[j] > fi;
         }
-        for (long b = 0; b * 8 < tw; b++) {
-            const uint8_t *k8 = keep + b * 8;
-            unsigned byte = (unsigned)k8[0] << 7 | (unsigned)k8[1] << 6 | (unsigned)k8[2] << 5 | (unsigned)k8[3] << 4 |
-                            (unsigned)k8[4] << 3 | (unsigned)k8[5] << 2 | (unsigned)k8[6] << 1 | (unsigned)k8[7];
-            bits[c / 8 + b] = (uint8_t)byte;
-            marked += __builtin_popcount(byte);
-        }
+        marked += pack_bits(keep, tw, bits + c / 8);
     }
     return marked;
 }
@@ -435,7 +434,7 @@ MC_CLONES long mc_mark_above(const float *x, int n, long w, long ld, const float
 long mc_bits_to_index(const uint8_t *bits, long w, int64_t start, int64_t *out) {
     static uint8_t pos[256][8], count[256];
     static int ready = 0; /* filled once; concurrent first calls write the same bytes */
-    if (!ready) {
+    if (!__atomic_load_n(&ready, __ATOMIC_ACQUIRE)) {
         for (int b = 0; b < 256; b++) {
             int k = 0;
             for (int j = 0; j < 8; j++)

@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 _VARIANTS = {"v1": 1, "v2": 2, "v3": 3}
 _P = ctypes.c_void_p
 _L = ctypes.c_long
-_local = threading.local()  # .collect: this thread's bracket-scan buffer
+_local = threading.local()  # .collect: this thread's buffer for the values a bracket collects
 
 
 def _load() -> ctypes.CDLL | None:
@@ -141,6 +141,15 @@ def usable(x) -> bool:
     return x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad and x.stride(-1) == 1
 
 
+def _collect_buffer(rows: int, w: int) -> np.ndarray:
+    """This thread's (rows, >= w + 1) float32 buffer for the values brackets collect (the kernels
+    store one past the last value they keep); valid until the thread's next call here."""
+    buf = getattr(_local, "collect", None)
+    if buf is None or buf.shape[0] < rows or buf.shape[1] < w + 1:
+        buf = _local.collect = np.empty((rows, max(w + 1, 1 << 17)), dtype=np.float32)
+    return buf
+
+
 def _floats(values) -> np.ndarray:
     return np.ascontiguousarray(values, dtype=np.float32)
 
@@ -163,8 +172,7 @@ def pcb_beta(tau, lo: list[float], hi: list[float], inter: str, out: torch.Tenso
 def pcb_merge(tau, columns: torch.Tensor | None, stats: dict, inter: str,
               weights: list[float] | None, scale: float, out: torch.Tensor) -> None:
     """PCB steps 1-7 on the columns `columns` (int64) of `tau` (n, C; a tensor or `StoredColumns`),
-    or on all of them;
-    each merged value goes to `out` at its column's position."""
+    or on all of them; each merged value goes to `out` at its column's position."""
     n = tau.shape[0]
     w = columns.numel() if columns is not None else tau.shape[1]
     arrays = [_floats(stats[k]) for k in ("lo", "hi", "t", "m")]
@@ -192,9 +200,7 @@ def pcb_stage1(tau, lo: list[float], hi: list[float], inter: str, brackets: list
     the values inside `brackets[i]`, and the maximum; with `floors`, the candidate bits of
     `mark_above`. β itself is never stored."""
     n, w = tau.shape
-    buf = getattr(_local, "stage1", None)
-    if buf is None or buf.shape[0] < n or buf.shape[1] < w + 1:
-        buf = _local.stage1 = np.empty((n, max(w + 1, 1 << 17)), dtype=np.float32)
+    buf = _collect_buffer(n, w)
     below, found = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
     maxima = np.full(n, -np.inf, dtype=np.float32)
     bits = np.empty((w + 7) // 8, dtype=np.uint8) if floors is not None else None
@@ -224,9 +230,7 @@ def abs_brackets(tau, brackets: list[list[tuple[float, float]]]) -> tuple[list[i
     n, w = tau.shape
     nb = len(brackets[0])
     flat = [b for row in brackets for b in row]
-    buf = getattr(_local, "abs_brackets", None)
-    if buf is None or buf.shape[0] < len(flat) or buf.shape[1] < w + 1:
-        buf = _local.abs_brackets = np.empty((len(flat), max(w + 1, 1 << 17)), dtype=np.float32)
+    buf = _collect_buffer(len(flat), w)
     below, found = np.zeros(len(flat), dtype=np.int64), np.zeros(len(flat), dtype=np.int64)
     blo, bhi = _floats([b[0] for b in flat]), _floats([b[1] for b in flat])
     src = _src(tau)
@@ -240,7 +244,8 @@ def all_finite(tau) -> bool:
     n, w = tau.shape
     src = _src(tau)
     ok = _lib.mc_all_finite(ctypes.byref(src), n, w)
-    _check(0 if ok >= 0 else ok)
+    if ok < 0:
+        _check(ok)
     return bool(ok)
 
 
@@ -249,9 +254,7 @@ def bracket_scan(row: torch.Tensor, lo: float, hi: float) -> tuple[int, np.ndarr
     if not lo < hi:
         raise ValueError(f"bracket_scan needs lo < hi, got [{lo}, {hi}]")
     w = row.numel()
-    buf = getattr(_local, "collect", None)
-    if buf is None or buf.size < w + 1:  # the kernel stores one past the last value it keeps
-        buf = _local.collect = np.empty(max(w + 1, 1 << 17), dtype=np.float32)
+    buf = _collect_buffer(1, w)[0]
     below = ctypes.c_int64()
     k = _lib.mc_bracket_scan(row.data_ptr(), w, lo, hi, buf.ctypes.data, ctypes.byref(below))
     return below.value, buf[:k].copy()

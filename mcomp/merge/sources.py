@@ -6,9 +6,10 @@ one chunk per source at a time, so peak memory does not depend on the checkpoint
 
 `SafetensorsCheckpoint` reads safetensors files (one file, or shards listed in
 `model.safetensors.index.json`). It parses the header itself (the format is an 8-byte
-length and a JSON table of offsets) and reads byte ranges with `os.preadv` into a fresh
-buffer: lazy per tensor like `safe_open`, but without mapping the files, so repeated passes
-neither pay page faults again nor show mapped pages in the process' memory.
+length and a JSON table of offsets) and checks every tensor lies inside its file. The engine
+takes slices as `view`s of a memory map of the file: no copy, and the pages count as page
+cache, not as the process's private memory. `read`/`read_into` copy a byte range with
+`os.preadv` instead, for callers that keep or modify what they read.
 """
 from __future__ import annotations
 

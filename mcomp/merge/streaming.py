@@ -21,9 +21,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from mcomp.merge.kernels import Workspace, parallel_map, scratch
 from mcomp.merge import native
-from mcomp.merge.native import StoredColumns
+from mcomp.merge.kernels import Workspace, parallel_map, scratch
 from mcomp.merge.registry import Chunk, MergeMethod, Segment, get_method, make_params
 from mcomp.merge.selection import RowQuantiles
 from mcomp.merge.sources import Source, TensorInfo
@@ -226,17 +225,17 @@ class MergeEngine:
         dtype the native kernels decode, maths on the CPU)."""
         if self._stored_ok is None:
             dtype = self.base.infos[self.merge_keys[0]].dtype
-            self._stored_ok = (self.device.type == "cpu" and StoredColumns.supports(dtype)
+            self._stored_ok = (self.device.type == "cpu" and native.StoredColumns.supports(dtype)
                                and all(self.base.infos[k].dtype == dtype for k in self.merge_keys)
                                and self.base.stores_weights and all(m.stores_weights for m in self.models))
         return self._stored_ok
 
-    def read_stored(self, chunk: Chunk, workspace: Workspace | None = None) -> StoredColumns:
+    def read_stored(self, chunk: Chunk, workspace: Workspace | None = None) -> native.StoredColumns:
         """θ0 and θ_i of a chunk in their stored dtype: views of the sources for a chunk of one
         tensor (memory-mapped files: no copy), else copies in `workspace` buffers."""
         if len(chunk.segments) == 1:
             seg = chunk.segments[0]
-            return StoredColumns(self.base.view(seg.name, seg.start, seg.stop),
+            return native.StoredColumns(self.base.view(seg.name, seg.start, seg.stop),
                                  [m.view(seg.name, seg.start, seg.stop) for m in self.models])
         size = chunk.size
         like = torch.empty(0, dtype=self.base.infos[chunk.segments[0].name].dtype)
@@ -249,7 +248,7 @@ class MergeEngine:
             for i, m in enumerate(self.models):
                 m.read_into(seg.name, seg.start, seg.stop, models[i, pos:end])
             pos = end
-        return StoredColumns(base, list(models))
+        return native.StoredColumns(base, list(models))
 
     def _read_for(self, method: MergeMethod, stage: int | None, chunk: Chunk, checked: list[bool]):
         """(float32 θ0 or None, the chunk for `method`): stored values when it takes them, else the
