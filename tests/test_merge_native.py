@@ -118,7 +118,8 @@ def test_stored_values_decode_like_the_reader(dtype):
     mags = tau.abs()
     brackets = [[(0.0, 0.0), (float(r.quantile(0.02)), float(r.quantile(0.03))),
                  (float(r.quantile(0.98)), float(r.quantile(0.99)))] for r in mags]  # a point bracket first
-    below, inside = native.abs_brackets(stored.columns(7, 3001), brackets)
+    below, inside, finite = native.abs_brackets(stored.columns(7, 3001), brackets)
+    assert finite
     q = 0
     for i, row in enumerate(brackets):
         for lo, hi in row:
@@ -132,6 +133,10 @@ def test_stored_values_decode_like_the_reader(dtype):
     assert native.all_finite(stored)
     models[1, 2000] = float("inf")
     assert not native.all_finite(stored)
+    assert not native.abs_brackets(stored, brackets).finite
+    assert native.abs_brackets(stored.columns(2001, 3001), brackets).finite  # the Inf is outside
+    base[2500] = float("nan")
+    assert not native.abs_brackets(stored.columns(2001, 3001), brackets).finite
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -142,7 +147,8 @@ def test_every_stored_bit_pattern_decodes_exactly(dtype):
     stored = native.StoredColumns(torch.zeros_like(patterns), [patterns])
     expect = patterns.float().abs()
     keep = ~torch.isnan(expect)
-    below, inside = native.abs_brackets(stored, [[(0.0, float("inf"))]])
+    below, inside, finite = native.abs_brackets(stored, [[(0.0, float("inf"))]])
     assert below == [0] and torch.equal(torch.from_numpy(inside[0]), expect[keep])
-    assert not native.all_finite(stored)
-    assert native.all_finite(native.StoredColumns(torch.zeros(3, dtype=dtype), [patterns[:3]]))
+    assert not native.all_finite(stored) and not finite
+    small = native.StoredColumns(torch.zeros(3, dtype=dtype), [patterns[:3]])
+    assert native.all_finite(small) and native.abs_brackets(small, [[(0.0, 1.0)]]).finite

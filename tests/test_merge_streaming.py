@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).parent))
 import merge_reference as ref  # noqa: E402
 
-from mcomp.merge import merge_checkpoints, merge_state_dicts  # noqa: E402
+from mcomp.merge import merge_checkpoints, merge_state_dicts, native  # noqa: E402
 from mcomp.merge.sources import SafetensorsCheckpoint  # noqa: E402
 from mcomp.merge.writer import ShardedWriter  # noqa: E402
 
@@ -130,6 +130,25 @@ def test_bad_inputs_are_named(ckpts, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
     with pytest.raises(ValueError, match="ratio"):
         merge_checkpoints(paths[0], paths[1:], tmp_path / "o5", "pcb", ratio=2.0)
+
+
+@pytest.mark.skipif(not native.available(), reason="the native kernels are not built")
+@pytest.mark.parametrize("where", ["model", "base"])
+def test_pcb_checks_finite_as_it_reads(ckpts, tmp_path, monkeypatch, where):
+    """PCB's first pass over stored values checks NaN/Inf itself (the engine's separate check is
+    not run), and the error still names the tensor and the checkpoint at fault."""
+    base, models, paths = ckpts
+    monkeypatch.setattr(native, "all_finite", lambda *a: pytest.fail("the engine read the chunk to check it"))
+    merge_checkpoints(paths[0], paths[1:], tmp_path / "ok", "pcb", chunk_elems=500)  # finite: merges
+    bad = {k: v.clone() for k, v in (models[2] if where == "model" else base).items()}
+    bad["layers.0.q.weight"][3, 9] = float("inf")
+    save_file(bad, str(tmp_path / "bad.safetensors"))
+    inputs = [paths[0], paths[1], tmp_path / "bad.safetensors"] if where == "model" else \
+        [tmp_path / "bad.safetensors", *paths[1:]]
+    name = r"bad\.safetensors" if where == "model" else r"base.*bad\.safetensors"
+    with pytest.raises(ValueError, match=r"layers\.0\.q\.weight.*" + name):
+        merge_checkpoints(inputs[0], inputs[1:], tmp_path / "out", "pcb", chunk_elems=500)
+    assert not (tmp_path / "out").exists()
 
 
 def test_existing_output_refused_unless_force(ckpts, tmp_path):

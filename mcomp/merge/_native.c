@@ -344,19 +344,24 @@ MC_CLONES int mc_pcb_stage1(const src_t *src, int n, long w, const float *lo, co
 /* Order statistics of |τ| over w columns of src, nb brackets per row: for row i and bracket k
  * (index q = i * nb + k), below[q] += #{|τ_i| < blo[q]} and the |τ_i| in [blo[q], bhi[q]] are
  * appended to row q of collect (stride ldc >= w + 1; found[q] += their number). A point bracket
- * (blo[q] == bhi[q], a mass of tied values) only counts them. */
+ * (blo[q] == bhi[q], a mass of tied values) only counts them. *finite is set to 1 when every τ_i
+ * is finite, else 0 (as mc_all_finite, at almost no cost here: the values are in registers). */
 MC_CLONES int mc_abs_brackets(const src_t *src, int n, long w, int nb, const float *blo, const float *bhi,
-                              int64_t *below, float *collect, long ldc, int64_t *found) {
+                              int64_t *below, float *collect, long ldc, int64_t *found, int *finite) {
     tile_t tl;
     if (tile_alloc(&tl, n)) return -1;
+    int bad = 0;
     for (long c = 0; c < w; c += MC_TILE) {
         long tw = w - c < MC_TILE ? w - c : MC_TILE;
         tile_load(&tl, src, n, NULL, c, tw);
         for (int i = 0; i < n; i++) {
             const float *t = ROW(tl.tau, i);
             float *a = ROW(tl.a, i);
-#pragma omp simd
-            for (long j = 0; j < MC_TILE; j++) a[j] = fabsf(t[j]);
+#pragma omp simd reduction(| : bad)
+            for (long j = 0; j < MC_TILE; j++) { /* the padding is zero, so finite */
+                a[j] = fabsf(t[j]);
+                bad |= !(a[j] <= FLT_MAX);
+            }
             for (int k = 0; k < nb; k++) {
                 int q = i * nb + k;
                 bracket_tile(a, tw, blo[q], bhi[q], &below[q], collect + q * ldc, &found[q]);
@@ -364,6 +369,7 @@ MC_CLONES int mc_abs_brackets(const src_t *src, int n, long w, int nb, const flo
         }
     }
     free(tl.tau);
+    *finite = !bad;
     return 0;
 }
 

@@ -23,6 +23,7 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -54,7 +55,7 @@ def _load() -> ctypes.CDLL | None:
     lib.mc_bracket_scan.restype = _L
     lib.mc_pcb_stage1.argtypes = [_P, ctypes.c_int, _L, _P, _P, ctypes.c_int, _P, _P, _P, _P, _L, _P, _P, _P, _P, _P]
     lib.mc_pcb_stage1.restype = ctypes.c_int
-    lib.mc_abs_brackets.argtypes = [_P, ctypes.c_int, _L, ctypes.c_int, _P, _P, _P, _P, _L, _P]
+    lib.mc_abs_brackets.argtypes = [_P, ctypes.c_int, _L, ctypes.c_int, _P, _P, _P, _P, _L, _P, _P]
     lib.mc_abs_brackets.restype = ctypes.c_int
     lib.mc_all_finite.argtypes = [_P, ctypes.c_int, _L]
     lib.mc_all_finite.restype = ctypes.c_int
@@ -223,20 +224,30 @@ def _inside(row: np.ndarray, found: int, lo: float, hi: float) -> np.ndarray | i
     return found if lo == hi else row[:found].copy()
 
 
-def abs_brackets(tau, brackets: list[list[tuple[float, float]]]) -> tuple[list[int], list[np.ndarray]]:
+class AbsBrackets(NamedTuple):
+    """What `abs_brackets` found in a block of columns."""
+
+    below: list[int]  # per bracket, row by row: |τ| below it
+    inside: list[np.ndarray | int]  # per bracket: the |τ| inside it in column order (a point bracket: their count)
+    finite: bool  # every τ_i of the block is finite
+
+
+def abs_brackets(tau, brackets: list[list[tuple[float, float]]]) -> AbsBrackets:
     """Order-statistic brackets over |τ| of `tau` (n, w; a tensor or `StoredColumns`), the same
-    number per row: (the counts below, the values inside) per bracket, row by row; for a point
-    bracket (lo == hi) the count of values equal to it instead of the values."""
+    number per row, and whether every τ_i is finite (checked on the way: the values are loaded
+    anyway). A point bracket (lo == hi) gets the count of values equal to it."""
     n, w = tau.shape
     nb = len(brackets[0])
     flat = [b for row in brackets for b in row]
     buf = _collect_buffer(len(flat), w)
     below, found = np.zeros(len(flat), dtype=np.int64), np.zeros(len(flat), dtype=np.int64)
     blo, bhi = _floats([b[0] for b in flat]), _floats([b[1] for b in flat])
+    finite = ctypes.c_int()
     src = _src(tau)
     _check(_lib.mc_abs_brackets(ctypes.byref(src), n, w, nb, blo.ctypes.data, bhi.ctypes.data, below.ctypes.data,
-                                buf.ctypes.data, buf.shape[1], found.ctypes.data))
-    return [int(b) for b in below], [_inside(buf[q], int(found[q]), *flat[q]) for q in range(len(flat))]
+                                buf.ctypes.data, buf.shape[1], found.ctypes.data, ctypes.byref(finite)))
+    return AbsBrackets([int(b) for b in below], [_inside(buf[q], int(found[q]), *flat[q]) for q in range(len(flat))],
+                       bool(finite.value))
 
 
 def all_finite(tau) -> bool:

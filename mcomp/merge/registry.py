@@ -95,6 +95,11 @@ def _choice(p: Any, name: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+class NonFiniteInput(ValueError):
+    """Raised by `MergeMethod.observe` when the values it checks (see `checks_finite`) contain
+    NaN or Inf; the engine then names the tensor and models at fault."""
+
+
 class MergeMethod:
     """Base class. Subclasses set `name`, `Params`, and implement the hooks below."""
 
@@ -123,6 +128,12 @@ class MergeMethod:
     def accepts_stored(self, stage: int | None) -> bool:
         """Whether `observe` for `stage` (`merge` for None) takes the chunk as stored values
         (`mcomp.merge.native.StoredColumns`) instead of a float32 task-vector matrix."""
+        return False
+
+    def checks_finite(self, stage: int) -> bool:
+        """Whether `observe` for `stage`, given stored values, itself checks that every task vector
+        is finite as it goes (raising `NonFiniteInput`), so that the engine need not read each
+        chunk once more to check it."""
         return False
 
     def observe(self, stage: int, tau: torch.Tensor, chunk: Chunk, stats: dict, reducers: dict) -> None:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from mcomp.merge import native
 from mcomp.merge.kernels import Workspace, parallel_map, scratch
-from mcomp.merge.registry import Chunk, MergeMethod, Segment, get_method, make_params
+from mcomp.merge.registry import Chunk, MergeMethod, NonFiniteInput, Segment, get_method, make_params
 from mcomp.merge.selection import RowQuantiles
 from mcomp.merge.sources import Source, TensorInfo
 
@@ -252,13 +252,15 @@ class MergeEngine:
 
     def _read_for(self, method: MergeMethod, stage: int | None, chunk: Chunk, checked: list[bool]):
         """(float32 θ0 or None, the chunk for `method`): stored values when it takes them, else the
-        float32 task vectors. A chunk is checked for NaN/Inf the first time it is read."""
+        float32 task vectors. A chunk is checked for NaN/Inf the first time it is read (by the
+        method itself as it observes stored values, when it says it does)."""
         if self.can_read_stored() and method.accepts_stored(stage):
             stored = self.read_stored(chunk, method.workspace)
             if not checked[chunk.index]:
-                halves = [(0, chunk.size // 2), (chunk.size // 2, chunk.size)]  # both cores
-                if not all(parallel_map(lambda h: native.all_finite(stored.columns(*h)), halves)):
-                    self.read(chunk, check=True)  # names the tensor and model(s) at fault
+                if stage is None or not method.checks_finite(stage):
+                    halves = [(0, chunk.size // 2), (chunk.size // 2, chunk.size)]  # both cores
+                    if not all(parallel_map(lambda h: native.all_finite(stored.columns(*h)), halves)):
+                        self.read(chunk, check=True)  # names the tensor and model(s) at fault
                 checked[chunk.index] = True
             base = None
             if stage is None:  # the sink needs float32 θ0
@@ -342,7 +344,11 @@ class MergeEngine:
                 with self._bar(d, f"{method.name} stage {stage + 1}") as bar:
                     for chunk in chunks:
                         _, tau = self._read_for(method, stage, chunk, checked)
-                        method.observe(stage, tau, chunk, stats, view)
+                        try:
+                            method.observe(stage, tau, chunk, stats, view)
+                        except NonFiniteInput:
+                            self.read(chunk, check=True)  # names the tensor and model(s) at fault
+                            raise
                         bar.update(chunk.size)
                 for q in quantiles.values():
                     q.end_pass()
