@@ -88,6 +88,37 @@ static inline float half_float(uint16_t h) {
 
 static inline float bf16_float(uint16_t h) { return bits_float((uint32_t)h << 16); }
 
+/* t[j] = float(m[j]) − float(b[j]) for float16 m, b over j < tw. Where the CPU has F16C (x86-64
+ * since 2012), its conversion instruction does 8 values at once, several times cheaper than the
+ * decoding arithmetic; both are exact, so the results are the same bits either way. (Decoding
+ * θ0 once per tile instead of once per row measured no faster.) */
+static inline void halves_sub_portable(const uint16_t *m, const uint16_t *b, long tw, float *t) {
+    for (long j = 0; j < tw; j++) t[j] = half_float(m[j]) - half_float(b[j]);
+}
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#include <immintrin.h>
+__attribute__((target("avx,f16c"))) static void halves_sub_f16c(const uint16_t *m, const uint16_t *b, long tw,
+                                                                  float *t) {
+    long j = 0;
+    for (; j + 8 <= tw; j += 8) {
+        __m256 x = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(m + j)));
+        __m256 y = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + j)));
+        _mm256_storeu_ps(t + j, _mm256_sub_ps(x, y));
+    }
+    halves_sub_portable(m + j, b + j, tw - j, t + j);
+}
+
+static void halves_sub(const uint16_t *m, const uint16_t *b, long tw, float *t) {
+    if (__builtin_cpu_supports("f16c"))
+        halves_sub_f16c(m, b, tw, t);
+    else
+        halves_sub_portable(m, b, tw, t);
+}
+#else
+static void halves_sub(const uint16_t *m, const uint16_t *b, long tw, float *t) { halves_sub_portable(m, b, tw, t); }
+#endif
+
 /* τ = θ_i − θ0 at the columns col[0..tw) of 16-bit stored values (dtype 1 float16, 2 bfloat16):
  * gathered raw first, so that the decoding vectorises. Kept out of line: inlined, its buffers
  * slowed the contiguous loads of `tile_load` by a quarter. */
@@ -99,7 +130,7 @@ MC_CLONES __attribute__((noinline)) static void gather_halves(const uint16_t *m,
         gb[j] = b[col[j]];
     }
     if (dtype == 1)
-        for (long j = 0; j < tw; j++) t[j] = half_float(gm[j]) - half_float(gb[j]);
+        halves_sub(gm, gb, tw, t);
     else
         for (long j = 0; j < tw; j++) t[j] = bf16_float(gm[j]) - bf16_float(gb[j]);
 }
@@ -121,7 +152,7 @@ static inline void tile_load(tile_t *tl, const src_t *src, int n, const int64_t 
             for (long j = 0; j < tw; j++) t[j] = m[col[c + j]] - b[col[c + j]];
         } else if (src->dtype == 1) {
             const uint16_t *m = (const uint16_t *)src->models[i] + c, *b = (const uint16_t *)src->base + c;
-            for (long j = 0; j < tw; j++) t[j] = half_float(m[j]) - half_float(b[j]);
+            halves_sub(m, b, tw, t);
         } else if (src->dtype == 2) {
             const uint16_t *m = (const uint16_t *)src->models[i] + c, *b = (const uint16_t *)src->base + c;
             for (long j = 0; j < tw; j++) t[j] = bf16_float(m[j]) - bf16_float(b[j]);
@@ -176,8 +207,16 @@ static inline long pack_bits(const uint8_t *keep, long tw, uint8_t *bits) {
     long ones = 0;
     for (long b = 0; b * 8 < tw; b++) {
         const uint8_t *k8 = keep + b * 8;
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+        /* one multiply gathers the eight 0/1 bytes into the top byte, k8[0] in its top bit
+         * (each product bit lands at a distinct position, so nothing carries) */
+        uint64_t x;
+        memcpy(&x, k8, 8);
+        unsigned byte = (unsigned)((x * 0x8040201008040201ULL) >> 56);
+#else
         unsigned byte = (unsigned)k8[0] << 7 | (unsigned)k8[1] << 6 | (unsigned)k8[2] << 5 | (unsigned)k8[3] << 4 |
                         (unsigned)k8[4] << 3 | (unsigned)k8[5] << 2 | (unsigned)k8[6] << 1 | (unsigned)k8[7];
+#endif
         bits[b] = (uint8_t)byte;
         ones += __builtin_popcount(byte);
     }
