@@ -50,14 +50,18 @@ def test_merge_matches_numpy_chain(inter, weights, scale):
     # the NumPy chain on the same β, so ties with t_i resolve alike
     expect = combine(torch.sign(tau) * clip(tau, lo, hi), scores_from_beta(beta.clone(), t, m), weights, scale)
     out = torch.empty(d)
-    native.pcb_merge(tau, None, stats, inter, weights, scale, out)
+    native.pcb_merge(tau, stats, inter, weights, scale, out)
     assert rel(out, expect) < 1e-6
-    cols = torch.from_numpy(np.sort(np.random.default_rng(0).choice(d, 1234, replace=False))).long()
+    # candidate bits (d is not a multiple of 8; more set columns than a tile holds)
+    marked = np.zeros(d, dtype=bool)
+    marked[np.random.default_rng(0).choice(d, 1234, replace=False)] = True
+    marked[-1] = True
     sparse = torch.full((d,), 7.0)
-    native.pcb_merge(tau, cols, stats, inter, weights, scale, sparse)
-    assert torch.equal(sparse[cols], out[cols])  # gathered columns: the same bits
-    untouched = np.setdiff1d(np.arange(d), cols.numpy())
-    assert bool((sparse[untouched] == 7.0).all())
+    native.pcb_merge(tau, stats, inter, weights, scale, sparse, bits=np.packbits(marked))
+    assert torch.equal(sparse[marked], out[marked])  # gathered columns: the same bits
+    assert bool((sparse[~marked] == 0.0).all())  # exact zeros elsewhere
+    with pytest.raises(ValueError, match="bytes of bits"):
+        native.pcb_merge(tau, stats, inter, weights, scale, sparse, bits=np.packbits(marked)[:-1])
 
 
 def test_bracket_scan_counts_and_collects_like_numpy():

@@ -300,47 +300,107 @@ MC_CLONES int mc_pcb_beta(const src_t *src, int n, long w, const float *lo, cons
     return 0;
 }
 
-/* PCB steps 1-7 on w columns of src: col[k] (or k when col is NULL) for k < w. The merged
- * task-vector value of that column goes to out at the same position:
+/* For each byte value, the positions of its set bits (np.packbits order: the top bit first)
+ * and their count. Filled once; concurrent first calls write the same bytes. */
+static uint8_t bit_pos[256][8], bit_count[256];
+static int bit_table_ready = 0;
+
+static void bit_table_init(void) {
+    if (__atomic_load_n(&bit_table_ready, __ATOMIC_ACQUIRE)) return;
+    for (int b = 0; b < 256; b++) {
+        int k = 0;
+        for (int j = 0; j < 8; j++)
+            if (b & (0x80 >> j)) bit_pos[b][k++] = (uint8_t)j;
+        bit_count[b] = (uint8_t)k;
+    }
+    __atomic_store_n(&bit_table_ready, 1, __ATOMIC_RELEASE);
+}
+
+/* at + the set positions of byte to out (eight stores, so out needs room for 8); returns how many. */
+static inline int byte_positions(unsigned byte, int64_t at, int64_t *out) {
+    for (int j = 0; j < 8; j++) out[j] = at + bit_pos[byte][j];
+    return bit_count[byte];
+}
+
+/* PCB's per-task scalars and merge parameters, as the merge kernels take them. */
+typedef struct {
+    const float *lo, *hi, *t, *m, *weights; /* weights may be NULL */
+    int variant;
+    float scale;
+} merge_args_t;
+
+/* PCB steps 1-7 on tw columns of src, col[c + k] (or c + k when col is NULL) for k < tw; each
+ * merged value goes to out at its column's position:
  *   s_i = (clamp(β_i, t_i, m_i) − t_i)/(m_i − t_i) (0 when m_i <= t_i),
- *   out = scale · Σ_i λ_i s_i sign(τ_i) a_i / max(Σ_i s_i, 1e-12)   (weights may be NULL). */
-MC_CLONES int mc_pcb_merge(const src_t *src, int n, long w, const int64_t *col, const float *lo,
-                           const float *hi, const float *t, const float *m, int variant, const float *weights,
-                           float scale, float *out) {
-    tile_t tl;
-    if (tile_alloc(&tl, n)) return -1;
+ *   out = scale · Σ_i λ_i s_i sign(τ_i) a_i / max(Σ_i s_i, 1e-12). */
+static inline void merge_tile(tile_t *tl, const src_t *src, int n, const int64_t *col, long c, long tw,
+                              const merge_args_t *g, float *out) {
     float num[MC_TILE] __attribute__((aligned(64))), den[MC_TILE] __attribute__((aligned(64)));
-    for (long c = 0; c < w; c += MC_TILE) {
-        long tw = w - c < MC_TILE ? w - c : MC_TILE;
-        memset(num, 0, sizeof num);
-        memset(den, 0, sizeof den);
-        tile_load(&tl, src, n, col, c, tw);
-        tile_beta(&tl, n, lo, hi, variant);
-        for (int i = 0; i < n; i++) {
-            const float *ti = ROW(tl.tau, i), *ai = ROW(tl.a, i);
-            float *s = ROW(tl.beta, i); /* s replaces β */
-            float tt = t[i], mm = m[i], range = mm - tt;
-            int ok = range > 0.0f;
+    memset(num, 0, sizeof num);
+    memset(den, 0, sizeof den);
+    tile_load(tl, src, n, col, c, tw);
+    tile_beta(tl, n, g->lo, g->hi, g->variant);
+    for (int i = 0; i < n; i++) {
+        const float *ti = ROW(tl->tau, i), *ai = ROW(tl->a, i);
+        float *s = ROW(tl->beta, i); /* s replaces β */
+        float tt = g->t[i], mm = g->m[i], range = mm - tt;
+        int ok = range > 0.0f;
 #pragma omp simd
-            for (long j = 0; j < MC_TILE; j++) {
-                float v = s[j] < tt ? tt : s[j];
-                v = v > mm ? mm : v;
-                s[j] = ok ? (v - tt) / range : 0.0f;
-            }
-            float wi = weights ? weights[i] : 1.0f;
-            int weighted = weights != NULL;
-#pragma omp simd
-            for (long j = 0; j < MC_TILE; j++) {
-                float x = (sign_of(ti[j]) * ai[j]) * s[j];
-                num[j] += weighted ? x * wi : x;
-                den[j] += s[j];
-            }
+        for (long j = 0; j < MC_TILE; j++) {
+            float v = s[j] < tt ? tt : s[j];
+            v = v > mm ? mm : v;
+            s[j] = ok ? (v - tt) / range : 0.0f;
         }
-        for (long j = 0; j < tw; j++) {
-            float v = num[j] / (den[j] > 1e-12f ? den[j] : 1e-12f);
-            out[col ? col[c + j] : c + j] = scale != 1.0f ? v * scale : v;
+        float wi = g->weights ? g->weights[i] : 1.0f;
+        int weighted = g->weights != NULL;
+#pragma omp simd
+        for (long j = 0; j < MC_TILE; j++) {
+            float x = (sign_of(ti[j]) * ai[j]) * s[j];
+            num[j] += weighted ? x * wi : x;
+            den[j] += s[j];
         }
     }
+    float scale = g->scale;
+    for (long j = 0; j < tw; j++) {
+        float v = num[j] / (den[j] > 1e-12f ? den[j] : 1e-12f);
+        out[col ? col[c + j] : c + j] = scale != 1.0f ? v * scale : v;
+    }
+}
+
+/* PCB steps 1-7 on the w columns of src, merged values to out[0:w] (see merge_tile). */
+MC_CLONES int mc_pcb_merge(const src_t *src, int n, long w, const float *lo, const float *hi, const float *t,
+                           const float *m, int variant, const float *weights, float scale, float *out) {
+    tile_t tl;
+    if (tile_alloc(&tl, n)) return -1;
+    merge_args_t g = {lo, hi, t, m, weights, variant, scale};
+    for (long c = 0; c < w; c += MC_TILE) merge_tile(&tl, src, n, NULL, c, w - c < MC_TILE ? w - c : MC_TILE, &g, out);
+    free(tl.tau);
+    return 0;
+}
+
+/* The merge pass over w columns of src where stage 1 recorded candidate bits (np.packbits
+ * order, a short last byte padded with 0): out[0:w] gets exact zeros where the bit is clear
+ * (no task can pass its threshold there) and merge_tile's value where it is set. The set
+ * columns are gathered, in order, into full tiles, so β is computed on them only. */
+MC_CLONES int mc_pcb_merge_bits(const src_t *src, int n, long w, const uint8_t *bits, const float *lo,
+                                const float *hi, const float *t, const float *m, int variant, const float *weights,
+                                float scale, float *out) {
+    tile_t tl;
+    if (tile_alloc(&tl, n)) return -1;
+    merge_args_t g = {lo, hi, t, m, weights, variant, scale};
+    int64_t col[MC_TILE + 8]; /* pending set columns: a byte adds at most 8 */
+    long k = 0;
+    bit_table_init();
+    memset(out, 0, sizeof(float) * (size_t)w);
+    for (long b = 0; b * 8 < w; b++) {
+        k += byte_positions(bits[b], b * 8, col + k); /* the last byte's padding bits are 0 */
+        if (k >= MC_TILE) {
+            merge_tile(&tl, src, n, col, 0, MC_TILE, &g, out);
+            for (long j = MC_TILE; j < k; j++) col[j - MC_TILE] = col[j];
+            k -= MC_TILE;
+        }
+    }
+    if (k) merge_tile(&tl, src, n, col, 0, k, &g, out);
     free(tl.tau);
     return 0;
 }
@@ -477,28 +537,12 @@ MC_CLONES long mc_mark_above(const float *x, int n, long w, long ld, const float
  * byte, a table gives the set positions: eight stores, then advance by the count (branchless;
  * out needs 7 spare slots past the last position). */
 long mc_bits_to_index(const uint8_t *bits, long w, int64_t start, int64_t *out) {
-    static uint8_t pos[256][8], count[256];
-    static int ready = 0; /* filled once; concurrent first calls write the same bytes */
-    if (!__atomic_load_n(&ready, __ATOMIC_ACQUIRE)) {
-        for (int b = 0; b < 256; b++) {
-            int k = 0;
-            for (int j = 0; j < 8; j++)
-                if (b & (0x80 >> j)) pos[b][k++] = (uint8_t)j;
-            count[b] = (uint8_t)k;
-        }
-        __atomic_store_n(&ready, 1, __ATOMIC_RELEASE);
-    }
+    bit_table_init();
     long k = 0, full = w / 8;
-    for (long b = 0; b < full; b++) {
-        unsigned byte = bits[b];
-        int64_t at = start + b * 8;
-        for (int j = 0; j < 8; j++) out[k + j] = at + pos[byte][j];
-        k += count[byte];
-    }
+    for (long b = 0; b < full; b++) k += byte_positions(bits[b], start + b * 8, out + k);
     if (w % 8) { /* the last, partial byte: only its first w % 8 bits count */
         unsigned byte = bits[full] & (0xFFu << (8 - w % 8)) & 0xFFu;
-        for (int j = 0; j < count[byte]; j++) out[k + j] = start + full * 8 + pos[byte][j];
-        k += count[byte];
+        k += byte_positions(byte, start + full * 8, out + k);
     }
     return k;
 }

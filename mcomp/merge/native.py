@@ -49,8 +49,10 @@ def _load() -> ctypes.CDLL | None:
     lib = ctypes.CDLL(spec.origin)
     lib.mc_pcb_beta.argtypes = [_P, ctypes.c_int, _L, _P, _P, ctypes.c_int, _P, _L]
     lib.mc_pcb_beta.restype = ctypes.c_int
-    lib.mc_pcb_merge.argtypes = [_P, ctypes.c_int, _L, _P, _P, _P, _P, _P, ctypes.c_int, _P, ctypes.c_float, _P]
+    lib.mc_pcb_merge.argtypes = [_P, ctypes.c_int, _L, _P, _P, _P, _P, ctypes.c_int, _P, ctypes.c_float, _P]
     lib.mc_pcb_merge.restype = ctypes.c_int
+    lib.mc_pcb_merge_bits.argtypes = [_P, ctypes.c_int, _L, _P, _P, _P, _P, _P, ctypes.c_int, _P, ctypes.c_float, _P]
+    lib.mc_pcb_merge_bits.restype = ctypes.c_int
     lib.mc_bracket_scan.argtypes = [_P, _L, ctypes.c_float, ctypes.c_float, _P, _P]
     lib.mc_bracket_scan.restype = _L
     lib.mc_pcb_stage1.argtypes = [_P, ctypes.c_int, _L, _P, _P, ctypes.c_int, _P, _P, _P, _P, _L, _P, _P, _P, _P, _P]
@@ -170,18 +172,24 @@ def pcb_beta(tau, lo: list[float], hi: list[float], inter: str, out: torch.Tenso
     return out
 
 
-def pcb_merge(tau, columns: torch.Tensor | None, stats: dict, inter: str,
-              weights: list[float] | None, scale: float, out: torch.Tensor) -> None:
-    """PCB steps 1-7 on the columns `columns` (int64) of `tau` (n, C; a tensor or `StoredColumns`),
-    or on all of them; each merged value goes to `out` at its column's position."""
-    n = tau.shape[0]
-    w = columns.numel() if columns is not None else tau.shape[1]
+def pcb_merge(tau, stats: dict, inter: str, weights: list[float] | None, scale: float, out: torch.Tensor,
+              bits: np.ndarray | None = None) -> None:
+    """PCB steps 1-7 on the w columns of `tau` (n, w; a tensor or `StoredColumns`), merged values
+    to `out` (w,). With `bits` (stage 1's candidate bits of these columns, np.packbits order), β
+    is computed only where a bit is set, and `out` gets exact zeros elsewhere."""
+    n, w = tau.shape
     arrays = [_floats(stats[k]) for k in ("lo", "hi", "t", "m")]
     wts = _floats(weights) if weights is not None else None
     src = _src(tau)
-    _check(_lib.mc_pcb_merge(ctypes.byref(src), n, w, columns.data_ptr() if columns is not None else None,
-                             *[a.ctypes.data for a in arrays], _VARIANTS[inter],
-                             wts.ctypes.data if wts is not None else None, scale, out.data_ptr()))
+    args = [*[a.ctypes.data for a in arrays], _VARIANTS[inter], wts.ctypes.data if wts is not None else None, scale,
+            out.data_ptr()]
+    if bits is None:
+        _check(_lib.mc_pcb_merge(ctypes.byref(src), n, w, *args))
+        return
+    bits = np.ascontiguousarray(bits, dtype=np.uint8)
+    if bits.size != (w + 7) // 8:
+        raise ValueError(f"pcb_merge: {bits.size} bytes of bits for {w} columns")
+    _check(_lib.mc_pcb_merge_bits(ctypes.byref(src), n, w, bits.ctypes.data, *args))
 
 
 @dataclass

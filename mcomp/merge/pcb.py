@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from mcomp.merge import native
-from mcomp.merge.kernels import GrowableArray, Workspace, column_blocks, exp_, scratch, tanh_
+from mcomp.merge.kernels import GrowableArray, Workspace, column_blocks, exp_, parallel_map, scratch, tanh_
 from mcomp.merge.registry import Chunk, MergeMethod, MethodParams, NonFiniteInput, _choice, _number, register
 from mcomp.merge.selection import RowMax, RowQuantiles
 
@@ -151,6 +151,14 @@ class CandidateColumns:
 
     def covers(self, thresholds: list[float]) -> bool:
         return all(t >= f for t, f in zip(thresholds, self.floors))
+
+    def blocks(self, index: int, size: int) -> list[tuple[int, int, np.ndarray]] | None:
+        """(first column, columns, packed bits) of each block recorded for chunk `index`, in
+        column order (None unless all `size` columns were recorded)."""
+        spans = sorted(self.spans.get(index, ()))
+        if sum(width for _, width, _, _ in spans) != size:
+            return None
+        return [(start, width, self.bits.view(b0, b1)) for start, width, b0, b1 in spans]
 
     def columns(self, index: int, size: int) -> torch.Tensor | None:
         """Indices of the marked coordinates of chunk `index` (None unless all `size` were recorded)."""
@@ -333,22 +341,22 @@ class Pcb(MergeMethod):
         if not self._blocked(tau):
             s, clipped = self.scores(tau, stats)
             return combine(clipped, s, weights, self.p.scale)
-        cols = self._candidates.columns(chunk.index, tau.shape[1]) if self._candidates is not None else None
-        if native.usable(tau):  # fused: gathers the columns, writes each merged value in place
+        if native.usable(tau):  # fused: each merged value written in place
             delta = scratch(self.workspace, "pcb.delta", (tau.shape[1],), _FLOAT32)
-            if cols is not None:
-                delta.zero_()
-            width = cols.numel() if cols is not None else tau.shape[1]
+            blocks = self._candidates.blocks(chunk.index, tau.shape[1]) if self._candidates is not None else None
+            if blocks is not None:  # stage 1's blocks (equal shares) with their bits: β on the marked columns only
+                parallel_map(lambda b: native.pcb_merge(native.columns(tau, b[0], b[0] + b[1]), stats, self.p.inter,
+                                                        weights, self.p.scale, delta[b[0]:b[0] + b[1]], bits=b[2]),
+                             blocks)
+                return delta
 
-            def fused(start: int, stop: int, ws: Workspace) -> None:
-                if cols is None:
-                    native.pcb_merge(native.columns(tau, start, stop), None, stats, self.p.inter, weights, self.p.scale,
-                                     delta[start:])
-                else:
-                    native.pcb_merge(tau, cols[start:stop], stats, self.p.inter, weights, self.p.scale, delta)
+            def dense(start: int, stop: int, ws: Workspace) -> None:
+                native.pcb_merge(native.columns(tau, start, stop), stats, self.p.inter, weights, self.p.scale,
+                                 delta[start:stop])
 
-            column_blocks(fused, width, self._block_columns(), self.workspace)
+            column_blocks(dense, tau.shape[1], self._block_columns(), self.workspace)
             return delta
+        cols = self._candidates.columns(chunk.index, tau.shape[1]) if self._candidates is not None else None
         if cols is not None:  # β only where some task can pass its threshold; exact zeros elsewhere
             tau = torch.index_select(tau, 1, cols, out=scratch(self.workspace, "pcb.sub", (self.n, cols.numel()), tau))
         merged = scratch(self.workspace, "pcb.merged", (tau.shape[1],), tau)
