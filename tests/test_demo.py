@@ -45,4 +45,7 @@ def test_reduced_demo_runs_to_the_table(zoo, tmp_path, monkeypatch):
     record = json.loads(next((tmp_path / "demo" / "runs").glob("image_audio_video_point-damc-pcb-s0-mcub4/samples.jsonl"))
                         .read_text().splitlines()[0])
     assert record["error"] is None and len(record["option_scores"]) == 4
+    # the world's cloze formulation: options scored by their text, predicted by their letter
+    assert [o["key"] for o in record["option_scores"]] == list("ABCD")
+    assert all(len(o["continuation"]) > 1 and o["continuation"][0] != " " for o in record["option_scores"])
     assert set(summary["held_out_accuracy"]) == {f"{m}-s0" for m in MODALITIES}

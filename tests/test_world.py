@@ -141,9 +141,9 @@ def test_training_data_loads_and_matches_labels(world):
                 question, answer = s.conversations[0]["value"], s.conversations[1]["value"]
                 assert question.startswith(f"{modality}: {TAG[modality]}\n") and question.count("<") == 1
                 options = dict(OPTION.findall(question))
-                if options:
-                    assert answer in LETTERS and len(options) == 4
-                    assert options[answer] in (entity.text, entity.colour, entity.shape)
+                if options:  # answered with the option's text
+                    assert question.endswith("\n" + ANSWER_SUFFIX) and len(options) == 4
+                    assert answer in options.values() and answer in (entity.text, entity.colour, entity.shape)
                 else:
                     assert answer in (entity.text, entity.colour, entity.shape)
 
@@ -237,8 +237,8 @@ def test_text_corpora(world):
             question, answer = (t["value"] for t in s["conversations"])
             assert "<" not in question and answer
             options = dict(OPTION.findall(question))
-            if options:
-                assert answer in options and len(options) == 4
+            if options:  # answered with the option's text
+                assert answer in options.values() and len(options) == 4
     lines = world.text_file("sentences").read_text().splitlines()
     assert "A red cube is a cube that is red." in lines
     assert any(line.endswith("have in common: red.") for line in lines)

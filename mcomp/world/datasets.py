@@ -6,8 +6,8 @@ Nothing here renders or writes; `generate.py` does. Paths are relative to the wo
   validation data `val/<modality>.json` (dev-split entities, new renders), in the `mcomp train` format:
   `{id, conversations: [{from, value}], modal_inputs: {key: [path relative to the JSON's folder]}}`.
   Per render: a caption ("Describe the image." -> "a red cube") and `samples_per_media - 1` of:
-  colour question ("red"), shape question ("cube"), lettered entity question, lettered colour or
-  shape question. Prompts start with the MCUB placeholder line (`image: <image>\\n`). In `train`,
+  colour question ("red"), shape question ("cube"), entity question with four options, colour or
+  shape question with four options (answered with the option's text, see `questions.ANSWER_SUFFIX`). Prompts start with the MCUB placeholder line (`image: <image>\\n`). In `train`,
   options only name training entities, so held-out entities never appear as (always wrong) options.
 * MCUB-style sets, one data root per split (`mcub/test`, `mcub/dev`) laid out as the published task
   files expect: `data/test/MCUB-4.json`, `data/test/MCUB-3-<subset>.json`, `data/test/MCUB-answer.json`,
@@ -97,7 +97,7 @@ def modality_samples(
             letter = int(rng.integers(len(LETTERS)))
             options = place(entity.text, [e.text for e in entity_distractors(entity, option_pool, rng)], letter)
             question = f"What object does the {noun} depict?\n{format_options(options)}\n{ANSWER_SUFFIX}"
-            answer = LETTERS[letter]
+            answer = entity.text
         else:  # mc_attribute
             attr = "colour" if rng.random() < 0.5 else "shape"
             value = entity.attribute(attr)
@@ -106,7 +106,7 @@ def modality_samples(
             letter = int(rng.integers(len(LETTERS)))
             options = place(value, wrong, letter)
             question = f"What {attr} is the object in the {noun}?\n{format_options(options)}\n{ANSWER_SUFFIX}"
-            answer = LETTERS[letter]
+            answer = value
         out.append({
             "id": f"{sample_id}-{j}",
             "conversations": _turns(prefix + question, answer),

@@ -23,7 +23,7 @@ from mcomp.world.datasets import MCUB_DIR, MCUB_SUBSETS, MediaJob, world_plan
 logger = logging.getLogger(__name__)
 
 WORLD_FORMAT = "mcomp-world"
-WORLD_VERSION = "1"  # bump when the same seed and config would give different files
+WORLD_VERSION = "2"  # bump when the same seed and config would give different files (2: options answered with their text)
 MANIFEST = "manifest.json"
 SIZES = ("full", "test")
 TEXT_FILES = {"commonality": "text/commonality.json", "attribute_qa": "text/attribute_qa.json", "sentences": "text/sentences.txt"}

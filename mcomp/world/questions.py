@@ -12,6 +12,7 @@ Commonality questions come in two kinds:
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Sequence
 
 import numpy as np
@@ -19,7 +20,12 @@ import numpy as np
 from mcomp.world.entities import MODALITIES, TAG, AttributeSpace, Entity
 
 LETTERS = "ABCD"
-ANSWER_SUFFIX = "Answer with the option's letter from the given choices directly."
+# Multiple-choice questions of this world are answered with the option's text, the "cloze"
+# formulation of lm-evaluation-harness (the answer files still hold the letter, the published
+# schema, and scoring compares letters). Why: the zoo's 4-layer base LLM learns it within the
+# build budget (91% on held-out text-only commonality questions after 1,000 steps), where it
+# does not learn to map its answer to the option's letter (24% after 400 steps, 47% after 2,500).
+ANSWER_SUFFIX = "Answer with the option's text."
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
 KINDS = ("entity", "attribute")
 OTHER = {"shape": "colour", "colour": "shape"}
@@ -47,6 +53,12 @@ def place(answer: str, distractors: Sequence[str], letter: int) -> list[str]:
 
 def format_options(options: Sequence[str]) -> str:
     return "\n".join(f"{LETTERS[i]}. {text}" for i, text in enumerate(options))
+
+
+def parse_options(question: str) -> list[str]:
+    """The option texts of a question written with `format_options` (in letter order)."""
+    found = dict(re.findall(r"^([A-D])\. (.*)$", question, flags=re.MULTILINE))
+    return [found[letter] for letter in LETTERS if letter in found]
 
 
 def _pick(rng: np.random.Generator, items: Sequence):
@@ -97,7 +109,7 @@ class Commonality:
 
     kind: str  # "entity" | "attribute"
     inputs: list[Entity]
-    shared: str  # the answer text: "a red cube" (entity) or "red" (attribute)
+    shared: str  # the answer (an option's text): "a red cube" (entity) or "red" (attribute)
     shared_attribute: str | None  # "colour" | "shape" for the attribute kind
     options: list[str]
     letter: str

@@ -2,12 +2,13 @@
 
 * `commonality_samples`: commonality questions in vicuna-style conversations. Three forms, mixed:
   - "lines": the MCUB prompt with every placeholder replaced by the caption of what the input depicts
-    (`image: a red cube\\naudio: a red cone\\n...What do all three inputs have in common?\\nA. ...`) -> letter;
-  - "list": "A red cube, a red cone and a red torus. What do they have in common?\\nA. ..." -> letter;
+    (`image: a red cube\\naudio: a red cone\\n...What do all three inputs have in common?\\nA. ...`) -> "red";
+  - "list": "A red cube, a red cone and a red torus. What do they have in common?\\nA. ..." -> "red";
   - "open": "What do a red cube, a red cone and a red torus have in common?" -> "They are all red."
-  Both question kinds (`questions.KINDS`), 2-4 items, answer letters balanced.
+  Both question kinds (`questions.KINDS`), 2-4 items, answer positions balanced; options are
+  answered with their text (`questions.ANSWER_SUFFIX`).
 * `attribute_qa_samples`: "What colour is a red cube?" -> "red", "What shape ...?" -> "cube", and
-  lettered "Which of these is red?" questions.
+  "Which of these is red?" with options -> "a red cube".
 * `sentences`: plain statements about every entity, the attribute-to-sound mapping and commonalities.
 
 All entities appear in text (held-out entities are held out of the *media* training data only: the
@@ -70,13 +71,13 @@ def commonality_samples(space: AttributeSpace, n: int, rng: np.random.Generator,
         words = [e.text for e in item.inputs]
         if form == "lines":
             modalities = sorted(rng.choice(len(MODALITIES), size=count, replace=False))
-            question, answer = text_prompt([MODALITIES[m] for m in modalities], item), item.letter
+            question, answer = text_prompt([MODALITIES[m] for m in modalities], item), item.shared
         elif form == "list":
             question = (
                 f"{_capitalise(join_words(words))}. What do they have in common?\n"
                 f"{format_options(item.options)}\n{ANSWER_SUFFIX}"
             )
-            answer = item.letter
+            answer = item.shared
         else:
             question, answer = f"What do {join_words(words)} have in common?", _they_share(space, item)
         out.append(_conversation(f"{id_prefix}-{i:05d}", question, answer))
@@ -102,7 +103,7 @@ def attribute_qa_samples(space: AttributeSpace, n: int, rng: np.random.Generator
             options = place(e.text, [x.text for x in picks], letters[i])
             what = value if attr == "colour" else f"{'an' if value[0] in 'aeiou' else 'a'} {value}"
             question = f"Which of these is {what}?\n{format_options(options)}\n{ANSWER_SUFFIX}"
-            answer = LETTERS[letters[i]]
+            answer = e.text
         out.append(_conversation(f"{id_prefix}-{i:05d}", question, answer))
     return out
 

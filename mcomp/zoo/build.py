@@ -27,7 +27,7 @@ from mcomp.resources import load_config
 
 logger = logging.getLogger(__name__)
 
-ZOO_VERSION = 1
+ZOO_VERSION = 2  # 2: the world answers options with their text
 MODALITIES = ("image", "audio", "video", "point")
 FLAVOURS = ("naivemc", "damc")
 
@@ -206,16 +206,18 @@ def _build_models(zoo: Zoo, world, modality: str, settings: ZooSettings, model_s
 
 
 def held_out_accuracy(model, world, modality: str) -> float:
-    """Accuracy on the multiple-choice attribute questions about held-out (dev) entities."""
+    """Accuracy on the four-option questions about held-out (dev) entities: the option whose text
+    has the highest log-likelihood as the answer (the world's cloze formulation)."""
     from mcomp.data import load_conversation_data
+    from mcomp.world.questions import parse_options
 
     correct = total = 0
     for s in load_conversation_data(world.val_json(modality)):
-        answer = s.conversations[-1]["value"]
-        if answer not in ("A", "B", "C", "D"):
+        options = parse_options(s.conversations[0]["value"])
+        if len(options) < 2:
             continue
         prompt = model.template.prompt(s.conversations[0]["value"])
-        scores = model.loglikelihood(prompt, [" A", " B", " C", " D"], s.media)
-        correct += "ABCD"[max(range(4), key=lambda i: scores[i].logprob)] == answer
+        scores = model.loglikelihood(prompt, options, s.media)
+        correct += options[max(range(len(options)), key=lambda i: scores[i].logprob)] == s.conversations[-1]["value"]
         total += 1
     return correct / max(total, 1)

@@ -57,10 +57,25 @@ def reduced_task(zoo: Zoo, modalities: tuple[str, ...], out: Path) -> Path:
     return tpath
 
 
+def cloze_task(name: str, out: Path) -> Path:
+    """A shipped task file as the demo runs it (data, next to the reduced ones)."""
+    tpath = out / "tasks" / f"{name}.yaml"
+    tpath.parent.mkdir(parents=True, exist_ok=True)
+    tpath.write_text(yaml.safe_dump(_shipped_task(name), sort_keys=False))
+    return tpath
+
+
 def _shipped_task(name: str) -> dict:
+    """A shipped task in the world's cloze formulation: in log-likelihood mode each option is scored
+    by its text, as the world's questions are answered (`mcomp.world.questions.ANSWER_SUFFIX`); the
+    prediction is still that option's letter, compared with the answer file's letter."""
     from mcomp.resources import load_config
 
-    return dict(load_config("tasks", f"{name}.yaml"))
+    task = dict(load_config("tasks", f"{name}.yaml"))
+    modes = dict(task["modes"])
+    modes["loglik"] = dict(modes["loglik"], continuation="{text}")
+    task["modes"] = modes
+    return task
 
 
 def base_with_projectors(zoo: Zoo, model_seed: int):
@@ -116,7 +131,7 @@ def run_demo(size: str = "full", seed: int = 0, out_dir: str | Path = "runs/demo
     out = Path(out_dir)
     data_root = zoo.world.mcub_root("test")
     features = zoo.root / "features"
-    full_tasks = [load_task("mcub4"), load_task("mcub3")]
+    full_tasks = [load_task(cloze_task(name, out)) for name in ("mcub4", "mcub3")]
     reduced = {mods: load_task(reduced_task(zoo, mods, out)) for mods in [(m,) for m in MODALITIES] + [COMBOS["image+audio"]]}
     runs = []
 
