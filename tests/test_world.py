@@ -54,7 +54,9 @@ def test_manifest_lists_every_file_intact(world):
     assert again.files == world.files and again.seed == 0 and again.size == "test"
     on_disk = {p.relative_to(world.root).as_posix() for p in world.root.rglob("*") if p.is_file()}
     assert on_disk == set(world.files) | {"manifest.json"}
-    assert world.counts["media_files"] == len(world.labels())
+    pretrain = sum(world.counts["media"]["pretrain"].values())
+    assert pretrain == 4 * world.config["pretrain"]["media_per_modality"]
+    assert world.counts["media_files"] == len(world.labels()) + pretrain  # labels: named entities only
     assert all(world.counts["mcub_questions"]["test"][s] == world.config["mcub"]["test_questions"] for s in MCUB_SUBSETS)
 
 
@@ -87,6 +89,34 @@ def test_audio_dominant_frequency_is_the_colour_pitch(world):
         spectrum = np.abs(np.fft.rfft(wave * np.hanning(len(wave))))
         peak = np.fft.rfftfreq(len(wave), 1 / audio.sample_rate)[spectrum.argmax()]
         assert abs(np.log(peak / PITCH[entity.colour])) < np.log(1.08), (rel, peak)
+
+
+def test_encoder_pretraining_renders_show_their_listed_colour_and_cover_every_shape(world):
+    """Every shape in random colours: the listed RGB is the fill of the image's object, the listed
+    pitch the clip's dominant frequency; no pretraining file is a labelled (named) entity render."""
+    from mcomp.encoders.audio import load_audio
+    from mcomp.encoders.image import load_image
+
+    labels = world.labels()
+    n = world.config["pretrain"]["media_per_modality"]
+    for modality in MODALITIES:
+        items = json.loads(world.pretrain_json(modality).read_text())
+        assert len(items) == n
+        counts = collections.Counter(it["shape"] for it in items)
+        assert set(counts) == set(SPACE.shape_names) and max(counts.values()) - min(counts.values()) <= 1
+        for it in items:
+            assert f"pretrain/{it['file']}" in world.files and f"pretrain/{it['file']}" not in labels
+    images = json.loads(world.pretrain_json("image").read_text())
+    assert len({tuple(it["rgb"]) for it in images}) == n  # not the palette
+    for it in images:
+        px = np.asarray(load_image(str(world.pretrain_json("image").parent / it["file"]))).reshape(-1, 3).astype(int)
+        near = (np.abs(px - np.asarray(it["rgb"])).max(axis=1) <= 3).mean()
+        assert near > 0.02, (it, near)
+    for it in json.loads(world.pretrain_json("audio").read_text())[:20]:
+        wave = load_audio(str(world.pretrain_json("audio").parent / it["file"])).waveform[0].numpy()
+        spectrum = np.abs(np.fft.rfft(wave * np.hanning(len(wave))))
+        peak = np.fft.rfftfreq(len(wave), 1 / 16000)[spectrum.argmax()]
+        assert abs(np.log(peak / it["pitch_hz"])) < np.log(1.08), (it, peak)
 
 
 @pytest.mark.parametrize("pitch", [220.0, 1670.6])

@@ -23,7 +23,7 @@ from mcomp.world.datasets import MCUB_DIR, MCUB_SUBSETS, MediaJob, world_plan
 logger = logging.getLogger(__name__)
 
 WORLD_FORMAT = "mcomp-world"
-WORLD_VERSION = "2"  # bump when the same seed and config would give different files (2: options answered with their text)
+WORLD_VERSION = "2"  # bump when the same seed and config would give different files (2: options answered with their text; the encoder pretraining set)
 MANIFEST = "manifest.json"
 SIZES = ("full", "test")
 TEXT_FILES = {"commonality": "text/commonality.json", "attribute_qa": "text/attribute_qa.json", "sentences": "text/sentences.txt"}
@@ -71,7 +71,7 @@ def _check_config(cfg: Mapping[str, Any]) -> None:
     from mcomp.world.render_audio import TIMBRES
     from mcomp.world.render_point import SHAPES
 
-    for section in ("split", "render", "train", "val", "text", "mcub"):
+    for section in ("split", "render", "pretrain", "train", "val", "text", "mcub"):
         if section not in cfg:
             raise ValueError(f"world config: missing section {section!r}")
     space = AttributeSpace.from_config(cfg["attributes"])
@@ -114,6 +114,11 @@ class WorldManifest:
     def val_json(self, modality: str) -> Path:
         """Held-out-entity (dev entities) questions for one modality, same format as training data."""
         return self.path(self.data["val"][modality])
+
+    def pretrain_json(self, modality: str) -> Path:
+        """Encoder pretraining renders of one modality (random colours): [{file, shape, rgb, pitch_hz}],
+        files relative to its folder."""
+        return self.path(self.data["pretrain"][modality])
 
     def text_file(self, name: str) -> Path:
         """`commonality` / `attribute_qa` (conversation JSON) or `sentences` (plain text lines)."""
@@ -188,22 +193,27 @@ class _Renderer:
         from mcomp.world import render_audio, render_image, render_point, render_video
 
         rng = rng_for(self.seed, "media", job.relpath)
-        colour, shape = self.space.colour(job.entity.colour), self.space.shape(job.entity.shape)
+        shape = self.space.shape(job.entity.shape)
+        if job.colour_value is not None:
+            colour_rgb, pitch_hz = job.colour_value
+        else:
+            colour = self.space.colour(job.entity.colour)
+            colour_rgb, pitch_hz = colour.rgb, colour.pitch_hz
         path = os.path.join(self.root, job.relpath)
         r = self.render
         if job.modality == "image":
-            pixels, _ = render_image.render_image(job.entity, colour.rgb, rng, int(r["image_size"]))
+            pixels, _ = render_image.render_image(job.entity, colour_rgb, rng, int(r["image_size"]))
             render_image.write_png(path, pixels)
         elif job.modality == "audio":
             samples, _ = render_audio.render_audio(
-                job.entity, shape.timbre, colour.pitch_hz, rng, int(r["audio_rate"]), float(r["audio_seconds"])
+                job.entity, shape.timbre, pitch_hz, rng, int(r["audio_rate"]), float(r["audio_seconds"])
             )
             render_audio.write_wav(path, samples, int(r["audio_rate"]))
         elif job.modality == "video":
-            frames, _ = render_video.render_video(job.entity, colour.rgb, rng, int(r["video_size"]), int(r["video_frames"]))
+            frames, _ = render_video.render_video(job.entity, colour_rgb, rng, int(r["video_size"]), int(r["video_frames"]))
             render_video.write_mp4(path, frames, int(r["video_fps"]))
         elif job.modality == "point":
-            xyz, rgb, _ = render_point.render_point(job.entity, colour.rgb, rng, int(r["points"]))
+            xyz, rgb, _ = render_point.render_point(job.entity, colour_rgb, rng, int(r["points"]))
             render_point.write_ply(path, xyz, rgb)
         else:
             raise ValueError(f"unknown modality {job.modality!r}")
@@ -283,7 +293,9 @@ def generate_world(
     plan.documents[TEXT_FILES["commonality"]] = commonality_samples(space, int(cfg["text"]["commonality"]), rng_for(seed, "text", "commonality"))
     plan.documents[TEXT_FILES["attribute_qa"]] = attribute_qa_samples(space, int(cfg["text"]["attribute_qa"]), rng_for(seed, "text", "attribute_qa"))
     plan.documents[TEXT_FILES["sentences"]] = sentences(space, int(cfg["text"]["commonality"]) // 4, rng_for(seed, "text", "sentences"))
-    plan.documents[LABELS] = {j.relpath: j.entity.key for j in sorted(plan.jobs, key=lambda j: j.relpath)}
+    # named entities only: the pretraining renders are listed with their colour values in pretrain/<m>.json
+    plan.documents[LABELS] = {j.relpath: j.entity.key for j in sorted(plan.jobs, key=lambda j: j.relpath)
+                              if j.colour_value is None}
     if len({j.relpath for j in plan.jobs}) != len(plan.jobs):
         raise AssertionError("world plan: two media jobs share a path")
 
@@ -318,6 +330,7 @@ def generate_world(
             data={
                 "train": {m: f"train/{m}.json" for m in MODALITIES},
                 "val": {m: f"val/{m}.json" for m in MODALITIES},
+                "pretrain": {m: f"pretrain/{m}.json" for m in MODALITIES},
                 "text": dict(TEXT_FILES),
                 "mcub": {s: f"mcub/{s}" for s in ("test", "dev")},
                 "labels": LABELS,
@@ -349,7 +362,7 @@ def _swap_in(tmp: Path, out_dir: Path) -> None:
 def _counts(plan, cfg) -> dict[str, Any]:
     media: dict[str, dict[str, int]] = {}
     for job in plan.jobs:
-        group = job.relpath.split("/media/")[0]  # train, val, mcub/test, mcub/dev
+        group = job.relpath.split("/media/")[0]  # pretrain, train, val, mcub/test, mcub/dev
         media.setdefault(group, {}).setdefault(job.modality, 0)
         media[group][job.modality] += 1
     docs = plan.documents

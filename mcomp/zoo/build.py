@@ -38,11 +38,14 @@ class ZooSettings(JsonConfig):
     llm_shape: str = "tiny-llama"
     vocab_size: int = 600
     llm_steps: int = 30
-    encoder_steps: int = 20
+    encoder_steps: int | dict[str, int] = 20  # or per modality
     stage1_steps: int = 15
     stage2_steps: int = 15
     batch_size: int = 8
     model_seeds: list[int] = dataclasses.field(default_factory=lambda: [0])
+
+    def steps_of_encoder(self, modality: str) -> int:
+        return int(self.encoder_steps[modality] if isinstance(self.encoder_steps, dict) else self.encoder_steps)
 
     @classmethod
     def for_size(cls, size: str) -> "ZooSettings":
@@ -147,27 +150,37 @@ def _build_base(zoo: Zoo, world, settings: ZooSettings, seed: int) -> dict:
     return {"first": losses[0], "last": sum(losses[-10:]) / len(losses[-10:])}
 
 
-def _entity_labels(world, files: list[str]) -> tuple[list[tuple[int, int]], tuple[int, int]]:
-    labels = json.loads((Path(world.root) / "labels.json").read_text())
-    entities = [labels[os.path.relpath(f, world.root)] for f in files]
-    colours = sorted({e.split("_", 1)[0] for e in labels.values()})
-    shapes = sorted({e.split("_", 1)[1] for e in labels.values()})
-    return [(shapes.index(e.split("_", 1)[1]), colours.index(e.split("_", 1)[0])) for e in entities], \
-        (len(shapes), len(colours))
+PITCH_BINS = 16
+
+
+def _colour_values(modality: str, items: list[dict]) -> torch.Tensor:
+    """The colour each pretraining render shows, as targets in [0, 1]: RGB, or for audio the pitch
+    as a population code (Gaussian bumps over PITCH_BINS log-spaced centres). Why the code: fitted
+    as one number, pitch came out of the frozen audio encoder as a single ordered feature, and a
+    linear probe named held-out entities' pitches no better than chance (19%)."""
+    if modality != "audio":
+        return torch.tensor([it["rgb"] for it in items], dtype=torch.float32) / 255.0
+    pitch = torch.tensor([it["pitch_hz"] for it in items], dtype=torch.float64).log()
+    centres = torch.linspace(float(pitch.min()), float(pitch.max()), PITCH_BINS, dtype=torch.float64)
+    width = float(centres[1] - centres[0])
+    return torch.exp(-0.5 * ((pitch[:, None] - centres[None]) / width) ** 2).float()
 
 
 def _build_encoder(zoo: Zoo, world, modality: str, settings: ZooSettings, seed: int) -> dict:
+    """Pretrained on the world's random-colour renders (shape class, colour value), then frozen."""
     from mcomp.modality import build_adapter
+    from mcomp.world import AttributeSpace
     from mcomp.zoo.pretrain import pretrain_encoder
 
-    samples = json.loads(Path(world.train_json(modality)).read_text())
-    files = sorted({str(Path(world.root) / "train" / p) for s in samples for ps in s["modal_inputs"].values() for p in ps})
-    labels, classes = _entity_labels(world, files)
+    space = AttributeSpace.from_config(world.config["attributes"])
+    items = json.loads(world.pretrain_json(modality).read_text())
+    files = [str(world.pretrain_json(modality).parent / it["file"]) for it in items]
     torch.manual_seed(seed)
     adapter = build_adapter(tiny_adapter_config(modality), llm_hidden_size=8)
     zoo.encoder(modality).parent.mkdir(parents=True, exist_ok=True)
-    return pretrain_encoder(adapter, files, labels, classes, settings.encoder_steps, zoo.encoder(modality),
-                            batch_size=settings.batch_size, seed=seed)
+    return pretrain_encoder(adapter, files, [space.shape_names.index(it["shape"]) for it in items],
+                            _colour_values(modality, items), len(space.shapes), settings.steps_of_encoder(modality),
+                            zoo.encoder(modality), batch_size=settings.batch_size, seed=seed)
 
 
 def _build_models(zoo: Zoo, world, modality: str, settings: ZooSettings, model_seed: int) -> dict:

@@ -44,35 +44,41 @@ def pretrain_llm(model, conversations: list[list[dict]], sentences: list[str], s
     return losses
 
 
-def pretrain_encoder(adapter, files: list[str], labels: list[tuple[int, int]], num_classes: tuple[int, int],
+def pretrain_encoder(adapter, files: list[str], shapes: list[int], colour_values: torch.Tensor, n_shapes: int,
                      steps: int, out_path, *, batch_size: int = 16, learning_rate: float = 2e-3, seed: int = 0) -> dict:
-    """Train `adapter.encoder` (with a throw-away linear head on mean-pooled features) to predict two
-    attributes of each file; save its weights (safetensors) and return accuracy figures."""
+    """Train `adapter.encoder`, with a throw-away head on mean-pooled features, to predict the shape
+    class and the colour value (`colour_values`, in [0, 1]) of `files`, renders in random colours;
+    save its weights (safetensors) and return accuracy figures.
+
+    No named-colour classes: measured on the image encoder, adding a named-colour head trained on
+    the training renders (where colour predicts shape) let a linear probe on the frozen features
+    fall back on colour for shape again: 61% of held-out entities' shapes instead of 91%."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     inputs = adapter.prepare(files)  # decoded once; small at zoo sizes
-    targets = torch.tensor(labels)
+    targets = torch.tensor(shapes)
     encoder = adapter.encoder
-    head = nn.Linear(adapter.encoder_dim, sum(num_classes))
+    head = nn.Linear(adapter.encoder_dim, n_shapes + colour_values.shape[1])
     encoder.requires_grad_(True)
     encoder.train()
     params = list(encoder.parameters()) + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=learning_rate)
-    split = num_classes[0]
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / steps))
     for _ in tqdm(range(steps), desc=f"pretrain {adapter.modality} encoder"):
         idx = torch.randint(len(files), (batch_size,), generator=g)
-        logits = head(adapter.encode(inputs[idx]).mean(dim=1))
-        loss = nn.functional.cross_entropy(logits[:, :split], targets[idx, 0]) + \
-            nn.functional.cross_entropy(logits[:, split:], targets[idx, 1])
+        out = head(adapter.encode(inputs[idx]).mean(dim=1))
+        loss = nn.functional.cross_entropy(out[:, :n_shapes], targets[idx]) + \
+            10.0 * nn.functional.mse_loss(torch.sigmoid(out[:, n_shapes:]), colour_values[idx])
         loss.backward()
         optimizer.step()
+        schedule.step()
         optimizer.zero_grad()
     encoder.requires_grad_(False)
     encoder.eval()
     with torch.no_grad():
-        logits = torch.cat([head(adapter.encode(inputs[i:i + 64]).mean(dim=1)) for i in range(0, len(files), 64)])
-    accuracy = [float((logits[:, :split].argmax(-1) == targets[:, 0]).float().mean()),
-                float((logits[:, split:].argmax(-1) == targets[:, 1]).float().mean())]
+        out = torch.cat([head(adapter.encode(inputs[i:i + 64]).mean(dim=1)) for i in range(0, len(files), 64)])
     save_tensors(dict(encoder.state_dict()), out_path)
     adapter.forget_fingerprint()
-    return {"train_accuracy": accuracy, "final_loss": float(loss.detach())}
+    return {"train_shape_accuracy": float((out[:, :n_shapes].argmax(-1) == targets).float().mean()),
+            "train_colour_mae": float((torch.sigmoid(out[:, n_shapes:]) - colour_values).abs().mean()),
+            "final_loss": float(loss.detach())}
