@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up (if needed) and run the main job: the embedded demo (synthetic world, tiny zoo, composition,
-# MCUB-style evaluation, leaderboard). About 36 minutes on 2 cores from an empty cache; the zoo is
+# MCUB-style evaluation, leaderboard). About 41 minutes on 2 cores from an empty cache; the zoo is
 # cached under the user cache directory ($MCOMP_CACHE overrides it) and reused afterwards.
 set -euo pipefail
 cd "$(dirname "$0")/.."
