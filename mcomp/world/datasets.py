@@ -7,8 +7,10 @@ Nothing here renders or writes; `generate.py` does. Paths are relative to the wo
   `{id, conversations: [{from, value}], modal_inputs: {key: [path relative to the JSON's folder]}}`.
   Per render: a caption ("Describe the image." -> "a red cube") and `samples_per_media - 1` of:
   colour question ("red"), shape question ("cube"), entity question with four options, colour or
-  shape question with four options (answered with the option's text, see `questions.ANSWER_SUFFIX`). Prompts start with the MCUB placeholder line (`image: <image>\\n`). In `train`,
-  options only name training entities, so held-out entities never appear as (always wrong) options.
+  shape question with four options (answered with the option's text, see `questions.ANSWER_SUFFIX`).
+  Prompts start with the MCUB placeholder line (`image: <image>\\n`). In `train`, options only name
+  training entities, so held-out entities never appear as (always wrong) options.
+* Encoder pretraining set `pretrain/<modality>.json`: every shape in random colours (`pretrain_plan`).
 * MCUB-style sets, one data root per split (`mcub/test`, `mcub/dev`) laid out as the published task
   files expect: `data/test/MCUB-4.json`, `data/test/MCUB-3-<subset>.json`, `data/test/MCUB-answer.json`,
   media under `media/<modality>/`, plus `data/test/MCUB-meta.json` (kind, inputs, answer per id).
