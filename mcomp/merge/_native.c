@@ -533,20 +533,6 @@ MC_CLONES long mc_mark_above(const float *x, int n, long w, long ld, const float
     return marked;
 }
 
-/* Positions (plus start) of the set bits among the first w bits; returns their number. Per
- * byte, a table gives the set positions: eight stores, then advance by the count (branchless;
- * out needs 7 spare slots past the last position). */
-long mc_bits_to_index(const uint8_t *bits, long w, int64_t start, int64_t *out) {
-    bit_table_init();
-    long k = 0, full = w / 8;
-    for (long b = 0; b < full; b++) k += byte_positions(bits[b], start + b * 8, out + k);
-    if (w % 8) { /* the last, partial byte: only its first w % 8 bits count */
-        unsigned byte = bits[full] & (0xFFu << (8 - w % 8)) & 0xFFu;
-        k += byte_positions(byte, start + full * 8, out + k);
-    }
-    return k;
-}
-
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, .m_name = "_native",
                                     .m_doc = "mcomp's fused merge kernels (used through ctypes)", .m_size = -1};
 

@@ -63,8 +63,6 @@ def _load() -> ctypes.CDLL | None:
     lib.mc_all_finite.restype = ctypes.c_int
     lib.mc_mark_above.argtypes = [_P, ctypes.c_int, _L, _L, _P, _P]
     lib.mc_mark_above.restype = _L
-    lib.mc_bits_to_index.argtypes = [_P, _L, ctypes.c_int64, _P]
-    lib.mc_bits_to_index.restype = _L
     return lib
 
 
@@ -286,10 +284,3 @@ def mark_above(x: torch.Tensor, floors: list[float]) -> tuple[np.ndarray, int]:
     f = _floats(floors)
     marked = _lib.mc_mark_above(x.data_ptr(), n, w, x.stride(0), f.ctypes.data, bits.ctypes.data)
     return bits, int(marked)
-
-
-def bits_to_index(bits: np.ndarray, w: int, start: int, out: np.ndarray) -> int:
-    """Write start + the positions of the set bits among the first `w` (np.packbits order) to
-    `out` (int64, room for w + 7); returns how many."""
-    bits = np.ascontiguousarray(bits)
-    return int(_lib.mc_bits_to_index(bits.ctypes.data, w, start, out.ctypes.data))

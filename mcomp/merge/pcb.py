@@ -161,19 +161,14 @@ class CandidateColumns:
         return [(start, width, self.bits.view(b0, b1)) for start, width, b0, b1 in spans]
 
     def columns(self, index: int, size: int) -> torch.Tensor | None:
-        """Indices of the marked coordinates of chunk `index` (None unless all `size` were recorded)."""
-        spans = sorted(self.spans.get(index, ()))
-        if sum(width for _, width, _, _ in spans) != size:
+        """Indices of the marked coordinates of chunk `index` (None unless all `size` were recorded),
+        for the NumPy merge path (the native one takes the bits of `blocks` directly)."""
+        blocks = self.blocks(index, size)
+        if blocks is None:
             return None
-        if native.available():
-            out = np.empty(size + 7, dtype=np.int64)  # the kernel's spare slots
-            k = 0
-            for start, width, b0, b1 in spans:
-                k += native.bits_to_index(self.bits.view(b0, b1), width, start, out[k:])
-            return torch.from_numpy(out[:k])
         parts = []
-        for start, width, b0, b1 in spans:
-            bits = np.unpackbits(self.bits.view(b0, b1), count=width).view(np.bool_)  # bool: nonzero 7x faster
+        for start, width, packed in blocks:
+            bits = np.unpackbits(packed, count=width).view(np.bool_)  # bool: nonzero 7x faster
             parts.append(np.flatnonzero(bits) + start)
         return torch.from_numpy(np.concatenate(parts) if len(parts) > 1 else parts[0])
 
@@ -332,9 +327,13 @@ class Pcb(MergeMethod):
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """(s, τ̃): the λ-independent part of the merge (reused across coefficient search)."""
         ws = workspace if workspace is not None else self.workspace
-        s = scores_from_beta(self.beta(tau, stats, ws), stats["t"], stats["m"])
-        clipped = torch.sign(tau, out=scratch(ws, "pcb.clipped", tau.shape, tau)).mul_(clip(tau, stats["lo"], stats["hi"], ws))
-        return s, clipped
+        if native.usable(tau):
+            beta, a = self.beta(tau, stats, ws), clip(tau, stats["lo"], stats["hi"], ws)
+        else:  # the chain's clipped magnitudes serve both β and τ̃
+            a, norm = clip_and_normalise(tau, stats["lo"], stats["hi"], ws)
+            beta = balance(tau, norm, self.p.inter, ws)
+        s = scores_from_beta(beta, stats["t"], stats["m"])
+        return s, torch.sign(tau, out=scratch(ws, "pcb.clipped", tau.shape, tau)).mul_(a)
 
     def merge(self, tau: torch.Tensor, chunk: Chunk, stats: dict) -> torch.Tensor:
         weights = list(self.p.weights) if self.p.weights is not None else None

@@ -236,7 +236,7 @@ class MergeEngine:
         if len(chunk.segments) == 1:
             seg = chunk.segments[0]
             return native.StoredColumns(self.base.view(seg.name, seg.start, seg.stop),
-                                 [m.view(seg.name, seg.start, seg.stop) for m in self.models])
+                                        [m.view(seg.name, seg.start, seg.stop) for m in self.models])
         size = chunk.size
         like = torch.empty(0, dtype=self.base.infos[chunk.segments[0].name].dtype)
         base = scratch(workspace, "read.stored_base", (size,), like)
