@@ -4,12 +4,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# open3d needs libusb-1.0 at import time.
-if ! ldconfig -p 2>/dev/null | grep -q 'libusb-1.0.so.0'; then
+# open3d needs libusb-1.0 at import time. (grep reads all of ldconfig's output: with -q it would
+# stop at the first match, ldconfig could die of SIGPIPE, and pipefail would call that "missing".)
+if ! ldconfig -p 2>/dev/null | grep 'libusb-1.0.so.0' >/dev/null; then
   echo "[setup] installing libusb-1.0-0 (needed by open3d)"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
-  $SUDO DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libusb-1.0-0 >/dev/null
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libusb-1.0-0 >/dev/null
 fi
 
 PY=${PYTHON:-python3}
