@@ -21,7 +21,7 @@ def default_corpus() -> list[str]:
 
 
 def build_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 512):
-    """A Llama-like BPE tokenizer (SentencePiece-style "▁" word prefix, BOS added), trained here.
+    """A Llama-like BPE tokenizer (SentencePiece-style "▁" word prefix, newlines apart, BOS added), trained here.
 
     Every printable ASCII character is in the base alphabet, so no input maps to <unk>.
     Training is deterministic for a given corpus.
@@ -30,7 +30,12 @@ def build_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 512):
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    # A newline is a token of its own, as in Llama's tokenizer: fused into words ("cone\nB."), an
+    # option's text in a question would not be the tokens of the same text as an answer.
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split("\n", behavior="isolated"),
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first"),
+    ])
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
     alphabet = sorted(set(string.printable) | {"▁"})
     trainer = trainers.BpeTrainer(
