@@ -107,3 +107,30 @@ def test_routed_lora_model(sample):
     _check_equal(score_options(m, prompt, OPTIONS, media, batch_size=3), reference)
     m.set_routes({"text": [("text", 1.0)], "image": [("text", 1.0)]})  # the image route matters
     assert m.loglikelihood(prompt, OPTIONS[:1], media)[0].logprob != pytest.approx(reference[0].logprob, abs=1e-6)
+
+
+def test_batched_contexts_equal_one_at_a_time(tmp_path_factory):
+    """Contexts of different lengths (four, three or no inputs) left-padded into one forward: every
+    option scores as when its context runs alone, on a routed model (padding shifts the routes)."""
+    from mcomp.model import LoglikelihoodRequest
+
+    m = build_tiny_model("tiny:image,audio,video,point", seed=2)
+    m.feature_cache = EvalFeatureCache()
+    m.add_lora(r=4, alpha=8, seed=5, zero_b=False)
+    m.add_lora(r=4, alpha=8, name="video", seed=6, zero_b=False)
+    m.set_routes({"text": [("text", 1.0)], "video": [("video", 1.0)]})
+    root = write_benchmark(tmp_path_factory.mktemp("batch"), n=2, per_modality=2, seed=3)
+    samples = (read_questions(root / "data/test/MCUB-4.json", "MCUB-4", root)
+               + read_questions(root / "data/test/MCUB-3-audio-video-pointcloud.json", "MCUB-3", root))
+    template = get_template("vicuna_v1")
+    requests = [LoglikelihoodRequest(build_prompt(m, template, s, ORDER), OPTIONS[k:k + 3 + k],
+                                     ordered_media(m, s, ORDER)) for k, s in enumerate(samples)]
+    requests.append(LoglikelihoodRequest(template.prompt("Which is red?"), OPTIONS[2:6], None))
+    lengths = {len(m.tokenize(r.context)) + sum(m.inserted_tokens(m.modality_of(k)) for k in (r.media or {}))
+               for r in requests}
+    assert len(lengths) >= 3  # the contexts really are of different lengths
+    batched = m.loglikelihood_batch(requests, batch_size=5)
+    assert len(batched) == len(requests)
+    for request, got in zip(requests, batched):
+        _check_equal(got, m.loglikelihood(request.context, request.continuations, request.media,
+                                          reuse_context=False))

@@ -155,6 +155,34 @@ def test_missing_and_unreadable_media_are_counted(bench, model, tmp_path):
     assert acc["value"] == pytest.approx(100 * records[1]["correct"] / 4)
 
 
+def test_batched_contexts_give_the_same_records(bench, model, tmp_path):
+    """batch_size > 1 runs several samples' contexts as one forward; a batch that meets a bad file is
+    scored one sample at a time, so the records (errors included) match a one-at-a-time run."""
+    entries = json.loads((bench / "data/test/MCUB-4.json").read_text())
+    entries[1]["modal_inputs"]["audio"] = ["data/media/aud/none.wav"]  # missing: known before scoring
+    bad_png = tmp_path / "truncated.png"
+    data = (bench / "data/media/img/0000.png").read_bytes()
+    bad_png.write_bytes(data[: len(data) // 2])
+    entries[2]["modal_inputs"]["vision"] = [str(bad_png)]  # unreadable: fails inside the batch
+    entries += [dict(e, id=f"{e['id']}-again") for e in entries]
+    questions = tmp_path / "q.json"
+    questions.write_text(json.dumps(entries))
+    task = load_task("mcub4")
+    one = evaluate(model, task, bench, tmp_path / "one", mode="loglik", questions=questions)
+    many = evaluate(model, task, bench, tmp_path / "many", mode="loglik", questions=questions, batch_size=4)
+    a, b = _samples(tmp_path / "one"), _samples(tmp_path / "many")
+    assert [r["id"] for r in b] == [r["id"] for r in a] and len(a) == 6
+    assert "none.wav" in b[1]["error"] and "truncated.png" in b[5]["error"]
+    assert [bool(r["error"]) for r in b] == [False, True, True, False, True, True]
+    for x, y in zip(a, b):
+        assert (x["error"], x["prediction"], x["prediction_norm"]) == (y["error"], y["prediction"], y["prediction_norm"])
+        for sx, sy in zip(x["option_scores"] or [], y["option_scores"] or []):
+            assert sy["logprob"] == pytest.approx(sx["logprob"], abs=1e-4, rel=1e-5)
+    assert [r["value"] for r in many["results"]] == [r["value"] for r in one["results"]]
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        evaluate(model, task, bench, tmp_path / "zero", mode="loglik", batch_size=0)
+
+
 def test_bad_input_fails_before_any_compute(bench, model, tmp_path):
     image_only = build_tiny_model("tiny:image", seed=0)
     with pytest.raises(ValueError, match="subset 'MCUB-4' needs the 'audio' modality, but the model has only: image"):

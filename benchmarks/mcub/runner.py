@@ -31,7 +31,7 @@ from mcomp.benchmarks.mcub.data import (
 )
 from mcomp.benchmarks.mcub.distributed import ProcessInfo
 from mcomp.benchmarks.mcub.features import EvalFeatureCache
-from mcomp.benchmarks.mcub.loglik import score_options
+from mcomp.benchmarks.mcub.loglik import score_options, score_options_batch
 from mcomp.benchmarks.mcub.prompting import build_prompt, ordered_media
 from mcomp.benchmarks.mcub.records import RecordWriter, iter_record_files, read_records
 from mcomp.benchmarks.mcub.registry import resolve
@@ -137,11 +137,61 @@ def _file_digest(path: str) -> str:
     return sha256_file(path) if os.path.isfile(path) else ""
 
 
+@dataclasses.dataclass
+class _OptionRequest:
+    """A log-likelihood sample prepared up to scoring: its record so far and what to score."""
+
+    record: dict[str, Any]
+    options: list
+    continuations: list[str]
+    prompt: str
+    media: Mapping[str, Any]
+    target: str | None
+
+
 def evaluate_sample(
     model, task: Task, mode: str, spec: ModeSpec, sample: Sample, target: str | None, state: OptionState,
     max_new_tokens: int | None = None,
 ) -> dict[str, Any]:
     """One per-sample record. Media problems are recorded in `error` (the sample then counts as wrong)."""
+    return evaluate_samples(model, task, mode, spec, [sample], [target], state, max_new_tokens)[0]
+
+
+def evaluate_samples(
+    model, task: Task, mode: str, spec: ModeSpec, samples: Sequence[Sample], targets: Sequence[str | None],
+    state: OptionState, max_new_tokens: int | None = None,
+) -> list[dict[str, Any]]:
+    """Records of `samples`, in order. In log-likelihood mode their contexts run as one batch
+    (`MultimodalLM.loglikelihood_batch`); if that batch meets a bad input, its samples are scored
+    one at a time, so only the sample at fault records the error."""
+    records, pending = [], []
+    for sample, target in zip(samples, targets):
+        prepared = _prepare_sample(model, task, mode, spec, sample, target, state, max_new_tokens)
+        records.append(prepared.record if isinstance(prepared, _OptionRequest) else prepared)
+        if isinstance(prepared, _OptionRequest):
+            pending.append(prepared)
+    if not pending:
+        return records
+    scorer = resolve("scorer", spec.scorer, task.source)
+    try:
+        batch = score_options_batch(model, [(p.prompt, p.continuations, p.media) for p in pending],
+                                    batch_size=spec.option_batch_size) if len(pending) > 1 else None
+    except SAMPLE_ERRORS:
+        batch = None
+    for k, p in enumerate(pending):
+        try:
+            scores = batch[k] if batch is not None else score_options(
+                model, p.prompt, p.continuations, p.media, batch_size=spec.option_batch_size)
+        except SAMPLE_ERRORS as err:
+            p.record["error"] = f"{type(err).__name__}: {err}"
+            continue
+        _record_scores(p, scores, scorer)
+    return records
+
+
+def _prepare_sample(model, task: Task, mode: str, spec: ModeSpec, sample: Sample, target: str | None,
+                    state: OptionState, max_new_tokens: int | None) -> dict[str, Any] | _OptionRequest:
+    """The finished record (generation, or an error), or what a log-likelihood sample has left to score."""
     template = get_template(task.template)
     record: dict[str, Any] = {
         "subset": sample.subset, "id": sample.id, "index": sample.index, "mode": mode, "prompt": None,
@@ -155,10 +205,10 @@ def evaluate_sample(
     record["prompt"] = prompt
     if sample.error is not None:
         return record
-    scorer = resolve("scorer", spec.scorer, task.source)
     try:
         media = ordered_media(model, sample, task.modality_order)
         if mode == "generate":
+            scorer = resolve("scorer", spec.scorer, task.source)
             tokens = max_new_tokens if max_new_tokens is not None else spec.max_new_tokens
             response = model.generate([prompt], [media], max_new_tokens=tokens)[0]
             record["response"] = response
@@ -171,22 +221,26 @@ def evaluate_sample(
         except ValueError as err:
             record["error"] = f"options: {err}"
             return record
-        continuations = [o.continuation(spec.continuation) for o in options]
-        scores = score_options(model, prompt, continuations, media, batch_size=spec.option_batch_size)
-        record["option_scores"] = [
-            {"key": o.key, "continuation": c, "logprob": s.logprob, "num_tokens": s.num_tokens,
-             "num_chars": len(c), "is_greedy": s.is_greedy}
-            for o, c, s in zip(options, continuations, scores)
-        ]
-        best = max(range(len(scores)), key=lambda i: (scores[i].logprob, -i))
-        best_norm = max(range(len(scores)), key=lambda i: (scores[i].logprob / max(1, len(continuations[i])), -i))
-        prediction, correct = scorer(options[best].key, target if target is not None else "")
-        prediction_n, correct_n = scorer(options[best_norm].key, target if target is not None else "")
-        record.update(prediction=prediction, correct=bool(correct) and target is not None,
-                      prediction_norm=prediction_n, correct_norm=bool(correct_n) and target is not None)
     except SAMPLE_ERRORS as err:
         record["error"] = f"{type(err).__name__}: {err}"
-    return record
+        return record
+    return _OptionRequest(record, options, [o.continuation(spec.continuation) for o in options], prompt, media,
+                          target)
+
+
+def _record_scores(p: _OptionRequest, scores, scorer) -> None:
+    record, options, continuations, target = p.record, p.options, p.continuations, p.target
+    record["option_scores"] = [
+        {"key": o.key, "continuation": c, "logprob": s.logprob, "num_tokens": s.num_tokens,
+         "num_chars": len(c), "is_greedy": s.is_greedy}
+        for o, c, s in zip(options, continuations, scores)
+    ]
+    best = max(range(len(scores)), key=lambda i: (scores[i].logprob, -i))
+    best_norm = max(range(len(scores)), key=lambda i: (scores[i].logprob / max(1, len(continuations[i])), -i))
+    prediction, correct = scorer(options[best].key, target if target is not None else "")
+    prediction_n, correct_n = scorer(options[best_norm].key, target if target is not None else "")
+    record.update(prediction=prediction, correct=bool(correct) and target is not None,
+                  prediction_norm=prediction_n, correct_norm=bool(correct_n) and target is not None)
 
 
 def _identity(task: Task, mode: str, data: EvalData, limit, seed, max_new_tokens, model_name) -> dict[str, Any]:
@@ -232,8 +286,14 @@ def evaluate(
     model_name: str | None = None,
     proc: ProcessInfo | None = None,
     on_record: Callable[[dict], None] | None = None,
+    batch_size: int = 1,
 ) -> dict[str, Any] | None:
-    """Evaluate `model` on `task`; returns the results (on the main process; None on the others)."""
+    """Evaluate `model` on `task`; returns the results (on the main process; None on the others).
+
+    `batch_size`: in log-likelihood mode, samples whose contexts run as one forward (the scores
+    equal one-at-a-time scoring up to float rounding)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     proc = proc or ProcessInfo()
     mode, spec = task.mode(mode)
     data = load_data(task, data_root, subsets, questions, answers, limit)
@@ -262,18 +322,22 @@ def evaluate(
     start = time.perf_counter()
     try:
         with RecordWriter(run_dir / f"samples.part-{proc.rank}.jsonl") as writer:
-            for count, sample in enumerate(mine, 1):
-                if count % 50 == 0:
-                    rate = count / max(time.perf_counter() - start, 1e-9)
-                    logger.info("process %d: %d/%d samples (%.2f/s)", proc.rank, count, len(mine), rate)
-                record = evaluate_sample(model, task, mode, spec, sample, data.targets[sample.key], state,
-                                         max_new_tokens)
-                record = _finite(record)
-                writer.write(record)
-                if record["error"]:
-                    logger.warning("sample %r (%s): %s", sample.id, sample.subset, record["error"])
-                if on_record is not None:
-                    on_record(record)
+            step = batch_size if mode == "loglik" else 1
+            for first in range(0, len(mine), step):
+                chunk = mine[first : first + step]
+                records = evaluate_samples(model, task, mode, spec, chunk, [data.targets[s.key] for s in chunk],
+                                           state, max_new_tokens)
+                for sample, record in zip(chunk, records):
+                    record = _finite(record)
+                    writer.write(record)
+                    if record["error"]:
+                        logger.warning("sample %r (%s): %s", sample.id, sample.subset, record["error"])
+                    if on_record is not None:
+                        on_record(record)
+                done_now = first + len(chunk)
+                if done_now // 50 > first // 50:
+                    rate = done_now / max(time.perf_counter() - start, 1e-9)
+                    logger.info("process %d: %d/%d samples (%.2f/s)", proc.rank, done_now, len(mine), rate)
     finally:
         model.feature_cache = previous_cache
         model.train(was_training)

@@ -34,6 +34,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--feature-cache", help="directory for cached encoder features (shared between runs)")
     p.add_argument("--max-new-tokens", type=int, help="generation length (default: the task's, 128 as published)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=1,
+                   help="loglik mode: samples whose contexts run as one forward (scores equal up to rounding)")
     p.add_argument("--device", help="cpu, cuda, ... (default: the process's accelerator, else cpu)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="load the model in this dtype")
 
@@ -112,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
         model, task, data_root=args.data_root, out_dir=args.out, mode=args.mode, subsets=args.subset or None,
         questions=args.questions, answers=args.answers, limit=args.limit, seed=args.seed,
         feature_cache=args.feature_cache, max_new_tokens=args.max_new_tokens, model_name=name, proc=proc,
+        batch_size=args.batch_size,
     )
     if results is not None:
         print(format_results(results))
