@@ -49,3 +49,10 @@ def test_reduced_demo_runs_to_the_table(zoo, tmp_path, monkeypatch):
     assert [o["key"] for o in record["option_scores"]] == list("ABCD")
     assert all(len(o["continuation"]) > 1 and o["continuation"][0] != " " for o in record["option_scores"])
     assert set(summary["held_out_accuracy"]) == {f"{m}-s0" for m in MODALITIES}
+    assert summary["runs_evaluated"] == 14 and summary["runs_reused"] == 0
+
+    # with the cache: the zoo's runs are gathered, nothing is composed or evaluated again
+    again = run_demo("test", 0, "demo2", root=zoo.root,
+                     combos={"image+audio+video+point": MODALITIES}, merges={"linear": {}, "pcb": {"ratio": 0.5}})
+    assert again["runs_evaluated"] == 0 and again["runs_reused"] == 14
+    assert (tmp_path / "demo2" / "demo.md").read_text() == table

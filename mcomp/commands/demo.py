@@ -11,13 +11,15 @@ def add_parser(sub) -> None:
     p.add_argument("--root", help="zoo directory (default: the user cache directory)")
     p.add_argument("--out", default="runs/demo", help="where runs, leaderboard.md and index.html go")
     p.add_argument("--mode", choices=("loglik", "generate"), default="loglik")
+    p.add_argument("--workers", type=int,
+                   help="processes running training and evaluation jobs (default: 2 on 2+ cores; 1: in this process)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from mcomp.zoo.demo import run_demo
 
-    summary = run_demo(args.size, args.seed, args.out, args.mode, args.root)
+    summary = run_demo(args.size, args.seed, args.out, args.mode, args.root, workers=args.workers)
     print(Path(summary["leaderboard"]["demo_markdown"]).read_text())
     print(f"zoo: {summary['zoo']} ({summary['seconds_zoo']} s); total {summary['seconds_total']} s")
     print(f"leaderboard page: {summary['leaderboard']['html']}")

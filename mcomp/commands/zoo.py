@@ -10,6 +10,8 @@ def add_parser(sub) -> None:
     p.add_argument("--size", default="full", help="full (the demo) or test (reduced)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--root", help="where to build it (default: the user cache directory, or $MCOMP_CACHE)")
+    p.add_argument("--workers", type=int,
+                   help="processes running training and evaluation jobs (default: 2 on 2+ cores; 1: in this process)")
     p.set_defaults(func=run)
 
 
@@ -19,7 +21,7 @@ def run(args) -> int:
     if args.action == "path":
         print(args.root or default_root(args.size, args.seed))
         return 0
-    zoo = build_zoo(args.size, args.seed, args.root)
+    zoo = build_zoo(args.size, args.seed, args.root, args.workers)
     accuracy = {k: {f: round(v[f], 3) for f in v if f.endswith("val_accuracy")} for k, v in zoo.manifest["models"].items()}
     print(f"zoo ready at {zoo.root}")
     print("held-out attribute accuracy of the single-modality models:")

@@ -27,7 +27,7 @@ from mcomp.resources import load_config
 
 logger = logging.getLogger(__name__)
 
-ZOO_VERSION = 2  # 2: the world answers options with their text
+ZOO_VERSION = 3  # 2: the world answers options with their text; 3: template-aware tokenizer, pooled video
 MODALITIES = ("image", "audio", "video", "point")
 FLAVOURS = ("naivemc", "damc")
 
@@ -43,6 +43,7 @@ class ZooSettings(JsonConfig):
     stage2_steps: int = 15
     batch_size: int = 8
     model_seeds: list[int] = dataclasses.field(default_factory=lambda: [0])
+    adapters: dict[str, dict] = dataclasses.field(default_factory=dict)  # adapter config overrides per modality
 
     def steps_of_encoder(self, modality: str) -> int:
         return int(self.encoder_steps[modality] if isinstance(self.encoder_steps, dict) else self.encoder_steps)
@@ -63,11 +64,14 @@ def default_root(size: str, seed: int) -> Path:
     return base / "zoo" / f"v{ZOO_VERSION}-{size}-seed{seed}"
 
 
-def tiny_adapter_config(modality: str, checkpoint: str | None = None):
+def tiny_adapter_config(modality: str, settings: ZooSettings, checkpoint: str | None = None):
     from mcomp import tiny
 
     factory = getattr(tiny, f"tiny_{modality}_adapter_config")
-    return factory(checkpoint=checkpoint) if checkpoint else factory()
+    overrides = dict(settings.adapters.get(modality, {}))
+    if checkpoint:
+        overrides["checkpoint"] = checkpoint
+    return factory(**overrides)
 
 
 @dataclasses.dataclass
@@ -101,7 +105,12 @@ class Zoo:
         return json.loads((self.root / "zoo.json").read_text())
 
 
-def build_zoo(size: str = "full", seed: int = 0, root: str | os.PathLike | None = None) -> Zoo:
+def build_zoo(size: str = "full", seed: int = 0, root: str | os.PathLike | None = None,
+              workers: int | None = None) -> Zoo:
+    """Build what is missing, `workers` jobs at a time (`mcomp.jobs`): the base LLM and the four
+    encoders, then one job per modality and model seed (stage 1, then its plain and decoupled
+    stage 2)."""
+    from mcomp.jobs import JobPool
     from mcomp.world import generate_world
 
     settings = ZooSettings.for_size(size)
@@ -111,22 +120,39 @@ def build_zoo(size: str = "full", seed: int = 0, root: str | os.PathLike | None 
     if manifest_path.is_file():
         logger.info("zoo cached at %s", zoo.root)
         return zoo
-    world = generate_world(zoo.root / "world", size=settings.world_size, seed=seed)
+    generate_world(zoo.root / "world", size=settings.world_size, seed=seed)
     report: dict = {"version": ZOO_VERSION, "size": size, "seed": seed, "settings": settings.to_dict(),
                     "encoders": {}, "models": {}}
-    if not (zoo.base / "config.json").is_file():
-        report["base_losses"] = _build_base(zoo, world, settings, seed)
-    for modality in MODALITIES:
-        if not zoo.encoder(modality).is_file():
-            report["encoders"][modality] = _build_encoder(zoo, world, modality, settings, seed)
-    for model_seed in settings.model_seeds:
-        for modality in MODALITIES:
-            report["models"][f"{modality}-s{model_seed}"] = _build_models(zoo, world, modality, settings, model_seed)
+    # longest first: the base LLM, then the point and video encoders (measured slowest)
+    first: dict = {} if (zoo.base / "config.json").is_file() else {"base": (_base_job, (zoo,))}
+    first.update({m: (_encoder_job, (zoo, m)) for m in ("point", "video", "audio", "image")
+                  if not zoo.encoder(m).is_file()})
+    chains = {f"{m}-s{s}": (_models_job, (zoo, m, s))
+              for s in settings.model_seeds for m in ("video", "point", "audio", "image")}
+    with JobPool(workers) as pool:
+        done = pool.run(first, "zoo: base LLM and encoders")
+        if "base" in done:
+            report["base_losses"] = done.pop("base")
+        report["encoders"] = done
+        report["models"] = pool.run(chains, "zoo: modality models")
     atomic_write_text(manifest_path, json.dumps(report, indent=2, sort_keys=True) + "\n")
     return zoo
 
 
+def _base_job(zoo: Zoo) -> dict:
+    return _build_base(zoo, zoo.world, zoo.settings, zoo.seed)
+
+
+def _encoder_job(zoo: Zoo, modality: str) -> dict:
+    return _build_encoder(zoo, zoo.world, modality, zoo.settings, zoo.seed)
+
+
+def _models_job(zoo: Zoo, modality: str, model_seed: int) -> dict:
+    return _build_models(zoo, zoo.world, modality, zoo.settings, model_seed)
+
+
 def _build_base(zoo: Zoo, world, settings: ZooSettings, seed: int) -> dict:
+    from mcomp.conversation import get_template
     from mcomp.model import MultimodalLM
     from mcomp.tiny import build_llm, build_tokenizer
 
@@ -138,7 +164,12 @@ def _build_base(zoo: Zoo, world, settings: ZooSettings, seed: int) -> dict:
     for modality in MODALITIES:
         corpus += [t["value"] for s in json.loads(Path(world.train_json(modality)).read_text())
                    for t in s["conversations"] if t.get("value")]
-    tokenizer = build_tokenizer(corpus, vocab_size=settings.vocab_size)
+    # The tokenizer learns from the text as the models read it: rendered in the chat template, whose
+    # system prompt starts every sample. Trained on the bare messages, it spelled that prompt in 107
+    # pieces, most of every training and evaluation sequence (a real Llama tokenizer needs ~35).
+    template = get_template("vicuna_v1")
+    rendered = [template.render([(t["from"], t.get("value")) for t in c]) for c in conversations]
+    tokenizer = build_tokenizer(corpus + rendered, vocab_size=settings.vocab_size)
     llm = build_llm(tokenizer, settings.llm_shape, seed=seed)
     from mcomp.zoo.pretrain import pretrain_llm
 
@@ -176,7 +207,7 @@ def _build_encoder(zoo: Zoo, world, modality: str, settings: ZooSettings, seed: 
     items = json.loads(world.pretrain_json(modality).read_text())
     files = [str(world.pretrain_json(modality).parent / it["file"]) for it in items]
     torch.manual_seed(seed)
-    adapter = build_adapter(tiny_adapter_config(modality), llm_hidden_size=8)
+    adapter = build_adapter(tiny_adapter_config(modality, settings), llm_hidden_size=8)
     zoo.encoder(modality).parent.mkdir(parents=True, exist_ok=True)
     return pretrain_encoder(adapter, files, [space.shape_names.index(it["shape"]) for it in items],
                             _colour_values(modality, items), len(space.shapes), settings.steps_of_encoder(modality),
@@ -198,7 +229,7 @@ def _build_models(zoo: Zoo, world, modality: str, settings: ZooSettings, model_s
     if not stage1.is_dir():
         llm = AutoModelForCausalLM.from_pretrained(zoo.base)
         tokenizer = AutoTokenizer.from_pretrained(zoo.base)
-        model = MultimodalLM.build(llm, tokenizer, [tiny_adapter_config(modality, str(zoo.encoder(modality)))],
+        model = MultimodalLM.build(llm, tokenizer, [tiny_adapter_config(modality, settings, str(zoo.encoder(modality)))],
                                    seed=model_seed)
         model.feature_cache = zoo.feature_cache
         cfg = TrainConfig(stage=1, max_steps=settings.stage1_steps, learning_rate=3e-3, **common)
@@ -218,19 +249,23 @@ def _build_models(zoo: Zoo, world, modality: str, settings: ZooSettings, model_s
     return out
 
 
-def held_out_accuracy(model, world, modality: str) -> float:
+def held_out_accuracy(model, world, modality: str, batch_size: int = 16) -> float:
     """Accuracy on the four-option questions about held-out (dev) entities: the option whose text
     has the highest log-likelihood as the answer (the world's cloze formulation)."""
     from mcomp.data import load_conversation_data
+    from mcomp.model import LoglikelihoodRequest
     from mcomp.world.questions import parse_options
 
-    correct = total = 0
+    questions = []
     for s in load_conversation_data(world.val_json(modality)):
         options = parse_options(s.conversations[0]["value"])
-        if len(options) < 2:
-            continue
-        prompt = model.template.prompt(s.conversations[0]["value"])
-        scores = model.loglikelihood(prompt, options, s.media)
-        correct += options[max(range(len(options)), key=lambda i: scores[i].logprob)] == s.conversations[-1]["value"]
-        total += 1
-    return correct / max(total, 1)
+        if len(options) >= 2:
+            questions.append((LoglikelihoodRequest(model.template.prompt(s.conversations[0]["value"]), options, s.media),
+                              s.conversations[-1]["value"]))
+    correct = 0
+    for start in range(0, len(questions), batch_size):
+        chunk = questions[start : start + batch_size]
+        for (request, answer), scores in zip(chunk, model.loglikelihood_batch([q for q, _ in chunk])):
+            best = max(range(len(scores)), key=lambda i: scores[i].logprob)
+            correct += request.continuations[best] == answer
+    return correct / max(len(questions), 1)
