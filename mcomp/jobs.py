@@ -30,6 +30,9 @@ def _start_worker(threads: int, log_level: int) -> None:
 
     torch.set_num_threads(threads)
     os.environ["TQDM_DISABLE"] = "1"  # the parent shows one bar over the jobs
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     logging.basicConfig(level=log_level, format="%(levelname)s %(name)s: %(message)s")
 
 

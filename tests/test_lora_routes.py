@@ -1,0 +1,67 @@
+"""Routed LoRA at inference: small layers run each route through a dense weight, which must give
+the low-rank path's numbers and follow every change of the weights it was made from."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mcomp import lora
+from mcomp.commands.eval import build_tiny_model
+from mcomp.lora import routed_layers
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = build_tiny_model("tiny:image", seed=0)
+    m.add_lora(r=4, alpha=8, seed=1, zero_b=False)
+    m.add_lora(r=4, alpha=8, name="image", seed=2, zero_b=False)
+    m.add_lora(r=4, alpha=8, name="other", seed=3, zero_b=False)
+    m.set_routes({"text": [("text", 0.6), ("other", 0.4)], "image": [("image", 1.0)]})
+    return m
+
+
+def _inputs(model):
+    torch.manual_seed(0)
+    pixels = torch.rand(3, 32, 32)
+    return model.prepare_inputs([model.template.prompt("image: <image>\nWhat colour is it?"),
+                                 model.template.prompt("What shape?")],
+                                [{"image": pixels}, None])
+
+
+def _low_rank(model, inputs):
+    with torch.enable_grad():  # training-time path: base matmul plus the adapters' low-rank matmuls
+        return model(inputs).logits.detach()
+
+
+def test_dense_routes_equal_the_low_rank_path(model, monkeypatch):
+    inputs = _inputs(model)
+    assert len(set(inputs.modality_ids.flatten().tolist())) == 2  # text and image tokens: two groups
+    expected = _low_rank(model, inputs)
+    with torch.no_grad():
+        dense = model(inputs).logits
+    torch.testing.assert_close(dense, expected, atol=1e-5, rtol=1e-5)
+    layer = next(iter(routed_layers(model.llm).values()))
+    assert len(layer._dense) == 2  # a dense weight per route the tokens took
+    monkeypatch.setattr(lora, "DENSE_ROUTES_MAX_WEIGHTS", 0)  # large layers: the low-rank path
+    with torch.no_grad():
+        torch.testing.assert_close(model(inputs).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_dense_weights_follow_weight_changes(model):
+    inputs = _inputs(model)
+    with torch.no_grad():
+        before = model(inputs).logits
+    for layer in routed_layers(model.llm).values():  # an optimizer step: in place
+        with torch.no_grad():
+            layer.lora_B["image"].add_(0.05)
+    with torch.no_grad():
+        after = model(inputs).logits
+    assert not torch.allclose(after, before, atol=1e-3)
+    torch.testing.assert_close(after, _low_rank(model, inputs), atol=1e-5, rtol=1e-5)
+    model.set_routes({"text": [("text", 1.0)], "image": [("image", 1.0)]})  # new coefficients
+    with torch.no_grad():
+        rerouted = model(inputs).logits
+    torch.testing.assert_close(rerouted, _low_rank(model, inputs), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(rerouted, after, atol=1e-3)
