@@ -4,8 +4,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from transformers import AutoTokenizer
 
 import mcomp
+from mcomp.conversation import get_template
 from mcomp.zoo import build_zoo
 from mcomp.zoo.build import MODALITIES
 from mcomp.zoo.demo import run_demo
@@ -26,6 +28,9 @@ def test_zoo_holds_every_model_and_reuses_its_cache(zoo):
     damc = mcomp.load(zoo.model("audio", "damc", 0))
     assert damc.lora_adapters == ["text", "audio"] and "audio" in damc.prefix_tokens
     assert damc.adapters["audio"].config.checkpoint == str(zoo.encoder("audio"))  # the pretrained, frozen encoder
+    tokenizer = AutoTokenizer.from_pretrained(zoo.base)
+    pieces = tokenizer.tokenize(get_template("vicuna_v1").prompt("x"))
+    assert len(pieces) < 40 and "▁assistant." in pieces  # the system prompt in words, not ~100 pieces
     before = (zoo.root / "zoo.json").stat().st_mtime_ns
     assert build_zoo("test", 0, zoo.root).root == zoo.root
     assert (zoo.root / "zoo.json").stat().st_mtime_ns == before  # cached: nothing rebuilt
