@@ -178,11 +178,13 @@ class RoutedLinear(nn.Module):
         return (x @ a.t()) @ b.t()
 
     def dense_weight(self, terms) -> torch.Tensor:
-        """W + sum_i c_i s_i B_i A_i for inference, kept until a weight it was made from changes
-        (in place: its version counter moves; or replaced: its identity does)."""
+        """W + sum_i c_i s_i B_i A_i for inference, kept until a weight it was made from changes:
+        in place (its version counter moves), replaced (its identity does) or moved to another
+        device or dtype (its storage does)."""
         names = [n for n, c in terms if c != 0.0 and n in self.lora_A]
         tensors = [self.base_layer.weight] + [t for n in names for t in (self.lora_A[n], self.lora_B[n])]
-        stamp = tuple((id(t), t._version) for t in tensors) + tuple(self.scaling[n] for n in names)
+        stamp = tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device) for t in tensors) + \
+            tuple(self.scaling[n] for n in names)
         key = tuple(terms)
         kept = self._dense.get(key)
         if kept is None or kept[0] != stamp:

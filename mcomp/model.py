@@ -338,7 +338,10 @@ class MultimodalLM(nn.Module):
         media_n = self._normalise_media([media], 1)
         ctx_ids = self.tokenize(context)
         self._check_placeholders(0, ctx_ids, media_n[0])
-        features = self.encode_media(media_n)
+        return self._score_full(ctx_ids, self.encode_media(media_n), cont_ids)
+
+    def _score_full(self, ctx_ids: list[int], features, cont_ids: list[list[int]]) -> list[LoglikelihoodResult]:
+        """Every option by one full forward over context + option (no cache)."""
         inputs = self._assemble([ctx_ids + c for c in cont_ids], features * len(cont_ids), None, cont_ids)
         logits = self.forward(dataclasses.replace(inputs, labels=None)).logits.float()
         return score_continuations(logits, inputs)
@@ -358,8 +361,11 @@ class MultimodalLM(nn.Module):
         ctx_ids = [self.tokenize(r.context) for r in requests]
         for i, (ids, media) in enumerate(zip(ctx_ids, media_n)):
             self._check_placeholders(i, ids, media)
-        ctx = self._assemble(ctx_ids, self.encode_media(media_n))
+        features = self.encode_media(media_n)
+        ctx = self._assemble(ctx_ids, features)
         out = self.forward(ctx, use_cache=True, logits_to_keep=1)  # only the last position's logits
+        if not hasattr(out.past_key_values, "batch_select_indices"):  # an LLM without a selectable cache
+            return [self._score_full(ids, [f], options) for ids, f, options in zip(ctx_ids, features, cont_ids)]
         first = F.log_softmax(out.logits[:, -1].float(), dim=-1)  # [B, V]: each option's first token
         rows = [(b, ids) for b, options in enumerate(cont_ids) for ids in options]
         scored: list[LoglikelihoodResult] = []

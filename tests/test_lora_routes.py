@@ -2,6 +2,8 @@
 the low-rank path's numbers and follow every change of the weights it was made from."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -65,3 +67,19 @@ def test_dense_weights_follow_weight_changes(model):
         rerouted = model(inputs).logits
     torch.testing.assert_close(rerouted, _low_rank(model, inputs), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(rerouted, after, atol=1e-3)
+
+
+def test_dense_weights_follow_a_change_of_dtype():
+    m = build_tiny_model("tiny:image", seed=4)
+    m.add_lora(r=4, alpha=8, seed=5, zero_b=False)
+    m.add_lora(r=4, alpha=8, name="image", seed=6, zero_b=False)
+    m.set_routes({"text": [("text", 1.0)], "image": [("image", 1.0)]})
+    inputs = _inputs(m)
+    with torch.no_grad():
+        m(inputs)  # dense weights made in float32
+    m.double()  # parameters keep their identity; their storage changes
+    inputs = dataclasses.replace(inputs, inputs_embeds=inputs.inputs_embeds.double())
+    with torch.no_grad():
+        dense = m(inputs).logits
+    assert dense.dtype == torch.float64
+    torch.testing.assert_close(dense, _low_rank(m, inputs), atol=1e-6, rtol=1e-6)  # deltas formed in float32

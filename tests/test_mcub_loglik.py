@@ -134,3 +134,24 @@ def test_batched_contexts_equal_one_at_a_time(tmp_path_factory):
     for request, got in zip(requests, batched):
         _check_equal(got, m.loglikelihood(request.context, request.continuations, request.media,
                                           reuse_context=False))
+
+
+def test_batch_without_a_selectable_cache_scores_each_context_in_full(model, sample, monkeypatch):
+    """An LLM that returns no transformers Cache: the options are scored by full forwards instead."""
+    from mcomp.model import LoglikelihoodRequest
+
+    prompt = build_prompt(model, get_template("vicuna_v1"), sample, ORDER)
+    media = ordered_media(model, sample, ORDER)
+    reference = model.loglikelihood(prompt, OPTIONS, media, reuse_context=False)
+    real_forward = model.llm.forward
+
+    def no_cache(*args, **kwargs):
+        out = real_forward(*args, **kwargs)
+        out.past_key_values = None
+        return out
+
+    monkeypatch.setattr(model.llm, "forward", no_cache)
+    got = model.loglikelihood_batch([LoglikelihoodRequest(prompt, OPTIONS, media),
+                                     LoglikelihoodRequest(prompt, OPTIONS[:2], media)])
+    _check_equal(got[0], reference)
+    _check_equal(got[1], reference[:2])
