@@ -138,7 +138,9 @@ def train(model, samples: list[ConversationSample], cfg: TrainConfig, checkpoint
         logger.info("resumed from %s (step %d)", latest, step)
 
     core.train()
-    bar = tqdm(total=total, initial=step, desc=f"train stage {cfg.stage}", disable=not accelerator.is_main_process)
+    # other ranks: no bar; the main one leaves `disable` unset, so TQDM_DISABLE (set by mcomp.jobs workers) applies
+    quiet = {} if accelerator.is_main_process else {"disable": True}
+    bar = tqdm(total=total, initial=step, desc=f"train stage {cfg.stage}", **quiet)
     micro = step * cfg.grad_accum  # micro-batches consumed so far: a flat stream over seeded epochs
     order, order_epoch = None, -1
     while step < total and (stop_after is None or step < stop_after):

@@ -312,7 +312,8 @@ class MergeEngine:
 
     # -- running ------------------------------------------------------------------------------
     def _bar(self, total: int, desc: str):
-        return tqdm(total=total, desc=desc, unit="param", unit_scale=True, disable=not self.progress, leave=False)
+        quiet = {} if self.progress else {"disable": True}  # unset: TQDM_DISABLE applies (mcomp.jobs workers)
+        return tqdm(total=total, desc=desc, unit="param", unit_scale=True, leave=False, **quiet)
 
     def group_stats(self, method: MergeMethod, group: list[str], chunks: list[Chunk], checked: list[bool]) -> dict:
         """Run the method's statistic stages over a group (passes over its chunks).
