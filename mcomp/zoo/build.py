@@ -124,10 +124,10 @@ def build_zoo(size: str = "full", seed: int = 0, root: str | os.PathLike | None 
     report: dict = {"version": ZOO_VERSION, "size": size, "seed": seed, "settings": settings.to_dict(),
                     "encoders": {}, "models": {}}
     # longest first: the base LLM, then the point and video encoders (measured slowest)
-    first: dict = {} if (zoo.base / "config.json").is_file() else {"base": (_base_job, (zoo,))}
-    first.update({m: (_encoder_job, (zoo, m)) for m in ("point", "video", "audio", "image")
+    first: dict = {} if (zoo.base / "config.json").is_file() else {"base": (_build_base, (zoo,))}
+    first.update({m: (_build_encoder, (zoo, m)) for m in ("point", "video", "audio", "image")
                   if not zoo.encoder(m).is_file()})
-    chains = {f"{m}-s{s}": (_models_job, (zoo, m, s))
+    chains = {f"{m}-s{s}": (_build_models, (zoo, m, s))
               for s in settings.model_seeds for m in ("video", "point", "audio", "image")}
     with JobPool(workers) as pool:
         done = pool.run(first, "zoo: base LLM and encoders")
@@ -139,23 +139,12 @@ def build_zoo(size: str = "full", seed: int = 0, root: str | os.PathLike | None 
     return zoo
 
 
-def _base_job(zoo: Zoo) -> dict:
-    return _build_base(zoo, zoo.world, zoo.settings, zoo.seed)
-
-
-def _encoder_job(zoo: Zoo, modality: str) -> dict:
-    return _build_encoder(zoo, zoo.world, modality, zoo.settings, zoo.seed)
-
-
-def _models_job(zoo: Zoo, modality: str, model_seed: int) -> dict:
-    return _build_models(zoo, zoo.world, modality, zoo.settings, model_seed)
-
-
-def _build_base(zoo: Zoo, world, settings: ZooSettings, seed: int) -> dict:
+def _build_base(zoo: Zoo) -> dict:
     from mcomp.conversation import get_template
     from mcomp.model import MultimodalLM
     from mcomp.tiny import build_llm, build_tokenizer
 
+    world, settings, seed = zoo.world, zoo.settings, zoo.seed
     conversations = []
     for name in ("commonality", "attribute_qa"):
         conversations += [s["conversations"] for s in json.loads(Path(world.text_file(name)).read_text())]
@@ -197,12 +186,13 @@ def _colour_values(modality: str, items: list[dict]) -> torch.Tensor:
     return torch.exp(-0.5 * ((pitch[:, None] - centres[None]) / width) ** 2).float()
 
 
-def _build_encoder(zoo: Zoo, world, modality: str, settings: ZooSettings, seed: int) -> dict:
+def _build_encoder(zoo: Zoo, modality: str) -> dict:
     """Pretrained on the world's random-colour renders (shape class, colour value), then frozen."""
     from mcomp.modality import build_adapter
     from mcomp.world import AttributeSpace
     from mcomp.zoo.pretrain import pretrain_encoder
 
+    world, settings, seed = zoo.world, zoo.settings, zoo.seed
     space = AttributeSpace.from_config(world.config["attributes"])
     items = json.loads(world.pretrain_json(modality).read_text())
     files = [str(world.pretrain_json(modality).parent / it["file"]) for it in items]
@@ -214,7 +204,7 @@ def _build_encoder(zoo: Zoo, world, modality: str, settings: ZooSettings, seed: 
                             zoo.encoder(modality), batch_size=settings.batch_size, seed=seed)
 
 
-def _build_models(zoo: Zoo, world, modality: str, settings: ZooSettings, model_seed: int) -> dict:
+def _build_models(zoo: Zoo, modality: str, model_seed: int) -> dict:
     """Stage 1 (projector), then stage 2 from it: plain (NaiveMC) and decoupled (DAMC)."""
     import mcomp
     from mcomp.data import load_conversation_data
@@ -222,6 +212,7 @@ def _build_models(zoo: Zoo, world, modality: str, settings: ZooSettings, model_s
     from mcomp.train import TrainConfig, train
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    world, settings = zoo.world, zoo.settings
     samples = load_conversation_data(world.train_json(modality))
     out = {}
     stage1 = zoo.model(modality, "stage1", model_seed)
