@@ -13,6 +13,11 @@ from mcomp.io import save_tensors
 logger = logging.getLogger(__name__)
 
 
+def warmup_then_decay(optimizer, steps: int):
+    """20 warm-up steps, then linear decay to 5% of the learning rate at `steps`."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / steps))
+
+
 def pretrain_llm(model, conversations: list[list[dict]], sentences: list[str], steps: int, *, batch_size: int = 16,
                  learning_rate: float = 3e-3, seed: int = 0) -> list[float]:
     """Full-parameter causal-LM training of `model.llm` (a MultimodalLM without adapters): the loss
@@ -22,7 +27,7 @@ def pretrain_llm(model, conversations: list[list[dict]], sentences: list[str], s
     llm.train()
     llm.requires_grad_(True)
     optimizer = torch.optim.AdamW(llm.parameters(), lr=learning_rate, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / steps))
+    schedule = warmup_then_decay(optimizer, steps)
     tok = model.tokenizer
     losses = []
     for _ in tqdm(range(steps), desc="pretrain base LLM"):
@@ -63,7 +68,7 @@ def pretrain_encoder(adapter, files: list[str], shapes: list[int], colour_values
     encoder.train()
     params = list(encoder.parameters()) + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=learning_rate)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / steps))
+    schedule = warmup_then_decay(optimizer, steps)
     for _ in tqdm(range(steps), desc=f"pretrain {adapter.modality} encoder"):
         idx = torch.randint(len(files), (batch_size,), generator=g)
         out = head(adapter.encode(inputs[idx]).mean(dim=1))
