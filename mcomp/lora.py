@@ -63,6 +63,7 @@ class RoutingState:
         self.route_ids: torch.Tensor | None = None  # [B, T] while a routed forward runs
         self._groups_of: torch.Tensor | None = None  # the route_ids the cached groups were made for
         self._groups: list = []
+        self._inverse: torch.Tensor | None = None  # token order from the groups' concatenated rows
 
     def text_terms(self) -> list[tuple[str, float]]:
         return self.routes.get(TEXT_ROUTE, [])
@@ -85,7 +86,17 @@ class RoutingState:
         if self._groups_of is not ids:
             self._groups = self._make_groups(ids)
             self._groups_of = ids
+            self._inverse = None
+            if len(self._groups) > 1:
+                perm = torch.cat([index for _, index in self._groups])
+                self._inverse = torch.empty_like(perm)
+                self._inverse[perm] = torch.arange(perm.numel(), device=perm.device)
         return self._groups
+
+    def in_token_order(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """Rows computed per group of the current forward (the groups partition the tokens), back
+        in token order with one gather (index_add on CPU loops per row)."""
+        return torch.cat(parts).index_select(0, self._inverse)
 
     def _make_groups(self, ids: torch.Tensor):
         by_terms: dict[tuple, list[int]] = {}
@@ -213,7 +224,7 @@ class RoutedLinear(nn.Module):
                 parts.append(flat_y.new_zeros(index.numel(), flat_y.shape[1]))
             else:
                 parts.append(self._delta(flat_x.index_select(0, index), stacked).to(y.dtype))
-        return (flat_y + _in_place(groups, parts)).view_as(y)
+        return (flat_y + self._state[0].in_token_order(parts)).view_as(y)
 
     def _forward_dense(self, x: torch.Tensor, groups) -> torch.Tensor:
         """Each group of tokens through its route's dense weight: one matmul per group."""
@@ -223,16 +234,7 @@ class RoutedLinear(nn.Module):
         flat_x = x.reshape(-1, x.shape[-1])
         parts = [nn.functional.linear(flat_x.index_select(0, index), self.dense_weight(terms), bias)
                  for terms, index in groups]
-        return _in_place(groups, parts).view(*x.shape[:-1], self.out_features)
-
-
-def _in_place(groups, parts: list[torch.Tensor]) -> torch.Tensor:
-    """Rows computed per group (the groups partition the tokens), back in token order with one
-    gather (index_add on CPU loops per row)."""
-    perm = torch.cat([index for _, index in groups])
-    inverse = torch.empty_like(perm)
-    inverse[perm] = torch.arange(perm.numel(), device=perm.device)
-    return torch.cat(parts).index_select(0, inverse)
+        return self._state[0].in_token_order(parts).view(*x.shape[:-1], self.out_features)
 
 
 def inject_routed_layers(llm: nn.Module, targets: Iterable[str], state: RoutingState) -> list[str]:
