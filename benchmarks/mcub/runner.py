@@ -167,9 +167,10 @@ def evaluate_samples(
     records, pending = [], []
     for sample, target in zip(samples, targets):
         prepared = _prepare_sample(model, task, mode, spec, sample, target, state, max_new_tokens)
-        records.append(prepared.record if isinstance(prepared, _OptionRequest) else prepared)
         if isinstance(prepared, _OptionRequest):
             pending.append(prepared)
+            prepared = prepared.record  # filled in once scored
+        records.append(prepared)
     if not pending:
         return records
     scorer = resolve("scorer", spec.scorer, task.source)

@@ -11,7 +11,7 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--root", help="where to build it (default: the user cache directory, or $MCOMP_CACHE)")
     p.add_argument("--workers", type=int,
-                   help="processes running training and evaluation jobs (default: 2 on 2+ cores; 1: in this process)")
+                   help="processes running the training jobs (default: 2 on 2+ cores; 1: in this process)")
     p.set_defaults(func=run)
 
 

@@ -30,7 +30,7 @@ MERGES = {
     "pcb": {"ratio": 0.5, "clip": 0.01},
 }
 EVALS_VERSION = 1  # bump when what a demo run computes changes (its kept runs are then redone)
-EVAL_BATCH = 16  # questions whose contexts run as one forward (measured: ~1.8x one at a time here)
+EVAL_BATCH = 16  # questions whose contexts run as one forward (scripts/bench_loglik.py: 1.26x on a 1-thread worker)
 WORLD_KEY = {"image": "vision", "audio": "audio", "video": "video", "point": "point"}
 
 
