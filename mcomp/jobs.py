@@ -13,7 +13,7 @@ import os
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from typing import Any, Callable
 
-from tqdm.auto import tqdm
+from mcomp.progress import progress_bar, silence
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def _start_worker(threads: int, log_level: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
-    os.environ["TQDM_DISABLE"] = "1"  # the parent shows one bar over the jobs
+    silence()  # the parent shows one bar over the jobs
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -69,7 +69,7 @@ class JobPool:
         results: dict[str, Any] = {}
         if not jobs:
             return results
-        bar = tqdm(total=len(jobs), desc=desc)
+        bar = progress_bar(total=len(jobs), desc=desc)
         try:
             if self.workers <= 1:
                 for name, (fn, args) in jobs.items():

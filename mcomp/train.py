@@ -20,12 +20,12 @@ import shutil
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from mcomp.configuration import JsonConfig
 from mcomp.data import ConversationSample
 from mcomp.io import atomic_directory, load_tensors, save_tensors
 from mcomp.lora import LLAMA_TARGETS, TEXT_ROUTE, LoraSpec
+from mcomp.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -138,9 +138,8 @@ def train(model, samples: list[ConversationSample], cfg: TrainConfig, checkpoint
         logger.info("resumed from %s (step %d)", latest, step)
 
     core.train()
-    # other ranks: no bar; the main one leaves `disable` unset, so TQDM_DISABLE (set by mcomp.jobs workers) applies
-    quiet = {} if accelerator.is_main_process else {"disable": True}
-    bar = tqdm(total=total, initial=step, desc=f"train stage {cfg.stage}", **quiet)
+    bar = progress_bar(total=total, initial=step, desc=f"train stage {cfg.stage}",
+                       enabled=accelerator.is_main_process)
     micro = step * cfg.grad_accum  # micro-batches consumed so far: a flat stream over seeded epochs
     order, order_epoch = None, -1
     while step < total and (stop_after is None or step < stop_after):

@@ -19,12 +19,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from mcomp.merge import native
 from mcomp.merge.kernels import Workspace, parallel_map, scratch
 from mcomp.merge.registry import Chunk, MergeMethod, NonFiniteInput, Segment, get_method, make_params
 from mcomp.merge.selection import RowQuantiles
+from mcomp.progress import progress_bar
 from mcomp.merge.sources import Source, TensorInfo
 
 logger = logging.getLogger(__name__)
@@ -312,8 +312,7 @@ class MergeEngine:
 
     # -- running ------------------------------------------------------------------------------
     def _bar(self, total: int, desc: str):
-        quiet = {} if self.progress else {"disable": True}  # unset: TQDM_DISABLE applies (mcomp.jobs workers)
-        return tqdm(total=total, desc=desc, unit="param", unit_scale=True, leave=False, **quiet)
+        return progress_bar(total=total, desc=desc, unit="param", unit_scale=True, leave=False, enabled=self.progress)
 
     def group_stats(self, method: MergeMethod, group: list[str], chunks: list[Chunk], checked: list[bool]) -> dict:
         """Run the method's statistic stages over a group (passes over its chunks).

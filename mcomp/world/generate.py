@@ -223,9 +223,9 @@ class _Renderer:
 def _progress(items: Iterable, total: int, enabled: bool, desc: str):
     if not enabled:
         return items
-    from tqdm.auto import tqdm
+    from mcomp.progress import progress_bar
 
-    return tqdm(items, total=total, desc=desc, unit="file", leave=False)
+    return progress_bar(items, total=total, desc=desc, unit="file", leave=False)
 
 
 def _render_all(jobs: list[MediaJob], renderer: _Renderer, workers: int, progress: bool) -> None:

@@ -6,7 +6,7 @@ import logging
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from mcomp.progress import progress_bar
 
 from mcomp.io import save_tensors
 
@@ -30,7 +30,7 @@ def pretrain_llm(model, conversations: list[list[dict]], sentences: list[str], s
     schedule = warmup_then_decay(optimizer, steps)
     tok = model.tokenizer
     losses = []
-    for _ in tqdm(range(steps), desc="pretrain base LLM"):
+    for _ in progress_bar(range(steps), desc="pretrain base LLM"):
         picks = torch.randint(len(conversations), (batch_size,), generator=g).tolist()
         loss = model(model.prepare_conversations([conversations[i] for i in picks])).loss
         if sentences:
@@ -69,7 +69,7 @@ def pretrain_encoder(adapter, files: list[str], shapes: list[int], colour_values
     params = list(encoder.parameters()) + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=learning_rate)
     schedule = warmup_then_decay(optimizer, steps)
-    for _ in tqdm(range(steps), desc=f"pretrain {adapter.modality} encoder"):
+    for _ in progress_bar(range(steps), desc=f"pretrain {adapter.modality} encoder"):
         idx = torch.randint(len(files), (batch_size,), generator=g)
         out = head(adapter.encode(inputs[idx]).mean(dim=1))
         loss = nn.functional.cross_entropy(out[:, :n_shapes], targets[idx]) + \
