@@ -2,6 +2,7 @@
 """Benchmark the streaming merge engine on synthetic checkpoints of realistic shapes.
 
     python scripts/bench_merge.py --params 1e9 --models 3 --dtype float16 [--methods task_arithmetic,ties,pcb] [--repeat 3]
+                                  [--device cuda]
 
 Builds a base and n fine-tuned checkpoints (Llama-like tensor shapes, seeded) under a temporary
 directory, runs each method through `mcomp.merge.merge_checkpoints` in a fresh subprocess (so
@@ -135,7 +136,9 @@ def worker_merge(a) -> None:
 
     out = Path(a.out)
     t0 = time.perf_counter()
-    report = merge_checkpoints(a.base, a.model, out, a.worker, force=True, chunk_elems=a.chunk)
+    report = merge_checkpoints(a.base, a.model, out, a.worker, force=True, chunk_elems=a.chunk, device=a.device)
+    if a.device.startswith("cuda"):
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     shutil.rmtree(out)
     print(json.dumps({"seconds": seconds, "passes": report.passes, "final_anon": rss_anon(os.getpid())}))
@@ -200,6 +203,8 @@ def main() -> int:
     ap.add_argument("--methods", default="task_arithmetic,ties,pcb", help="comma-separated methods")
     ap.add_argument("--threads", type=int, default=2, help="torch threads per worker (default 2 = this machine)")
     ap.add_argument("--chunk", type=int, default=1 << 20, help="engine chunk (coordinates)")
+    ap.add_argument("--device", default="cpu", help="where the per-chunk maths runs: cpu or cuda (reading and "
+                                                     "writing stay on the host)")
     ap.add_argument("--ref-params", type=float, default=3e7, help="size at which the released-code PCB is run (0: skip)")
     ap.add_argument("--workdir", default="/tmp", help="where the synthetic checkpoints go")
     ap.add_argument("--repeat", type=int, default=1,
@@ -231,13 +236,16 @@ def main() -> int:
         os.sync()  # flush the build's dirty pages so no method pays for their writeback
         print(f"built in {time.perf_counter() - t0:.0f} s", flush=True)
         common = ["--base", str(dirs[0])] + sum((["--model", str(d)] for d in dirs[1:]), [])
-        common += ["--threads", str(a.threads), "--chunk", str(a.chunk)]
+        common += ["--threads", str(a.threads), "--chunk", str(a.chunk), "--device", a.device]
         methods = [m.strip() for m in a.methods.split(",") if m.strip()]
         runs: dict[str, list[dict]] = {m: [] for m in methods}
         for round_ in range(max(1, a.repeat)):
             for method in methods:  # interleaved, so a slow spell of the machine hits every method
                 print(f"running {method} (round {round_ + 1}) ...", flush=True)
                 runs[method].append(run_child(["--worker", method, "--out", str(root / f"out-{method}"), *common]))
+                r = runs[method][-1]  # printed now too, so a run cut short still reports what finished
+                print(f"  {method}: merge {r['seconds']:.1f} s, wall {r['wall']:.1f} s, peak anon {r['peak_anon'] / GIB:.2f} GiB",
+                      flush=True)
         rows = [(m, median_run(runs[m])) for m in methods]
         if a.repeat > 1:
             print("\nper-round merge seconds: " + "; ".join(
@@ -251,7 +259,7 @@ def main() -> int:
         print()
         print(f"load average during the runs (other users of the 2 cores): {os.getloadavg()[0]:.2f} (1 min)")
         print(f"Synthetic Llama-like checkpoints: base + {a.models} models x {total / 1e9:.3f}B params, {a.dtype}; "
-              f"{a.threads} torch threads; engine chunk {a.chunk}; median of {max(1, a.repeat)} run(s) per method")
+              f"{a.threads} torch threads; maths on {a.device}; engine chunk {a.chunk}; median of {max(1, a.repeat)} run(s) per method")
         head = f"{'method':<44} {'merge s':>9} {'wall s':>8} {'passes':>6} {'peak anon GiB':>14} {'time / TA':>10}"
         print(head)
         print("-" * len(head))
