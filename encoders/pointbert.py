@@ -46,10 +46,13 @@ class PointBertConfig(JsonConfig):
     num_group: int = 512  # FPS centres = output tokens besides CLS
     group_size: int = 32  # neighbours per centre
     encoder_dims: int = 256  # mini-PointNet output width
+    # mini-PointNet inner widths: first conv width/2 -> width, second conv 2*width -> 2*width (published: 256,
+    # i.e. 128/256/512). The second conv is most of the encoder's compute; tiny configs narrow it.
+    pointnet_width: int = 256
     point_dims: int = 6  # 6 = xyz + rgb (as released); 3 = xyz only
 
     def __post_init__(self):
-        for name in ("trans_dim", "depth", "num_heads", "num_group", "group_size", "encoder_dims"):
+        for name in ("trans_dim", "depth", "num_heads", "num_group", "group_size", "encoder_dims", "pointnet_width"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"PointBertConfig.{name} must be a positive integer, got {value!r}")
@@ -57,6 +60,8 @@ class PointBertConfig(JsonConfig):
             raise ValueError(
                 f"PointBertConfig.trans_dim ({self.trans_dim}) must be divisible by num_heads ({self.num_heads})"
             )
+        if self.pointnet_width % 2:
+            raise ValueError(f"PointBertConfig.pointnet_width must be even (its first conv is half as wide), got {self.pointnet_width}")
         if self.point_dims not in (3, 6):
             raise ValueError(f"PointBertConfig.point_dims must be 3 (xyz) or 6 (xyz + rgb), got {self.point_dims!r}")
         if not self.mlp_ratio > 0:
@@ -121,19 +126,20 @@ def group_points(
 class MiniPointNet(nn.Module):
     """Per-group shared MLP with a global-feature concat; the released `Encoder`."""
 
-    def __init__(self, out_dims: int, in_dims: int):
+    def __init__(self, out_dims: int, in_dims: int, width: int = 256):
         super().__init__()
         self.out_dims = out_dims
+        half, double = width // 2, 2 * width
         self.first_conv = nn.Sequential(
-            nn.Conv1d(in_dims, 128, 1), nn.BatchNorm1d(128), nn.ReLU(inplace=True), nn.Conv1d(128, 256, 1)
+            nn.Conv1d(in_dims, half, 1), nn.BatchNorm1d(half), nn.ReLU(inplace=True), nn.Conv1d(half, width, 1)
         )
         self.second_conv = nn.Sequential(
-            nn.Conv1d(512, 512, 1), nn.BatchNorm1d(512), nn.ReLU(inplace=True), nn.Conv1d(512, out_dims, 1)
+            nn.Conv1d(double, double, 1), nn.BatchNorm1d(double), nn.ReLU(inplace=True), nn.Conv1d(double, out_dims, 1)
         )
 
     def forward(self, groups: torch.Tensor) -> torch.Tensor:
         batch, g, m, c = groups.shape
-        feat = self.first_conv(groups.reshape(batch * g, m, c).transpose(1, 2))  # [BG, 256, M]
+        feat = self.first_conv(groups.reshape(batch * g, m, c).transpose(1, 2))  # [BG, width, M]
         pooled = feat.max(dim=2, keepdim=True).values
         feat = torch.cat([pooled.expand(-1, -1, m), feat], dim=1)  # global first, as released
         feat = self.second_conv(feat)
@@ -205,7 +211,7 @@ class PointBert(nn.Module):
         self.config = config = config or PointBertConfig()
         self.fps_start = fps_start
         self.seed = int(seed)
-        self.encoder = MiniPointNet(config.encoder_dims, config.point_dims)
+        self.encoder = MiniPointNet(config.encoder_dims, config.point_dims, config.pointnet_width)
         self.reduce_dim = nn.Linear(config.encoder_dims, config.trans_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.trans_dim))
         self.cls_pos = nn.Parameter(torch.randn(1, 1, config.trans_dim))

@@ -487,3 +487,21 @@ def test_composed_model_round_trips_through_save_pretrained(composed, clouds, tm
     loaded = MultimodalLM.from_pretrained(tmp_path / "mllm")
     assert loaded.adapters["point"].config == composed.adapters["point"].config  # nested encoder config survives JSON
     assert loaded.loglikelihood(prompt, [" a chair"], media)[0].logprob == before
+
+
+def test_pointnet_width_sets_the_mini_pointnet_convs():
+    """`pointnet_width` narrows the mini-PointNet (first conv width/2 -> width, second 2*width), and the
+    default keeps the published 128/256/512 convs that real checkpoints carry."""
+    narrow = PointBert(PointBertConfig(trans_dim=32, depth=1, num_heads=2, num_group=8, group_size=8,
+                                       encoder_dims=32, pointnet_width=64))
+    shapes = {k: tuple(v.shape) for k, v in narrow.state_dict().items() if k.startswith("encoder.")}
+    assert shapes["encoder.first_conv.0.weight"] == (32, 6, 1)
+    assert shapes["encoder.first_conv.3.weight"] == (64, 32, 1)
+    assert shapes["encoder.second_conv.0.weight"] == (128, 128, 1)
+    assert shapes["encoder.second_conv.3.weight"] == (32, 128, 1)
+    published = PointBert(PointBertConfig(trans_dim=32, depth=1, num_heads=2, num_group=8, group_size=8))
+    assert tuple(published.state_dict()["encoder.second_conv.0.weight"].shape) == (512, 512, 1)
+    with torch.no_grad():
+        assert narrow(torch.rand(2, 64, 6)).shape == (2, 9, 32)
+    with pytest.raises(ValueError, match="pointnet_width must be even"):
+        PointBertConfig(pointnet_width=63)

@@ -17,12 +17,13 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from mcomp.zoo import build_zoo, default_root
+    from mcomp.zoo.build import held_out_report
 
     if args.action == "path":
         print(args.root or default_root(args.size, args.seed))
         return 0
     zoo = build_zoo(args.size, args.seed, args.root, args.workers)
-    accuracy = {k: {f: round(v[f], 3) for f in v if f.endswith("val_accuracy")} for k, v in zoo.manifest["models"].items()}
+    accuracy = held_out_report(zoo.manifest)
     print(f"zoo ready at {zoo.root}")
     print("held-out attribute accuracy of the single-modality models:")
     print(json.dumps(accuracy, indent=1, sort_keys=True))

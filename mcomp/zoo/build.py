@@ -27,7 +27,7 @@ from mcomp.resources import load_config
 
 logger = logging.getLogger(__name__)
 
-ZOO_VERSION = 3  # 2: the world answers options with their text; 3: template-aware tokenizer, pooled video
+ZOO_VERSION = 4  # 2: the world answers options with their text; 3: template-aware tokenizer, pooled video; 4: narrow point encoder, held-out accuracy by kind
 MODALITIES = ("image", "audio", "video", "point")
 FLAVOURS = ("naivemc", "damc")
 
@@ -235,28 +235,45 @@ def _build_models(zoo: Zoo, modality: str, model_seed: int) -> dict:
         cfg = TrainConfig(stage=2, decoupled=flavour == "damc", lora_r=8, lora_alpha=16, learning_rate=2e-3,
                           max_steps=settings.stage2_steps, **common)
         out[flavour] = train(model, samples, cfg, zoo.root / "checkpoints" / path.name)["final_loss"]
-        out[f"{flavour}_val_accuracy"] = held_out_accuracy(model, world, modality)
+        out[f"{flavour}_val_accuracy"], out[f"{flavour}_val_by_kind"] = held_out_accuracy(model, world, modality)
         model.save_pretrained(path)
     return out
 
 
-def held_out_accuracy(model, world, modality: str, batch_size: int = 16) -> float:
-    """Accuracy on the four-option questions about held-out (dev) entities: the option whose text
-    has the highest log-likelihood as the answer (the world's cloze formulation)."""
+def held_out_report(manifest: dict) -> dict[str, dict]:
+    """Per modality model (e.g. "image-s0"), its held-out accuracies from a zoo manifest, rounded:
+    `<flavour>_val_accuracy` and `<flavour>_val_by_kind` ({"colour": ..., "object": ..., "shape": ...})."""
+    def rounded(value):
+        return {k: round(v, 3) for k, v in value.items()} if isinstance(value, dict) else round(value, 3)
+
+    return {name: {k: rounded(v) for k, v in figures.items() if k.endswith(("_val_accuracy", "_val_by_kind"))}
+            for name, figures in manifest["models"].items()}
+
+
+def held_out_accuracy(model, world, modality: str, batch_size: int = 16) -> tuple[float, dict[str, float]]:
+    """Accuracy on the four-option questions about held-out (dev) entities, overall and by what is
+    asked ("object", "colour", "shape"): the option whose text has the highest log-likelihood as the
+    answer (the world's cloze formulation)."""
+    from collections import Counter
+
     from mcomp.data import load_conversation_data
     from mcomp.model import LoglikelihoodRequest
     from mcomp.world.questions import parse_options
 
     questions = []
     for s in load_conversation_data(world.val_json(modality)):
-        options = parse_options(s.conversations[0]["value"])
+        prompt = s.conversations[0]["value"]
+        options = parse_options(prompt)
         if len(options) >= 2:
-            questions.append((LoglikelihoodRequest(model.template.prompt(s.conversations[0]["value"]), options, s.media),
-                              s.conversations[-1]["value"]))
-    correct = 0
+            kind = prompt.splitlines()[1].split()[1]  # "What colour is ...", "What object does ..."
+            questions.append((LoglikelihoodRequest(model.template.prompt(prompt), options, s.media),
+                              s.conversations[-1]["value"], kind))
+    correct, asked = Counter(), Counter()
     for start in range(0, len(questions), batch_size):
         chunk = questions[start : start + batch_size]
-        for (request, answer), scores in zip(chunk, model.loglikelihood_batch([q for q, _ in chunk])):
+        for (request, answer, kind), scores in zip(chunk, model.loglikelihood_batch([q for q, _, _ in chunk])):
             best = max(range(len(scores)), key=lambda i: scores[i].logprob)
-            correct += request.continuations[best] == answer
-    return correct / max(len(questions), 1)
+            asked[kind] += 1
+            correct[kind] += request.continuations[best] == answer
+    overall = sum(correct.values()) / max(sum(asked.values()), 1)
+    return overall, {kind: correct[kind] / asked[kind] for kind in sorted(asked)}

@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from mcomp.io import atomic_write_text
-from mcomp.zoo.build import MODALITIES, Zoo, build_zoo
+from mcomp.zoo.build import MODALITIES, Zoo, build_zoo, held_out_report
 
 logger = logging.getLogger(__name__)
 
@@ -177,8 +177,7 @@ def run_demo(size: str = "full", seed: int = 0, out_dir: str | Path = "runs/demo
     summary = {"zoo": str(zoo.root), "leaderboard": {k: str(v) for k, v in paths.items()},
                "seconds_zoo": round(built - started, 1), "seconds_total": round(finished - started, 1),
                "runs_evaluated": len(kept) - reused, "runs_reused": reused,
-               "held_out_accuracy": {k: {f: v[f] for f in v if f.endswith("val_accuracy")}
-                                     for k, v in zoo.manifest["models"].items()}}
+               "held_out_accuracy": held_out_report(zoo.manifest)}
     atomic_write_text(out / "demo.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
