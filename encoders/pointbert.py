@@ -61,7 +61,9 @@ class PointBertConfig(JsonConfig):
                 f"PointBertConfig.trans_dim ({self.trans_dim}) must be divisible by num_heads ({self.num_heads})"
             )
         if self.pointnet_width % 2:
-            raise ValueError(f"PointBertConfig.pointnet_width must be even (its first conv is half as wide), got {self.pointnet_width}")
+            raise ValueError(
+                f"PointBertConfig.pointnet_width must be even (its first conv is half as wide), got {self.pointnet_width}"
+            )
         if self.point_dims not in (3, 6):
             raise ValueError(f"PointBertConfig.point_dims must be 3 (xyz) or 6 (xyz + rgb), got {self.point_dims!r}")
         if not self.mlp_ratio > 0:

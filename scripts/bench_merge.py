@@ -244,8 +244,8 @@ def main() -> int:
                 print(f"running {method} (round {round_ + 1}) ...", flush=True)
                 runs[method].append(run_child(["--worker", method, "--out", str(root / f"out-{method}"), *common]))
                 r = runs[method][-1]  # printed now too, so a run cut short still reports what finished
-                print(f"  {method}: merge {r['seconds']:.1f} s, wall {r['wall']:.1f} s, peak anon {r['peak_anon'] / GIB:.2f} GiB",
-                      flush=True)
+                print(f"  {method}: merge {r['seconds']:.1f} s, wall {r['wall']:.1f} s, "
+                      f"peak anon {r['peak_anon'] / GIB:.2f} GiB", flush=True)
         rows = [(m, median_run(runs[m])) for m in methods]
         if a.repeat > 1:
             print("\nper-round merge seconds: " + "; ".join(
@@ -259,7 +259,8 @@ def main() -> int:
         print()
         print(f"load average during the runs (other users of the 2 cores): {os.getloadavg()[0]:.2f} (1 min)")
         print(f"Synthetic Llama-like checkpoints: base + {a.models} models x {total / 1e9:.3f}B params, {a.dtype}; "
-              f"{a.threads} torch threads; maths on {a.device}; engine chunk {a.chunk}; median of {max(1, a.repeat)} run(s) per method")
+              f"{a.threads} torch threads; maths on {a.device}; engine chunk {a.chunk}; "
+              f"median of {max(1, a.repeat)} run(s) per method")
         head = f"{'method':<44} {'merge s':>9} {'wall s':>8} {'passes':>6} {'peak anon GiB':>14} {'time / TA':>10}"
         print(head)
         print("-" * len(head))

@@ -27,7 +27,9 @@ from mcomp.resources import load_config
 
 logger = logging.getLogger(__name__)
 
-ZOO_VERSION = 4  # 2: the world answers options with their text; 3: template-aware tokenizer, pooled video; 4: narrow point encoder, held-out accuracy by kind
+# 2: the world answers options with their text; 3: template-aware tokenizer, pooled video;
+# 4: narrow point encoder, held-out accuracy by kind
+ZOO_VERSION = 4
 MODALITIES = ("image", "audio", "video", "point")
 FLAVOURS = ("naivemc", "damc")
 
