@@ -24,8 +24,8 @@ from mcomp.merge import native
 from mcomp.merge.kernels import Workspace, parallel_map, scratch
 from mcomp.merge.registry import Chunk, MergeMethod, NonFiniteInput, Segment, get_method, make_params
 from mcomp.merge.selection import RowQuantiles
-from mcomp.progress import progress_bar
 from mcomp.merge.sources import Source, TensorInfo
+from mcomp.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 

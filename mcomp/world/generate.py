@@ -12,10 +12,11 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import yaml
 
+from mcomp.progress import progress_bar
 from mcomp.resources import config_file, load_config
 from mcomp.world.entities import MODALITIES, AttributeSpace, Entity, digest, entity_list, rng_for, split_entities
 from mcomp.world.datasets import MCUB_DIR, MCUB_SUBSETS, MediaJob, world_plan
@@ -220,26 +221,19 @@ class _Renderer:
         return job.relpath
 
 
-def _progress(items: Iterable, total: int, enabled: bool, desc: str):
-    if not enabled:
-        return items
-    from mcomp.progress import progress_bar
-
-    return progress_bar(items, total=total, desc=desc, unit="file", leave=False)
-
-
 def _render_all(jobs: list[MediaJob], renderer: _Renderer, workers: int, progress: bool) -> None:
     for folder in sorted({os.path.dirname(j.relpath) for j in jobs}):
         os.makedirs(os.path.join(renderer.root, folder), exist_ok=True)
     if workers <= 1:
-        for job in _progress(jobs, len(jobs), progress, "rendering world"):
+        for job in progress_bar(jobs, desc="rendering world", unit="file", leave=False, enabled=progress):
             renderer(job)
         return
     # Threads, not processes: numpy, Pillow, PyAV and libsndfile release the GIL for most of the work
     # (about 1.5x on 2 cores), and threads need no pickling, no re-import of __main__ and no fork while
     # the caller runs torch. Each file has its own seed, so the result does not depend on scheduling.
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for _ in _progress(pool.map(renderer, jobs), len(jobs), progress, "rendering world"):
+        for _ in progress_bar(pool.map(renderer, jobs), total=len(jobs), desc="rendering world", unit="file",
+                              leave=False, enabled=progress):
             pass
 
 

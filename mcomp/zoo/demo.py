@@ -205,8 +205,9 @@ def _eval_job(zoo: Zoo, spec: tuple, name: str, runs: list[tuple[str, str]], mod
     from mcomp.benchmarks.mcub.tasks import load_task
 
     model = demo_model(zoo, spec)
+    data_root = zoo.world.mcub_root("test")  # `zoo.world` parses the world manifest (~5 MB) on each access
     for task, run_dir in runs:
-        evaluate(model, load_task(task), zoo.world.mcub_root("test"), run_dir, mode=mode,
+        evaluate(model, load_task(task), data_root, run_dir, mode=mode,
                  feature_cache=zoo.root / "features", model_name=name, batch_size=EVAL_BATCH)
 
 

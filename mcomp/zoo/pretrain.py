@@ -6,9 +6,9 @@ import logging
 
 import torch
 from torch import nn
-from mcomp.progress import progress_bar
 
 from mcomp.io import save_tensors
+from mcomp.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
