@@ -12,6 +12,7 @@ with the same weights as an uninterrupted run.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -28,6 +29,8 @@ from mcomp.lora import LLAMA_TARGETS, TEXT_ROUTE, LoraSpec
 from mcomp.progress import progress_bar
 
 logger = logging.getLogger(__name__)
+
+LR_SCHEDULERS = ("constant", "cosine")
 
 
 @dataclasses.dataclass
@@ -47,6 +50,7 @@ class TrainConfig(JsonConfig):
     batch_size: int = 4
     grad_accum: int = 1
     warmup_steps: int = 0
+    lr_scheduler: str = "constant"  # or "cosine" (LLaVA's recipe: decays to 0 at the last step)
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     seed: int = 0
@@ -58,9 +62,22 @@ class TrainConfig(JsonConfig):
             raise ValueError(f"stage must be 1 or 2, got {self.stage}")
         if self.decoupled and self.stage != 2:
             raise ValueError("decoupled (DAMC) training is a stage-2 setting")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise ValueError(f"lr_scheduler must be one of {LR_SCHEDULERS}, got {self.lr_scheduler!r}")
         for name in ("batch_size", "grad_accum", "epochs", "lora_r"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def lr_factor(cfg: TrainConfig, total: int, step: int) -> float:
+    """Multiplier of the peak learning rate before optimizer step `step` (0-based): linear warmup,
+    then constant or a cosine decay that reaches 0 after the last step."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.lr_scheduler == "cosine":
+        progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return 1.0
 
 
 def prepare_for_training(model, cfg: TrainConfig) -> None:
@@ -126,8 +143,7 @@ def train(model, samples: list[ConversationSample], cfg: TrainConfig, checkpoint
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     per_epoch = math.ceil(len(samples) / cfg.batch_size)  # micro-batches per epoch
     total = cfg.max_steps or math.ceil(per_epoch * cfg.epochs / cfg.grad_accum)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, cfg, total))
     model, optimizer = accelerator.prepare(model, optimizer)
     core = accelerator.unwrap_model(model)
 
@@ -191,7 +207,9 @@ def _save_checkpoint(model, optimizer, scheduler, folder: Path, step: int, losse
 
 def _restore(model, optimizer, scheduler, folder: Path, cfg: TrainConfig):
     state = json.loads((folder / "trainer_state.json").read_text())
-    if state["config"] != cfg.to_dict():
+    # a field added since the checkpoint was written reads as its default
+    written = type(cfg).from_dict(state["config"], source=str(folder / "trainer_state.json"))
+    if written != cfg:
         raise ValueError(f"{folder}: this checkpoint was written with a different training config; "
                          f"use another checkpoint folder or the same settings")
     tensors = load_tensors(folder / "trainable.safetensors")

@@ -13,7 +13,7 @@ from mcomp.data import load_conversation_data
 from mcomp.lora import routed_layers
 from mcomp.model import MultimodalLM
 from mcomp.tiny import build_llm, tiny_image_adapter_config
-from mcomp.train import TrainConfig, train, trainable_parameters
+from mcomp.train import TrainConfig, lr_factor, train, trainable_parameters
 from tests.composition_fixtures import write_image_data
 
 
@@ -58,7 +58,7 @@ def test_stage2_decoupled_adds_text_and_modality_lora_and_tokens(tokenizer, imag
 def test_interrupted_training_resumes_to_identical_weights(tokenizer, image_data, tmp_path):
     samples = load_conversation_data(image_data)
     cfg = TrainConfig(stage=2, decoupled=True, lora_r=4, max_steps=6, batch_size=2, learning_rate=5e-3,
-                      save_every=1, log_every=0, lora_dropout=0.1)
+                      save_every=1, log_every=0, lora_dropout=0.1, warmup_steps=2, lr_scheduler="cosine")
     straight = fresh_model(tokenizer)
     train(straight, samples, cfg, tmp_path / "a")
     resumed = fresh_model(tokenizer)
@@ -73,6 +73,16 @@ def test_interrupted_training_resumes_to_identical_weights(tokenizer, image_data
         assert torch.equal(a[name], b[name]), name
     with pytest.raises(ValueError, match="different training config"):
         train(fresh_model(tokenizer), samples, TrainConfig(stage=2, max_steps=7, log_every=0), tmp_path / "b")
+
+
+def test_cosine_schedule_warms_up_then_decays_towards_zero():
+    cfg = TrainConfig(warmup_steps=2, lr_scheduler="cosine")
+    # 6 steps: 2 of warmup, then a half cosine over the other 4 (values worked out by hand)
+    expected = [0.5, 1.0, 1.0, (1 + 2 ** -0.5) / 2, 0.5, (1 - 2 ** -0.5) / 2]
+    assert [lr_factor(cfg, 6, s) for s in range(6)] == pytest.approx(expected)
+    assert [lr_factor(TrainConfig(), 6, s) for s in range(6)] == [1.0] * 6
+    with pytest.raises(ValueError, match="lr_scheduler"):
+        TrainConfig(lr_scheduler="linear-ish")
 
 
 def test_bad_training_data_names_file_and_sample(tmp_path):

@@ -32,8 +32,9 @@ def add_parser(sub) -> None:
     p.add_argument("--decoupled", action="store_true", default=None, help="DAMC: separate text/modality LoRA")
     for name, typ in (("lora-r", int), ("lora-alpha", float), ("learning-rate", float), ("epochs", int),
                       ("max-steps", int), ("batch-size", int), ("grad-accum", int), ("seed", int),
-                      ("save-every", int), ("prefix-tokens", int), ("suffix-tokens", int)):
+                      ("save-every", int), ("prefix-tokens", int), ("suffix-tokens", int), ("warmup-steps", int)):
         p.add_argument(f"--{name}", type=typ)
+    p.add_argument("--lr-scheduler", choices=("constant", "cosine"), help="after warmup (default: constant)")
     p.set_defaults(func=run)
 
 
@@ -72,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
 
     fields = json.loads(Path(args.config).read_text()) if args.config else {}
     for key in ("stage", "decoupled", "lora_r", "lora_alpha", "learning_rate", "epochs", "max_steps", "batch_size",
-                "grad_accum", "seed", "save_every", "prefix_tokens", "suffix_tokens"):
+                "grad_accum", "seed", "save_every", "prefix_tokens", "suffix_tokens", "warmup_steps", "lr_scheduler"):
         value = getattr(args, key)
         if value is not None:
             fields[key] = value
