@@ -285,11 +285,20 @@ class MultimodalLM(nn.Module):
         )
 
     # --- model API ------------------------------------------------------------------------
-    def forward(self, inputs: MultimodalInputs, **kwargs):
+    def forward(self, inputs: MultimodalInputs, share_prefix: bool = False, **kwargs):
         """LLM forward over spliced embeddings; with labels, the loss covers continuation tokens only.
 
         Positions are routed to LoRA adapters by modality while the call runs.
+        `share_prefix` (training): the leading tokens that every row has in common (the system
+        prompt) run once, as one row whose keys and values the rows then share, and logits are
+        computed only from the first labelled position on. The loss and its gradients are the same
+        (to float rounding; with LoRA dropout, the prefix shares one dropout mask); the output's
+        logits cover only those last positions.
         """
+        if share_prefix and inputs.labels is not None and not kwargs:
+            split = split_common_prefix(inputs)
+            if split is not None:
+                return self._forward_after_prefix(*split)
         self.routing.route_ids = self._route_ids(inputs.modality_ids)
         try:
             return self.llm(
@@ -298,6 +307,29 @@ class MultimodalLM(nn.Module):
             )
         finally:
             self.routing.route_ids = None
+
+    def _forward_after_prefix(self, prefix: MultimodalInputs, rest: MultimodalInputs):
+        cache = self.forward(prefix, use_cache=True).past_key_values
+        rows = torch.zeros(rest.inputs_embeds.shape[0], dtype=torch.long, device=rest.inputs_embeds.device)
+        # logits only from the position that predicts the first label on
+        first = (rest.labels != IGNORE_INDEX).float().argmax(-1).min()
+        keep = rest.labels.shape[1] - int(first) + 1
+        labels = rest.labels
+        kwargs = {}
+        if self._llm_takes("logits_to_keep"):
+            labels, kwargs["logits_to_keep"] = labels[:, -keep:], keep
+        self.routing.route_ids = self._route_ids(rest.modality_ids)
+        try:
+            return self.llm(inputs_embeds=rest.inputs_embeds, attention_mask=rest.attention_mask,
+                            position_ids=rest.position_ids, labels=labels,
+                            past_key_values=_select_cache(cache, rows), use_cache=True, **kwargs)
+        finally:
+            self.routing.route_ids = None
+
+    def _llm_takes(self, name: str) -> bool:
+        import inspect
+
+        return name in inspect.signature(self.llm.forward).parameters
 
     @torch.no_grad()
     def generate(
@@ -482,6 +514,43 @@ class MultimodalLM(nn.Module):
         from mcomp.checkpoint import load_mllm
 
         return load_mllm(path, **kwargs)
+
+
+def split_common_prefix(inputs: MultimodalInputs) -> tuple[MultimodalInputs, MultimodalInputs] | None:
+    """Split a left-padded training batch into the leading tokens all rows share (same embedding,
+    modality and position, no label, and not the one that predicts the first label) as a one-row
+    batch, and the rest, whose attention mask also covers that prefix. None when nothing is shared.
+
+    Left padding right-aligns the rows, so the rest is the batch's last columns; a shorter row's own
+    copy of the prefix falls inside them and is masked out like padding."""
+    embeds, mask = inputs.inputs_embeds, inputs.attention_mask
+    batch, width = mask.shape
+    lengths = mask.sum(-1)
+    labelled = inputs.labels != IGNORE_INDEX
+    if batch < 2 or not bool(labelled.any(-1).all()):
+        return None
+    starts = width - lengths
+    first_label = labelled.float().argmax(-1) - starts  # within each row's real tokens
+    limit = int(first_label.min()) - 1
+    if limit < 1:
+        return None
+    cols = starts[:, None] + torch.arange(limit, device=mask.device)[None]
+    same = (embeds.gather(1, cols[..., None].expand(-1, -1, embeds.shape[-1])) == embeds[:1, cols[0]]).all(-1)
+    same &= inputs.modality_ids.gather(1, cols) == inputs.modality_ids[:1, cols[0]]
+    same &= inputs.position_ids.gather(1, cols) == torch.arange(limit, device=mask.device)[None]
+    shared = int(same.all(0).long().cumprod(0).sum())
+    if shared < 1:
+        return None
+    head = cols[0, :shared]
+    prefix = MultimodalInputs(embeds[:1, head], mask[:1, head], inputs.position_ids[:1, head], inputs.modality_ids[:1, head])
+    keep = int(lengths.max()) - shared
+    rest_mask = mask[:, -keep:].clone()
+    within = torch.arange(width - keep, width, device=mask.device)[None]
+    rest_mask[(within >= starts[:, None]) & (within < starts[:, None] + shared)] = 0  # shorter rows' own prefix
+    rest = MultimodalInputs(
+        embeds[:, -keep:], torch.cat([mask.new_ones(batch, shared), rest_mask], dim=1),
+        inputs.position_ids[:, -keep:], inputs.modality_ids[:, -keep:], labels=inputs.labels[:, -keep:])
+    return prefix, rest
 
 
 def _select_cache(cache, rows: torch.Tensor):

@@ -167,7 +167,7 @@ def train(model, samples: list[ConversationSample], cfg: TrainConfig, checkpoint
         micro += 1
         with accelerator.accumulate(model):
             inputs = core.prepare_conversations([s.conversations for s in batch], [s.media for s in batch])
-            loss = model(inputs).loss
+            loss = model(inputs, share_prefix=True).loss
             accelerator.backward(loss)
             if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)

@@ -11,9 +11,9 @@ from mcomp.checkpoint import base_weights_sha256
 from mcomp.cli import main
 from mcomp.data import load_conversation_data
 from mcomp.lora import routed_layers
-from mcomp.model import MultimodalLM
 from mcomp.tiny import build_llm, tiny_image_adapter_config
-from mcomp.train import TrainConfig, lr_factor, train, trainable_parameters
+from mcomp.model import MultimodalLM, split_common_prefix
+from mcomp.train import TrainConfig, lr_factor, prepare_for_training, train, trainable_parameters
 from tests.composition_fixtures import write_image_data
 
 
@@ -73,6 +73,49 @@ def test_interrupted_training_resumes_to_identical_weights(tokenizer, image_data
         assert torch.equal(a[name], b[name]), name
     with pytest.raises(ValueError, match="different training config"):
         train(fresh_model(tokenizer), samples, TrainConfig(stage=2, max_steps=7, log_every=0), tmp_path / "b")
+
+
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_shared_prefix_gives_the_plain_forwards_loss_and_gradients(tokenizer, image_data, decoupled):
+    model = fresh_model(tokenizer)
+    prepare_for_training(model, TrainConfig(stage=2, decoupled=decoupled, lora_r=4))
+    with torch.no_grad():  # LoRA B starts at zero; give every adapter a say in the forward
+        for p in trainable_parameters(model).values():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    img = str(image_data.parent / "img0.png")
+    conversations = [  # different lengths, a longer question, a multi-turn one and a text-only one
+        [{"from": "human", "value": "image: <image>\nColour?"}, {"from": "gpt", "value": "red"}],
+        [{"from": "human", "value": "image: <image>\nWhat colour is the thing in this picture?"},
+         {"from": "gpt", "value": "a pale shade of red"}],
+        [{"from": "human", "value": "image: <image>\nColour?"}, {"from": "gpt", "value": "red"},
+         {"from": "human", "value": "Shape?"}, {"from": "gpt", "value": "a square"}],
+        [{"from": "human", "value": "Name a colour."}, {"from": "gpt", "value": "blue"}],
+    ]
+    media = [{"image": img}, {"image": img}, {"image": img}, {}]
+    results = []
+    for share in (False, True):
+        model.zero_grad()
+        loss = model(model.prepare_conversations(conversations, media), share_prefix=share).loss
+        loss.backward()
+        results.append((float(loss.detach()), {n: p.grad.clone() for n, p in trainable_parameters(model).items()}))
+    (plain, plain_grads), (shared, shared_grads) = results
+    assert shared == pytest.approx(plain, rel=1e-5)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    prefix, rest = split_common_prefix(model.prepare_conversations(conversations, media))
+    system = model.tokenize(model.template.prompt("Name a colour."))
+    assert prefix.inputs_embeds.shape[1] == next(k for k, t in enumerate(system) if t != model.tokenize(
+        model.template.prompt("image: <image>"))[k])  # the system prompt up to where the questions differ
+    assert rest.attention_mask.shape[1] == prefix.inputs_embeds.shape[1] + rest.inputs_embeds.shape[1]
+
+
+def test_nothing_shared_falls_back_to_the_plain_forward(tokenizer, image_data):
+    model = fresh_model(tokenizer)
+    inputs = model.prepare_conversations(
+        [[{"from": "human", "value": "image: <image>\nColour?"}, {"from": "gpt", "value": "red"}]],
+        [{"image": str(image_data.parent / "img0.png")}])
+    assert split_common_prefix(inputs) is None  # one row: nothing to share
+    assert float(model(inputs, share_prefix=True).loss.detach()) == float(model(inputs).loss.detach())
 
 
 def test_cosine_schedule_warms_up_then_decays_towards_zero():

@@ -28,8 +28,8 @@ from mcomp.resources import load_config
 logger = logging.getLogger(__name__)
 
 # 2: the world answers options with their text; 3: template-aware tokenizer, pooled video;
-# 4: narrow point encoder, held-out accuracy by kind
-ZOO_VERSION = 4
+# 4: narrow point encoder, held-out accuracy by kind; 5: training runs the shared system prompt once a batch
+ZOO_VERSION = 5
 MODALITIES = ("image", "audio", "video", "point")
 FLAVOURS = ("naivemc", "damc")
 
