@@ -19,15 +19,15 @@ import time
 import torch
 
 
-def build_model(hidden: int, layers: int, seed: int):
+def build_model(hidden: int, layers: int, seed: int, modalities=("image", "audio", "video", "point")):
+    """A small random Llama (`hidden` wide, `layers` deep) with the tiny adapters of `modalities`."""
     from mcomp import tiny
     from mcomp.model import MultimodalLM
 
     tokenizer = tiny.build_tokenizer()
     llm = tiny.build_llm(tokenizer, "tiny-llama", seed=seed, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
                          num_hidden_layers=layers, num_attention_heads=hidden // 32, num_key_value_heads=hidden // 32)
-    configs = [tiny.tiny_image_adapter_config(), tiny.tiny_audio_adapter_config(), tiny.tiny_video_adapter_config(),
-               tiny.tiny_point_adapter_config()]
+    configs = [getattr(tiny, f"tiny_{m}_adapter_config")() for m in modalities]
     torch.manual_seed(seed + 1)
     return MultimodalLM.build(llm, tokenizer, configs).eval()
 
