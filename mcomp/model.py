@@ -298,7 +298,7 @@ class MultimodalLM(nn.Module):
         if share_prefix and inputs.labels is not None and not kwargs:
             split = split_common_prefix(inputs)
             if split is not None:
-                return self._forward_after_prefix(*split)
+                return self._forward_after_prefix(*split, whole=inputs)
         self.routing.route_ids = self._route_ids(inputs.modality_ids)
         try:
             return self.llm(
@@ -308,8 +308,10 @@ class MultimodalLM(nn.Module):
         finally:
             self.routing.route_ids = None
 
-    def _forward_after_prefix(self, prefix: MultimodalInputs, rest: MultimodalInputs):
+    def _forward_after_prefix(self, prefix: MultimodalInputs, rest: MultimodalInputs, whole: MultimodalInputs):
         cache = self.forward(prefix, use_cache=True).past_key_values
+        if cache is None:  # the LLM keeps no cache in training (e.g. activation checkpointing is on)
+            return self.forward(whole)
         rows = torch.zeros(rest.inputs_embeds.shape[0], dtype=torch.long, device=rest.inputs_embeds.device)
         # logits only from the position that predicts the first label on
         first = (rest.labels != IGNORE_INDEX).float().argmax(-1).min()

@@ -118,6 +118,18 @@ def test_nothing_shared_falls_back_to_the_plain_forward(tokenizer, image_data):
     assert float(model(inputs, share_prefix=True).loss.detach()) == float(model(inputs).loss.detach())
 
 
+def test_shared_prefix_falls_back_when_the_llm_keeps_no_cache(tokenizer):
+    model = fresh_model(tokenizer)
+    prepare_for_training(model, TrainConfig(stage=2))
+    model.train()
+    model.llm.activation_checkpointing_enable()  # HF then drops use_cache in training
+    inputs = model.prepare_conversations(
+        [[{"from": "human", "value": "Name a colour."}, {"from": "gpt", "value": "blue"}],
+         [{"from": "human", "value": "Name a shape, please."}, {"from": "gpt", "value": "a square"}]], [{}, {}])
+    assert split_common_prefix(inputs) is not None
+    assert float(model(inputs, share_prefix=True).loss.detach()) == float(model(inputs).loss.detach())
+
+
 def test_cosine_schedule_warms_up_then_decays_towards_zero():
     cfg = TrainConfig(warmup_steps=2, lr_scheduler="cosine")
     # 6 steps: 2 of warmup, then a half cosine over the other 4 (values worked out by hand)
