@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
+import inspect
 import logging
 import os
 from collections import defaultdict
@@ -313,25 +315,12 @@ class MultimodalLM(nn.Module):
         if cache is None:  # the LLM keeps no cache in training (e.g. activation checkpointing is on)
             return self.forward(whole)
         rows = torch.zeros(rest.inputs_embeds.shape[0], dtype=torch.long, device=rest.inputs_embeds.device)
-        # logits only from the position that predicts the first label on
-        first = (rest.labels != IGNORE_INDEX).float().argmax(-1).min()
-        keep = rest.labels.shape[1] - int(first) + 1
-        labels = rest.labels
         kwargs = {}
-        if self._llm_takes("logits_to_keep"):
-            labels, kwargs["logits_to_keep"] = labels[:, -keep:], keep
-        self.routing.route_ids = self._route_ids(rest.modality_ids)
-        try:
-            return self.llm(inputs_embeds=rest.inputs_embeds, attention_mask=rest.attention_mask,
-                            position_ids=rest.position_ids, labels=labels,
-                            past_key_values=_select_cache(cache, rows), use_cache=True, **kwargs)
-        finally:
-            self.routing.route_ids = None
-
-    def _llm_takes(self, name: str) -> bool:
-        import inspect
-
-        return name in inspect.signature(self.llm.forward).parameters
+        if _accepts(type(self.llm), "logits_to_keep"):  # logits only from the one that predicts the first label
+            keep = rest.labels.shape[1] - int((rest.labels != IGNORE_INDEX).float().argmax(-1).min()) + 1
+            rest = dataclasses.replace(rest, labels=rest.labels[:, -keep:])
+            kwargs["logits_to_keep"] = keep
+        return self.forward(rest, past_key_values=_select_cache(cache, rows), use_cache=True, **kwargs)
 
     @torch.no_grad()
     def generate(
@@ -553,6 +542,12 @@ def split_common_prefix(inputs: MultimodalInputs) -> tuple[MultimodalInputs, Mul
         embeds[:, -keep:], torch.cat([mask.new_ones(batch, shared), rest_mask], dim=1),
         inputs.position_ids[:, -keep:], inputs.modality_ids[:, -keep:], labels=inputs.labels[:, -keep:])
     return prefix, rest
+
+
+@functools.cache
+def _accepts(llm_class: type, name: str) -> bool:
+    """Whether `llm_class.forward` takes keyword `name` (looked up once per class)."""
+    return name in inspect.signature(llm_class.forward).parameters
 
 
 def _select_cache(cache, rows: torch.Tensor):

@@ -11,8 +11,8 @@ from mcomp.checkpoint import base_weights_sha256
 from mcomp.cli import main
 from mcomp.data import load_conversation_data
 from mcomp.lora import routed_layers
-from mcomp.tiny import build_llm, tiny_image_adapter_config
 from mcomp.model import MultimodalLM, split_common_prefix
+from mcomp.tiny import build_llm, tiny_image_adapter_config
 from mcomp.train import TrainConfig, lr_factor, prepare_for_training, train, trainable_parameters
 from tests.composition_fixtures import write_image_data
 
