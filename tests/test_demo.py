@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 import mcomp
 from mcomp.conversation import get_template
 from mcomp.zoo import build_zoo
-from mcomp.zoo.build import MODALITIES
+from mcomp.zoo.build import MODALITIES, ZooSettings, default_root, recipe_digest
 from mcomp.zoo.demo import run_demo
 
 pytestmark = pytest.mark.slow
@@ -25,6 +25,9 @@ def test_zoo_holds_every_model_and_reuses_its_cache(zoo):
         assert zoo.encoder(m).is_file()
         for flavour in ("stage1", "naivemc", "damc"):
             assert (zoo.model(m, flavour, 0) / "mcomp_config.json").is_file()
+    for name in ("audio-s0-stage1", "audio-s0-damc"):  # the modality models train in their own batch size
+        state = json.loads(next((zoo.root / "checkpoints" / name).glob("step-*/trainer_state.json")).read_text())
+        assert state["config"]["batch_size"] == zoo.settings.model_batch_size == 4
     damc = mcomp.load(zoo.model("audio", "damc", 0))
     assert damc.lora_adapters == ["text", "audio"] and "audio" in damc.prefix_tokens
     assert damc.adapters["audio"].config.checkpoint == str(zoo.encoder("audio"))  # the pretrained, frozen encoder
@@ -34,6 +37,23 @@ def test_zoo_holds_every_model_and_reuses_its_cache(zoo):
     before = (zoo.root / "zoo.json").stat().st_mtime_ns
     assert build_zoo("test", 0, zoo.root).root == zoo.root
     assert (zoo.root / "zoo.json").stat().st_mtime_ns == before  # cached: nothing rebuilt
+
+
+def test_zoo_cache_key_follows_the_recipe(zoo, tmp_path, monkeypatch):
+    monkeypatch.setenv("MCOMP_CACHE", str(tmp_path))
+    settings = ZooSettings.for_size("test")
+    assert default_root("test", 0).name == f"v{zoo.manifest['version']}-test-seed0-{recipe_digest(settings)}"
+    assert zoo.manifest["recipe"] == recipe_digest(settings)
+    changed = ZooSettings.for_size("test")
+    changed.stage2_steps += 1
+    assert recipe_digest(changed) != recipe_digest(settings)
+    # a folder holding a zoo of another recipe is refused, not reused, and left as it was
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "zoo.json").write_text(json.dumps({**zoo.manifest, "recipe": recipe_digest(changed)}))
+    with pytest.raises(ValueError, match="zoo.json: this zoo was built from another recipe"):
+        build_zoo("test", 0, other)
+    assert sorted(p.name for p in other.iterdir()) == ["zoo.json"]
 
 
 def test_reduced_demo_runs_to_the_table(zoo, tmp_path, monkeypatch):

@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 # 2: the world answers options with their text; 3: template-aware tokenizer, pooled video;
 # 4: narrow point encoder, held-out accuracy by kind; 5: training runs the shared system prompt once a batch
+# (changes to configs/zoo or configs/world change the cache key by themselves: recipe_digest)
 ZOO_VERSION = 5
 MODALITIES = ("image", "audio", "video", "point")
 FLAVOURS = ("naivemc", "damc")
@@ -43,7 +44,8 @@ class ZooSettings(JsonConfig):
     encoder_steps: int | dict[str, int] = 20  # or per modality
     stage1_steps: int = 15
     stage2_steps: int = 15
-    batch_size: int = 8
+    batch_size: int = 8  # base LLM and encoder pretraining
+    model_batch_size: int | None = None  # stage 1 and stage 2 of the modality models (default: batch_size)
     model_seeds: list[int] = dataclasses.field(default_factory=lambda: [0])
     adapters: dict[str, dict] = dataclasses.field(default_factory=dict)  # adapter config overrides per modality
 
@@ -58,12 +60,22 @@ class ZooSettings(JsonConfig):
             raise ValueError(f"unknown zoo size {size!r} (configs/zoo/ has full and test)") from None
 
 
+def recipe_digest(settings: ZooSettings) -> str:
+    """A short digest of what a zoo is built from: the zoo settings and the resolved world config
+    (with the code versions of both). Editing configs/zoo or configs/world changes it."""
+    from mcomp.world import WORLD_VERSION, load_world_config
+    from mcomp.world.entities import digest
+
+    return digest({"zoo_version": ZOO_VERSION, "zoo": settings.to_dict(), "world_version": WORLD_VERSION,
+                   "world": load_world_config(settings.world_size)})[:10]
+
+
 def default_root(size: str, seed: int) -> Path:
-    """Under the user cache directory (or $MCOMP_CACHE), keyed by version, size and seed."""
+    """Under the user cache directory (or $MCOMP_CACHE), keyed by version, size, seed and recipe."""
     import platformdirs
 
     base = Path(os.environ.get("MCOMP_CACHE") or platformdirs.user_cache_dir("mcomp"))
-    return base / "zoo" / f"v{ZOO_VERSION}-{size}-seed{seed}"
+    return base / "zoo" / f"v{ZOO_VERSION}-{size}-seed{seed}-{recipe_digest(ZooSettings.for_size(size))}"
 
 
 def tiny_adapter_config(modality: str, settings: ZooSettings, checkpoint: str | None = None):
@@ -119,11 +131,16 @@ def build_zoo(size: str = "full", seed: int = 0, root: str | os.PathLike | None 
     zoo = Zoo(Path(root) if root else default_root(size, seed), settings, seed)
     zoo.root.mkdir(parents=True, exist_ok=True)
     manifest_path = zoo.root / "zoo.json"
+    recipe = recipe_digest(settings)
     if manifest_path.is_file():
+        built = json.loads(manifest_path.read_text()).get("recipe")
+        if built != recipe:
+            raise ValueError(f"{manifest_path}: this zoo was built from another recipe ({built}, now {recipe}: "
+                             "configs/zoo or configs/world changed); build into a new folder")
         logger.info("zoo cached at %s", zoo.root)
         return zoo
     generate_world(zoo.root / "world", size=settings.world_size, seed=seed)
-    report: dict = {"version": ZOO_VERSION, "size": size, "seed": seed, "settings": settings.to_dict(),
+    report: dict = {"version": ZOO_VERSION, "recipe": recipe, "size": size, "seed": seed, "settings": settings.to_dict(),
                     "encoders": {}, "models": {}}
     # longest first: the base LLM, then the point and video encoders (measured slowest)
     first: dict = {} if (zoo.base / "config.json").is_file() else {"base": (_build_base, (zoo,))}
@@ -218,7 +235,7 @@ def _build_models(zoo: Zoo, modality: str, model_seed: int) -> dict:
     samples = load_conversation_data(world.train_json(modality))
     out = {}
     stage1 = zoo.model(modality, "stage1", model_seed)
-    common = dict(batch_size=settings.batch_size, seed=model_seed, log_every=0)
+    common = dict(batch_size=settings.model_batch_size or settings.batch_size, seed=model_seed, log_every=0)
     if not stage1.is_dir():
         llm = AutoModelForCausalLM.from_pretrained(zoo.base)
         tokenizer = AutoTokenizer.from_pretrained(zoo.base)
