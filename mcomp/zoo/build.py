@@ -70,12 +70,14 @@ def recipe_digest(settings: ZooSettings) -> str:
                    "world": load_world_config(settings.world_size)})[:10]
 
 
-def default_root(size: str, seed: int) -> Path:
-    """Under the user cache directory (or $MCOMP_CACHE), keyed by version, size, seed and recipe."""
+def default_root(size: str, seed: int, recipe: str | None = None) -> Path:
+    """Under the user cache directory (or $MCOMP_CACHE), keyed by version, size, seed and recipe
+    (`recipe_digest` of the size's settings unless given)."""
     import platformdirs
 
     base = Path(os.environ.get("MCOMP_CACHE") or platformdirs.user_cache_dir("mcomp"))
-    return base / "zoo" / f"v{ZOO_VERSION}-{size}-seed{seed}-{recipe_digest(ZooSettings.for_size(size))}"
+    recipe = recipe or recipe_digest(ZooSettings.for_size(size))
+    return base / "zoo" / f"v{ZOO_VERSION}-{size}-seed{seed}-{recipe}"
 
 
 def tiny_adapter_config(modality: str, settings: ZooSettings, checkpoint: str | None = None):
@@ -128,10 +130,10 @@ def build_zoo(size: str = "full", seed: int = 0, root: str | os.PathLike | None 
     from mcomp.world import generate_world
 
     settings = ZooSettings.for_size(size)
-    zoo = Zoo(Path(root) if root else default_root(size, seed), settings, seed)
+    recipe = recipe_digest(settings)
+    zoo = Zoo(Path(root) if root else default_root(size, seed, recipe), settings, seed)
     zoo.root.mkdir(parents=True, exist_ok=True)
     manifest_path = zoo.root / "zoo.json"
-    recipe = recipe_digest(settings)
     if manifest_path.is_file():
         built = json.loads(manifest_path.read_text()).get("recipe")
         if built != recipe:
