@@ -260,7 +260,7 @@ def test_mcub_paths_match_the_shipped_task_files(world):
 
 
 def test_text_corpora(world):
-    for name in ("commonality", "attribute_qa"):
+    for name in ("commonality", "attribute_qa", "modality_qa"):
         samples = json.loads(world.text_file(name).read_text())
         assert len(samples) == world.config["text"][name]
         for s in samples:
@@ -269,6 +269,18 @@ def test_text_corpora(world):
             options = dict(OPTION.findall(question))
             if options:  # answered with the option's text
                 assert answer in options.values() and len(options) == 4
+    # the modality questions in text form: the answer is what the caption line says
+    for s in json.loads(world.text_file("modality_qa").read_text()):
+        question, answer = (t["value"] for t in s["conversations"])
+        modality, caption = question.splitlines()[0].split(": ", 1)
+        assert modality in ("image", "audio", "video", "point")
+        asked = question.splitlines()[1]
+        if asked.startswith("What colour"):
+            assert answer == caption.split()[1]
+        elif asked.startswith("What shape"):
+            assert answer == caption.split()[2]
+        else:
+            assert answer == caption
     lines = world.text_file("sentences").read_text().splitlines()
     assert "A red cube is a cube that is red." in lines
     assert any(line.endswith("have in common: red.") for line in lines)

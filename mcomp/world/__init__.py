@@ -20,8 +20,9 @@ and colour), so held-out entities are new combinations of known attributes.
 Outputs of `generate_world(out_dir, size, seed)` (see `datasets`, `text`):
 * `train/<modality>.json`: `mcomp train` data on training entities (captions, attribute questions,
   lettered questions); `val/<modality>.json`: the same on dev entities (held-out-entity accuracy);
-* `text/commonality.json`, `text/attribute_qa.json`, `text/sentences.txt`: text-only corpora for the base
-  LLM (commonality questions in the MCUB format with captions in place of media, attribute questions);
+* `text/commonality.json`, `text/attribute_qa.json`, `text/modality_qa.json`, `text/sentences.txt`:
+  text-only corpora for the base LLM (commonality questions in the MCUB format and the modality
+  questions, both with captions in place of media; attribute questions);
 * `mcub/test` and `mcub/dev`: MCUB-style data roots (`data/test/MCUB-4.json`, `MCUB-3-<subset>.json`,
   `MCUB-answer.json`, `MCUB-meta.json`, `media/`). Questions have 4 options and balanced answer
   letters; "entity" questions (all inputs depict the same held-out entity, fresh renders with

@@ -22,19 +22,16 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from mcomp.world.entities import EXTENSION, MEDIA_KEY, MODALITIES, NOUN, AttributeSpace, Entity, EntitySplit, rng_for
+from mcomp.world.entities import EXTENSION, MEDIA_KEY, MODALITIES, AttributeSpace, Entity, EntitySplit, rng_for
 from mcomp.world.questions import (
-    ANSWER_SUFFIX,
-    LETTERS,
+    SAMPLE_TYPES,
     attribute_commonality,
     balanced_cycle,
     balanced_letters,
     entity_commonality,
-    entity_distractors,
-    format_options,
     mcub_prompt,
+    modality_question,
     placeholder_lines,
-    place,
 )
 
 MCUB_SUBSETS: dict[str, tuple[str, ...]] = {
@@ -45,7 +42,6 @@ MCUB_SUBSETS: dict[str, tuple[str, ...]] = {
     "MCUB-3-image-video-pointcloud": ("image", "video", "point"),
 }
 MCUB_DIR = "data/test"  # inside each MCUB data root, as the shipped task files expect
-SAMPLE_TYPES = ("colour", "shape", "mc_entity", "mc_attribute")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,33 +81,11 @@ def modality_samples(
     rng: np.random.Generator,
 ) -> list[dict[str, Any]]:
     """`k` conversation samples about one render: a caption first, then other question types."""
-    noun = NOUN[modality]
     prefix = placeholder_lines([modality])
     kinds = ["caption"] + [SAMPLE_TYPES[i] for i in rng.permutation(len(SAMPLE_TYPES))[: max(0, k - 1)]]
     out = []
     for j, kind in enumerate(kinds):
-        if kind == "caption":
-            describe = "Describe the image." if modality == "image" else f"What does the {noun} depict?"
-            question = describe if rng.random() < 0.5 else f"What object is in the {noun}?"
-            answer = entity.text
-        elif kind == "colour":
-            question, answer = f"What colour is the object in the {noun}?", entity.colour
-        elif kind == "shape":
-            question, answer = f"What shape is the object in the {noun}?", entity.shape
-        elif kind == "mc_entity":
-            letter = int(rng.integers(len(LETTERS)))
-            options = place(entity.text, [e.text for e in entity_distractors(entity, option_pool, rng)], letter)
-            question = f"What object does the {noun} depict?\n{format_options(options)}\n{ANSWER_SUFFIX}"
-            answer = entity.text
-        else:  # mc_attribute
-            attr = "colour" if rng.random() < 0.5 else "shape"
-            value = entity.attribute(attr)
-            known = sorted({e.attribute(attr) for e in option_pool} - {value})
-            wrong = [known[i] for i in rng.choice(len(known), size=len(LETTERS) - 1, replace=False)]
-            letter = int(rng.integers(len(LETTERS)))
-            options = place(value, wrong, letter)
-            question = f"What {attr} is the object in the {noun}?\n{format_options(options)}\n{ANSWER_SUFFIX}"
-            answer = value
+        question, answer = modality_question(modality, entity, kind, option_pool, rng)
         out.append({
             "id": f"{sample_id}-{j}",
             "conversations": _turns(prefix + question, answer),

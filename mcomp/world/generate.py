@@ -24,10 +24,13 @@ from mcomp.world.datasets import MCUB_DIR, MCUB_SUBSETS, MediaJob, world_plan
 logger = logging.getLogger(__name__)
 
 WORLD_FORMAT = "mcomp-world"
-WORLD_VERSION = "2"  # bump when the same seed and config would give different files (2: options answered with their text; the encoder pretraining set)
+WORLD_VERSION = "3"  # bump when the same seed and config would give different files (2: options answered with their text; the encoder pretraining set; 3: text/modality_qa.json)
 MANIFEST = "manifest.json"
 SIZES = ("full", "test")
-TEXT_FILES = {"commonality": "text/commonality.json", "attribute_qa": "text/attribute_qa.json", "sentences": "text/sentences.txt"}
+TEXT_FILES = {
+    "commonality": "text/commonality.json", "attribute_qa": "text/attribute_qa.json",
+    "modality_qa": "text/modality_qa.json", "sentences": "text/sentences.txt",
+}
 LABELS = "labels.json"
 
 
@@ -81,6 +84,9 @@ def _check_config(cfg: Mapping[str, Any]) -> None:
             raise ValueError(f"world config: shape {s.name!r} has no renderer (known: {', '.join(SHAPES)})")
         if s.timbre not in TIMBRES:
             raise ValueError(f"world config: shape {s.name!r} has unknown timbre {s.timbre!r} (known: {', '.join(TIMBRES)})")
+    for key in ("commonality", "attribute_qa", "modality_qa"):
+        if key not in cfg["text"]:
+            raise ValueError(f"world config: missing text.{key} (number of samples)")
     fraction = float(cfg["mcub"]["attribute_fraction"])
     if not 0.0 <= fraction <= 1.0:
         raise ValueError(f"world config: mcub.attribute_fraction must be in [0, 1], got {fraction}")
@@ -122,7 +128,7 @@ class WorldManifest:
         return self.path(self.data["pretrain"][modality])
 
     def text_file(self, name: str) -> Path:
-        """`commonality` / `attribute_qa` (conversation JSON) or `sentences` (plain text lines)."""
+        """`commonality` / `attribute_qa` / `modality_qa` (conversation JSON) or `sentences` (plain text lines)."""
         return self.path(self.data["text"][name])
 
     def mcub_root(self, split: str = "test") -> Path:
@@ -282,10 +288,11 @@ def generate_world(
     space = AttributeSpace.from_config(cfg["attributes"])
     split = split_entities(space, int(cfg["split"]["dev_entities"]), int(cfg["split"]["test_entities"]), seed)
     plan = world_plan(space, split, cfg, seed)
-    from mcomp.world.text import attribute_qa_samples, commonality_samples, sentences
+    from mcomp.world.text import attribute_qa_samples, commonality_samples, modality_qa_samples, sentences
 
     plan.documents[TEXT_FILES["commonality"]] = commonality_samples(space, int(cfg["text"]["commonality"]), rng_for(seed, "text", "commonality"))
     plan.documents[TEXT_FILES["attribute_qa"]] = attribute_qa_samples(space, int(cfg["text"]["attribute_qa"]), rng_for(seed, "text", "attribute_qa"))
+    plan.documents[TEXT_FILES["modality_qa"]] = modality_qa_samples(space, int(cfg["text"]["modality_qa"]), rng_for(seed, "text", "modality_qa"))
     plan.documents[TEXT_FILES["sentences"]] = sentences(space, int(cfg["text"]["commonality"]) // 4, rng_for(seed, "text", "sentences"))
     # named entities only: the pretraining renders are listed with their colour values in pretrain/<m>.json
     plan.documents[LABELS] = {j.relpath: j.entity.key for j in sorted(plan.jobs, key=lambda j: j.relpath)

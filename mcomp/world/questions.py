@@ -17,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from mcomp.world.entities import MODALITIES, TAG, AttributeSpace, Entity
+from mcomp.world.entities import MODALITIES, NOUN, TAG, AttributeSpace, Entity
 
 LETTERS = "ABCD"
 # Multiple-choice questions of this world are answered with the option's text, the "cloze"
@@ -28,6 +28,8 @@ LETTERS = "ABCD"
 ANSWER_SUFFIX = "Answer with the option's text."
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
 KINDS = ("entity", "attribute")
+# what a question about one input asks, besides its caption (modality training data, text corpora)
+SAMPLE_TYPES = ("colour", "shape", "mc_entity", "mc_attribute")
 OTHER = {"shape": "colour", "colour": "shape"}
 
 
@@ -101,6 +103,34 @@ def attribute_distractors(
     absent = [v for v in space.values(kind) if v != value]
     unseen = [absent[i] for i in rng.choice(len(absent), size=len(LETTERS) - 1 - len(seen), replace=False)]
     return seen + unseen
+
+
+def modality_question(
+    modality: str, entity: Entity, kind: str, option_pool: Sequence[Entity], rng: np.random.Generator
+) -> tuple[str, str]:
+    """(question, answer) about one input of `modality` that depicts `entity`, without the placeholder
+    line: "caption" or one of `SAMPLE_TYPES`. Options name entities (or their values) from `option_pool`."""
+    noun = NOUN[modality]
+    if kind == "caption":
+        describe = "Describe the image." if modality == "image" else f"What does the {noun} depict?"
+        return (describe if rng.random() < 0.5 else f"What object is in the {noun}?"), entity.text
+    if kind == "colour":
+        return f"What colour is the object in the {noun}?", entity.colour
+    if kind == "shape":
+        return f"What shape is the object in the {noun}?", entity.shape
+    if kind == "mc_entity":
+        letter = int(rng.integers(len(LETTERS)))
+        options = place(entity.text, [e.text for e in entity_distractors(entity, option_pool, rng)], letter)
+        return f"What object does the {noun} depict?\n{format_options(options)}\n{ANSWER_SUFFIX}", entity.text
+    if kind == "mc_attribute":
+        attr = "colour" if rng.random() < 0.5 else "shape"
+        value = entity.attribute(attr)
+        known = sorted({e.attribute(attr) for e in option_pool} - {value})
+        wrong = [known[i] for i in rng.choice(len(known), size=len(LETTERS) - 1, replace=False)]
+        letter = int(rng.integers(len(LETTERS)))
+        options = place(value, wrong, letter)
+        return f"What {attr} is the object in the {noun}?\n{format_options(options)}\n{ANSWER_SUFFIX}", value
+    raise ValueError(f"unknown question kind {kind!r} (caption or one of {', '.join(SAMPLE_TYPES)})")
 
 
 @dataclasses.dataclass

@@ -28,9 +28,10 @@ from mcomp.resources import load_config
 logger = logging.getLogger(__name__)
 
 # 2: the world answers options with their text; 3: template-aware tokenizer, pooled video;
-# 4: narrow point encoder, held-out accuracy by kind; 5: training runs the shared system prompt once a batch
+# 4: narrow point encoder, held-out accuracy by kind; 5: training runs the shared system prompt once a batch;
+# 6: the base LLM also learns the modality questions in text form (world text/modality_qa.json)
 # (changes to configs/zoo or configs/world change the cache key by themselves: recipe_digest)
-ZOO_VERSION = 5
+ZOO_VERSION = 6
 MODALITIES = ("image", "audio", "video", "point")
 FLAVOURS = ("naivemc", "damc")
 
@@ -167,7 +168,7 @@ def _build_base(zoo: Zoo) -> dict:
 
     world, settings, seed = zoo.world, zoo.settings, zoo.seed
     conversations = []
-    for name in ("commonality", "attribute_qa"):
+    for name in ("commonality", "attribute_qa", "modality_qa"):
         conversations += [s["conversations"] for s in json.loads(Path(world.text_file(name)).read_text())]
     sentences = [line for line in Path(world.text_file("sentences")).read_text().splitlines() if line.strip()]
     corpus = sentences + [t["value"] for c in conversations for t in c if t.get("value")]
