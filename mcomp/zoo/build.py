@@ -45,6 +45,7 @@ class ZooSettings(JsonConfig):
     encoder_steps: int | dict[str, int] = 20  # or per modality
     stage1_steps: int = 15
     stage2_steps: int = 15
+    stage1_learning_rate: float = 3e-3  # the projector's (stage 2 trains LoRA at 2e-3)
     batch_size: int = 8  # base LLM and encoder pretraining
     model_batch_size: int | None = None  # stage 1 and stage 2 of the modality models (default: batch_size)
     model_seeds: list[int] = dataclasses.field(default_factory=lambda: [0])
@@ -245,7 +246,7 @@ def _build_models(zoo: Zoo, modality: str, model_seed: int) -> dict:
         model = MultimodalLM.build(llm, tokenizer, [tiny_adapter_config(modality, settings, str(zoo.encoder(modality)))],
                                    seed=model_seed)
         model.feature_cache = zoo.feature_cache
-        cfg = TrainConfig(stage=1, max_steps=settings.stage1_steps, learning_rate=3e-3, **common)
+        cfg = TrainConfig(stage=1, max_steps=settings.stage1_steps, learning_rate=settings.stage1_learning_rate, **common)
         out["stage1"] = train(model, samples, cfg, zoo.root / "checkpoints" / stage1.name)["final_loss"]
         model.save_pretrained(stage1)
     for flavour in FLAVOURS:
