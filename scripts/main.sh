@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up (if needed) and run the main job: the embedded demo (synthetic world, tiny zoo, composition,
-# MCUB-style evaluation, leaderboard). About 13-14 minutes on 2 cores from an empty cache (setup aside); the zoo and its
-# evaluation runs are cached under the user cache directory ($MCOMP_CACHE overrides it) and reused.
+# MCUB-style evaluation, leaderboard). About 11-14 minutes on 2 cores from an empty cache (setup aside;
+# machine speed varies); the zoo and its evaluation runs are cached under the user cache directory
+# ($MCOMP_CACHE overrides it) and reused.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
