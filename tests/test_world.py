@@ -317,3 +317,24 @@ def test_split_is_seeded_and_keeps_every_attribute_in_training():
         assert {e.shape for e in split.test} == set(SPACE.shape_names)
         assert len({e.colour for e in split.dev}) == 6
     assert split_entities(SPACE, 6, 6, 0) != split_entities(SPACE, 6, 6, 1)
+
+
+def test_a_config_without_a_text_corpus_size_is_refused_before_anything_is_written(tmp_path):
+    import yaml
+
+    from mcomp.resources import load_config
+
+    cfg = load_config("world", "test.yaml")
+    del cfg["text"]["modality_qa"]
+    path = tmp_path / "no_modality_qa.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ValueError, match=r"text\.modality_qa"):
+        generate_world(tmp_path / "w", size=str(path), seed=0)
+    assert not (tmp_path / "w").exists()
+
+
+def test_unknown_question_kind_is_named():
+    from mcomp.world.questions import modality_question
+
+    with pytest.raises(ValueError, match="'colours'"):
+        modality_question("image", SPACE.entities()[0], "colours", SPACE.entities(), np.random.default_rng(0))
