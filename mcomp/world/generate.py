@@ -84,8 +84,8 @@ def _check_config(cfg: Mapping[str, Any]) -> None:
             raise ValueError(f"world config: shape {s.name!r} has no renderer (known: {', '.join(SHAPES)})")
         if s.timbre not in TIMBRES:
             raise ValueError(f"world config: shape {s.name!r} has unknown timbre {s.timbre!r} (known: {', '.join(TIMBRES)})")
-    for key in ("commonality", "attribute_qa", "modality_qa"):
-        if key not in cfg["text"]:
+    for key in TEXT_FILES:
+        if key != "sentences" and key not in cfg["text"]:  # sentences: sized from commonality
             raise ValueError(f"world config: missing text.{key} (number of samples)")
     fraction = float(cfg["mcub"]["attribute_fraction"])
     if not 0.0 <= fraction <= 1.0:
