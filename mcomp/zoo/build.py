@@ -45,7 +45,8 @@ class ZooSettings(JsonConfig):
     encoder_steps: int | dict[str, int] = 20  # or per modality
     stage1_steps: int = 15
     stage2_steps: int = 15
-    stage1_learning_rate: float = 3e-3  # the projector's (stage 2 trains LoRA at 2e-3)
+    stage1_learning_rate: float = 3e-3  # the projector's
+    stage2_learning_rate: float = 2e-3  # LoRA and projector
     batch_size: int = 8  # base LLM and encoder pretraining
     model_batch_size: int | None = None  # stage 1 and stage 2 of the modality models (default: batch_size)
     model_seeds: list[int] = dataclasses.field(default_factory=lambda: [0])
@@ -255,7 +256,8 @@ def _build_models(zoo: Zoo, modality: str, model_seed: int) -> dict:
             continue
         model = mcomp.load(stage1)
         model.feature_cache = zoo.feature_cache
-        cfg = TrainConfig(stage=2, decoupled=flavour == "damc", lora_r=8, lora_alpha=16, learning_rate=2e-3,
+        cfg = TrainConfig(stage=2, decoupled=flavour == "damc", lora_r=8, lora_alpha=16,
+                          learning_rate=settings.stage2_learning_rate,
                           max_steps=settings.stage2_steps, **common)
         out[flavour] = train(model, samples, cfg, zoo.root / "checkpoints" / path.name)["final_loss"]
         out[f"{flavour}_val_accuracy"], out[f"{flavour}_val_by_kind"] = held_out_accuracy(model, world, modality)
