@@ -36,9 +36,9 @@ seeded random stream; PNG/WAV/PLY carry no timestamps; MP4 is written with the `
 """
 from mcomp.world.datasets import MCUB_SUBSETS
 from mcomp.world.entities import MODALITIES, AttributeSpace, Entity, EntitySplit, load_attribute_space, split_entities
-from mcomp.world.generate import WORLD_VERSION, WorldManifest, generate_world, load_world_config
+from mcomp.world.generate import CONVERSATION_CORPORA, WORLD_VERSION, WorldManifest, generate_world, load_world_config
 
 __all__ = [
-    "MCUB_SUBSETS", "MODALITIES", "AttributeSpace", "Entity", "EntitySplit", "WORLD_VERSION", "WorldManifest",
-    "generate_world", "load_attribute_space", "load_world_config", "split_entities",
+    "CONVERSATION_CORPORA", "MCUB_SUBSETS", "MODALITIES", "AttributeSpace", "Entity", "EntitySplit", "WORLD_VERSION",
+    "WorldManifest", "generate_world", "load_attribute_space", "load_world_config", "split_entities",
 ]

@@ -31,6 +31,9 @@ TEXT_FILES = {
     "commonality": "text/commonality.json", "attribute_qa": "text/attribute_qa.json",
     "modality_qa": "text/modality_qa.json", "sentences": "text/sentences.txt",
 }
+# the text corpora in conversation form, each sized by `text.<name>` in the world config (the
+# sentences are sized from the commonality count)
+CONVERSATION_CORPORA = ("commonality", "attribute_qa", "modality_qa")
 LABELS = "labels.json"
 
 
@@ -84,8 +87,8 @@ def _check_config(cfg: Mapping[str, Any]) -> None:
             raise ValueError(f"world config: shape {s.name!r} has no renderer (known: {', '.join(SHAPES)})")
         if s.timbre not in TIMBRES:
             raise ValueError(f"world config: shape {s.name!r} has unknown timbre {s.timbre!r} (known: {', '.join(TIMBRES)})")
-    for key in TEXT_FILES:
-        if key != "sentences" and key not in cfg["text"]:  # sentences: sized from commonality
+    for key in CONVERSATION_CORPORA:
+        if key not in cfg["text"]:
             raise ValueError(f"world config: missing text.{key} (number of samples)")
     fraction = float(cfg["mcub"]["attribute_fraction"])
     if not 0.0 <= fraction <= 1.0:
@@ -290,9 +293,9 @@ def generate_world(
     plan = world_plan(space, split, cfg, seed)
     from mcomp.world.text import attribute_qa_samples, commonality_samples, modality_qa_samples, sentences
 
-    plan.documents[TEXT_FILES["commonality"]] = commonality_samples(space, int(cfg["text"]["commonality"]), rng_for(seed, "text", "commonality"))
-    plan.documents[TEXT_FILES["attribute_qa"]] = attribute_qa_samples(space, int(cfg["text"]["attribute_qa"]), rng_for(seed, "text", "attribute_qa"))
-    plan.documents[TEXT_FILES["modality_qa"]] = modality_qa_samples(space, int(cfg["text"]["modality_qa"]), rng_for(seed, "text", "modality_qa"))
+    samplers = {"commonality": commonality_samples, "attribute_qa": attribute_qa_samples, "modality_qa": modality_qa_samples}
+    for name in CONVERSATION_CORPORA:
+        plan.documents[TEXT_FILES[name]] = samplers[name](space, int(cfg["text"][name]), rng_for(seed, "text", name))
     plan.documents[TEXT_FILES["sentences"]] = sentences(space, int(cfg["text"]["commonality"]) // 4, rng_for(seed, "text", "sentences"))
     # named entities only: the pretraining renders are listed with their colour values in pretrain/<m>.json
     plan.documents[LABELS] = {j.relpath: j.entity.key for j in sorted(plan.jobs, key=lambda j: j.relpath)

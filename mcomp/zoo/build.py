@@ -167,10 +167,11 @@ def _build_base(zoo: Zoo) -> dict:
     from mcomp.conversation import get_template
     from mcomp.model import MultimodalLM
     from mcomp.tiny import build_llm, build_tokenizer
+    from mcomp.world import CONVERSATION_CORPORA
 
     world, settings, seed = zoo.world, zoo.settings, zoo.seed
     conversations = []
-    for name in ("commonality", "attribute_qa", "modality_qa"):
+    for name in CONVERSATION_CORPORA:
         conversations += [s["conversations"] for s in json.loads(Path(world.text_file(name)).read_text())]
     sentences = [line for line in Path(world.text_file("sentences")).read_text().splitlines() if line.strip()]
     corpus = sentences + [t["value"] for c in conversations for t in c if t.get("value")]
