@@ -44,7 +44,7 @@ class TrainConfig(JsonConfig):
     prefix_tokens: int = 5  # decoupled only (published: 5/5)
     suffix_tokens: int = 5
     learning_rate: float = 2e-4
-    projector_lr: float | None = None  # default: learning_rate
+    projector_lr: float | None = None  # default: learning_rate; 0 keeps the projector as it is
     epochs: int = 1
     max_steps: int = 0  # > 0 overrides epochs
     batch_size: int = 4
@@ -64,6 +64,9 @@ class TrainConfig(JsonConfig):
             raise ValueError("decoupled (DAMC) training is a stage-2 setting")
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise ValueError(f"lr_scheduler must be one of {LR_SCHEDULERS}, got {self.lr_scheduler!r}")
+        for name in ("learning_rate", "projector_lr"):
+            if (getattr(self, name) or 0) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("batch_size", "grad_accum", "epochs", "lora_r"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -137,7 +140,7 @@ def train(model, samples: list[ConversationSample], cfg: TrainConfig, checkpoint
     params = trainable_parameters(model)
     proj = [p for n, p in params.items() if ".projector." in n]
     rest = [p for n, p in params.items() if ".projector." not in n]
-    groups = [{"params": proj, "lr": cfg.projector_lr or cfg.learning_rate}]
+    groups = [{"params": proj, "lr": cfg.learning_rate if cfg.projector_lr is None else cfg.projector_lr}]
     if rest:
         groups.append({"params": rest, "lr": cfg.learning_rate})
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)

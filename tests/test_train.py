@@ -38,6 +38,18 @@ def test_stage1_trains_only_the_projector(tokenizer, image_data, tmp_path):
     assert any(not torch.equal(v, model.adapters["image"].projector.state_dict()[k]) for k, v in proj.items())
 
 
+def test_stage2_with_projector_lr_zero_keeps_the_projector(tokenizer, image_data, tmp_path):
+    model = fresh_model(tokenizer)
+    proj = {k: v.clone() for k, v in model.adapters["image"].projector.state_dict().items()}
+    cfg = TrainConfig(stage=2, lora_r=4, max_steps=2, batch_size=3, learning_rate=1e-2, projector_lr=0.0, log_every=0)
+    train(model, load_conversation_data(image_data), cfg, tmp_path)
+    assert all(torch.equal(v, model.adapters["image"].projector.state_dict()[k]) for k, v in proj.items())
+    layer = next(iter(routed_layers(model.llm).values()))
+    assert layer.lora_B and all(b.abs().sum() > 0 for b in layer.lora_B.values())
+    with pytest.raises(ValueError, match="projector_lr must be >= 0"):
+        TrainConfig(projector_lr=-1e-3)
+
+
 def test_stage2_decoupled_adds_text_and_modality_lora_and_tokens(tokenizer, image_data, tmp_path):
     model = fresh_model(tokenizer)
     cfg = TrainConfig(stage=2, decoupled=True, lora_r=4, max_steps=3, batch_size=3, learning_rate=1e-2, log_every=0)
