@@ -1,4 +1,7 @@
-"""LLaVA-style conversation data: `[{id, conversations: [{from, value}], modal_inputs: {key: [paths]}}]`."""
+"""LLaVA-style conversation data: `[{id, conversations: [{from, value}], modal_inputs: {key: [paths]}}]`.
+
+Optional per sample, `media_captions: {key: [text]}`: for each media file, text that can stand in for
+it (the world's captions); stage-1 caption distillation (`TrainConfig.caption_distill`) reads it."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,6 +16,7 @@ class ConversationSample:
     id: Any
     conversations: list[dict[str, Any]]
     media: dict[str, list[str]]  # modality key (as in the file) -> absolute paths
+    captions: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # key -> one text per media file
 
 
 def load_conversation_data(path: str | os.PathLike, data_root: str | os.PathLike | None = None) -> list[ConversationSample]:
@@ -50,5 +54,13 @@ def load_conversation_data(path: str | os.PathLike, data_root: str | os.PathLike
             if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
                 raise ValueError(f"{where}: modal_inputs[{key!r}] must be a path or a list of paths")
             media[key] = [str(root / f) for f in files]
-        samples.append(ConversationSample(item.get("id", index), turns, media))
+        captions = item.get("media_captions") or {}
+        if not isinstance(captions, dict):
+            raise ValueError(f"{where}: field 'media_captions' must be an object of modality -> list of texts")
+        for key, texts in captions.items():
+            if key not in media or not isinstance(texts, list) or len(texts) != len(media[key]) \
+                    or not all(isinstance(t, str) and t for t in texts):
+                raise ValueError(f"{where}: media_captions[{key!r}] must be one non-empty text per file of "
+                                 f"modal_inputs[{key!r}]")
+        samples.append(ConversationSample(item.get("id", index), turns, media, captions))
     return samples

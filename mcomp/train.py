@@ -1,6 +1,10 @@
 """Training a single-modality MLLM (the published two-stage recipe) on accelerate.
 
-Stage 1: projector only, LLM frozen. Stage 2: LoRA on the LLM's linear layers plus the projector.
+Stage 1: projector only, LLM frozen; optionally with caption distillation (`caption_distill`, not
+in the published recipe): the frozen LLM reading each sample with its media's captions in place of
+the media is the teacher, and the hidden states of every layer at the positions after the media are
+pulled towards the teacher's, so that projected media tokens act on the LLM like their caption's
+words. Stage 2: LoRA on the LLM's linear layers plus the projector.
 Decoupled (DAMC): a text LoRA and a modality LoRA on every targeted layer, routed per token,
 plus learnable prefix/suffix tokens around each modality input.
 
@@ -56,6 +60,7 @@ class TrainConfig(JsonConfig):
     seed: int = 0
     save_every: int = 0  # steps between resumable checkpoints (0: only at the end)
     log_every: int = 10
+    caption_distill: float = 0.0  # stage 1: weight of the hidden-state loss against the caption text form
 
     def __post_init__(self):
         if self.stage not in (1, 2):
@@ -64,7 +69,9 @@ class TrainConfig(JsonConfig):
             raise ValueError("decoupled (DAMC) training is a stage-2 setting")
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise ValueError(f"lr_scheduler must be one of {LR_SCHEDULERS}, got {self.lr_scheduler!r}")
-        for name in ("learning_rate", "projector_lr"):
+        if self.caption_distill and self.stage != 1:
+            raise ValueError("caption_distill is a stage-1 setting (the frozen LLM is its teacher)")
+        for name in ("learning_rate", "projector_lr", "caption_distill"):
             if (getattr(self, name) or 0) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("batch_size", "grad_accum", "epochs", "lora_r"):
@@ -133,6 +140,11 @@ def train(model, samples: list[ConversationSample], cfg: TrainConfig, checkpoint
 
     if not samples:
         raise ValueError("no training samples")
+    if cfg.caption_distill:
+        missing = [s.id for s in samples if any(len(s.captions.get(k, [])) != len(v) for k, v in s.media.items())]
+        if missing:
+            raise ValueError(f"caption_distill needs media_captions for every media file; missing in sample(s) "
+                             f"{', '.join(map(str, missing[:5]))}{' ...' if len(missing) > 5 else ''}")
     checkpoint_dir = Path(checkpoint_dir)
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, cpu=not torch.cuda.is_available())
     set_seed(cfg.seed)
@@ -170,7 +182,10 @@ def train(model, samples: list[ConversationSample], cfg: TrainConfig, checkpoint
         micro += 1
         with accelerator.accumulate(model):
             inputs = core.prepare_conversations([s.conversations for s in batch], [s.media for s in batch])
-            loss = model(inputs, share_prefix=True).loss
+            if cfg.caption_distill:
+                loss = _caption_distilled_loss(model, core, batch, inputs, cfg.caption_distill)
+            else:
+                loss = model(inputs, share_prefix=True).loss
             accelerator.backward(loss)
             if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
@@ -192,6 +207,42 @@ def train(model, samples: list[ConversationSample], cfg: TrainConfig, checkpoint
     core.eval()
     return {"steps": step, "total_steps": total, "final_loss": losses[-1] if losses else None,
             "mean_loss_last_10": sum(losses[-10:]) / max(1, len(losses[-10:])), "losses": losses}
+
+
+def caption_text_form(model, sample: ConversationSample) -> list[dict]:
+    """The sample's turns with each media placeholder replaced by that media file's caption."""
+    queues = {}
+    for key, texts in sample.captions.items():
+        queues.setdefault(model.modality_of(key), []).extend(texts)
+    turns = []
+    for turn in sample.conversations:
+        text = turn.get("value")
+        for modality, texts in queues.items():
+            tag = model.adapters[modality].placeholder
+            while text and tag in text:
+                text = text.replace(tag, texts.pop(0), 1)
+        turns.append({**turn, "value": text})
+    return turns
+
+
+def _caption_distilled_loss(model, core, batch: list[ConversationSample], inputs, weight: float) -> torch.Tensor:
+    """Answer loss + `weight` x the mean over layers of the squared distance between the hidden states
+    after the media and the teacher's (the frozen LLM on the caption text form) at the same positions.
+
+    Rows are left-padded, so positions are aligned from the end: the last K of both, K the fewest
+    positions after the last media token in any row. (The separator the tokenizer puts after a
+    placeholder pairs with the caption's last word: the first position that has read the input.)"""
+    with torch.no_grad():
+        teacher = model(core.prepare_conversations([caption_text_form(core, s) for s in batch]),
+                        output_hidden_states=True).hidden_states
+    out = model(inputs, output_hidden_states=True)
+    length = inputs.modality_ids.shape[1]
+    positions = torch.arange(length, device=inputs.modality_ids.device).expand_as(inputs.modality_ids)
+    last_media = torch.where(inputs.modality_ids >= 0, positions, -1).max(dim=1).values
+    k = int((length - 1 - last_media).min())
+    layers = range(1, len(out.hidden_states))
+    distance = sum(torch.nn.functional.mse_loss(out.hidden_states[h][:, -k:], teacher[h][:, -k:]) for h in layers)
+    return out.loss + weight * distance / len(layers)
 
 
 def _save_checkpoint(model, optimizer, scheduler, folder: Path, step: int, losses: list[float], cfg: TrainConfig):

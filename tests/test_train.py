@@ -1,6 +1,7 @@
 """`mcomp train`: what each stage trains, DAMC decoupling, resumability, data errors, CLI."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -13,7 +14,7 @@ from mcomp.data import load_conversation_data
 from mcomp.lora import routed_layers
 from mcomp.model import MultimodalLM, split_common_prefix
 from mcomp.tiny import build_llm, tiny_image_adapter_config
-from mcomp.train import TrainConfig, lr_factor, prepare_for_training, train, trainable_parameters
+from mcomp.train import TrainConfig, caption_text_form, lr_factor, prepare_for_training, train, trainable_parameters
 from tests.composition_fixtures import write_image_data
 
 
@@ -160,6 +161,10 @@ def test_bad_training_data_names_file_and_sample(tmp_path):
         load_conversation_data(path)
     with pytest.raises(ValueError, match="stage must be 1 or 2"):
         TrainConfig(stage=3)
+    path.write_text(json.dumps([{"id": "s1", "conversations": [{"from": "human", "value": "image: <image>"}],
+                                 "modal_inputs": {"image": ["a.png"]}, "media_captions": {"image": ["a", "b"]}}]))
+    with pytest.raises(ValueError, match=r"bad.json: sample s1: media_captions\['image'\] must be one non-empty text per file"):
+        load_conversation_data(path)
 
 
 def test_cli_trains_saves_and_the_model_loads(image_data, tmp_path, capsys):
@@ -171,3 +176,45 @@ def test_cli_trains_saves_and_the_model_loads(image_data, tmp_path, capsys):
     assert model.lora_adapters == ["text", "image"] and model.provenance["training"][0]["steps"] == 2
     assert main(["train", "--base", "tiny", "--adapter", "tiny:image", "--data", str(image_data), "--out", str(out)]) == 1
     assert "already exists" in capsys.readouterr().err
+
+
+def _captioned(image_data):
+    return [dataclasses.replace(s, captions={"image": [f"a {s.conversations[1]['value']} square"]})
+            for s in load_conversation_data(image_data)]
+
+
+def _hidden_distance(model, samples) -> float:
+    """Mean over layers of the squared distance between the hidden states after the media and those of
+    the caption text form, over the same number of final positions (computed here independently)."""
+    total = 0.0
+    with torch.no_grad():
+        for s in samples:
+            text = [{**t, "value": (t["value"] or "").replace("<image>", s.captions["image"][0])} if t["from"] == "human"
+                    else t for t in s.conversations]
+            media_in = model.prepare_conversations([s.conversations], [s.media])
+            k = int((media_in.modality_ids[0] == -1).flip(0).int().argmin())  # positions after the last media token
+            a = model(media_in, output_hidden_states=True).hidden_states
+            b = model(model.prepare_conversations([text]), output_hidden_states=True).hidden_states
+            total += sum(float(((a[h][0, -k:] - b[h][0, -k:]) ** 2).mean()) for h in range(1, len(a))) / (len(a) - 1)
+    return total / len(samples)
+
+
+def test_caption_distillation_pulls_media_tokens_towards_their_caption(tokenizer, image_data, tmp_path):
+    samples = _captioned(image_data)
+    assert caption_text_form(fresh_model(tokenizer), samples[0])[0]["value"] == \
+        f"image: {samples[0].captions['image'][0]}\nWhat colour is it?"
+    distances = {}
+    for weight in (0.0, 1.0):
+        model = fresh_model(tokenizer)
+        cfg = TrainConfig(stage=1, max_steps=12, batch_size=3, learning_rate=1e-2, caption_distill=weight, log_every=0)
+        train(model, samples, cfg, tmp_path / f"w{weight}")
+        distances[weight] = _hidden_distance(model, samples)
+    assert distances[1.0] < 0.8 * distances[0.0]
+
+
+def test_caption_distillation_needs_captions_and_stage_1(tokenizer, image_data, tmp_path):
+    with pytest.raises(ValueError, match="caption_distill is a stage-1 setting"):
+        TrainConfig(stage=2, caption_distill=1.0)
+    samples = load_conversation_data(image_data)
+    with pytest.raises(ValueError, match=f"missing in sample.*{samples[0].id}"):
+        train(fresh_model(tokenizer), samples, TrainConfig(stage=1, max_steps=1, caption_distill=1.0), tmp_path)

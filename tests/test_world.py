@@ -168,6 +168,7 @@ def test_training_data_loads_and_matches_labels(world):
                 assert key == MEDIA_KEY[modality] and len(files) == 1
                 entity = Entity.from_key(labels[Path(files[0]).relative_to(world.root).as_posix()])
                 assert entity.key in allowed
+                assert s.captions == {key: [entity.text]}  # the render's caption (labels.json), for distillation
                 question, answer = s.conversations[0]["value"], s.conversations[1]["value"]
                 assert question.startswith(f"{modality}: {TAG[modality]}\n") and question.count("<") == 1
                 options = dict(OPTION.findall(question))

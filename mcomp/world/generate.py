@@ -24,7 +24,7 @@ from mcomp.world.datasets import MCUB_DIR, MCUB_SUBSETS, MediaJob, world_plan
 logger = logging.getLogger(__name__)
 
 WORLD_FORMAT = "mcomp-world"
-WORLD_VERSION = "3"  # bump when the same seed and config would give different files (2: options answered with their text; the encoder pretraining set; 3: text/modality_qa.json)
+WORLD_VERSION = "4"  # bump when the same seed and config would give different files (2: options answered with their text; the encoder pretraining set; 3: text/modality_qa.json; 4: media_captions in the modality data)
 MANIFEST = "manifest.json"
 SIZES = ("full", "test")
 TEXT_FILES = {

@@ -29,9 +29,10 @@ logger = logging.getLogger(__name__)
 
 # 2: the world answers options with their text; 3: template-aware tokenizer, pooled video;
 # 4: narrow point encoder, held-out accuracy by kind; 5: training runs the shared system prompt once a batch;
-# 6: the base LLM also learns the modality questions in text form (world text/modality_qa.json)
+# 6: the base LLM also learns the modality questions in text form (world text/modality_qa.json);
+# 7: stage 1 with caption distillation (stage1_caption_distill)
 # (changes to configs/zoo or configs/world change the cache key by themselves: recipe_digest)
-ZOO_VERSION = 6
+ZOO_VERSION = 7
 MODALITIES = ("image", "audio", "video", "point")
 FLAVOURS = ("naivemc", "damc")
 
@@ -46,6 +47,7 @@ class ZooSettings(JsonConfig):
     stage1_steps: int = 15
     stage2_steps: int = 15
     stage1_learning_rate: float = 3e-3  # the projector's
+    stage1_caption_distill: float = 0.0  # TrainConfig.caption_distill of stage 1
     stage2_learning_rate: float = 2e-3  # LoRA and projector
     batch_size: int = 8  # base LLM and encoder pretraining
     model_batch_size: int | None = None  # stage 1 and stage 2 of the modality models (default: batch_size)
@@ -248,7 +250,8 @@ def _build_models(zoo: Zoo, modality: str, model_seed: int) -> dict:
         model = MultimodalLM.build(llm, tokenizer, [tiny_adapter_config(modality, settings, str(zoo.encoder(modality)))],
                                    seed=model_seed)
         model.feature_cache = zoo.feature_cache
-        cfg = TrainConfig(stage=1, max_steps=settings.stage1_steps, learning_rate=settings.stage1_learning_rate, **common)
+        cfg = TrainConfig(stage=1, max_steps=settings.stage1_steps, learning_rate=settings.stage1_learning_rate,
+                          caption_distill=settings.stage1_caption_distill, **common)
         out["stage1"] = train(model, samples, cfg, zoo.root / "checkpoints" / stage1.name)["final_loss"]
         model.save_pretrained(stage1)
     for flavour in FLAVOURS:
