@@ -5,9 +5,10 @@ Nothing here renders or writes; `generate.py` does. Paths are relative to the wo
 * Modality training data `train/<modality>.json` (entities of the train split) and held-out-entity
   validation data `val/<modality>.json` (dev-split entities, new renders), in the `mcomp train` format:
   `{id, conversations: [{from, value}], modal_inputs: {key: [path relative to the JSON's folder]},
-  media_captions: {key: [the render's caption]}}`. Per render: a caption ("Describe the image." -> "a red cube") and `samples_per_media - 1` of:
-  colour question ("red"), shape question ("cube"), entity question with four options, colour or
-  shape question with four options (answered with the option's text, see `questions.ANSWER_SUFFIX`).
+  media_captions: {key: [the render's caption]}}`. Per render: a caption ("Describe the image." ->
+  "a red cube") and `samples_per_media - 1` of: colour question ("red"), shape question ("cube"),
+  entity question with four options, colour or shape question with four options (answered with
+  the option's text, see `questions.ANSWER_SUFFIX`).
   Prompts start with the MCUB placeholder line (`image: <image>\\n`). In `train`, options only name
   training entities, so held-out entities never appear as (always wrong) options.
 * Encoder pretraining set `pretrain/<modality>.json`: every shape in random colours (`pretrain_plan`).
