@@ -31,6 +31,7 @@ from mcomp.data import ConversationSample
 from mcomp.io import atomic_directory, load_tensors, save_tensors
 from mcomp.lora import LLAMA_TARGETS, TEXT_ROUTE, LoraSpec
 from mcomp.progress import progress_bar
+from mcomp.tokenization import placeholder_pattern
 
 logger = logging.getLogger(__name__)
 
@@ -211,18 +212,12 @@ def train(model, samples: list[ConversationSample], cfg: TrainConfig, checkpoint
 
 def caption_text_form(model, sample: ConversationSample) -> list[dict]:
     """The sample's turns with each media placeholder replaced by that media file's caption."""
-    queues = {}
+    queues = {}  # placeholder tag -> captions in media order
     for key, texts in sample.captions.items():
-        queues.setdefault(model.modality_of(key), []).extend(texts)
-    turns = []
-    for turn in sample.conversations:
-        text = turn.get("value")
-        for modality, texts in queues.items():
-            tag = model.adapters[modality].placeholder
-            while text and tag in text:
-                text = text.replace(tag, texts.pop(0), 1)
-        turns.append({**turn, "value": text})
-    return turns
+        queues.setdefault(model.adapters[model.modality_of(key)].placeholder, []).extend(texts)
+    pattern = placeholder_pattern(model.placeholder_ids)
+    return [{**turn, "value": pattern.sub(lambda tag: queues[tag.group(0)].pop(0), turn["value"])}
+            if turn.get("value") else turn for turn in sample.conversations]
 
 
 def _caption_distilled_loss(model, core, batch: list[ConversationSample], inputs, weight: float) -> torch.Tensor:
@@ -232,9 +227,9 @@ def _caption_distilled_loss(model, core, batch: list[ConversationSample], inputs
     Rows are left-padded, so positions are aligned from the end: the last K of both, K the fewest
     positions after the last media token in any row. (The separator the tokenizer puts after a
     placeholder pairs with the caption's last word: the first position that has read the input.)"""
-    with torch.no_grad():
-        teacher = model(core.prepare_conversations([caption_text_form(core, s) for s in batch]),
-                        output_hidden_states=True).hidden_states
+    text_form = core.prepare_conversations([caption_text_form(core, s) for s in batch])
+    with torch.no_grad():  # hidden states only: no labels, so no teacher loss is computed
+        teacher = model(dataclasses.replace(text_form, labels=None), output_hidden_states=True).hidden_states
     out = model(inputs, output_hidden_states=True)
     length = inputs.modality_ids.shape[1]
     positions = torch.arange(length, device=inputs.modality_ids.device).expand_as(inputs.modality_ids)
