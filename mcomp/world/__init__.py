@@ -1,20 +1,20 @@
 """A small synthetic multimodal world: one set of entities that every modality can express.
 
 Entities are attribute combinations, shape x colour (cube, sphere, cone, cylinder, torus x red, orange,
-yellow, green, blue, purple: `configs/world/attributes.yaml`). Every modality renders both attributes,
+yellow, green, cyan, blue, purple, black: `configs/world/attributes.yaml`). Every modality renders both attributes,
 boldly enough for the tiny encoders (32 px ViT, short fbank clips, 256 points):
 
 * image (PNG 64x64): the shape's flat-shaded icon in its colour; distractors size, position,
   rotation, background tint/gradient/noise (`render_image`);
 * audio (WAV 16 kHz mono, 1 s): timbre from the shape (square, sine, sawtooth, pulsed, bell), pitch
-  from the colour (a fifth apart); distractors detune, loudness, onset, duration, noise (`render_audio`);
+  from the colour (x1.4 apart); distractors detune, loudness, onset, duration, noise (`render_audio`);
 * video (MP4 mpeg4 64x64, 12 frames): the icon gliding across the frame; distractors direction,
   speed, spin, size, background (`render_video`);
 * point cloud (binary PLY, 1024 points, xyz + rgb): points on the shape's open3d mesh in its colour;
   distractors scale, yaw, tilt, offset, jitter, colour noise (`render_point`).
 
 Splits (seeded, `entities.split_entities`): 6 dev and 6 test entities are held out of all modality
-training media (each held-out set has every colour once and every shape; training keeps every shape
+training media (each held-out set has distinct colours and every shape; training keeps every shape
 and colour), so held-out entities are new combinations of known attributes.
 
 Outputs of `generate_world(out_dir, size, seed)` (see `datasets`, `text`):

@@ -5,7 +5,7 @@ harmonics 1/k, buzzy), `sawtooth` (all harmonics 1/k, bright), `pulsed` (sine ga
 `bell` (inharmonic partials 1, 2.76, 5.4 with a 0.3 s exponential decay), `warble` (sine with 6 Hz
 vibrato of +-5%; too close to `sine` for the tiny fbank encoder, so unused by default). The
 fundamental is the strongest partial in every timbre.
-Pitches of neighbouring colours are a fifth (x1.5) apart, far beyond the detune distractor.
+Pitches of neighbouring colours are x1.4 apart (160 Hz to 1.7 kHz), far beyond the detune distractor.
 Distractors: detune (+-2%), loudness, onset, duration, faint background noise.
 Written as 16-bit PCM mono WAV with soundfile (no timestamps: same samples, same bytes).
 """

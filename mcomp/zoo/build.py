@@ -30,9 +30,10 @@ logger = logging.getLogger(__name__)
 # 2: the world answers options with their text; 3: template-aware tokenizer, pooled video;
 # 4: narrow point encoder, held-out accuracy by kind; 5: training runs the shared system prompt once a batch;
 # 6: the base LLM also learns the modality questions in text form (world text/modality_qa.json);
-# 7: stage 1 with caption distillation (stage1_caption_distill)
+# 7: stage 1 with caption distillation (stage1_caption_distill); 8: the world's eight colours (a config
+# change, which alone would change the key; the version names the README's table)
 # (changes to configs/zoo or configs/world change the cache key by themselves: recipe_digest)
-ZOO_VERSION = 7
+ZOO_VERSION = 8
 MODALITIES = ("image", "audio", "video", "point")
 FLAVOURS = ("naivemc", "damc")
 
