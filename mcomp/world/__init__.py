@@ -1,8 +1,8 @@
 """A small synthetic multimodal world: one set of entities that every modality can express.
 
 Entities are attribute combinations, shape x colour (cube, sphere, cone, cylinder, torus x red, orange,
-yellow, green, cyan, blue, purple, black: `configs/world/attributes.yaml`). Every modality renders both attributes,
-boldly enough for the tiny encoders (32 px ViT, short fbank clips, 256 points):
+yellow, green, cyan, blue, purple, black: `configs/world/attributes.yaml`). Every modality renders
+both attributes, boldly enough for the tiny encoders (32 px ViT, short fbank clips, 256 points):
 
 * image (PNG 64x64): the shape's flat-shaded icon in its colour; distractors size, position,
   rotation, background tint/gradient/noise (`render_image`);
