@@ -72,7 +72,6 @@ def _turns(question: str, answer: str | None) -> list[dict[str, Any]]:
 
 # --- modality training / validation data -------------------------------------------------------
 def modality_samples(
-    space: AttributeSpace,
     modality: str,
     entity: Entity,
     media_path: str,
@@ -97,7 +96,7 @@ def modality_samples(
 
 
 def modality_plan(
-    space: AttributeSpace, folder: str, entities: Sequence[Entity], n_media: int,
+    folder: str, entities: Sequence[Entity], n_media: int,
     samples_per_media: int, option_pool: Sequence[Entity], seed: int,
 ) -> Plan:
     """`<folder>/<modality>.json` for every modality, over `n_media` renders of `entities` (balanced)."""
@@ -110,7 +109,7 @@ def modality_plan(
             local = f"media/{modality}/{i:05d}{EXTENSION[modality]}"
             plan.jobs.append(MediaJob(f"{folder}/{local}", modality, entity))
             samples += modality_samples(
-                space, modality, entity, local, f"{folder}-{modality}-{i:05d}", samples_per_media, option_pool, rng
+                modality, entity, local, f"{folder}-{modality}-{i:05d}", samples_per_media, option_pool, rng
             )
         plan.documents[f"{folder}/{modality}.json"] = samples
     return plan
@@ -202,11 +201,11 @@ def world_plan(space: AttributeSpace, split: EntitySplit, cfg: Mapping[str, Any]
     """Every document and media job of the world, except the text corpora and the manifest."""
     plan = pretrain_plan(space, int(cfg["pretrain"]["media_per_modality"]), seed)
     plan.merge(modality_plan(
-        space, "train", split.train, cfg["train"]["media_per_modality"], cfg["train"]["samples_per_media"],
+        "train", split.train, cfg["train"]["media_per_modality"], cfg["train"]["samples_per_media"],
         split.train, seed,
     ))
     plan.merge(modality_plan(
-        space, "val", split.dev, cfg["val"]["media_per_modality"], cfg["val"]["samples_per_media"],
+        "val", split.dev, cfg["val"]["media_per_modality"], cfg["val"]["samples_per_media"],
         space.entities(), seed,
     ))
     for split_name, key in (("test", "test_questions"), ("dev", "dev_questions")):
