@@ -28,6 +28,9 @@ def test_zoo_holds_every_model_and_reuses_its_cache(zoo):
     for name in ("audio-s0-stage1", "audio-s0-damc"):  # the modality models train in their own batch size
         state = json.loads(next((zoo.root / "checkpoints" / name).glob("step-*/trainer_state.json")).read_text())
         assert state["config"]["batch_size"] == zoo.settings.model_batch_size == 4
+    for m in MODALITIES:  # stage 2 runs the modality's own step count
+        state = json.loads(next((zoo.root / "checkpoints" / f"{m}-s0-naivemc").glob("step-*/trainer_state.json")).read_text())
+        assert state["config"]["max_steps"] == zoo.settings.steps_of_stage2(m) == (16 if m in ("image", "video") else 15)
     damc = mcomp.load(zoo.model("audio", "damc", 0))
     assert damc.lora_adapters == ["text", "audio"] and "audio" in damc.prefix_tokens
     assert damc.adapters["audio"].config.checkpoint == str(zoo.encoder("audio"))  # the pretrained, frozen encoder
@@ -45,7 +48,7 @@ def test_zoo_cache_key_follows_the_recipe(zoo, tmp_path, monkeypatch):
     assert default_root("test", 0).name == f"v{zoo.manifest['version']}-test-seed0-{recipe_digest(settings)}"
     assert zoo.manifest["recipe"] == recipe_digest(settings)
     changed = ZooSettings.for_size("test")
-    changed.stage2_steps += 1
+    changed.stage1_steps += 1
     assert recipe_digest(changed) != recipe_digest(settings)
     # a folder holding a zoo of another recipe is refused, not reused, and left as it was
     other = tmp_path / "other"
@@ -54,6 +57,13 @@ def test_zoo_cache_key_follows_the_recipe(zoo, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="zoo.json: this zoo was built from another recipe"):
         build_zoo("test", 0, other)
     assert sorted(p.name for p in other.iterdir()) == ["zoo.json"]
+
+
+def test_zoo_settings_refuse_a_modality_without_a_step_count():
+    settings = ZooSettings.from_dict({"stage2_steps": {"image": 5}, "encoder_steps": 7})
+    assert settings.steps_of_stage2("image") == 5 and settings.steps_of_encoder("audio") == 7
+    with pytest.raises(ValueError, match="no step count for modality 'audio'"):
+        settings.steps_of_stage2("audio")
 
 
 def test_reduced_demo_runs_to_the_table(zoo, tmp_path, monkeypatch):

@@ -46,7 +46,7 @@ class ZooSettings(JsonConfig):
     llm_steps: int = 30
     encoder_steps: int | dict[str, int] = 20  # or per modality
     stage1_steps: int = 15
-    stage2_steps: int = 15
+    stage2_steps: int | dict[str, int] = 15  # or per modality
     stage1_learning_rate: float = 3e-3  # the projector's
     stage1_caption_distill: float = 0.0  # TrainConfig.caption_distill of stage 1
     stage2_learning_rate: float = 2e-3  # LoRA and projector
@@ -56,7 +56,10 @@ class ZooSettings(JsonConfig):
     adapters: dict[str, dict] = dataclasses.field(default_factory=dict)  # adapter config overrides per modality
 
     def steps_of_encoder(self, modality: str) -> int:
-        return int(self.encoder_steps[modality] if isinstance(self.encoder_steps, dict) else self.encoder_steps)
+        return _of_modality(self.encoder_steps, modality)
+
+    def steps_of_stage2(self, modality: str) -> int:
+        return _of_modality(self.stage2_steps, modality)
 
     @classmethod
     def for_size(cls, size: str) -> "ZooSettings":
@@ -64,6 +67,14 @@ class ZooSettings(JsonConfig):
             return cls.from_dict(load_config("zoo", f"{size}.yaml"), source=f"configs/zoo/{size}.yaml")
         except FileNotFoundError:
             raise ValueError(f"unknown zoo size {size!r} (configs/zoo/ has full and test)") from None
+
+
+def _of_modality(value: int | dict[str, int], modality: str) -> int:
+    if not isinstance(value, dict):
+        return int(value)
+    if modality not in value:
+        raise ValueError(f"zoo settings: no step count for modality {modality!r} in {value}")
+    return int(value[modality])
 
 
 def recipe_digest(settings: ZooSettings) -> str:
@@ -263,7 +274,7 @@ def _build_models(zoo: Zoo, modality: str, model_seed: int) -> dict:
         model.feature_cache = zoo.feature_cache
         cfg = TrainConfig(stage=2, decoupled=flavour == "damc", lora_r=8, lora_alpha=16,
                           learning_rate=settings.stage2_learning_rate,
-                          max_steps=settings.stage2_steps, **common)
+                          max_steps=settings.steps_of_stage2(modality), **common)
         out[flavour] = train(model, samples, cfg, zoo.root / "checkpoints" / path.name)["final_loss"]
         out[f"{flavour}_val_accuracy"], out[f"{flavour}_val_by_kind"] = held_out_accuracy(model, world, modality)
         model.save_pretrained(path)
