@@ -71,7 +71,7 @@ def test_preprocess_matches_independent_pipeline(adapter, image_files):
 def test_features_are_penultimate_layer_patch_tokens(adapter, image_files):
     pixels = adapter.prepare([image_files["png"], image_files["jpg"]])
     feats = adapter.encode(pixels)
-    assert feats.shape == (2, adapter.num_tokens, adapter.encoder_dim) == (2, 16, 32)
+    assert feats.shape == (2, adapter.num_tokens, adapter.encoder_dim) == (2, 16, 48)
     # Independent computation through the open_clip ViT: embeddings, ln_pre, all blocks but the last.
     v = adapter.encoder.visual
     x = v.conv1(pixels).flatten(2).transpose(1, 2)
