@@ -13,9 +13,10 @@ both attributes, boldly enough for the tiny encoders (32 px ViT, short fbank cli
 * point cloud (binary PLY, 1024 points, xyz + rgb): points on the shape's open3d mesh in its colour;
   distractors scale, yaw, tilt, offset, jitter, colour noise (`render_point`).
 
-Splits (seeded, `entities.split_entities`): 6 dev and 6 test entities are held out of all modality
-training media (each held-out set has distinct colours and every shape; training keeps every shape
-and colour), so held-out entities are new combinations of known attributes.
+Splits (seeded, `entities.split_entities`): 5 dev and 5 test entities in the full world (6 and 6 in
+the test world) are held out of all modality training media (each held-out set has distinct colours
+and every shape; training keeps every shape and colour), so held-out entities are new combinations
+of known attributes.
 
 Outputs of `generate_world(out_dir, size, seed)` (see `datasets`, `text`):
 * `train/<modality>.json`: `mcomp train` data on training entities (captions, attribute questions,

@@ -31,9 +31,11 @@ logger = logging.getLogger(__name__)
 # 4: narrow point encoder, held-out accuracy by kind; 5: training runs the shared system prompt once a batch;
 # 6: the base LLM also learns the modality questions in text form (world text/modality_qa.json);
 # 7: stage 1 with caption distillation (stage1_caption_distill); 8: the world's eight colours (a config
-# change, which alone would change the key; the version names the README's table)
+# change, which alone would change the key; the version names the README's table); 9: the tiny ViT has
+# 3 blocks of width 48 (2 of width 32 used 1: the adapter reads the penultimate block), 5 + 5 held-out
+# entities, stage 2 longer for image, video and audio, video frames averaged in fours
 # (changes to configs/zoo or configs/world change the cache key by themselves: recipe_digest)
-ZOO_VERSION = 8
+ZOO_VERSION = 9
 MODALITIES = ("image", "audio", "video", "point")
 FLAVOURS = ("naivemc", "damc")
 
