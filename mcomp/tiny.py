@@ -71,9 +71,10 @@ def build_llm(tokenizer, shape: str = "tiny-llama", seed: int = 0, **overrides):
 
 
 def tiny_image_adapter_config(**overrides):
-    """A tiny open_clip ViT (`configs/encoders/tiny-vit.json`, 32 px, 16 patches). It has 3 blocks and
-    the adapter reads the penultimate one, as LLaVA reads CLIP, so 2 blocks run: with 2 blocks only
-    the first ran, and the zoo's image encoder fitted 93% of its pretraining shapes (3 blocks: 99.6%)."""
+    """A tiny open_clip ViT (`configs/encoders/tiny-vit.json`, 32 px, 16 patches; the video adapter's
+    tower too). It has 3 blocks and the adapter reads the penultimate one, as LLaVA reads CLIP, so 2
+    blocks run: with 2 blocks only the first ran, and the zoo's image encoder fitted 93% of its
+    pretraining shapes (3 blocks: 99.6%)."""
     from mcomp.encoders.image import ImageAdapterConfig
 
     fields = {"tower": "tiny-vit", "tower_config": load_config("encoders", "tiny-vit.json")}
