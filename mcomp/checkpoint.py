@@ -85,13 +85,15 @@ def _save_base(llm, path: Path) -> None:
     save_tensors(state, path / "model.safetensors", metadata={"format": "pt"})
 
 
-def save_mllm(model, path: str | os.PathLike, *, overwrite: bool = False, base_model: str | None = None) -> None:
-    """Save atomically: the directory appears only when every file is written."""
+def save_mllm(model, path: str | os.PathLike, *, overwrite: bool = False, base_model: str | None = None,
+              inputs=()) -> None:
+    """Save atomically: the directory appears only when every file is written (`mcomp.io.atomic_directory`:
+    `path` must not be, contain or lie inside any of `inputs` nor the base model's directory)."""
     import mcomp
     from mcomp.peft_format import save_adapter
 
     base_dir = base_model or _base_directory(model.llm)
-    with atomic_directory(path, overwrite=overwrite) as tmp:
+    with atomic_directory(path, overwrite=overwrite, inputs=[base_dir, *inputs]) as tmp:
         if base_dir is None:
             _save_base(model.llm, tmp / "base")
             base_ref = "base"

@@ -2,15 +2,38 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import glob
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Iterable, Iterator, Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger(__name__)
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where /proc allows."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _follow_umask(path: Path, mode: int) -> None:
+    """mkstemp/mkdtemp create 0600/0700 whatever the umask; outputs get what a plain create gets."""
+    os.chmod(path, mode & ~current_umask())
 
 
 @contextlib.contextmanager
@@ -22,6 +45,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp)
     try:
+        _follow_umask(tmp, 0o666)
         yield tmp
         os.replace(tmp, path)
     finally:
@@ -29,27 +53,91 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
+class OutputBusyError(FileExistsError):
+    """Another process is writing the same output directory."""
+
+
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """Build a directory under a temporary name; it appears at `path` only when complete."""
+def output_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive lock on output `path` (a `.NAME.lock` file beside it) or fail at once."""
     path = Path(path)
+    lock = path.with_name(f".{path.name}.lock")
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputBusyError(f"{path} is being written by another process (it holds {lock}); "
+                                  f"wait for it or choose another output") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # not a lock file its last holder unlinked while we waited for it
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def check_apart(out: str | os.PathLike, inputs: Iterable[str | os.PathLike | None]) -> None:
+    """Refuse an output that is, contains or lies inside one of the inputs (replacing it would
+    delete or change that input)."""
+    target = Path(out).resolve()
+    for item in inputs:
+        if item is None:
+            continue
+        source = Path(item).resolve()
+        if target == source or source.is_relative_to(target) or target.is_relative_to(source):
+            how = "is" if target == source else "contains" if source.is_relative_to(target) else "lies inside"
+            raise ValueError(f"output {out} {how} the input {item}; write the output somewhere else")
+
+
+def _leftovers(path: Path) -> list[Path]:
+    return sorted(path.parent.glob(f".{glob.escape(path.name)}.{TMP_TAG}*"))
+
+
+TMP_TAG = "mcomp-"
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False,
+                     inputs: Iterable[str | os.PathLike | None] = ()) -> Iterator[Path]:
+    """Build a directory under a temporary name; it appears at `path` only when complete.
+
+    Exclusive: an existing `path` is replaced only with `overwrite`, checked again at the commit;
+    a second writer of the same path fails at once (`OutputBusyError`); `path` must not be, contain
+    or lie inside any of `inputs`. Leftovers of a killed writer of the same path are removed."""
+    path = Path(path)
+    check_apart(path, inputs)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists (refusing to overwrite)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
-    try:
-        yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with output_lock(path):
+        for stale in _leftovers(path):  # whoever made it held this lock and is gone
+            logger.warning("removing %s, left by an interrupted run", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{TMP_TAG}", suffix=".partial", dir=path.parent))
+        try:
+            _follow_umask(tmp, 0o777)
+            yield tmp
+            if path.exists() or path.is_symlink():
+                if not overwrite:
+                    raise FileExistsError(f"{path} appeared while this output was being written "
+                                          f"(refusing to overwrite it)")
+                old = path.with_name(f".{path.name}.{TMP_TAG}old")
+                os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -12,15 +12,27 @@ from pathlib import Path
 
 import torch
 
-from mcomp.io import load_tensors, save_tensors
+from mcomp.io import atomic_write_text, load_tensors, save_tensors
 from mcomp.lora import LoraSpec, routed_layers
 
 PREFIX = "base_model.model."
 
 
-def save_adapter(llm, name: str, folder: str | os.PathLike, base_model_name: str = "") -> None:
+def write_adapter_config(folder: str | os.PathLike, spec: LoraSpec, base_model_name: str = "") -> None:
+    """peft's own `adapter_config.json` for `spec`, with its fields in a fixed order (peft keeps
+    target_modules as a set, whose order changes from run to run)."""
     from peft import LoraConfig
 
+    path = Path(folder) / "adapter_config.json"
+    LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=sorted(spec.target_modules),
+               bias="none", task_type="CAUSAL_LM", base_model_name_or_path=base_model_name or None,
+               ).save_pretrained(str(folder))
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data["target_modules"] = sorted(data["target_modules"])
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def save_adapter(llm, name: str, folder: str | os.PathLike, base_model_name: str = "") -> None:
     layers = routed_layers(llm)
     some = next(iter(layers.values()))
     if name not in some.lora_A:
@@ -30,8 +42,8 @@ def save_adapter(llm, name: str, folder: str | os.PathLike, base_model_name: str
     targets = sorted({path.rsplit(".", 1)[-1] for path in layers})
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    LoraConfig(r=r, lora_alpha=alpha, lora_dropout=some.dropout[name], target_modules=targets, bias="none",
-               task_type="CAUSAL_LM", base_model_name_or_path=base_model_name or None).save_pretrained(str(folder))
+    write_adapter_config(folder, LoraSpec(r=r, alpha=alpha, dropout=some.dropout[name], target_modules=targets),
+                         base_model_name)
     tensors = {}
     for path, layer in layers.items():
         tensors[f"{PREFIX}{path}.lora_A.weight"] = layer.lora_A[name]

@@ -420,13 +420,10 @@ def point_bert_config(path: Path) -> dict[str, Any]:
 # --- writing ----------------------------------------------------------------------------------
 def write_peft_adapter(folder: Path, pairs: dict[str, dict[str, torch.Tensor]], spec: LoraSpec, base: str) -> None:
     """An adapter in the format of `mcomp.peft_format.save_adapter` (peft's LoraConfig + safetensors)."""
-    from peft import LoraConfig
-
-    from mcomp.peft_format import PREFIX
+    from mcomp.peft_format import PREFIX, write_adapter_config
 
     folder.mkdir(parents=True)
-    LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=sorted(spec.target_modules),
-               bias="none", task_type="CAUSAL_LM", base_model_name_or_path=base).save_pretrained(str(folder))
+    write_adapter_config(folder, spec, base)
     tensors = {}
     for path, ab in pairs.items():
         tensors[f"{PREFIX}{path}.lora_A.weight"] = ab["A"]
