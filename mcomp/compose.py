@@ -27,8 +27,9 @@ from mcomp.checkpoint import (
     CONFIG_NAME, MLLMConfig, base_weights_sha256, load_adapter_weights, load_modality_tokens, read_config,
     resolve_base, tokenizer_sha256,
 )
-from mcomp.io import sha256_file
+from mcomp.io import check_finite, sha256_file
 from mcomp.lora import TEXT_ROUTE, LoraSpec, routed_layers
+from mcomp.merge.registry import get_method
 from mcomp.modality import get_adapter_class
 
 logger = logging.getLogger(__name__)
@@ -106,8 +107,10 @@ def compose(
     merge_params: Mapping[str, Any] | None = None,
     convert: bool = False,
     lora_rank: int | None = None,
+    seed: int = 0,
 ):
-    """Build the composed MultimodalLM from single-modality model directories."""
+    """Build the composed MultimodalLM from single-modality model directories. `seed` seeds the
+    merge method's random steps (DARE's drop masks) unless `merge_params` sets its own."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mcomp.model import MultimodalLM
@@ -146,11 +149,15 @@ def compose(
     if merge == LINEAR:
         routes = {TEXT_ROUTE: text_terms}
     else:
-        merged = merge_text_deltas(model, inputs, merge, coef, dict(merge_params or {}))
+        params = dict(merge_params or {})
+        if "seed" in {f.name for f in dataclasses.fields(get_method(merge).Params)}:
+            params.setdefault("seed", seed)
+            report["seed"] = params["seed"]
+        merged = merge_text_deltas(model, inputs, merge, coef, params)
         for inp in inputs:
             _remove_adapter(model, f"text-{inp.modality}")
         if method == "naivemc" and lora_rank is None:
-            fold_deltas(model, merged)
+            fold_deltas(model, merged, origin=", ".join(str(i.path) for i in inputs))
             routes = {}
             report["folded_into_base"] = True
         else:
@@ -192,13 +199,16 @@ def merge_text_deltas(model, inputs, merge: str, coef: dict[str, float], params:
     return merge_task_vectors(deltas, merge, **params)
 
 
-def fold_deltas(model, merged: dict[str, torch.Tensor]) -> None:
-    """Add merged deltas into the base weights. The base changes, so it will be saved with the model."""
+def fold_deltas(model, merged: dict[str, torch.Tensor], origin: str = "") -> None:
+    """Add merged deltas into the base weights. The base changes, so it will be saved with the model.
+    A sum that overflows the weights' dtype is refused, naming the tensor and `origin` (the inputs)."""
     layers = routed_layers(model.llm)
     with torch.no_grad():
         for path, delta in merged.items():
             w = layers[path].base_layer.weight
-            w.copy_((w.float() + delta.float()).to(w.dtype))
+            folded = (w.float() + delta.float()).to(w.dtype)
+            check_finite(f"{path}.weight", folded, "composed LLM", origin)
+            w.copy_(folded)
     model.llm.name_or_path = ""  # no longer the referenced base directory
     model.llm.config._name_or_path = ""
 

@@ -15,6 +15,8 @@ from typing import Iterable, Iterator, Mapping
 import torch
 from safetensors.torch import load_file, save_file
 
+from mcomp import faults
+
 logger = logging.getLogger(__name__)
 
 
@@ -125,6 +127,7 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False,
         try:
             _follow_umask(tmp, 0o777)
             yield tmp
+            faults.point("output.commit")
             if path.exists() or path.is_symlink():
                 if not overwrite:
                     raise FileExistsError(f"{path} appeared while this output was being written "
@@ -145,9 +148,31 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file atomically (contiguous copies; shared storage is not allowed)."""
+class NonFiniteError(ValueError):
+    """A tensor about to be written holds Inf or NaN."""
+
+
+def check_finite(name: str, tensor: torch.Tensor, where: str, origin: str = "") -> None:
+    """Raise NonFiniteError naming the tensor if a floating-point `tensor` holds Inf or NaN (as stored:
+    call it after the cast to the output dtype, where an overflow shows)."""
+    if not tensor.is_floating_point():
+        return
+    finite = torch.isfinite(tensor)
+    if bool(finite.all()):
+        return
+    bad = int((~finite).sum())
+    raise NonFiniteError(f"{where}: tensor {name!r} has {bad} Inf/NaN value(s) as {str(tensor.dtype).replace('torch.', '')}"
+                         f"{f' (from {origin})' if origin else ''}; nothing was written "
+                         f"(a result that overflows its dtype: write float32 or bfloat16, or lower the weights)")
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None,
+                 origin: str = "") -> None:
+    """Write a safetensors file atomically (contiguous copies; shared storage is not allowed); a
+    floating-point tensor holding Inf or NaN is refused (`check_finite`)."""
     flat = {k: v.detach().contiguous() for k, v in tensors.items()}
+    for name, value in flat.items():
+        check_finite(name, value, str(path), origin)
     with atomic_path(path) as tmp:
         save_file(flat, str(tmp), metadata=metadata)
 

@@ -35,13 +35,16 @@ def add_parser(sub) -> None:
     p.add_argument("--dev", help="dev conversations JSON for --search-weights (never the test split)")
     p.add_argument("--dev-root", help="media folder for --dev (default: its folder)")
     p.add_argument("--budget", type=int, default=30, help="objective evaluations for --search-weights")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of every random step: DARE's drop masks (unless --merge-params sets seed), "
+                        "the weight search, the zoo (default 0)")
     p.add_argument("--out", required=True, help="output model directory (loads with mcomp.load)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.set_defaults(func=run)
 
 
 def parse_pairs(text: str | None, what: str, convert=str) -> dict:
+    """NAME=VALUE,... -> {NAME: convert(VALUE)}; a name given twice is an error, not a silent overwrite."""
     out = {}
     for item in (text or "").split(","):
         item = item.strip()
@@ -50,6 +53,8 @@ def parse_pairs(text: str | None, what: str, convert=str) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key.strip() or not value.strip():
             raise ValueError(f"{what}: expected NAME=VALUE pairs separated by commas, got {item!r}")
+        if key.strip() in out:
+            raise ValueError(f"{what}: {key.strip()!r} is given twice")
         try:
             out[key.strip()] = convert(value.strip())
         except ValueError:
@@ -98,8 +103,8 @@ def run(args: argparse.Namespace) -> int:
         dev = load_conversation_data(args.dev, args.dev_root)
         weights, best = search_weights(models, dev, budget=args.budget, seed=args.seed, **kwargs)
         print(f"searched weights: {weights} (dev mean log-likelihood {best:.4f})")
-    model = compose(models, weights=weights, **kwargs)
-    model.save_pretrained(args.out, overwrite=args.force)
+    model = compose(models, weights=weights, seed=args.seed, **kwargs)
+    model.save_pretrained(args.out, overwrite=args.force, inputs=list(models.values()))
     comp = model.provenance["composition"]
     print(f"composed {', '.join(model.modalities)} with {comp['method']} + {comp['merge']} "
           f"(weights {comp['weights']}); saved {args.out}")

@@ -12,6 +12,8 @@ def add_parser(sub) -> None:
     p.add_argument("--root", help="where to build it (default: the user cache directory, or $MCOMP_CACHE)")
     p.add_argument("--workers", type=int,
                    help="processes running the training jobs (default: 2 on 2+ cores; 1: in this process)")
+    p.add_argument("--force", action="store_true",
+                   help="discard what the zoo folder holds (a partial build, or one of other code) and build anew")
     p.set_defaults(func=run)
 
 
@@ -22,7 +24,7 @@ def run(args) -> int:
     if args.action == "path":
         print(args.root or default_root(args.size, args.seed))
         return 0
-    zoo = build_zoo(args.size, args.seed, args.root, args.workers)
+    zoo = build_zoo(args.size, args.seed, args.root, args.workers, force=args.force)
     accuracy = held_out_report(zoo.manifest)
     print(f"zoo ready at {zoo.root}")
     print("held-out attribute accuracy of the single-modality models:")

@@ -500,7 +500,7 @@ def import_modelcompose(src: str | os.PathLike, out: str | os.PathLike, *, base:
 
     out = Path(out)
     final_weights = out.resolve() / ENCODER_WEIGHTS_DIR
-    with atomic_directory(out, overwrite=overwrite) as tmp:
+    with atomic_directory(out, overwrite=overwrite, inputs=[src, base, encoder_root]) as tmp:
         adapters_now, adapters_final, encoders = build_adapter_configs(ckpt, roots, tmp / ENCODER_WEIGHTS_DIR,
                                                                        final_weights)
         model = MultimodalLM.build(llm, tokenizer, adapters_now)

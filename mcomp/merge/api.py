@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from mcomp.io import atomic_directory
+from mcomp.io import atomic_directory, check_apart
 from mcomp.merge.registry import Segment
 from mcomp.merge.sources import MemorySource, SafetensorsCheckpoint, Source, ZeroSource
 from mcomp.merge.streaming import DEFAULT_CHUNK, DEFAULT_SAMPLE, MergeEngine, MergeReport, Sink
@@ -162,6 +162,7 @@ def merge_checkpoints(base: str | os.PathLike, models: list[str | os.PathLike], 
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"output directory {out} already exists (use --force to replace it)")
+    check_apart(out, [base, *models])
     out_dtype = resolve_dtype(dtype)
     base_src = SafetensorsCheckpoint(base, name=str(base))
     srcs = [open_model(m, base_src) for m in models]
@@ -174,7 +175,7 @@ def merge_checkpoints(base: str | os.PathLike, models: list[str | os.PathLike], 
     engine = MergeEngine(base_src, srcs, method, keys=keys, device=device, progress=progress,
                          **_engine_options(chunk_elems, inmemory_elems, sample_size), **params)
     try:
-        with atomic_directory(out, overwrite=force) as tmp:
+        with atomic_directory(out, overwrite=force, inputs=[base, *models]) as tmp:
             if lora_rank is not None:
                 sink = LoraSink(base_src.infos, [s.adapter for s in srcs], lora_rank)
                 report = engine.run(sink)
@@ -182,7 +183,8 @@ def merge_checkpoints(base: str | os.PathLike, models: list[str | os.PathLike], 
                 report.stats.append({"lora_reconstruction": sink.errors, "lora_total_error": sink.total_error})
             else:
                 writer = ShardedWriter(tmp, engine.layout(out_dtype), parse_size(max_shard_size),
-                                       metadata={"merge_method": engine.method_cls.name})
+                                       metadata={"merge_method": engine.method_cls.name},
+                                       origin=f"base {base}, models {', '.join(map(str, models))}")
                 try:
                     report = engine.run(CheckpointSink(writer, out_dtype))
                     writer.close()

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from mcomp import faults
+from mcomp.io import check_finite
 from mcomp.merge.sources import DTYPE_NAMES, INDEX_NAME, SINGLE_NAME, TensorInfo
 
 
@@ -33,8 +35,9 @@ class ShardedWriter:
     """Write tensors in the declared order into `directory` (shards + index when more than one)."""
 
     def __init__(self, directory: str | os.PathLike, layout: list[tuple[str, TensorInfo]], max_shard_bytes: int,
-                 prefix: str = "model", metadata: dict[str, str] | None = None):
+                 prefix: str = "model", metadata: dict[str, str] | None = None, origin: str = ""):
         self.directory = Path(directory)
+        self.origin = origin  # the inputs, named in errors
         self.layout = layout
         self.metadata = {"format": "pt", **(metadata or {})}
         shards: list[list[tuple[str, TensorInfo]]] = [[]]
@@ -89,6 +92,7 @@ class ShardedWriter:
         if self._shard != self._shard_of[name]:
             self._open_shard(self._shard_of[name])
         data = flat.detach().contiguous().cpu().reshape(-1)
+        check_finite(name, data, str(self.directory / self.shards[self._shard][0]), self.origin)
         if data.numel():
             self._file.write(memoryview(data.view(torch.uint8).numpy()))
         self._written += data.numel()
@@ -97,6 +101,7 @@ class ShardedWriter:
         if self._written == info.numel:
             self._pos += 1
             self._written = 0
+            faults.point("merge.tensor_written")
 
     def close(self) -> None:
         """Finish: check everything was written, close, and write the index if sharded."""

@@ -7,8 +7,10 @@
     features/         encoder-feature cache shared by every training and evaluation
     zoo.json          what was built, with training figures and held-out accuracies
 
-Every step writes its output atomically and is skipped when present, so an interrupted build
-resumes. The cache key is the zoo version, the size and the seed.
+Every step writes its output atomically, with the identity of the work that made it (recipe,
+seed, step, code versions: `Zoo.step_identity`), and is skipped when present with the same
+identity, so an interrupted build resumes; an output of other work is refused. The cache key is
+the zoo version, the size, the seed and the recipe.
 """
 from __future__ import annotations
 
@@ -16,12 +18,16 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import torch
 
+from mcomp import faults
+from mcomp.checkpoint import CONFIG_NAME
 from mcomp.configuration import JsonConfig
 from mcomp.feature_cache import FeatureCache
+from mcomp.fingerprint import IdentityMismatch, check_same_work, code_versions
 from mcomp.io import atomic_directory, atomic_write_text
 from mcomp.resources import load_config
 
@@ -109,11 +115,40 @@ def tiny_adapter_config(modality: str, settings: ZooSettings, checkpoint: str | 
     return factory(**overrides)
 
 
+STEP_FILE = "zoo_step.json"  # in the base LLM's folder; encoders keep it in metadata, models in provenance
+STEP_KEY = "zoo_step"
+
+
 @dataclasses.dataclass
 class Zoo:
     root: Path
     settings: ZooSettings
     seed: int
+    recipe: str = ""
+
+    def step_identity(self, step: str) -> dict:
+        """What determines a step's output: the recipe, the seed, the step and the code."""
+        return {"step": step, "recipe": self.recipe or recipe_digest(self.settings), "seed": self.seed,
+                "code": code_versions()}
+
+    def steps(self) -> list[tuple[str, Path]]:
+        """Every step of a complete zoo with its output."""
+        out = [("base", self.base)] + [(f"encoder-{m}", self.encoder(m)) for m in MODALITIES]
+        for s in self.settings.model_seeds:
+            for m in MODALITIES:
+                out += [(p.name, p) for p in (self.model(m, f, s) for f in ("stage1", *FLAVOURS))]
+        return out
+
+    def reuse(self, step: str, path: Path) -> bool:
+        """Whether step `step` is already built at `path`; an output of other work is refused."""
+        if not path.exists():
+            return False
+        recorded = recorded_step(path)
+        if recorded is None:
+            raise IdentityMismatch(f"{path} records no zoo step identity (built by an older mcomp, or not by "
+                                   f"the zoo); `mcomp zoo build --force` rebuilds this zoo")
+        check_same_work(str(path), recorded, self.step_identity(step), "`mcomp zoo build --force` rebuilds this zoo")
+        return True
 
     @property
     def world(self):
@@ -140,17 +175,34 @@ class Zoo:
         return json.loads((self.root / "zoo.json").read_text())
 
 
+def recorded_step(path: Path) -> dict | None:
+    """The step identity a zoo output was written with (None if it has none)."""
+    if path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            text = (f.metadata() or {}).get(STEP_KEY)
+        return json.loads(text) if text else None
+    if (path / STEP_FILE).is_file():
+        return json.loads((path / STEP_FILE).read_text())
+    if (path / CONFIG_NAME).is_file():
+        return json.loads((path / CONFIG_NAME).read_text()).get("provenance", {}).get(STEP_KEY)
+    return None
+
+
 def build_zoo(size: str = "full", seed: int = 0, root: str | os.PathLike | None = None,
-              workers: int | None = None) -> Zoo:
+              workers: int | None = None, force: bool = False) -> Zoo:
     """Build what is missing, `workers` jobs at a time (`mcomp.jobs`): the base LLM and the four
     encoders, then one job per modality and model seed (stage 1, then its plain and decoupled
-    stage 2)."""
+    stage 2). `force` discards whatever the folder holds and builds it anew."""
     from mcomp.jobs import JobPool
     from mcomp.world import generate_world
 
     settings = ZooSettings.for_size(size)
     recipe = recipe_digest(settings)
-    zoo = Zoo(Path(root) if root else default_root(size, seed, recipe), settings, seed)
+    zoo = Zoo(Path(root) if root else default_root(size, seed, recipe), settings, seed, recipe)
+    if force and zoo.root.exists():
+        _discard(zoo.root)
     zoo.root.mkdir(parents=True, exist_ok=True)
     manifest_path = zoo.root / "zoo.json"
     if manifest_path.is_file():
@@ -158,15 +210,19 @@ def build_zoo(size: str = "full", seed: int = 0, root: str | os.PathLike | None 
         if built != recipe:
             raise ValueError(f"{manifest_path}: this zoo was built from another recipe ({built}, now {recipe}: "
                              "configs/zoo or configs/world changed); build into a new folder")
+        missing = [path for step, path in zoo.steps() if not zoo.reuse(step, path)]
+        if missing:
+            raise FileNotFoundError(f"{manifest_path}: the zoo lacks {missing[0]} (and {len(missing) - 1} more); "
+                                    f"`mcomp zoo build --force` rebuilds it")
         logger.info("zoo cached at %s", zoo.root)
         return zoo
     generate_world(zoo.root / "world", size=settings.world_size, seed=seed)
     report: dict = {"version": ZOO_VERSION, "recipe": recipe, "size": size, "seed": seed, "settings": settings.to_dict(),
                     "encoders": {}, "models": {}}
     # longest first: the base LLM, then the point and video encoders (measured slowest)
-    first: dict = {} if (zoo.base / "config.json").is_file() else {"base": (_build_base, (zoo,))}
+    first: dict = {} if zoo.reuse("base", zoo.base) else {"base": (_build_base, (zoo,))}
     first.update({m: (_build_encoder, (zoo, m)) for m in ("point", "video", "audio", "image")
-                  if not zoo.encoder(m).is_file()})
+                  if not zoo.reuse(f"encoder-{m}", zoo.encoder(m))})
     chains = {f"{m}-s{s}": (_build_models, (zoo, m, s))
               for s in settings.model_seeds for m in ("video", "point", "audio", "image")}
     with JobPool(workers) as pool:
@@ -177,6 +233,16 @@ def build_zoo(size: str = "full", seed: int = 0, root: str | os.PathLike | None 
         report["models"] = pool.run(chains, "zoo: modality models")
     atomic_write_text(manifest_path, json.dumps(report, indent=2, sort_keys=True) + "\n")
     return zoo
+
+
+def _discard(root: Path) -> None:
+    """Remove a zoo folder for `force`: only one that holds nothing but a zoo's own entries."""
+    own = {"world", "base", "encoders", "models", "checkpoints", "features", "zoo.json"}
+    foreign = sorted(p.name for p in root.iterdir() if p.name not in own and not p.name.startswith("."))
+    if foreign:
+        raise FileExistsError(f"{root} holds {foreign}, which a zoo does not write; not deleting it")
+    logger.warning("discarding the zoo at %s (--force)", root)
+    shutil.rmtree(root)
 
 
 def _build_base(zoo: Zoo) -> dict:
@@ -208,6 +274,8 @@ def _build_base(zoo: Zoo) -> dict:
     with atomic_directory(zoo.base) as tmp:
         llm.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        (tmp / STEP_FILE).write_text(json.dumps(zoo.step_identity("base"), indent=2, sort_keys=True) + "\n")
+    faults.point("zoo.step_done")
     return {"first": losses[0], "last": sum(losses[-10:]) / len(losses[-10:])}
 
 
@@ -240,9 +308,12 @@ def _build_encoder(zoo: Zoo, modality: str) -> dict:
     torch.manual_seed(seed)
     adapter = build_adapter(tiny_adapter_config(modality, settings), llm_hidden_size=8)
     zoo.encoder(modality).parent.mkdir(parents=True, exist_ok=True)
-    return pretrain_encoder(adapter, files, [space.shape_names.index(it["shape"]) for it in items],
-                            _colour_values(modality, items), len(space.shapes), settings.steps_of_encoder(modality),
-                            zoo.encoder(modality), batch_size=settings.batch_size, seed=seed)
+    figures = pretrain_encoder(adapter, files, [space.shape_names.index(it["shape"]) for it in items],
+                               _colour_values(modality, items), len(space.shapes), settings.steps_of_encoder(modality),
+                               zoo.encoder(modality), batch_size=settings.batch_size, seed=seed,
+                               metadata={STEP_KEY: json.dumps(zoo.step_identity(f"encoder-{modality}"), sort_keys=True)})
+    faults.point("zoo.step_done")
+    return figures
 
 
 def _build_models(zoo: Zoo, modality: str, model_seed: int) -> dict:
@@ -258,7 +329,7 @@ def _build_models(zoo: Zoo, modality: str, model_seed: int) -> dict:
     out = {}
     stage1 = zoo.model(modality, "stage1", model_seed)
     common = dict(batch_size=settings.model_batch_size or settings.batch_size, seed=model_seed, log_every=0)
-    if not stage1.is_dir():
+    if not zoo.reuse(stage1.name, stage1):
         llm = AutoModelForCausalLM.from_pretrained(zoo.base)
         tokenizer = AutoTokenizer.from_pretrained(zoo.base)
         model = MultimodalLM.build(llm, tokenizer, [tiny_adapter_config(modality, settings, str(zoo.encoder(modality)))],
@@ -267,10 +338,10 @@ def _build_models(zoo: Zoo, modality: str, model_seed: int) -> dict:
         cfg = TrainConfig(stage=1, max_steps=settings.stage1_steps, learning_rate=settings.stage1_learning_rate,
                           caption_distill=settings.stage1_caption_distill, **common)
         out["stage1"] = train(model, samples, cfg, zoo.root / "checkpoints" / stage1.name)["final_loss"]
-        model.save_pretrained(stage1)
+        _save_step(zoo, model, stage1)
     for flavour in FLAVOURS:
         path = zoo.model(modality, flavour, model_seed)
-        if path.is_dir():
+        if zoo.reuse(path.name, path):
             continue
         model = mcomp.load(stage1)
         model.feature_cache = zoo.feature_cache
@@ -279,8 +350,14 @@ def _build_models(zoo: Zoo, modality: str, model_seed: int) -> dict:
                           max_steps=settings.steps_of_stage2(modality), **common)
         out[flavour] = train(model, samples, cfg, zoo.root / "checkpoints" / path.name)["final_loss"]
         out[f"{flavour}_val_accuracy"], out[f"{flavour}_val_by_kind"] = held_out_accuracy(model, world, modality)
-        model.save_pretrained(path)
+        _save_step(zoo, model, path)
     return out
+
+
+def _save_step(zoo: Zoo, model, path: Path) -> None:
+    model.provenance = {**model.provenance, STEP_KEY: zoo.step_identity(path.name)}
+    model.save_pretrained(path)
+    faults.point("zoo.step_done")
 
 
 def held_out_report(manifest: dict) -> dict[str, dict]:

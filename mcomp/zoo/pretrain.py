@@ -50,7 +50,8 @@ def pretrain_llm(model, conversations: list[list[dict]], sentences: list[str], s
 
 
 def pretrain_encoder(adapter, files: list[str], shapes: list[int], colour_values: torch.Tensor, n_shapes: int,
-                     steps: int, out_path, *, batch_size: int = 16, learning_rate: float = 2e-3, seed: int = 0) -> dict:
+                     steps: int, out_path, *, batch_size: int = 16, learning_rate: float = 2e-3, seed: int = 0,
+                     metadata: dict[str, str] | None = None) -> dict:
     """Train `adapter.encoder`, with a throw-away head on mean-pooled features, to predict the shape
     class and the colour value (`colour_values`, in [0, 1]) of `files`, renders in random colours;
     save its weights (safetensors) and return accuracy figures.
@@ -82,7 +83,7 @@ def pretrain_encoder(adapter, files: list[str], shapes: list[int], colour_values
     encoder.eval()
     with torch.no_grad():
         out = torch.cat([head(adapter.encode(inputs[i:i + 64]).mean(dim=1)) for i in range(0, len(files), 64)])
-    save_tensors(dict(encoder.state_dict()), out_path)
+    save_tensors(dict(encoder.state_dict()), out_path, metadata=metadata)
     adapter.forget_fingerprint()
     return {"train_shape_accuracy": float((out[:, :n_shapes].argmax(-1) == targets).float().mean()),
             "train_colour_mae": float((torch.sigmoid(out[:, n_shapes:]) - colour_values).abs().mean()),
