@@ -34,8 +34,17 @@ def current_umask() -> int:
 
 
 def _follow_umask(path: Path, mode: int) -> None:
-    """mkstemp/mkdtemp create 0600/0700 whatever the umask; outputs get what a plain create gets."""
+    """mkstemp/mkdtemp (and safetensors' writer) create 0600/0700 whatever the umask; outputs get
+    what a plain create gets."""
     os.chmod(path, mode & ~current_umask())
+
+
+def _follow_umask_tree(root: Path) -> None:
+    mask = current_umask()
+    for folder, dirs, files in os.walk(root):
+        os.chmod(folder, 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(folder, name), 0o666 & ~mask)
 
 
 @contextlib.contextmanager
@@ -127,6 +136,7 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False,
         try:
             _follow_umask(tmp, 0o777)
             yield tmp
+            _follow_umask_tree(tmp)
             faults.point("output.commit")
             if path.exists() or path.is_symlink():
                 if not overwrite:
@@ -175,6 +185,7 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, meta
         check_finite(name, value, str(path), origin)
     with atomic_path(path) as tmp:
         save_file(flat, str(tmp), metadata=metadata)
+        _follow_umask(tmp, 0o666)
 
 
 def load_tensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, torch.Tensor]:

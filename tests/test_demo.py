@@ -2,12 +2,17 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 from transformers import AutoTokenizer
 
 import mcomp
 from mcomp.conversation import get_template
+from mcomp.fingerprint import IdentityMismatch
 from mcomp.zoo import build_zoo
 from mcomp.zoo.build import MODALITIES, ZooSettings, default_root, recipe_digest
 from mcomp.zoo.demo import run_demo
@@ -17,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
-    return build_zoo("test", 0, tmp_path_factory.mktemp("zoo"))
+    return build_zoo("test", 0, tmp_path_factory.mktemp("zoo"), workers=2)
 
 
 def test_zoo_holds_every_model_and_reuses_its_cache(zoo):
@@ -57,6 +62,40 @@ def test_zoo_cache_key_follows_the_recipe(zoo, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="zoo.json: this zoo was built from another recipe"):
         build_zoo("test", 0, other)
     assert sorted(p.name for p in other.iterdir()) == ["zoo.json"]
+
+
+def test_zoo_build_killed_then_rerun_equals_an_uninterrupted_build(zoo, tmp_path):
+    """A worker killed (SIGKILL) right after its second step is committed; the rerun reuses what
+    was committed and rebuilds the rest: every weight file equals the uninterrupted build's."""
+    root = tmp_path / "zoo"
+    cmd = [sys.executable, "-m", "mcomp", "zoo", "build", "--size", "test", "--root", str(root), "--workers", "2"]
+    env = {k: v for k, v in os.environ.items() if k != "MCOMP_FAULT"}
+    killed = subprocess.run(cmd, env={**env, "MCOMP_FAULT": "zoo.step_done@2"}, capture_output=True, text=True)
+    assert killed.returncode != 0 and "terminated abruptly" in killed.stderr
+    assert not (root / "zoo.json").exists()
+    committed = {p: p.stat().st_mtime_ns for p in (root / "encoders").glob("*.safetensors")}
+    assert committed
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert all(p.stat().st_mtime_ns == t for p, t in committed.items())  # reused, not rebuilt
+    weights = sorted(r for r in (p.relative_to(zoo.root) for p in zoo.root.rglob("*.safetensors"))
+                     if r.parts[0] in ("base", "encoders", "models"))
+    assert len({r.parts[1] for r in weights if r.parts[0] == "models"}) == 12 and len(weights) > 17
+    for rel in weights:
+        assert (root / rel).read_bytes() == (zoo.root / rel).read_bytes(), rel
+
+
+def test_zoo_steps_of_other_work_are_refused(zoo, tmp_path):
+    copy = tmp_path / "zoo"
+    shutil.copytree(zoo.root, copy, ignore=shutil.ignore_patterns("evals", "features", "checkpoints"))
+    step = json.loads((copy / "base" / "zoo_step.json").read_text())
+    (copy / "base" / "zoo_step.json").write_text(json.dumps({**step, "code": {**step["code"], "torch": "1.0"}}))
+    with pytest.raises(IdentityMismatch, match=r"base holds different work \(code.torch: \"1.0\" there"):
+        build_zoo("test", 0, copy)
+    (copy / "notes.txt").write_text("mine")  # --force deletes only a folder that holds nothing but a zoo
+    with pytest.raises(FileExistsError, match="notes.txt"):
+        build_zoo("test", 0, copy, force=True)
+    assert (copy / "notes.txt").is_file() and (copy / "base").is_dir()
 
 
 def test_zoo_settings_refuse_a_modality_without_a_step_count():

@@ -230,6 +230,16 @@ def test_compose_killed_before_commit_then_rerun(trained, tmp_path):
     assert files_of(tmp_path / "c") == files_of(tmp_path / "d")
 
 
+def test_compose_output_follows_the_umask(trained, tmp_path):
+    models = f"image={trained['image-plain']},audio={trained['audio-plain']}"
+    done = run_mcomp("compose", "--models", models, "--merge", "ties", "--out", str(tmp_path / "c"), umask=0o027)
+    assert done.returncode == 0, done.stderr
+    paths = [tmp_path / "c", *(tmp_path / "c").rglob("*")]
+    assert any(p.suffix == ".safetensors" for p in paths)  # safetensors writes 0600 by itself
+    for p in paths:
+        assert p.stat().st_mode & 0o777 == (0o750 if p.is_dir() else 0o640), p
+
+
 def test_compose_force_refuses_an_out_holding_its_inputs(trained, tmp_path):
     models = f"image={trained['image-plain']},audio={trained['audio-plain']}"
     parent = trained["image-plain"].parent
