@@ -11,24 +11,33 @@ plus learnable prefix/suffix tokens around each modality input.
 Resumable: every `save_every` steps the trainable weights (safetensors), optimizer state (read
 back with weights_only=True), RNG state and position in the data are written atomically under
 the checkpoint folder; a new run with the same folder continues from the latest one and ends
-with the same weights as an uninterrupted run.
+with the same weights as an uninterrupted run. Each checkpoint records the run's identity (config,
+data, starting weights, code: `run_identity`); a run of other work is refused, naming what changed,
+rather than continued from it, and `restart=True` (`mcomp train --force`) clears the folder instead.
+Before step 1 the data is checked against the model (`mcomp.data.check_training_data`).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import math
 import os
+import re
 import shutil
 from pathlib import Path
+from typing import Any, Mapping
 
 import torch
 
+from mcomp import faults
 from mcomp.configuration import JsonConfig
-from mcomp.data import ConversationSample
-from mcomp.io import atomic_directory, load_tensors, save_tensors
+from mcomp.data import ConversationSample, TrainingDataError, check_training_data, media_digest, samples_digest
+from mcomp.fingerprint import IdentityMismatch, canonical_json, check_same_work, code_versions, fingerprint
+from mcomp.io import atomic_directory, load_tensors, output_lock, save_tensors
 from mcomp.lora import LLAMA_TARGETS, TEXT_ROUTE, LoraSpec
 from mcomp.progress import progress_bar
 from mcomp.tokenization import placeholder_pattern
@@ -127,15 +136,125 @@ def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
     return out
 
 
+STEP_DIR = re.compile(r"step-(\d+)")
+RESTART_HINT = ("`mcomp train --force` (from Python: train(..., restart=True)) starts afresh, "
+                "or choose another checkpoint folder")
+
+
 def _latest_checkpoint(folder: Path) -> Path | None:
-    steps = sorted((int(p.name.split("-")[1]), p) for p in folder.glob("step-*") if (p / "trainer_state.json").is_file())
+    steps = sorted((int(p.name.split("-")[1]), p) for p in folder.glob("step-*")
+                   if STEP_DIR.fullmatch(p.name) and (p / "trainer_state.json").is_file())
     return steps[-1][1] if steps else None
 
 
+def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    """Checksum over names, dtypes, shapes and bytes (order independent)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(tensors.items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def run_identity(model, samples: list[ConversationSample], cfg: TrainConfig,
+                 identity: Mapping[str, Any] | None = None) -> dict:
+    """What determines a training run's result, as recorded in its checkpoints: the caller's
+    `identity` (what train() cannot see: the data file, the base LLM), the config, the samples and
+    the media files' list with sizes, the frozen encoders, the trainable parameters' names, shapes
+    and starting values (call after `prepare_for_training`), and the code versions."""
+    params = trainable_parameters(model)
+    own = {
+        "config": cfg.to_dict(),
+        "samples_sha256": samples_digest(samples),
+        "media_sha256": media_digest(samples),
+        "encoders": {m: adapter.fingerprint() for m, adapter in model.adapters.items()},
+        "trainable": {"count": len(params), "shapes_sha256": fingerprint({n: list(p.shape) for n, p in params.items()}),
+                      "sha256": tensors_sha256(params)},
+        "code": code_versions(),
+    }
+    clash = sorted(set(own) & set(identity or {}))
+    if clash:
+        raise ValueError(f"identity: field(s) {clash} are train()'s own; name the caller's fields otherwise")
+    # as it reads back from trainer_state.json (tuples become lists), so that equal runs compare equal
+    return json.loads(canonical_json({**(identity or {}), **own}))
+
+
+def check_resumable(folder: Path, wanted: Mapping[str, Any]) -> None:
+    """Refuse checkpoint `folder` unless it was written by the same run (`run_identity`)."""
+    state = json.loads((folder / "trainer_state.json").read_text())
+    recorded = state.get("identity")
+    if recorded is None:
+        raise IdentityMismatch(f"{folder} records no run identity (written by an older mcomp), so it cannot be "
+                               f"told apart from other work; {RESTART_HINT}")
+    check_same_work(f"checkpoint {folder}", recorded, wanted, RESTART_HINT)
+
+
+def check_clearable(folder: Path) -> None:
+    """Refuse to clear `folder` unless it is empty or looks like a training checkpoint folder:
+    step-N checkpoints (one at least with its trainer_state.json) and what an interrupted save
+    leaves (hidden .step-N... entries); whatever else it holds might not be ours to delete."""
+    if not folder.exists() and not folder.is_symlink():
+        return
+    if not folder.is_dir():
+        raise ValueError(f"checkpoint folder {folder} is not a folder; choose another checkpoint folder")
+    entries = list(folder.iterdir())
+    strays = sorted(e.name for e in entries
+                    if not ((STEP_DIR.fullmatch(e.name) and e.is_dir()) or e.name.startswith(".step-")))
+    steps = [e for e in entries if STEP_DIR.fullmatch(e.name)]
+    if strays or (steps and not any((e / "trainer_state.json").is_file() for e in steps)):
+        shown = ", ".join(strays[:5]) + (" ..." if len(strays) > 5 else "") if strays else "step folders without trainer_state.json"
+        raise ValueError(f"checkpoint folder {folder} does not look like an mcomp training checkpoint folder "
+                         f"(it holds {shown}); refusing to clear it: choose another checkpoint folder")
+
+
+def clear_checkpoints(folder: Path) -> None:
+    """Delete what `check_clearable` accepted (the folder itself stays: it may be a symlink)."""
+    check_clearable(folder)
+    if not folder.is_dir():
+        return
+    for entry in folder.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    logger.info("cleared the checkpoints in %s (restart)", folder)
+
+
+def _batch_inputs(core, batch: list[ConversationSample]):
+    """The batch's training inputs; a data error names the samples' ids and files, not their
+    positions in the batch."""
+    from mcomp.errors import MediaBatchError
+
+    try:
+        return core.prepare_conversations([s.conversations for s in batch], [s.media for s in batch])
+    except MediaBatchError as err:
+        lines = [f"sample {batch[i].id}: {failure}" for i, failure in err.failures.items()]
+        raise TrainingDataError(f"{len(lines)} sample(s) of a training batch have unusable media:\n  "
+                                + "\n  ".join(lines)) from err
+    except ValueError as err:  # PlaceholderMismatchError and the like say "sample <index in the batch>: ..."
+        text = str(err)
+        found = re.match(r"(?:sample|conversation) (\d+)[: ]", text)
+        if found and int(found.group(1)) < len(batch):
+            s = batch[int(found.group(1))]
+            files = [f for v in s.media.values() for f in v]
+            raise TrainingDataError(f"sample {s.id} (media: {', '.join(files) or 'none'}): "
+                                    f"{text[found.end():].strip(' :')}") from err
+        raise TrainingDataError(f"a training batch of samples {', '.join(str(s.id) for s in batch)}: {text}") from err
+
+
 def train(model, samples: list[ConversationSample], cfg: TrainConfig, checkpoint_dir: str | os.PathLike,
-          stop_after: int | None = None) -> dict:
+          stop_after: int | None = None, *, identity: Mapping[str, Any] | None = None, restart: bool = False,
+          allow_media_outside_root: bool = False) -> dict:
     """Train in place; returns a summary. `stop_after` ends early after that many steps (tests
-    use it to simulate an interruption)."""
+    use it to simulate an interruption).
+
+    Resumes from the latest checkpoint in `checkpoint_dir` if it records the same run identity
+    (`run_identity`: `identity`, the caller's fields, e.g. the data file's and base LLM's checksums,
+    plus train()'s own), refuses it otherwise; `restart` clears the folder (only a checkpoint
+    folder) and starts from step 0. The data is checked before step 1 (`check_training_data`;
+    `allow_media_outside_root` lets media lie outside their data root). The folder is locked
+    while training: a second run with the same folder fails at once."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -148,8 +267,30 @@ def train(model, samples: list[ConversationSample], cfg: TrainConfig, checkpoint
                              f"{', '.join(map(str, missing[:5]))}{' ...' if len(missing) > 5 else ''}")
     checkpoint_dir = Path(checkpoint_dir)
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, cpu=not torch.cuda.is_available())
+    with contextlib.ExitStack() as stack:
+        if accelerator.is_main_process:  # the other ranks of a multi-GPU run share the main one's folder
+            checkpoint_dir.parent.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(output_lock(checkpoint_dir))
+        return _train(accelerator, set_seed, model, samples, cfg, checkpoint_dir, stop_after, identity, restart,
+                      allow_media_outside_root)
+
+
+def _train(accelerator, set_seed, model, samples, cfg, checkpoint_dir: Path, stop_after, identity, restart,
+           allow_media_outside_root) -> dict:
+    if restart:
+        check_clearable(checkpoint_dir)  # refused before anything is computed
     set_seed(cfg.seed)
     prepare_for_training(model, cfg)
+    with torch.random.fork_rng(devices=[]):  # the checks leave the training's random stream as seeded
+        wanted = run_identity(model, samples, cfg, identity)
+        latest = None if restart else _latest_checkpoint(checkpoint_dir)
+        if latest is not None:
+            check_resumable(latest, wanted)
+        check_training_data(samples, model, allow_media_outside_root=allow_media_outside_root,
+                            progress=accelerator.is_main_process)
+    if restart and accelerator.is_main_process:
+        clear_checkpoints(checkpoint_dir)
+    accelerator.wait_for_everyone()
     params = trainable_parameters(model)
     proj = [p for n, p in params.items() if ".projector." in n]
     rest = [p for n, p in params.items() if ".projector." not in n]
@@ -164,10 +305,10 @@ def train(model, samples: list[ConversationSample], cfg: TrainConfig, checkpoint
     core = accelerator.unwrap_model(model)
 
     step, losses = 0, []
-    latest = _latest_checkpoint(checkpoint_dir)
     if latest is not None:
-        step, losses = _restore(core, optimizer, scheduler, latest, cfg)
+        step, losses = _restore(core, optimizer, scheduler, latest)
         logger.info("resumed from %s (step %d)", latest, step)
+    resumed_from = step
 
     core.train()
     bar = progress_bar(total=total, initial=step, desc=f"train stage {cfg.stage}",
@@ -182,7 +323,7 @@ def train(model, samples: list[ConversationSample], cfg: TrainConfig, checkpoint
         batch = [samples[i] for i in order[k * cfg.batch_size : (k + 1) * cfg.batch_size]]
         micro += 1
         with accelerator.accumulate(model):
-            inputs = core.prepare_conversations([s.conversations for s in batch], [s.media for s in batch])
+            inputs = _batch_inputs(core, batch)
             if cfg.caption_distill:
                 loss = _caption_distilled_loss(model, core, batch, inputs, cfg.caption_distill)
             else:
@@ -203,10 +344,12 @@ def train(model, samples: list[ConversationSample], cfg: TrainConfig, checkpoint
             recent = losses[-cfg.log_every:]
             logger.info("step %d/%d loss %.4f", step, total, sum(recent) / len(recent))
         if accelerator.is_main_process and ((cfg.save_every and step % cfg.save_every == 0) or step == total):
-            _save_checkpoint(core, optimizer, scheduler, checkpoint_dir / f"step-{step}", step, losses, cfg)
+            _save_checkpoint(core, optimizer, scheduler, checkpoint_dir / f"step-{step}", step, losses, wanted)
+            faults.point("train.checkpoint_saved")
     bar.close()
     core.eval()
-    return {"steps": step, "total_steps": total, "final_loss": losses[-1] if losses else None,
+    return {"steps": step, "total_steps": total, "resumed_from": resumed_from,
+            "final_loss": losses[-1] if losses else None,
             "mean_loss_last_10": sum(losses[-10:]) / max(1, len(losses[-10:])), "losses": losses}
 
 
@@ -240,27 +383,24 @@ def _caption_distilled_loss(model, core, batch: list[ConversationSample], inputs
     return out.loss + weight * distance / len(layers)
 
 
-def _save_checkpoint(model, optimizer, scheduler, folder: Path, step: int, losses: list[float], cfg: TrainConfig):
+def _save_checkpoint(model, optimizer, scheduler, folder: Path, step: int, losses: list[float], identity: dict):
     with atomic_directory(folder, overwrite=True) as tmp:
         tensors = {n: p.detach() for n, p in trainable_parameters(model).items()}
         tensors["__rng_state__"] = torch.get_rng_state()
         save_tensors(tensors, tmp / "trainable.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / "trainer_state.json").write_text(json.dumps({
-            "step": step, "losses": losses, "scheduler": scheduler.state_dict(), "config": cfg.to_dict(),
-        }))
+            "step": step, "losses": losses, "scheduler": scheduler.state_dict(), "config": identity["config"],
+            "identity": identity,
+        }, indent=1, sort_keys=True) + "\n")
     for old in folder.parent.glob("step-*"):  # keep only the newest checkpoint
         if old != folder and old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _restore(model, optimizer, scheduler, folder: Path, cfg: TrainConfig):
+def _restore(model, optimizer, scheduler, folder: Path):
+    """Continue from checkpoint `folder` (its run identity already checked: `check_resumable`)."""
     state = json.loads((folder / "trainer_state.json").read_text())
-    # a field added since the checkpoint was written reads as its default
-    written = type(cfg).from_dict(state["config"], source=str(folder / "trainer_state.json"))
-    if written != cfg:
-        raise ValueError(f"{folder}: this checkpoint was written with a different training config; "
-                         f"use another checkpoint folder or the same settings")
     tensors = load_tensors(folder / "trainable.safetensors")
     torch.set_rng_state(tensors.pop("__rng_state__"))
     params = trainable_parameters(model)

@@ -11,6 +11,7 @@ import mcomp
 from mcomp.checkpoint import base_weights_sha256
 from mcomp.cli import main
 from mcomp.data import load_conversation_data
+from mcomp.fingerprint import IdentityMismatch
 from mcomp.lora import routed_layers
 from mcomp.model import MultimodalLM, split_common_prefix
 from mcomp.tiny import build_llm, tiny_image_adapter_config
@@ -84,8 +85,8 @@ def test_interrupted_training_resumes_to_identical_weights(tokenizer, image_data
     assert set(a) == set(b)
     for name in a:
         assert torch.equal(a[name], b[name]), name
-    with pytest.raises(ValueError, match="different training config"):
-        train(fresh_model(tokenizer), samples, TrainConfig(stage=2, max_steps=7, log_every=0), tmp_path / "b")
+    with pytest.raises(IdentityMismatch, match=r"holds different work \(config.max_steps: 6 there, 7 now\)"):
+        train(fresh_model(tokenizer), samples, dataclasses.replace(cfg, max_steps=7), tmp_path / "b")
 
 
 @pytest.mark.parametrize("decoupled", [False, True])

@@ -25,8 +25,12 @@ def add_parser(sub) -> None:
     p.add_argument("--data", required=True, help="training JSON ([{id, conversations, modal_inputs}])")
     p.add_argument("--data-root", help="folder media paths are relative to (default: the JSON's folder)")
     p.add_argument("--out", required=True, help="output model directory (must not exist unless --force)")
-    p.add_argument("--checkpoint-dir", help="resumable checkpoints (default: <out>.checkpoints)")
-    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--checkpoint-dir", help="resumable checkpoints (default: <out>.checkpoints); a run resumes "
+                                            "from them only if they record the same run (data, start model, config)")
+    p.add_argument("--force", action="store_true",
+                   help="start afresh: clear the checkpoint folder (only one of mcomp checkpoints) and replace --out")
+    p.add_argument("--allow-media-outside-root", action="store_true",
+                   help="train on media files that resolve outside the data root (by '..' or a symlink)")
     p.add_argument("--config", help="a JSON file with TrainConfig fields; flags below override it")
     p.add_argument("--stage", type=int, choices=(1, 2))
     p.add_argument("--decoupled", action="store_true", default=None, help="DAMC: separate text/modality LoRA")
@@ -39,12 +43,17 @@ def add_parser(sub) -> None:
 
 
 def build_start_model(args):
+    """The model to train and the identity of where it starts (for the checkpoints' run identity):
+    --init: a digest of the model folder (its mcomp_config.json holds the base LLM's checksum, checked
+    on load); --base: the base LLM's weights checksum, its tokenizer files and the adapter configs."""
     import mcomp
     from mcomp import tiny
+    from mcomp.checkpoint import base_weights_sha256, tokenizer_sha256
+    from mcomp.fingerprint import directory_digest
     from mcomp.model import MultimodalLM
 
     if args.init:
-        return mcomp.load(args.init)
+        return mcomp.load(args.init), {"init_digest": directory_digest(args.init)}
     if args.adapter_config:
         adapter_cfg = json.loads(Path(args.adapter_config).read_text())
     elif args.adapter.startswith("tiny:"):
@@ -63,12 +72,16 @@ def build_start_model(args):
 
         tokenizer = AutoTokenizer.from_pretrained(args.base, trust_remote_code=False)
         llm = AutoModelForCausalLM.from_pretrained(args.base, trust_remote_code=False)
-    return MultimodalLM.build(llm, tokenizer, [adapter_cfg])
+    model = MultimodalLM.build(llm, tokenizer, [adapter_cfg])
+    start = {"base_sha256": base_weights_sha256(llm),
+             "tokenizer_sha256": None if args.base == "tiny" else tokenizer_sha256(args.base),
+             "adapters": [a.config.to_dict() for a in model.adapters.values()]}
+    return model, start
 
 
 def run(args: argparse.Namespace) -> int:
     from mcomp.data import load_conversation_data
-    from mcomp.io import sha256_file
+    from mcomp.io import check_apart, sha256_file
     from mcomp.train import TrainConfig, train
 
     fields = json.loads(Path(args.config).read_text()) if args.config else {}
@@ -79,16 +92,30 @@ def run(args: argparse.Namespace) -> int:
             fields[key] = value
     cfg = TrainConfig.from_dict(fields, source=args.config or "command line")
     out = Path(args.out)
+    checkpoints = Path(args.checkpoint_dir or f"{out}.checkpoints")
+    # what --force must never delete: checked now, not after hours of training
+    inputs = [args.init, None if args.base in (None, "tiny") else args.base, args.data]
+    check_apart(out, inputs)
+    check_apart(checkpoints, [out, *inputs])
     if out.exists() and not args.force:
         raise FileExistsError(f"{out} already exists (use --force to replace it)")
     samples = load_conversation_data(args.data, args.data_root)
-    model = build_start_model(args)
-    summary = train(model, samples, cfg, args.checkpoint_dir or f"{out}.checkpoints")
+    data_sha256 = sha256_file(args.data)
+    model, start = build_start_model(args)
+    identity = {"data_sha256": data_sha256,
+                "data_root": str(Path(args.data_root if args.data_root is not None else Path(args.data).parent).resolve()),
+                "start_model": start}
+    summary = train(model, samples, cfg, checkpoints, identity=identity, restart=args.force,
+                    allow_media_outside_root=args.allow_media_outside_root)
     history = list(model.provenance.get("training", []))
     history.append({"config": cfg.to_dict(), "data": str(Path(args.data).resolve()),
-                    "data_sha256": sha256_file(args.data), "steps": summary["steps"],
+                    "data_sha256": data_sha256, "steps": summary["steps"],
                     "final_loss": summary["final_loss"]})
     model.provenance = {**model.provenance, "training": history}
-    model.save_pretrained(out, overwrite=args.force)
-    print(f"trained {summary['steps']} steps, final loss {summary['final_loss']:.4f}; saved {out}")
+    model.save_pretrained(out, overwrite=args.force, inputs=inputs)
+    done = summary["steps"] - summary["resumed_from"]
+    resumed = f" ({done} in this run, resumed from step {summary['resumed_from']} in {checkpoints})" \
+        if summary["resumed_from"] else ""
+    loss = "n/a" if summary["final_loss"] is None else f"{summary['final_loss']:.4f}"
+    print(f"trained {summary['steps']} steps{resumed}, final loss {loss}; saved {out}")
     return 0
