@@ -80,7 +80,7 @@ def build_start_model(args):
 
 
 def run(args: argparse.Namespace) -> int:
-    from mcomp.data import load_conversation_data
+    from mcomp.data import TrainingDataError, load_conversation_data
     from mcomp.io import check_apart, sha256_file
     from mcomp.train import TrainConfig, train
 
@@ -105,8 +105,11 @@ def run(args: argparse.Namespace) -> int:
     identity = {"data_sha256": data_sha256,
                 "data_root": str(Path(args.data_root if args.data_root is not None else Path(args.data).parent).resolve()),
                 "start_model": start}
-    summary = train(model, samples, cfg, checkpoints, identity=identity, restart=args.force,
-                    allow_media_outside_root=args.allow_media_outside_root)
+    try:
+        summary = train(model, samples, cfg, checkpoints, identity=identity, restart=args.force,
+                        allow_media_outside_root=args.allow_media_outside_root)
+    except TrainingDataError as err:  # the message names samples and files; say which data they are from
+        raise TrainingDataError(f"{args.data}: {err}") from err
     history = list(model.provenance.get("training", []))
     history.append({"config": cfg.to_dict(), "data": str(Path(args.data).resolve()),
                     "data_sha256": data_sha256, "steps": summary["steps"],
