@@ -1,7 +1,10 @@
-"""On-disk cache of encoder features, keyed by encoder fingerprint and media content hash.
+"""On-disk cache of encoder features, keyed by encoder fingerprint, media content hash and the
+versions of the code that computed them.
 
 Encoders are frozen and shared by every composition of the same modality models, so their
 outputs can be reused across runs; projectors differ per model and are applied after the cache.
+Each entry records its key in the safetensors metadata and is checked against it when read, so a
+corrupt file, or a foreign one at the same path, is recomputed instead of being used.
 """
 from __future__ import annotations
 
@@ -11,10 +14,15 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
-from mcomp.io import load_tensors, save_tensors, sha256_file
+from mcomp.fingerprint import canonical_json, code_versions
+from mcomp.io import save_tensors, sha256_file
 
 logger = logging.getLogger(__name__)
+
+KEY_FORMAT = "mcomp.feature_cache/1"
+KEY_VERSIONS = ("mcomp", "torch")  # the code whose numerics the features depend on
 
 
 class ContentHashes:
@@ -39,23 +47,62 @@ class FeatureCache:
         self.root = Path(root)
         self.hits = 0
         self.misses = 0
+        self.rejected = 0  # entries present but not matching their key (counted in misses too)
         self.hashes = hashes or ContentHashes()
+        versions = code_versions()  # read once: looking versions up costs a metadata scan
+        self.versions = {name: versions.get(name, "") for name in KEY_VERSIONS}
 
-    def _path(self, fingerprint: str, source: str) -> Path:
-        digest = hashlib.sha256(f"{fingerprint}:{self.hashes(source)}".encode()).hexdigest()
-        return self.root / fingerprint / digest[:2] / f"{digest}.safetensors"
+    def key(self, fingerprint: str, source) -> dict[str, str] | None:
+        """Everything an entry's features depend on; None for a source with no stable identity."""
+        digest = self.hashes(source)
+        if digest is None:
+            return None
+        return {"format": KEY_FORMAT, "encoder": fingerprint, "media_sha256": digest, **self.versions}
+
+    def path(self, fingerprint: str, source) -> Path | None:
+        """Where the entry of `source` under the encoder `fingerprint` lives (None: not cacheable)."""
+        key = self.key(fingerprint, source)
+        return None if key is None else self._path(key)
+
+    def _path(self, key: dict[str, str]) -> Path:
+        digest = hashlib.sha256(canonical_json(key).encode()).hexdigest()
+        return self.root / key["encoder"] / digest[:2] / f"{digest}.safetensors"
 
     def get(self, fingerprint: str, source) -> torch.Tensor | None:
-        if self.hashes(source) is None:
+        key = self.key(fingerprint, source)
+        if key is None:
             return None  # only files on disk have a stable identity
-        path = self._path(fingerprint, os.fspath(source))
+        path = self._path(key)
         if not path.is_file():
             self.misses += 1
             return None
+        features = self._read(path, key)
+        if features is None:
+            self.misses += 1
+            self.rejected += 1
+            return None
         self.hits += 1
-        return load_tensors(path)["features"]
+        return features
+
+    def _read(self, path: Path, key: dict[str, str]) -> torch.Tensor | None:
+        """The entry's features if its recorded key is `key`; None (with a warning) otherwise."""
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                recorded = f.metadata() or {}
+                features = f.get_tensor("features") if "features" in f.keys() else None
+        except (SafetensorError, OSError, ValueError) as err:
+            logger.warning("feature cache entry %s is unreadable (%s); recomputing it", path, err)
+            return None
+        wrong = sorted(k for k in key if recorded.get(k) != key[k])
+        if wrong or features is None:
+            logger.warning("feature cache entry %s is not the entry for this input (%s); recomputing it", path,
+                           "; ".join(f"{k}: {recorded.get(k)!r} there, {key[k]!r} wanted" for k in wrong)
+                           or "no 'features' tensor")
+            return None
+        return features
 
     def put(self, fingerprint: str, source, features: torch.Tensor) -> None:
-        if self.hashes(source) is None:
+        key = self.key(fingerprint, source)
+        if key is None:
             return
-        save_tensors({"features": features.detach().cpu()}, self._path(fingerprint, os.fspath(source)))
+        save_tensors({"features": features.detach().cpu()}, self._path(key), metadata=key)
