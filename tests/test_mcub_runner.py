@@ -197,7 +197,7 @@ def test_bad_input_fails_before_any_compute(bench, model, tmp_path):
     assert not any((tmp_path / x).exists() for x in "abcd")  # no run directory, nothing computed
     # a run directory holds one evaluation: another one is refused
     evaluate(model, load_task("mcub4"), bench, tmp_path / "e", mode="loglik", limit=1)
-    with pytest.raises(ValueError, match="holds a different evaluation .*mode: 'loglik' there, 'generate' now"):
+    with pytest.raises(ValueError, match='holds different work .*mode: "loglik" there, "generate" now.*--force'):
         evaluate(model, load_task("mcub4"), bench, tmp_path / "e", mode="generate", limit=1)
 
 
@@ -253,9 +253,10 @@ def test_resume_after_kill(bench, model, tmp_path):
     with open(part, "ab") as f:  # a record cut off mid-write
         f.write(b'{"subset": "MCUB-4", "id": "mcub-4_00')
 
-    ran = []  # the fixture model is the one the CLI builds for TINY4 (same seed)
+    ran = []  # the fixture model is the one the CLI builds for TINY4 (same seed), so it claims the CLI's identity
     resumed = evaluate(model, load_task("mcub4"), tmp_path / "data", run_dir, mode="generate",
-                       max_new_tokens=4, model_name=TINY4, on_record=lambda r: ran.append(r["id"]))
+                       max_new_tokens=4, model_name=TINY4, on_record=lambda r: ran.append(r["id"]),
+                       model_identity={"tiny": TINY4, "seed": 0})
     assert len(ran) == n - len(done) and not {r["id"] for r in done} & set(ran)
     reference = evaluate(model, load_task("mcub4"), tmp_path / "data", tmp_path / "ref", mode="generate",
                          max_new_tokens=4, model_name=TINY4)
@@ -265,8 +266,17 @@ def test_resume_after_kill(bench, model, tmp_path):
     assert killed == ref
 
 
-def test_feature_cache_shared_across_compositions(bench, tmp_path):
+def _cache_stats(caplog) -> dict:
+    """The feature cache figures the run logged (they are not in results.json: they depend on cache warmth)."""
+    logged = [r for r in caplog.records if r.name.endswith("runner") and "feature cache" in r.getMessage()]
+    stats = logged[-1].args[-1]
+    caplog.clear()
+    return stats
+
+
+def test_feature_cache_shared_across_compositions(bench, tmp_path, caplog):
     """Two models with the same encoders (different LLM and projectors): the second encodes nothing."""
+    caplog.set_level("INFO", logger="mcomp.benchmarks.mcub.runner")
     first = build_tiny_model("tiny:image,video", seed=0)
     second = build_tiny_model("tiny:image,video", seed=0)
     with torch.no_grad():
@@ -274,9 +284,10 @@ def test_feature_cache_shared_across_compositions(bench, tmp_path):
             p.add_(0.05 * torch.randn_like(p))
     task = load_task("avqa")
     kw = dict(mode="loglik", subsets=["image", "image+video"], feature_cache=tmp_path / "features")
-    a = evaluate(first, task, bench, tmp_path / "a", **kw)
-    b = evaluate(second, task, bench, tmp_path / "b", **kw)
-    stats_a, stats_b = a["run"]["feature_cache_main_process"], b["run"]["feature_cache_main_process"]
+    evaluate(first, task, bench, tmp_path / "a", **kw)
+    stats_a = _cache_stats(caplog)
+    evaluate(second, task, bench, tmp_path / "b", **kw)
+    stats_b = _cache_stats(caplog)
     assert stats_a["encoded"] > 0 and stats_a["disk_hits"] == 0 and stats_a["disk_misses"] == stats_a["encoded"]
     assert stats_b["encoded"] == 0 and stats_b["disk_hits"] == stats_a["encoded"]
     assert stats_a["memory_hits"] > 0  # files shared by several questions were encoded once

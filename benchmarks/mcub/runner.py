@@ -1,18 +1,25 @@
 """The evaluation loop: samples -> prompts -> model -> per-sample records -> metrics.
 
 Run directory layout:
-    run.json            what this run evaluates (checked on resume: a different run is refused)
+    run.json            the run's identity: fingerprints of everything that determines the records
+                        (model content, question and answer files, task config, mode, limit, seed,
+                        generation length, batch size, dtype, device type, code versions)
     samples.part-N.jsonl records appended by process N while the run is going (flush + fsync per line)
     samples.jsonl       all records in question-file order, written when the run completes
-    results.json        metrics per subset, sample counts, model provenance, versions, seed
+    results.json        metrics per subset, sample counts, model provenance, versions, seed; nothing
+                        that depends on the clock or on cache warmth, so the same inputs give the same bytes
 
-Resuming: every sample that already has a record (in any of those files) is skipped, so a run that
-was killed continues where it stopped; no sample is evaluated or counted twice, and the final
-numbers equal those of an uninterrupted run (sample work does not depend on what ran before).
+Resuming: the identity asked for must equal the one in run.json (otherwise the run is refused,
+naming what changed; `force` discards the earlier records). Every sample that already has a record
+(in any of those files) is skipped, so a run that was killed continues where it stopped; no sample
+is evaluated or counted twice. Batches are cut on a fixed grid over all samples in question-file
+order and a batch with any sample left runs whole, and each batch seeds the random generators from
+its index, so a resumed run's records equal those of an uninterrupted run bit for bit.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -39,6 +46,8 @@ from mcomp.benchmarks.mcub.scoring import accuracy
 from mcomp.benchmarks.mcub.tasks import ModeSpec, Task
 from mcomp.conversation import get_template
 from mcomp.errors import MediaBatchError, MediaError, PlaceholderMismatchError
+from mcomp import faults
+from mcomp.fingerprint import check_same_work, code_versions, fingerprint
 from mcomp.io import atomic_write_text, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -244,13 +253,61 @@ def _record_scores(p: _OptionRequest, scores, scorer) -> None:
                   prediction_norm=prediction_n, correct_norm=bool(correct_n) and target is not None)
 
 
-def _identity(task: Task, mode: str, data: EvalData, limit, seed, max_new_tokens, model_name) -> dict[str, Any]:
+def state_digest(model) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of every tensor in `model.state_dict()`."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}\0".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def model_fingerprint(model) -> dict[str, Any]:
+    """The identity of an in-memory model, for `evaluate` called without `model_identity`: its class,
+    the digest of its weights and the settings that steer its forward pass (prompt template,
+    adapter configs, LoRA routes). The tokenizer is not covered: pass `model_identity` where it may
+    change while the weights stay."""
+    routing = getattr(model, "routing", None)
+    template = getattr(model, "template", None)
+    adapters = getattr(model, "adapters", None) or {}
     return {
-        "task": task.name, "mode": mode, "subsets": [name for name, _, _ in data.subsets],
-        "questions": {name: os.path.abspath(q) for name, q, _ in data.subsets},
-        "answers": os.path.abspath(data.answers_path), "limit": limit, "seed": seed,
-        "max_new_tokens": max_new_tokens, "model": model_name,
+        "class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "state_sha256": state_digest(model),
+        "settings": fingerprint({
+            "template": getattr(template, "name", None),
+            "adapters": {m: a.config.to_dict() if hasattr(getattr(a, "config", None), "to_dict") else None
+                         for m, a in adapters.items()},
+            "routes": {r: [[n, c] for n, c in t] for r, t in getattr(routing, "routes", {}).items()}
+            if routing is not None else None,
+        }),
     }
+
+
+def _identity(task: Task, mode: str, spec: ModeSpec, data: EvalData, limit, seed, max_new_tokens, step: int,
+              model, model_identity: Mapping[str, Any]) -> dict[str, Any]:
+    first = next(model.parameters())
+    return {
+        "task": task.name, "task_config": fingerprint(task.raw), "mode": mode,
+        "subsets": [name for name, _, _ in data.subsets],
+        "questions_sha256": {name: _file_digest(q) for name, q, _ in data.subsets},
+        "answers_sha256": _file_digest(data.answers_path), "limit": limit, "seed": seed,
+        "max_new_tokens": (max_new_tokens if max_new_tokens is not None else spec.max_new_tokens)
+        if mode == "generate" else None,
+        "batch_size": step, "dtype": str(first.dtype).replace("torch.", ""), "device": first.device.type,
+        "model": dict(model_identity), "code": code_versions(),
+    }
+
+
+RUN_FILES = ("run.json", "results.json", "samples.jsonl")
+
+
+def _discard_run(run_dir: Path) -> None:
+    """Remove an earlier run's files (only those: the directory and anything else in it stay)."""
+    for path in [*(run_dir / name for name in RUN_FILES), *sorted(run_dir.glob("samples.part-*.jsonl"))]:
+        if path.is_file():
+            logger.info("--force: removing %s", path)
+            path.unlink()
 
 
 def _check_or_write_identity(run_dir: Path, identity: dict, proc: ProcessInfo) -> None:
@@ -260,11 +317,17 @@ def _check_or_write_identity(run_dir: Path, identity: dict, proc: ProcessInfo) -
     proc.barrier()
     with open(path, encoding="utf-8") as f:
         old = json.load(f)
-    differ = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
-    if differ:
-        details = "; ".join(f"{k}: {old.get(k)!r} there, {identity.get(k)!r} now" for k in differ)
-        raise ValueError(f"{run_dir} holds a different evaluation ({details}); use another --out directory "
-                         f"to start a new run")
+    check_same_work(str(run_dir), old, identity,
+                    "its records are not those of this evaluation; `mcomp eval --force` (evaluate(force=True)) "
+                    "discards them and starts afresh, or use another --out directory")
+
+
+def _seed_batch(seed: int, index: int) -> None:
+    """Seed the generators from the run's seed and the batch's index, so a batch's work does not
+    depend on which batches ran before it in this process."""
+    value = int(fingerprint([seed, index])[:15], 16)
+    random.seed(value)
+    torch.manual_seed(value)
 
 
 def _done_keys(run_dir: Path) -> set[tuple[str, str]]:
@@ -288,11 +351,16 @@ def evaluate(
     proc: ProcessInfo | None = None,
     on_record: Callable[[dict], None] | None = None,
     batch_size: int = 1,
+    model_identity: Mapping[str, Any] | None = None,
+    force: bool = False,
 ) -> dict[str, Any] | None:
     """Evaluate `model` on `task`; returns the results (on the main process; None on the others).
 
     `batch_size`: in log-likelihood mode, samples whose contexts run as one forward (the scores
-    equal one-at-a-time scoring up to float rounding)."""
+    equal one-at-a-time scoring up to float rounding; a given batch size always gives the same bits).
+    `model_identity`: what identifies the model's content in run.json (`mcomp eval` passes the saved
+    directory's digest, or the tiny spec and seed); None: `model_fingerprint(model)`, a digest of the
+    in-memory weights and settings. `force`: discard the run directory's earlier run files first."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     proc = proc or ProcessInfo()
@@ -300,50 +368,62 @@ def evaluate(
     data = load_data(task, data_root, subsets, questions, answers, limit)
     check_modalities(model, task, data)
     model_name = model_name or type(model).__name__
+    step = batch_size if mode == "loglik" else 1  # generation runs one sample at a time
+    identity = _identity(task, mode, spec, data, limit, seed, max_new_tokens, step, model,
+                         model_identity if model_identity is not None else model_fingerprint(model))
     run_dir = Path(out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    identity = _identity(task, mode, data, limit, seed, max_new_tokens, model_name)
+    if force and proc.is_main:
+        _discard_run(run_dir)
     _check_or_write_identity(run_dir, identity, proc)
 
     done = _done_keys(run_dir)
     proc.barrier()  # every process has read the same finished samples before any writes more
-    pending = [s for s in data.samples if s.key not in done]
-    mine = proc.shard(pending)
-    logger.info("%s/%s: %d sample(s), %d already done, %d for process %d", task.name, mode, len(data.samples),
-                len(data.samples) - len(pending), len(mine), proc.rank)
+    samples = data.samples
+    # a fixed grid over all samples: batch k is samples[k*step:(k+1)*step] on process k % world_size,
+    # whatever ran before, so a resumed batch is the same batch as in an uninterrupted run
+    batches = [(k, samples[first : first + step]) for k, first in enumerate(range(0, len(samples), step))]
+    mine = [(k, batch) for k, batch in batches
+            if k % proc.world_size == proc.rank and any(s.key not in done for s in batch)]
+    n_mine = sum(1 for _, batch in mine for s in batch if s.key not in done)
+    logger.info("%s/%s: %d sample(s), %d already done, %d for process %d", task.name, mode, len(samples),
+                sum(1 for s in samples if s.key in done), n_mine, proc.rank)
 
-    random.seed(seed)
-    torch.manual_seed(seed)
     state = OptionState(data.all_targets)
     previous_cache = getattr(model, "feature_cache", None)
-    cache = EvalFeatureCache(feature_cache)
+    adapters = getattr(model, "adapters", None) or {}
+    cache = EvalFeatureCache(feature_cache, encoders=adapters.values())
     model.feature_cache = cache
     was_training = model.training
     model.eval()
     start = time.perf_counter()
+    written = 0
     try:
         with RecordWriter(run_dir / f"samples.part-{proc.rank}.jsonl") as writer:
-            step = batch_size if mode == "loglik" else 1
-            for first in range(0, len(mine), step):
-                chunk = mine[first : first + step]
-                records = evaluate_samples(model, task, mode, spec, chunk, [data.targets[s.key] for s in chunk],
+            for k, batch in mine:
+                _seed_batch(seed, k)
+                records = evaluate_samples(model, task, mode, spec, batch, [data.targets[s.key] for s in batch],
                                            state, max_new_tokens)
-                for sample, record in zip(chunk, records):
+                for sample, record in zip(batch, records):
+                    if sample.key in done:
+                        continue  # recorded by an earlier session; the batch ran whole for the others' sake
                     record = _finite(record)
                     writer.write(record)
+                    faults.point("eval.record")
+                    written += 1
                     if record["error"]:
                         logger.warning("sample %r (%s): %s", sample.id, sample.subset, record["error"])
                     if on_record is not None:
                         on_record(record)
-                done_now = first + len(chunk)
-                if done_now // 50 > first // 50:
-                    rate = done_now / max(time.perf_counter() - start, 1e-9)
-                    logger.info("process %d: %d/%d samples (%.2f/s)", proc.rank, done_now, len(mine), rate)
+                    if written % 50 == 0:
+                        rate = written / max(time.perf_counter() - start, 1e-9)
+                        logger.info("process %d: %d/%d samples (%.2f/s)", proc.rank, written, n_mine, rate)
     finally:
         model.feature_cache = previous_cache
         model.train(was_training)
     elapsed = time.perf_counter() - start
-    logger.info("process %d: %d sample(s) in %.1f s; feature cache %s", proc.rank, len(mine), elapsed, cache.stats())
+    # session figures go to the log, not results.json: they depend on the clock and on cache warmth
+    logger.info("process %d: %d sample(s) in %.1f s; feature cache %s", proc.rank, written, elapsed, cache.stats())
     proc.barrier()
     if not proc.is_main:
         return None
@@ -373,10 +453,8 @@ def evaluate(
         if mode == "generate" else None,
         "versions": _versions(),
         "run": {
-            "world_size": proc.world_size, "last_session_seconds": round(elapsed, 3),
-            "last_session_samples_main_process": len(mine), "feature_cache_main_process": cache.stats(),
+            "world_size": proc.world_size,
             "feature_cache_dir": os.path.abspath(feature_cache) if feature_cache else None,
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
     }
     payload = _finite(payload)  # NaN (e.g. the standard error of a single sample) -> None, as written

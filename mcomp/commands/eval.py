@@ -38,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="loglik mode: samples whose contexts run as one forward (scores equal up to rounding)")
     p.add_argument("--device", help="cpu, cuda, ... (default: the process's accelerator, else cpu)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="load the model in this dtype")
+    p.add_argument("--force", action="store_true",
+                   help="discard the run directory's earlier records and start afresh")
 
 
 def add_parser(sub) -> None:
@@ -101,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
     from mcomp.benchmarks.mcub.distributed import process_info
     from mcomp.benchmarks.mcub.runner import evaluate
     from mcomp.benchmarks.mcub.tasks import load_task
+    from mcomp.fingerprint import directory_digest
 
     task = load_task(args.task)  # unknown task / bad YAML: error before loading anything heavy
     task.mode(args.mode)
@@ -109,12 +112,16 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--limit must be >= 0")
     proc = process_info(args.device)
     torch.manual_seed(args.seed)
+    # what run.json records of the model: a tiny model's spec and seed, or the content of the saved
+    # directory (read before loading, so a folder rebuilt under the same name is told apart)
+    identity = ({"tiny": args.model, "seed": args.seed} if args.model.startswith(TINY_PREFIX)
+                else {"directory_sha256": directory_digest(args.model)} if os.path.isdir(args.model) else None)
     model, name = load_model(args.model, args.seed, proc.device, args.dtype)
     results = evaluate(
         model, task, data_root=args.data_root, out_dir=args.out, mode=args.mode, subsets=args.subset or None,
         questions=args.questions, answers=args.answers, limit=args.limit, seed=args.seed,
         feature_cache=args.feature_cache, max_new_tokens=args.max_new_tokens, model_name=name, proc=proc,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size, model_identity=identity, force=args.force,
     )
     if results is not None:
         print(format_results(results))
