@@ -39,6 +39,10 @@ SOUNDFILE_EXTENSIONS = frozenset({".wav", ".wave", ".flac", ".ogg", ".oga", ".op
 CONTAINER_EXTENSIONS = frozenset({".mp4", ".m4a", ".m4v", ".mov", ".webm", ".mkv", ".mka", ".avi", ".aac"})
 AUDIO_EXTENSIONS = SOUNDFILE_EXTENSIONS | CONTAINER_EXTENSIONS
 
+# Decoded samples (all channels) a file may hold: 1 GiB as float32, 46 min of 48 kHz stereo. A few KB of
+# compressed silence can decode to far more; raise it for longer recordings.
+MAX_AUDIO_SAMPLES = 1 << 28
+
 FBANK_MEAN = 15.41663  # published BEATs fbank statistics
 FBANK_STD = 6.55582
 
@@ -77,11 +81,23 @@ def load_audio(path: str, modality: str = "audio") -> DecodedAudio:
     return decoded
 
 
+def _too_long(path: str, what: str, modality: str) -> MediaError:
+    return MediaError(path, f"{what}, over the limit of {MAX_AUDIO_SAMPLES} samples "
+                      f"(mcomp.encoders.audio.MAX_AUDIO_SAMPLES; raise it for longer recordings)", modality)
+
+
 def _decode_soundfile(path: str, modality: str) -> DecodedAudio:
     import soundfile as sf
 
     try:
-        data, rate = sf.read(path, dtype="float32", always_2d=True)  # [samples, channels], ints scaled to [-1, 1]
+        with sf.SoundFile(path) as f:
+            # sf reads the length the header declares, allocated up front: check it before reading
+            if f.frames * f.channels > MAX_AUDIO_SAMPLES:
+                raise _too_long(path, f"the header declares {f.frames} x {f.channels} samples", modality)
+            data = f.read(dtype="float32", always_2d=True)  # [samples, channels], ints scaled to [-1, 1]
+            rate = f.samplerate
+    except MediaError:
+        raise
     except (sf.SoundFileError, RuntimeError, ValueError) as err:
         raise MediaError(path, f"unreadable or corrupt audio file ({err})", modality) from None
     return DecodedAudio(torch.from_numpy(np.ascontiguousarray(data.T)), int(rate), path)
@@ -101,12 +117,17 @@ def _decode_container(path: str, modality: str) -> DecodedAudio:
         stream = container.streams.audio[0]
         # Convert every frame to planar float at its own rate and layout: [channels, samples] blocks.
         to_float = av.AudioResampler(format="fltp")
-        chunks, rate = [], stream.rate
+        chunks, rate, total = [], stream.rate, 0
         try:
             for frame in container.decode(stream):
                 rate = frame.sample_rate
                 chunks.extend(f.to_ndarray() for f in to_float.resample(frame))
+                total += frame.samples * max(1, len(frame.layout.channels))
+                if total > MAX_AUDIO_SAMPLES:  # the length is known only by decoding: stop once over
+                    raise _too_long(path, f"the audio decodes to at least {total} samples", modality)
             chunks.extend(f.to_ndarray() for f in to_float.resample(None))
+        except MediaError:
+            raise
         except (av.FFmpegError, ValueError) as err:
             raise MediaError(path, f"corrupt audio stream ({err})", modality) from None
     if not chunks or not rate:

@@ -6,6 +6,7 @@ Defaults mirror the published image MLLM (LLaVA-1.5 style): CLIP ViT-L/14-336 (O
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 import torch
@@ -19,18 +20,70 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def image_pixel_limit() -> int | None:
+    """Pillow's decompression-bomb limit, read at each call so a user who raises it is honoured."""
+    return Image.MAX_IMAGE_PIXELS
+
+
+def check_image_size(size: tuple[int, int], path: str | None, modality: str = "image") -> None:
+    """Refuse an image over the decompression-bomb limit, from its header, before any pixel is decoded.
+
+    Pillow only warns between `Image.MAX_IMAGE_PIXELS` and twice that; a sample that decodes to
+    gigabytes must not pass on a warning, so both ranges are an error here.
+    """
+    limit = image_pixel_limit()
+    width, height = size
+    if limit is not None and max(1, width) * max(1, height) > limit:
+        raise MediaError(
+            path, f"image of {width} x {height} pixels exceeds the decompression-bomb limit of {limit} pixels "
+            f"(PIL.Image.MAX_IMAGE_PIXELS; raise it to accept larger images)", modality,
+        )
+
+
+def _bomb_reason(err: Exception) -> str:
+    """Pillow's own refusal (over twice the limit, raised before the size is known to us)."""
+    found = re.search(r"\((\d+) pixels\)", str(err))
+    what = f"image of {found.group(1)} pixels" if found else "image"
+    return (f"{what} exceeds the decompression-bomb limit of {image_pixel_limit()} pixels "
+            f"(PIL.Image.MAX_IMAGE_PIXELS; raise it to accept larger images)")
+
+
 def load_image(path: str, modality: str = "image") -> Image.Image:
     """Decode an image file fully (a truncated file fails here, not later) as RGB."""
     try:
-        with Image.open(path) as img:
+        with Image.open(path) as img:  # reads the header only
+            check_image_size(img.size, path, modality)
             img.load()
             return img.convert("RGB")
+    except MediaError:  # a ValueError: not to be taken for corruption below
+        raise
     except FileNotFoundError:
         raise MediaError(path, "file not found", modality) from None
     except UnidentifiedImageError:
         raise MediaError(path, "not a recognised image format", modality) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:  # the warning under -W error
+        raise MediaError(path, _bomb_reason(err), modality) from None
     except (OSError, SyntaxError, ValueError) as err:  # PIL reports truncation/corruption as OSError
         raise MediaError(path, f"corrupt or truncated image ({err})", modality) from None
+
+
+def check_working_size(size: tuple[int, int], image_size: int, aspect_ratio: str, modality: str = "image") -> None:
+    """Bound the intermediate image too: the square canvas (pad) or the short-side resize of a long, thin
+    image can be far larger than the image itself."""
+    limit = image_pixel_limit()
+    width, height = max(1, size[0]), max(1, size[1])
+    if aspect_ratio == "pad":
+        side = max(width, height)
+        pixels, step = side * side, f"padding it to a square gives {side} x {side} pixels"
+    else:
+        scale = image_size / min(width, height)
+        new_w, new_h = round(width * scale), round(height * scale)
+        pixels, step = new_w * new_h, f"resizing its short side to {image_size} gives {new_w} x {new_h} pixels"
+    if limit is not None and pixels > limit:
+        raise MediaError(
+            None, f"the image is {width} x {height} pixels and {step}, over the decompression-bomb limit of "
+            f"{limit} pixels (PIL.Image.MAX_IMAGE_PIXELS)", modality,
+        )
 
 
 def expand_to_square(img: Image.Image, mean: tuple[float, ...]) -> Image.Image:
@@ -99,6 +152,7 @@ class ImageAdapter(ModalityAdapter):
     def preprocess(self, raw: Image.Image) -> torch.Tensor:
         if not isinstance(raw, Image.Image):
             raise MediaError(None, f"expected a file path or a PIL image, got {type(raw).__name__}", self.modality)
+        check_working_size(raw.size, self.encoder.image_size, self.config.image_aspect_ratio, self.modality)
         img = raw.convert("RGB")
         if self.config.image_aspect_ratio == "pad":
             img = expand_to_square(img, CLIP_MEAN)

@@ -39,6 +39,12 @@ OPEN3D_EXTENSIONS = (".ply", ".pcd", ".xyz", ".xyzrgb", ".pts")
 POINT_EXTENSIONS = OPEN3D_EXTENSIONS + (".npy",)
 NORMALIZATIONS = ("none", "unit_sphere")
 RESAMPLE_METHODS = ("random", "fps")
+# Points a file may declare (about 3 GiB of xyz + rgb as float64 in open3d); raise it for larger clouds.
+MAX_POINTS = 1 << 26
+# Up to this many declared points open3d's own checks are enough (a few MB allocated at most).
+_SMALL_DECLARED_POINTS = 1 << 20
+_PLY_TYPE_SIZES = {"char": 1, "int8": 1, "uchar": 1, "uint8": 1, "short": 2, "int16": 2, "ushort": 2, "uint16": 2,
+                   "int": 4, "int32": 4, "uint": 4, "uint32": 4, "float": 4, "float32": 4, "double": 8, "float64": 8}
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _LEVEL_TAG = re.compile(r"^\[Open3D \w+\]\s*")
 
@@ -63,8 +69,92 @@ def read_point_file(path: str, modality: str = "point") -> PointCloudData:
         )
     if not os.path.isfile(path):
         raise MediaError(path, "file not found", modality)
+    if ext != ".npy":
+        check_declared_points(path, ext, modality)
     xyz, rgb = _read_npy(path, modality) if ext == ".npy" else _read_open3d(path, modality)
     return validate_cloud(xyz, rgb, path, modality)
+
+
+def _read_header(path: str, end: str, limit: int = 1 << 16) -> list[str] | None:
+    """The text lines of a file's header up to the one starting with `end` (None if not in `limit` bytes)."""
+    with open(path, "rb") as f:
+        head = f.read(limit)
+    lines = []
+    for raw in head.splitlines():
+        lines.append(raw.decode("ascii", errors="replace").strip())
+        if lines[-1].startswith(end):
+            return lines
+    return None
+
+
+def _declared_points(path: str, ext: str) -> tuple[int, int] | None:
+    """(points the header declares, bytes they need at least) for .ply/.pcd/.pts; None if not stated.
+
+    open3d allocates what the header declares before reading any point, so a short file that
+    declares a billion points would take tens of GB: the header is checked against the file first.
+    """
+    if ext == ".ply":
+        lines = _read_header(path, "end_header")
+        if lines is None:
+            return None
+        fmt = next((ln.split()[1] for ln in lines if ln.startswith("format ") and len(ln.split()) > 1), "ascii")
+        points, need, row, rows = 0, 0, None, []  # row: [count, fixed bytes, fields] of an element
+        for ln in lines:
+            parts = ln.split()
+            if parts[:1] == ["element"] and len(parts) == 3 and parts[2].isdigit():
+                row = [int(parts[2]), 0, 0]
+                rows.append(row)
+                if parts[1] == "vertex":
+                    points = int(parts[2])
+            elif parts[:1] == ["property"] and row is not None and len(parts) >= 3:
+                size = _PLY_TYPE_SIZES.get(parts[2] if parts[1] == "list" else parts[1], 1)
+                row[1] += size  # a list holds at least its count
+                row[2] += 1
+        for count, fixed, fields in rows:
+            need += count * (fixed if fmt.startswith("binary") else 2 * fields)  # ascii: a digit and a separator
+        return points, need
+    if ext == ".pcd":
+        lines = _read_header(path, "DATA")
+        if lines is None:
+            return None
+        fields = {ln.split()[0]: ln.split()[1:] for ln in lines if ln and not ln.startswith("#")}
+        try:
+            points = int(fields["POINTS"][0]) if "POINTS" in fields else \
+                int(fields["WIDTH"][0]) * int(fields["HEIGHT"][0])
+            sizes = [int(x) for x in fields.get("SIZE", [])]
+            counts = [int(x) for x in fields.get("COUNT", [])] or [1] * len(sizes)
+        except (KeyError, IndexError, ValueError):
+            return None
+        kind = (fields.get("DATA") or ["ascii"])[0]
+        if kind == "binary":
+            return points, points * sum(a * b for a, b in zip(sizes, counts))
+        if kind == "ascii":
+            return points, points * 2 * sum(counts)
+        return points, 0  # binary_compressed: only the point limit applies
+    if ext == ".pts":
+        with open(path, "rb") as f:
+            first = f.readline(64).strip()
+        if first.isdigit():  # the count line of the format
+            return int(first), int(first) * 6  # "x y z" and a newline at least
+    return None
+
+
+def check_declared_points(path: str, ext: str, modality: str = "point") -> None:
+    """Refuse a header that declares more points than MAX_POINTS or than the file can hold."""
+    try:
+        declared = _declared_points(path, ext)
+    except OSError as err:
+        raise MediaError(path, f"unreadable point-cloud file ({err})", modality) from None
+    if declared is None:
+        return
+    points, need = declared
+    if points > MAX_POINTS:
+        raise MediaError(path, f"the header declares {points} points, over the limit of {MAX_POINTS} "
+                         f"(mcomp.encoders.point.MAX_POINTS; raise it for larger clouds)", modality)
+    size = os.path.getsize(path)
+    if points > _SMALL_DECLARED_POINTS and need > size:
+        raise MediaError(path, f"corrupt or truncated point-cloud file: the header declares {points} points "
+                         f"(at least {need} bytes) but the file has {size} bytes", modality)
 
 
 def _read_open3d(path: str, modality: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -92,9 +182,36 @@ def _read_open3d(path: str, modality: str) -> tuple[np.ndarray, np.ndarray | Non
     return xyz, rgb
 
 
+def _check_npy_header(path: str, modality: str) -> None:
+    """np.load allocates the declared shape before reading: a short file that declares a huge array
+    would take that memory. Compare the header with the file first (formats 1.0 and 2.0)."""
+    from numpy.lib import format as npy_format
+
+    with open(path, "rb") as f:
+        try:
+            version = npy_format.read_magic(f)
+            reader = {(1, 0): npy_format.read_array_header_1_0, (2, 0): npy_format.read_array_header_2_0}.get(version)
+            if reader is None:
+                return  # np.load reports the version
+            shape, _, dtype = reader(f)
+        except ValueError:
+            return  # a malformed header: np.load reports it
+        offset = f.tell()
+    if dtype.hasobject:
+        return  # refused below without reading the objects
+    declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    actual = os.path.getsize(path) - offset
+    if declared > actual:
+        raise MediaError(path, f"corrupt or truncated .npy file: the header declares shape {tuple(shape)} of {dtype} "
+                         f"({declared} bytes) but the file holds {actual} bytes of data", modality)
+
+
 def _read_npy(path: str, modality: str) -> tuple[np.ndarray, np.ndarray | None]:
     try:
+        _check_npy_header(path, modality)
         array = np.load(path, allow_pickle=False)
+    except MediaError:  # a ValueError, already worded
+        raise
     except ValueError as err:  # object arrays (pickles) and malformed headers
         raise MediaError(path, f"not a plain numeric .npy array ({err})", modality) from None
     except (OSError, EOFError) as err:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from mcomp.encoders.clip_tower import ClipVisionTower
-from mcomp.encoders.image import CLIP_MEAN, CLIP_STD, load_image
+from mcomp.encoders.image import CLIP_MEAN, CLIP_STD, image_pixel_limit, load_image
 from mcomp.errors import MediaError
 from mcomp.modality import AdapterConfig, ModalityAdapter, register_modality
 
@@ -29,6 +29,17 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 def frame_indices(total: int, num_frames: int) -> list[int]:
     """floor(linspace(0, total-1, num_frames)), the published uniform sampling."""
     return [int(i) for i in np.floor(np.linspace(0, total - 1, num_frames))]
+
+
+def check_clip_size(width: int, height: int, num_frames: int, path: str | None, modality: str = "video") -> None:
+    """The sampled frames are held together, like one image of them all: their pixels together stay
+    within the decompression-bomb limit (PIL.Image.MAX_IMAGE_PIXELS), checked before decoding."""
+    limit = image_pixel_limit()
+    if limit is not None and max(1, width) * max(1, height) * num_frames > limit:
+        raise MediaError(
+            path, f"{num_frames} frames of {width} x {height} pixels exceed the decompression-bomb limit of {limit} "
+            f"pixels per clip (PIL.Image.MAX_IMAGE_PIXELS; raise it to accept larger videos)", modality,
+        )
 
 
 def _count_frames(path: str) -> int:
@@ -52,7 +63,9 @@ def read_video_frames(path: str, num_frames: int, modality: str = "video") -> li
     if not os.path.isfile(path):
         raise MediaError(path, "file not found", modality)
     if ext in IMAGE_EXTENSIONS:
-        frame = np.asarray(load_image(path, modality))
+        image = load_image(path, modality)
+        check_clip_size(image.width, image.height, num_frames, path, modality)
+        frame = np.asarray(image)
         return [frame] * num_frames
     if ext not in VIDEO_EXTENSIONS:
         raise MediaError(path, f"unsupported video extension {ext!r} (expected one of {sorted(VIDEO_EXTENSIONS)})", modality)
@@ -60,6 +73,8 @@ def read_video_frames(path: str, num_frames: int, modality: str = "video") -> li
         with av.open(path) as container:
             if not container.streams.video:
                 raise MediaError(path, "the file has no video stream", modality)
+            codec = container.streams.video[0].codec_context
+            check_clip_size(codec.width, codec.height, num_frames, path, modality)  # from the header
         total = _count_frames(path)
         if total <= 0:
             raise MediaError(path, "the video has no frames", modality)
@@ -69,6 +84,7 @@ def read_video_frames(path: str, num_frames: int, modality: str = "video") -> li
         with av.open(path) as container:
             for i, frame in enumerate(container.decode(video=0)):
                 if i in wanted:
+                    check_clip_size(frame.width, frame.height, num_frames, path, modality)  # size may change mid-stream
                     picked[i] = frame.to_ndarray(format="rgb24")
                 last = (i, frame)
                 if i >= wanted[-1]:
@@ -150,7 +166,12 @@ class VideoAdapter(ModalityAdapter):
             raise MediaError(None, f"expected a file path, a PIL image or a list of frames, got {type(raw).__name__}", self.modality)
         if len(raw) != self.config.num_frames:
             raw = [raw[i] for i in frame_indices(len(raw), self.config.num_frames)]
-        clip = torch.from_numpy(np.stack([np.asarray(f) for f in raw])).permute(0, 3, 1, 2).float() / 255.0
+        frames = [np.asarray(f) for f in raw]
+        shapes = sorted({f.shape for f in frames})
+        if len(shapes) != 1 or len(shapes[0]) != 3 or shapes[0][2] != 3:
+            raise MediaError(None, f"expected frames of one size, each H x W x 3, got shapes {shapes}", self.modality)
+        check_clip_size(shapes[0][1], shapes[0][0], len(frames), None, self.modality)  # before the float copy
+        clip = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float() / 255.0
         size = self.encoder.image_size
         h, w = clip.shape[-2:]
         scale = size / min(h, w)

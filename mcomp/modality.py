@@ -12,6 +12,7 @@ register theirs through the ``mcomp.modalities`` entry-point group, pointing at 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -98,18 +99,36 @@ class ModalityAdapter(nn.Module):
         return self
 
     def input_tensor(self, source: Any) -> torch.Tensor:
-        """One sample: a path is decoded from disk; anything else is taken as decoded media."""
+        """One sample: a path is decoded from disk; anything else is taken as decoded media.
+
+        Whatever `load` or `preprocess` raises (a decoder's own exception, a decompression bomb, a bug
+        in a plug-in adapter) becomes a MediaError naming the file, so one bad file fails its own
+        sample only. MemoryError and what is not an Exception (KeyboardInterrupt, SystemExit) propagate.
+        """
         if isinstance(source, (str, os.PathLike)):
-            raw = self.load(os.fspath(source))
-            try:
+            path = os.fspath(source)
+            with self._as_media_error(path, "cannot decode"):
+                raw = self.load(path)
+            with self._as_media_error(path, "preprocessing failed"):
                 return self.preprocess(raw)
-            except MediaError:
-                raise
-            except Exception as err:
-                raise MediaError(source, f"preprocessing failed: {err}", self.modality) from err
         if isinstance(source, torch.Tensor) and source.dim() > 0 and self._is_preprocessed(source):
             return source
-        return self.preprocess(source)
+        with self._as_media_error(None, "preprocessing failed"):
+            return self.preprocess(source)
+
+    @contextlib.contextmanager
+    def _as_media_error(self, path: str | None, what: str):
+        try:
+            yield
+        except MemoryError:  # the machine's state, not the file's: not a per-sample error
+            raise
+        except MediaError as err:
+            if err.path is None and path is not None:  # preprocess does not know the file: name it
+                raise MediaError(path, err.reason, err.modality or self.modality) from err
+            raise
+        except Exception as err:
+            logger.debug("%s input %s: %s", self.modality, path, what, exc_info=True)
+            raise MediaError(path, f"{what} ({type(err).__name__}: {err})", self.modality) from err
 
     def _is_preprocessed(self, tensor: torch.Tensor) -> bool:
         return False
