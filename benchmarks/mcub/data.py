@@ -6,8 +6,10 @@ Question file: a JSON list; each entry has `id` (any JSON scalar), `conversation
 Answer file: a JSON list of {"id", "conversations"} (reference = the last turn's value) or of
 {"id", "label", "label_name"} (ModelNet40 annotations).
 
-Relative media paths are resolved against the data root. A sample whose media file is missing is
-kept with `error` set, so it is recorded and counted, never dropped.
+Relative media paths are resolved against the data root. A sample whose media file is missing, or
+whose media path leads outside the data root ('..', an absolute path, a symlink), is kept with `error`
+set, so it is recorded and counted, never dropped; `allow_outside_root=True`
+(`mcomp eval --allow-media-outside-root`) lets media paths lead anywhere.
 """
 from __future__ import annotations
 
@@ -58,6 +60,17 @@ def resolve_media_path(path: str, data_root: str | os.PathLike | None) -> str:
     return os.path.join(os.fspath(data_root), path)
 
 
+def outside_root(path: str, data_root: str | os.PathLike) -> str | None:
+    """Where `path` really is (symlinks resolved) if that is outside the data root's real path, else None."""
+    root = os.path.realpath(data_root)
+    real = os.path.realpath(path)
+    try:
+        inside = os.path.commonpath([root, real]) == root
+    except ValueError:  # e.g. another drive on Windows
+        inside = False
+    return None if inside else real
+
+
 def _check_scalar_id(path: Path, i: int, entry: Mapping) -> Any:
     if "id" not in entry:
         raise ValueError(f"{path}: entry {i} has no 'id' field")
@@ -84,14 +97,18 @@ def first_human_turn(path: Path, i: int, entry: Mapping) -> str:
 
 
 def read_questions(
-    path: str | os.PathLike, subset: str, data_root: str | os.PathLike | None = None, check_files: bool = True
+    path: str | os.PathLike, subset: str, data_root: str | os.PathLike | None = None, check_files: bool = True,
+    allow_outside_root: bool = False,
 ) -> list[Sample]:
-    """All samples of a question file, in file order. Malformed entries raise; missing media marks the sample."""
+    """All samples of a question file, in file order. Malformed entries raise; missing media, and media
+    paths that lead outside `data_root` (unless `allow_outside_root`), mark the sample with an error.
+    Without a `data_root` there is nothing to confine the paths to."""
     path = Path(path)
     data = _load_json(path, "question file")
     if not isinstance(data, list):
         raise ValueError(f"{path}: a question file must be a JSON list of samples, got {type(data).__name__}")
     samples, seen = [], {}
+    confine = data_root is not None and not allow_outside_root
     for i, entry in enumerate(data):
         if not isinstance(entry, Mapping):
             raise ValueError(f"{path}: entry {i} must be an object, got {type(entry).__name__}")
@@ -105,19 +122,27 @@ def read_questions(
         if not isinstance(modal_inputs, Mapping):
             raise ValueError(f"{path}: entry {i} (id {sample_id!r}): 'modal_inputs' must be an object")
         media: dict[str, list[str]] = {}
+        written: list[tuple[str, str, str]] = []  # (key, path as in the file, resolved path)
         for key, sources in modal_inputs.items():
             items = [sources] if isinstance(sources, str) else sources
             if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
                 raise ValueError(f"{path}: entry {i} (id {sample_id!r}): modal_inputs[{key!r}] must be a list of paths")
             if items:
                 media[key] = [resolve_media_path(s, data_root) for s in items]
-        error = None
-        if check_files:
+                written += [(key, s, r) for s, r in zip(items, media[key])]
+        error, outside = None, []
+        if confine:
+            outside = [f"{key} file {given} resolves to {real}" for key, given, resolved in written
+                       if (real := outside_root(resolved, data_root)) is not None]
+        if outside:  # the sample fails before any of its files is opened
+            error = (f"media outside the data root {os.path.realpath(data_root)}: {'; '.join(outside)} "
+                     f"(mcomp eval --allow-media-outside-root allows it)")
+        elif check_files:
             missing = [f"{key} file {p}" for key, paths in media.items() for p in paths if not os.path.isfile(p)]
             if missing:
                 error = "missing media: " + "; ".join(missing)
         samples.append(Sample(sample_id, subset, i, question, media, error))
-    logger.info("%s: %d sample(s), %d with missing media", path, len(samples), sum(s.error is not None for s in samples))
+    logger.info("%s: %d sample(s), %d with unusable media", path, len(samples), sum(s.error is not None for s in samples))
     return samples
 
 

@@ -85,8 +85,10 @@ class OptionState:
 def load_data(
     task: Task, data_root: str | os.PathLike, subsets: Sequence[str] | None = None,
     questions: str | os.PathLike | None = None, answers: str | os.PathLike | None = None, limit: int | None = None,
+    allow_outside_root: bool = False,
 ) -> EvalData:
-    """Read the question and answer files of the selected subsets; raise on files that do not fit."""
+    """Read the question and answer files of the selected subsets; raise on files that do not fit.
+    `allow_outside_root`: media paths may lead outside `data_root` (else such a sample records an error)."""
     selected = task.select_subsets(subsets)
     if questions is not None and len(selected) != 1:
         raise ValueError(f"--questions replaces one subset's file, but task {task.name!r} has "
@@ -101,7 +103,7 @@ def load_data(
     targets: dict[tuple[str, str], str | None] = {}
     for subset in selected:
         qpath = os.fspath(questions) if questions is not None else resolve_media_path(subset.questions, data_root)
-        samples = read_questions(qpath, subset.name, data_root)
+        samples = read_questions(qpath, subset.name, data_root, allow_outside_root=allow_outside_root)
         check_answers_match(samples, answer_key, answers_path, qpath)
         if limit is not None:
             samples = samples[: max(0, limit)]
@@ -353,6 +355,7 @@ def evaluate(
     batch_size: int = 1,
     model_identity: Mapping[str, Any] | None = None,
     force: bool = False,
+    allow_outside_root: bool = False,
 ) -> dict[str, Any] | None:
     """Evaluate `model` on `task`; returns the results (on the main process; None on the others).
 
@@ -360,12 +363,13 @@ def evaluate(
     equal one-at-a-time scoring up to float rounding; a given batch size always gives the same bits).
     `model_identity`: what identifies the model's content in run.json (`mcomp eval` passes the saved
     directory's digest, or the tiny spec and seed); None: `model_fingerprint(model)`, a digest of the
-    in-memory weights and settings. `force`: discard the run directory's earlier run files first."""
+    in-memory weights and settings. `force`: discard the run directory's earlier run files first.
+    `allow_outside_root`: media paths may lead outside `data_root` (else such a sample records an error)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     proc = proc or ProcessInfo()
     mode, spec = task.mode(mode)
-    data = load_data(task, data_root, subsets, questions, answers, limit)
+    data = load_data(task, data_root, subsets, questions, answers, limit, allow_outside_root=allow_outside_root)
     check_modalities(model, task, data)
     model_name = model_name or type(model).__name__
     step = batch_size if mode == "loglik" else 1  # generation runs one sample at a time
