@@ -305,7 +305,11 @@ def test_user_task_file_with_own_function(bench, model, tmp_path, monkeypatch):
         "name: mine\nfunctions: [my_scorers]\nanswers: data/test/MCUB-answer.json\n"
         "subsets:\n  - {name: four, questions: data/test/MCUB-4.json, modalities: [image, point]}\n"
         "modes:\n  generate: {scorer: answered_anything, max_new_tokens: 2}\n")
-    res = evaluate(model, load_task(str(tmp_path / "mine.yaml")), bench, tmp_path / "run")
+    with pytest.raises(ValueError, match=r"mine\.yaml: functions lists the Python module\(s\) \['my_scorers'\].*"
+                                         r"--allow-task-code"):
+        load_task(str(tmp_path / "mine.yaml"))  # a task file is data: its modules are not imported by default
+    assert "my_scorers" not in sys.modules
+    res = evaluate(model, load_task(str(tmp_path / "mine.yaml"), allow_code=True), bench, tmp_path / "run")
     assert res["task"] == "mine" and res["results"][0]["value"] == 100.0
 
 

@@ -1,7 +1,9 @@
 """Named functions that task YAML files refer to: scorers, option builders and target extractors.
 
 A task adds its own by registering it (in a module listed under `functions:` in the task YAML),
-or refers to one directly as "package.module:function".
+or refers to one directly as "package.module:function". Task files are data: a task file may import
+modules and module:function callables only when the user allows it (`mcomp eval --allow-task-code`,
+`load_task(..., allow_code=True)`); registered functions are usable by name without it.
 
     from mcomp.benchmarks.mcub.registry import register
     @register("scorer", "my_match")
@@ -10,10 +12,16 @@ or refers to one directly as "package.module:function".
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Callable
+
+ALLOW_CODE_HINT = "pass --allow-task-code to mcomp eval (allow_code=True in Python) to allow it"
 
 KINDS = ("scorer", "options", "target")
 _REGISTRY: dict[str, dict[str, Callable]] = {kind: {} for kind in KINDS}
+# (task file, kind, "module:function") -> the callable that task was allowed to import when parsed, so
+# the run's later resolve(kind, name, task.source) calls find it without importing anything again.
+_ALLOWED: dict[tuple[str, str, str], Callable] = {}
 
 
 def register(kind: str, name: str):
@@ -30,25 +38,42 @@ def register(kind: str, name: str):
     return deco
 
 
-def resolve(kind: str, name: str, source: str = "task") -> Callable:
-    """A registered function by name, or "module:function"."""
+def resolve(kind: str, name: str, source: str = "task", allow_code: bool = False) -> Callable:
+    """A registered function by name, or "module:function".
+
+    A module:function is imported only with `allow_code`; without it, it resolves only if it is a
+    registered function already imported, or one its task file (`source`) was allowed to import.
+    """
     import mcomp.benchmarks.mcub.scoring  # noqa: F401  (built-ins register on import)
 
     if kind not in _REGISTRY:
         raise ValueError(f"unknown function kind {kind!r}; expected one of {KINDS}")
     if name in _REGISTRY[kind]:
         return _REGISTRY[kind][name]
-    if ":" in name:
-        module, _, attr = name.partition(":")
-        try:
-            fn = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as err:
-            raise ValueError(f"{source}: cannot import {kind} function {name!r}: {err}") from None
-        if not callable(fn):
-            raise ValueError(f"{source}: {kind} function {name!r} is not callable")
-        return fn
-    raise ValueError(f"{source}: unknown {kind} function {name!r}; registered: {sorted(_REGISTRY[kind])} "
-                     f"(or give 'module:function')")
+    if ":" not in name:
+        raise ValueError(f"{source}: unknown {kind} function {name!r}; registered: {sorted(_REGISTRY[kind])} "
+                         f"(or give 'module:function')")
+    if (source, kind, name) in _ALLOWED:
+        return _ALLOWED[(source, kind, name)]
+    module, _, attr = name.partition(":")
+    known = getattr(sys.modules.get(module), attr, None)
+    if known is not None and any(known is fn for fn in _REGISTRY[kind].values()):
+        return known  # a registered function by its full path: nothing is imported
+    if not allow_code:
+        raise ValueError(f"{source}: {kind} {name!r} is Python code (module:function); a task file is data and "
+                         f"cannot import code unless allowed: {ALLOW_CODE_HINT}")
+    try:
+        fn = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"{source}: cannot import {kind} function {name!r}: {err}") from None
+    if not callable(fn):
+        raise ValueError(f"{source}: {kind} function {name!r} is not callable")
+    return fn
+
+
+def allow_for_task(task_source: str, kind: str, name: str, fn: Callable) -> None:
+    """Record that the task file `task_source` was allowed to import `name` (see `resolve`)."""
+    _ALLOWED[(task_source, kind, name)] = fn
 
 
 def registered(kind: str) -> list[str]:

@@ -3,6 +3,9 @@
 A task names its question/answer files (relative to the data root), its subsets and the modalities
 each needs, the prompt template and modality order, and per evaluation mode the registered functions
 that build options, extract references and score. See `configs/tasks/mcub4.yaml` for the fields.
+
+A task file is data: the Python modules it lists under `functions:` and the "module:function"
+callables it names are imported only with `allow_code=True` (`mcomp eval --allow-task-code`).
 """
 from __future__ import annotations
 
@@ -15,7 +18,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from mcomp.benchmarks.mcub.registry import resolve
+from mcomp.benchmarks.mcub.registry import ALLOW_CODE_HINT, allow_for_task, resolve
 
 MODES = ("generate", "loglik")
 
@@ -51,6 +54,7 @@ class Task:
     modes: Mapping[str, ModeSpec]
     default_mode: str
     raw: Mapping[str, Any]  # the YAML content, recorded in results
+    allow_code: bool = False  # whether the file may import the modules and module:function callables it names
 
     def mode(self, name: str | None) -> tuple[str, ModeSpec]:
         name = name or self.default_mode
@@ -67,8 +71,12 @@ class Task:
             raise ValueError(f"task {self.name!r} has no subset(s) {unknown}; subsets: {', '.join(known)}")
         return tuple(known[n] for n in names)
 
+    def resolve(self, kind: str, name: str):
+        """A function this task names, imported only if the task was loaded with allow_code."""
+        return resolve(kind, name, self.source, allow_code=self.allow_code)
+
     def target_function(self):
-        fn = resolve("target", self.target, self.source)
+        fn = self.resolve("target", self.target)
         params = dict(self.target_params)
         return lambda entry: fn(entry, **params)
 
@@ -82,8 +90,11 @@ def available_tasks() -> list[str]:
     return sorted(p.stem for p in d.glob("*.yaml")) if d.is_dir() else []
 
 
-def load_task(name_or_path: str | os.PathLike) -> Task:
-    """A shipped task by name (`configs/tasks/<name>.yaml`) or any task YAML file by path."""
+def load_task(name_or_path: str | os.PathLike, allow_code: bool = False) -> Task:
+    """A shipped task by name (`configs/tasks/<name>.yaml`) or any task YAML file by path.
+
+    `allow_code`: let the file import the modules and module:function callables it names.
+    """
     text = os.fspath(name_or_path)
     if text.endswith((".yaml", ".yml")) or os.sep in text:
         path = Path(text)
@@ -99,7 +110,7 @@ def load_task(name_or_path: str | os.PathLike) -> Task:
             data = yaml.safe_load(f)
         except yaml.YAMLError as err:
             raise ValueError(f"{path}: not valid YAML ({err})") from None
-    return parse_task(data, str(path))
+    return parse_task(data, str(path), allow_code=allow_code)
 
 
 def _require(data: Mapping, field: str, source: str, kind=None):
@@ -115,17 +126,30 @@ _TASK_FIELDS = {"name", "description", "functions", "prompt", "answers", "target
 _MODE_FIELDS = {"scorer", "max_new_tokens", "options", "continuation", "option_batch_size"}
 
 
-def parse_task(data: Any, source: str = "task") -> Task:
+def parse_task(data: Any, source: str = "task", allow_code: bool = False) -> Task:
+    """A task from its YAML content; nothing is imported unless `allow_code` (see the module docstring)."""
     if not isinstance(data, Mapping):
         raise ValueError(f"{source}: a task file must be a mapping")
     unknown = sorted(set(data) - _TASK_FIELDS)
     if unknown:
         raise ValueError(f"{source}: unknown field(s) {unknown}; known: {sorted(_TASK_FIELDS)}")
-    for module in data.get("functions", []) or []:  # user modules that register more functions
+    modules = data.get("functions", []) or []
+    if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
+        raise ValueError(f"{source}: field 'functions' must be a list of module names, got {modules!r}")
+    if modules and not allow_code:
+        raise ValueError(f"{source}: functions lists the Python module(s) {modules}; a task file is data and "
+                         f"cannot import code unless allowed: {ALLOW_CODE_HINT}")
+    for module in modules:  # user modules that register more functions
         try:
             importlib.import_module(module)
         except ImportError as err:
             raise ValueError(f"{source}: cannot import functions module {module!r}: {err}") from None
+    imported: list[tuple[str, str, Any]] = []  # (kind, "module:function", callable) this task was allowed
+
+    def check(kind: str, name: str, where: str) -> None:
+        fn = resolve(kind, name, where, allow_code=allow_code)  # refuses code unless allowed, before anything runs
+        if allow_code and ":" in name:
+            imported.append((kind, name, fn))
     name = _require(data, "name", source, str)
     prompt = data.get("prompt", {}) or {}
     subsets = []
@@ -150,7 +174,7 @@ def parse_task(data: Any, source: str = "task") -> Task:
         if bad:
             raise ValueError(f"{where}: unknown field(s) {bad}; known: {sorted(_MODE_FIELDS)}")
         scorer = _require(spec, "scorer", where, str)
-        resolve("scorer", scorer, where)
+        check("scorer", scorer, where)
         options, options_params = None, {}
         if mode == "loglik":
             opt = _require(spec, "options", where)
@@ -161,7 +185,7 @@ def parse_task(data: Any, source: str = "task") -> Task:
                 options_params = {k: v for k, v in opt.items() if k != "function"}
             else:
                 raise ValueError(f"{where}: 'options' must be a function name or a mapping with 'function'")
-            resolve("options", options, where)
+            check("options", options, where)
         modes[mode] = ModeSpec(
             scorer=scorer, max_new_tokens=int(spec.get("max_new_tokens", 128)), options=options,
             options_params=options_params, continuation=str(spec.get("continuation", "{key}")),
@@ -177,11 +201,13 @@ def parse_task(data: Any, source: str = "task") -> Task:
     if isinstance(target, Mapping):
         target_params = {k: v for k, v in target.items() if k != "function"}
         target = _require(target, "function", f"{source}: target", str)
-    resolve("target", target, source)
+    check("target", target, f"{source}: target")
+    for kind, fn_name, fn in imported:  # the run resolves these again by the task's source: let it find them
+        allow_for_task(source, kind, fn_name, fn)
     return Task(
         name=name, description=str(data.get("description", "")), source=source, subsets=tuple(subsets),
         answers=_require(data, "answers", source, str), target=target, target_params=target_params,
         template=str(prompt.get("template", "vicuna_v1")),
         modality_order=tuple(prompt.get("modality_order", ("image", "audio", "video", "point"))),
-        modes=modes, default_mode=default_mode, raw=dict(data),
+        modes=modes, default_mode=default_mode, raw=dict(data), allow_code=allow_code,
     )

@@ -40,6 +40,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="load the model in this dtype")
     p.add_argument("--force", action="store_true",
                    help="discard the run directory's earlier records and start afresh")
+    p.add_argument("--allow-media-outside-root", action="store_true",
+                   help="let a question file's media paths lead outside --data-root ('..', absolute paths, symlinks); "
+                        "without it such a sample is recorded with an error and not evaluated")
+    p.add_argument("--allow-task-code", action="store_true",
+                   help="let a task file import the Python modules and module:function callables it names; "
+                        "task files are data otherwise")
 
 
 def add_parser(sub) -> None:
@@ -105,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     from mcomp.benchmarks.mcub.tasks import load_task
     from mcomp.fingerprint import directory_digest
 
-    task = load_task(args.task)  # unknown task / bad YAML: error before loading anything heavy
+    task = load_task(args.task, allow_code=args.allow_task_code)  # bad task: error before loading anything heavy
     task.mode(args.mode)
     task.select_subsets(args.subset)
     if args.limit is not None and args.limit < 0:
@@ -122,6 +128,7 @@ def run(args: argparse.Namespace) -> int:
         questions=args.questions, answers=args.answers, limit=args.limit, seed=args.seed,
         feature_cache=args.feature_cache, max_new_tokens=args.max_new_tokens, model_name=name, proc=proc,
         batch_size=args.batch_size, model_identity=identity, force=args.force,
+        allow_outside_root=args.allow_media_outside_root,
     )
     if results is not None:
         print(format_results(results))
