@@ -47,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import mcomp
+    from mcomp.errors import MediaBatchError
     from mcomp.tiny import build_tiny_mllm
 
     torch.manual_seed(args.seed)
@@ -56,6 +57,13 @@ def run(args: argparse.Namespace) -> int:
     for key, path in media:
         grouped.setdefault(key, []).append(path)
     prompt = model.template.prompt(build_question(model, args.question, media))
+    try:
+        return _answer(model, args, prompt, grouped)
+    except MediaBatchError as err:  # one question: its file's own error reads better than the batch's
+        raise next(iter(err.failures.values())) from None
+
+
+def _answer(model, args: argparse.Namespace, prompt: str, grouped: dict[str, list[str]]) -> int:
     if args.options:
         options = [o.strip() for o in args.options.split(",") if o.strip()]
         scores = model.loglikelihood(prompt, [" " + o for o in options], grouped)
