@@ -112,6 +112,22 @@ def media_digest(samples: Sequence[ConversationSample]) -> str:
     return fingerprint(sorted(listing.items()))
 
 
+# Files this process has decoded without error, by (adapter type and config, real path, size, mtime):
+# a run that trains several times on the same data (the zoo: stage 1, then two stage-2 flavours)
+# decodes each file once; a file changed since reads as another file.
+_DECODED: set[tuple] = set()
+
+
+def _decode_key(adapter, real: str) -> tuple | None:
+    try:
+        st = os.stat(real)
+    except OSError:
+        return None
+    from mcomp.fingerprint import canonical_json
+
+    return (type(adapter).__qualname__, canonical_json(adapter.config.to_dict()), real, st.st_size, st.st_mtime_ns)
+
+
 def check_training_data(samples: Sequence[ConversationSample], model, *, allow_media_outside_root: bool = False,
                         progress: bool = True, limit: int = 20) -> None:
     """Refuse, before any training step, data the model cannot train on; every problem found is
@@ -122,7 +138,7 @@ def check_training_data(samples: Sequence[ConversationSample], model, *, allow_m
     - each media file lies inside its sample's data root, symlinks resolved (not checked for
       samples without a root, or with `allow_media_outside_root`);
     - each media file decodes with its modality's adapter (`input_tensor`: read and preprocess),
-      once per distinct file however many samples use it."""
+      once per distinct file however many samples use it (and once per process: `_DECODED`)."""
     from mcomp.errors import PlaceholderMismatchError
     from mcomp.progress import progress_bar
     from mcomp.tokenization import placeholder_pattern
@@ -171,11 +187,16 @@ def check_training_data(samples: Sequence[ConversationSample], model, *, allow_m
                                 f"{have[modality]} {modality} file(s) ({', '.join(files) or 'none'})")
     bar = progress_bar(total=len(users), desc="check training media", unit="file", enabled=progress)
     for (modality, real), places in users.items():
-        try:
-            model.adapters[modality].input_tensor(first_path[(modality, real)])
-        except Exception as err:  # a plug-in adapter may fail in its own way: report it with the rest
-            reason = getattr(err, "reason", None) or f"{type(err).__name__}: {err}"
-            problems += [f"{place}: {reason}" for place in places]
+        adapter = model.adapters[modality]
+        key = _decode_key(adapter, real)
+        if key is None or key not in _DECODED:
+            try:
+                adapter.input_tensor(first_path[(modality, real)])
+                if key is not None:
+                    _DECODED.add(key)
+            except Exception as err:  # a plug-in adapter may fail in its own way: report it with the rest
+                reason = getattr(err, "reason", None) or f"{type(err).__name__}: {err}"
+                problems += [f"{place}: {reason}" for place in places]
         bar.update(1)
     bar.close()
     if problems:

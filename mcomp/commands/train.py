@@ -96,7 +96,12 @@ def run(args: argparse.Namespace) -> int:
     # what --force must never delete: checked now, not after hours of training
     inputs = [args.init, None if args.base in (None, "tiny") else args.base, args.data]
     check_apart(out, inputs)
-    check_apart(checkpoints, [out, *inputs])
+    check_apart(checkpoints, inputs)
+    try:
+        check_apart(checkpoints, [out])
+    except ValueError:
+        raise ValueError(f"--checkpoint-dir {checkpoints} and --out {out} must lie apart (neither in the other): "
+                         f"saving the model replaces --out, and --force clears the checkpoint folder") from None
     if out.exists() and not args.force:
         raise FileExistsError(f"{out} already exists (use --force to replace it)")
     samples = load_conversation_data(args.data, args.data_root)
