@@ -287,7 +287,7 @@ def model_fingerprint(model) -> dict[str, Any]:
 
 
 def _identity(task: Task, mode: str, spec: ModeSpec, data: EvalData, limit, seed, max_new_tokens, step: int,
-              model, model_identity: Mapping[str, Any]) -> dict[str, Any]:
+              model, model_identity: Mapping[str, Any], allow_outside_root: bool) -> dict[str, Any]:
     first = next(model.parameters())
     return {
         "task": task.name, "task_config": fingerprint(task.raw), "mode": mode,
@@ -297,6 +297,7 @@ def _identity(task: Task, mode: str, spec: ModeSpec, data: EvalData, limit, seed
         "max_new_tokens": (max_new_tokens if max_new_tokens is not None else spec.max_new_tokens)
         if mode == "generate" else None,
         "batch_size": step, "dtype": str(first.dtype).replace("torch.", ""), "device": first.device.type,
+        "allow_outside_root": allow_outside_root,  # decides whether such a sample is scored or an error
         "model": dict(model_identity), "code": code_versions(),
     }
 
@@ -374,7 +375,8 @@ def evaluate(
     model_name = model_name or type(model).__name__
     step = batch_size if mode == "loglik" else 1  # generation runs one sample at a time
     identity = _identity(task, mode, spec, data, limit, seed, max_new_tokens, step, model,
-                         model_identity if model_identity is not None else model_fingerprint(model))
+                         model_identity if model_identity is not None else model_fingerprint(model),
+                         allow_outside_root)
     run_dir = Path(out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if force and proc.is_main:
