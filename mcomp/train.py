@@ -256,7 +256,6 @@ def train(model, samples: list[ConversationSample], cfg: TrainConfig, checkpoint
     `allow_media_outside_root` lets media lie outside their data root). The folder is locked
     while training: a second run with the same folder fails at once."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
 
     if not samples:
         raise ValueError("no training samples")
@@ -271,12 +270,14 @@ def train(model, samples: list[ConversationSample], cfg: TrainConfig, checkpoint
         if accelerator.is_main_process:  # the other ranks of a multi-GPU run share the main one's folder
             checkpoint_dir.parent.mkdir(parents=True, exist_ok=True)
             stack.enter_context(output_lock(checkpoint_dir))
-        return _train(accelerator, set_seed, model, samples, cfg, checkpoint_dir, stop_after, identity, restart,
+        return _train(accelerator, model, samples, cfg, checkpoint_dir, stop_after, identity, restart,
                       allow_media_outside_root)
 
 
-def _train(accelerator, set_seed, model, samples, cfg, checkpoint_dir: Path, stop_after, identity, restart,
+def _train(accelerator, model, samples, cfg, checkpoint_dir: Path, stop_after, identity, restart,
            allow_media_outside_root) -> dict:
+    from accelerate.utils import set_seed
+
     if restart:
         check_clearable(checkpoint_dir)  # refused before anything is computed
     set_seed(cfg.seed)
