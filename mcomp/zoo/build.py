@@ -337,7 +337,8 @@ def _build_models(zoo: Zoo, modality: str, model_seed: int) -> dict:
         model.feature_cache = zoo.feature_cache
         cfg = TrainConfig(stage=1, max_steps=settings.stage1_steps, learning_rate=settings.stage1_learning_rate,
                           caption_distill=settings.stage1_caption_distill, **common)
-        out["stage1"] = train(model, samples, cfg, zoo.root / "checkpoints" / stage1.name)["final_loss"]
+        out["stage1"] = train(model, samples, cfg, zoo.root / "checkpoints" / stage1.name,
+                              identity={"zoo_step": zoo.step_identity(stage1.name)})["final_loss"]
         _save_step(zoo, model, stage1)
     for flavour in FLAVOURS:
         path = zoo.model(modality, flavour, model_seed)
@@ -348,7 +349,8 @@ def _build_models(zoo: Zoo, modality: str, model_seed: int) -> dict:
         cfg = TrainConfig(stage=2, decoupled=flavour == "damc", lora_r=8, lora_alpha=16,
                           learning_rate=settings.stage2_learning_rate,
                           max_steps=settings.steps_of_stage2(modality), **common)
-        out[flavour] = train(model, samples, cfg, zoo.root / "checkpoints" / path.name)["final_loss"]
+        out[flavour] = train(model, samples, cfg, zoo.root / "checkpoints" / path.name,
+                             identity={"zoo_step": zoo.step_identity(path.name)})["final_loss"]
         out[f"{flavour}_val_accuracy"], out[f"{flavour}_val_by_kind"] = held_out_accuracy(model, world, modality)
         _save_step(zoo, model, path)
     return out
