@@ -142,7 +142,8 @@ def read_questions(
             if missing:
                 error = "missing media: " + "; ".join(missing)
         samples.append(Sample(sample_id, subset, i, question, media, error))
-    logger.info("%s: %d sample(s), %d with unusable media", path, len(samples), sum(s.error is not None for s in samples))
+    logger.info("%s: %d sample(s), %d with unusable media", path, len(samples),
+                sum(s.error is not None for s in samples))
     return samples
 
 
