@@ -3,7 +3,8 @@
 Run directory layout:
     run.json            the run's identity: fingerprints of everything that determines the records
                         (model content, question and answer files, task config, mode, limit, seed,
-                        generation length, batch size, dtype, device type, code versions)
+                        generation length, batch size, dtype, device type, media-root policy,
+                        code versions)
     samples.part-N.jsonl records appended by process N while the run is going (flush + fsync per line)
     samples.jsonl       all records in question-file order, written when the run completes
     results.json        metrics per subset, sample counts, model provenance, versions, seed; nothing
@@ -44,9 +45,9 @@ from mcomp.benchmarks.mcub.records import RecordWriter, iter_record_files, read_
 from mcomp.benchmarks.mcub.registry import resolve
 from mcomp.benchmarks.mcub.scoring import accuracy
 from mcomp.benchmarks.mcub.tasks import ModeSpec, Task
+from mcomp import faults
 from mcomp.conversation import get_template
 from mcomp.errors import MediaBatchError, MediaError, PlaceholderMismatchError
-from mcomp import faults
 from mcomp.fingerprint import check_same_work, code_versions, fingerprint
 from mcomp.io import atomic_write_text, sha256_file
 
