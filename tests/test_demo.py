@@ -136,3 +136,11 @@ def test_reduced_demo_runs_to_the_table(zoo, tmp_path, monkeypatch):
                      combos={"image+audio+video+point": MODALITIES}, merges={"linear": {}, "pcb": {"ratio": 0.5}})
     assert again["runs_evaluated"] == 0 and again["runs_reused"] == 14
     assert (tmp_path / "demo2" / "demo.md").read_text() == table
+
+    # a kept run is reused only for the same work: other merge parameters redo exactly the PCB runs
+    other = run_demo("test", 0, "demo3", root=zoo.root,
+                     combos={"image+audio+video+point": MODALITIES}, merges={"linear": {}, "pcb": {"ratio": 0.4}})
+    assert other["runs_evaluated"] == 4 and other["runs_reused"] == 10
+    run = json.loads((tmp_path / "demo3" / "runs" / "image_audio_video_point-naivemc-pcb-s0-mcub4" / "run.json")
+                     .read_text())
+    assert run["model"]["demo_job"][4] == {"ratio": 0.4}

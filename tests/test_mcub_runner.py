@@ -134,10 +134,10 @@ def test_mcub3_avqa_music_modelnet_end_to_end(bench, model, tmp_path):
 def test_missing_and_unreadable_media_are_counted(bench, model, tmp_path):
     entries = json.loads((bench / "data/test/MCUB-4.json").read_text())
     entries[0]["modal_inputs"]["video"] = ["data/media/vid/none.mp4"]
-    bad_png = tmp_path / "truncated.png"
+    bad_png = bench / "data/media/img/truncated.png"  # inside the data root: a decode failure, not a refusal
     data = (bench / "data/media/img/0000.png").read_bytes()
     bad_png.write_bytes(data[: len(data) // 2])
-    entries[2]["modal_inputs"]["vision"] = [str(bad_png)]
+    entries[2]["modal_inputs"]["vision"] = ["data/media/img/truncated.png"]
     entries.append(dict(entries[1], id="not-in-the-answer-key"))
     questions = tmp_path / "q.json"
     questions.write_text(json.dumps(entries))
@@ -160,10 +160,10 @@ def test_batched_contexts_give_the_same_records(bench, model, tmp_path):
     scored one sample at a time, so the records (errors included) match a one-at-a-time run."""
     entries = json.loads((bench / "data/test/MCUB-4.json").read_text())
     entries[1]["modal_inputs"]["audio"] = ["data/media/aud/none.wav"]  # missing: known before scoring
-    bad_png = tmp_path / "truncated.png"
+    bad_png = bench / "data/media/img/truncated.png"  # inside the data root: a decode failure, not a refusal
     data = (bench / "data/media/img/0000.png").read_bytes()
     bad_png.write_bytes(data[: len(data) // 2])
-    entries[2]["modal_inputs"]["vision"] = [str(bad_png)]  # unreadable: fails inside the batch
+    entries[2]["modal_inputs"]["vision"] = ["data/media/img/truncated.png"]  # unreadable: fails inside the batch
     entries += [dict(e, id=f"{e['id']}-again") for e in entries]
     questions = tmp_path / "q.json"
     questions.write_text(json.dumps(entries))

@@ -19,9 +19,6 @@ ALLOW_CODE_HINT = "pass --allow-task-code to mcomp eval (allow_code=True in Pyth
 
 KINDS = ("scorer", "options", "target")
 _REGISTRY: dict[str, dict[str, Callable]] = {kind: {} for kind in KINDS}
-# (task file, kind, "module:function") -> the callable that task was allowed to import when parsed, so
-# the run's later resolve(kind, name, task.source) calls find it without importing anything again.
-_ALLOWED: dict[tuple[str, str, str], Callable] = {}
 
 
 def register(kind: str, name: str):
@@ -42,7 +39,8 @@ def resolve(kind: str, name: str, source: str = "task", allow_code: bool = False
     """A registered function by name, or "module:function".
 
     A module:function is imported only with `allow_code`; without it, it resolves only if it is a
-    registered function already imported, or one its task file (`source`) was allowed to import.
+    registered function already imported (a task resolves through `Task.resolve`, which passes its own
+    `allow_code`).
     """
     import mcomp.benchmarks.mcub.scoring  # noqa: F401  (built-ins register on import)
 
@@ -53,8 +51,6 @@ def resolve(kind: str, name: str, source: str = "task", allow_code: bool = False
     if ":" not in name:
         raise ValueError(f"{source}: unknown {kind} function {name!r}; registered: {sorted(_REGISTRY[kind])} "
                          f"(or give 'module:function')")
-    if (source, kind, name) in _ALLOWED:
-        return _ALLOWED[(source, kind, name)]
     module, _, attr = name.partition(":")
     known = getattr(sys.modules.get(module), attr, None)
     if known is not None and any(known is fn for fn in _REGISTRY[kind].values()):
@@ -69,11 +65,6 @@ def resolve(kind: str, name: str, source: str = "task", allow_code: bool = False
     if not callable(fn):
         raise ValueError(f"{source}: {kind} function {name!r} is not callable")
     return fn
-
-
-def allow_for_task(task_source: str, kind: str, name: str, fn: Callable) -> None:
-    """Record that the task file `task_source` was allowed to import `name` (see `resolve`)."""
-    _ALLOWED[(task_source, kind, name)] = fn
 
 
 def registered(kind: str) -> list[str]:

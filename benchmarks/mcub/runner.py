@@ -42,7 +42,6 @@ from mcomp.benchmarks.mcub.features import EvalFeatureCache
 from mcomp.benchmarks.mcub.loglik import score_options, score_options_batch
 from mcomp.benchmarks.mcub.prompting import build_prompt, ordered_media
 from mcomp.benchmarks.mcub.records import RecordWriter, iter_record_files, read_records
-from mcomp.benchmarks.mcub.registry import resolve
 from mcomp.benchmarks.mcub.scoring import accuracy
 from mcomp.benchmarks.mcub.tasks import ModeSpec, Task
 from mcomp import faults
@@ -185,7 +184,7 @@ def evaluate_samples(
         records.append(prepared)
     if not pending:
         return records
-    scorer = resolve("scorer", spec.scorer, task.source)
+    scorer = task.resolve("scorer", spec.scorer)
     try:
         batch = score_options_batch(model, [(p.prompt, p.continuations, p.media) for p in pending],
                                     batch_size=spec.option_batch_size) if len(pending) > 1 else None
@@ -221,14 +220,14 @@ def _prepare_sample(model, task: Task, mode: str, spec: ModeSpec, sample: Sample
     try:
         media = ordered_media(model, sample, task.modality_order)
         if mode == "generate":
-            scorer = resolve("scorer", spec.scorer, task.source)
+            scorer = task.resolve("scorer", spec.scorer)
             tokens = max_new_tokens if max_new_tokens is not None else spec.max_new_tokens
             response = model.generate([prompt], [media], max_new_tokens=tokens)[0]
             record["response"] = response
             prediction, correct = scorer(response, target if target is not None else "")
             record.update(prediction=prediction, correct=bool(correct) and target is not None)
             return record
-        options_fn = resolve("options", spec.options, task.source)
+        options_fn = task.resolve("options", spec.options)
         try:
             options = options_fn(sample, state, **dict(spec.options_params))
         except ValueError as err:

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from mcomp.benchmarks.mcub.registry import ALLOW_CODE_HINT, allow_for_task, resolve
+from mcomp.benchmarks.mcub.registry import ALLOW_CODE_HINT, resolve
 
 MODES = ("generate", "loglik")
 
@@ -144,12 +144,9 @@ def parse_task(data: Any, source: str = "task", allow_code: bool = False) -> Tas
             importlib.import_module(module)
         except ImportError as err:
             raise ValueError(f"{source}: cannot import functions module {module!r}: {err}") from None
-    imported: list[tuple[str, str, Any]] = []  # (kind, "module:function", callable) this task was allowed
 
     def check(kind: str, name: str, where: str) -> None:
-        fn = resolve(kind, name, where, allow_code=allow_code)  # refuses code unless allowed, before anything runs
-        if allow_code and ":" in name:
-            imported.append((kind, name, fn))
+        resolve(kind, name, where, allow_code=allow_code)  # refuses code unless allowed, before anything runs
     name = _require(data, "name", source, str)
     prompt = data.get("prompt", {}) or {}
     subsets = []
@@ -202,8 +199,6 @@ def parse_task(data: Any, source: str = "task", allow_code: bool = False) -> Tas
         target_params = {k: v for k, v in target.items() if k != "function"}
         target = _require(target, "function", f"{source}: target", str)
     check("target", target, f"{source}: target")
-    for kind, fn_name, fn in imported:  # the run resolves these again by the task's source: let it find them
-        allow_for_task(source, kind, fn_name, fn)
     return Task(
         name=name, description=str(data.get("description", "")), source=source, subsets=tuple(subsets),
         answers=_require(data, "answers", source, str), target=target, target_params=target_params,

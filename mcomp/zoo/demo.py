@@ -147,10 +147,11 @@ def run_demo(size: str = "full", seed: int = 0, out_dir: str | Path = "runs/demo
         for task in tasks:
             run_name = f"{tag}-{task.stem.replace('+', '_')}"
             kept.append((cache / run_name, out / "runs" / run_name))
-            if (cache / run_name / "results.json").is_file():
+            state = _cached_run(cache / run_name, task, job_identity(zoo, spec))
+            if state == "done":
                 reused += 1
             else:
-                todo.append((str(task), str(cache / run_name)))
+                todo.append((str(task), str(cache / run_name), state == "stale"))
         if todo:
             jobs[tag] = (_eval_job, (zoo, spec, name, todo, mode))
 
@@ -200,15 +201,38 @@ def demo_model(zoo: Zoo, spec: tuple):
     return compose({m: zoo.model(m, method, s) for m in mods}, method=method, merge=merge, merge_params=params)
 
 
-def _eval_job(zoo: Zoo, spec: tuple, name: str, runs: list[tuple[str, str]], mode: str) -> None:
+def job_identity(zoo: Zoo, spec: tuple) -> dict:
+    """What determines a demo model: its spec (merge parameters included) and the zoo it is made of
+    (whose steps are identity-checked when the zoo is opened)."""
+    return {"demo_job": json.loads(json.dumps(spec)), "zoo_recipe": zoo.recipe, "zoo_seed": zoo.seed}
+
+
+def _cached_run(run_dir: Path, task: Path, model: dict) -> str:
+    """"done" (a finished run of this very work), "new" (none, or an unfinished one of this work:
+    evaluate resumes it) or "stale" (made by other work: redone from scratch, with a warning)."""
+    from mcomp.benchmarks.mcub.tasks import load_task
+    from mcomp.fingerprint import code_versions, differences, fingerprint
+
+    if not (run_dir / "run.json").is_file():
+        return "new"
+    recorded = json.loads((run_dir / "run.json").read_text())
+    wanted = {"model": model, "code": code_versions(), "task_config": fingerprint(load_task(task).raw)}
+    changed = differences({k: recorded.get(k) for k in wanted}, wanted)
+    if changed:
+        logger.warning("redoing %s, which was made by other work (%s)", run_dir, "; ".join(changed[:4]))
+        return "stale"
+    return "done" if (run_dir / "results.json").is_file() else "new"
+
+
+def _eval_job(zoo: Zoo, spec: tuple, name: str, runs: list[tuple[str, str, bool]], mode: str) -> None:
     from mcomp.benchmarks.mcub.runner import evaluate
     from mcomp.benchmarks.mcub.tasks import load_task
 
     model = demo_model(zoo, spec)
     data_root = zoo.world.mcub_root("test")  # `zoo.world` parses the world manifest (~5 MB) on each access
-    for task, run_dir in runs:
-        evaluate(model, load_task(task), data_root, run_dir, mode=mode,
-                 feature_cache=zoo.root / "features", model_name=name, batch_size=EVAL_BATCH)
+    for task, run_dir, stale in runs:
+        evaluate(model, load_task(task), data_root, run_dir, mode=mode, feature_cache=zoo.root / "features",
+                 model_name=name, batch_size=EVAL_BATCH, model_identity=job_identity(zoo, spec), force=stale)
 
 
 def _copy_run(src: Path, dst: Path) -> Path:
