@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from mcomp.configuration import JsonConfig
+from mcomp.fingerprint import tensors_sha256
 from mcomp.io import atomic_directory, check_state_dict, load_tensors, save_tensors
 
 logger = logging.getLogger(__name__)
@@ -57,12 +58,7 @@ def base_state_dict(llm) -> dict[str, torch.Tensor]:
 
 def base_weights_sha256(llm) -> str:
     """Checksum over names, dtypes, shapes and bytes of the base weights (order independent)."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(base_state_dict(llm).items()):
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    return tensors_sha256(base_state_dict(llm))
 
 
 def _base_directory(llm) -> str | None:

@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
+import torch
+
 from mcomp.io import sha256_file
 
 
@@ -26,6 +28,16 @@ def canonical_json(obj: Any) -> str:
 def fingerprint(obj: Any) -> str:
     """sha256 of the canonical JSON of `obj`."""
     return hashlib.sha256(canonical_json(obj).encode("utf-8")).hexdigest()
+
+
+def tensors_sha256(tensors: Mapping[str, "torch.Tensor"]) -> str:
+    """sha256 over each tensor's name, dtype, shape and bytes, in name order."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(tensors.items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def directory_digest(path: str | os.PathLike) -> str:

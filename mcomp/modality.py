@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import json
 import logging
 import os
 from importlib.metadata import entry_points
@@ -175,11 +173,9 @@ class ModalityAdapter(nn.Module):
         self._fingerprint = None
 
     def _compute_fingerprint(self) -> str:
-        h = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
-        for name, tensor in sorted(self.encoder.state_dict().items()):
-            h.update(name.encode())
-            h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()[:16]
+        from mcomp.fingerprint import fingerprint, tensors_sha256
+
+        return fingerprint({"config": self.config.to_dict(), "encoder": tensors_sha256(self.encoder.state_dict())})[:16]
 
 
 _REGISTRY: dict[str, type[ModalityAdapter]] = {}

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import hashlib
 import json
 import logging
 import math
@@ -36,7 +35,9 @@ import torch
 from mcomp import faults
 from mcomp.configuration import JsonConfig
 from mcomp.data import ConversationSample, TrainingDataError, check_training_data, media_digest, samples_digest
-from mcomp.fingerprint import IdentityMismatch, canonical_json, check_same_work, code_versions, fingerprint
+from mcomp.fingerprint import (
+    IdentityMismatch, canonical_json, check_same_work, code_versions, fingerprint, tensors_sha256,
+)
 from mcomp.io import atomic_directory, load_tensors, output_lock, save_tensors
 from mcomp.lora import LLAMA_TARGETS, TEXT_ROUTE, LoraSpec
 from mcomp.progress import progress_bar
@@ -145,16 +146,6 @@ def _latest_checkpoint(folder: Path) -> Path | None:
     steps = sorted((int(p.name.split("-")[1]), p) for p in folder.glob("step-*")
                    if STEP_DIR.fullmatch(p.name) and (p / "trainer_state.json").is_file())
     return steps[-1][1] if steps else None
-
-
-def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
-    """Checksum over names, dtypes, shapes and bytes (order independent)."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(tensors.items()):
-        t = tensor.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def run_identity(model, samples: list[ConversationSample], cfg: TrainConfig,

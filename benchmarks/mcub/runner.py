@@ -20,7 +20,6 @@ its index, so a resumed run's records equal those of an uninterrupted run bit fo
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -47,7 +46,7 @@ from mcomp.benchmarks.mcub.tasks import ModeSpec, Task
 from mcomp import faults
 from mcomp.conversation import get_template
 from mcomp.errors import MediaBatchError, MediaError, PlaceholderMismatchError
-from mcomp.fingerprint import check_same_work, code_versions, fingerprint
+from mcomp.fingerprint import check_same_work, code_versions, fingerprint, tensors_sha256
 from mcomp.io import atomic_write_text, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -255,16 +254,6 @@ def _record_scores(p: _OptionRequest, scores, scorer) -> None:
                   prediction_norm=prediction_n, correct_norm=bool(correct_n) and target is not None)
 
 
-def state_digest(model) -> str:
-    """sha256 over the names, dtypes, shapes and bytes of every tensor in `model.state_dict()`."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().cpu().contiguous().reshape(-1)
-        h.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}\0".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def model_fingerprint(model) -> dict[str, Any]:
     """The identity of an in-memory model, for `evaluate` called without `model_identity`: its class,
     the digest of its weights and the settings that steer its forward pass (prompt template,
@@ -275,7 +264,7 @@ def model_fingerprint(model) -> dict[str, Any]:
     adapters = getattr(model, "adapters", None) or {}
     return {
         "class": f"{type(model).__module__}.{type(model).__qualname__}",
-        "state_sha256": state_digest(model),
+        "state_sha256": tensors_sha256(model.state_dict()),
         "settings": fingerprint({
             "template": getattr(template, "name", None),
             "adapters": {m: a.config.to_dict() if hasattr(getattr(a, "config", None), "to_dict") else None

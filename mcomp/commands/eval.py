@@ -3,7 +3,8 @@
     mcomp eval --model DIR --task mcub4 --data-root DIR --mode generate --out RUN_DIR
     accelerate launch -m mcomp eval ...      # samples sharded over processes, gathered on the main one
 
-Re-running the same command on the same --out resumes an interrupted run.
+Re-running the same command on the same --out resumes an interrupted run; a run of anything else
+(another model content, data, task or settings) is refused there, and --force starts it afresh.
 """
 from __future__ import annotations
 
