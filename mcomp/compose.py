@@ -88,7 +88,8 @@ def read_inputs(models: Mapping[str, str | os.PathLike]) -> list[ComposeInput]:
 
 def _coefficients(inputs: list[ComposeInput], weights: Mapping[str, float] | None, merge: str) -> dict[str, float]:
     """Default: the average (1/n) for sums (linear, dare_linear); 1 for TIES and PCB, which already
-    take a (disjoint or weighted) mean of the task vectors."""
+    take a (disjoint or weighted) mean of the task vectors. With `weights`, a modality they do not
+    name keeps λ = 1, as in the published `online-merge-reset-default-m=λ` (spec: modelcompose.md §3.4)."""
     names = [i.modality for i in inputs]
     if weights is None:
         default = 1.0 / len(names) if merge in (LINEAR, "dare_linear") else 1.0
@@ -96,7 +97,7 @@ def _coefficients(inputs: list[ComposeInput], weights: Mapping[str, float] | Non
     unknown = sorted(set(weights) - set(names))
     if unknown:
         raise ValueError(f"weights given for {unknown}, which are not composed modalities ({names})")
-    return {m: float(weights.get(m, 0.0)) for m in names}
+    return {m: float(weights.get(m, 1.0)) for m in names}
 
 
 def compose(

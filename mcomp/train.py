@@ -91,10 +91,11 @@ class TrainConfig(JsonConfig):
 
 
 def lr_factor(cfg: TrainConfig, total: int, step: int) -> float:
-    """Multiplier of the peak learning rate before optimizer step `step` (0-based): linear warmup,
-    then constant or a cosine decay that reaches 0 after the last step."""
+    """Multiplier of the peak learning rate before optimizer step `step` (0-based): linear warmup from
+    0, then constant or a cosine decay that reaches 0 after the last step (transformers'
+    `get_{constant,cosine}_schedule_with_warmup`, which LLaVA's trainer uses)."""
     if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
+        return step / cfg.warmup_steps
     if cfg.lr_scheduler == "cosine":
         progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))

@@ -104,6 +104,16 @@ def test_damc_from_plain_models_needs_convert(zoo):
     assert torch.equal(layer.lora_B["image"], layer.lora_B["text-image"])  # the one LoRA serves both
 
 
+def test_a_modality_the_weights_do_not_name_keeps_lambda_one(zoo):
+    """Published rule (online-merge-reset-default-m=λ): an unlisted default-m keeps scaling 2.0, i.e. λ = 1."""
+    pair = {"image": zoo["image-plain"], "audio": zoo["audio-plain"]}
+    partial = compose(pair, weights={"image": 0.5})
+    assert partial.provenance["composition"]["weights"] == {"image": 0.5, "audio": 1.0}
+    explicit = compose(pair, weights={"image": 0.5, "audio": 1.0})
+    assert torch.equal(logits(partial), logits(explicit))
+    assert not torch.allclose(logits(partial), logits(compose(pair, weights={"image": 0.5, "audio": 0.0})))
+
+
 def test_bad_inputs_are_refused_clearly(zoo, tmp_path, tokenizer):
     with pytest.raises(ValueError, match="holds a 'image' model, not 'audio'"):
         compose({"image": zoo["image-plain"], "audio": zoo["image-damc"]})

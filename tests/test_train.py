@@ -146,10 +146,28 @@ def test_shared_prefix_falls_back_when_the_llm_keeps_no_cache(tokenizer):
 
 def test_cosine_schedule_warms_up_then_decays_towards_zero():
     cfg = TrainConfig(warmup_steps=2, lr_scheduler="cosine")
-    # 6 steps: 2 of warmup, then a half cosine over the other 4 (values worked out by hand)
-    expected = [0.5, 1.0, 1.0, (1 + 2 ** -0.5) / 2, 0.5, (1 - 2 ** -0.5) / 2]
+    # 6 steps: 2 of warmup from 0, then a half cosine over the other 4 (values worked out by hand)
+    expected = [0.0, 0.5, 1.0, (1 + 2 ** -0.5) / 2, 0.5, (1 - 2 ** -0.5) / 2]
     assert [lr_factor(cfg, 6, s) for s in range(6)] == pytest.approx(expected)
     assert [lr_factor(TrainConfig(), 6, s) for s in range(6)] == [1.0] * 6
+
+
+@pytest.mark.parametrize("scheduler", ["cosine", "constant"])
+@pytest.mark.parametrize("warmup,total", [(0, 7), (3, 10), (5, 11)])
+def test_schedule_equals_transformers_with_warmup(scheduler, warmup, total):
+    """The published trainer's schedule (transformers' get_*_schedule_with_warmup), step by step."""
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    ref = get_cosine_schedule_with_warmup(opt, warmup, total) if scheduler == "cosine" \
+        else get_constant_schedule_with_warmup(opt, warmup)
+    published = []
+    for _ in range(total):
+        published.append(opt.param_groups[0]["lr"])
+        opt.step()
+        ref.step()
+    cfg = TrainConfig(warmup_steps=warmup, lr_scheduler=scheduler)
+    assert [lr_factor(cfg, total, s) for s in range(total)] == pytest.approx(published, abs=1e-12)
     with pytest.raises(ValueError, match="lr_scheduler"):
         TrainConfig(lr_scheduler="linear-ish")
 
