@@ -379,7 +379,7 @@ def _caption_distilled_loss(model, core, batch: list[ConversationSample], inputs
 def _save_checkpoint(model, optimizer, scheduler, folder: Path, step: int, losses: list[float], identity: dict):
     with atomic_directory(folder, overwrite=True) as tmp:
         tensors = {n: p.detach() for n, p in trainable_parameters(model).items()}
-        tensors["__rng_state__"] = torch.get_rng_state()
+        tensors.update(_rng_states())
         save_tensors(tensors, tmp / "trainable.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / "trainer_state.json").write_text(json.dumps({
@@ -391,11 +391,35 @@ def _save_checkpoint(model, optimizer, scheduler, folder: Path, step: int, losse
             shutil.rmtree(old, ignore_errors=True)
 
 
+CUDA_RNG = "__cuda_rng_state_{}__"
+
+
+def _rng_states() -> dict[str, torch.Tensor]:
+    """The CPU generator's state and every CUDA device's (LoRA dropout draws on the device)."""
+    out = {"__rng_state__": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        out.update({CUDA_RNG.format(i): s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return out
+
+
+def _set_rng_states(tensors: dict[str, torch.Tensor], folder: Path) -> None:
+    """Restore what `_rng_states` saved (popping it from `tensors`); a checkpoint of another number
+    of CUDA devices cannot resume bit-exactly, so it is refused."""
+    torch.set_rng_state(tensors.pop("__rng_state__"))
+    cuda = [tensors.pop(CUDA_RNG.format(i)) for i in range(len(tensors)) if CUDA_RNG.format(i) in tensors]
+    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if len(cuda) != have:
+        raise ValueError(f"{folder}: saved the random state of {len(cuda)} CUDA device(s), this process has {have}; "
+                         f"resume on the same devices, or start afresh with --force")
+    if cuda:
+        torch.cuda.set_rng_state_all(cuda)
+
+
 def _restore(model, optimizer, scheduler, folder: Path):
     """Continue from checkpoint `folder` (its run identity already checked: `check_resumable`)."""
     state = json.loads((folder / "trainer_state.json").read_text())
     tensors = load_tensors(folder / "trainable.safetensors")
-    torch.set_rng_state(tensors.pop("__rng_state__"))
+    _set_rng_states(tensors, folder)
     params = trainable_parameters(model)
     if set(tensors) != set(params):
         raise ValueError(f"{folder}: trainable weights do not match the model "

@@ -237,3 +237,26 @@ def test_caption_distillation_needs_captions_and_stage_1(tokenizer, image_data, 
     samples = load_conversation_data(image_data)
     with pytest.raises(ValueError, match=f"missing in sample.*{samples[0].id}"):
         train(fresh_model(tokenizer), samples, TrainConfig(stage=1, max_steps=1, caption_distill=1.0), tmp_path)
+
+
+def test_checkpoints_carry_every_cuda_devices_random_state(tmp_path, monkeypatch):
+    """LoRA dropout on a GPU draws from the device's generator: a resume must restore it too."""
+    from mcomp.io import load_tensors, save_tensors
+    from mcomp.train import _rng_states, _set_rng_states
+
+    device_states = [torch.arange(16, dtype=torch.uint8) + i for i in range(2)]
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [s.clone() for s in device_states])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: restored.extend(states))
+    save_tensors(_rng_states(), tmp_path / "rng.safetensors")
+    cpu = torch.get_rng_state()
+    torch.rand(3)  # move the CPU generator on
+    tensors = load_tensors(tmp_path / "rng.safetensors")
+    _set_rng_states(dict(tensors), tmp_path)
+    assert torch.equal(torch.get_rng_state(), cpu)
+    assert [s.tolist() for s in restored] == [s.tolist() for s in device_states]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match="random state of 2 CUDA device\\(s\\), this process has 1"):
+        _set_rng_states(dict(tensors), tmp_path)
