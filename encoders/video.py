@@ -9,6 +9,7 @@ evaluation (RandomHorizontalFlip p=0.5); mcomp never flips, so the same file giv
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any
 
@@ -174,11 +175,14 @@ class VideoAdapter(ModalityAdapter):
         clip = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float() / 255.0
         size = self.encoder.image_size
         h, w = clip.shape[-2:]
-        scale = size / min(h, w)
-        new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
-        # pytorchvideo's ShortSideScale, as released: bilinear, no antialiasing.
+        # pytorchvideo's ShortSideScale, as released: the long side floor(long / short * size),
+        # bilinear, no antialiasing; then torchvision's CenterCropVideo, offsets rounded (half to even)
+        if w < h:
+            new_h, new_w = math.floor(h / w * size), size
+        else:
+            new_h, new_w = size, math.floor(w / h * size)
         clip = F.interpolate(clip, size=(new_h, new_w), mode="bilinear", align_corners=False)
-        top, left = (new_h - size) // 2, (new_w - size) // 2
+        top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
         clip = clip[:, :, top : top + size, left : left + size]
         mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
         std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)

@@ -1,6 +1,8 @@
 """Video adapter: real mp4/webm/avi/gif files decoded with PyAV, frame sampling, tokens, bad files."""
 from __future__ import annotations
 
+import math
+
 import av
 import numpy as np
 import pytest
@@ -149,3 +151,23 @@ def test_bad_videos_name_the_file(adapter, tmp_path, videos):
     with pytest.raises(MediaBatchError) as err:
         adapter.prepare([videos["mp4"], junk, videos["gif"], notes])
     assert list(err.value.failures) == [1, 3]
+
+
+@pytest.mark.parametrize("height,width", [(480, 640), (198, 242), (640, 480), (720, 1280), (300, 300), (97, 131)])
+def test_resize_and_crop_follow_the_published_transforms(adapter, height, width):
+    """Published (spec §6.3): pytorchvideo ShortSideScale gives the long side floor(long / short * S),
+    bilinear without antialiasing; torchvision CenterCropVideo takes offsets int(round((h - S) / 2))."""
+    g = torch.Generator().manual_seed(height * width)
+    frames = [torch.randint(0, 256, (height, width, 3), generator=g, dtype=torch.uint8).numpy() for _ in range(8)]
+    size = adapter.encoder.image_size
+    clip = torch.from_numpy(np.stack(frames)).permute(3, 0, 1, 2).float() / 255  # [C, T, H, W], as released
+    if width < height:
+        new_h, new_w = int(math.floor((float(height) / width) * size)), size
+    else:
+        new_h, new_w = size, int(math.floor((float(width) / height) * size))
+    clip = torch.nn.functional.interpolate(clip, size=(new_h, new_w), mode="bilinear", align_corners=False)
+    i, j = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    clip = clip[..., i:i + size, j:j + size]
+    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1, 1)
+    published = ((clip - mean) / std).permute(1, 0, 2, 3)  # [T, C, S, S]
+    torch.testing.assert_close(adapter.preprocess(frames), published, atol=1e-6, rtol=1e-6)
