@@ -134,7 +134,6 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False,
             shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{TMP_TAG}", suffix=".partial", dir=path.parent))
         try:
-            _follow_umask(tmp, 0o777)
             yield tmp
             _follow_umask_tree(tmp)
             faults.point("output.commit")

@@ -81,11 +81,16 @@ def test_merge_killed_mid_write_then_rerun_equals_an_uninterrupted_merge(tmp_pat
     assert files_of(tmp_path / "out") == files_of(tmp_path / "clean")
 
 
+def merged_once(root: Path) -> tuple[Path, list[Path], dict[str, bytes]]:
+    """Checkpoints under `root`, merged with TIES into `root/out`: (base, models, the output's files)."""
+    base, models = write_checkpoints(root)
+    cfg = merge_yaml(root, base, models)
+    assert run_mcomp("merge", str(cfg), "--out", str(root / "out"), "--no-progress").returncode == 0
+    return base, models, files_of(root / "out")
+
+
 def test_merge_killed_before_commit_keeps_the_old_output_under_force(tmp_path):
-    base, models = write_checkpoints(tmp_path)
-    cfg = merge_yaml(tmp_path, base, models)
-    assert run_mcomp("merge", str(cfg), "--out", str(tmp_path / "out"), "--no-progress").returncode == 0
-    before = files_of(tmp_path / "out")
+    base, models, before = merged_once(tmp_path)
     killed = run_mcomp("merge", str(merge_yaml(tmp_path, base, models, "task_arithmetic", scale=0.5)),
                        "--out", str(tmp_path / "out"), "--force", "--no-progress", fault="output.commit")
     assert killed.returncode == -9
@@ -93,10 +98,7 @@ def test_merge_killed_before_commit_keeps_the_old_output_under_force(tmp_path):
 
 
 def test_a_second_merge_into_the_same_out_is_refused(tmp_path):
-    base, models = write_checkpoints(tmp_path)
-    cfg = merge_yaml(tmp_path, base, models)
-    assert run_mcomp("merge", str(cfg), "--out", str(tmp_path / "out"), "--no-progress").returncode == 0
-    first = files_of(tmp_path / "out")
+    base, models, first = merged_once(tmp_path)
     second = run_mcomp("merge", str(merge_yaml(tmp_path, base, models, "task_arithmetic", scale=0.5)),
                        "--out", str(tmp_path / "out"), "--no-progress")
     assert second.returncode != 0 and "already exists" in second.stderr

@@ -438,8 +438,9 @@ def evaluate(
         "prompt": {"template": task.template, "modality_order": list(task.modality_order)},
         "data": {
             "data_root": os.path.abspath(data_root),
-            "questions": {name: {"path": os.path.abspath(q), "sha256": _file_digest(q)} for name, q, _ in data.subsets},
-            "answers": {"path": os.path.abspath(data.answers_path), "sha256": _file_digest(data.answers_path)},
+            "questions": {name: {"path": os.path.abspath(q), "sha256": identity["questions_sha256"][name]}
+                          for name, q, _ in data.subsets},  # hashed once, for the run identity
+            "answers": {"path": os.path.abspath(data.answers_path), "sha256": identity["answers_sha256"]},
         },
         "task_config": dict(task.raw),
         "seed": seed,

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from mcomp.io import atomic_directory, check_apart
+from mcomp.io import atomic_directory
 from mcomp.merge.registry import Segment
 from mcomp.merge.sources import MemorySource, SafetensorsCheckpoint, Source, ZeroSource
 from mcomp.merge.streaming import DEFAULT_CHUNK, DEFAULT_SAMPLE, MergeEngine, MergeReport, Sink
@@ -162,7 +162,6 @@ def merge_checkpoints(base: str | os.PathLike, models: list[str | os.PathLike], 
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"output directory {out} already exists (use --force to replace it)")
-    check_apart(out, [base, *models])
     out_dtype = resolve_dtype(dtype)
     base_src = SafetensorsCheckpoint(base, name=str(base))
     srcs = [open_model(m, base_src) for m in models]
