@@ -25,5 +25,15 @@ class MediaBatchError(ValueError):
         super().__init__(f"{len(self.failures)} sample(s) in the batch have unusable media:\n" + "\n".join(lines))
 
 
-class PlaceholderMismatchError(ValueError):
+class SampleError(ValueError):
+    """One sample of a batch is unusable; `sample` is its index in the batch (None: not one sample's
+    fault) and `reason` what is wrong with it, so callers can name the sample their own way."""
+
+    def __init__(self, reason: str, sample: int | None = None):
+        self.sample = sample
+        self.reason = reason
+        super().__init__(reason if sample is None else f"sample {sample}: {reason}")
+
+
+class PlaceholderMismatchError(SampleError):
     """The placeholders in a prompt and the media given for it disagree."""

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mcomp.conversation import get_template
-from mcomp.errors import MediaBatchError, PlaceholderMismatchError
+from mcomp.errors import MediaBatchError, PlaceholderMismatchError, SampleError
 from mcomp.lora import TEXT_ROUTE, LoraSpec, RoutingState, inject_routed_layers, routed_layers
 from mcomp.modality import AdapterConfig, ModalityAdapter, build_adapter
 from mcomp.tokenization import tokenize_continuation, tokenize_with_placeholders
@@ -184,8 +184,7 @@ class MultimodalLM(nn.Module):
             if have != want:
                 tag = self.adapters[modality].placeholder
                 raise PlaceholderMismatchError(
-                    f"sample {index}: the prompt has {want} {tag} placeholder(s) but {have} {modality} input(s) were given"
-                )
+                    f"the prompt has {want} {tag} placeholder(s) but {have} {modality} input(s) were given", index)
 
     def prepare_inputs(
         self,
@@ -228,7 +227,7 @@ class MultimodalLM(nn.Module):
                 sample_ids += piece
                 sample_labels += piece if is_answer else [IGNORE_INDEX] * len(piece)
             if not any(t != IGNORE_INDEX for t in sample_labels):
-                raise ValueError(f"conversation {i} has no assistant answer to learn from")
+                raise SampleError("the conversation has no assistant answer to learn from", i)
             self._check_placeholders(i, sample_ids, media_n[i])
             ids.append(sample_ids)
             labels.append([IGNORE_INDEX if t < 0 else t for t in sample_labels])

@@ -216,7 +216,7 @@ def clear_checkpoints(folder: Path) -> None:
 def _batch_inputs(core, batch: list[ConversationSample]):
     """The batch's training inputs; a data error names the samples' ids and files, not their
     positions in the batch."""
-    from mcomp.errors import MediaBatchError
+    from mcomp.errors import MediaBatchError, SampleError
 
     try:
         return core.prepare_conversations([s.conversations for s in batch], [s.media for s in batch])
@@ -224,15 +224,12 @@ def _batch_inputs(core, batch: list[ConversationSample]):
         lines = [f"sample {batch[i].id}: {failure}" for i, failure in err.failures.items()]
         raise TrainingDataError(f"{len(lines)} sample(s) of a training batch have unusable media:\n  "
                                 + "\n  ".join(lines)) from err
-    except ValueError as err:  # PlaceholderMismatchError and the like say "sample <index in the batch>: ..."
-        text = str(err)
-        found = re.match(r"(?:sample|conversation) (\d+)[: ]", text)
-        if found and int(found.group(1)) < len(batch):
-            s = batch[int(found.group(1))]
+    except ValueError as err:
+        if isinstance(err, SampleError) and err.sample is not None and err.sample < len(batch):
+            s = batch[err.sample]
             files = [f for v in s.media.values() for f in v]
-            raise TrainingDataError(f"sample {s.id} (media: {', '.join(files) or 'none'}): "
-                                    f"{text[found.end():].strip(' :')}") from err
-        raise TrainingDataError(f"a training batch of samples {', '.join(str(s.id) for s in batch)}: {text}") from err
+            raise TrainingDataError(f"sample {s.id} (media: {', '.join(files) or 'none'}): {err.reason}") from err
+        raise TrainingDataError(f"a training batch of samples {', '.join(str(s.id) for s in batch)}: {err}") from err
 
 
 def train(model, samples: list[ConversationSample], cfg: TrainConfig, checkpoint_dir: str | os.PathLike,
