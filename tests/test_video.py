@@ -156,7 +156,10 @@ def test_bad_videos_name_the_file(adapter, tmp_path, videos):
 @pytest.mark.parametrize("height,width", [(480, 640), (198, 242), (640, 480), (720, 1280), (300, 300), (97, 131)])
 def test_resize_and_crop_follow_the_published_transforms(adapter, height, width):
     """Published (spec §6.3): pytorchvideo ShortSideScale gives the long side floor(long / short * S),
-    bilinear without antialiasing; torchvision CenterCropVideo takes offsets int(round((h - S) / 2))."""
+    bilinear without antialiasing (its rule, written out here: pytorchvideo is not installed); then
+    torchvision's CenterCropVideo itself, offsets int(round((h - S) / 2))."""
+    from torchvision.transforms._functional_video import center_crop as center_crop_video
+
     g = torch.Generator().manual_seed(height * width)
     frames = [torch.randint(0, 256, (height, width, 3), generator=g, dtype=torch.uint8).numpy() for _ in range(8)]
     size = adapter.encoder.image_size
@@ -166,8 +169,7 @@ def test_resize_and_crop_follow_the_published_transforms(adapter, height, width)
     else:
         new_h, new_w = size, int(math.floor((float(width) / height) * size))
     clip = torch.nn.functional.interpolate(clip, size=(new_h, new_w), mode="bilinear", align_corners=False)
-    i, j = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
-    clip = clip[..., i:i + size, j:j + size]
+    clip = center_crop_video(clip, (size, size))  # torchvision's own CenterCropVideo
     mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1, 1)
     published = ((clip - mean) / std).permute(1, 0, 2, 3)  # [T, C, S, S]
     torch.testing.assert_close(adapter.preprocess(frames), published, atol=1e-6, rtol=1e-6)
