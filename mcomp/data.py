@@ -135,6 +135,8 @@ def check_training_data(samples: Sequence[ConversationSample], model, *, allow_m
 
     - each media key names a modality of `model`, and the placeholders in a sample's human turns
       match its media files, per modality (answers hold none);
+    - the turns alternate as the template needs and tokenise into labels by its rule
+      (`MultimodalLM.conversation_ids`: an answer to learn, no tokenization mismatch);
     - each media file lies inside its sample's data root, symlinks resolved (not checked for
       samples without a root, or with `allow_media_outside_root`);
     - each media file decodes with its modality's adapter (`input_tensor`: read and preprocess),
@@ -179,6 +181,10 @@ def check_training_data(samples: Sequence[ConversationSample], model, *, allow_m
             elif tags:
                 problems.append(f"sample {s.id}: conversations[{k}] is an answer but holds the placeholder(s) "
                                 f"{', '.join(sorted(set(tags)))}; media go in the human turns")
+        try:
+            model.conversation_ids(s.conversations)
+        except ValueError as err:
+            problems.append(f"sample {s.id}: {getattr(err, 'reason', err)}")
         for modality in sorted(set(have) | set(want)):
             if have[modality] != want[modality]:
                 files = [f for key, v in s.media.items() if _modality_or_none(model, key) == modality for f in v]

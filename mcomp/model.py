@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mcomp.conversation import get_template
+from mcomp.conversation import IGNORE_INDEX, conversation_turns, get_template
 from mcomp.errors import MediaBatchError, PlaceholderMismatchError, SampleError
 from mcomp.lora import TEXT_ROUTE, LoraSpec, RoutingState, inject_routed_layers, routed_layers
 from mcomp.modality import AdapterConfig, ModalityAdapter, build_adapter
@@ -29,7 +29,6 @@ from mcomp.tokenization import tokenize_continuation, tokenize_with_placeholders
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 TEXT = -1  # modality id of text positions
 Media = Mapping[str, Any]  # modality key -> one source or a list of sources (paths or decoded media)
 
@@ -210,28 +209,38 @@ class MultimodalLM(nn.Module):
     def prepare_conversations(
         self, conversations: Sequence[Sequence[Mapping[str, Any]]], media: Sequence[Media | None] | None = None
     ) -> MultimodalInputs:
-        """Training inputs from LLaVA-style turns ({"from": "human"|"gpt", "value": ...}).
-
-        The template renders the turns; the loss covers each assistant answer and its end separator.
-        """
+        """Training inputs from LLaVA-style turns ({"from": "human"|"gpt", "value": ...}), as the
+        published preprocess makes them (`conversation_ids`)."""
         media_n = self._normalise_media(list(media) if media is not None else [None] * len(conversations),
                                         len(conversations))
         ids, labels = [], []
         for i, turns in enumerate(conversations):
-            pieces = self.template.segments([(t["from"], t.get("value")) for t in turns])
-            sample_ids, sample_labels = [], []
-            for k, (text, is_answer) in enumerate(pieces):
-                piece = self.tokenize(text)
-                if k > 0 and self.tokenizer.bos_token_id is not None:
-                    piece = piece[1:]  # BOS only once, at the start
-                sample_ids += piece
-                sample_labels += piece if is_answer else [IGNORE_INDEX] * len(piece)
-            if not any(t != IGNORE_INDEX for t in sample_labels):
-                raise SampleError("the conversation has no assistant answer to learn from", i)
+            sample_ids, sample_labels = self.conversation_ids(turns, i)
             self._check_placeholders(i, sample_ids, media_n[i])
             ids.append(sample_ids)
-            labels.append([IGNORE_INDEX if t < 0 else t for t in sample_labels])
+            labels.append(sample_labels)
         return self._assemble(ids, self.encode_media(media_n), labels)
+
+    def conversation_ids(self, turns: Sequence[Mapping[str, Any]], index: int | None = None) -> tuple[list[int], list[int]]:
+        """(ids, labels) of one conversation: the template renders the whole turn list, which is
+        tokenised as one text split only at placeholders, and the labels follow the published rule
+        (`ConversationTemplate.answer_labels`: each answer and its end separator). A conversation
+        with nothing to learn from raises SampleError (`index` names the sample in its batch)."""
+        try:
+            pairs = conversation_turns(turns)
+        except ValueError as err:
+            raise SampleError(str(err), index) from None
+        if not any(role == "gpt" and value for role, value in pairs):
+            raise SampleError("the conversation has no assistant answer to learn from", index)
+        text = self.template.render(pairs)
+        sample_ids = self.tokenize(text)
+        sample_labels, mismatch = self.template.answer_labels(text, sample_ids, self.tokenize, self.tokenizer.pad_token_id)
+        if mismatch is not None:
+            raise SampleError(f"{mismatch} (the published preprocess would silently drop this sample's loss; "
+                              f"the tokenizer does not tokenise the rounds as the template's rule expects)", index)
+        if not any(t != IGNORE_INDEX for t in sample_labels):
+            raise SampleError("the template's rule leaves no answer token to learn from", index)
+        return sample_ids, [IGNORE_INDEX if t < 0 else t for t in sample_labels]
 
     def _assemble(self, ids, features, labels=None, cont_ids=None) -> MultimodalInputs:
         """Splice features at the sentinels of `ids`; `labels` (aligned with ids) become label rows."""

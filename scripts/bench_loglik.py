@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     from mcomp.benchmarks.mcub.data import read_questions
     from mcomp.benchmarks.mcub.features import EvalFeatureCache
     from mcomp.benchmarks.mcub.loglik import score_options, score_options_batch, score_options_full
-    from mcomp.benchmarks.mcub.prompting import build_prompt, ordered_media
+    from mcomp.benchmarks.mcub.prompting import build_prompt
     from mcomp.benchmarks.mcub.scoring import lettered_options
     from mcomp.benchmarks.mcub.synthetic import write_benchmark
     from mcomp.benchmarks.mcub.tasks import load_task
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
         work = []
         for s in samples:
             options = lettered_options(s, None)
-            work.append((build_prompt(model, template, s, task.modality_order), ordered_media(model, s, task.modality_order),
+            work.append((*build_prompt(model, template, s, task.modality_order)[:2],
                          [o.continuation("{letter}") for o in options]))  # (prompt, media, continuations)
         ctx_len = model.prepare_inputs([work[0][0]], [work[0][1]]).inputs_embeds.shape[1]
 

@@ -6,7 +6,7 @@ import pytest
 from mcomp.benchmarks.mcub.data import read_questions
 from mcomp.benchmarks.mcub.features import EvalFeatureCache
 from mcomp.benchmarks.mcub.loglik import score_options, score_options_full
-from mcomp.benchmarks.mcub.prompting import build_prompt, ordered_media, question_text
+from mcomp.benchmarks.mcub.prompting import build_prompt
 from mcomp.benchmarks.mcub.synthetic import write_benchmark
 from mcomp.commands.eval import build_tiny_model
 from mcomp.conversation import get_template
@@ -39,26 +39,27 @@ def _check_equal(a, b):
 
 
 def test_prompt_is_the_published_template(model, sample):
-    prompt = build_prompt(model, get_template("vicuna_v1"), sample, ORDER)
+    prompt, media, ignored = build_prompt(model, get_template("vicuna_v1"), sample, ORDER)
     assert prompt == (
         "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
         "detailed, and polite answers to the user's questions. USER: " + sample.question + " ASSISTANT:")
-    media = ordered_media(model, sample, ORDER)
-    assert list(media) == ["vision", "audio", "video", "point"]
+    assert list(media) == ["vision", "audio", "video", "point"] and not ignored
 
 
-def test_missing_placeholders_get_demo_lines_in_modality_order(model, sample):
+def test_missing_placeholders_get_demo_lines_in_modality_order_with_prefix(model, sample):
     import dataclasses
 
-    bare = dataclasses.replace(sample, question="What do they share?",
+    bare = dataclasses.replace(sample, question="What do they share?", turns=(),
                                media={"point": sample.media["point"], "vision": sample.media["vision"]})
-    assert question_text(model, bare, ORDER) == "image: <image>\npoint: <point>\nWhat do they share?"
-    assert question_text(model, sample, ORDER) == sample.question  # placeholders present: verbatim
+    prompt, media, ignored = build_prompt(model, get_template("vicuna_v1"), bare, ORDER, "prefix")
+    assert prompt == get_template("vicuna_v1").prompt("image: <image>\npoint: <point>\nWhat do they share?")
+    assert list(media) == ["vision", "point"] and not ignored
+    assert build_prompt(model, get_template("vicuna_v1"), sample, ORDER, "prefix")[0] == \
+        get_template("vicuna_v1").prompt(sample.question)  # placeholders present: verbatim
 
 
 def test_cached_scores_equal_model_loglikelihood(model, sample):
-    prompt = build_prompt(model, get_template("vicuna_v1"), sample, ORDER)
-    media = ordered_media(model, sample, ORDER)
+    prompt, media, _ = build_prompt(model, get_template("vicuna_v1"), sample, ORDER)
     reference = model.loglikelihood(prompt, OPTIONS, media, reuse_context=False)
     assert len({r.num_tokens for r in reference}) > 2  # options of several lengths (right padding is exercised)
     for batch_size in (1, 3, 16):
@@ -67,8 +68,7 @@ def test_cached_scores_equal_model_loglikelihood(model, sample):
 
 
 def test_context_runs_once_and_features_are_encoded_once(model, sample, monkeypatch):
-    prompt = build_prompt(model, get_template("vicuna_v1"), sample, ORDER)
-    media = ordered_media(model, sample, ORDER)
+    prompt, media, _ = build_prompt(model, get_template("vicuna_v1"), sample, ORDER)
     lengths = []
     real_forward = model.llm.forward
 
@@ -101,8 +101,7 @@ def test_routed_lora_model(sample):
     m.add_lora(r=4, alpha=8, seed=3, zero_b=False)
     m.add_lora(r=4, alpha=8, name="image", seed=4, zero_b=False)
     m.set_routes({"text": [("text", 1.0)], "image": [("image", 1.0)]})
-    prompt = build_prompt(m, get_template("vicuna_v1"), sample, ORDER)
-    media = ordered_media(m, sample, ORDER)
+    prompt, media, _ = build_prompt(m, get_template("vicuna_v1"), sample, ORDER)
     reference = m.loglikelihood(prompt, OPTIONS, media, reuse_context=False)
     _check_equal(score_options(m, prompt, OPTIONS, media, batch_size=3), reference)
     m.set_routes({"text": [("text", 1.0)], "image": [("text", 1.0)]})  # the image route matters
@@ -123,8 +122,8 @@ def test_batched_contexts_equal_one_at_a_time(tmp_path_factory):
     samples = (read_questions(root / "data/test/MCUB-4.json", "MCUB-4", root)
                + read_questions(root / "data/test/MCUB-3-audio-video-pointcloud.json", "MCUB-3", root))
     template = get_template("vicuna_v1")
-    requests = [LoglikelihoodRequest(build_prompt(m, template, s, ORDER), OPTIONS[k:k + 3 + k],
-                                     ordered_media(m, s, ORDER)) for k, s in enumerate(samples)]
+    prompts = [build_prompt(m, template, s, ORDER) for s in samples]
+    requests = [LoglikelihoodRequest(p.text, OPTIONS[k:k + 3 + k], p.media) for k, p in enumerate(prompts)]
     requests.append(LoglikelihoodRequest(template.prompt("Which is red?"), OPTIONS[2:6], None))
     lengths = {len(m.tokenize(r.context)) + sum(m.inserted_tokens(m.modality_of(k)) for k in (r.media or {}))
                for r in requests}
@@ -140,8 +139,7 @@ def test_batch_without_a_selectable_cache_scores_each_context_in_full(model, sam
     """An LLM that returns no transformers Cache: the options are scored by full forwards instead."""
     from mcomp.model import LoglikelihoodRequest
 
-    prompt = build_prompt(model, get_template("vicuna_v1"), sample, ORDER)
-    media = ordered_media(model, sample, ORDER)
+    prompt, media, _ = build_prompt(model, get_template("vicuna_v1"), sample, ORDER)
     reference = model.loglikelihood(prompt, OPTIONS, media, reuse_context=False)
     real_forward = model.llm.forward
 

@@ -97,12 +97,11 @@ def test_shared_prefix_gives_the_plain_forwards_loss_and_gradients(tokenizer, im
         for p in trainable_parameters(model).values():
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
     img = str(image_data.parent / "img0.png")
-    conversations = [  # different lengths, a longer question, a multi-turn one and a text-only one
+    conversations = [  # different lengths, a longer question and answer, two lines, and a text-only one
         [{"from": "human", "value": "image: <image>\nColour?"}, {"from": "gpt", "value": "red"}],
         [{"from": "human", "value": "image: <image>\nWhat colour is the thing in this picture?"},
          {"from": "gpt", "value": "a pale shade of red"}],
-        [{"from": "human", "value": "image: <image>\nColour?"}, {"from": "gpt", "value": "red"},
-         {"from": "human", "value": "Shape?"}, {"from": "gpt", "value": "a square"}],
+        [{"from": "human", "value": "image: <image>\nColour and shape?"}, {"from": "gpt", "value": "red\na square"}],
         [{"from": "human", "value": "Name a colour."}, {"from": "gpt", "value": "blue"}],
     ]
     media = [{"image": img}, {"image": img}, {"image": img}, {}]

@@ -1,7 +1,8 @@
 """Reading the published benchmark files (MCUB, AVQA, MUSIC-AVQA, ModelNet40) as they are.
 
 Question file: a JSON list; each entry has `id` (any JSON scalar), `conversations` (a list of
-{"from": "human"|"gpt", "value": ...}; the first human turn is the question, used verbatim) and
+{"from": "human"|"gpt", "value": ...}, rendered whole into the prompt; the first human turn is the
+question, which options functions read) and
 `modal_inputs` ({"vision"|"audio"|"video"|"point": [paths]}). Extra fields are ignored.
 Answer file: a JSON list of {"id", "conversations"} (reference = the last turn's value) or of
 {"id", "label", "label_name"} (ModelNet40 annotations).
@@ -19,6 +20,8 @@ import logging
 import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
+
+from mcomp.conversation import conversation_turns
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +41,13 @@ class Sample:
     question: str  # the first human turn, verbatim (it holds the placeholders)
     media: dict[str, list[str]]  # key as in the file ("vision", "audio", ...) -> resolved paths
     error: str | None = None  # set when the sample cannot be run (e.g. a missing media file)
+    # the whole conversation as (role, value) pairs, as the published preprocess takes it (a first
+    # turn not from the human dropped); empty: the question alone, then the generation cue
+    turns: tuple[tuple[str, str | None], ...] = ()
+
+    def __post_init__(self):
+        if not self.turns:
+            self.turns = (("human", self.question), ("gpt", None))
 
     @property
     def key(self) -> tuple[str, str]:
@@ -118,6 +128,14 @@ def read_questions(
             raise ValueError(f"{path}: id {sample_id!r} occurs twice (entries {seen[k]} and {i}); ids must be unique")
         seen[k] = i
         question = first_human_turn(path, i, entry)
+        try:
+            turns = conversation_turns(entry["conversations"])
+        except ValueError as err:
+            raise ValueError(f"{path}: entry {i} (id {sample_id!r}): {err}") from None
+        for _, value in turns:
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{path}: entry {i} (id {sample_id!r}): a turn's value must be a string or null, "
+                                 f"got {value!r}")
         modal_inputs = entry.get("modal_inputs", {}) or {}
         if not isinstance(modal_inputs, Mapping):
             raise ValueError(f"{path}: entry {i} (id {sample_id!r}): 'modal_inputs' must be an object")
@@ -141,7 +159,7 @@ def read_questions(
             missing = [f"{key} file {p}" for key, paths in media.items() for p in paths if not os.path.isfile(p)]
             if missing:
                 error = "missing media: " + "; ".join(missing)
-        samples.append(Sample(sample_id, subset, i, question, media, error))
+        samples.append(Sample(sample_id, subset, i, question, media, error, tuple(turns)))
     logger.info("%s: %d sample(s), %d with unusable media", path, len(samples),
                 sum(s.error is not None for s in samples))
     return samples

@@ -39,7 +39,7 @@ from mcomp.benchmarks.mcub.data import (
 from mcomp.benchmarks.mcub.distributed import ProcessInfo
 from mcomp.benchmarks.mcub.features import EvalFeatureCache
 from mcomp.benchmarks.mcub.loglik import score_options, score_options_batch
-from mcomp.benchmarks.mcub.prompting import build_prompt, ordered_media
+from mcomp.benchmarks.mcub.prompting import build_prompt
 from mcomp.benchmarks.mcub.records import RecordWriter, iter_record_files, read_records
 from mcomp.benchmarks.mcub.scoring import accuracy
 from mcomp.benchmarks.mcub.tasks import ModeSpec, Task
@@ -206,18 +206,22 @@ def _prepare_sample(model, task: Task, mode: str, spec: ModeSpec, sample: Sample
     template = get_template(task.template)
     record: dict[str, Any] = {
         "subset": sample.subset, "id": sample.id, "index": sample.index, "mode": mode, "prompt": None,
-        "target": target, "prediction": None, "correct": False, "error": sample.error,
+        "target": target, "prediction": None, "correct": False, "error": sample.error, "media_ignored": False,
     }
     if mode == "generate":
         record["response"] = None
     else:
         record.update(option_scores=None, prediction_norm=None, correct_norm=False)
-    prompt = build_prompt(model, template, sample, task.modality_order)
+    try:
+        prompt, media, record["media_ignored"] = build_prompt(model, template, sample, task.modality_order,
+                                                              task.media_without_placeholder)
+    except SAMPLE_ERRORS as err:  # e.g. a media key the model has no adapter for
+        record["error"] = record["error"] or f"{type(err).__name__}: {err}"
+        return record
     record["prompt"] = prompt
     if sample.error is not None:
         return record
     try:
-        media = ordered_media(model, sample, task.modality_order)
         if mode == "generate":
             scorer = task.resolve("scorer", spec.scorer)
             tokens = max_new_tokens if max_new_tokens is not None else spec.max_new_tokens
@@ -392,7 +396,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     start = time.perf_counter()
-    written = 0
+    written = ignored = 0
     try:
         with RecordWriter(run_dir / f"samples.part-{proc.rank}.jsonl") as writer:
             for k, batch in mine:
@@ -408,6 +412,13 @@ def evaluate(
                     written += 1
                     if record["error"]:
                         logger.warning("sample %r (%s): %s", sample.id, sample.subset, record["error"])
+                    if record["media_ignored"]:
+                        ignored += 1
+                        if ignored == 1:
+                            logger.warning("sample %r (%s) has media but no placeholder: it is answered from its "
+                                           "text alone, as the published model does (task prompt option "
+                                           "media_without_placeholder: prefix puts the media in); more are "
+                                           "counted at the end", sample.id, sample.subset)
                     if on_record is not None:
                         on_record(record)
                     if written % 50 == 0:
@@ -419,6 +430,9 @@ def evaluate(
     elapsed = time.perf_counter() - start
     # session figures go to the log, not results.json: they depend on the clock and on cache warmth
     logger.info("process %d: %d sample(s) in %.1f s; feature cache %s", proc.rank, written, elapsed, cache.stats())
+    if ignored:
+        logger.warning("process %d: %d sample(s) had media but no placeholder; their media were not used", proc.rank,
+                       ignored)
     proc.barrier()
     if not proc.is_main:
         return None
@@ -435,7 +449,8 @@ def evaluate(
             "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         },
         "provenance": dict(getattr(model, "provenance", None) or {}),
-        "prompt": {"template": task.template, "modality_order": list(task.modality_order)},
+        "prompt": {"template": task.template, "modality_order": list(task.modality_order),
+                   "media_without_placeholder": task.media_without_placeholder},
         "data": {
             "data_root": os.path.abspath(data_root),
             "questions": {name: {"path": os.path.abspath(q), "sha256": identity["questions_sha256"][name]}

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from mcomp.benchmarks.mcub.prompting import MEDIA_WITHOUT_PLACEHOLDER
 from mcomp.benchmarks.mcub.registry import ALLOW_CODE_HINT, resolve
 
 MODES = ("generate", "loglik")
@@ -51,6 +52,7 @@ class Task:
     target_params: Mapping[str, Any]
     template: str
     modality_order: tuple[str, ...]
+    media_without_placeholder: str  # "ignore" (published) or "prefix" (`prompting.build_prompt`)
     modes: Mapping[str, ModeSpec]
     default_mode: str
     raw: Mapping[str, Any]  # the YAML content, recorded in results
@@ -193,6 +195,10 @@ def parse_task(data: Any, source: str = "task", allow_code: bool = False) -> Tas
     default_mode = data.get("default_mode", next(iter(modes)))
     if default_mode not in modes:
         raise ValueError(f"{source}: default_mode {default_mode!r} is not one of its modes {list(modes)}")
+    media_policy = prompt.get("media_without_placeholder", "ignore")
+    if media_policy not in MEDIA_WITHOUT_PLACEHOLDER:
+        raise ValueError(f"{source}: prompt.media_without_placeholder must be one of {MEDIA_WITHOUT_PLACEHOLDER}, "
+                         f"got {media_policy!r}")
     target = data.get("target", "last_turn")
     target_params = {}
     if isinstance(target, Mapping):
@@ -204,5 +210,6 @@ def parse_task(data: Any, source: str = "task", allow_code: bool = False) -> Tas
         answers=_require(data, "answers", source, str), target=target, target_params=target_params,
         template=str(prompt.get("template", "vicuna_v1")),
         modality_order=tuple(prompt.get("modality_order", ("image", "audio", "video", "point"))),
+        media_without_placeholder=media_policy,
         modes=modes, default_mode=default_mode, raw=dict(data), allow_code=allow_code,
     )
