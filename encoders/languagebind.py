@@ -121,9 +121,11 @@ class EncoderLayer(nn.Module):
             self.temporal_attn = Attention(d, cfg["num_attention_heads"])
             self.temporal_layer_norm1 = nn.LayerNorm(d, eps=eps)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        """x [(b t), n, d]: t frames per clip (1 for a still image: no temporal embedding, and the
+        temporal attention sees one frame, as the released layer does when fewer frames than
+        `num_frames` come in)."""
         if self.add_time_attn:
-            t = self.num_frames
             bt, n, d = x.shape
             x = x.view(bt // t, t, n, d).transpose(1, 2).reshape(-1, t, d)  # (b t) n d -> (b n) t d
             if t != 1:
@@ -213,15 +215,16 @@ class LanguageBindVideoTower(nn.Module):
 
         Indexing as transformers' `hidden_states`: 0 = embeddings, i = output of layer i, -1 = last.
         """
-        if self.vision_model.encoder.layers[0].add_time_attn and num_frames != self.num_frames:
-            raise ValueError(f"LanguageBind tower expects {self.num_frames} frames per clip, got {num_frames}")
+        if self.vision_model.encoder.layers[0].add_time_attn and num_frames not in (1, self.num_frames):
+            raise ValueError(f"LanguageBind tower expects {self.num_frames} frames per clip (or 1, a still image), "
+                             f"got {num_frames}")
         index = self.layers + 1 + select_layer if select_layer < 0 else select_layer
         if not 0 <= index <= self.layers:
             raise ValueError(f"select_layer {select_layer} is out of range for a {self.layers}-layer tower")
         vm = self.vision_model
         x = vm.pre_layrnorm(vm.embeddings(frames))
         for layer in vm.encoder.layers[:index]:
-            x = layer(x)
+            x = layer(x, num_frames)
         return x
 
 

@@ -3,7 +3,7 @@
 Mirrors the published video MLLM's layout (LanguageBind-Video features): frames at
 floor(linspace(0, n-1, 8)), short side resized to 224 and centre-cropped, CLIP normalisation,
 `hidden_states[-2]` of every frame with CLS kept (8 x 257 tokens for ViT-L/14 at 224), frame-major,
-then `mlp2x_gelu`. Deviation, on purpose: the released preprocessing flips frames at random even at
+then `mlp2x_gelu`. A still image is one frame (257 tokens), as in the published evaluation. Deviation, on purpose: the released preprocessing flips frames at random even at
 evaluation (RandomHorizontalFlip p=0.5); mcomp never flips, so the same file gives the same tokens.
 """
 from __future__ import annotations
@@ -56,7 +56,9 @@ def _count_frames(path: str) -> int:
 def read_video_frames(path: str, num_frames: int, modality: str = "video") -> list[np.ndarray]:
     """Decode `num_frames` uniformly spaced RGB frames (H, W, 3 uint8) with PyAV.
 
-    A still image is a one-frame video, repeated to `num_frames` (as the published code does).
+    A still image stays one frame, as the published evaluation keeps it (LanguageBind's image path:
+    one frame, so one frame's tokens and no temporal embedding); the published code tells stills by
+    the `.jpg` suffix, mcomp by any image suffix.
     """
     import av
 
@@ -64,10 +66,7 @@ def read_video_frames(path: str, num_frames: int, modality: str = "video") -> li
     if not os.path.isfile(path):
         raise MediaError(path, "file not found", modality)
     if ext in IMAGE_EXTENSIONS:
-        image = load_image(path, modality)
-        check_clip_size(image.width, image.height, num_frames, path, modality)
-        frame = np.asarray(image)
-        return [frame] * num_frames
+        return [np.asarray(load_image(path, modality))]
     if ext not in VIDEO_EXTENSIONS:
         raise MediaError(path, f"unsupported video extension {ext!r} (expected one of {sorted(VIDEO_EXTENSIONS)})", modality)
     try:
@@ -151,6 +150,7 @@ class VideoAdapter(ModalityAdapter):
 
     @property
     def num_tokens(self) -> int:
+        """Of a video; a still image has one frame's (`tokens_per_frame`)."""
         frames = self.config.num_frames
         if self.config.pool == "time":
             frames //= self.config.pool_size
@@ -160,12 +160,15 @@ class VideoAdapter(ModalityAdapter):
         return read_video_frames(path, self.config.num_frames, self.modality)
 
     def preprocess(self, raw) -> torch.Tensor:
-        """Frames -> [T, 3, S, S]: scale to [0,1], short side to S (bilinear), centre crop, normalise."""
+        """Frames -> [T, 3, S, S]: scale to [0,1], short side to S (bilinear), centre crop, normalise.
+
+        A still image (a PIL image, or a list of one frame) stays one frame (T = 1); other lists of
+        frames are sampled to `num_frames`."""
         if isinstance(raw, Image.Image):
-            raw = [np.asarray(raw.convert("RGB"))] * self.config.num_frames
+            raw = [np.asarray(raw.convert("RGB"))]
         if not isinstance(raw, (list, tuple)) or not raw:
             raise MediaError(None, f"expected a file path, a PIL image or a list of frames, got {type(raw).__name__}", self.modality)
-        if len(raw) != self.config.num_frames:
+        if len(raw) not in (1, self.config.num_frames):
             raw = [raw[i] for i in frame_indices(len(raw), self.config.num_frames)]
         frames = [np.asarray(f) for f in raw]
         shapes = sorted({f.shape for f in frames})
@@ -190,7 +193,8 @@ class VideoAdapter(ModalityAdapter):
 
     def _is_preprocessed(self, tensor: torch.Tensor) -> bool:
         size = self.encoder.image_size
-        return tuple(tensor.shape) == (self.config.num_frames, 3, size, size)
+        return tensor.dim() == 4 and tensor.shape[0] in (1, self.config.num_frames) \
+            and tuple(tensor.shape[1:]) == (3, size, size)
 
     def frame_tokens(self, batch: torch.Tensor) -> torch.Tensor:
         """[B, T, 3, S, S] -> [B, T, 1 + patches, width]: the tower's tokens of every frame, CLS first."""
@@ -199,10 +203,11 @@ class VideoAdapter(ModalityAdapter):
         return tokens.view(b, t, tokens.shape[1], tokens.shape[2])
 
     def encode(self, batch: torch.Tensor) -> torch.Tensor:
-        """[B, T, 3, S, S] -> [B, T' * tokens_per_frame, width], frame-major, CLS first in each frame."""
+        """[B, T, 3, S, S] -> [B, T' * tokens_per_frame, width], frame-major, CLS first in each frame
+        (T = 1 for stills, which time pooling leaves as they are)."""
         tokens = self.frame_tokens(batch)
         b = tokens.shape[0]
-        if self.config.pool == "time":
+        if self.config.pool == "time" and tokens.shape[1] > 1:
             k = self.config.pool_size
             tokens = tokens.view(b, tokens.shape[1] // k, k, *tokens.shape[2:]).mean(dim=2)
         elif self.config.pool == "space":

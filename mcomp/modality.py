@@ -131,7 +131,7 @@ class ModalityAdapter(nn.Module):
     def _is_preprocessed(self, tensor: torch.Tensor) -> bool:
         return False
 
-    def prepare(self, sources: Sequence[Any]) -> torch.Tensor:
+    def input_tensors(self, sources: Sequence[Any]) -> list[torch.Tensor]:
         """Decode and preprocess every source; report all failures at once, by sample index."""
         tensors, failures = [], {}
         for i, src in enumerate(sources):
@@ -141,7 +141,36 @@ class ModalityAdapter(nn.Module):
                 failures[i] = err
         if failures:
             raise MediaBatchError(failures)
-        return self.collate(tensors)
+        return tensors
+
+    def prepare(self, sources: Sequence[Any]) -> torch.Tensor:
+        """The encoder's input batch of `sources` (of one shape: a still image given to the video
+        adapter is one frame, a video `num_frames`; `encode_tensors` batches by shape)."""
+        return self.collate(self.input_tensors(sources))
+
+    def encode_tensors(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Encoder features of each input tensor; tensors of one shape run as one batch."""
+        groups: dict[tuple, list[int]] = {}
+        for k, t in enumerate(tensors):
+            groups.setdefault(tuple(t.shape), []).append(k)
+        out: list[torch.Tensor | None] = [None] * len(tensors)
+        with torch.no_grad():
+            for members in groups.values():
+                feats = self.encode(self.collate([tensors[k] for k in members]).to(self.device))
+                for k, f in zip(members, feats):
+                    out[k] = f
+        return out
+
+    def project_features(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """`project` over per-input features of possibly different lengths (batched by shape)."""
+        groups: dict[tuple, list[int]] = {}
+        for k, f in enumerate(features):
+            groups.setdefault(tuple(f.shape), []).append(k)
+        out: list[torch.Tensor | None] = [None] * len(features)
+        for members in groups.values():
+            for k, f in zip(members, self.project(torch.stack([features[k] for k in members]))):
+                out[k] = f
+        return out
 
     def collate(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack(tensors)

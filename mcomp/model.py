@@ -144,31 +144,29 @@ class MultimodalLM(nn.Module):
                 for flat_index, media_err in encoded.failures.items():
                     failures.setdefault(owners[flat_index][0], media_err)
                 continue
-            projected = adapter.project(encoded)
+            projected = adapter.project_features(encoded)
             for (i, _), feats in zip(owners, projected):
                 features[i][modality].append(feats)
         if failures:
             raise MediaBatchError(failures)
         return features
 
-    def _encode_with_cache(self, adapter: ModalityAdapter, sources: list) -> torch.Tensor | MediaBatchError:
-        """Frozen encoder features for `sources`, read from / written to the feature cache if set."""
+    def _encode_with_cache(self, adapter: ModalityAdapter, sources: list) -> list[torch.Tensor] | MediaBatchError:
+        """Frozen encoder features of each source, read from / written to the feature cache if set."""
         cache = self.feature_cache
         fingerprint = adapter.fingerprint() if cache is not None else None
         cached = [cache.get(fingerprint, s) if cache is not None else None for s in sources]
         todo = [k for k, c in enumerate(cached) if c is None]
         if todo:
             try:
-                batch = adapter.prepare([sources[k] for k in todo])
+                tensors = adapter.input_tensors([sources[k] for k in todo])
             except MediaBatchError as err:
                 return MediaBatchError({todo[k]: e for k, e in err.failures.items()})
-            with torch.no_grad():
-                fresh = adapter.encode(batch.to(adapter.device))
-            for k, feats in zip(todo, fresh):
+            for k, feats in zip(todo, adapter.encode_tensors(tensors)):
                 cached[k] = feats
                 if cache is not None:
                     cache.put(fingerprint, sources[k], feats)
-        return torch.stack([c.to(adapter.device) for c in cached])
+        return [c.to(adapter.device) for c in cached]
 
     def tokenize(self, prompt: str) -> list[int]:
         return tokenize_with_placeholders(self.tokenizer, prompt, self.placeholder_ids)

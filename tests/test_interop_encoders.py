@@ -139,8 +139,30 @@ def test_languagebind_temporal_attention(tmp_path):
         plain.vision_model.load_state_dict({k: v for k, v in tower.vision_model.state_dict().items()
                                             if "temporal" not in k})
         torch.testing.assert_close(tower(frames, 8), plain(frames, 1), atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="expects 8 frames per clip, got 4"):
+    with pytest.raises(ValueError, match=r"expects 8 frames per clip \(or 1, a still image\), got 4"):
         tower(frames[:4], 4)
+
+
+def test_languagebind_still_image_has_no_temporal_embedding():
+    """The released layer with one frame coming in (a still image: `bt < t` makes t = 1): the temporal
+    embedding is not added, and the temporal attention over a single frame is out_proj(v_proj(.)) of
+    the normalised input (softmax over one key is 1); eight copies of the frame give other tokens."""
+    state = {k[len("vision_model."):]: v for k, v in languagebind_state().items() if k.startswith("vision_model.")}
+    tower = LanguageBindVideoTower(LB_VISION).eval()
+    tower.vision_model.load_state_dict(state)
+    still = _pixels(1, seed=3)
+    vm = tower.vision_model
+    with torch.no_grad():
+        got = tower(still, 1, select_layer=-1)
+        x = vm.pre_layrnorm(vm.embeddings(still))
+        for layer in vm.encoder.layers:
+            attn = layer.temporal_attn
+            x = x + attn.out_proj(attn.v_proj(layer.temporal_layer_norm1(x)))
+            x = x + layer.self_attn(layer.layer_norm1(x))
+            x = x + layer.mlp(layer.layer_norm2(x))
+        torch.testing.assert_close(got, x, atol=1e-5, rtol=1e-5)
+        copies = tower(still.expand(8, -1, -1, -1), 8, select_layer=-1)
+        assert not torch.allclose(copies[:1], got, atol=1e-3)
 
 
 def test_languagebind_adapter_and_strict_loading(tmp_path):

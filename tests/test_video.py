@@ -72,11 +72,23 @@ def test_uniform_frames_decoded_from_disk(adapter, videos, kind):
         assert nearest == i, (kind, i, got)
 
 
-def test_still_image_is_a_one_frame_video(adapter, tmp_path):
+def test_still_image_is_one_frame_of_tokens(adapter, tmp_path, videos):
+    """Published evaluation (LanguageBind's image path): a still image given as a video input stays
+    one frame, [C, 1, H, W], so it brings one frame's tokens, not num_frames copies; in a batch with
+    videos it keeps them (features as when encoded alone)."""
     path = tmp_path / "still.png"
     Image.new("RGB", (40, 30), (10, 200, 30)).save(path)
     frames = adapter.load(str(path))
-    assert len(frames) == 8 and all(np.array_equal(f, frames[0]) for f in frames)
+    assert len(frames) == 1 and frames[0].shape == (30, 40, 3)
+    size = adapter.encoder.image_size
+    assert adapter.input_tensor(str(path)).shape == (1, 3, size, size)
+    alone = adapter.encode_tensors(adapter.input_tensors([str(path)]))[0]
+    assert alone.shape[0] == adapter.tokens_per_frame == adapter.num_tokens // 8
+    mixed = adapter.encode_tensors(adapter.input_tensors([str(videos["mp4"]), str(path), str(videos["webm"])]))
+    assert [f.shape[0] for f in mixed] == [adapter.num_tokens, adapter.tokens_per_frame, adapter.num_tokens]
+    torch.testing.assert_close(mixed[1], alone)
+    eight = adapter.encode(adapter.input_tensor(str(path)).expand(8, -1, -1, -1)[None])[0]
+    torch.testing.assert_close(eight[: adapter.tokens_per_frame], alone)  # the open_clip tower: frames apart
 
 
 def test_preprocess_matches_independent_pipeline(adapter, videos):
@@ -173,3 +185,15 @@ def test_resize_and_crop_follow_the_published_transforms(adapter, height, width)
     mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1, 1)
     published = ((clip - mean) / std).permute(1, 0, 2, 3)  # [T, C, S, S]
     torch.testing.assert_close(adapter.preprocess(frames), published, atol=1e-6, rtol=1e-6)
+
+
+def test_model_splices_one_frame_of_tokens_for_a_still(tmp_path, videos):
+    from mcomp.tiny import build_tiny_mllm
+
+    model = build_tiny_mllm([tiny_video_adapter_config()], seed=0)
+    still = tmp_path / "still.jpg"
+    Image.new("RGB", (40, 30), (200, 20, 30)).save(still)
+    prompt = model.template.prompt("<video> What is it?")
+    inputs = model.prepare_inputs([prompt, prompt], [{"video": str(still)}, {"video": str(videos["mp4"])}])
+    per_frame = model.adapters["video"].tokens_per_frame
+    assert (inputs.modality_ids == 0).sum(dim=1).tolist() == [per_frame, 8 * per_frame]
