@@ -24,6 +24,7 @@ import torch
 from mcomp.configuration import JsonConfig
 from mcomp.fingerprint import tensors_sha256
 from mcomp.io import atomic_directory, check_state_dict, load_tensors, save_tensors
+from mcomp.tokenization import save_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ def save_mllm(model, path: str | os.PathLike, *, overwrite: bool = False, base_m
         tokens.update({f"suffix.{m}": t for m, t in model.suffix_tokens.items()})
         if tokens:
             save_tensors(tokens, tmp / "modality_tokens.safetensors")
-        model.tokenizer.save_pretrained(str(tmp))
+        save_tokenizer(model.tokenizer, tmp)
         text_cfg = model.llm.config.get_text_config()
         MLLMConfig(
             mcomp_version=mcomp.__version__,

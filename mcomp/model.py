@@ -25,7 +25,7 @@ from mcomp.conversation import IGNORE_INDEX, conversation_turns, get_template
 from mcomp.errors import MediaBatchError, PlaceholderMismatchError, SampleError
 from mcomp.lora import TEXT_ROUTE, LoraSpec, RoutingState, inject_routed_layers, routed_layers
 from mcomp.modality import AdapterConfig, ModalityAdapter, build_adapter
-from mcomp.tokenization import tokenize_continuation, tokenize_with_placeholders
+from mcomp.tokenization import slow_llama_encoder, tokenize_continuation, tokenize_with_placeholders
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ class MultimodalLM(nn.Module):
         super().__init__()
         self.llm = llm
         self.tokenizer = tokenizer
+        self.text_encoder = slow_llama_encoder(tokenizer)  # None: the tokenizer as it is
         names = [a.modality for a in adapters]
         if len(set(names)) != len(names):
             raise ValueError(f"one adapter per modality: got modalities {names}")
@@ -169,7 +170,7 @@ class MultimodalLM(nn.Module):
         return [c.to(adapter.device) for c in cached]
 
     def tokenize(self, prompt: str) -> list[int]:
-        return tokenize_with_placeholders(self.tokenizer, prompt, self.placeholder_ids)
+        return tokenize_with_placeholders(self.tokenizer, prompt, self.placeholder_ids, self.text_encoder)
 
     def _check_placeholders(self, index: int, ids: list[int], media: dict[str, list]) -> None:
         counts = defaultdict(int)
@@ -200,7 +201,7 @@ class MultimodalLM(nn.Module):
             return self._assemble(ids, features)
         if len(continuations) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompt(s) but {len(continuations)} continuation(s)")
-        cont_ids = [tokenize_continuation(self.tokenizer, c) if isinstance(c, str) else list(c) for c in continuations]
+        cont_ids = [tokenize_continuation(self.tokenizer, c, self.text_encoder) if isinstance(c, str) else list(c) for c in continuations]
         labels = [[IGNORE_INDEX] * len(p) + c for p, c in zip(ids, cont_ids)]
         return self._assemble([p + c for p, c in zip(ids, cont_ids)], features, labels, cont_ids)
 
@@ -407,7 +408,7 @@ class MultimodalLM(nn.Module):
         return results
 
     def _continuation_ids(self, continuations: Sequence[str]) -> list[list[int]]:
-        ids = [tokenize_continuation(self.tokenizer, c) for c in continuations]
+        ids = [tokenize_continuation(self.tokenizer, c, self.text_encoder) for c in continuations]
         for c, t in zip(continuations, ids):
             if not t:
                 raise ValueError(f"continuation {c!r} tokenises to nothing")

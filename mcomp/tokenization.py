@@ -4,19 +4,128 @@ The prompt is split at each placeholder tag; every text chunk is tokenised on it
 after a placeholder gets the tokenizer's start-of-text handling again), the BOS token is kept only
 once at the start, and each placeholder becomes a negative sentinel id that the model later
 replaces by that modality's features. The vocabulary is not changed.
+
+A chunk's ids are the ones the published code's tokenizer gives: for a LLaMA
+SentencePiece tokenizer (Vicuna's `tokenizer.model`), the slow `LlamaTokenizer` of transformers
+4.31 that the released code loads (`use_fast=False`), rebuilt on the `sentencepiece` library
+(`slow_llama_encoder`); transformers 5's LlamaTokenizer differs from it on text that starts with a
+space and, with `legacy: false`, on text after `</s>`. Any other tokenizer is called as it is.
 """
 from __future__ import annotations
 
+import json
+import logging
+import os
 import re
-from typing import Mapping
+import shutil
+from pathlib import Path
+from typing import Callable, Mapping
+
+logger = logging.getLogger(__name__)
+
+SPACE = "\u2581"  # SentencePiece's escaped space
+LLAMA_TOKENIZERS = ("LlamaTokenizer", "LlamaTokenizerFast", "CodeLlamaTokenizer", "CodeLlamaTokenizerFast")
+
+
+class SlowLlamaEncoder:
+    """`LlamaTokenizer(text)["input_ids"]` of transformers 4.31 (the slow, SentencePiece tokenizer).
+
+    Its `tokenize`: the text is split at every added token (the special tokens among them), with the
+    whitespace next to one stripped on the sides its lstrip/rstrip flags say; each text piece is
+    encoded by SentencePiece with its dummy prefix (`legacy`, 4.31's default), or, with
+    `legacy=False`, the text is first given one "▁" that only the first piece keeps, and a later
+    piece that does not start with a space loses the "▁" its first token starts with; BOS in front
+    when `add_bos_token`."""
+
+    def __init__(self, model_file: str | os.PathLike, added: Mapping[str, tuple[int, bool, bool]], bos_id: int | None,
+                 add_bos: bool = True, legacy: bool = True):
+        import sentencepiece
+
+        self.model_file = str(model_file)
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=self.model_file)
+        self.added = dict(added)  # content -> (id, lstrip, rstrip)
+        self.bos_id = bos_id if add_bos else None
+        self.legacy = legacy
+        self.split = re.compile("(" + "|".join(re.escape(t) for t in sorted(self.added, key=len, reverse=True)) + ")") \
+            if self.added else None
+
+    def __call__(self, text: str) -> list[int]:
+        if not self.legacy:
+            text = SPACE + text.replace(SPACE, " ")
+        parts = self.split.split(text) if self.split is not None else [text]
+        for k in range(1, len(parts), 2):  # the added tokens' strip flags trim their neighbours
+            _, lstrip, rstrip = self.added[parts[k]]
+            if lstrip:
+                parts[k - 1] = parts[k - 1].rstrip()
+            if rstrip:
+                parts[k + 1] = parts[k + 1].lstrip()
+        ids = [] if self.bos_id is None else [self.bos_id]
+        for k, part in enumerate(parts):
+            if k % 2:
+                ids.append(self.added[part][0])
+            elif part:
+                ids.extend(self._piece(part, first=k == 0))
+        return ids
+
+    def _piece(self, text: str, first: bool) -> list[int]:
+        if self.legacy:
+            return self.sp.encode(text)
+        if first:  # the "▁" given to the whole text stands for SentencePiece's own dummy prefix
+            return self.sp.encode(text[1:])
+        pieces = self.sp.encode(text, out_type=str)
+        if not text.startswith(" ") and pieces and pieces[0].startswith(SPACE):
+            pieces = ([pieces[0][1:]] if len(pieces[0]) > 1 else []) + pieces[1:]
+        return [self.sp.piece_to_id(p) for p in pieces]
+
+
+def sentencepiece_file(tokenizer) -> Path | None:
+    """The SentencePiece model a LLaMA tokenizer was loaded from, if it is there."""
+    if type(tokenizer).__name__ not in LLAMA_TOKENIZERS:
+        return None
+    path = getattr(tokenizer, "vocab_file", None) or tokenizer.init_kwargs.get("vocab_file")
+    return Path(path) if path and Path(path).is_file() else None
+
+
+def slow_llama_encoder(tokenizer) -> SlowLlamaEncoder | None:
+    """The published code's tokenizer for a LLaMA tokenizer loaded with its SentencePiece model;
+    None for any other (which is then called as it is)."""
+    model_file = sentencepiece_file(tokenizer)
+    if model_file is None:
+        return None
+    added = {t.content: (i, bool(t.lstrip), bool(t.rstrip)) for i, t in tokenizer.added_tokens_decoder.items()}
+    legacy = getattr(tokenizer, "legacy", tokenizer.init_kwargs.get("legacy"))
+    add_bos = tokenizer.bos_token_id is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
+    return SlowLlamaEncoder(model_file, added, tokenizer.bos_token_id, add_bos=add_bos,
+                            legacy=True if legacy is None else bool(legacy))  # unset: 4.31's default
+
+
+def save_tokenizer(tokenizer, folder: str | os.PathLike) -> None:
+    """`save_pretrained`, plus what `slow_llama_encoder` reads that transformers 5 leaves out for a
+    LLaMA tokenizer (the SentencePiece model, `legacy` in tokenizer_config.json),
+    so that a saved model tokenises as the one it came from."""
+    folder = Path(folder)
+    tokenizer.save_pretrained(str(folder))
+    model_file = sentencepiece_file(tokenizer)
+    if model_file is None:
+        return
+    if not (folder / "tokenizer.model").exists():
+        shutil.copyfile(model_file, folder / "tokenizer.model")
+    encoder = slow_llama_encoder(tokenizer)
+    config_file = folder / "tokenizer_config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config["legacy"] = encoder.legacy
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def placeholder_pattern(tags: Mapping[str, int]) -> re.Pattern:
     return re.compile("(" + "|".join(re.escape(t) for t in sorted(tags, key=len, reverse=True)) + ")")
 
 
-def tokenize_with_placeholders(tokenizer, text: str, tags: Mapping[str, int]) -> list[int]:
-    """[BOS] + ids of each chunk (without its BOS) + sentinel id of each placeholder."""
+def tokenize_with_placeholders(tokenizer, text: str, tags: Mapping[str, int],
+                               encode: Callable[[str], list[int]] | None = None) -> list[int]:
+    """[BOS] + ids of each chunk (without its BOS) + sentinel id of each placeholder; `encode`
+    tokenises one chunk with BOS (default: the tokenizer itself; see `slow_llama_encoder`)."""
+    encode = encode or (lambda chunk: list(tokenizer(chunk, add_special_tokens=True)["input_ids"]))
     bos = tokenizer.bos_token_id
     ids: list[int] = [] if bos is None else [bos]
     parts = placeholder_pattern(tags).split(text) if tags else [text]
@@ -26,13 +135,16 @@ def tokenize_with_placeholders(tokenizer, text: str, tags: Mapping[str, int]) ->
             continue
         if not part:
             continue
-        chunk = tokenizer(part, add_special_tokens=True)["input_ids"]
+        chunk = encode(part)
         if bos is not None and chunk and chunk[0] == bos:
             chunk = chunk[1:]
         ids.extend(chunk)
     return ids
 
 
-def tokenize_continuation(tokenizer, text: str) -> list[int]:
+def tokenize_continuation(tokenizer, text: str, encode: Callable[[str], list[int]] | None = None) -> list[int]:
     """A continuation (answer, option) tokenised alone, without special tokens."""
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if encode is None:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    ids = encode(text)
+    return ids[1:] if ids and ids[0] == tokenizer.bos_token_id else ids

@@ -43,6 +43,7 @@ from mcomp.encoders.weights import read_json
 from mcomp.io import check_state_dict
 from mcomp.io import atomic_directory, load_tensors, save_tensors, sha256_file
 from mcomp.lora import LLAMA_TARGETS, TEXT_ROUTE, LoraSpec
+from mcomp.tokenization import save_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -549,7 +550,7 @@ def import_modelcompose(src: str | os.PathLike, out: str | os.PathLike, *, base:
                 write_peft_adapter(tmp / "lora" / name, ckpt.lora[up], spec, str(base_dir))
             lora_cfg = {"spec": spec.to_dict(), "adapters": list(plan.adapters.values()),
                         "routes": {r: [[n, c] for n, c in t] for r, t in plan.routes.items()}}
-        tokenizer.save_pretrained(str(tmp))
+        save_tokenizer(tokenizer, tmp)
 
         # read everything back through mcomp's own loaders
         for m in ckpt.modalities:

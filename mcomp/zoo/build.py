@@ -30,6 +30,7 @@ from mcomp.feature_cache import FeatureCache
 from mcomp.fingerprint import IdentityMismatch, check_same_work, code_versions
 from mcomp.io import atomic_directory, atomic_write_text
 from mcomp.resources import load_config
+from mcomp.tokenization import save_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -273,7 +274,7 @@ def _build_base(zoo: Zoo) -> dict:
                           batch_size=settings.batch_size, seed=seed)
     with atomic_directory(zoo.base) as tmp:
         llm.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
         (tmp / STEP_FILE).write_text(json.dumps(zoo.step_identity("base"), indent=2, sort_keys=True) + "\n")
     faults.point("zoo.step_done")
     return {"first": losses[0], "last": sum(losses[-10:]) / len(losses[-10:])}
