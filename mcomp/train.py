@@ -60,11 +60,15 @@ class TrainConfig(JsonConfig):
     suffix_tokens: int = 5
     learning_rate: float = 2e-4
     projector_lr: float | None = None  # default: learning_rate; 0 keeps the projector as it is
+    text_lora_with_projector: bool = False  # DAMC: the text LoRA learns at projector_lr (published mm_language_lr)
     epochs: int = 1
     max_steps: int = 0  # > 0 overrides epochs
-    batch_size: int = 4
+    batch_size: int = 4  # per process
     grad_accum: int = 1
+    global_batch_size: int = 0  # > 0: grad_accum = global_batch_size / (batch_size x processes)
+    drop_last: bool = False  # an epoch leaves out its last, incomplete batch (the published dataloader does)
     warmup_steps: int = 0
+    warmup_ratio: float = 0.0  # without warmup_steps: ceil(ratio x total steps), as transformers' Trainer
     lr_scheduler: str = "constant"  # or "cosine" (LLaVA's recipe: decays to 0 at the last step)
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
@@ -82,6 +86,13 @@ class TrainConfig(JsonConfig):
             raise ValueError(f"lr_scheduler must be one of {LR_SCHEDULERS}, got {self.lr_scheduler!r}")
         if self.caption_distill and self.stage != 1:
             raise ValueError("caption_distill is a stage-1 setting (the frozen LLM is its teacher)")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.global_batch_size and self.global_batch_size % self.batch_size:
+            raise ValueError(f"global_batch_size {self.global_batch_size} is not a multiple of batch_size "
+                             f"{self.batch_size}")
+        if self.text_lora_with_projector and not self.decoupled:
+            raise ValueError("text_lora_with_projector is a DAMC (decoupled) setting")
         for name in ("learning_rate", "projector_lr", "caption_distill"):
             if (getattr(self, name) or 0) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -90,16 +101,47 @@ class TrainConfig(JsonConfig):
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
+def warmup_steps(cfg: TrainConfig, total: int) -> int:
+    """`warmup_steps`, else ceil(warmup_ratio x total) (transformers' `TrainingArguments.get_warmup_steps`)."""
+    return cfg.warmup_steps if cfg.warmup_steps > 0 else math.ceil(total * cfg.warmup_ratio)
+
+
 def lr_factor(cfg: TrainConfig, total: int, step: int) -> float:
     """Multiplier of the peak learning rate before optimizer step `step` (0-based): linear warmup from
     0, then constant or a cosine decay that reaches 0 after the last step (transformers'
     `get_{constant,cosine}_schedule_with_warmup`, which LLaVA's trainer uses)."""
-    if step < cfg.warmup_steps:
-        return step / cfg.warmup_steps
+    warmup = warmup_steps(cfg, total)
+    if step < warmup:
+        return step / warmup
     if cfg.lr_scheduler == "cosine":
-        progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+        progress = (step - warmup) / max(1, total - warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     return 1.0
+
+
+def effective_grad_accum(cfg: TrainConfig, processes: int) -> int:
+    """Micro-batches per optimizer step: `grad_accum`, or what makes `global_batch_size` on `processes`."""
+    if not cfg.global_batch_size:
+        return cfg.grad_accum
+    per_step = cfg.batch_size * processes
+    if cfg.global_batch_size % per_step:
+        raise ValueError(f"global_batch_size {cfg.global_batch_size} is not a multiple of batch_size {cfg.batch_size} "
+                         f"x {processes} process(es)")
+    return cfg.global_batch_size // per_step
+
+
+def optimizer_groups(params: Mapping[str, torch.nn.Parameter], cfg: TrainConfig) -> list[dict]:
+    """Learning-rate groups: the projectors (with the text LoRA when `text_lora_with_projector`, as
+    the published trainer does when mm_language_lr is set) at projector_lr, the rest at learning_rate."""
+    text_lora = (f".lora_A.{TEXT_ROUTE}", f".lora_B.{TEXT_ROUTE}")
+    with_projector = [n for n in params if ".projector." in n
+                      or (cfg.text_lora_with_projector and n.endswith(text_lora))]
+    rest = [n for n in params if n not in set(with_projector)]
+    groups = [{"params": [params[n] for n in with_projector],
+               "lr": cfg.learning_rate if cfg.projector_lr is None else cfg.projector_lr}]
+    if rest:
+        groups.append({"params": [params[n] for n in rest], "lr": cfg.learning_rate})
+    return groups
 
 
 def prepare_for_training(model, cfg: TrainConfig) -> None:
@@ -254,7 +296,10 @@ def train(model, samples: list[ConversationSample], cfg: TrainConfig, checkpoint
             raise ValueError(f"caption_distill needs media_captions for every media file; missing in sample(s) "
                              f"{', '.join(map(str, missing[:5]))}{' ...' if len(missing) > 5 else ''}")
     checkpoint_dir = Path(checkpoint_dir)
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, cpu=not torch.cuda.is_available())
+    from accelerate import PartialState
+
+    grad_accum = effective_grad_accum(cfg, PartialState(cpu=not torch.cuda.is_available()).num_processes)
+    accelerator = Accelerator(gradient_accumulation_steps=grad_accum, cpu=not torch.cuda.is_available())
     with contextlib.ExitStack() as stack:
         if accelerator.is_main_process:  # the other ranks of a multi-GPU run share the main one's folder
             checkpoint_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -272,7 +317,7 @@ def _train(accelerator, model, samples, cfg, checkpoint_dir: Path, stop_after, i
     set_seed(cfg.seed)
     prepare_for_training(model, cfg)
     with torch.random.fork_rng(devices=[]):  # the checks leave the training's random stream as seeded
-        wanted = run_identity(model, samples, cfg, identity)
+        wanted = run_identity(model, samples, cfg, {**(identity or {}), "processes": accelerator.num_processes})
         latest = None if restart else _latest_checkpoint(checkpoint_dir)
         if latest is not None:
             check_resumable(latest, wanted)
@@ -282,19 +327,17 @@ def _train(accelerator, model, samples, cfg, checkpoint_dir: Path, stop_after, i
         clear_checkpoints(checkpoint_dir)
     accelerator.wait_for_everyone()
     params = trainable_parameters(model)
-    proj = [p for n, p in params.items() if ".projector." in n]
-    rest = [p for n, p in params.items() if ".projector." not in n]
-    groups = [{"params": proj, "lr": cfg.learning_rate if cfg.projector_lr is None else cfg.projector_lr}]
-    if rest:
-        groups.append({"params": rest, "lr": cfg.learning_rate})
-    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    per_epoch = math.ceil(len(samples) / cfg.batch_size)  # micro-batches per epoch
-    total = cfg.max_steps or math.ceil(per_epoch * cfg.epochs / cfg.grad_accum)
+    optimizer = torch.optim.AdamW(optimizer_groups(params, cfg), weight_decay=cfg.weight_decay)
+    grad_accum = accelerator.gradient_accumulation_steps
+    per_epoch = (len(samples) // cfg.batch_size if cfg.drop_last else math.ceil(len(samples) / cfg.batch_size))
+    if per_epoch < 1:
+        raise ValueError(f"{len(samples)} sample(s) make no whole batch of {cfg.batch_size} (drop_last)")
+    total = cfg.max_steps or math.ceil(per_epoch * cfg.epochs / grad_accum)  # micro-batches per epoch: per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, cfg, total))
     model, optimizer = accelerator.prepare(model, optimizer)
     core = accelerator.unwrap_model(model)
 
-    step, losses = 0, []
+    step, losses, learning_rates = 0, [], []
     if latest is not None:
         step, losses = _restore(core, optimizer, scheduler, latest)
         logger.info("resumed from %s (step %d)", latest, step)
@@ -303,7 +346,7 @@ def _train(accelerator, model, samples, cfg, checkpoint_dir: Path, stop_after, i
     core.train()
     bar = progress_bar(total=total, initial=step, desc=f"train stage {cfg.stage}",
                        enabled=accelerator.is_main_process)
-    micro = step * cfg.grad_accum  # micro-batches consumed so far: a flat stream over seeded epochs
+    micro = step * grad_accum  # micro-batches consumed so far: a flat stream over seeded epochs
     order, order_epoch = None, -1
     while step < total and (stop_after is None or step < stop_after):
         epoch, k = divmod(micro, per_epoch)
@@ -321,12 +364,15 @@ def _train(accelerator, model, samples, cfg, checkpoint_dir: Path, stop_after, i
             accelerator.backward(loss)
             if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
+            rates = [g["lr"] for g in optimizer.param_groups]  # what this optimizer step uses
             optimizer.step()
-            scheduler.step()
+            if accelerator.sync_gradients:  # one schedule step per optimizer step, not per micro-batch
+                scheduler.step()
             optimizer.zero_grad()
         if not accelerator.sync_gradients:
             continue
         step += 1
+        learning_rates.append(rates)
         losses.append(float(loss.detach()))
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
@@ -338,7 +384,8 @@ def _train(accelerator, model, samples, cfg, checkpoint_dir: Path, stop_after, i
             faults.point("train.checkpoint_saved")
     bar.close()
     core.eval()
-    return {"steps": step, "total_steps": total, "resumed_from": resumed_from,
+    return {"steps": step, "total_steps": total, "resumed_from": resumed_from, "grad_accum": grad_accum,
+            "learning_rates": learning_rates,  # per optimizer step of this run, per parameter group
             "final_loss": losses[-1] if losses else None,
             "mean_loss_last_10": sum(losses[-10:]) / max(1, len(losses[-10:])), "losses": losses}
 

@@ -31,12 +31,16 @@ def add_parser(sub) -> None:
                    help="start afresh: clear the checkpoint folder (only one of mcomp checkpoints) and replace --out")
     p.add_argument("--allow-media-outside-root", action="store_true",
                    help="train on media files that resolve outside the data root (by '..' or a symlink)")
+    p.add_argument("--recipe", help="published hyper-parameters to start from (configs/recipes/<name>.yaml, e.g. "
+                                    "modelcompose), chosen by the model's modality, --stage and --decoupled; "
+                                    "--config and the flags below override them")
     p.add_argument("--config", help="a JSON file with TrainConfig fields; flags below override it")
     p.add_argument("--stage", type=int, choices=(1, 2))
     p.add_argument("--decoupled", action="store_true", default=None, help="DAMC: separate text/modality LoRA")
     for name, typ in (("lora-r", int), ("lora-alpha", float), ("learning-rate", float), ("epochs", int),
                       ("max-steps", int), ("batch-size", int), ("grad-accum", int), ("seed", int),
-                      ("save-every", int), ("prefix-tokens", int), ("suffix-tokens", int), ("warmup-steps", int)):
+                      ("save-every", int), ("prefix-tokens", int), ("suffix-tokens", int), ("warmup-steps", int),
+                      ("warmup-ratio", float), ("projector-lr", float), ("global-batch-size", int)):
         p.add_argument(f"--{name}", type=typ)
     p.add_argument("--lr-scheduler", choices=("constant", "cosine"), help="after warmup (default: constant)")
     p.set_defaults(func=run)
@@ -86,11 +90,11 @@ def run(args: argparse.Namespace) -> int:
 
     fields = json.loads(Path(args.config).read_text()) if args.config else {}
     for key in ("stage", "decoupled", "lora_r", "lora_alpha", "learning_rate", "epochs", "max_steps", "batch_size",
-                "grad_accum", "seed", "save_every", "prefix_tokens", "suffix_tokens", "warmup_steps", "lr_scheduler"):
+                "grad_accum", "seed", "save_every", "prefix_tokens", "suffix_tokens", "warmup_steps", "lr_scheduler",
+                "warmup_ratio", "projector_lr", "global_batch_size"):
         value = getattr(args, key)
         if value is not None:
             fields[key] = value
-    cfg = TrainConfig.from_dict(fields, source=args.config or "command line")
     out = Path(args.out)
     checkpoints = Path(args.checkpoint_dir or f"{out}.checkpoints")
     # what --force must never delete: checked now, not after hours of training
@@ -107,6 +111,19 @@ def run(args: argparse.Namespace) -> int:
     samples = load_conversation_data(args.data, args.data_root)
     data_sha256 = sha256_file(args.data)
     model, start = build_start_model(args)
+    source = args.config or "command line"
+    if args.recipe:
+        from mcomp.recipes import recipe_fields
+
+        defaults = TrainConfig()
+        stage, decoupled = fields.get("stage", defaults.stage), fields.get("decoupled", defaults.decoupled)
+        modality = model.modalities[0] if len(model.modalities) == 1 else None
+        if modality is None:
+            raise ValueError(f"--recipe: a modality MLLM has one modality, this model has {model.modalities}")
+        fields = {**recipe_fields(args.recipe, modality, stage, decoupled), **fields}
+        source = f"recipe {args.recipe} + {source}"
+    cfg = TrainConfig.from_dict(fields, source=source)
+    logger.info("training config: %s", json.dumps(cfg.to_dict(), sort_keys=True))
     identity = {"data_sha256": data_sha256,
                 "data_root": str(Path(args.data_root if args.data_root is not None else Path(args.data).parent).resolve()),
                 "start_model": start}
