@@ -137,11 +137,13 @@ def test_cli_compose(zoo, tmp_path, capsys):
     out = tmp_path / "composed"
     code = main(["compose", "--modalities", "image,audio", "--method", "damc", "--merge", "ties",
                  "--models", f"image={zoo['image-damc']},audio={zoo['audio-damc']}",
-                 "--weights", "image=0.6,audio=0.6", "--merge-params", "density=0.5", "--out", str(out)])
+                 "--weights", "image=0.6", "--merge-params", "density=0.5", "--out", str(out)])
     assert code == 0, capsys.readouterr().err
-    assert "composed image, audio with damc + ties" in capsys.readouterr().out
+    # audio, not named by --weights, keeps λ = 1 (published online-merge-reset-default-m=λ), and says so
+    assert "composed image, audio with damc + ties (coefficients as resolved: image=0.6, audio=1)" \
+        in capsys.readouterr().out
     cfg = json.loads((out / "mcomp_config.json").read_text())
-    assert cfg["provenance"]["composition"]["weights"] == {"image": 0.6, "audio": 0.6}
+    assert cfg["provenance"]["composition"]["weights"] == {"image": 0.6, "audio": 1.0}
     assert mcomp.load(out).modalities == ["image", "audio"]
     assert main(["compose", "--models", f"image={zoo['image-damc']}", "--modalities", "image,audio",
                  "--out", str(tmp_path / "x")]) == 1

@@ -106,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
     model = compose(models, weights=weights, seed=args.seed, **kwargs)
     model.save_pretrained(args.out, overwrite=args.force, inputs=list(models.values()))
     comp = model.provenance["composition"]
+    resolved = ", ".join(f"{m}={w:g}" for m, w in comp["weights"].items())
     print(f"composed {', '.join(model.modalities)} with {comp['method']} + {comp['merge']} "
-          f"(weights {comp['weights']}); saved {args.out}")
+          f"(coefficients as resolved: {resolved}); saved {args.out}")
     return 0
