@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 METHODS = ("naivemc", "damc")
 LINEAR = "linear"
+MERGE_SPACES = ("delta", "factors")  # what the text adapters' merge acts on (`compose`)
 
 
 @dataclasses.dataclass
@@ -109,9 +110,15 @@ def compose(
     convert: bool = False,
     lora_rank: int | None = None,
     seed: int = 0,
+    merge_space: str = "delta",
 ):
     """Build the composed MultimodalLM from single-modality model directories. `seed` seeds the
-    merge method's random steps (DARE's drop masks) unless `merge_params` sets its own."""
+    merge method's random steps (DARE's drop masks) unless `merge_params` sets its own.
+
+    `merge_space`: "delta" merges the text adapters' dW = s B A (exact for linear); "factors" merges
+    their A and B factors apart as the released merge script does for its `ties-*`, `sum` and `mean`
+    strategies (e.g. --merge ties: TIES over the flattened factors; linear with weights 1 or 1/n:
+    `sum` or `mean`, cross terms B_i A_j included), and the merged factors form the text LoRA."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mcomp.model import MultimodalLM
@@ -119,6 +126,10 @@ def compose(
 
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if merge_space not in MERGE_SPACES:
+        raise ValueError(f"merge_space must be one of {MERGE_SPACES}, got {merge_space!r}")
+    if merge_space == "factors" and lora_rank is not None:
+        raise ValueError("merge_space='factors' keeps the inputs' LoRA rank; lora_rank re-factorises a dense delta")
     inputs = read_inputs(models)
     coef = _coefficients(inputs, weights, merge)
     for inp in inputs:
@@ -147,13 +158,15 @@ def compose(
 
     text_terms = [(f"text-{m}", c) for m, c in coef.items()]
     report: dict[str, Any] = {}
-    if merge == LINEAR:
+    if merge_space == "factors":
+        report["merge_space"] = "factors"
+        params = _merge_params(merge, merge_params, seed, report)
+        merge_text_factors(model, inputs, merge, coef, params, "text-merged")
+        routes = {TEXT_ROUTE: [("text-merged", 1.0)]}
+    elif merge == LINEAR:
         routes = {TEXT_ROUTE: text_terms}
     else:
-        params = dict(merge_params or {})
-        if "seed" in {f.name for f in dataclasses.fields(get_method(merge).Params)}:
-            params.setdefault("seed", seed)
-            report["seed"] = params["seed"]
+        params = _merge_params(merge, merge_params, seed, report)
         merged = merge_text_deltas(model, inputs, merge, coef, params)
         for inp in inputs:
             _remove_adapter(model, f"text-{inp.modality}")
@@ -198,6 +211,43 @@ def merge_text_deltas(model, inputs, merge: str, coef: dict[str, float], params:
               for i in inputs]
     params.setdefault("weights", [coef[i.modality] for i in inputs])
     return merge_task_vectors(deltas, merge, **params)
+
+
+def _merge_params(merge: str, merge_params: Mapping[str, Any] | None, seed: int, report: dict) -> dict:
+    """The merge method's parameters, its seed (if it takes one) from `seed` unless given; the seed
+    used goes into `report`."""
+    params = dict(merge_params or {})
+    if "seed" in {f.name for f in dataclasses.fields(get_method(merge).Params)}:
+        params.setdefault("seed", seed)
+        report["seed"] = params["seed"]
+    return params
+
+
+def merge_text_factors(model, inputs, merge: str, coef: dict[str, float], params: dict, name: str) -> None:
+    """Merge the text adapters' A and B factors as task vectors of their own (their init is not
+    subtracted, as in the released merge script) and put the result in place of them as LoRA `name`
+    (the inputs' rank and scaling, which must agree)."""
+    from mcomp.merge import merge_task_vectors
+
+    layers = routed_layers(model.llm)
+    adapters = [f"text-{i.modality}" for i in inputs]
+    first = next(iter(layers.values()))
+    shapes = {(first.lora_A[a].shape[0], first.scaling[a]) for a in adapters}
+    if len(shapes) != 1:
+        raise ValueError(f"merging LoRA factors needs one rank and scaling in every input, got (rank, scaling) "
+                         f"{sorted(shapes)} for {', '.join(str(i.path) for i in inputs)}")
+    (rank, scaling), = shapes
+    factors = [{f"{path}.{kind}": getattr(layer, kind)[a].detach().float()
+                for path, layer in layers.items() for kind in ("lora_A", "lora_B")} for a in adapters]
+    params.setdefault("weights", [coef[i.modality] for i in inputs])
+    merged = merge_task_vectors(factors, "task_arithmetic" if merge == LINEAR else merge, **params)
+    for adapter in adapters:
+        _remove_adapter(model, adapter)
+    model.add_lora(dataclasses.replace(model.lora_spec, r=rank, alpha=rank * scaling, dropout=0.0), name=name)
+    with torch.no_grad():
+        for path, layer in layers.items():
+            for kind in ("lora_A", "lora_B"):
+                getattr(layer, kind)[name].copy_(merged[f"{path}.{kind}"])
 
 
 def fold_deltas(model, merged: dict[str, torch.Tensor], origin: str = "") -> None:
@@ -271,13 +321,16 @@ def _install_dense_text_delta(model, merged: dict[str, torch.Tensor], name: str 
 def search_weights(models: Mapping[str, str | os.PathLike], dev_samples, *, method: str = "naivemc",
                    merge: str = LINEAR, merge_params: Mapping[str, Any] | None = None, convert: bool = False,
                    lora_rank: int | None = None, budget: int = 30, seed: int = 0,
-                   bounds: tuple[float, float] = (0.0, 1.5)) -> tuple[dict[str, float], float]:
+                   bounds: tuple[float, float] = (0.0, 1.5), merge_space: str = "delta") -> tuple[dict[str, float], float]:
     """Adaptive per-model weights: CMA-ES over λ_m maximising the mean answer log-likelihood on
     `dev_samples` (a validation split). Linear merges only change route coefficients per
     evaluation; PCB reuses its scores across evaluations (`mcomp.merge.search`)."""
     from mcomp.merge.search import cma_search, search_coefficients
 
     del lora_rank  # the final composition uses it; the search evaluates exact dense deltas
+    if merge_space != "delta":
+        raise ValueError("the weight search evaluates merges of the text deltas (merge_space='delta'); "
+                         f"it cannot search for merge_space={merge_space!r}")
     model = compose(models, method=method, merge=LINEAR, convert=convert)
     names = model.modalities
     objective = dev_objective(dev_samples)

@@ -165,3 +165,51 @@ def test_weight_search_is_seeded_and_its_score_is_real(zoo, merge):
     if merge == "linear":  # the reported score is the dev objective of the composition with those weights
         model = compose(pair, method="damc", weights=weights)
         assert dev_objective(dev)(model) == pytest.approx(score, rel=1e-5)
+
+
+def published_ties_factors(checks: list[dict[str, torch.Tensor]], k: int = 20) -> dict[str, torch.Tensor]:
+    """The released merge script's `ties-mean` (ties_merging.do_merging): the shared tensors of every
+    checkpoint flattened in sorted-key order, the top k% magnitudes kept per checkpoint (kthvalue of
+    d - int(d k/100)), signs elected by the sum, zero signs set to the majority, disjoint mean, λ 1."""
+    keys = sorted(checks[0])
+    flat = torch.vstack([torch.cat([c[key].reshape(-1) for key in keys]) for c in checks])
+    d = flat.shape[1]
+    kth = flat.abs().kthvalue(d - int(d * k / 100), dim=1, keepdim=True).values
+    trimmed = flat * (flat.abs() >= kth)
+    sign = torch.sign(trimmed.sum(0))
+    sign[sign == 0] = torch.sign(sign.sum())
+    keep = torch.where(sign.unsqueeze(0) > 0, trimmed > 0, trimmed < 0)
+    selected = trimmed * keep
+    merged = selected.sum(0) / torch.clamp((selected != 0).sum(0).float(), min=1)
+    out, start = {}, 0
+    for key in keys:
+        n = checks[0][key].numel()
+        out[key] = merged[start:start + n].view_as(checks[0][key])
+        start += n
+    return out
+
+
+def text_factors(model, adapter: str) -> dict[str, torch.Tensor]:
+    return {f"{path}.{kind}": getattr(layer, kind)[adapter].detach().float()
+            for path, layer in routed_layers(model.llm).items() for kind in ("lora_A", "lora_B")}
+
+
+@pytest.mark.parametrize("method", ["naivemc", "damc"])
+def test_factor_space_merges_are_the_released_scripts(zoo, method):
+    """merge_space='factors' restores the released merge script's strategies, which merge LoRA A and B
+    apart: `ties-mean` (K 20) and `mean` ((ΣB/n)(ΣA/n), cross terms included)."""
+    flavour = "damc" if method == "damc" else "plain"
+    pair = {"image": zoo[f"image-{flavour}"], "audio": zoo[f"audio-{flavour}"]}
+    checks = [text_factors(mcomp.load(path), "text") for path in pair.values()]
+    ties = compose(pair, method=method, merge="ties", merge_space="factors")
+    for key, value in published_ties_factors(checks).items():
+        torch.testing.assert_close(text_factors(ties, "text-merged")[key], value, rtol=1e-6, atol=1e-7, msg=key)
+    assert ties.provenance["composition"]["merge_space"] == "factors"
+    mean = compose(pair, method=method, merge="linear", merge_space="factors")
+    for key in checks[0]:
+        torch.testing.assert_close(text_factors(mean, "text-merged")[key], (checks[0][key] + checks[1][key]) / 2)
+    # not the ΔW-space merge: the product of the mean factors has cross terms
+    delta = compose(pair, method=method, merge="linear")
+    assert not torch.allclose(logits(mean), logits(delta), atol=1e-4)
+    with pytest.raises(ValueError, match="merge_space must be one of"):
+        compose(pair, merge_space="lora")

@@ -26,6 +26,9 @@ def add_parser(sub) -> None:
     p.add_argument("--weights", help="MODALITY=λ,... per-model coefficients (default: 1/n each)")
     p.add_argument("--merge-params", default="",
                    help="NAME=VALUE,... merge-engine parameters, e.g. density=0.2 or ratio=0.1,clip=0.01,inter=v1")
+    p.add_argument("--merge-space", choices=("delta", "factors"), default="delta",
+                   help="what the text adapters' merge acts on: delta (dW = s B A, exact for linear) or factors "
+                        "(A and B apart, as the released merge script's ties-mean / sum / mean strategies)")
     p.add_argument("--convert", action="store_true",
                    help="DAMC from non-decoupled models: each model's one LoRA serves its modality and text tokens")
     p.add_argument("--lora-rank", type=int,
@@ -93,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--merge must be one of {', '.join(MERGES)}, got {args.merge!r}")
     weights = parse_pairs(args.weights, "--weights", float) or None
     params = parse_pairs(args.merge_params, "--merge-params", _param_value)
-    kwargs = dict(method=args.method, merge=merge, merge_params=params, convert=args.convert, lora_rank=args.lora_rank)
+    kwargs = dict(method=args.method, merge=merge, merge_params=params, convert=args.convert, lora_rank=args.lora_rank,
+                  merge_space=args.merge_space)
     if args.search_weights:
         if not args.dev:
             raise ValueError("--search-weights needs --dev DATA (a validation split)")
