@@ -7,7 +7,8 @@ Reading: .ply/.pcd/.xyz/.xyzrgb/.pts through open3d, .npy (N x 3 or N x 6 numeri
 Preprocessing, in this order:
 1. Colours in [0, 1]. A cloud without colours gets `missing_color` (0.4 grey) on every point. If any
    colour value is above 1 the colours are taken to be 0-255 (common in .npy and .pts files) and
-   divided by 255; negative values or values above 255 are an error.
+   divided by 255 (`color_range="as_stored"` keeps them as stored, as the released code reads its
+   npy files); negative values or values above 255 are an error.
 2. Resampling to `num_points`, seeded so a cloud always gives the same result:
    fewer points -> every point once, then the shortfall drawn with replacement (duplicates
    add no new FPS centres); more -> a random subset without replacement (`resample="random"`,
@@ -39,6 +40,7 @@ OPEN3D_EXTENSIONS = (".ply", ".pcd", ".xyz", ".xyzrgb", ".pts")
 POINT_EXTENSIONS = OPEN3D_EXTENSIONS + (".npy",)
 NORMALIZATIONS = ("none", "unit_sphere")
 RESAMPLE_METHODS = ("random", "fps")
+COLOR_RANGES = ("auto", "as_stored")
 # Points a file may declare (about 3 GiB of xyz + rgb as float64 in open3d); raise it for larger clouds.
 MAX_POINTS = 1 << 26
 # Up to this many declared points open3d's own checks are enough (a few MB allocated at most).
@@ -59,7 +61,7 @@ class PointCloudData:
 
 
 # --- reading ------------------------------------------------------------------------------
-def read_point_file(path: str, modality: str = "point") -> PointCloudData:
+def read_point_file(path: str, modality: str = "point", color_range: str = "auto") -> PointCloudData:
     """Decode a point-cloud file; every failure is a MediaError naming the file."""
     ext = os.path.splitext(path)[1].lower()
     if ext not in POINT_EXTENSIONS:
@@ -72,7 +74,7 @@ def read_point_file(path: str, modality: str = "point") -> PointCloudData:
     if ext != ".npy":
         check_declared_points(path, ext, modality)
     xyz, rgb = _read_npy(path, modality) if ext == ".npy" else _read_open3d(path, modality)
-    return validate_cloud(xyz, rgb, path, modality)
+    return validate_cloud(xyz, rgb, path, modality, color_range)
 
 
 def _read_header(path: str, end: str, limit: int = 1 << 16) -> list[str] | None:
@@ -229,9 +231,11 @@ def _read_npy(path: str, modality: str) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 def validate_cloud(
-    xyz: np.ndarray, rgb: np.ndarray | None, path: str | None = None, modality: str = "point"
+    xyz: np.ndarray, rgb: np.ndarray | None, path: str | None = None, modality: str = "point",
+    color_range: str = "auto",
 ) -> PointCloudData:
-    """Check a cloud and bring its colours to [0, 1] (0-255 colours are detected and scaled)."""
+    """Check a cloud; `color_range` "auto" brings its colours to [0, 1] (0-255 colours are detected
+    and scaled), "as_stored" keeps them as the file gives them (the released code's reading)."""
     xyz = np.asarray(xyz, dtype=np.float64)
     if xyz.ndim != 2 or xyz.shape[1] != 3:
         raise MediaError(path, f"expected xyz of shape N x 3, got {tuple(xyz.shape)}", modality)
@@ -252,7 +256,7 @@ def validate_cloud(
         low, high = float(rgb.min()), float(rgb.max())
         if low < 0 or high > 255:
             raise MediaError(path, f"colour values out of range [{low:g}, {high:g}] (expected 0-1 or 0-255)", modality)
-        if high > 1:
+        if high > 1 and color_range == "auto":
             logger.debug("%s: colour values up to %g, taken as 0-255 and divided by 255", path or "point cloud", high)
             rgb = rgb / 255.0
     return PointCloudData(xyz, rgb, path)
@@ -306,6 +310,8 @@ class PointAdapterConfig(AdapterConfig):
     normalization: str = "none"  # "none" (as the released composition code) or "unit_sphere" (PointLLM)
     resample: str = "random"  # how to pick num_points from a larger cloud: "random" or "fps"
     missing_color: float = 0.4  # rgb given to every point of a cloud without colours
+    # "auto": 0-255 colours are divided by 255; "as_stored": as the file gives them (released ModelCompose)
+    color_range: str = "auto"
     # encoder FPS start: "seeded", "zero", or "random" (upstream; unseeded, so cached features freeze one draw)
     fps_start: str = "seeded"
     seed: int = 0  # for resampling and the seeded FPS start
@@ -316,6 +322,8 @@ class PointAdapterConfig(AdapterConfig):
             self.encoder = PointBertConfig.from_dict(self.encoder, source="point adapter config field 'encoder'")
         if not isinstance(self.encoder, PointBertConfig):
             raise ValueError(f"encoder must be a PointBertConfig or its dict, got {type(self.encoder).__name__}")
+        if self.color_range not in COLOR_RANGES:
+            raise ValueError(f"color_range must be one of {COLOR_RANGES}, got {self.color_range!r}")
         if self.normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {self.normalization!r}")
         if self.resample not in RESAMPLE_METHODS:
@@ -353,7 +361,7 @@ class PointAdapter(ModalityAdapter):
         return self.config.encoder.num_group + 1
 
     def load(self, path: str) -> PointCloudData:
-        return read_point_file(path, self.modality)
+        return read_point_file(path, self.modality, self.config.color_range)
 
     def preprocess(self, raw: Any) -> torch.Tensor:
         """A decoded file, or a cloud in memory: numpy/torch [N, 3] or [N, 6], or an open3d PointCloud."""
@@ -369,10 +377,11 @@ class PointAdapter(ModalityAdapter):
         if isinstance(raw, np.ndarray):
             if raw.ndim != 2 or raw.shape[1] not in (3, 6):
                 raise MediaError(None, f"expected an N x 3 or N x 6 point array, got shape {tuple(raw.shape)}", self.modality)
-            return validate_cloud(raw[:, :3], raw[:, 3:] if raw.shape[1] == 6 else None, None, self.modality)
+            return validate_cloud(raw[:, :3], raw[:, 3:] if raw.shape[1] == 6 else None, None, self.modality,
+                                  self.config.color_range)
         if type(raw).__name__ == "PointCloud" and hasattr(raw, "points"):  # open3d, without importing it
             rgb = np.asarray(raw.colors) if raw.has_colors() else None
-            return validate_cloud(np.asarray(raw.points), rgb, None, self.modality)
+            return validate_cloud(np.asarray(raw.points), rgb, None, self.modality, self.config.color_range)
         raise MediaError(
             None, f"expected a file path, a point array or an open3d PointCloud, got {type(raw).__name__}", self.modality
         )

@@ -3,12 +3,15 @@
 Mirrors the published video MLLM's layout (LanguageBind-Video features): frames at
 floor(linspace(0, n-1, 8)), short side resized to 224 and centre-cropped, CLIP normalisation,
 `hidden_states[-2]` of every frame with CLS kept (8 x 257 tokens for ViT-L/14 at 224), frame-major,
-then `mlp2x_gelu`. A still image is one frame (257 tokens), as in the published evaluation. Deviation, on purpose: the released preprocessing flips frames at random even at
-evaluation (RandomHorizontalFlip p=0.5); mcomp never flips, so the same file gives the same tokens.
+then `mlp2x_gelu`. A still image is one frame (257 tokens), as in the published evaluation.
+Deviation, on purpose: the released preprocessing flips clips at random even at evaluation
+(RandomHorizontalFlip p=0.5); mcomp does not flip by default, and `flip_probability=0.5` flips as
+often, drawn per clip from `flip_seed` and its content, so the same file gives the same tokens.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 from typing import Any
@@ -30,6 +33,14 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 def frame_indices(total: int, num_frames: int) -> list[int]:
     """floor(linspace(0, total-1, num_frames)), the published uniform sampling."""
     return [int(i) for i in np.floor(np.linspace(0, total - 1, num_frames))]
+
+
+def flip_draw(frames: list[np.ndarray], seed: int) -> float:
+    """A number in [0, 1) fixed by `seed` and the frames' content (the clip's flip draw)."""
+    h = hashlib.sha256(f"{seed}\0".encode())
+    for frame in frames:
+        h.update(np.ascontiguousarray(frame).tobytes())
+    return int.from_bytes(h.digest()[:8], "little") / 2.0**64
 
 
 def check_clip_size(width: int, height: int, num_frames: int, path: str | None, modality: str = "video") -> None:
@@ -113,12 +124,18 @@ class VideoAdapterConfig(AdapterConfig):
     pool: str = "none"  # "none" | "time" (average frames in groups) | "space" (average patch grids)
     pool_size: int = 2  # frames per group (time) or patch window side (space)
     projector_type: str = "mlp2x_gelu"
+    # the released preprocessing flips a clip horizontally with p = 0.5, at evaluation too; mcomp draws
+    # it per clip from `flip_seed` and the frames' bytes, so a file always gives the same tokens
+    flip_probability: float = 0.0
+    flip_seed: int = 0
 
     def __post_init__(self):
         if self.pool not in ("none", "time", "space"):
             raise ValueError(f"pool must be 'none', 'time' or 'space', got {self.pool!r}")
         if self.num_frames < 1 or self.pool_size < 1:
             raise ValueError("num_frames and pool_size must be >= 1")
+        if not 0 <= self.flip_probability <= 1:
+            raise ValueError(f"flip_probability must be in [0, 1], got {self.flip_probability}")
         if self.pool == "time" and self.num_frames % self.pool_size:
             raise ValueError(f"pool_size {self.pool_size} must divide num_frames {self.num_frames} for time pooling")
 
@@ -187,6 +204,8 @@ class VideoAdapter(ModalityAdapter):
         clip = F.interpolate(clip, size=(new_h, new_w), mode="bilinear", align_corners=False)
         top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
         clip = clip[:, :, top : top + size, left : left + size]
+        if self.config.flip_probability and flip_draw(frames, self.config.flip_seed) < self.config.flip_probability:
+            clip = clip.flip(-1)  # RandomHorizontalFlipVideo: the whole clip, after the crop
         mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
         std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
         return (clip - mean) / std

@@ -145,6 +145,18 @@ def test_npy_n3_n6_and_0_255_colours(clouds):
     assert scaled.rgb.max() <= 1 and scaled.rgb.max() > 0.9
 
 
+def test_colours_as_stored_as_the_released_code_reads_them(clouds):
+    """The released code feeds the npy values to Point-BERT as they are (np.load, no scaling):
+    color_range="as_stored" does the same; the default divides 0-255 colours by 255."""
+    raw = np.load(clouds["npy255"]).astype(np.float32)
+    stored = PointAdapter(tiny_config(num_points=N_POINTS, color_range="as_stored"), llm_hidden_size=16)
+    torch.testing.assert_close(stored.input_tensor(str(clouds["npy255"])), torch.from_numpy(raw))
+    scaled = PointAdapter(tiny_config(num_points=N_POINTS), llm_hidden_size=16).input_tensor(str(clouds["npy255"]))
+    torch.testing.assert_close(scaled[:, 3:], torch.from_numpy(raw[:, 3:] / 255))
+    with pytest.raises(ValueError, match="color_range must be one of"):
+        tiny_config(color_range="raw")
+
+
 @pytest.mark.parametrize(
     "key, message",
     [

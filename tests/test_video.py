@@ -197,3 +197,24 @@ def test_model_splices_one_frame_of_tokens_for_a_still(tmp_path, videos):
     inputs = model.prepare_inputs([prompt, prompt], [{"video": str(still)}, {"video": str(videos["mp4"])}])
     per_frame = model.adapters["video"].tokens_per_frame
     assert (inputs.modality_ids == 0).sum(dim=1).tolist() == [per_frame, 8 * per_frame]
+
+
+def test_flip_option_is_the_released_random_flip(videos):
+    """flip_probability restores the released RandomHorizontalFlipVideo (here p = 1, the rule itself
+    from torchvision, on the [C, T, H, W] clip); at p = 0.5 about half the clips flip, each file
+    always the same way."""
+    from torchvision.transforms._transforms_video import RandomHorizontalFlipVideo
+
+    plain = VideoAdapter(tiny_video_adapter_config(), llm_hidden_size=64)
+    flipping = VideoAdapter(tiny_video_adapter_config(flip_probability=1.0), llm_hidden_size=64)
+    frames = plain.load(str(videos["mp4"]))
+    want = RandomHorizontalFlipVideo(p=1.0)(plain.preprocess(frames).permute(1, 0, 2, 3)).permute(1, 0, 2, 3)
+    torch.testing.assert_close(flipping.preprocess(frames), want)
+    half = VideoAdapter(tiny_video_adapter_config(flip_probability=0.5, flip_seed=3), llm_hidden_size=64)
+    clips = [[np.full((12, 16, 3), k, np.uint8), np.full((12, 16, 3), 255 - k, np.uint8)] * 4 for k in range(40)]
+    for k in range(40):  # ramps, so a flip shows
+        for f in clips[k]:
+            f[:, :, 0] = np.arange(16, dtype=np.uint8) * 8 + k
+    flipped = [not torch.equal(half.preprocess(c), plain.preprocess(c)) for c in clips]
+    assert 10 < sum(flipped) < 30
+    assert flipped == [not torch.equal(half.preprocess(c), plain.preprocess(c)) for c in clips]
