@@ -91,6 +91,10 @@ def slow_llama_encoder(tokenizer) -> SlowLlamaEncoder | None:
     None for any other (which is then called as it is)."""
     model_file = sentencepiece_file(tokenizer)
     if model_file is None:
+        if type(tokenizer).__name__ in LLAMA_TOKENIZERS:
+            logger.warning("a LLaMA tokenizer without its tokenizer.model: transformers' own ids are used, which "
+                           "differ from the released code's on text that starts with a space (and, with legacy "
+                           "false, after </s>)")
         return None
     added = {t.content: (i, bool(t.lstrip), bool(t.rstrip)) for i, t in tokenizer.added_tokens_decoder.items()}
     legacy = getattr(tokenizer, "legacy", tokenizer.init_kwargs.get("legacy"))
