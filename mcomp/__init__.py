@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-__version__ = "0.1.0"
+from mcomp.version import __version__  # noqa: E402,F401
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 

@@ -25,6 +25,7 @@ from mcomp.configuration import JsonConfig
 from mcomp.fingerprint import tensors_sha256
 from mcomp.io import atomic_directory, check_state_dict, load_tensors, save_tensors
 from mcomp.tokenization import save_tokenizer
+from mcomp.version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,6 @@ def save_mllm(model, path: str | os.PathLike, *, overwrite: bool = False, base_m
               inputs=()) -> None:
     """Save atomically: the directory appears only when every file is written (`mcomp.io.atomic_directory`:
     `path` must not be, contain or lie inside any of `inputs` nor the base model's directory)."""
-    import mcomp
     from mcomp.peft_format import save_adapter
 
     base_dir = base_model or _base_directory(model.llm)
@@ -121,7 +121,7 @@ def save_mllm(model, path: str | os.PathLike, *, overwrite: bool = False, base_m
         save_tokenizer(model.tokenizer, tmp)
         text_cfg = model.llm.config.get_text_config()
         MLLMConfig(
-            mcomp_version=mcomp.__version__,
+            mcomp_version=__version__,
             base_model=base_ref,
             base_model_sha256=base_weights_sha256(model.llm),
             base_model_config={
@@ -155,12 +155,13 @@ def resolve_base(path: str | os.PathLike, cfg: MLLMConfig) -> Path:
     return base
 
 
-def load_mllm(path: str | os.PathLike, *, device: str = "cpu", dtype: torch.dtype | None = None,
+def load_mllm(path: str | os.PathLike, model_class, *, device: str = "cpu", dtype: torch.dtype | None = None,
               check_base: bool = True):
+    """The model saved at `path`, built by `model_class.build` (`MultimodalLM.from_pretrained` passes
+    itself, so that this format module does not depend on the model module)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mcomp.lora import LoraSpec
-    from mcomp.model import MultimodalLM
     from mcomp.peft_format import load_adapter_into
 
     path = Path(path)
@@ -173,7 +174,7 @@ def load_mllm(path: str | os.PathLike, *, device: str = "cpu", dtype: torch.dtyp
             f"(weights checksum differs from base_model_sha256 in {CONFIG_NAME})"
         )
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
-    model = MultimodalLM.build(llm, tokenizer, cfg.adapters, template=cfg.template)
+    model = model_class.build(llm, tokenizer, cfg.adapters, template=cfg.template)
     model.provenance = cfg.provenance
     tensors = read_adapter_tensors(path)
     for modality in model.adapters:

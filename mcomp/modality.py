@@ -4,8 +4,9 @@ A modality adapter turns media files into LLM input embeddings:
 
     path --load--> raw media --preprocess--> tensor --(stack)--> encode (frozen) --> project --> [B, n, hidden]
 
-Each adapter type is registered under a name (``@register_modality``). Third-party packages
-register theirs through the ``mcomp.modalities`` entry-point group, pointing at the class:
+Each adapter type is registered under a name (``@register_modality``). Packages, mcomp itself
+included, declare theirs in the ``mcomp.modalities`` entry-point group, pointing at the class
+(`mcomp.plugins`):
 
     [project.entry-points."mcomp.modalities"]
     toy = "my_package.toy:ToyAdapter"
@@ -16,7 +17,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-from importlib.metadata import entry_points
 from typing import Any, ClassVar, Sequence
 
 import torch
@@ -24,10 +24,11 @@ from torch import nn
 
 from mcomp.configuration import JsonConfig
 from mcomp.errors import MediaBatchError, MediaError
+from mcomp.plugins import MODALITIES, load_group
 
 logger = logging.getLogger(__name__)
 
-ENTRY_POINT_GROUP = "mcomp.modalities"
+ENTRY_POINT_GROUP = MODALITIES
 
 
 @dataclasses.dataclass
@@ -235,18 +236,11 @@ def _load_entry_points() -> None:
     if _ENTRY_POINTS_LOADED:
         return
     _ENTRY_POINTS_LOADED = True
-    import mcomp.encoders  # noqa: F401  (built-in adapters register on import)
 
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name in _REGISTRY:
-            continue
-        try:
-            cls = ep.load()
-        except Exception as err:  # a broken plug-in must not take mcomp down
-            logger.warning("modality plug-in %r (%s) failed to load: %s", ep.name, ep.value, err)
-            continue
-        if ep.name not in _REGISTRY:
-            register_modality(ep.name)(cls)
+    def loaded(name: str, cls) -> None:
+        if name not in _REGISTRY:  # a decorated class registered itself when its module was imported
+            register_modality(name)(cls)
+    load_group(ENTRY_POINT_GROUP, loaded)
 
 
 def available_adapters() -> dict[str, type[ModalityAdapter]]:

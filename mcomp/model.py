@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mcomp.checkpoint import load_mllm, save_mllm
 from mcomp.conversation import IGNORE_INDEX, conversation_turns, get_template
 from mcomp.errors import MediaBatchError, PlaceholderMismatchError, SampleError
 from mcomp.lora import TEXT_ROUTE, LoraSpec, RoutingState, inject_routed_layers, routed_layers
@@ -503,15 +504,11 @@ class MultimodalLM(nn.Module):
 
     # --- persistence ----------------------------------------------------------------------
     def save_pretrained(self, path: str | os.PathLike, **kwargs) -> None:
-        from mcomp.checkpoint import save_mllm
-
         save_mllm(self, path, **kwargs)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **kwargs) -> "MultimodalLM":
-        from mcomp.checkpoint import load_mllm
-
-        return load_mllm(path, **kwargs)
+        return load_mllm(path, cls, **kwargs)
 
 
 def split_common_prefix(inputs: MultimodalInputs) -> tuple[MultimodalInputs, MultimodalInputs] | None:

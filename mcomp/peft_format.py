@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Mapping
 
 import torch
 
@@ -32,6 +33,24 @@ def write_adapter_config(folder: str | os.PathLike, spec: LoraSpec, base_model_n
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def write_adapter(folder: str | os.PathLike, pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]], *,
+                  spec: LoraSpec | None = None, base_model_name: str = "", config: Mapping | None = None) -> None:
+    """The one peft LoRA writer: `adapter_model.safetensors` ({module path: (A, B)} under peft's keys
+    `base_model.model.<module path>.lora_{A,B}.weight`) and `adapter_config.json`, peft's own for
+    `spec`, or `config` as given (keys sorted)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if config is None:
+        write_adapter_config(folder, spec, base_model_name)
+    else:
+        atomic_write_text(folder / "adapter_config.json", json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
+    tensors = {}
+    for path, (a, b) in pairs.items():
+        tensors[f"{PREFIX}{path}.lora_A.weight"] = a
+        tensors[f"{PREFIX}{path}.lora_B.weight"] = b
+    save_tensors(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+
+
 def save_adapter(llm, name: str, folder: str | os.PathLike, base_model_name: str = "") -> None:
     layers = routed_layers(llm)
     some = next(iter(layers.values()))
@@ -40,15 +59,9 @@ def save_adapter(llm, name: str, folder: str | os.PathLike, base_model_name: str
     r = some.lora_A[name].shape[0]
     alpha = some.scaling[name] * r
     targets = sorted({path.rsplit(".", 1)[-1] for path in layers})
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    write_adapter_config(folder, LoraSpec(r=r, alpha=alpha, dropout=some.dropout[name], target_modules=targets),
-                         base_model_name)
-    tensors = {}
-    for path, layer in layers.items():
-        tensors[f"{PREFIX}{path}.lora_A.weight"] = layer.lora_A[name]
-        tensors[f"{PREFIX}{path}.lora_B.weight"] = layer.lora_B[name]
-    save_tensors(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    write_adapter(folder, {path: (layer.lora_A[name], layer.lora_B[name]) for path, layer in layers.items()},
+                  spec=LoraSpec(r=r, alpha=alpha, dropout=some.dropout[name], target_modules=targets),
+                  base_model_name=base_model_name)
 
 
 def read_adapter(folder: str | os.PathLike) -> tuple[LoraSpec, dict[str, tuple[torch.Tensor, torch.Tensor]]]:

@@ -15,6 +15,8 @@ import importlib
 import sys
 from typing import Callable
 
+from mcomp.plugins import TASK_FUNCTIONS, load_group
+
 ALLOW_CODE_HINT = "pass --allow-task-code to mcomp eval (allow_code=True in Python) to allow it"
 
 KINDS = ("scorer", "options", "target")
@@ -35,6 +37,18 @@ def register(kind: str, name: str):
     return deco
 
 
+_LOADED = False
+
+
+def _load_entry_points() -> None:
+    """Import the modules of the `mcomp.task_functions` entry points (mcomp's built-ins among them):
+    they register their functions on import."""
+    global _LOADED
+    if not _LOADED:
+        _LOADED = True
+        load_group(TASK_FUNCTIONS, lambda name, module: None)
+
+
 def resolve(kind: str, name: str, source: str = "task", allow_code: bool = False) -> Callable:
     """A registered function by name, or "module:function".
 
@@ -42,8 +56,7 @@ def resolve(kind: str, name: str, source: str = "task", allow_code: bool = False
     registered function already imported (a task resolves through `Task.resolve`, which passes its own
     `allow_code`).
     """
-    import mcomp.benchmarks.mcub.scoring  # noqa: F401  (built-ins register on import)
-
+    _load_entry_points()
     if kind not in _REGISTRY:
         raise ValueError(f"unknown function kind {kind!r}; expected one of {KINDS}")
     if name in _REGISTRY[kind]:
@@ -68,6 +81,5 @@ def resolve(kind: str, name: str, source: str = "task", allow_code: bool = False
 
 
 def registered(kind: str) -> list[str]:
-    import mcomp.benchmarks.mcub.scoring  # noqa: F401
-
+    _load_entry_points()
     return sorted(_REGISTRY[kind])

@@ -43,6 +43,7 @@ from mcomp.encoders.weights import read_json
 from mcomp.io import check_state_dict
 from mcomp.io import atomic_directory, load_tensors, save_tensors, sha256_file
 from mcomp.lora import LLAMA_TARGETS, TEXT_ROUTE, LoraSpec
+from mcomp.peft_format import write_adapter
 from mcomp.tokenization import save_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -419,19 +420,6 @@ def point_bert_config(path: Path) -> dict[str, Any]:
 
 
 # --- writing ----------------------------------------------------------------------------------
-def write_peft_adapter(folder: Path, pairs: dict[str, dict[str, torch.Tensor]], spec: LoraSpec, base: str) -> None:
-    """An adapter in the format of `mcomp.peft_format.save_adapter` (peft's LoraConfig + safetensors)."""
-    from mcomp.peft_format import PREFIX, write_adapter_config
-
-    folder.mkdir(parents=True)
-    write_adapter_config(folder, spec, base)
-    tensors = {}
-    for path, ab in pairs.items():
-        tensors[f"{PREFIX}{path}.lora_A.weight"] = ab["A"]
-        tensors[f"{PREFIX}{path}.lora_B.weight"] = ab["B"]
-    save_tensors(tensors, folder / "adapter_model.safetensors", metadata={"format": "pt"})
-
-
 def check_base_config(ckpt: ReleasedCheckpoint, llm, base: Path) -> None:
     text_cfg = llm.config.get_text_config()
     fields = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "vocab_size")
@@ -547,7 +535,8 @@ def import_modelcompose(src: str | os.PathLike, out: str | os.PathLike, *, base:
         lora_cfg = None
         if spec is not None:
             for up, name in plan.adapters.items():
-                write_peft_adapter(tmp / "lora" / name, ckpt.lora[up], spec, str(base_dir))
+                write_adapter(tmp / "lora" / name, {path: (ab["A"], ab["B"]) for path, ab in ckpt.lora[up].items()},
+                              spec=spec, base_model_name=str(base_dir))
             lora_cfg = {"spec": spec.to_dict(), "adapters": list(plan.adapters.values()),
                         "routes": {r: [[n, c] for n, c in t] for r, t in plan.routes.items()}}
         save_tokenizer(tokenizer, tmp)

@@ -22,14 +22,15 @@ from pathlib import Path
 
 import torch
 
-from mcomp.io import atomic_write_text, load_tensors, save_tensors
+from mcomp.io import load_tensors
+from mcomp.merge.memory import merge_task_vectors
+from mcomp.peft_format import write_adapter
 from mcomp.merge.registry import Segment
 from mcomp.merge.sources import Source, TensorInfo
 from mcomp.merge.streaming import Sink
 
 logger = logging.getLogger(__name__)
 
-PREFIX = "base_model.model."
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 
 
@@ -119,8 +120,6 @@ def lora_deltas(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
 
 def merge_lora_adapters(adapters: list[LoraAdapter], method: str = "task_arithmetic", **params) -> dict[str, torch.Tensor]:
     """Merge adapters in ΔW space; a weight an adapter does not touch has ΔW = 0 for it."""
-    from mcomp.merge.api import merge_task_vectors
-
     keys = lora_target_keys(adapters)
     shapes = {}
     for a in adapters:
@@ -249,12 +248,7 @@ class LoraSink(Sink):
 
     def save(self, directory: str | os.PathLike, dtype: torch.dtype = torch.float32) -> None:
         """Write a peft adapter (r = lora_alpha = r', so the scaling is 1)."""
-        directory = Path(directory)
-        tensors = {}
-        for key, (A, B) in self.factors.items():
-            module = key[: -len(".weight")]
-            tensors[f"{PREFIX}{module}.lora_A.weight"] = A.to(dtype)
-            tensors[f"{PREFIX}{module}.lora_B.weight"] = B.to(dtype)
+        pairs = {key[: -len(".weight")]: (A.to(dtype), B.to(dtype)) for key, (A, B) in self.factors.items()}
         config = dict(self.adapters[0].config)
         targets: set[str] = set()
         for a in self.adapters:
@@ -266,7 +260,6 @@ class LoraSink(Sink):
         rank = max((A.shape[0] for A, _ in self.factors.values()), default=self.rank)
         config.update({"r": rank, "lora_alpha": rank, "target_modules": sorted(targets), "use_rslora": False,
                        "rank_pattern": {}, "alpha_pattern": {}, "fan_in_fan_out": self.fan_in_fan_out})
-        save_tensors(tensors, directory / "adapter_model.safetensors", metadata={"format": "pt"})
-        atomic_write_text(directory / "adapter_config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+        write_adapter(directory, pairs, config=config)
         logger.info("re-factorised %d weight(s) to rank %d: relative reconstruction error %.3g overall",
                     len(self.factors), rank, self.total_error)

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import torch
 
 from mcomp.merge.kernels import Workspace
+from mcomp.plugins import MERGE_METHODS, load_group
 
 SCOPES = ("global", "tensor")
 
@@ -186,5 +187,19 @@ def make_params(method: str | type[MergeMethod], n: int, **params: Any) -> Metho
     return p
 
 
+_LOADED = False
+
+
 def _load_builtins() -> None:
-    from mcomp.merge import dare, linear, pcb, ties  # noqa: F401  (registration side effect)
+    """The methods of the `mcomp.merge_methods` entry points (mcomp's own and plug-ins')."""
+    global _LOADED
+    if _LOADED:
+        return
+    _LOADED = True
+
+    def loaded(name: str, cls) -> None:
+        if cls.name != name:
+            raise ValueError(f"merge method entry point {name!r} names the method {cls.name!r}")
+        if name not in _REGISTRY:
+            register(cls)
+    load_group(MERGE_METHODS, loaded)

@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from mcomp.merge.api import INMEMORY_ELEMS, MemorySink
+from mcomp.merge.memory import INMEMORY_ELEMS, MemorySink, merge_state_dicts
 from mcomp.merge.pcb import combine
 from mcomp.merge.registry import Segment
 from mcomp.merge.sources import MemorySource
@@ -68,8 +68,6 @@ class PreparedMerge:
 
     def merge(self, weights: list[float]) -> dict[str, torch.Tensor]:
         if not self.parts:
-            from mcomp.merge.api import merge_state_dicts
-
             return merge_state_dicts(self.base, self.models, self.method_name, weights=list(weights), **self.params)
         sink = MemorySink(self.engine.base.infos)
         for k in self.engine.copy_keys:
