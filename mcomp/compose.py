@@ -29,6 +29,8 @@ from mcomp.checkpoint import (
 )
 from mcomp.io import check_finite, sha256_file
 from mcomp.lora import TEXT_ROUTE, LoraSpec, routed_layers
+from mcomp.merge import merge_task_vectors
+from mcomp.merge.lora import refactorise
 from mcomp.merge.registry import get_method
 from mcomp.modality import get_adapter_class
 
@@ -204,8 +206,6 @@ def _remove_adapter(model, name: str) -> None:
 
 def merge_text_deltas(model, inputs, merge: str, coef: dict[str, float], params: dict) -> dict[str, torch.Tensor]:
     """Merge the dense text deltas dW_m = s_m B_m A_m of every routed layer with the merge engine."""
-    from mcomp.merge import merge_task_vectors
-
     layers = routed_layers(model.llm)
     deltas = [{path: layer.delta_weight([(f"text-{i.modality}", 1.0)]) for path, layer in layers.items()}
               for i in inputs]
@@ -227,8 +227,6 @@ def merge_text_factors(model, inputs, merge: str, coef: dict[str, float], params
     """Merge the text adapters' A and B factors as task vectors of their own (their init is not
     subtracted, as in the released merge script) and put the result in place of them as LoRA `name`
     (the inputs' rank and scaling, which must agree)."""
-    from mcomp.merge import merge_task_vectors
-
     layers = routed_layers(model.llm)
     adapters = [f"text-{i.modality}" for i in inputs]
     first = next(iter(layers.values()))
@@ -265,8 +263,8 @@ def fold_deltas(model, merged: dict[str, torch.Tensor], origin: str = "") -> Non
 
 
 def add_refactorised(model, merged: dict[str, torch.Tensor], name: str, rank: int) -> float:
-    """Truncated SVD of each merged delta into a LoRA `name` (scaling 1); returns the relative
-    Frobenius reconstruction error over all layers."""
+    """Each merged delta as a LoRA `name` of rank `rank` (scaling 1) by truncated SVD
+    (`mcomp.merge.lora.refactorise`); returns the relative Frobenius reconstruction error over all layers."""
     spec = LoraSpec(r=rank, alpha=float(rank), target_modules=model.lora_spec.target_modules)
     model.add_lora(spec, name=name)
     err2, norm2 = 0.0, 0.0
@@ -274,17 +272,13 @@ def add_refactorised(model, merged: dict[str, torch.Tensor], name: str, rank: in
     with torch.no_grad():
         for path, delta in merged.items():
             delta = delta.float()
-            u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-            k = min(rank, s.shape[0])
-            b = torch.zeros(delta.shape[0], rank)
-            a = torch.zeros(rank, delta.shape[1])
-            b[:, :k] = u[:, :k] * s[:k]
-            a[:k] = vh[:k]
+            a, b, err = refactorise(delta, rank)
             layer = layers[path]
-            layer.lora_A[name].copy_(a)
-            layer.lora_B[name].copy_(b)
-            err2 += float((delta - b @ a).pow(2).sum())
-            norm2 += float(delta.pow(2).sum())
+            layer.lora_A[name].zero_()[: a.shape[0]].copy_(a)  # a delta of lower rank than `rank`: zero rows
+            layer.lora_B[name].zero_()[:, : b.shape[1]].copy_(b)
+            norm = float(delta.pow(2).sum())
+            err2 += err * err * norm
+            norm2 += norm
     return (err2 / norm2) ** 0.5 if norm2 > 0 else 0.0
 
 

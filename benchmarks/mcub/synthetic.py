@@ -14,18 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from mcomp.benchmarks.mcub.tasks import load_task
+
 LETTERS = "ABCD"
-MCUB3_SUBSETS = {
-    "image-audio-video": ("image", "audio", "video"),
-    "audio-video-pointcloud": ("audio", "video", "point"),
-    "image-audio-pointcloud": ("image", "audio", "point"),
-    "image-video-pointcloud": ("image", "video", "point"),
-}
-AV_SUBSETS = {
-    "audio": ("audio",), "image": ("image",), "video": ("video",), "image+audio": ("image", "audio"),
-    "image+video": ("image", "video"), "video+audio": ("video", "audio"),
-    "video+image+audio": ("video", "image", "audio"),
-}
 ORDER = ("image", "audio", "video", "point")
 TAG = {"image": "<image>", "audio": "<audio>", "video": "<video>", "point": "<point>"}
 KEY = {"image": "vision", "audio": "audio", "video": "video", "point": "point"}  # modal_inputs keys as released
@@ -122,24 +113,23 @@ def write_benchmark(root: str | os.PathLike, n: int = 4, seed: int = 0, per_moda
     root = Path(root)
     rnd = random.Random(seed)
     media = write_media(root, per_modality, seed)
-    test = root / "data" / "test"
 
     mcub_answers = []
-    groups = {"MCUB-4": ORDER, **{f"MCUB-3-{k}": v for k, v in MCUB3_SUBSETS.items()}}
-    for file, modalities in groups.items():
+    mcub = [load_task("mcub4"), load_task("mcub3")]
+    for subset in (s for task in mcub for s in task.subsets):
         entries = []
         for i in range(n):
             body, letter = _choice_body(rnd)
-            sid = f"{file.lower()}_{i:04d}"
-            q = _question(modalities, body)
-            entries.append(_entry(sid, q, modalities, media, rnd))
+            sid = f"{Path(subset.questions).stem.lower()}_{i:04d}"
+            q = _question(subset.modalities, body)
+            entries.append(_entry(sid, q, subset.modalities, media, rnd))
             mcub_answers.append(_answer(sid, q, letter))
-        _dump(test / f"{file}.json", entries)
-    _dump(test / "MCUB-answer.json", mcub_answers)
+        _dump(root / subset.questions, entries)
+    _dump(root / mcub[0].answers, mcub_answers)
 
-    for prefix, open_ended in (("avqa", False), ("music-avqa", True)):
+    for task, open_ended in ((load_task("avqa"), False), (load_task("music_avqa"), True)):
         answers = []
-        for k, (subset, modalities) in enumerate(AV_SUBSETS.items()):
+        for k, (subset, modalities) in enumerate((s.name, s.modalities) for s in task.subsets):
             entries = []
             for i in range(n):
                 if open_ended:
@@ -150,8 +140,8 @@ def write_benchmark(root: str | os.PathLike, n: int = 4, seed: int = 0, per_moda
                 q = _question(modalities, body)
                 entries.append(_entry(sid, q, modalities, media, rnd))
                 answers.append(_answer(sid, q, ans))
-            _dump(test / f"{prefix}-test_mm_{subset}.json", entries)
-        _dump(test / f"{prefix}-test_mm_answer.json", answers)
+            _dump(root / task.subsets[k].questions, entries)
+        _dump(root / task.answers, answers)
 
     if class_names:
         entries, annotations = [], []
@@ -160,6 +150,7 @@ def write_benchmark(root: str | os.PathLike, n: int = 4, seed: int = 0, per_moda
             sid = f"modelnet_{i:04d}"
             entries.append(_entry(sid, _question(("point",), "What is this?"), ("point",), media, rnd))
             annotations.append({"id": sid, "label": label, "label_name": class_names[label]})
-        _dump(test / "modelnet40-test_mm_point.json", entries)
-        _dump(test / "modelnet40-test_mm_answer.json", annotations)
+        modelnet = load_task("modelnet40")
+        _dump(root / modelnet.subsets[0].questions, entries)
+        _dump(root / modelnet.answers, annotations)
     return root

@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 import logging
 
-logger = logging.getLogger(__name__)
+from mcomp.merge.registry import available_methods
 
-MERGES = ("linear", "ties", "dare_ties", "dare_linear", "pcb")
+logger = logging.getLogger(__name__)
 
 
 def add_parser(sub) -> None:
@@ -21,8 +21,8 @@ def add_parser(sub) -> None:
                    "(default: the tiny zoo's models for --modalities, built locally if needed)")
     p.add_argument("--zoo-size", default="full", help="without --models: which zoo (full or test)")
     p.add_argument("--method", choices=("naivemc", "damc"), default="naivemc")
-    p.add_argument("--merge", default="linear", help=f"merge backend for the text parameters: {', '.join(MERGES)} "
-                   "(dare = dare_ties)")
+    p.add_argument("--merge", default="linear", help=f"merge backend for the text parameters: "
+                   f"{', '.join(available_methods())} (dare = dare_ties)")
     p.add_argument("--weights", help="MODALITY=λ,... per-model coefficients (default: 1/n each)")
     p.add_argument("--merge-params", default="",
                    help="NAME=VALUE,... merge-engine parameters, e.g. density=0.2 or ratio=0.1,clip=0.01,inter=v1")
@@ -92,8 +92,8 @@ def run(args: argparse.Namespace) -> int:
         if sorted(wanted) != sorted(models):
             raise ValueError(f"--modalities {wanted} and the keys of --models {sorted(models)} differ")
     merge = "dare_ties" if args.merge == "dare" else args.merge
-    if merge not in MERGES:
-        raise ValueError(f"--merge must be one of {', '.join(MERGES)}, got {args.merge!r}")
+    if merge not in available_methods():
+        raise ValueError(f"--merge must be one of {', '.join(available_methods())}, got {args.merge!r}")
     weights = parse_pairs(args.weights, "--weights", float) or None
     params = parse_pairs(args.merge_params, "--merge-params", _param_value)
     kwargs = dict(method=args.method, merge=merge, merge_params=params, convert=args.convert, lora_rank=args.lora_rank,

@@ -19,10 +19,12 @@ Nothing here renders or writes; `generate.py` does. Paths are relative to the wo
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from mcomp.benchmarks.mcub.tasks import load_task
 from mcomp.world.entities import EXTENSION, MEDIA_KEY, MODALITIES, AttributeSpace, Entity, EntitySplit, rng_for
 from mcomp.world.questions import (
     SAMPLE_TYPES,
@@ -35,12 +37,9 @@ from mcomp.world.questions import (
     placeholder_lines,
 )
 
+# file stem -> modalities of every MCUB question file, as the shipped task files define them
 MCUB_SUBSETS: dict[str, tuple[str, ...]] = {
-    "MCUB-4": ("image", "audio", "video", "point"),
-    "MCUB-3-image-audio-video": ("image", "audio", "video"),
-    "MCUB-3-audio-video-pointcloud": ("audio", "video", "point"),
-    "MCUB-3-image-audio-pointcloud": ("image", "audio", "point"),
-    "MCUB-3-image-video-pointcloud": ("image", "video", "point"),
+    Path(subset.questions).stem: subset.modalities for task in ("mcub4", "mcub3") for subset in load_task(task).subsets
 }
 MCUB_DIR = "data/test"  # inside each MCUB data root, as the shipped task files expect
 
