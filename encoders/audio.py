@@ -29,6 +29,7 @@ import torch
 from mcomp.encoders.beats import BEATs, BEATsConfig, load_beats
 from mcomp.encoders.qformer import QFormerProjector, QFormerProjectorMixin, parse_qformer_type
 from mcomp.errors import MediaError
+from mcomp.modalities import MODALITIES
 from mcomp.modality import AdapterConfig, ModalityAdapter, register_modality
 
 logger = logging.getLogger(__name__)
@@ -239,7 +240,7 @@ class AudioAdapterConfig(AdapterConfig):
 @register_modality("audio")
 class AudioAdapter(QFormerProjectorMixin, ModalityAdapter):
     modality = "audio"
-    placeholder = "<audio>"
+    placeholder = MODALITIES["audio"].placeholder
     config_class = AudioAdapterConfig
 
     def build_encoder(self) -> BEATs:

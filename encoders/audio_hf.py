@@ -22,6 +22,7 @@ from torch import nn
 
 from mcomp.encoders.audio import as_decoded_audio, load_audio, mono_resampled
 from mcomp.encoders.qformer import QFormerProjector, QFormerProjectorMixin, parse_qformer_type
+from mcomp.modalities import MODALITIES
 from mcomp.modality import AdapterConfig, ModalityAdapter, register_modality
 
 logger = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ def _window_seconds(positions: int) -> int:
 @register_modality("audio-whisper")
 class WhisperAudioAdapter(QFormerProjectorMixin, ModalityAdapter):
     modality = "audio"
-    placeholder = "<audio>"
+    placeholder = MODALITIES["audio"].placeholder
     config_class = WhisperAudioAdapterConfig
 
     def build_encoder(self) -> nn.Module:

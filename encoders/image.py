@@ -14,6 +14,7 @@ from PIL import Image, UnidentifiedImageError
 
 from mcomp.encoders.clip_tower import ClipVisionTower
 from mcomp.errors import MediaError
+from mcomp.modalities import MODALITIES
 from mcomp.modality import AdapterConfig, ModalityAdapter, register_modality
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -128,8 +129,8 @@ class ImageAdapterConfig(AdapterConfig):
 @register_modality("image")
 class ImageAdapter(ModalityAdapter):
     modality = "image"
-    placeholder = "<image>"
-    aliases = ("vision",)
+    placeholder = MODALITIES["image"].placeholder
+    aliases = (MODALITIES["image"].published_key,)  # "vision", the released key
     config_class = ImageAdapterConfig
 
     def build_encoder(self) -> ClipVisionTower:

@@ -32,6 +32,7 @@ import torch
 
 from mcomp.encoders.pointbert import FPS_START_MODES, PointBert, PointBertConfig, farthest_point_sample
 from mcomp.errors import MediaError
+from mcomp.modalities import MODALITIES
 from mcomp.modality import AdapterConfig, ModalityAdapter, register_modality
 
 logger = logging.getLogger(__name__)
@@ -342,7 +343,7 @@ class PointAdapterConfig(AdapterConfig):
 @register_modality("point")
 class PointAdapter(ModalityAdapter):
     modality = "point"
-    placeholder = "<point>"
+    placeholder = MODALITIES["point"].placeholder
     config_class = PointAdapterConfig
 
     def build_encoder(self) -> PointBert:

@@ -24,6 +24,7 @@ from PIL import Image
 from mcomp.encoders.clip_tower import ClipVisionTower
 from mcomp.encoders.image import CLIP_MEAN, CLIP_STD, image_pixel_limit, load_image
 from mcomp.errors import MediaError
+from mcomp.modalities import MODALITIES
 from mcomp.modality import AdapterConfig, ModalityAdapter, register_modality
 
 VIDEO_EXTENSIONS = {".mp4", ".webm", ".avi", ".mkv", ".mov", ".gif", ".m4v", ".mpeg", ".mpg"}
@@ -143,7 +144,7 @@ class VideoAdapterConfig(AdapterConfig):
 @register_modality("video")
 class VideoAdapter(ModalityAdapter):
     modality = "video"
-    placeholder = "<video>"
+    placeholder = MODALITIES["video"].placeholder
     config_class = VideoAdapterConfig
 
     def build_encoder(self) -> ClipVisionTower:

@@ -118,3 +118,19 @@ def test_task_functions_come_through_their_entry_point():
 
     assert "mcomp.benchmarks.mcub.scoring" in {ep.value for ep in entry_points(group="mcomp.task_functions")}
     assert {"first_letter", "exact"} <= set(registered("scorer"))
+
+
+def test_the_modality_table_reads_without_torch_and_the_adapters_follow_it():
+    import subprocess
+    import sys
+
+    code = ("import sys, mcomp.modalities as m; assert 'torch' not in sys.modules, 'torch imported'; "
+            "print(','.join(f'{n}={t.placeholder}={t.published_key}' for n, t in m.MODALITIES.items()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "image=<image>=vision,audio=<audio>=audio,video=<video>=video,point=<point>=point"
+    from mcomp.modalities import MODALITIES
+    from mcomp.modality import available_adapters
+
+    for name, cls in available_adapters().items():
+        if cls.modality in MODALITIES and cls.__module__.startswith("mcomp."):
+            assert cls.placeholder == MODALITIES[cls.modality].placeholder, name

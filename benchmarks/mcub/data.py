@@ -22,10 +22,12 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from mcomp.conversation import conversation_turns
+from mcomp.modalities import MODALITIES
 
 logger = logging.getLogger(__name__)
 
-MEDIA_KEYS_ORDER = ("vision", "image", "audio", "video", "point")  # for stable column order only
+# for stable column order only: each modality's published key, then its name
+MEDIA_KEYS_ORDER = tuple(dict.fromkeys(k for m in MODALITIES.values() for k in (m.published_key, m.name)))
 
 
 def id_key(sample_id: Any) -> str:

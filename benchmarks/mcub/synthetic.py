@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from mcomp.benchmarks.mcub.tasks import load_task
+from mcomp.modalities import MODALITIES, ORDER
 
 LETTERS = "ABCD"
-ORDER = ("image", "audio", "video", "point")
-TAG = {"image": "<image>", "audio": "<audio>", "video": "<video>", "point": "<point>"}
-KEY = {"image": "vision", "audio": "audio", "video": "video", "point": "point"}  # modal_inputs keys as released
+TAG = {m: t.placeholder for m, t in MODALITIES.items()}
+KEY = {m: t.published_key for m, t in MODALITIES.items()}  # modal_inputs keys as released
 OBJECTS = ["a violin", "a motorcycle", "a dog", "a grand piano", "a guitar", "a car", "a bird", "a drum"]
 OPEN_ANSWERS = ["two", "yes", "no", "Three.", "the guitar", "piano", "one", "zero"]
 

@@ -19,6 +19,7 @@ from typing import Any, Mapping
 import yaml
 
 from mcomp.benchmarks.mcub.prompting import MEDIA_WITHOUT_PLACEHOLDER
+from mcomp.modalities import ORDER
 from mcomp.benchmarks.mcub.registry import ALLOW_CODE_HINT, resolve
 
 MODES = ("generate", "loglik")
@@ -209,7 +210,7 @@ def parse_task(data: Any, source: str = "task", allow_code: bool = False) -> Tas
         name=name, description=str(data.get("description", "")), source=source, subsets=tuple(subsets),
         answers=_require(data, "answers", source, str), target=target, target_params=target_params,
         template=str(prompt.get("template", "vicuna_v1")),
-        modality_order=tuple(prompt.get("modality_order", ("image", "audio", "video", "point"))),
+        modality_order=tuple(prompt.get("modality_order", ORDER)),
         media_without_placeholder=media_policy,
         modes=modes, default_mode=default_mode, raw=dict(data), allow_code=allow_code,
     )

@@ -43,6 +43,7 @@ from mcomp.encoders.weights import read_json
 from mcomp.io import check_state_dict
 from mcomp.io import atomic_directory, load_tensors, save_tensors, sha256_file
 from mcomp.lora import LLAMA_TARGETS, TEXT_ROUTE, LoraSpec
+from mcomp.modalities import MODALITIES
 from mcomp.peft_format import write_adapter
 from mcomp.tokenization import save_tokenizer
 
@@ -50,7 +51,7 @@ logger = logging.getLogger(__name__)
 
 FORMAT = "modelcompose"
 UPSTREAM_TEXT = "default"
-TO_MCOMP = {"vision": "image", "audio": "audio", "video": "video", "point": "point"}
+TO_MCOMP = {m.published_key: m.name for m in MODALITIES.values()}  # released modality key -> mcomp modality
 WEIGHT_FILES = ("adapter_model.bin", "adapter_model.safetensors", "mm_projector.bin")
 EXTRA_WEIGHT_FILE = "non_lora_trainables.bin"
 MASKED_STRATEGIES = ("modal", "modal+language")

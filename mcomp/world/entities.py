@@ -11,13 +11,16 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
+from mcomp.modalities import MODALITIES as TABLE
+from mcomp.modalities import ORDER
 from mcomp.resources import load_config
 
-MODALITIES = ("image", "audio", "video", "point")  # also the placeholder order of the prompts
-MEDIA_KEY = {"image": "vision", "audio": "audio", "video": "video", "point": "point"}  # modal_inputs keys (released)
-TAG = {"image": "<image>", "audio": "<audio>", "video": "<video>", "point": "<point>"}
-EXTENSION = {"image": ".png", "audio": ".wav", "video": ".mp4", "point": ".ply"}
-NOUN = {"image": "image", "audio": "audio clip", "video": "video", "point": "point cloud"}
+# the world's views of the modality table (configs/modalities.yaml)
+MODALITIES = ORDER  # also the placeholder order of the prompts
+MEDIA_KEY = {m: t.published_key for m, t in TABLE.items()}  # modal_inputs keys (released)
+TAG = {m: t.placeholder for m, t in TABLE.items()}
+EXTENSION = {m: t.extension for m, t in TABLE.items()}
+NOUN = {m: t.noun for m, t in TABLE.items()}
 SPLITS = ("train", "dev", "test")
 
 

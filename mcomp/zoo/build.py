@@ -29,6 +29,7 @@ from mcomp.configuration import JsonConfig
 from mcomp.feature_cache import FeatureCache
 from mcomp.fingerprint import IdentityMismatch, check_same_work, code_versions
 from mcomp.io import atomic_directory, atomic_write_text
+from mcomp.modalities import ORDER
 from mcomp.resources import load_config
 from mcomp.tokenization import save_tokenizer
 
@@ -43,7 +44,7 @@ logger = logging.getLogger(__name__)
 # entities, stage 2 longer for image, video and audio, video frames averaged in fours
 # (changes to configs/zoo or configs/world change the cache key by themselves: recipe_digest)
 ZOO_VERSION = 9
-MODALITIES = ("image", "audio", "video", "point")
+MODALITIES = ORDER
 FLAVOURS = ("naivemc", "damc")
 
 

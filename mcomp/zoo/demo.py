@@ -18,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from mcomp.io import atomic_write_text
+from mcomp.modalities import MODALITIES as TABLE
 from mcomp.zoo.build import MODALITIES, Zoo, build_zoo, held_out_report
 
 logger = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ MERGES = {
 }
 EVALS_VERSION = 1  # bump when what a demo run computes changes (its kept runs are then redone)
 EVAL_BATCH = 16  # questions whose contexts run as one forward (scripts/bench_loglik.py: 1.26x on a 1-thread worker)
-WORLD_KEY = {"image": "vision", "audio": "audio", "video": "video", "point": "point"}
+WORLD_KEY = {m.name: m.published_key for m in TABLE.values()}
 
 
 def reduced_task(zoo: Zoo, modalities: tuple[str, ...], out: Path) -> Path:
