@@ -3,12 +3,9 @@
 Why native code: PCB's per-coordinate maths is a chain of about twenty element-wise steps;
 NumPy runs each over the whole block, so the chain is bound by memory traffic and per-call
 overhead. Fused, each value is loaded once, and the kernels can decode the stored fp16/bf16
-values as they load them, so no float32 copy of a chunk is made (`StoredColumns`). Measured
-in the prototype: the β chain with its bracket scan 0.6 ms against 1.1 ms per 3 × 2^17 values
-on one core; in the engine, PCB over 3 × 1B fp16 models went from 37.7 s to the figures in the
-README. torch.compile was tried first and measured slower than NumPy on this chain (1.0 ms
-for β alone, 3.4 ms with the scan, after a 16 s compile), and numba would add a dependency
-whose loops call scalar libm.
+values as they load them, so no float32 copy of a chunk is made (`StoredColumns`). torch.compile
+was slower than NumPy on this chain, and numba would add a dependency whose loops call scalar
+libm (figures: docs/benchmarks.md).
 
 The extension is optional (see setup.py): `available()` is False where it was not built, or
 when the environment sets MCOMP_NATIVE=0, and callers then use their NumPy path. Arguments
