@@ -4,15 +4,22 @@
 It is optional: where it cannot be built (no C compiler, no glibc vector maths), the install
 goes on and the engine uses its NumPy path, with the same results to within a few ulp.
 """
+
 import sys
 
 from setuptools import Extension, setup
 
 linux = sys.platform.startswith("linux")
-setup(ext_modules=[Extension(
-    "mcomp.merge._native",
-    sources=["mcomp/merge/_native.c"],
-    extra_compile_args=["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"] if linux else [],
-    libraries=["mvec", "m"] if linux else [],
-    optional=True,
-)])
+setup(
+    ext_modules=[
+        Extension(
+            "mcomp.merge._native",
+            sources=["mcomp/merge/_native.c"],
+            extra_compile_args=["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"]
+            if linux
+            else [],
+            libraries=["mvec", "m"] if linux else [],
+            optional=True,
+        )
+    ]
+)

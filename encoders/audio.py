@@ -16,6 +16,7 @@ Deliberate differences from the published loader, all in failure or corner cases
 * Upstream silently turns an unreadable file into zeros; we raise MediaError naming the file, also for
   empty audio and for audio shorter than one 25 ms analysis frame (upstream: an all-zero input).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -71,7 +72,8 @@ def load_audio(path: str, modality: str = "audio") -> DecodedAudio:
     ext = os.path.splitext(path)[1].lower()
     if ext not in AUDIO_EXTENSIONS:
         raise MediaError(
-            path, f"unsupported audio file type {ext or '(no extension)'!r}; expected one of {sorted(AUDIO_EXTENSIONS)}",
+            path,
+            f"unsupported audio file type {ext or '(no extension)'!r}; expected one of {sorted(AUDIO_EXTENSIONS)}",
             modality,
         )
     decoded = _decode_soundfile(path, modality) if ext in SOUNDFILE_EXTENSIONS else _decode_container(path, modality)
@@ -83,8 +85,12 @@ def load_audio(path: str, modality: str = "audio") -> DecodedAudio:
 
 
 def _too_long(path: str, what: str, modality: str) -> MediaError:
-    return MediaError(path, f"{what}, over the limit of {MAX_AUDIO_SAMPLES} samples "
-                      f"(mcomp.encoders.audio.MAX_AUDIO_SAMPLES; raise it for longer recordings)", modality)
+    return MediaError(
+        path,
+        f"{what}, over the limit of {MAX_AUDIO_SAMPLES} samples "
+        f"(mcomp.encoders.audio.MAX_AUDIO_SAMPLES; raise it for longer recordings)",
+        modality,
+    )
 
 
 def _decode_soundfile(path: str, modality: str) -> DecodedAudio:
@@ -147,7 +153,9 @@ def as_decoded_audio(raw: Any, modality: str = "audio") -> DecodedAudio:
         if wave.dim() == 1:
             wave = wave[None]
         if wave.dim() != 2:
-            raise MediaError(None, f"a waveform must be [samples] or [channels, samples], got shape {tuple(wave.shape)}", modality)
+            raise MediaError(
+                None, f"a waveform must be [samples] or [channels, samples], got shape {tuple(wave.shape)}", modality
+            )
         if wave.shape[-1] == 0:
             raise MediaError(None, "the audio is empty (zero samples)", modality)
         return DecodedAudio(wave, int(raw[1]))
@@ -188,12 +196,17 @@ class FbankFrontend:
 
         if mono.shape[-1] < self.window_samples:
             raise MediaError(
-                source, f"the audio is too short: {mono.shape[-1]} samples at {self.sample_rate} Hz is less than "
-                f"one {self.frame_length_ms:g} ms analysis frame", modality,
+                source,
+                f"the audio is too short: {mono.shape[-1]} samples at {self.sample_rate} Hz is less than "
+                f"one {self.frame_length_ms:g} ms analysis frame",
+                modality,
             )
         fbank = kaldi.fbank(
-            mono[None].float() * 2**15, num_mel_bins=self.num_mel_bins, sample_frequency=self.sample_rate,
-            frame_length=self.frame_length_ms, frame_shift=self.frame_shift_ms,
+            mono[None].float() * 2**15,
+            num_mel_bins=self.num_mel_bins,
+            sample_frequency=self.sample_rate,
+            frame_length=self.frame_length_ms,
+            frame_shift=self.frame_shift_ms,
         )
         fbank = (fbank - self.mean) / (2 * self.std)
         frames = fbank.shape[0]
@@ -232,8 +245,13 @@ class AudioAdapterConfig(AdapterConfig):
 
     def frontend(self) -> FbankFrontend:
         return FbankFrontend(
-            self.sample_rate, self.num_mel_bins, self.frame_length_ms, self.frame_shift_ms,
-            self.target_length, self.fbank_mean, self.fbank_std,
+            self.sample_rate,
+            self.num_mel_bins,
+            self.frame_length_ms,
+            self.frame_shift_ms,
+            self.target_length,
+            self.fbank_mean,
+            self.fbank_std,
         )
 
 
@@ -249,7 +267,9 @@ class AudioAdapter(QFormerProjectorMixin, ModalityAdapter):
         if cfg.checkpoint:
             encoder = load_beats(cfg.checkpoint, cfg.encoder_config)
         else:
-            encoder = BEATs(BEATsConfig.from_dict(dict(cfg.encoder_config or {}), source="AudioAdapterConfig.encoder_config"))
+            encoder = BEATs(
+                BEATsConfig.from_dict(dict(cfg.encoder_config or {}), source="AudioAdapterConfig.encoder_config")
+            )
         p = encoder.cfg.input_patch_size
         if cfg.target_length < p or cfg.num_mel_bins < p:
             raise ValueError(

@@ -10,6 +10,7 @@ Not part of the published ModelCompose release; it offers a second audio encoder
 The encoder is random-init from a WhisperConfig (inline fields; default = the transformers defaults,
 i.e. the whisper-tiny shape) or loaded from a local transformers directory; nothing is downloaded.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,7 +46,9 @@ class WhisperAudioAdapterConfig(AdapterConfig):
 
     def __post_init__(self):
         if self.checkpoint and self.encoder_config:
-            raise ValueError("audio-whisper adapter: give either checkpoint (a local directory) or encoder_config, not both")
+            raise ValueError(
+                "audio-whisper adapter: give either checkpoint (a local directory) or encoder_config, not both"
+            )
         parse_qformer_type(self.projector_type)
 
 
@@ -74,7 +77,9 @@ class WhisperAudioAdapter(QFormerProjectorMixin, ModalityAdapter):
         if cfg.checkpoint:
             path = cfg.checkpoint
             if not os.path.isfile(os.path.join(path, "config.json")):
-                raise FileNotFoundError(f"audio-whisper checkpoint {path}: not a transformers directory (no config.json)")
+                raise FileNotFoundError(
+                    f"audio-whisper checkpoint {path}: not a transformers directory (no config.json)"
+                )
             # WhisperModel also reads WhisperForConditionalGeneration folders (the `model.` prefix is stripped).
             encoder = WhisperModel.from_pretrained(path, local_files_only=True).get_encoder()
             logger.info("loaded Whisper encoder from %s", path)
@@ -85,14 +90,17 @@ class WhisperAudioAdapter(QFormerProjectorMixin, ModalityAdapter):
             self.feature_extractor = WhisperFeatureExtractor.from_pretrained(cfg.checkpoint, local_files_only=True)
         else:
             self.feature_extractor = WhisperFeatureExtractor(
-                feature_size=wcfg.num_mel_bins, sampling_rate=WHISPER_SAMPLE_RATE, hop_length=WHISPER_HOP,
+                feature_size=wcfg.num_mel_bins,
+                sampling_rate=WHISPER_SAMPLE_RATE,
+                hop_length=WHISPER_HOP,
                 chunk_length=_window_seconds(wcfg.max_source_positions),
             )
         expected = 2 * wcfg.max_source_positions
         if self.feature_extractor.nb_max_frames != expected or self.feature_extractor.feature_size != wcfg.num_mel_bins:
             raise ValueError(
                 f"audio-whisper adapter: the feature extractor gives {self.feature_extractor.feature_size} x "
-                f"{self.feature_extractor.nb_max_frames} features but the encoder expects {wcfg.num_mel_bins} x {expected}"
+                f"{self.feature_extractor.nb_max_frames} features but the encoder expects "
+                f"{wcfg.num_mel_bins} x {expected}"
             )
         return encoder
 
@@ -116,9 +124,9 @@ class WhisperAudioAdapter(QFormerProjectorMixin, ModalityAdapter):
     def preprocess(self, raw: Any) -> torch.Tensor:
         audio = as_decoded_audio(raw, self.modality)
         mono = mono_resampled(audio, WHISPER_SAMPLE_RATE)
-        features = self.feature_extractor(
-            mono.numpy(), sampling_rate=WHISPER_SAMPLE_RATE, return_tensors="pt"
-        )["input_features"]
+        features = self.feature_extractor(mono.numpy(), sampling_rate=WHISPER_SAMPLE_RATE, return_tensors="pt")[
+            "input_features"
+        ]
         return features[0]  # [mels, frames]
 
     def _is_preprocessed(self, tensor: torch.Tensor) -> bool:

@@ -10,6 +10,7 @@ the released checkpoints (e.g. `BEATs_iter3_plus_AS2M.pt`) so they load strictly
 
 Only inference is modelled (the encoder is frozen): the dropouts and layer-drop of training are absent.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,10 +28,19 @@ from mcomp.configuration import JsonConfig
 logger = logging.getLogger(__name__)
 
 # Fields of the upstream BEATsConfig that only matter for training or for the classification head.
-TRAINING_ONLY_FIELDS = frozenset({
-    "dropout", "attention_dropout", "activation_dropout", "encoder_layerdrop", "dropout_input",
-    "layer_wise_gradient_decay_ratio", "predictor_dropout", "predictor_class", "finetuned_model",
-})
+TRAINING_ONLY_FIELDS = frozenset(
+    {
+        "dropout",
+        "attention_dropout",
+        "activation_dropout",
+        "encoder_layerdrop",
+        "dropout_input",
+        "layer_wise_gradient_decay_ratio",
+        "predictor_dropout",
+        "predictor_class",
+        "finetuned_model",
+    }
+)
 
 
 @dataclasses.dataclass
@@ -68,12 +78,16 @@ class BEATsConfig(JsonConfig):
             )
         if self.encoder_embed_dim % self.conv_pos_groups:
             raise ValueError(
-                f"BEATsConfig: encoder_embed_dim {self.encoder_embed_dim} is not divisible by conv_pos_groups {self.conv_pos_groups}"
+                f"BEATsConfig: encoder_embed_dim {self.encoder_embed_dim} is not divisible by "
+                f"conv_pos_groups {self.conv_pos_groups}"
             )
         if self.deep_norm and self.layer_norm_first:
             raise ValueError("BEATsConfig: deep_norm and layer_norm_first cannot both be set (as upstream)")
         if self.activation_fn not in _ACTIVATIONS:
-            raise ValueError(f"BEATsConfig: activation_fn {self.activation_fn!r} not supported (expected one of {sorted(_ACTIVATIONS)})")
+            raise ValueError(
+                f"BEATsConfig: activation_fn {self.activation_fn!r} not supported "
+                f"(expected one of {sorted(_ACTIVATIONS)})"
+            )
         if self.input_patch_size < 1:
             raise ValueError(f"BEATsConfig: input_patch_size must be positive, got {self.input_patch_size}")
         if self.relative_position_embedding and (self.num_buckets < 4 or self.max_distance <= self.num_buckets // 4):
@@ -196,7 +210,9 @@ class BEATsEncoder(nn.Module):
         self.layer_norm = nn.LayerNorm(dim, eps=cfg.layer_norm_eps)
         self.layer_norm_first = cfg.layer_norm_first
         self.num_buckets, self.max_distance = cfg.num_buckets, cfg.max_distance
-        shared_bias = nn.Embedding(cfg.num_buckets, cfg.encoder_attention_heads) if cfg.relative_position_embedding else None
+        shared_bias = (
+            nn.Embedding(cfg.num_buckets, cfg.encoder_attention_heads) if cfg.relative_position_embedding else None
+        )
         self.layers = nn.ModuleList(BEATsLayer(cfg, shared_bias) for _ in range(cfg.encoder_layers))
         self.register_state_dict_post_hook(_unshare_relative_bias)
 
@@ -266,14 +282,22 @@ class BEATs(nn.Module):
             beta = math.pow(8 * self.cfg.encoder_layers, -0.25)
             for layer in self.encoder.layers:
                 attn = layer.self_attn
-                for weight, gain in ((attn.q_proj.weight, 1.0), (attn.k_proj.weight, 1.0), (attn.v_proj.weight, beta),
-                                     (attn.out_proj.weight, beta), (layer.fc1.weight, beta), (layer.fc2.weight, beta)):
+                for weight, gain in (
+                    (attn.q_proj.weight, 1.0),
+                    (attn.k_proj.weight, 1.0),
+                    (attn.v_proj.weight, beta),
+                    (attn.out_proj.weight, beta),
+                    (layer.fc1.weight, beta),
+                    (layer.fc2.weight, beta),
+                ):
                     nn.init.xavier_normal_(weight, gain=gain)
 
     def forward(self, fbank: torch.Tensor) -> torch.Tensor:
         p = self.cfg.input_patch_size
         if fbank.dim() != 3 or fbank.shape[1] < p or fbank.shape[2] < p:
-            raise ValueError(f"BEATs input fbank must be [batch, frames >= {p}, mel bins >= {p}], got {tuple(fbank.shape)}")
+            raise ValueError(
+                f"BEATs input fbank must be [batch, frames >= {p}, mel bins >= {p}], got {tuple(fbank.shape)}"
+            )
         x = self.patch_embedding(fbank.unsqueeze(1).to(self.patch_embedding.weight.dtype))  # [B, E, T/p, F/p]
         x = x.flatten(2).transpose(1, 2)  # time-major tokens: t * (F/p) + f
         x = self.layer_norm(x)
@@ -282,7 +306,9 @@ class BEATs(nn.Module):
         return self.encoder(x)
 
 
-def _drop_classifier_head(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+def _drop_classifier_head(
+    module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+):
     """Fine-tuned checkpoints carry an AudioSet classifier (`predictor.*`); the features do not use it."""
     for key in [k for k in state_dict if k.startswith(prefix + "predictor.")]:
         del state_dict[key]

@@ -1,4 +1,5 @@
 """An open_clip vision tower that returns the tokens of a chosen layer (shared by image and video)."""
+
 from __future__ import annotations
 
 import copy
@@ -38,7 +39,11 @@ class ClipVisionTower(nn.Module):
         quick_gelu = bool(cfg.get("quick_gelu", False)) or tower.endswith("-quickgelu")
         vision_cfg = CLIPVisionCfg(**cfg["vision_cfg"])
         self.visual = _build_vision_tower(cfg["embed_dim"], vision_cfg, quick_gelu=quick_gelu)
-        self.image_size = int(vision_cfg.image_size) if not isinstance(vision_cfg.image_size, (tuple, list)) else int(vision_cfg.image_size[0])
+        self.image_size = (
+            int(vision_cfg.image_size)
+            if not isinstance(vision_cfg.image_size, (tuple, list))
+            else int(vision_cfg.image_size[0])
+        )
         self.patch_size = int(vision_cfg.patch_size)
         self.width = int(vision_cfg.width)
         self.layers = int(vision_cfg.layers)
@@ -56,7 +61,7 @@ class ClipVisionTower(nn.Module):
         if isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
         if any(k.startswith("visual.") for k in state):
-            state = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
+            state = {k[len("visual.") :]: v for k, v in state.items() if k.startswith("visual.")}
         check_state_dict(self.visual.state_dict(), state, path, "vision tower")
         self.visual.load_state_dict(state, strict=True)
         logger.info("loaded vision tower weights from %s", path)
@@ -72,8 +77,12 @@ class ClipVisionTower(nn.Module):
             raise ValueError(f"select_layer {select_layer} is out of range for a {self.layers}-layer tower")
         dtype = self.visual.conv1.weight.dtype
         out = self.visual.forward_intermediates(
-            pixels.to(dtype), indices=[index], stop_early=True, intermediates_only=True,
-            output_fmt="NLC", output_extra_tokens=True,
+            pixels.to(dtype),
+            indices=[index],
+            stop_early=True,
+            intermediates_only=True,
+            output_fmt="NLC",
+            output_extra_tokens=True,
         )
         cls = out["image_intermediates_prefix"][0]
         patches = out["image_intermediates"][0]

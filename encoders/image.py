@@ -3,6 +3,7 @@
 Defaults mirror the published image MLLM (LLaVA-1.5 style): CLIP ViT-L/14-336 (OpenAI, QuickGELU),
 `hidden_states[-2]`, CLS dropped (576 x 1024), `mlp2x_gelu` projector.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,8 +37,10 @@ def check_image_size(size: tuple[int, int], path: str | None, modality: str = "i
     width, height = size
     if limit is not None and max(1, width) * max(1, height) > limit:
         raise MediaError(
-            path, f"image of {width} x {height} pixels exceeds the decompression-bomb limit of {limit} pixels "
-            f"(PIL.Image.MAX_IMAGE_PIXELS; raise it to accept larger images)", modality,
+            path,
+            f"image of {width} x {height} pixels exceeds the decompression-bomb limit of {limit} pixels "
+            f"(PIL.Image.MAX_IMAGE_PIXELS; raise it to accept larger images)",
+            modality,
         )
 
 
@@ -45,8 +48,10 @@ def _bomb_reason(err: Exception) -> str:
     """Pillow's own refusal (over twice the limit, raised before the size is known to us)."""
     found = re.search(r"\((\d+) pixels\)", str(err))
     what = f"image of {found.group(1)} pixels" if found else "image"
-    return (f"{what} exceeds the decompression-bomb limit of {image_pixel_limit()} pixels "
-            f"(PIL.Image.MAX_IMAGE_PIXELS; raise it to accept larger images)")
+    return (
+        f"{what} exceeds the decompression-bomb limit of {image_pixel_limit()} pixels "
+        f"(PIL.Image.MAX_IMAGE_PIXELS; raise it to accept larger images)"
+    )
 
 
 def load_image(path: str, modality: str = "image") -> Image.Image:
@@ -82,8 +87,10 @@ def check_working_size(size: tuple[int, int], image_size: int, aspect_ratio: str
         pixels, step = new_w * new_h, f"resizing its short side to {image_size} gives {new_w} x {new_h} pixels"
     if limit is not None and pixels > limit:
         raise MediaError(
-            None, f"the image is {width} x {height} pixels and {step}, over the decompression-bomb limit of "
-            f"{limit} pixels (PIL.Image.MAX_IMAGE_PIXELS)", modality,
+            None,
+            f"the image is {width} x {height} pixels and {step}, over the decompression-bomb limit of "
+            f"{limit} pixels (PIL.Image.MAX_IMAGE_PIXELS)",
+            modality,
         )
 
 

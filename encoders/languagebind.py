@@ -26,6 +26,7 @@ Assumptions (not verifiable here without the upstream files; see docs/published_
 * `temporal_embedding` is added only when T != 1, as upstream; T is the config's `num_frames`.
 * Attention masks are None for the vision tower (no padding inside a frame).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,8 +41,7 @@ from torch import nn
 
 from mcomp.encoders.video import VideoAdapter, VideoAdapterConfig
 from mcomp.encoders.weights import read_hf_weights, read_json
-from mcomp.io import check_state_dict
-from mcomp.io import load_tensors
+from mcomp.io import check_state_dict, load_tensors
 from mcomp.modality import register_modality
 
 logger = logging.getLogger(__name__)
@@ -49,12 +49,31 @@ logger = logging.getLogger(__name__)
 ADAPTER_NAME = "video_languagebind"
 PREFIX = "vision_model."
 # Fields of the LanguageBind vision config that shape the tower (the rest is training/text only).
-TOWER_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
-                "patch_size", "num_channels", "hidden_act", "layer_norm_eps", "add_time_attn", "num_frames")
+TOWER_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "image_size",
+    "patch_size",
+    "num_channels",
+    "hidden_act",
+    "layer_norm_eps",
+    "add_time_attn",
+    "num_frames",
+)
 TOWER_DEFAULTS = {  # transformers CLIPVisionConfig defaults, plus LanguageBind's video fields
-    "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
-    "image_size": 224, "patch_size": 32, "num_channels": 3, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
-    "add_time_attn": True, "num_frames": 8,
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "image_size": 224,
+    "patch_size": 32,
+    "num_channels": 3,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+    "add_time_attn": True,
+    "num_frames": 8,
 }
 _ACTIVATIONS = {"gelu": nn.GELU, "quick_gelu": None}
 
@@ -65,8 +84,10 @@ def tower_config_from_hf(config: dict[str, Any], source: str) -> dict[str, Any]:
     if not isinstance(vision, dict):
         raise ValueError(f"{source}: vision_config must be an object")
     if vision.get("clip_type", "vl") == "vl_new":
-        raise ValueError(f"{source}: clip_type 'vl_new' (3-D tube patch embedding) is not supported; "
-                         f"LanguageBind_Video_merge uses the per-frame ('vl') embedding")
+        raise ValueError(
+            f"{source}: clip_type 'vl_new' (3-D tube patch embedding) is not supported; "
+            f"LanguageBind_Video_merge uses the per-frame ('vl') embedding"
+        )
     return {k: vision.get(k, TOWER_DEFAULTS[k]) for k in TOWER_FIELDS}
 
 
@@ -172,8 +193,10 @@ class LanguageBindVideoTower(nn.Module):
             raise ValueError(f"LanguageBind tower_config: unknown field(s) {unknown}; known: {list(TOWER_FIELDS)}")
         cfg = {**TOWER_DEFAULTS, **tower_config}
         if cfg["hidden_act"] not in _ACTIVATIONS:
-            raise ValueError(f"LanguageBind tower: hidden_act {cfg['hidden_act']!r} not supported "
-                             f"(expected one of {sorted(_ACTIVATIONS)})")
+            raise ValueError(
+                f"LanguageBind tower: hidden_act {cfg['hidden_act']!r} not supported "
+                f"(expected one of {sorted(_ACTIVATIONS)})"
+            )
         self.config = cfg
         self.vision_model = VisionTransformer(cfg)
         self.image_size = int(cfg["image_size"])
@@ -196,8 +219,9 @@ class LanguageBindVideoTower(nn.Module):
             file_cfg = tower_config_from_hf(read_json(path / "config.json", "LanguageBind config"), str(path))
             differs = {k: (file_cfg[k], self.config[k]) for k in TOWER_FIELDS if file_cfg[k] != self.config[k]}
             if differs:
-                raise ValueError(f"{path}/config.json does not match the adapter's tower_config "
-                                 f"(field: file vs adapter): {differs}")
+                raise ValueError(
+                    f"{path}/config.json does not match the adapter's tower_config (field: file vs adapter): {differs}"
+                )
             state = read_hf_weights(path, keep=[PREFIX])
         else:
             state = {k: v for k, v in load_tensors(path).items() if k.startswith(PREFIX)}
@@ -207,7 +231,7 @@ class LanguageBindVideoTower(nn.Module):
             raise ValueError(f"{path}: holds unmerged LoRA weights ({lora[0]}, ...); use LanguageBind_Video_merge")
         expected = {PREFIX + k: tuple(v.shape) for k, v in self.vision_model.state_dict().items()}
         check_state_dict(expected, state, path, "LanguageBind video tower")
-        self.vision_model.load_state_dict({k[len(PREFIX):]: v for k, v in state.items()}, strict=True)
+        self.vision_model.load_state_dict({k[len(PREFIX) :]: v for k, v in state.items()}, strict=True)
         logger.info("loaded LanguageBind video tower from %s", path)
 
     def forward(self, frames: torch.Tensor, num_frames: int, select_layer: int = -2) -> torch.Tensor:
@@ -216,8 +240,9 @@ class LanguageBindVideoTower(nn.Module):
         Indexing as transformers' `hidden_states`: 0 = embeddings, i = output of layer i, -1 = last.
         """
         if self.vision_model.encoder.layers[0].add_time_attn and num_frames not in (1, self.num_frames):
-            raise ValueError(f"LanguageBind tower expects {self.num_frames} frames per clip (or 1, a still image), "
-                             f"got {num_frames}")
+            raise ValueError(
+                f"LanguageBind tower expects {self.num_frames} frames per clip (or 1, a still image), got {num_frames}"
+            )
         index = self.layers + 1 + select_layer if select_layer < 0 else select_layer
         if not 0 <= index <= self.layers:
             raise ValueError(f"select_layer {select_layer} is out of range for a {self.layers}-layer tower")
@@ -248,14 +273,22 @@ class LanguageBindVideoAdapter(VideoAdapter):
         tower_config = cfg.tower_config
         if tower_config is None:
             if not (cfg.checkpoint and Path(cfg.checkpoint).is_dir()):
-                raise ValueError("video_languagebind adapter: give tower_config, or a LanguageBind directory as checkpoint")
-            tower_config = tower_config_from_hf(read_json(Path(cfg.checkpoint) / "config.json", "LanguageBind config"),
-                                                cfg.checkpoint)
+                raise ValueError(
+                    "video_languagebind adapter: give tower_config, or a LanguageBind directory as checkpoint"
+                )
+            tower_config = tower_config_from_hf(
+                read_json(Path(cfg.checkpoint) / "config.json", "LanguageBind config"), cfg.checkpoint
+            )
         tower = LanguageBindVideoTower(tower_config, cfg.checkpoint)
-        if tower.vision_model.encoder.layers and tower.vision_model.encoder.layers[0].add_time_attn \
-                and cfg.num_frames != tower.num_frames:
-            raise ValueError(f"video_languagebind adapter: num_frames {cfg.num_frames} differs from the tower's "
-                             f"{tower.num_frames} (its temporal attention is built for that many frames)")
+        if (
+            tower.vision_model.encoder.layers
+            and tower.vision_model.encoder.layers[0].add_time_attn
+            and cfg.num_frames != tower.num_frames
+        ):
+            raise ValueError(
+                f"video_languagebind adapter: num_frames {cfg.num_frames} differs from the tower's "
+                f"{tower.num_frames} (its temporal attention is built for that many frames)"
+            )
         grid = tower.image_size // tower.patch_size
         if cfg.pool == "space" and grid % cfg.pool_size:
             raise ValueError(f"pool_size {cfg.pool_size} must divide the {grid}x{grid} patch grid for space pooling")

@@ -17,6 +17,7 @@ Preprocessing, in this order:
    feeds its encoder (its `pc_norm` is never called); `"unit_sphere"` centres xyz on the mean and
    divides by the largest radius, PointLLM's `pc_norm`, applied to the resampled cloud.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -46,8 +47,24 @@ COLOR_RANGES = ("auto", "as_stored")
 MAX_POINTS = 1 << 26
 # Up to this many declared points open3d's own checks are enough (a few MB allocated at most).
 _SMALL_DECLARED_POINTS = 1 << 20
-_PLY_TYPE_SIZES = {"char": 1, "int8": 1, "uchar": 1, "uint8": 1, "short": 2, "int16": 2, "ushort": 2, "uint16": 2,
-                   "int": 4, "int32": 4, "uint": 4, "uint32": 4, "float": 4, "float32": 4, "double": 8, "float64": 8}
+_PLY_TYPE_SIZES = {
+    "char": 1,
+    "int8": 1,
+    "uchar": 1,
+    "uint8": 1,
+    "short": 2,
+    "int16": 2,
+    "ushort": 2,
+    "uint16": 2,
+    "int": 4,
+    "int32": 4,
+    "uint": 4,
+    "uint32": 4,
+    "float": 4,
+    "float32": 4,
+    "double": 8,
+    "float64": 8,
+}
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _LEVEL_TAG = re.compile(r"^\[Open3D \w+\]\s*")
 
@@ -67,7 +84,8 @@ def read_point_file(path: str, modality: str = "point", color_range: str = "auto
     ext = os.path.splitext(path)[1].lower()
     if ext not in POINT_EXTENSIONS:
         raise MediaError(
-            path, f"unsupported point-cloud file extension {ext or '(none)'!r} (supported: {', '.join(POINT_EXTENSIONS)})",
+            path,
+            f"unsupported point-cloud file extension {ext or '(none)'!r} (supported: {', '.join(POINT_EXTENSIONS)})",
             modality,
         )
     if not os.path.isfile(path):
@@ -122,8 +140,9 @@ def _declared_points(path: str, ext: str) -> tuple[int, int] | None:
             return None
         fields = {ln.split()[0]: ln.split()[1:] for ln in lines if ln and not ln.startswith("#")}
         try:
-            points = int(fields["POINTS"][0]) if "POINTS" in fields else \
-                int(fields["WIDTH"][0]) * int(fields["HEIGHT"][0])
+            points = (
+                int(fields["POINTS"][0]) if "POINTS" in fields else int(fields["WIDTH"][0]) * int(fields["HEIGHT"][0])
+            )
             sizes = [int(x) for x in fields.get("SIZE", [])]
             counts = [int(x) for x in fields.get("COUNT", [])] or [1] * len(sizes)
         except (KeyError, IndexError, ValueError):
@@ -152,12 +171,20 @@ def check_declared_points(path: str, ext: str, modality: str = "point") -> None:
         return
     points, need = declared
     if points > MAX_POINTS:
-        raise MediaError(path, f"the header declares {points} points, over the limit of {MAX_POINTS} "
-                         f"(mcomp.encoders.point.MAX_POINTS; raise it for larger clouds)", modality)
+        raise MediaError(
+            path,
+            f"the header declares {points} points, over the limit of {MAX_POINTS} "
+            f"(mcomp.encoders.point.MAX_POINTS; raise it for larger clouds)",
+            modality,
+        )
     size = os.path.getsize(path)
     if points > _SMALL_DECLARED_POINTS and need > size:
-        raise MediaError(path, f"corrupt or truncated point-cloud file: the header declares {points} points "
-                         f"(at least {need} bytes) but the file has {size} bytes", modality)
+        raise MediaError(
+            path,
+            f"corrupt or truncated point-cloud file: the header declares {points} points "
+            f"(at least {need} bytes) but the file has {size} bytes",
+            modality,
+        )
 
 
 def _read_open3d(path: str, modality: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -167,7 +194,10 @@ def _read_open3d(path: str, modality: str) -> tuple[np.ndarray, np.ndarray | Non
     # for a truncated PLY, garbage-filled) cloud: capture the messages at warning level and check them.
     captured = io.StringIO()
     try:
-        with o3d.utility.VerbosityContextManager(o3d.utility.VerbosityLevel.Warning), contextlib.redirect_stdout(captured):
+        with (
+            o3d.utility.VerbosityContextManager(o3d.utility.VerbosityLevel.Warning),
+            contextlib.redirect_stdout(captured),
+        ):
             cloud = o3d.io.read_point_cloud(path, remove_nan_points=False, remove_infinite_points=False)
     except (RuntimeError, ValueError, OSError) as err:
         raise MediaError(path, f"unreadable point-cloud file ({err})", modality) from None
@@ -205,8 +235,12 @@ def _check_npy_header(path: str, modality: str) -> None:
     declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
     actual = os.path.getsize(path) - offset
     if declared > actual:
-        raise MediaError(path, f"corrupt or truncated .npy file: the header declares shape {tuple(shape)} of {dtype} "
-                         f"({declared} bytes) but the file holds {actual} bytes of data", modality)
+        raise MediaError(
+            path,
+            f"corrupt or truncated .npy file: the header declares shape {tuple(shape)} of {dtype} "
+            f"({declared} bytes) but the file holds {actual} bytes of data",
+            modality,
+        )
 
 
 def _read_npy(path: str, modality: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -232,7 +266,10 @@ def _read_npy(path: str, modality: str) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 def validate_cloud(
-    xyz: np.ndarray, rgb: np.ndarray | None, path: str | None = None, modality: str = "point",
+    xyz: np.ndarray,
+    rgb: np.ndarray | None,
+    path: str | None = None,
+    modality: str = "point",
     color_range: str = "auto",
 ) -> PointCloudData:
     """Check a cloud; `color_range` "auto" brings its colours to [0, 1] (0-255 colours are detected
@@ -334,7 +371,8 @@ class PointAdapterConfig(AdapterConfig):
         needed = max(self.encoder.num_group, self.encoder.group_size)
         if not isinstance(self.num_points, int) or self.num_points < needed:
             raise ValueError(
-                f"num_points must be an integer >= {needed} (the encoder's num_group/group_size), got {self.num_points!r}"
+                f"num_points must be an integer >= {needed} (the encoder's num_group/group_size), "
+                f"got {self.num_points!r}"
             )
         if not 0 <= self.missing_color <= 1:
             raise ValueError(f"missing_color must be in [0, 1], got {self.missing_color!r}")
@@ -377,14 +415,19 @@ class PointAdapter(ModalityAdapter):
             raw = raw.detach().cpu().double().numpy()
         if isinstance(raw, np.ndarray):
             if raw.ndim != 2 or raw.shape[1] not in (3, 6):
-                raise MediaError(None, f"expected an N x 3 or N x 6 point array, got shape {tuple(raw.shape)}", self.modality)
-            return validate_cloud(raw[:, :3], raw[:, 3:] if raw.shape[1] == 6 else None, None, self.modality,
-                                  self.config.color_range)
+                raise MediaError(
+                    None, f"expected an N x 3 or N x 6 point array, got shape {tuple(raw.shape)}", self.modality
+                )
+            return validate_cloud(
+                raw[:, :3], raw[:, 3:] if raw.shape[1] == 6 else None, None, self.modality, self.config.color_range
+            )
         if type(raw).__name__ == "PointCloud" and hasattr(raw, "points"):  # open3d, without importing it
             rgb = np.asarray(raw.colors) if raw.has_colors() else None
             return validate_cloud(np.asarray(raw.points), rgb, None, self.modality, self.config.color_range)
         raise MediaError(
-            None, f"expected a file path, a point array or an open3d PointCloud, got {type(raw).__name__}", self.modality
+            None,
+            f"expected a file path, a point array or an open3d PointCloud, got {type(raw).__name__}",
+            self.modality,
         )
 
     def _is_preprocessed(self, tensor: torch.Tensor) -> bool:

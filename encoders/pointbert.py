@@ -20,6 +20,7 @@ Deviations from the released code, all numerically neutral except the first:
 * kNN neighbours come back sorted by distance (upstream: unsorted); the mini-PointNet max-pools over
   each group, so the order does not change the output.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -62,7 +63,8 @@ class PointBertConfig(JsonConfig):
             )
         if self.pointnet_width % 2:
             raise ValueError(
-                f"PointBertConfig.pointnet_width must be even (its first conv is half as wide), got {self.pointnet_width}"
+                f"PointBertConfig.pointnet_width must be even (its first conv is half as wide), "
+                f"got {self.pointnet_width}"
             )
         if self.point_dims not in (3, 6):
             raise ValueError(f"PointBertConfig.point_dims must be 3 (xyz) or 6 (xyz + rgb), got {self.point_dims!r}")
@@ -287,5 +289,5 @@ def read_pointbert_state(path) -> dict:
         state = state["state_dict"]
     prefix = "module.point_encoder."
     if any(k.startswith(prefix) for k in state):
-        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     return state

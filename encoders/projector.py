@@ -1,4 +1,5 @@
 """Projectors from encoder features to the LLM width, named as in the published configs."""
+
 from __future__ import annotations
 
 import re

@@ -12,6 +12,7 @@ Parameter names are the released ones (`audio_query_tokens`, `audio_position_emb
 the release removes (word/position embeddings, text FFN, LM head) are never built, and no buffer is
 registered, so the state dict is exactly the saved parameter set.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -80,7 +81,9 @@ class BertAttentionCore(nn.Module):
             return t.view(batch, t.shape[1], self.num_heads, width // self.num_heads).transpose(1, 2)
 
         out = F.scaled_dot_product_attention(
-            heads(self.query(hidden)), heads(self.key(context)), heads(self.value(context)),
+            heads(self.query(hidden)),
+            heads(self.key(context)),
+            heads(self.value(context)),
             dropout_p=self.dropout if self.training else 0.0,
         )
         return out.transpose(1, 2).reshape(batch, n_q, width)
@@ -203,7 +206,8 @@ class QFormerProjector(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if features.dim() != 3 or features.shape[-1] != self.cfg.encoder_width:
             raise ValueError(
-                f"Q-Former input features must be [batch, tokens, {self.cfg.encoder_width}], got {tuple(features.shape)}"
+                f"Q-Former input features must be [batch, tokens, {self.cfg.encoder_width}], "
+                f"got {tuple(features.shape)}"
             )
         n = features.shape[1]
         if n > self.cfg.max_positions:
@@ -216,12 +220,18 @@ class QFormerProjector(nn.Module):
         return self.audio_llama_proj(self.audio_Qformer.bert(queries, features))
 
 
-def build_qformer_projector(config, projector_type: str, encoder_width: int, encoder_tokens: int, out_dim: int) -> QFormerProjector:
+def build_qformer_projector(
+    config, projector_type: str, encoder_width: int, encoder_tokens: int, out_dim: int
+) -> QFormerProjector:
     """A Q-Former from the `qformer_*` fields shared by the audio adapter configs."""
     qcfg = QFormerConfig.from_projector_type(
-        projector_type, hidden_size=config.qformer_hidden_size, num_heads=config.qformer_num_heads,
-        intermediate_size=config.qformer_intermediate_size, encoder_width=encoder_width,
-        max_positions=config.qformer_max_positions, dropout=config.qformer_dropout,
+        projector_type,
+        hidden_size=config.qformer_hidden_size,
+        num_heads=config.qformer_num_heads,
+        intermediate_size=config.qformer_intermediate_size,
+        encoder_width=encoder_width,
+        max_positions=config.qformer_max_positions,
+        dropout=config.qformer_dropout,
     )
     if encoder_tokens > qcfg.max_positions:
         raise ValueError(

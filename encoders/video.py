@@ -8,6 +8,7 @@ Deviation, on purpose: the released preprocessing flips clips at random even at 
 (RandomHorizontalFlip p=0.5); mcomp does not flip by default, and `flip_probability=0.5` flips as
 often, drawn per clip from `flip_seed` and its content, so the same file gives the same tokens.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,8 +51,10 @@ def check_clip_size(width: int, height: int, num_frames: int, path: str | None, 
     limit = image_pixel_limit()
     if limit is not None and max(1, width) * max(1, height) * num_frames > limit:
         raise MediaError(
-            path, f"{num_frames} frames of {width} x {height} pixels exceed the decompression-bomb limit of {limit} "
-            f"pixels per clip (PIL.Image.MAX_IMAGE_PIXELS; raise it to accept larger videos)", modality,
+            path,
+            f"{num_frames} frames of {width} x {height} pixels exceed the decompression-bomb limit of {limit} "
+            f"pixels per clip (PIL.Image.MAX_IMAGE_PIXELS; raise it to accept larger videos)",
+            modality,
         )
 
 
@@ -80,7 +83,9 @@ def read_video_frames(path: str, num_frames: int, modality: str = "video") -> li
     if ext in IMAGE_EXTENSIONS:
         return [np.asarray(load_image(path, modality))]
     if ext not in VIDEO_EXTENSIONS:
-        raise MediaError(path, f"unsupported video extension {ext!r} (expected one of {sorted(VIDEO_EXTENSIONS)})", modality)
+        raise MediaError(
+            path, f"unsupported video extension {ext!r} (expected one of {sorted(VIDEO_EXTENSIONS)})", modality
+        )
     try:
         with av.open(path) as container:
             if not container.streams.video:
@@ -185,7 +190,9 @@ class VideoAdapter(ModalityAdapter):
         if isinstance(raw, Image.Image):
             raw = [np.asarray(raw.convert("RGB"))]
         if not isinstance(raw, (list, tuple)) or not raw:
-            raise MediaError(None, f"expected a file path, a PIL image or a list of frames, got {type(raw).__name__}", self.modality)
+            raise MediaError(
+                None, f"expected a file path, a PIL image or a list of frames, got {type(raw).__name__}", self.modality
+            )
         if len(raw) not in (1, self.config.num_frames):
             raw = [raw[i] for i in frame_indices(len(raw), self.config.num_frames)]
         frames = [np.asarray(f) for f in raw]
@@ -213,8 +220,11 @@ class VideoAdapter(ModalityAdapter):
 
     def _is_preprocessed(self, tensor: torch.Tensor) -> bool:
         size = self.encoder.image_size
-        return tensor.dim() == 4 and tensor.shape[0] in (1, self.config.num_frames) \
+        return (
+            tensor.dim() == 4
+            and tensor.shape[0] in (1, self.config.num_frames)
             and tuple(tensor.shape[1:]) == (3, size, size)
+        )
 
     def frame_tokens(self, batch: torch.Tensor) -> torch.Tensor:
         """[B, T, 3, S, S] -> [B, T, 1 + patches, width]: the tower's tokens of every frame, CLS first."""

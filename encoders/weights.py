@@ -1,4 +1,5 @@
 """Reading weight files of other projects, and strict key/shape checks that name every mismatch."""
+
 from __future__ import annotations
 
 import json
@@ -32,9 +33,7 @@ def hf_weight_files(folder: str | os.PathLike) -> list[Path]:
             except (json.JSONDecodeError, KeyError, TypeError) as err:
                 raise ValueError(f"{index}: not a valid weight index ({err})") from None
             return [folder / f for f in sorted(set(weight_map.values()))]
-    raise FileNotFoundError(
-        f"{folder}: no weights found (looked for {', '.join(HF_WEIGHT_FILES + HF_INDEX_FILES)})"
-    )
+    raise FileNotFoundError(f"{folder}: no weights found (looked for {', '.join(HF_WEIGHT_FILES + HF_INDEX_FILES)})")
 
 
 def read_hf_weights(folder: str | os.PathLike, keep: Iterable[str] | None = None) -> dict[str, torch.Tensor]:

@@ -1,4 +1,5 @@
 """mcomp: compose single-modality multimodal LLMs that share a base LLM into one MLLM."""
+
 from __future__ import annotations
 
 import importlib
@@ -11,8 +12,12 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 # The package's names load on first use, so that `import mcomp.<module>` of a light module (the
 # modality table, the version, the configs) does not import torch.
 _EXPORTS = {
-    "AdapterConfig": "mcomp.modality", "ModalityAdapter": "mcomp.modality", "available_adapters": "mcomp.modality",
-    "build_adapter": "mcomp.modality", "register_modality": "mcomp.modality", "MultimodalLM": "mcomp.model",
+    "AdapterConfig": "mcomp.modality",
+    "ModalityAdapter": "mcomp.modality",
+    "available_adapters": "mcomp.modality",
+    "build_adapter": "mcomp.modality",
+    "register_modality": "mcomp.modality",
+    "MultimodalLM": "mcomp.model",
 }
 
 

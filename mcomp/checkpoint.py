@@ -1,15 +1,16 @@
 """Checkpoint of a multimodal model (safetensors only).
 
-    DIR/
-      mcomp_config.json          MLLMConfig: base-model reference + checksum, template, adapter configs
-      projectors.safetensors     "<modality>.<param>" for every projector
-      encoders.safetensors       encoder weights of adapters not loaded from a file (random-init towers)
-      lora/<name>/               each LoRA adapter in peft format (adapter_config.json +
-                                 adapter_model.safetensors); routes in mcomp_config.json
-      modality_tokens.safetensors  DAMC prefix/suffix tokens ("prefix.<modality>", "suffix.<modality>")
-      tokenizer files            the tokenizer the model was built with
-      base/                      the base LLM, only when it has no directory of its own to refer to
+DIR/
+  mcomp_config.json          MLLMConfig: base-model reference + checksum, template, adapter configs
+  projectors.safetensors     "<modality>.<param>" for every projector
+  encoders.safetensors       encoder weights of adapters not loaded from a file (random-init towers)
+  lora/<name>/               each LoRA adapter in peft format (adapter_config.json +
+                             adapter_model.safetensors); routes in mcomp_config.json
+  modality_tokens.safetensors  DAMC prefix/suffix tokens ("prefix.<modality>", "suffix.<modality>")
+  tokenizer files            the tokenizer the model was built with
+  base/                      the base LLM, only when it has no directory of its own to refer to
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -83,8 +84,9 @@ def _save_base(llm, path: Path) -> None:
     save_tensors(state, path / "model.safetensors", metadata={"format": "pt"})
 
 
-def save_mllm(model, path: str | os.PathLike, *, overwrite: bool = False, base_model: str | None = None,
-              inputs=()) -> None:
+def save_mllm(
+    model, path: str | os.PathLike, *, overwrite: bool = False, base_model: str | None = None, inputs=()
+) -> None:
     """Save atomically: the directory appears only when every file is written (`mcomp.io.atomic_directory`:
     `path` must not be, contain or lie inside any of `inputs` nor the base model's directory)."""
     from mcomp.peft_format import save_adapter
@@ -112,8 +114,11 @@ def save_mllm(model, path: str | os.PathLike, *, overwrite: bool = False, base_m
         if model.lora_spec is not None:
             for name in model.lora_adapters:
                 save_adapter(model.llm, name, tmp / "lora" / name, base_model_name=base_ref)
-            lora = {"spec": model.lora_spec.to_dict(), "adapters": model.lora_adapters,
-                    "routes": {r: [[n, c] for n, c in t] for r, t in model.routing.routes.items()}}
+            lora = {
+                "spec": model.lora_spec.to_dict(),
+                "adapters": model.lora_adapters,
+                "routes": {r: [[n, c] for n, c in t] for r, t in model.routing.routes.items()},
+            }
         tokens = {f"prefix.{m}": t for m, t in model.prefix_tokens.items()}
         tokens.update({f"suffix.{m}": t for m, t in model.suffix_tokens.items()})
         if tokens:
@@ -125,8 +130,10 @@ def save_mllm(model, path: str | os.PathLike, *, overwrite: bool = False, base_m
             base_model=base_ref,
             base_model_sha256=base_weights_sha256(model.llm),
             base_model_config={
-                "model_type": text_cfg.model_type, "hidden_size": text_cfg.hidden_size,
-                "num_hidden_layers": text_cfg.num_hidden_layers, "vocab_size": text_cfg.vocab_size,
+                "model_type": text_cfg.model_type,
+                "hidden_size": text_cfg.hidden_size,
+                "num_hidden_layers": text_cfg.num_hidden_layers,
+                "vocab_size": text_cfg.vocab_size,
             },
             template=model.template.name,
             adapters=adapters,
@@ -155,8 +162,14 @@ def resolve_base(path: str | os.PathLike, cfg: MLLMConfig) -> Path:
     return base
 
 
-def load_mllm(path: str | os.PathLike, model_class, *, device: str = "cpu", dtype: torch.dtype | None = None,
-              check_base: bool = True):
+def load_mllm(
+    path: str | os.PathLike,
+    model_class,
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+    check_base: bool = True,
+):
     """The model saved at `path`, built by `model_class.build` (`MultimodalLM.from_pretrained` passes
     itself, so that this format module does not depend on the model module)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -203,8 +216,10 @@ def load_adapter_weights(model, modality: str, path: str | os.PathLike, tensors:
 def read_adapter_tensors(path: str | os.PathLike) -> dict[str, dict[str, torch.Tensor]]:
     path = Path(path)
     encoders = path / "encoders.safetensors"
-    return {"projectors": load_tensors(path / "projectors.safetensors"),
-            "encoders": load_tensors(encoders) if encoders.is_file() else {}}
+    return {
+        "projectors": load_tensors(path / "projectors.safetensors"),
+        "encoders": load_tensors(encoders) if encoders.is_file() else {},
+    }
 
 
 def load_modality_tokens(model, path: str | os.PathLike, only: str | None = None) -> None:
@@ -218,8 +233,9 @@ def load_modality_tokens(model, path: str | os.PathLike, only: str | None = None
             continue
         if modality not in model.adapters or kind not in ("prefix", "suffix"):
             raise ValueError(f"{tokens_path}: unexpected tensor {key!r}")
-        model.add_modality_tokens(modality, value.shape[0] if kind == "prefix" else 0,
-                                  value.shape[0] if kind == "suffix" else 0)
+        model.add_modality_tokens(
+            modality, value.shape[0] if kind == "prefix" else 0, value.shape[0] if kind == "suffix" else 0
+        )
         getattr(model, f"{kind}_tokens")[modality].data.copy_(value)
 
 
@@ -235,6 +251,6 @@ def tokenizer_sha256(path: str | os.PathLike) -> str:
 
 
 def _load_prefixed(module: torch.nn.Module, tensors: dict[str, torch.Tensor], prefix: str, source: Path) -> None:
-    state = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+    state = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
     check_state_dict(module.state_dict(), state, source, repr(prefix))
     module.load_state_dict(state, strict=True)

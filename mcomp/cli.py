@@ -1,5 +1,6 @@
 """The `mcomp` command. Each subcommand lives in `mcomp/commands/<name>.py` with
 `add_parser(subparsers)`; it sets `func(args) -> int` on its parser."""
+
 from __future__ import annotations
 
 import argparse

@@ -13,6 +13,7 @@ LLM side:
 Semantics follow the published composition (spec: modelcompose.md §3), with the merge of LoRA
 adapters done on dW, never on A and B separately (spec: merging.md, "LoRA adapters").
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,8 +25,14 @@ from typing import Any, Callable, Mapping
 import torch
 
 from mcomp.checkpoint import (
-    CONFIG_NAME, MLLMConfig, base_weights_sha256, load_adapter_weights, load_modality_tokens, read_config,
-    resolve_base, tokenizer_sha256,
+    CONFIG_NAME,
+    MLLMConfig,
+    base_weights_sha256,
+    load_adapter_weights,
+    load_modality_tokens,
+    read_config,
+    resolve_base,
+    tokenizer_sha256,
 )
 from mcomp.io import check_finite, sha256_file
 from mcomp.lora import TEXT_ROUTE, LoraSpec, routed_layers
@@ -79,11 +86,15 @@ def read_inputs(models: Mapping[str, str | os.PathLike]) -> list[ComposeInput]:
     tok = tokenizer_sha256(first.path)
     for other in inputs[1:]:
         if other.config.base_model_config != first.config.base_model_config:
-            raise ValueError(f"{other.path} and {first.path} have different base LLMs: "
-                             f"{other.config.base_model_config} vs {first.config.base_model_config}")
+            raise ValueError(
+                f"{other.path} and {first.path} have different base LLMs: "
+                f"{other.config.base_model_config} vs {first.config.base_model_config}"
+            )
         if other.config.base_model_sha256 != first.config.base_model_sha256:
-            raise ValueError(f"{other.path} and {first.path} were trained on different base weights "
-                             f"(base_model_sha256 {other.config.base_model_sha256[:12]} vs {first.config.base_model_sha256[:12]})")
+            raise ValueError(
+                f"{other.path} and {first.path} were trained on different base weights "
+                f"(base_model_sha256 {other.config.base_model_sha256[:12]} vs {first.config.base_model_sha256[:12]})"
+            )
         if tokenizer_sha256(other.path) != tok:
             raise ValueError(f"{other.path} and {first.path} use different tokenizers")
     return inputs
@@ -138,8 +149,10 @@ def compose(
         if TEXT_ROUTE not in inp.lora_adapters:
             raise ValueError(f"{inp.path}: has no text LoRA to merge (a stage-1 model? train stage 2 first)")
         if method == "damc" and not inp.decoupled and not convert:
-            raise ValueError(f"{inp.path}: DAMC needs a model trained with --decoupled; pass convert=True "
-                             f"(--convert) to use its single LoRA for both its modality and text tokens")
+            raise ValueError(
+                f"{inp.path}: DAMC needs a model trained with --decoupled; pass convert=True "
+                f"(--convert) to use its single LoRA for both its modality and text tokens"
+            )
         if method == "naivemc" and inp.decoupled:
             logger.warning("%s was trained decoupled; NaiveMC uses only its text LoRA", inp.path)
 
@@ -189,11 +202,21 @@ def compose(
         model.lora_spec = None
     model.provenance = {
         "composition": {
-            "method": method, "merge": merge, "weights": coef, "merge_params": dict(merge_params or {}),
-            "convert": convert, **report,
-            "inputs": [{"modality": i.modality, "path": str(i.path.resolve()),
-                        "config_sha256": sha256_file(i.path / CONFIG_NAME),
-                        "base_model_sha256": i.config.base_model_sha256} for i in inputs],
+            "method": method,
+            "merge": merge,
+            "weights": coef,
+            "merge_params": dict(merge_params or {}),
+            "convert": convert,
+            **report,
+            "inputs": [
+                {
+                    "modality": i.modality,
+                    "path": str(i.path.resolve()),
+                    "config_sha256": sha256_file(i.path / CONFIG_NAME),
+                    "base_model_sha256": i.config.base_model_sha256,
+                }
+                for i in inputs
+            ],
         }
     }
     return model.eval()
@@ -207,8 +230,9 @@ def _remove_adapter(model, name: str) -> None:
 def merge_text_deltas(model, inputs, merge: str, coef: dict[str, float], params: dict) -> dict[str, torch.Tensor]:
     """Merge the dense text deltas dW_m = s_m B_m A_m of every routed layer with the merge engine."""
     layers = routed_layers(model.llm)
-    deltas = [{path: layer.delta_weight([(f"text-{i.modality}", 1.0)]) for path, layer in layers.items()}
-              for i in inputs]
+    deltas = [
+        {path: layer.delta_weight([(f"text-{i.modality}", 1.0)]) for path, layer in layers.items()} for i in inputs
+    ]
     params.setdefault("weights", [coef[i.modality] for i in inputs])
     return merge_task_vectors(deltas, merge, **params)
 
@@ -232,11 +256,19 @@ def merge_text_factors(model, inputs, merge: str, coef: dict[str, float], params
     first = next(iter(layers.values()))
     shapes = {(first.lora_A[a].shape[0], first.scaling[a]) for a in adapters}
     if len(shapes) != 1:
-        raise ValueError(f"merging LoRA factors needs one rank and scaling in every input, got (rank, scaling) "
-                         f"{sorted(shapes)} for {', '.join(str(i.path) for i in inputs)}")
-    (rank, scaling), = shapes
-    factors = [{f"{path}.{kind}": getattr(layer, kind)[a].detach().float()
-                for path, layer in layers.items() for kind in ("lora_A", "lora_B")} for a in adapters]
+        raise ValueError(
+            f"merging LoRA factors needs one rank and scaling in every input, got (rank, scaling) "
+            f"{sorted(shapes)} for {', '.join(str(i.path) for i in inputs)}"
+        )
+    ((rank, scaling),) = shapes
+    factors = [
+        {
+            f"{path}.{kind}": getattr(layer, kind)[a].detach().float()
+            for path, layer in layers.items()
+            for kind in ("lora_A", "lora_B")
+        }
+        for a in adapters
+    ]
     params.setdefault("weights", [coef[i.modality] for i in inputs])
     merged = merge_task_vectors(factors, "task_arithmetic" if merge == LINEAR else merge, **params)
     for adapter in adapters:
@@ -312,10 +344,20 @@ def _install_dense_text_delta(model, merged: dict[str, torch.Tensor], name: str 
             layer.lora_B[name].copy_(delta)
 
 
-def search_weights(models: Mapping[str, str | os.PathLike], dev_samples, *, method: str = "naivemc",
-                   merge: str = LINEAR, merge_params: Mapping[str, Any] | None = None, convert: bool = False,
-                   lora_rank: int | None = None, budget: int = 30, seed: int = 0,
-                   bounds: tuple[float, float] = (0.0, 1.5), merge_space: str = "delta") -> tuple[dict[str, float], float]:
+def search_weights(
+    models: Mapping[str, str | os.PathLike],
+    dev_samples,
+    *,
+    method: str = "naivemc",
+    merge: str = LINEAR,
+    merge_params: Mapping[str, Any] | None = None,
+    convert: bool = False,
+    lora_rank: int | None = None,
+    budget: int = 30,
+    seed: int = 0,
+    bounds: tuple[float, float] = (0.0, 1.5),
+    merge_space: str = "delta",
+) -> tuple[dict[str, float], float]:
     """Adaptive per-model weights: CMA-ES over λ_m maximising the mean answer log-likelihood on
     `dev_samples` (a validation split). Linear merges only change route coefficients per
     evaluation; PCB reuses its scores across evaluations (`mcomp.merge.search`)."""
@@ -323,14 +365,17 @@ def search_weights(models: Mapping[str, str | os.PathLike], dev_samples, *, meth
 
     del lora_rank  # the final composition uses it; the search evaluates exact dense deltas
     if merge_space != "delta":
-        raise ValueError("the weight search evaluates merges of the text deltas (merge_space='delta'); "
-                         f"it cannot search for merge_space={merge_space!r}")
+        raise ValueError(
+            "the weight search evaluates merges of the text deltas (merge_space='delta'); "
+            f"it cannot search for merge_space={merge_space!r}"
+        )
     model = compose(models, method=method, merge=LINEAR, convert=convert)
     names = model.modalities
     objective = dev_objective(dev_samples)
     modality_routes = {m: [(m, 1.0)] for m in names} if method == "damc" else {}
 
     if merge == LINEAR:
+
         def loss(w: list[float]) -> float:
             model.set_routes({TEXT_ROUTE: [(f"text-{m}", c) for m, c in zip(names, w)], **modality_routes})
             return -objective(model)
@@ -356,6 +401,15 @@ def search_weights(models: Mapping[str, str | os.PathLike], dev_samples, *, meth
             model.set_routes({TEXT_ROUTE: [("text-merged", 1.0)], **modality_routes})
         return objective(model)
 
-    result = search_coefficients(zeros, deltas, evaluate, method=merge, bounds=bounds, budget=budget, seed=seed,
-                                 maximize=True, **dict(merge_params or {}))
+    result = search_coefficients(
+        zeros,
+        deltas,
+        evaluate,
+        method=merge,
+        bounds=bounds,
+        budget=budget,
+        seed=seed,
+        maximize=True,
+        **dict(merge_params or {}),
+    )
     return dict(zip(names, result.weights)), result.score

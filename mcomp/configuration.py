@@ -1,4 +1,5 @@
 """Configs are dataclasses that round-trip to JSON (the peft way)."""
+
 from __future__ import annotations
 
 import dataclasses

@@ -1,4 +1,5 @@
 """Conversation templates, kept as data in `configs/templates/*.yaml`."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,8 +33,9 @@ class ConversationTemplate:
                 out += f"{name}:"
         return out
 
-    def answer_labels(self, text: str, ids: Sequence[int], tokenize: Callable[[str], list[int]],
-                      pad_id: int | None) -> tuple[list[int], str | None]:
+    def answer_labels(
+        self, text: str, ids: Sequence[int], tokenize: Callable[[str], list[int]], pad_id: int | None
+    ) -> tuple[list[int], str | None]:
         """Labels for `ids` (the tokens of `text`, a rendered conversation) by the published rule
         (LLaVA/ModelCompose `preprocess_v1`), and why they are all masked if they are.
 
@@ -54,13 +56,14 @@ class ConversationTemplate:
             if len(parts) != 2:
                 break
             instruction = len(tokenize(parts[0] + cut)) - 2
-            labels[position:position + instruction] = [IGNORE_INDEX] * len(labels[position:position + instruction])
+            labels[position : position + instruction] = [IGNORE_INDEX] * len(labels[position : position + instruction])
             position += len(tokenize(piece))
         labels[position:] = [IGNORE_INDEX] * len(labels[position:])
         total = sum(1 for t in ids if t != pad_id)
         if position != total:
-            return [IGNORE_INDEX] * len(ids), (f"tokenization mismatch: the rounds add up to {position} tokens, "
-                                               f"the conversation has {total}")
+            return [IGNORE_INDEX] * len(ids), (
+                f"tokenization mismatch: the rounds add up to {position} tokens, the conversation has {total}"
+            )
         return labels, None
 
     def prompt(self, question: str) -> str:
@@ -88,6 +91,8 @@ def conversation_turns(turns: Sequence[Mapping]) -> list[tuple[str, str | None]]
         expected = ("human", "gpt")[k % 2]
         if role != expected:
             shift = 1 if len(turns) > len(pairs) else 0
-            raise ValueError(f"conversations[{k + shift}] is from {role!r} where {expected!r} is expected: turns "
-                             f"alternate human, gpt, ... (a first turn not from the human is skipped)")
+            raise ValueError(
+                f"conversations[{k + shift}] is from {role!r} where {expected!r} is expected: turns "
+                f"alternate human, gpt, ... (a first turn not from the human is skipped)"
+            )
     return pairs

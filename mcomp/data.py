@@ -5,6 +5,7 @@ it (the world's captions); stage-1 caption distillation (`TrainConfig.caption_di
 
 `check_training_data` checks samples against the model that will train on them, before any step:
 every media file decodes, placeholders match the media, media stay inside the data root."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,7 +29,9 @@ class TrainingDataError(ValueError):
     """Training data that cannot be used as given; the message names each sample, field and file."""
 
 
-def load_conversation_data(path: str | os.PathLike, data_root: str | os.PathLike | None = None) -> list[ConversationSample]:
+def load_conversation_data(
+    path: str | os.PathLike, data_root: str | os.PathLike | None = None
+) -> list[ConversationSample]:
     """Read and validate a conversation JSON; media paths are resolved against `data_root`
     (default: the JSON file's folder). Errors name the file, the sample and the field."""
     path = Path(path)
@@ -67,10 +70,15 @@ def load_conversation_data(path: str | os.PathLike, data_root: str | os.PathLike
         if not isinstance(captions, dict):
             raise ValueError(f"{where}: field 'media_captions' must be an object of modality -> list of texts")
         for key, texts in captions.items():
-            if key not in media or not isinstance(texts, list) or len(texts) != len(media[key]) \
-                    or not all(isinstance(t, str) and t for t in texts):
-                raise ValueError(f"{where}: media_captions[{key!r}] must be one non-empty text per file of "
-                                 f"modal_inputs[{key!r}]")
+            if (
+                key not in media
+                or not isinstance(texts, list)
+                or len(texts) != len(media[key])
+                or not all(isinstance(t, str) and t for t in texts)
+            ):
+                raise ValueError(
+                    f"{where}: media_captions[{key!r}] must be one non-empty text per file of modal_inputs[{key!r}]"
+                )
         samples.append(ConversationSample(item.get("id", index), turns, media, captions, str(root)))
     return samples
 
@@ -90,8 +98,12 @@ def samples_digest(samples: Sequence[ConversationSample]) -> str:
     """sha256 over every sample's id, turns, media paths (relative to its data root) and captions."""
     from mcomp.fingerprint import fingerprint
 
-    return fingerprint([[s.id, s.conversations, {k: [_relative(f, s.root) for f in v] for k, v in s.media.items()},
-                         s.captions] for s in samples])
+    return fingerprint(
+        [
+            [s.id, s.conversations, {k: [_relative(f, s.root) for f in v] for k, v in s.media.items()}, s.captions]
+            for s in samples
+        ]
+    )
 
 
 def media_digest(samples: Sequence[ConversationSample]) -> str:
@@ -128,8 +140,14 @@ def _decode_key(adapter, real: str) -> tuple | None:
     return (type(adapter).__qualname__, canonical_json(adapter.config.to_dict()), real, st.st_size, st.st_mtime_ns)
 
 
-def check_training_data(samples: Sequence[ConversationSample], model, *, allow_media_outside_root: bool = False,
-                        progress: bool = True, limit: int = 20) -> None:
+def check_training_data(
+    samples: Sequence[ConversationSample],
+    model,
+    *,
+    allow_media_outside_root: bool = False,
+    progress: bool = True,
+    limit: int = 20,
+) -> None:
     """Refuse, before any training step, data the model cannot train on; every problem found is
     reported at once (the first `limit`), each naming the sample id, the field and the file.
 
@@ -167,8 +185,10 @@ def check_training_data(samples: Sequence[ConversationSample], model, *, allow_m
                 where = f"sample {s.id}: modal_inputs[{key!r}][{k}] '{f}'"
                 real = Path(f).resolve()
                 if root is not None and not real.is_relative_to(root):
-                    problems.append(f"{where} resolves to {real}, outside the data root {root} "
-                                    f"(--allow-media-outside-root / allow_media_outside_root=True allows it)")
+                    problems.append(
+                        f"{where} resolves to {real}, outside the data root {root} "
+                        f"(--allow-media-outside-root / allow_media_outside_root=True allows it)"
+                    )
                     continue
                 users[(modality, str(real))].append(where)
                 first_path.setdefault((modality, str(real)), f)
@@ -179,8 +199,10 @@ def check_training_data(samples: Sequence[ConversationSample], model, *, allow_m
                 for tag in tags:
                     want[tag_modality[tag]] += 1
             elif tags:
-                problems.append(f"sample {s.id}: conversations[{k}] is an answer but holds the placeholder(s) "
-                                f"{', '.join(sorted(set(tags)))}; media go in the human turns")
+                problems.append(
+                    f"sample {s.id}: conversations[{k}] is an answer but holds the placeholder(s) "
+                    f"{', '.join(sorted(set(tags)))}; media go in the human turns"
+                )
         try:
             model.conversation_ids(s.conversations)
         except ValueError as err:
@@ -188,9 +210,11 @@ def check_training_data(samples: Sequence[ConversationSample], model, *, allow_m
         for modality in sorted(set(have) | set(want)):
             if have[modality] != want[modality]:
                 files = [f for key, v in s.media.items() if _modality_or_none(model, key) == modality for f in v]
-                problems.append(f"sample {s.id}: the human turns hold {want[modality]} "
-                                f"{model.adapters[modality].placeholder} placeholder(s) but modal_inputs gives "
-                                f"{have[modality]} {modality} file(s) ({', '.join(files) or 'none'})")
+                problems.append(
+                    f"sample {s.id}: the human turns hold {want[modality]} "
+                    f"{model.adapters[modality].placeholder} placeholder(s) but modal_inputs gives "
+                    f"{have[modality]} {modality} file(s) ({', '.join(files) or 'none'})"
+                )
     bar = progress_bar(total=len(users), desc="check training media", unit="file", enabled=progress)
     for (modality, real), places in users.items():
         adapter = model.adapters[modality]
@@ -207,8 +231,11 @@ def check_training_data(samples: Sequence[ConversationSample], model, *, allow_m
     bar.close()
     if problems:
         more = len(problems) - limit
-        raise TrainingDataError(f"{len(problems)} problem(s) in the training data, found before training:\n  "
-                                + "\n  ".join(problems[:limit]) + (f"\n  ... and {more} more" if more > 0 else ""))
+        raise TrainingDataError(
+            f"{len(problems)} problem(s) in the training data, found before training:\n  "
+            + "\n  ".join(problems[:limit])
+            + (f"\n  ... and {more} more" if more > 0 else "")
+        )
 
 
 def _modality_or_none(model, key: str) -> str | None:

@@ -1,4 +1,5 @@
 """Errors that name the file, tensor or field at fault."""
+
 from __future__ import annotations
 
 import os

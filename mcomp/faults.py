@@ -4,6 +4,7 @@
 makes `point(name)` end the process with SIGKILL, as a power cut or the OOM killer would. Unset,
 a point costs a dictionary look-up.
 """
+
 from __future__ import annotations
 
 import os

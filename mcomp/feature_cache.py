@@ -6,6 +6,7 @@ outputs can be reused across runs; projectors differ per model and are applied a
 Each entry records its key in the safetensors metadata and is checked against it when read, so a
 corrupt file, or a foreign one at the same path, is recomputed instead of being used.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -95,9 +96,12 @@ class FeatureCache:
             return None
         wrong = sorted(k for k in key if recorded.get(k) != key[k])
         if wrong or features is None:
-            logger.warning("feature cache entry %s is not the entry for this input (%s); recomputing it", path,
-                           "; ".join(f"{k}: {recorded.get(k)!r} there, {key[k]!r} wanted" for k in wrong)
-                           or "no 'features' tensor")
+            logger.warning(
+                "feature cache entry %s is not the entry for this input (%s); recomputing it",
+                path,
+                "; ".join(f"{k}: {recorded.get(k)!r} there, {key[k]!r} wanted" for k in wrong)
+                or "no 'features' tensor",
+            )
             return None
         return features
 

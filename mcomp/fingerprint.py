@@ -4,6 +4,7 @@ Whatever resumes or reuses earlier work (a training checkpoint, an evaluation ru
 feature, a zoo step) records the identity it was made with and compares it with the identity of
 the work asked for now; a difference is refused with the fields that changed.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -82,13 +83,17 @@ def _short(value: Any) -> str:
 def differences(recorded: Mapping[str, Any], wanted: Mapping[str, Any]) -> list[str]:
     """'field: X there, Y now' for every leaf field that differs (dotted paths)."""
     old, new = _flatten(dict(recorded)), _flatten(dict(wanted))
-    return [f"{k}: {_short(old.get(k))} there, {_short(new.get(k))} now"
-            for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return [
+        f"{k}: {_short(old.get(k))} there, {_short(new.get(k))} now"
+        for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k)
+    ]
 
 
 def check_same_work(where: str, recorded: Mapping[str, Any], wanted: Mapping[str, Any], hint: str) -> None:
     """Raise IdentityMismatch naming what changed, unless the two identities are equal."""
     changed = differences(recorded, wanted)
     if changed:
-        raise IdentityMismatch(f"{where} holds different work ({'; '.join(changed[:8])}"
-                               f"{'; ...' if len(changed) > 8 else ''}); {hint}")
+        raise IdentityMismatch(
+            f"{where} holds different work ({'; '.join(changed[:8])}{'; ...' if len(changed) > 8 else ''}); {hint}"
+        )

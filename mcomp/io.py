@@ -1,4 +1,5 @@
 """Atomic file output and safe weight loading: nothing half-written, nothing unpickled freely."""
+
 from __future__ import annotations
 
 import contextlib
@@ -41,7 +42,7 @@ def _follow_umask(path: Path, mode: int) -> None:
 
 def _follow_umask_tree(root: Path) -> None:
     mask = current_umask()
-    for folder, dirs, files in os.walk(root):
+    for folder, _dirs, files in os.walk(root):
         os.chmod(folder, 0o777 & ~mask)
         for name in files:
             os.chmod(os.path.join(folder, name), 0o666 & ~mask)
@@ -79,8 +80,9 @@ def output_lock(path: str | os.PathLike) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise OutputBusyError(f"{path} is being written by another process (it holds {lock}); "
-                                  f"wait for it or choose another output") from None
+            raise OutputBusyError(
+                f"{path} is being written by another process (it holds {lock}); wait for it or choose another output"
+            ) from None
         try:
             same = os.fstat(fd).st_ino == os.stat(lock).st_ino
         except FileNotFoundError:
@@ -116,8 +118,9 @@ TMP_TAG = "mcomp-"
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False,
-                     inputs: Iterable[str | os.PathLike | None] = ()) -> Iterator[Path]:
+def atomic_directory(
+    path: str | os.PathLike, *, overwrite: bool = False, inputs: Iterable[str | os.PathLike | None] = ()
+) -> Iterator[Path]:
     """Build a directory under a temporary name; it appears at `path` only when complete.
 
     Exclusive: an existing `path` is replaced only with `overwrite`, checked again at the commit;
@@ -139,8 +142,9 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False,
             faults.point("output.commit")
             if path.exists() or path.is_symlink():
                 if not overwrite:
-                    raise FileExistsError(f"{path} appeared while this output was being written "
-                                          f"(refusing to overwrite it)")
+                    raise FileExistsError(
+                        f"{path} appeared while this output was being written (refusing to overwrite it)"
+                    )
                 old = path.with_name(f".{path.name}.{TMP_TAG}old")
                 os.replace(path, old)
                 os.replace(tmp, path)
@@ -170,13 +174,16 @@ def check_finite(name: str, tensor: torch.Tensor, where: str, origin: str = "") 
     if bool(finite.all()):
         return
     bad = int((~finite).sum())
-    raise NonFiniteError(f"{where}: tensor {name!r} has {bad} Inf/NaN value(s) as {str(tensor.dtype).replace('torch.', '')}"
-                         f"{f' (from {origin})' if origin else ''}; nothing was written "
-                         f"(a result that overflows its dtype: write float32 or bfloat16, or lower the weights)")
+    raise NonFiniteError(
+        f"{where}: tensor {name!r} has {bad} Inf/NaN value(s) as {str(tensor.dtype).replace('torch.', '')}"
+        f"{f' (from {origin})' if origin else ''}; nothing was written "
+        f"(a result that overflows its dtype: write float32 or bfloat16, or lower the weights)"
+    )
 
 
-def save_tensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None,
-                 origin: str = "") -> None:
+def save_tensors(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None, origin: str = ""
+) -> None:
     """Write a safetensors file atomically (contiguous copies; shared storage is not allowed); a
     floating-point tensor holding Inf or NaN is refused (`check_finite`)."""
     flat = {k: v.detach().contiguous() for k, v in tensors.items()}
@@ -218,13 +225,17 @@ def check_state_dict(
     what: str,
 ) -> None:
     """Raise ValueError naming every missing key, unexpected key and wrong shape."""
+
     def shape(v) -> tuple[int, ...]:
         return tuple(v.shape) if hasattr(v, "shape") else tuple(v)
 
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k}: file {shape(state[k])} vs expected {shape(expected[k])}"
-             for k in sorted(set(state) & set(expected)) if shape(state[k]) != shape(expected[k])]
+    wrong = [
+        f"{k}: file {shape(state[k])} vs expected {shape(expected[k])}"
+        for k in sorted(set(state) & set(expected))
+        if shape(state[k]) != shape(expected[k])
+    ]
     if missing or unexpected or wrong:
         parts = []
         if missing:

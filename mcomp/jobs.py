@@ -6,6 +6,7 @@ processes, each on its own job, get more done than one process on both threads. 
 spawned (never forked: a forked copy of a process that has used OpenMP threads can hang), each
 with `threads` torch threads; a job's result does not depend on which worker runs it or when.
 """
+
 from __future__ import annotations
 
 import logging
@@ -60,8 +61,11 @@ class JobPool:
 
             threads = max(1, (os.cpu_count() or 1) // self.workers)
             self._executor = ProcessPoolExecutor(
-                self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
-                initargs=(threads, logging.getLogger().getEffectiveLevel()))
+                self.workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_start_worker,
+                initargs=(threads, logging.getLogger().getEffectiveLevel()),
+            )
         return self._executor
 
     def run(self, jobs: dict[str, Job], desc: str) -> dict[str, Any]:

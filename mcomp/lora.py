@@ -17,6 +17,7 @@ on small layers, where a dense weight per route is faster: `DENSE_ROUTES_MAX_WEI
 During generation the decode steps see one new token at a time, which does not match the routed
 prompt: those tokens take the text route, as in the published models.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,8 +47,10 @@ class LoraSpec(JsonConfig):
 
     def __post_init__(self):
         if self.r < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
-            raise ValueError(f"LoRA needs r >= 1, alpha > 0 and 0 <= dropout < 1 (got r={self.r}, "
-                             f"alpha={self.alpha}, dropout={self.dropout})")
+            raise ValueError(
+                f"LoRA needs r >= 1, alpha > 0 and 0 <= dropout < 1 (got r={self.r}, "
+                f"alpha={self.alpha}, dropout={self.dropout})"
+            )
 
     @property
     def scaling(self) -> float:
@@ -141,8 +144,15 @@ class RoutedLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         return self.base_layer.weight
 
-    def add_adapter(self, name: str, r: int, alpha: float, dropout: float = 0.0, zero_b: bool = True,
-                    generator: torch.Generator | None = None) -> None:
+    def add_adapter(
+        self,
+        name: str,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        zero_b: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> None:
         """peft's default init: A kaiming-uniform(a=sqrt 5), B zero (so a new adapter changes nothing)."""
         w = self.base_layer.weight
         a = torch.empty(r, self.in_features, dtype=torch.float32)
@@ -194,8 +204,9 @@ class RoutedLinear(nn.Module):
         device or dtype (its storage does)."""
         names = [n for n, c in terms if c != 0.0 and n in self.lora_A]
         tensors = [self.base_layer.weight] + [t for n in names for t in (self.lora_A[n], self.lora_B[n])]
-        stamp = tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device) for t in tensors) + \
-            tuple(self.scaling[n] for n in names)
+        stamp = tuple((id(t), t._version, t.data_ptr(), t.dtype, t.device) for t in tensors) + tuple(
+            self.scaling[n] for n in names
+        )
         key = tuple(terms)
         kept = self._dense.get(key)
         if kept is None or kept[0] != stamp:
@@ -232,8 +243,10 @@ class RoutedLinear(nn.Module):
         if len(groups) == 1 and groups[0][1] is None:
             return nn.functional.linear(x, self.dense_weight(groups[0][0]), bias)
         flat_x = x.reshape(-1, x.shape[-1])
-        parts = [nn.functional.linear(flat_x.index_select(0, index), self.dense_weight(terms), bias)
-                 for terms, index in groups]
+        parts = [
+            nn.functional.linear(flat_x.index_select(0, index), self.dense_weight(terms), bias)
+            for terms, index in groups
+        ]
         return self._state[0].in_token_order(parts).view(*x.shape[:-1], self.out_features)
 
 

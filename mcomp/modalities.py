@@ -1,4 +1,5 @@
 """The built-in modality table (`configs/modalities.yaml`), readable without torch."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,4 +36,6 @@ def from_published_key(key: str) -> str:
     for m in MODALITIES.values():
         if m.published_key == key:
             return m.name
-    raise KeyError(f"unknown published modality key {key!r}; known: {', '.join(m.published_key for m in MODALITIES.values())}")
+    raise KeyError(
+        f"unknown published modality key {key!r}; known: {', '.join(m.published_key for m in MODALITIES.values())}"
+    )

@@ -11,6 +11,7 @@ included, declare theirs in the ``mcomp.modalities`` entry-point group, pointing
     [project.entry-points."mcomp.modalities"]
     toy = "my_package.toy:ToyAdapter"
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -223,7 +224,9 @@ def register_modality(name: str):
                 raise TypeError(f"{cls.__name__} must set the class attribute {attr!r}")
         other = _REGISTRY.get(name)
         if other is not None and other is not cls:
-            raise ValueError(f"modality adapter {name!r} is already registered by {other.__module__}.{other.__qualname__}")
+            raise ValueError(
+                f"modality adapter {name!r} is already registered by {other.__module__}.{other.__qualname__}"
+            )
         cls.adapter_name = name
         _REGISTRY[name] = cls
         return cls
@@ -240,6 +243,7 @@ def _load_entry_points() -> None:
     def loaded(name: str, cls) -> None:
         if name not in _REGISTRY:  # a decorated class registered itself when its module was imported
             register_modality(name)(cls)
+
     load_group(ENTRY_POINT_GROUP, loaded)
 
 

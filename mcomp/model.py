@@ -6,6 +6,7 @@ Data path for one sample:
     ids + features --_assemble--> inputs_embeds (each sentinel replaced by its input's features)
 Samples are left-padded into a batch; position ids follow the attention mask.
 """
+
 from __future__ import annotations
 
 import copy
@@ -86,8 +87,9 @@ class MultimodalLM(nn.Module):
                 self._key_to_modality[key] = a.modality
 
     @classmethod
-    def build(cls, llm, tokenizer, adapter_configs: Sequence[AdapterConfig | dict], template: str = "vicuna_v1",
-              seed: int = 0):
+    def build(
+        cls, llm, tokenizer, adapter_configs: Sequence[AdapterConfig | dict], template: str = "vicuna_v1", seed: int = 0
+    ):
         """Adapters are built around `llm`; their random init (towers, projectors) comes from `seed`."""
         hidden = llm.config.get_text_config().hidden_size
         with torch.random.fork_rng(devices=[]):
@@ -183,7 +185,8 @@ class MultimodalLM(nn.Module):
             if have != want:
                 tag = self.adapters[modality].placeholder
                 raise PlaceholderMismatchError(
-                    f"the prompt has {want} {tag} placeholder(s) but {have} {modality} input(s) were given", index)
+                    f"the prompt has {want} {tag} placeholder(s) but {have} {modality} input(s) were given", index
+                )
 
     def prepare_inputs(
         self,
@@ -202,7 +205,10 @@ class MultimodalLM(nn.Module):
             return self._assemble(ids, features)
         if len(continuations) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompt(s) but {len(continuations)} continuation(s)")
-        cont_ids = [tokenize_continuation(self.tokenizer, c, self.text_encoder) if isinstance(c, str) else list(c) for c in continuations]
+        cont_ids = [
+            tokenize_continuation(self.tokenizer, c, self.text_encoder) if isinstance(c, str) else list(c)
+            for c in continuations
+        ]
         labels = [[IGNORE_INDEX] * len(p) + c for p, c in zip(ids, cont_ids)]
         return self._assemble([p + c for p, c in zip(ids, cont_ids)], features, labels, cont_ids)
 
@@ -211,8 +217,9 @@ class MultimodalLM(nn.Module):
     ) -> MultimodalInputs:
         """Training inputs from LLaVA-style turns ({"from": "human"|"gpt", "value": ...}), as the
         published preprocess makes them (`conversation_ids`)."""
-        media_n = self._normalise_media(list(media) if media is not None else [None] * len(conversations),
-                                        len(conversations))
+        media_n = self._normalise_media(
+            list(media) if media is not None else [None] * len(conversations), len(conversations)
+        )
         ids, labels = [], []
         for i, turns in enumerate(conversations):
             sample_ids, sample_labels = self.conversation_ids(turns, i)
@@ -221,7 +228,9 @@ class MultimodalLM(nn.Module):
             labels.append(sample_labels)
         return self._assemble(ids, self.encode_media(media_n), labels)
 
-    def conversation_ids(self, turns: Sequence[Mapping[str, Any]], index: int | None = None) -> tuple[list[int], list[int]]:
+    def conversation_ids(
+        self, turns: Sequence[Mapping[str, Any]], index: int | None = None
+    ) -> tuple[list[int], list[int]]:
         """(ids, labels) of one conversation: the template renders the whole turn list, which is
         tokenised as one text split only at placeholders, and the labels follow the published rule
         (`ConversationTemplate.answer_labels`: each answer and its end separator). A conversation
@@ -234,10 +243,15 @@ class MultimodalLM(nn.Module):
             raise SampleError("the conversation has no assistant answer to learn from", index)
         text = self.template.render(pairs)
         sample_ids = self.tokenize(text)
-        sample_labels, mismatch = self.template.answer_labels(text, sample_ids, self.tokenize, self.tokenizer.pad_token_id)
+        sample_labels, mismatch = self.template.answer_labels(
+            text, sample_ids, self.tokenize, self.tokenizer.pad_token_id
+        )
         if mismatch is not None:
-            raise SampleError(f"{mismatch} (the published preprocess would silently drop this sample's loss; "
-                              f"the tokenizer does not tokenise the rounds as the template's rule expects)", index)
+            raise SampleError(
+                f"{mismatch} (the published preprocess would silently drop this sample's loss; "
+                f"the tokenizer does not tokenise the rounds as the template's rule expects)",
+                index,
+            )
         if not any(t != IGNORE_INDEX for t in sample_labels):
             raise SampleError("the template's rule leaves no answer token to learn from", index)
         return sample_ids, [IGNORE_INDEX if t < 0 else t for t in sample_labels]
@@ -251,8 +265,9 @@ class MultimodalLM(nn.Module):
         for i, sample_ids in enumerate(ids):
             all_ids = torch.tensor(sample_ids, dtype=torch.long, device=device)
             text_embeds = embed(all_ids.clamp(min=0))
-            text_labels = torch.tensor(labels[i] if labels is not None else [IGNORE_INDEX] * len(sample_ids),
-                                       dtype=torch.long)
+            text_labels = torch.tensor(
+                labels[i] if labels is not None else [IGNORE_INDEX] * len(sample_ids), dtype=torch.long
+            )
             used = defaultdict(int)
             pieces, piece_mods, piece_labels, start = [], [], [], 0
             sentinel_pos = [p for p, t in enumerate(sample_ids) if t < 0]
@@ -290,8 +305,12 @@ class MultimodalLM(nn.Module):
             label_t[b, length - n :] = lab.to(device)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         return MultimodalInputs(
-            inputs_embeds, attention_mask, position_ids, modality_ids,
-            labels=label_t if labels is not None else None, continuation_ids=cont_ids,
+            inputs_embeds,
+            attention_mask,
+            position_ids,
+            modality_ids,
+            labels=label_t if labels is not None else None,
+            continuation_ids=cont_ids,
         )
 
     # --- model API ------------------------------------------------------------------------
@@ -312,8 +331,11 @@ class MultimodalLM(nn.Module):
         self.routing.route_ids = self._route_ids(inputs.modality_ids)
         try:
             return self.llm(
-                inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
-                position_ids=inputs.position_ids, labels=inputs.labels, **kwargs,
+                inputs_embeds=inputs.inputs_embeds,
+                attention_mask=inputs.attention_mask,
+                position_ids=inputs.position_ids,
+                labels=inputs.labels,
+                **kwargs,
             )
         finally:
             self.routing.route_ids = None
@@ -340,9 +362,12 @@ class MultimodalLM(nn.Module):
         self.routing.route_ids = self._route_ids(inputs.modality_ids)  # the prompt step only
         try:
             out = self.llm.generate(
-                inputs_embeds=inputs.inputs_embeds, attention_mask=inputs.attention_mask,
-                max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
-                eos_token_id=self.tokenizer.eos_token_id, **kwargs,
+                inputs_embeds=inputs.inputs_embeds,
+                attention_mask=inputs.attention_mask,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=self.tokenizer.eos_token_id,
+                **kwargs,
             )
         finally:
             self.routing.route_ids = None
@@ -351,8 +376,13 @@ class MultimodalLM(nn.Module):
 
     @torch.no_grad()
     def loglikelihood(
-        self, context: str, continuations: Sequence[str], media: Media | None = None, *,
-        reuse_context: bool = True, batch_size: int = 16,
+        self,
+        context: str,
+        continuations: Sequence[str],
+        media: Media | None = None,
+        *,
+        reuse_context: bool = True,
+        batch_size: int = 16,
     ) -> list[LoglikelihoodResult]:
         """Score each continuation after one context (the lm-eval `loglikelihood` request).
 
@@ -363,8 +393,9 @@ class MultimodalLM(nn.Module):
         forward per option instead (same numbers up to rounding).
         """
         if reuse_context:
-            return self.loglikelihood_batch([LoglikelihoodRequest(context, list(continuations), media)],
-                                            batch_size=batch_size)[0]
+            return self.loglikelihood_batch(
+                [LoglikelihoodRequest(context, list(continuations), media)], batch_size=batch_size
+            )[0]
         cont_ids = self._continuation_ids(continuations)
         media_n = self._normalise_media([media], 1)
         ctx_ids = self.tokenize(context)
@@ -379,7 +410,9 @@ class MultimodalLM(nn.Module):
 
     @torch.no_grad()
     def loglikelihood_batch(
-        self, requests: Sequence[LoglikelihoodRequest], batch_size: int = 16,
+        self,
+        requests: Sequence[LoglikelihoodRequest],
+        batch_size: int = 16,
     ) -> list[list[LoglikelihoodResult]]:
         """`loglikelihood` for several contexts at once: their media are encoded per modality as one
         batch, the contexts run as one left-padded forward, and every option of every context is
@@ -415,8 +448,9 @@ class MultimodalLM(nn.Module):
                 raise ValueError(f"continuation {c!r} tokenises to nothing")
         return ids
 
-    def _score_options(self, ctx: MultimodalInputs, cache, first: torch.Tensor,
-                       rows: list[tuple[int, list[int]]]) -> list[LoglikelihoodResult]:
+    def _score_options(
+        self, ctx: MultimodalInputs, cache, first: torch.Tensor, rows: list[tuple[int, list[int]]]
+    ) -> list[LoglikelihoodResult]:
         """Options `rows` = (context index, option ids). An option's first token is read from its
         context's last logits; its other tokens come from one forward over the rows (right-padded)
         on a copy of the contexts' KV cache, each row on its context's keys/values."""
@@ -446,8 +480,9 @@ class MultimodalLM(nn.Module):
             target = torch.tensor(option_ids, device=device)
             picked = logprobs[b, : len(option_ids)]
             lp = picked.gather(-1, target[:, None]).squeeze(-1)
-            results.append(LoglikelihoodResult(float(lp.sum()), bool((picked.argmax(-1) == target).all()),
-                                               len(option_ids)))
+            results.append(
+                LoglikelihoodResult(float(lp.sum()), bool((picked.argmax(-1) == target).all()), len(option_ids))
+            )
         return results
 
     def inserted_tokens(self, modality: str) -> int:
@@ -464,16 +499,19 @@ class MultimodalLM(nn.Module):
         layers = routed_layers(self.llm)
         return list(next(iter(layers.values())).lora_A.keys()) if layers else []
 
-    def add_lora(self, spec: LoraSpec | None = None, name: str = TEXT_ROUTE, seed: int = 0, zero_b: bool = True,
-                 **spec_fields) -> None:
+    def add_lora(
+        self, spec: LoraSpec | None = None, name: str = TEXT_ROUTE, seed: int = 0, zero_b: bool = True, **spec_fields
+    ) -> None:
         """Add a LoRA adapter `name` on every targeted linear layer (peft's init: B = 0)."""
         spec = spec or LoraSpec(**spec_fields)
         if self.lora_spec is None:
             inject_routed_layers(self.llm, spec.target_modules, self.routing)
             self.lora_spec = spec
         elif set(spec.target_modules) != set(self.lora_spec.target_modules):
-            raise ValueError(f"all LoRA adapters must target the same modules: {spec.target_modules} "
-                             f"vs {self.lora_spec.target_modules}")
+            raise ValueError(
+                f"all LoRA adapters must target the same modules: {spec.target_modules} "
+                f"vs {self.lora_spec.target_modules}"
+            )
         if name in self.lora_adapters:
             raise ValueError(f"LoRA adapter {name!r} already exists")
         g = torch.Generator().manual_seed(seed)
@@ -488,7 +526,9 @@ class MultimodalLM(nn.Module):
                 raise ValueError(f"route {route!r} is neither 'text' nor a modality of this model ({self.modalities})")
             for adapter_name, _ in terms:
                 if adapter_name not in known:
-                    raise ValueError(f"route {route!r} uses unknown LoRA adapter {adapter_name!r} (have {sorted(known)})")
+                    raise ValueError(
+                        f"route {route!r} uses unknown LoRA adapter {adapter_name!r} (have {sorted(known)})"
+                    )
         self.routing.set_routes({r: [(n, float(c)) for n, c in t] for r, t in routes.items()})
 
     def add_modality_tokens(self, modality: str, prefix: int, suffix: int) -> None:
@@ -537,14 +577,20 @@ def split_common_prefix(inputs: MultimodalInputs) -> tuple[MultimodalInputs, Mul
     if shared < 1:
         return None
     head = cols[0, :shared]
-    prefix = MultimodalInputs(embeds[:1, head], mask[:1, head], inputs.position_ids[:1, head], inputs.modality_ids[:1, head])
+    prefix = MultimodalInputs(
+        embeds[:1, head], mask[:1, head], inputs.position_ids[:1, head], inputs.modality_ids[:1, head]
+    )
     keep = int(lengths.max()) - shared
     rest_mask = mask[:, -keep:].clone()
     within = torch.arange(width - keep, width, device=mask.device)[None]
     rest_mask[(within >= starts[:, None]) & (within < starts[:, None] + shared)] = 0  # shorter rows' own prefix
     rest = MultimodalInputs(
-        embeds[:, -keep:], torch.cat([mask.new_ones(batch, shared), rest_mask], dim=1),
-        inputs.position_ids[:, -keep:], inputs.modality_ids[:, -keep:], labels=inputs.labels[:, -keep:])
+        embeds[:, -keep:],
+        torch.cat([mask.new_ones(batch, shared), rest_mask], dim=1),
+        inputs.position_ids[:, -keep:],
+        inputs.modality_ids[:, -keep:],
+        labels=inputs.labels[:, -keep:],
+    )
     return prefix, rest
 
 

@@ -4,6 +4,7 @@ Each adapter is a folder with `adapter_config.json` (written by peft's own LoraC
 `adapter_model.safetensors` with keys `base_model.model.<module path>.lora_{A,B}.weight`, so a
 peft user can load any single adapter with `PeftModel.from_pretrained(base, folder)`.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,16 +26,28 @@ def write_adapter_config(folder: str | os.PathLike, spec: LoraSpec, base_model_n
     from peft import LoraConfig
 
     path = Path(folder) / "adapter_config.json"
-    LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=sorted(spec.target_modules),
-               bias="none", task_type="CAUSAL_LM", base_model_name_or_path=base_model_name or None,
-               ).save_pretrained(str(folder))
+    LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=sorted(spec.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model_name or None,
+    ).save_pretrained(str(folder))
     data = json.loads(path.read_text(encoding="utf-8"))
     data["target_modules"] = sorted(data["target_modules"])
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def write_adapter(folder: str | os.PathLike, pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]], *,
-                  spec: LoraSpec | None = None, base_model_name: str = "", config: Mapping | None = None) -> None:
+def write_adapter(
+    folder: str | os.PathLike,
+    pairs: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    *,
+    spec: LoraSpec | None = None,
+    base_model_name: str = "",
+    config: Mapping | None = None,
+) -> None:
     """The one peft LoRA writer: `adapter_model.safetensors` ({module path: (A, B)} under peft's keys
     `base_model.model.<module path>.lora_{A,B}.weight`) and `adapter_config.json`, peft's own for
     `spec`, or `config` as given (keys sorted)."""
@@ -59,9 +72,12 @@ def save_adapter(llm, name: str, folder: str | os.PathLike, base_model_name: str
     r = some.lora_A[name].shape[0]
     alpha = some.scaling[name] * r
     targets = sorted({path.rsplit(".", 1)[-1] for path in layers})
-    write_adapter(folder, {path: (layer.lora_A[name], layer.lora_B[name]) for path, layer in layers.items()},
-                  spec=LoraSpec(r=r, alpha=alpha, dropout=some.dropout[name], target_modules=targets),
-                  base_model_name=base_model_name)
+    write_adapter(
+        folder,
+        {path: (layer.lora_A[name], layer.lora_B[name]) for path, layer in layers.items()},
+        spec=LoraSpec(r=r, alpha=alpha, dropout=some.dropout[name], target_modules=targets),
+        base_model_name=base_model_name,
+    )
 
 
 def read_adapter(folder: str | os.PathLike) -> tuple[LoraSpec, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
@@ -74,15 +90,19 @@ def read_adapter(folder: str | os.PathLike) -> tuple[LoraSpec, dict[str, tuple[t
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not LORA")
     targets = cfg.get("target_modules") or []
-    spec = LoraSpec(r=int(cfg["r"]), alpha=float(cfg["lora_alpha"]), dropout=float(cfg.get("lora_dropout", 0.0)),
-                    target_modules=sorted(targets) if isinstance(targets, list) else [targets])
+    spec = LoraSpec(
+        r=int(cfg["r"]),
+        alpha=float(cfg["lora_alpha"]),
+        dropout=float(cfg.get("lora_dropout", 0.0)),
+        target_modules=sorted(targets) if isinstance(targets, list) else [targets],
+    )
     weights_path = folder / "adapter_model.safetensors"
     tensors = load_tensors(weights_path)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         if not key.startswith(PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
             raise ValueError(f"{weights_path}: unexpected tensor {key!r} (only LoRA A/B weights are supported)")
-        path, kind = key[len(PREFIX):].rsplit(".", 2)[0], key.rsplit(".", 2)[1]
+        path, kind = key[len(PREFIX) :].rsplit(".", 2)[0], key.rsplit(".", 2)[1]
         pairs.setdefault(path, {})[kind] = value
     out = {}
     for path, ab in pairs.items():
@@ -95,19 +115,29 @@ def read_adapter(folder: str | os.PathLike) -> tuple[LoraSpec, dict[str, tuple[t
 def load_adapter_into(model, folder: str | os.PathLike, name: str) -> None:
     """Add the peft LoRA in `folder` to `model` (a MultimodalLM) as adapter `name`."""
     spec, pairs = read_adapter(folder)
-    model.add_lora(LoraSpec(r=spec.r, alpha=spec.alpha, dropout=spec.dropout,
-                            target_modules=model.lora_spec.target_modules if model.lora_spec else spec.target_modules),
-                   name=name)
+    model.add_lora(
+        LoraSpec(
+            r=spec.r,
+            alpha=spec.alpha,
+            dropout=spec.dropout,
+            target_modules=model.lora_spec.target_modules if model.lora_spec else spec.target_modules,
+        ),
+        name=name,
+    )
     layers = routed_layers(model.llm)
     missing = sorted(set(layers) - set(pairs))
     unexpected = sorted(set(pairs) - set(layers))
     if missing or unexpected:
-        raise ValueError(f"{folder}: LoRA modules do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"{folder}: LoRA modules do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     with torch.no_grad():
         for path, (a, b) in pairs.items():
             layer = layers[path]
             if tuple(a.shape) != tuple(layer.lora_A[name].shape) or tuple(b.shape) != tuple(layer.lora_B[name].shape):
-                raise ValueError(f"{folder}: {path}: LoRA shapes {tuple(a.shape)}/{tuple(b.shape)} do not fit "
-                                 f"the layer ({layer.in_features} -> {layer.out_features}, r={spec.r})")
+                raise ValueError(
+                    f"{folder}: {path}: LoRA shapes {tuple(a.shape)}/{tuple(b.shape)} do not fit "
+                    f"the layer ({layer.in_features} -> {layer.out_features}, r={spec.r})"
+                )
             layer.lora_A[name].copy_(a)
             layer.lora_B[name].copy_(b)

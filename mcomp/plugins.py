@@ -8,6 +8,7 @@ mcomp's own units are declared in its pyproject.toml exactly as a plug-in packag
     [project.entry-points."mcomp.merge_methods"]   name = "package.module:MethodClass"
     [project.entry-points."mcomp.task_functions"]  name = "package.module"  (registers on import)
 """
+
 from __future__ import annotations
 
 import logging

@@ -4,6 +4,7 @@ processes of `mcomp.jobs`, whose parent shows one bar over the jobs instead).
 A process-wide switch here, not TQDM_DISABLE: tqdm reads its environment once, when it is first
 imported, and importing mcomp (torch, transformers) has imported it before a worker can set it.
 """
+
 from __future__ import annotations
 
 from tqdm.auto import tqdm

@@ -1,6 +1,7 @@
 """Training recipes: published hyper-parameters as TrainConfig fields, kept as data in
 `configs/recipes/<name>.yaml` (`common` fields, then per modality one entry per run kind:
 `stage1`, `naivemc` (stage 2, one LoRA) or `damc` (stage 2, decoupled))."""
+
 from __future__ import annotations
 
 from importlib.resources import files

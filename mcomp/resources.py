@@ -1,4 +1,5 @@
 """Files shipped in `mcomp.configs` (templates, model shapes, tasks)."""
+
 from __future__ import annotations
 
 import json

@@ -1,5 +1,6 @@
 """Tiny models built locally (no download): a Llama with a locally trained tokenizer, and a tiny
 open_clip ViT. Same architectures and key names as the real ones; shapes in `configs/`."""
+
 from __future__ import annotations
 
 import string
@@ -32,10 +33,12 @@ def build_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 512):
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     # A newline is a token of its own, as in Llama's tokenizer: fused into words ("cone\nB."), an
     # option's text in a question would not be the tokens of the same text as an answer.
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split("\n", behavior="isolated"),
-        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first"),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split("\n", behavior="isolated"),
+            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first"),
+        ]
+    )
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
     alphabet = sorted(set(string.printable) | {"▁"})
     trainer = trainers.BpeTrainer(
@@ -47,7 +50,11 @@ def build_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 512):
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos)]
     )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>",
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<unk>",
         padding_side="left",
     )
 
@@ -60,8 +67,11 @@ def build_llm(tokenizer, shape: str = "tiny-llama", seed: int = 0, **overrides):
     cfg.pop("architectures", None)
     cfg.update(overrides)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, **cfg,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **cfg,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -103,7 +113,10 @@ def tiny_audio_adapter_config(**overrides):
     and Q-Former shape in `configs/encoders/tiny-audio.json`."""
     from mcomp.encoders.audio import AudioAdapterConfig
 
-    fields = {"encoder_config": load_config("encoders", "tiny-beats.json"), **load_config("encoders", "tiny-audio.json")}
+    fields = {
+        "encoder_config": load_config("encoders", "tiny-beats.json"),
+        **load_config("encoders", "tiny-audio.json"),
+    }
     fields.update(overrides)
     return AudioAdapterConfig(**fields)
 

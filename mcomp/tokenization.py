@@ -11,6 +11,7 @@ SentencePiece tokenizer (Vicuna's `tokenizer.model`), the slow `LlamaTokenizer` 
 (`slow_llama_encoder`); transformers 5's LlamaTokenizer differs from it on text that starts with a
 space and, with `legacy: false`, on text after `</s>`. Any other tokenizer is called as it is.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,14 @@ class SlowLlamaEncoder:
     piece that does not start with a space loses the "▁" its first token starts with; BOS in front
     when `add_bos_token`."""
 
-    def __init__(self, model_file: str | os.PathLike, added: Mapping[str, tuple[int, bool, bool]], bos_id: int | None,
-                 add_bos: bool = True, legacy: bool = True):
+    def __init__(
+        self,
+        model_file: str | os.PathLike,
+        added: Mapping[str, tuple[int, bool, bool]],
+        bos_id: int | None,
+        add_bos: bool = True,
+        legacy: bool = True,
+    ):
         import sentencepiece
 
         self.model_file = str(model_file)
@@ -46,8 +53,11 @@ class SlowLlamaEncoder:
         self.added = dict(added)  # content -> (id, lstrip, rstrip)
         self.bos_id = bos_id if add_bos else None
         self.legacy = legacy
-        self.split = re.compile("(" + "|".join(re.escape(t) for t in sorted(self.added, key=len, reverse=True)) + ")") \
-            if self.added else None
+        self.split = (
+            re.compile("(" + "|".join(re.escape(t) for t in sorted(self.added, key=len, reverse=True)) + ")")
+            if self.added
+            else None
+        )
 
     def __call__(self, text: str) -> list[int]:
         if not self.legacy:
@@ -92,15 +102,18 @@ def slow_llama_encoder(tokenizer) -> SlowLlamaEncoder | None:
     model_file = sentencepiece_file(tokenizer)
     if model_file is None:
         if type(tokenizer).__name__ in LLAMA_TOKENIZERS:
-            logger.warning("a LLaMA tokenizer without its tokenizer.model: transformers' own ids are used, which "
-                           "differ from the released code's on text that starts with a space (and, with legacy "
-                           "false, after </s>)")
+            logger.warning(
+                "a LLaMA tokenizer without its tokenizer.model: transformers' own ids are used, which "
+                "differ from the released code's on text that starts with a space (and, with legacy "
+                "false, after </s>)"
+            )
         return None
     added = {t.content: (i, bool(t.lstrip), bool(t.rstrip)) for i, t in tokenizer.added_tokens_decoder.items()}
     legacy = getattr(tokenizer, "legacy", tokenizer.init_kwargs.get("legacy"))
     add_bos = tokenizer.bos_token_id is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
-    return SlowLlamaEncoder(model_file, added, tokenizer.bos_token_id, add_bos=add_bos,
-                            legacy=True if legacy is None else bool(legacy))  # unset: 4.31's default
+    return SlowLlamaEncoder(
+        model_file, added, tokenizer.bos_token_id, add_bos=add_bos, legacy=True if legacy is None else bool(legacy)
+    )  # unset: 4.31's default
 
 
 def save_tokenizer(tokenizer, folder: str | os.PathLike) -> None:
@@ -125,8 +138,9 @@ def placeholder_pattern(tags: Mapping[str, int]) -> re.Pattern:
     return re.compile("(" + "|".join(re.escape(t) for t in sorted(tags, key=len, reverse=True)) + ")")
 
 
-def tokenize_with_placeholders(tokenizer, text: str, tags: Mapping[str, int],
-                               encode: Callable[[str], list[int]] | None = None) -> list[int]:
+def tokenize_with_placeholders(
+    tokenizer, text: str, tags: Mapping[str, int], encode: Callable[[str], list[int]] | None = None
+) -> list[int]:
     """[BOS] + ids of each chunk (without its BOS) + sentinel id of each placeholder; `encode`
     tokenises one chunk with BOS (default: the tokenizer itself; see `slow_llama_encoder`)."""
     encode = encode or (lambda chunk: list(tokenizer(chunk, add_special_tokens=True)["input_ids"]))

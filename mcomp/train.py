@@ -16,6 +16,7 @@ data, starting weights, code: `run_identity`); a run of other work is refused, n
 rather than continued from it, and `restart=True` (`mcomp train --force`) clears the folder instead.
 Before step 1 the data is checked against the model (`mcomp.data.check_training_data`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -36,7 +37,12 @@ from mcomp import faults
 from mcomp.configuration import JsonConfig
 from mcomp.data import ConversationSample, TrainingDataError, check_training_data, media_digest, samples_digest
 from mcomp.fingerprint import (
-    IdentityMismatch, canonical_json, check_same_work, code_versions, fingerprint, tensors_sha256,
+    IdentityMismatch,
+    canonical_json,
+    check_same_work,
+    code_versions,
+    fingerprint,
+    tensors_sha256,
 )
 from mcomp.io import atomic_directory, load_tensors, output_lock, save_tensors
 from mcomp.lora import LLAMA_TARGETS, TEXT_ROUTE, LoraSpec
@@ -89,8 +95,9 @@ class TrainConfig(JsonConfig):
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.global_batch_size and self.global_batch_size % self.batch_size:
-            raise ValueError(f"global_batch_size {self.global_batch_size} is not a multiple of batch_size "
-                             f"{self.batch_size}")
+            raise ValueError(
+                f"global_batch_size {self.global_batch_size} is not a multiple of batch_size {self.batch_size}"
+            )
         if self.text_lora_with_projector and not self.decoupled:
             raise ValueError("text_lora_with_projector is a DAMC (decoupled) setting")
         for name in ("learning_rate", "projector_lr", "caption_distill"):
@@ -125,8 +132,10 @@ def effective_grad_accum(cfg: TrainConfig, processes: int) -> int:
         return cfg.grad_accum
     per_step = cfg.batch_size * processes
     if cfg.global_batch_size % per_step:
-        raise ValueError(f"global_batch_size {cfg.global_batch_size} is not a multiple of batch_size {cfg.batch_size} "
-                         f"x {processes} process(es)")
+        raise ValueError(
+            f"global_batch_size {cfg.global_batch_size} is not a multiple of batch_size {cfg.batch_size} "
+            f"x {processes} process(es)"
+        )
     return cfg.global_batch_size // per_step
 
 
@@ -134,11 +143,16 @@ def optimizer_groups(params: Mapping[str, torch.nn.Parameter], cfg: TrainConfig)
     """Learning-rate groups: the projectors (with the text LoRA when `text_lora_with_projector`, as
     the published trainer does when mm_language_lr is set) at projector_lr, the rest at learning_rate."""
     text_lora = (f".lora_A.{TEXT_ROUTE}", f".lora_B.{TEXT_ROUTE}")
-    with_projector = [n for n in params if ".projector." in n
-                      or (cfg.text_lora_with_projector and n.endswith(text_lora))]
+    with_projector = [
+        n for n in params if ".projector." in n or (cfg.text_lora_with_projector and n.endswith(text_lora))
+    ]
     rest = [n for n in params if n not in set(with_projector)]
-    groups = [{"params": [params[n] for n in with_projector],
-               "lr": cfg.learning_rate if cfg.projector_lr is None else cfg.projector_lr}]
+    groups = [
+        {
+            "params": [params[n] for n in with_projector],
+            "lr": cfg.learning_rate if cfg.projector_lr is None else cfg.projector_lr,
+        }
+    ]
     if rest:
         groups.append({"params": [params[n] for n in rest], "lr": cfg.learning_rate})
     return groups
@@ -148,8 +162,9 @@ def prepare_for_training(model, cfg: TrainConfig) -> None:
     """Add what the stage trains (LoRA, routes, DAMC tokens) and freeze everything else."""
     modality = _single_modality(model)
     if cfg.stage == 2:
-        spec = LoraSpec(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
-                        target_modules=list(cfg.target_modules))
+        spec = LoraSpec(
+            r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=list(cfg.target_modules)
+        )
         if TEXT_ROUTE not in model.lora_adapters:
             model.add_lora(spec, name=TEXT_ROUTE, seed=cfg.seed)
         routes = {TEXT_ROUTE: [(TEXT_ROUTE, 1.0)]}
@@ -175,24 +190,34 @@ def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
     """Projectors, LoRA factors and DAMC tokens, by their names in the model."""
     out = {}
     for name, p in model.named_parameters():
-        if ".projector." in name or ".lora_A." in name or ".lora_B." in name or name.startswith(("prefix_tokens.", "suffix_tokens.")):
+        if (
+            ".projector." in name
+            or ".lora_A." in name
+            or ".lora_B." in name
+            or name.startswith(("prefix_tokens.", "suffix_tokens."))
+        ):
             out[name] = p
     return out
 
 
 STEP_DIR = re.compile(r"step-(\d+)")
-RESTART_HINT = ("`mcomp train --force` (from Python: train(..., restart=True)) starts afresh, "
-                "or choose another checkpoint folder")
+RESTART_HINT = (
+    "`mcomp train --force` (from Python: train(..., restart=True)) starts afresh, or choose another checkpoint folder"
+)
 
 
 def _latest_checkpoint(folder: Path) -> Path | None:
-    steps = sorted((int(p.name.split("-")[1]), p) for p in folder.glob("step-*")
-                   if STEP_DIR.fullmatch(p.name) and (p / "trainer_state.json").is_file())
+    steps = sorted(
+        (int(p.name.split("-")[1]), p)
+        for p in folder.glob("step-*")
+        if STEP_DIR.fullmatch(p.name) and (p / "trainer_state.json").is_file()
+    )
     return steps[-1][1] if steps else None
 
 
-def run_identity(model, samples: list[ConversationSample], cfg: TrainConfig,
-                 identity: Mapping[str, Any] | None = None) -> dict:
+def run_identity(
+    model, samples: list[ConversationSample], cfg: TrainConfig, identity: Mapping[str, Any] | None = None
+) -> dict:
     """What determines a training run's result, as recorded in its checkpoints: the caller's
     `identity` (what train() cannot see: the data file, the base LLM), the config, the samples and
     the media files' list with sizes, the frozen encoders, the trainable parameters' names, shapes
@@ -203,8 +228,11 @@ def run_identity(model, samples: list[ConversationSample], cfg: TrainConfig,
         "samples_sha256": samples_digest(samples),
         "media_sha256": media_digest(samples),
         "encoders": {m: adapter.fingerprint() for m, adapter in model.adapters.items()},
-        "trainable": {"count": len(params), "shapes_sha256": fingerprint({n: list(p.shape) for n, p in params.items()}),
-                      "sha256": tensors_sha256(params)},
+        "trainable": {
+            "count": len(params),
+            "shapes_sha256": fingerprint({n: list(p.shape) for n, p in params.items()}),
+            "sha256": tensors_sha256(params),
+        },
         "code": code_versions(),
     }
     clash = sorted(set(own) & set(identity or {}))
@@ -219,8 +247,10 @@ def check_resumable(folder: Path, wanted: Mapping[str, Any]) -> None:
     state = json.loads((folder / "trainer_state.json").read_text())
     recorded = state.get("identity")
     if recorded is None:
-        raise IdentityMismatch(f"{folder} records no run identity (written by an older mcomp), so it cannot be "
-                               f"told apart from other work; {RESTART_HINT}")
+        raise IdentityMismatch(
+            f"{folder} records no run identity (written by an older mcomp), so it cannot be "
+            f"told apart from other work; {RESTART_HINT}"
+        )
     check_same_work(f"checkpoint {folder}", recorded, wanted, RESTART_HINT)
 
 
@@ -233,13 +263,20 @@ def check_clearable(folder: Path) -> None:
     if not folder.is_dir():
         raise ValueError(f"checkpoint folder {folder} is not a folder; choose another checkpoint folder")
     entries = list(folder.iterdir())
-    strays = sorted(e.name for e in entries
-                    if not ((STEP_DIR.fullmatch(e.name) and e.is_dir()) or e.name.startswith(".step-")))
+    strays = sorted(
+        e.name for e in entries if not ((STEP_DIR.fullmatch(e.name) and e.is_dir()) or e.name.startswith(".step-"))
+    )
     steps = [e for e in entries if STEP_DIR.fullmatch(e.name)]
     if strays or (steps and not any((e / "trainer_state.json").is_file() for e in steps)):
-        shown = ", ".join(strays[:5]) + (" ..." if len(strays) > 5 else "") if strays else "step folders without trainer_state.json"
-        raise ValueError(f"checkpoint folder {folder} does not look like an mcomp training checkpoint folder "
-                         f"(it holds {shown}); refusing to clear it: choose another checkpoint folder")
+        shown = (
+            ", ".join(strays[:5]) + (" ..." if len(strays) > 5 else "")
+            if strays
+            else "step folders without trainer_state.json"
+        )
+        raise ValueError(
+            f"checkpoint folder {folder} does not look like an mcomp training checkpoint folder "
+            f"(it holds {shown}); refusing to clear it: choose another checkpoint folder"
+        )
 
 
 def clear_checkpoints(folder: Path) -> None:
@@ -264,8 +301,9 @@ def _batch_inputs(core, batch: list[ConversationSample]):
         return core.prepare_conversations([s.conversations for s in batch], [s.media for s in batch])
     except MediaBatchError as err:
         lines = [f"sample {batch[i].id}: {failure}" for i, failure in err.failures.items()]
-        raise TrainingDataError(f"{len(lines)} sample(s) of a training batch have unusable media:\n  "
-                                + "\n  ".join(lines)) from err
+        raise TrainingDataError(
+            f"{len(lines)} sample(s) of a training batch have unusable media:\n  " + "\n  ".join(lines)
+        ) from err
     except ValueError as err:
         if isinstance(err, SampleError) and err.sample is not None and err.sample < len(batch):
             s = batch[err.sample]
@@ -274,9 +312,17 @@ def _batch_inputs(core, batch: list[ConversationSample]):
         raise TrainingDataError(f"a training batch of samples {', '.join(str(s.id) for s in batch)}: {err}") from err
 
 
-def train(model, samples: list[ConversationSample], cfg: TrainConfig, checkpoint_dir: str | os.PathLike,
-          stop_after: int | None = None, *, identity: Mapping[str, Any] | None = None, restart: bool = False,
-          allow_media_outside_root: bool = False) -> dict:
+def train(
+    model,
+    samples: list[ConversationSample],
+    cfg: TrainConfig,
+    checkpoint_dir: str | os.PathLike,
+    stop_after: int | None = None,
+    *,
+    identity: Mapping[str, Any] | None = None,
+    restart: bool = False,
+    allow_media_outside_root: bool = False,
+) -> dict:
     """Train in place; returns a summary. `stop_after` ends early after that many steps (tests
     use it to simulate an interruption).
 
@@ -293,8 +339,10 @@ def train(model, samples: list[ConversationSample], cfg: TrainConfig, checkpoint
     if cfg.caption_distill:
         missing = [s.id for s in samples if any(len(s.captions.get(k, [])) != len(v) for k, v in s.media.items())]
         if missing:
-            raise ValueError(f"caption_distill needs media_captions for every media file; missing in sample(s) "
-                             f"{', '.join(map(str, missing[:5]))}{' ...' if len(missing) > 5 else ''}")
+            raise ValueError(
+                f"caption_distill needs media_captions for every media file; missing in sample(s) "
+                f"{', '.join(map(str, missing[:5]))}{' ...' if len(missing) > 5 else ''}"
+            )
     checkpoint_dir = Path(checkpoint_dir)
     from accelerate import PartialState
 
@@ -304,12 +352,14 @@ def train(model, samples: list[ConversationSample], cfg: TrainConfig, checkpoint
         if accelerator.is_main_process:  # the other ranks of a multi-GPU run share the main one's folder
             checkpoint_dir.parent.mkdir(parents=True, exist_ok=True)
             stack.enter_context(output_lock(checkpoint_dir))
-        return _train(accelerator, model, samples, cfg, checkpoint_dir, stop_after, identity, restart,
-                      allow_media_outside_root)
+        return _train(
+            accelerator, model, samples, cfg, checkpoint_dir, stop_after, identity, restart, allow_media_outside_root
+        )
 
 
-def _train(accelerator, model, samples, cfg, checkpoint_dir: Path, stop_after, identity, restart,
-           allow_media_outside_root) -> dict:
+def _train(
+    accelerator, model, samples, cfg, checkpoint_dir: Path, stop_after, identity, restart, allow_media_outside_root
+) -> dict:
     from accelerate.utils import set_seed
 
     if restart:
@@ -321,15 +371,16 @@ def _train(accelerator, model, samples, cfg, checkpoint_dir: Path, stop_after, i
         latest = None if restart else _latest_checkpoint(checkpoint_dir)
         if latest is not None:
             check_resumable(latest, wanted)
-        check_training_data(samples, model, allow_media_outside_root=allow_media_outside_root,
-                            progress=accelerator.is_main_process)
+        check_training_data(
+            samples, model, allow_media_outside_root=allow_media_outside_root, progress=accelerator.is_main_process
+        )
     if restart and accelerator.is_main_process:
         clear_checkpoints(checkpoint_dir)
     accelerator.wait_for_everyone()
     params = trainable_parameters(model)
     optimizer = torch.optim.AdamW(optimizer_groups(params, cfg), weight_decay=cfg.weight_decay)
     grad_accum = accelerator.gradient_accumulation_steps
-    per_epoch = (len(samples) // cfg.batch_size if cfg.drop_last else math.ceil(len(samples) / cfg.batch_size))
+    per_epoch = len(samples) // cfg.batch_size if cfg.drop_last else math.ceil(len(samples) / cfg.batch_size)
     if per_epoch < 1:
         raise ValueError(f"{len(samples)} sample(s) make no whole batch of {cfg.batch_size} (drop_last)")
     total = cfg.max_steps or math.ceil(per_epoch * cfg.epochs / grad_accum)  # micro-batches per epoch: per_epoch
@@ -344,8 +395,7 @@ def _train(accelerator, model, samples, cfg, checkpoint_dir: Path, stop_after, i
     resumed_from = step
 
     core.train()
-    bar = progress_bar(total=total, initial=step, desc=f"train stage {cfg.stage}",
-                       enabled=accelerator.is_main_process)
+    bar = progress_bar(total=total, initial=step, desc=f"train stage {cfg.stage}", enabled=accelerator.is_main_process)
     micro = step * grad_accum  # micro-batches consumed so far: a flat stream over seeded epochs
     order, order_epoch = None, -1
     while step < total and (stop_after is None or step < stop_after):
@@ -377,17 +427,23 @@ def _train(accelerator, model, samples, cfg, checkpoint_dir: Path, stop_after, i
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
         if cfg.log_every and step % cfg.log_every == 0:
-            recent = losses[-cfg.log_every:]
+            recent = losses[-cfg.log_every :]
             logger.info("step %d/%d loss %.4f", step, total, sum(recent) / len(recent))
         if accelerator.is_main_process and ((cfg.save_every and step % cfg.save_every == 0) or step == total):
             _save_checkpoint(core, optimizer, scheduler, checkpoint_dir / f"step-{step}", step, losses, wanted)
             faults.point("train.checkpoint_saved")
     bar.close()
     core.eval()
-    return {"steps": step, "total_steps": total, "resumed_from": resumed_from, "grad_accum": grad_accum,
-            "learning_rates": learning_rates,  # per optimizer step of this run, per parameter group
-            "final_loss": losses[-1] if losses else None,
-            "mean_loss_last_10": sum(losses[-10:]) / max(1, len(losses[-10:])), "losses": losses}
+    return {
+        "steps": step,
+        "total_steps": total,
+        "resumed_from": resumed_from,
+        "grad_accum": grad_accum,
+        "learning_rates": learning_rates,  # per optimizer step of this run, per parameter group
+        "final_loss": losses[-1] if losses else None,
+        "mean_loss_last_10": sum(losses[-10:]) / max(1, len(losses[-10:])),
+        "losses": losses,
+    }
 
 
 def caption_text_form(model, sample: ConversationSample) -> list[dict]:
@@ -396,8 +452,12 @@ def caption_text_form(model, sample: ConversationSample) -> list[dict]:
     for key, texts in sample.captions.items():
         queues.setdefault(model.adapters[model.modality_of(key)].placeholder, []).extend(texts)
     pattern = placeholder_pattern(model.placeholder_ids)
-    return [{**turn, "value": pattern.sub(lambda tag: queues[tag.group(0)].pop(0), turn["value"])}
-            if turn.get("value") else turn for turn in sample.conversations]
+    return [
+        {**turn, "value": pattern.sub(lambda tag: queues[tag.group(0)].pop(0), turn["value"])}
+        if turn.get("value")
+        else turn
+        for turn in sample.conversations
+    ]
 
 
 def _caption_distilled_loss(model, core, batch: list[ConversationSample], inputs, weight: float) -> torch.Tensor:
@@ -426,10 +486,20 @@ def _save_checkpoint(model, optimizer, scheduler, folder: Path, step: int, losse
         tensors.update(_rng_states())
         save_tensors(tensors, tmp / "trainable.safetensors")
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps({
-            "step": step, "losses": losses, "scheduler": scheduler.state_dict(), "config": identity["config"],
-            "identity": identity,
-        }, indent=1, sort_keys=True) + "\n")
+        (tmp / "trainer_state.json").write_text(
+            json.dumps(
+                {
+                    "step": step,
+                    "losses": losses,
+                    "scheduler": scheduler.state_dict(),
+                    "config": identity["config"],
+                    "identity": identity,
+                },
+                indent=1,
+                sort_keys=True,
+            )
+            + "\n"
+        )
     for old in folder.parent.glob("step-*"):  # keep only the newest checkpoint
         if old != folder and old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
@@ -453,8 +523,10 @@ def _set_rng_states(tensors: dict[str, torch.Tensor], folder: Path) -> None:
     cuda = [tensors.pop(CUDA_RNG.format(i)) for i in range(len(tensors)) if CUDA_RNG.format(i) in tensors]
     have = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if len(cuda) != have:
-        raise ValueError(f"{folder}: saved the random state of {len(cuda)} CUDA device(s), this process has {have}; "
-                         f"resume on the same devices, or start afresh with --force")
+        raise ValueError(
+            f"{folder}: saved the random state of {len(cuda)} CUDA device(s), this process has {have}; "
+            f"resume on the same devices, or start afresh with --force"
+        )
     if cuda:
         torch.cuda.set_rng_state_all(cuda)
 
@@ -466,8 +538,10 @@ def _restore(model, optimizer, scheduler, folder: Path):
     _set_rng_states(tensors, folder)
     params = trainable_parameters(model)
     if set(tensors) != set(params):
-        raise ValueError(f"{folder}: trainable weights do not match the model "
-                         f"(missing {sorted(set(params) - set(tensors))[:5]}, unexpected {sorted(set(tensors) - set(params))[:5]})")
+        raise ValueError(
+            f"{folder}: trainable weights do not match the model "
+            f"(missing {sorted(set(params) - set(tensors))[:5]}, unexpected {sorted(set(tensors) - set(params))[:5]})"
+        )
     with torch.no_grad():
         for name, value in tensors.items():
             params[name].copy_(value)

@@ -9,6 +9,7 @@ The model is a small random Llama (width/depth set below) with the tiny image/au
 adapters; encoder features are cached in memory for both paths, so the timings compare LLM work.
 Both paths must give the same option scores (checked); the script exits non-zero if they differ.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,16 @@ def build_model(hidden: int, layers: int, seed: int, modalities=("image", "audio
     from mcomp.model import MultimodalLM
 
     tokenizer = tiny.build_tokenizer()
-    llm = tiny.build_llm(tokenizer, "tiny-llama", seed=seed, hidden_size=hidden, intermediate_size=hidden * 11 // 4,
-                         num_hidden_layers=layers, num_attention_heads=hidden // 32, num_key_value_heads=hidden // 32)
+    llm = tiny.build_llm(
+        tokenizer,
+        "tiny-llama",
+        seed=seed,
+        hidden_size=hidden,
+        intermediate_size=hidden * 11 // 4,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 32,
+        num_key_value_heads=hidden // 32,
+    )
     configs = [getattr(tiny, f"tiny_{m}_adapter_config")() for m in modalities]
     torch.manual_seed(seed + 1)
     return MultimodalLM.build(llm, tokenizer, configs).eval()
@@ -64,8 +73,12 @@ def main(argv=None) -> int:
         work = []
         for s in samples:
             options = lettered_options(s, None)
-            work.append((*build_prompt(model, template, s, task.modality_order)[:2],
-                         [o.continuation("{letter}") for o in options]))  # (prompt, media, continuations)
+            work.append(
+                (
+                    *build_prompt(model, template, s, task.modality_order)[:2],
+                    [o.continuation("{letter}") for o in options],
+                )
+            )  # (prompt, media, continuations)
         ctx_len = model.prepare_inputs([work[0][0]], [work[0][1]]).inputs_embeds.shape[1]
 
         methods = {
@@ -80,7 +93,7 @@ def main(argv=None) -> int:
         requests = [(p, c, m) for p, m, c in work]
         best_many, many = float("inf"), []
         with torch.inference_mode():
-            for name, fn in methods.items():  # warm-up: features cached, kernels loaded
+            for fn in methods.values():  # warm-up: features cached, kernels loaded
                 fn(*work[0])
             score_options_batch(model, requests[: args.batch])
             for _ in range(args.repeats):
@@ -90,8 +103,11 @@ def main(argv=None) -> int:
                         outputs[name][i] = fn(*item)
                         best[name][i] = min(best[name][i], time.perf_counter() - t0)
                 t0 = time.perf_counter()  # the same questions, `--batch` contexts per forward
-                many = [r for k in range(0, len(requests), args.batch)
-                        for r in score_options_batch(model, requests[k : k + args.batch])]
+                many = [
+                    r
+                    for k in range(0, len(requests), args.batch)
+                    for r in score_options_batch(model, requests[k : k + args.batch])
+                ]
                 best_many = min(best_many, time.perf_counter() - t0)
         qps = {k: len(work) / sum(v) for k, v in best.items()}
         qps["contexts batched"] = len(work) / best_many
@@ -102,17 +118,24 @@ def main(argv=None) -> int:
     worst_b = max(abs(a.logprob - b.logprob) for xs, ys in zip(cached, batched) for a, b in zip(xs, ys))
     worst_m = max(abs(a.logprob - b.logprob) for xs, ys in zip(cached, many) for a, b in zip(xs, ys))
     n_opts = len(work[0][2])
-    print(f"model: Llama hidden={args.hidden} layers={args.layers}, adapters image+audio+video+point; "
-          f"context {ctx_len} positions, {n_opts} options, {len(work)} questions, per-question best of {args.repeats}, "
-          f"torch threads {torch.get_num_threads()}")
+    print(
+        f"model: Llama hidden={args.hidden} layers={args.layers}, adapters image+audio+video+point; "
+        f"context {ctx_len} positions, {n_opts} options, {len(work)} questions, per-question best of {args.repeats}, "
+        f"torch threads {torch.get_num_threads()}"
+    )
     print(f"loglik with context reuse (KV cache)    : {cached_qps:8.2f} questions/s")
     print(f"loglik, full forward per option          : {full_qps:8.2f} questions/s")
     print(f"loglik, full forward, options batched     : {batched_qps:8.2f} questions/s")
     label = f"loglik, {args.batch} contexts per forward"
     print(f"{label:<41}: {qps['contexts batched']:8.2f} questions/s")
-    print(f"speed-up vs full forward per option: {cached_qps / full_qps:.2f}x; vs batched full forward: "
-          f"{cached_qps / batched_qps:.2f}x; contexts batched vs one at a time: {qps['contexts batched'] / cached_qps:.2f}x")
-    print(f"max |logprob difference|: {worst:.2e} (per option), {worst_b:.2e} (batched), {worst_m:.2e} (contexts batched)")
+    print(
+        f"speed-up vs full forward per option: {cached_qps / full_qps:.2f}x; vs batched full forward: "
+        f"{cached_qps / batched_qps:.2f}x; contexts batched vs one at a time: "
+        f"{qps['contexts batched'] / cached_qps:.2f}x"
+    )
+    print(
+        f"max |logprob difference|: {worst:.2e} (per option), {worst_b:.2e} (batched), {worst_m:.2e} (contexts batched)"
+    )
     return 0 if max(worst, worst_b, worst_m) < 1e-3 else 1
 
 

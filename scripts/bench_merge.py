@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Benchmark the streaming merge engine on synthetic checkpoints of realistic shapes.
 
-    python scripts/bench_merge.py --params 1e9 --models 3 --dtype float16 [--methods task_arithmetic,ties,pcb] [--repeat 3]
-                                  [--device cuda]
+    python scripts/bench_merge.py --params 1e9 --models 3 --dtype float16
+                                  [--methods task_arithmetic,ties,pcb] [--repeat 3] [--device cuda]
 
 Builds a base and n fine-tuned checkpoints (Llama-like tensor shapes, seeded) under a temporary
 directory, runs each method through `mcomp.merge.merge_checkpoints` in a fresh subprocess (so
@@ -13,6 +13,7 @@ flattened n×d float32 matrix, full sorts) at a size that fits in RAM, and extra
 linearly to the full size (clearly labelled; the sorts make the true time grow faster).
 The checkpoints are deleted at the end unless --keep.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,11 +39,19 @@ def llama_shapes(params: float, hidden=2048, inter=5632, kv=256, vocab=32000):
     shapes = {"model.embed_tokens.weight": (vocab, hidden)}
     for i in range(layers):
         p = f"model.layers.{i}."
-        shapes.update({p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.k_proj.weight": (kv, hidden),
-                       p + "self_attn.v_proj.weight": (kv, hidden), p + "self_attn.o_proj.weight": (hidden, hidden),
-                       p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
-                       p + "mlp.down_proj.weight": (hidden, inter), p + "input_layernorm.weight": (hidden,),
-                       p + "post_attention_layernorm.weight": (hidden,)})
+        shapes.update(
+            {
+                p + "self_attn.q_proj.weight": (hidden, hidden),
+                p + "self_attn.k_proj.weight": (kv, hidden),
+                p + "self_attn.v_proj.weight": (kv, hidden),
+                p + "self_attn.o_proj.weight": (hidden, hidden),
+                p + "mlp.gate_proj.weight": (inter, hidden),
+                p + "mlp.up_proj.weight": (inter, hidden),
+                p + "mlp.down_proj.weight": (hidden, inter),
+                p + "input_layernorm.weight": (hidden,),
+                p + "post_attention_layernorm.weight": (hidden,),
+            }
+        )
     shapes["model.norm.weight"] = (hidden,)
     shapes["lm_head.weight"] = (vocab, hidden)
     return shapes
@@ -105,7 +114,9 @@ def rss_anon(pid: int) -> int:
 def run_child(args: list[str]) -> dict:
     """Run this script as a worker; sample its anonymous memory; return its JSON result."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, __file__, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     peak = [0]
     done = threading.Event()
 
@@ -203,13 +214,22 @@ def main() -> int:
     ap.add_argument("--methods", default="task_arithmetic,ties,pcb", help="comma-separated methods")
     ap.add_argument("--threads", type=int, default=2, help="torch threads per worker (default 2 = this machine)")
     ap.add_argument("--chunk", type=int, default=1 << 20, help="engine chunk (coordinates)")
-    ap.add_argument("--device", default="cpu", help="where the per-chunk maths runs: cpu or cuda (reading and "
-                                                     "writing stay on the host)")
-    ap.add_argument("--ref-params", type=float, default=3e7, help="size at which the released-code PCB is run (0: skip)")
+    ap.add_argument(
+        "--device",
+        default="cpu",
+        help="where the per-chunk maths runs: cpu or cuda (reading and writing stay on the host)",
+    )
+    ap.add_argument(
+        "--ref-params", type=float, default=3e7, help="size at which the released-code PCB is run (0: skip)"
+    )
     ap.add_argument("--workdir", default="/tmp", help="where the synthetic checkpoints go")
-    ap.add_argument("--repeat", type=int, default=1,
-                    help="rounds over the methods, interleaved (TA, TIES, PCB, TA, ...); the table shows each "
-                         "method's median and the ratios of medians (default 1)")
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds over the methods, interleaved (TA, TIES, PCB, TA, ...); the table shows each "
+        "method's median and the ratios of medians (default 1)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints")
     # worker mode (internal)
@@ -229,8 +249,11 @@ def main() -> int:
     try:
         shapes = llama_shapes(a.params)
         total = sum(math.prod(s) for s in shapes.values())
-        print(f"building base + {a.models} fine-tuned checkpoints: {total / 1e9:.3f}B parameters each, {a.dtype}, "
-              f"{len(shapes)} tensors, under {root}", flush=True)
+        print(
+            f"building base + {a.models} fine-tuned checkpoints: {total / 1e9:.3f}B parameters each, {a.dtype}, "
+            f"{len(shapes)} tensors, under {root}",
+            flush=True,
+        )
         t0 = time.perf_counter()
         dirs = build(root, shapes, a.models, a.dtype, a.seed)
         os.sync()  # flush the build's dirty pages so no method pays for their writeback
@@ -244,12 +267,17 @@ def main() -> int:
                 print(f"running {method} (round {round_ + 1}) ...", flush=True)
                 runs[method].append(run_child(["--worker", method, "--out", str(root / f"out-{method}"), *common]))
                 r = runs[method][-1]  # printed now too, so a run cut short still reports what finished
-                print(f"  {method}: merge {r['seconds']:.1f} s, wall {r['wall']:.1f} s, "
-                      f"peak anon {r['peak_anon'] / GIB:.2f} GiB", flush=True)
+                print(
+                    f"  {method}: merge {r['seconds']:.1f} s, wall {r['wall']:.1f} s, "
+                    f"peak anon {r['peak_anon'] / GIB:.2f} GiB",
+                    flush=True,
+                )
         rows = [(m, median_run(runs[m])) for m in methods]
         if a.repeat > 1:
-            print("\nper-round merge seconds: " + "; ".join(
-                f"{m} " + ", ".join(f"{r['seconds']:.1f}" for r in runs[m]) for m in methods))
+            print(
+                "\nper-round merge seconds: "
+                + "; ".join(f"{m} " + ", ".join(f"{r['seconds']:.1f}" for r in runs[m]) for m in methods)
+            )
         ref_row = None
         if a.ref_params > 0:
             print("running PCB the released-code way (in memory) ...", flush=True)
@@ -258,29 +286,40 @@ def main() -> int:
         ta = next((r for m, r in rows if m == "task_arithmetic"), None)
         print()
         print(f"load average during the runs (other users of the 2 cores): {os.getloadavg()[0]:.2f} (1 min)")
-        print(f"Synthetic Llama-like checkpoints: base + {a.models} models x {total / 1e9:.3f}B params, {a.dtype}; "
-              f"{a.threads} torch threads; maths on {a.device}; engine chunk {a.chunk}; "
-              f"median of {max(1, a.repeat)} run(s) per method")
+        print(
+            f"Synthetic Llama-like checkpoints: base + {a.models} models x {total / 1e9:.3f}B params, {a.dtype}; "
+            f"{a.threads} torch threads; maths on {a.device}; engine chunk {a.chunk}; "
+            f"median of {max(1, a.repeat)} run(s) per method"
+        )
         head = f"{'method':<44} {'merge s':>9} {'wall s':>8} {'passes':>6} {'peak anon GiB':>14} {'time / TA':>10}"
         print(head)
         print("-" * len(head))
         for method, r in rows:
             ratio = f"{r['seconds'] / ta['seconds']:.2f}" if ta else "-"
-            print(f"{method:<44} {r['seconds']:>9.1f} {r['wall']:>8.1f} {r['passes']:>6} {r['peak_anon'] / GIB:>14.2f} {ratio:>10}")
+            print(
+                f"{method:<44} {r['seconds']:>9.1f} {r['wall']:>8.1f} {r['passes']:>6} "
+                f"{r['peak_anon'] / GIB:>14.2f} {ratio:>10}"
+            )
         if ref_row:
             p = ref_row["params"]
             f = total / p
-            print(f"{'pcb released-code way, measured @ %.2gB' % (p / 1e9):<44} {ref_row['seconds']:>9.1f} "
-                  f"{ref_row['wall']:>8.1f} {'-':>6} {ref_row['peak_anon'] / GIB:>14.2f} {'-':>10}")
+            print(
+                f"{'pcb released-code way, measured @ %.2gB' % (p / 1e9):<44} {ref_row['seconds']:>9.1f} "
+                f"{ref_row['wall']:>8.1f} {'-':>6} {ref_row['peak_anon'] / GIB:>14.2f} {'-':>10}"
+            )
             ext_t = ref_row["seconds"] * f
             ext_ratio = f"{ext_t / ta['seconds']:.2f}" if ta else "-"
-            print(f"{'pcb released-code way, EXTRAPOLATED x%.1f' % f:<44} {ext_t:>9.0f} {'-':>8} {'-':>6} "
-                  f"{ref_row['peak_anon'] * f / GIB:>14.1f} {ext_ratio:>10}")
+            print(
+                f"{'pcb released-code way, EXTRAPOLATED x%.1f' % f:<44} {ext_t:>9.0f} {'-':>8} {'-':>6} "
+                f"{ref_row['peak_anon'] * f / GIB:>14.1f} {ext_ratio:>10}"
+            )
         pcb = next((r for m, r in rows if m == "pcb"), None)
         if pcb and ta:
             print()
-            print(f"PCB / task arithmetic wall time (merge s): {pcb['seconds'] / ta['seconds']:.2f}x   "
-                  f"PCB peak private memory: {pcb['peak_anon'] / GIB:.2f} GiB")
+            print(
+                f"PCB / task arithmetic wall time (merge s): {pcb['seconds'] / ta['seconds']:.2f}x   "
+                f"PCB peak private memory: {pcb['peak_anon'] / GIB:.2f} GiB"
+            )
     finally:
         if not a.keep:
             shutil.rmtree(root, ignore_errors=True)

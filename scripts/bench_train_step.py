@@ -11,6 +11,7 @@ options, caption), rendered in the vicuna template. Encoder features are cached 
 warm-up pass, so the timings compare LLM work. Both paths must give the same losses (checked); the
 script exits non-zero if they differ.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,9 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
-
 from bench_loglik import build_model  # scripts/: a small random Llama with tiny adapters
+from PIL import Image
 
 COLOURS = ["red", "green", "blue", "yellow", "purple"]
 SHAPES = ["circle", "square", "triangle", "cross", "ring", "star"]
@@ -40,12 +40,21 @@ def make_samples(root: Path, n: int, seed: int) -> list[tuple[list[dict], dict]]
         if kind == 0:
             question, answer = "What colour is the object in the image?", colour
         elif kind == 1:
-            options = "\n".join(f"{letter}. {c}" for letter, c in zip("ABCD", rng.permutation(COLOURS)[:3].tolist() + [colour]))
-            question, answer = f"What colour is the object in the image?\n{options}\nAnswer with the option's text.", colour
+            options = "\n".join(
+                f"{letter}. {c}" for letter, c in zip("ABCD", rng.permutation(COLOURS)[:3].tolist() + [colour])
+            )
+            question, answer = (
+                f"What colour is the object in the image?\n{options}\nAnswer with the option's text.",
+                colour,
+            )
         else:
             question, answer = "Describe the image.", f"a {colour} {shape}"
-        samples.append(([{"from": "human", "value": f"image: <image>\n{question}"}, {"from": "gpt", "value": answer}],
-                        {"image": str(path)}))
+        samples.append(
+            (
+                [{"from": "human", "value": f"image: <image>\n{question}"}, {"from": "gpt", "value": answer}],
+                {"image": str(path)},
+            )
+        )
     return samples
 
 
@@ -90,8 +99,10 @@ def main(argv=None) -> int:
                 seconds, losses[share] = one_pass(share)
                 best[share] = min(best[share], seconds)
     mismatch = max(abs(a - b) / abs(a) for a, b in zip(losses[False], losses[True]))
-    print(f"hidden {args.hidden}, {args.layers} layers, batch {args.batch}, "
-          f"{'DAMC' if args.decoupled else 'plain'} LoRA, {args.threads} thread(s)")
+    print(
+        f"hidden {args.hidden}, {args.layers} layers, batch {args.batch}, "
+        f"{'DAMC' if args.decoupled else 'plain'} LoRA, {args.threads} thread(s)"
+    )
     print(f"plain forward:        {best[False]:.3f} s a step")
     print(f"shared-prefix forward: {best[True]:.3f} s a step  ({best[False] / best[True]:.2f}x)")
     print(f"largest relative loss difference: {mismatch:.1e}")

@@ -1,4 +1,5 @@
 """Tiny single-modality MLLMs trained for a few steps from one tiny base (shared by compose tests)."""
+
 from __future__ import annotations
 
 import json
@@ -17,8 +18,16 @@ def write_image_data(root: Path) -> Path:
     items = []
     for i, (name, rgb) in enumerate(COLOURS.items()):
         Image.new("RGB", (40, 32), rgb).save(root / f"img{i}.png")
-        items.append({"id": f"img{i}", "modal_inputs": {"image": [f"img{i}.png"]}, "conversations": [
-            {"from": "human", "value": "image: <image>\nWhat colour is it?"}, {"from": "gpt", "value": name}]})
+        items.append(
+            {
+                "id": f"img{i}",
+                "modal_inputs": {"image": [f"img{i}.png"]},
+                "conversations": [
+                    {"from": "human", "value": "image: <image>\nWhat colour is it?"},
+                    {"from": "gpt", "value": name},
+                ],
+            }
+        )
     path = root / "image_train.json"
     path.write_text(json.dumps(items))
     return path
@@ -29,8 +38,16 @@ def write_audio_data(root: Path) -> Path:
     for i, (name, hz) in enumerate(PITCHES.items()):
         t = np.arange(8000) / 16000
         sf.write(root / f"aud{i}.wav", (0.4 * np.sin(2 * math.pi * hz * t)).astype(np.float32), 16000)
-        items.append({"id": f"aud{i}", "modal_inputs": {"audio": [f"aud{i}.wav"]}, "conversations": [
-            {"from": "human", "value": "audio: <audio>\nHow high is the sound?"}, {"from": "gpt", "value": name}]})
+        items.append(
+            {
+                "id": f"aud{i}",
+                "modal_inputs": {"audio": [f"aud{i}.wav"]},
+                "conversations": [
+                    {"from": "human", "value": "audio: <audio>\nHow high is the sound?"},
+                    {"from": "gpt", "value": name},
+                ],
+            }
+        )
     path = root / "audio_train.json"
     path.write_text(json.dumps(items))
     return path
@@ -52,8 +69,17 @@ def train_models(root: Path) -> dict[str, Path]:
         for decoupled in (False, True):
             llm = build_llm(tokenizer, seed=0)  # the one shared base
             model = MultimodalLM.build(llm, tokenizer, [adapters[modality]])
-            cfg = TrainConfig(stage=2, decoupled=decoupled, lora_r=4, lora_alpha=8, learning_rate=1e-2,
-                              max_steps=4, batch_size=3, seed=1 if modality == "image" else 2, log_every=0)
+            cfg = TrainConfig(
+                stage=2,
+                decoupled=decoupled,
+                lora_r=4,
+                lora_alpha=8,
+                learning_rate=1e-2,
+                max_steps=4,
+                batch_size=3,
+                seed=1 if modality == "image" else 2,
+                log_every=0,
+            )
             train(model, samples, cfg, root / f"ckpt-{modality}-{decoupled}")
             name = f"{modality}-{'damc' if decoupled else 'plain'}"
             model.save_pretrained(root / name)

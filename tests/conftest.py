@@ -1,4 +1,5 @@
 """Shared fixtures: tiny models built locally and real media files written to disk."""
+
 from __future__ import annotations
 
 import pytest

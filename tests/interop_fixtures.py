@@ -1,12 +1,13 @@
 """Tiny stand-ins for the published files, with the released key names and file formats (tiny shapes).
 
-    base/                                   "Vicuna": tiny Llama + tokenizer (save_pretrained)
-    encoders/clip-vit-large-patch14-336/    transformers CLIPModel directory (vision_model.*, text_model.*)
-    encoders/BEATs_iter3_plus_AS2M.pt       {"cfg": upstream BEATsConfig fields, "model": state dict}
-    encoders/LanguageBind_Video_merge/      config.json (vision_config) + model.safetensors (vision_model.*, text)
-    encoders/point_bert_v1.2.pt             plain Point-BERT state dict
-    released/multimodal-vicuna-7b-v1.5-<m>-<flavour>/   config.json + adapter_model.bin (bf16 torch.save)
+base/                                   "Vicuna": tiny Llama + tokenizer (save_pretrained)
+encoders/clip-vit-large-patch14-336/    transformers CLIPModel directory (vision_model.*, text_model.*)
+encoders/BEATs_iter3_plus_AS2M.pt       {"cfg": upstream BEATsConfig fields, "model": state dict}
+encoders/LanguageBind_Video_merge/      config.json (vision_config) + model.safetensors (vision_model.*, text)
+encoders/point_bert_v1.2.pt             plain Point-BERT state dict
+released/multimodal-vicuna-7b-v1.5-<m>-<flavour>/   config.json + adapter_model.bin (bf16 torch.save)
 """
+
 from __future__ import annotations
 
 import json
@@ -20,20 +21,61 @@ from mcomp.lora import LLAMA_TARGETS
 HIDDEN, LAYERS, INTER = 64, 2, 128  # tiny-llama
 R, ALPHA = 4, 8.0
 CLUSTER = "/mnt/cluster/ckpts"  # where the released configs point (absent here)
-CLIP_VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                   image_size=32, patch_size=8, hidden_act="quick_gelu", projection_dim=48)
-LB_VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, image_size=32,
-                 patch_size=8, hidden_act="gelu", layer_norm_eps=1e-5, add_time_attn=True, num_frames=8)
-BEATS_CFG = {"input_patch_size": 16, "embed_dim": 16, "conv_bias": False, "encoder_layers": 2, "encoder_embed_dim": 32,
-             "encoder_ffn_embed_dim": 64, "encoder_attention_heads": 4, "activation_fn": "gelu",
-             "layer_norm_first": False, "deep_norm": True, "conv_pos": 16, "conv_pos_groups": 4,
-             "relative_position_embedding": True, "num_buckets": 32, "max_distance": 64, "gru_rel_pos": True,
-             # training-only fields as in the upstream cfg
-             "dropout": 0.1, "attention_dropout": 0.1, "activation_dropout": 0.0, "encoder_layerdrop": 0.05,
-             "dropout_input": 0.0, "layer_wise_gradient_decay_ratio": 0.6, "finetuned_model": False}
+CLIP_VISION = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    image_size=32,
+    patch_size=8,
+    hidden_act="quick_gelu",
+    projection_dim=48,
+)
+LB_VISION = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    image_size=32,
+    patch_size=8,
+    hidden_act="gelu",
+    layer_norm_eps=1e-5,
+    add_time_attn=True,
+    num_frames=8,
+)
+BEATS_CFG = {
+    "input_patch_size": 16,
+    "embed_dim": 16,
+    "conv_bias": False,
+    "encoder_layers": 2,
+    "encoder_embed_dim": 32,
+    "encoder_ffn_embed_dim": 64,
+    "encoder_attention_heads": 4,
+    "activation_fn": "gelu",
+    "layer_norm_first": False,
+    "deep_norm": True,
+    "conv_pos": 16,
+    "conv_pos_groups": 4,
+    "relative_position_embedding": True,
+    "num_buckets": 32,
+    "max_distance": 64,
+    "gru_rel_pos": True,
+    # training-only fields as in the upstream cfg
+    "dropout": 0.1,
+    "attention_dropout": 0.1,
+    "activation_dropout": 0.0,
+    "encoder_layerdrop": 0.05,
+    "dropout_input": 0.0,
+    "layer_wise_gradient_decay_ratio": 0.6,
+    "finetuned_model": False,
+}
 POINT_WIDTH = 64
-ENCODER_DIMS = {"vision": CLIP_VISION["hidden_size"], "audio": BEATS_CFG["encoder_embed_dim"],
-                "video": LB_VISION["hidden_size"], "point": POINT_WIDTH}
+ENCODER_DIMS = {
+    "vision": CLIP_VISION["hidden_size"],
+    "audio": BEATS_CFG["encoder_embed_dim"],
+    "video": LB_VISION["hidden_size"],
+    "point": POINT_WIDTH,
+}
 
 
 def write_base(root: Path) -> Path:
@@ -52,9 +94,18 @@ def write_clip_hf(path: Path, seed: int = 1, full: bool = True) -> Path:
 
     torch.manual_seed(seed)
     if full:
-        cfg = CLIPConfig(vision_config=CLIP_VISION, projection_dim=CLIP_VISION["projection_dim"],
-                         text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                          num_attention_heads=2, vocab_size=99, max_position_embeddings=16))
+        cfg = CLIPConfig(
+            vision_config=CLIP_VISION,
+            projection_dim=CLIP_VISION["projection_dim"],
+            text_config=dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                vocab_size=99,
+                max_position_embeddings=16,
+            ),
+        )
         model = CLIPModel(cfg)
     else:
         model = CLIPVisionModel(CLIPVisionConfig(**CLIP_VISION))
@@ -78,9 +129,12 @@ def write_languagebind(path: Path, seed: int = 2) -> Path:
     from safetensors.torch import save_file
 
     path.mkdir(parents=True)
-    cfg = {"model_type": "LanguageBindVideo", "projection_dim": 48,
-           "vision_config": {**LB_VISION, "force_patch_dropout": 0.3, "lora_r": 16, "video_decode_backend": "decord"},
-           "text_config": {"hidden_size": 32}}
+    cfg = {
+        "model_type": "LanguageBindVideo",
+        "projection_dim": 48,
+        "vision_config": {**LB_VISION, "force_patch_dropout": 0.3, "lora_r": 16, "video_decode_backend": "decord"},
+        "text_config": {"hidden_size": 32},
+    }
     (path / "config.json").write_text(json.dumps(cfg))
     save_file(languagebind_state(seed), str(path / "model.safetensors"))
     return path
@@ -125,31 +179,68 @@ def write_encoders(root: Path) -> Path:
 # --- released folders -----------------------------------------------------------------------------
 def released_config(modality: str, strategy: str, tokens: int, vocab: int) -> dict:
     cfg = {
-        "model_type": "multimodal", "architectures": ["MultimodalLlamaForCausalLM"],
-        "_name_or_path": f"{CLUSTER}/vicuna-7b-v1.5", "hidden_size": HIDDEN, "num_hidden_layers": LAYERS,
-        "intermediate_size": INTER, "num_attention_heads": 4, "vocab_size": vocab, "torch_dtype": "bfloat16",
-        "lora_strategy": strategy, "lora_r": R, "lora_alpha": ALPHA, "lora_dropout": 0.05,
-        "local_prefix_tokens": tokens, "local_suffix_tokens": tokens,
-        "mm_vision_encoder": None, "mm_vision_tower": None, "mm_audio_encoder": None, "mm_video_encoder": None,
-        "mm_point_encoder": None, "reset_scaling_weights": None, "merge_default_weights": None,
-        "tune_mm_mlp_adapter": False, "freeze_mm_mlp_adapter": False, "use_mm_proj": True,
-        "seperate_layernorm": False, "layer_local_tokens": False,
+        "model_type": "multimodal",
+        "architectures": ["MultimodalLlamaForCausalLM"],
+        "_name_or_path": f"{CLUSTER}/vicuna-7b-v1.5",
+        "hidden_size": HIDDEN,
+        "num_hidden_layers": LAYERS,
+        "intermediate_size": INTER,
+        "num_attention_heads": 4,
+        "vocab_size": vocab,
+        "torch_dtype": "bfloat16",
+        "lora_strategy": strategy,
+        "lora_r": R,
+        "lora_alpha": ALPHA,
+        "lora_dropout": 0.05,
+        "local_prefix_tokens": tokens,
+        "local_suffix_tokens": tokens,
+        "mm_vision_encoder": None,
+        "mm_vision_tower": None,
+        "mm_audio_encoder": None,
+        "mm_video_encoder": None,
+        "mm_point_encoder": None,
+        "reset_scaling_weights": None,
+        "merge_default_weights": None,
+        "tune_mm_mlp_adapter": False,
+        "freeze_mm_mlp_adapter": False,
+        "use_mm_proj": True,
+        "seperate_layernorm": False,
+        "layer_local_tokens": False,
     }
     if modality == "vision":
         path = f"{CLUSTER}/openai/clip-vit-large-patch14-336"
-        cfg.update(mm_vision_encoder=path, mm_vision_tower=path, mm_hidden_size=ENCODER_DIMS["vision"],
-                   mm_projector_type="mlp2x_gelu", mm_vision_select_layer=-2, mm_vision_select_feature="patch",
-                   image_aspect_ratio="pad")
+        cfg.update(
+            mm_vision_encoder=path,
+            mm_vision_tower=path,
+            mm_hidden_size=ENCODER_DIMS["vision"],
+            mm_projector_type="mlp2x_gelu",
+            mm_vision_select_layer=-2,
+            mm_vision_select_feature="patch",
+            image_aspect_ratio="pad",
+        )
     elif modality == "audio":
-        cfg.update(mm_audio_encoder=f"{CLUSTER}/beats/BEATs_iter3_plus_AS2M.pt", image_aspect_ratio="square",
-                   mm_audio_hidden_size=ENCODER_DIMS["audio"], mm_audio_projector_type="qformer_32N_2L")
+        cfg.update(
+            mm_audio_encoder=f"{CLUSTER}/beats/BEATs_iter3_plus_AS2M.pt",
+            image_aspect_ratio="square",
+            mm_audio_hidden_size=ENCODER_DIMS["audio"],
+            mm_audio_projector_type="qformer_32N_2L",
+        )
     elif modality == "video":
-        cfg.update(mm_video_encoder=f"{CLUSTER}/LanguageBind/LanguageBind_Video_merge", image_aspect_ratio="pad",
-                   mm_video_hidden_size=ENCODER_DIMS["video"], mm_video_projector_type="mlp2x_gelu",
-                   mm_video_select_layer=-2, mm_video_select_feature="patch")
+        cfg.update(
+            mm_video_encoder=f"{CLUSTER}/LanguageBind/LanguageBind_Video_merge",
+            image_aspect_ratio="pad",
+            mm_video_hidden_size=ENCODER_DIMS["video"],
+            mm_video_projector_type="mlp2x_gelu",
+            mm_video_select_layer=-2,
+            mm_video_select_feature="patch",
+        )
     else:
-        cfg.update(mm_point_encoder=f"{CLUSTER}/point_bert_v1.2.pt", image_aspect_ratio="square",
-                   mm_point_hidden_size=ENCODER_DIMS["point"], mm_point_projector_type="mlp2x_gelu")
+        cfg.update(
+            mm_point_encoder=f"{CLUSTER}/point_bert_v1.2.pt",
+            image_aspect_ratio="square",
+            mm_point_hidden_size=ENCODER_DIMS["point"],
+            mm_point_projector_type="mlp2x_gelu",
+        )
     return cfg
 
 
@@ -159,19 +250,38 @@ def projector_state(modality: str, gen: torch.Generator) -> dict[str, torch.Tens
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
-            proj = QFormerProjector(QFormerConfig(num_queries=32, num_layers=2, hidden_size=64, num_heads=1,
-                                                  intermediate_size=128, encoder_width=ENCODER_DIMS["audio"],
-                                                  max_positions=1024), HIDDEN)
+            proj = QFormerProjector(
+                QFormerConfig(
+                    num_queries=32,
+                    num_layers=2,
+                    hidden_size=64,
+                    num_heads=1,
+                    intermediate_size=128,
+                    encoder_width=ENCODER_DIMS["audio"],
+                    max_positions=1024,
+                ),
+                HIDDEN,
+            )
         return {k: v.clone() for k, v in proj.state_dict().items()}
     d = ENCODER_DIMS[modality]
-    return {"0.weight": torch.randn(HIDDEN, d, generator=gen) * d**-0.5, "0.bias": torch.randn(HIDDEN, generator=gen) * 0.1,
-            "2.weight": torch.randn(HIDDEN, HIDDEN, generator=gen) * HIDDEN**-0.5,
-            "2.bias": torch.randn(HIDDEN, generator=gen) * 0.1}
+    return {
+        "0.weight": torch.randn(HIDDEN, d, generator=gen) * d**-0.5,
+        "0.bias": torch.randn(HIDDEN, generator=gen) * 0.1,
+        "2.weight": torch.randn(HIDDEN, HIDDEN, generator=gen) * HIDDEN**-0.5,
+        "2.bias": torch.randn(HIDDEN, generator=gen) * 0.1,
+    }
 
 
 def lora_state(adapter: str, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    dims = {"q_proj": (HIDDEN, HIDDEN), "k_proj": (HIDDEN, HIDDEN), "v_proj": (HIDDEN, HIDDEN), "o_proj": (HIDDEN, HIDDEN),
-            "gate_proj": (HIDDEN, INTER), "up_proj": (HIDDEN, INTER), "down_proj": (INTER, HIDDEN)}
+    dims = {
+        "q_proj": (HIDDEN, HIDDEN),
+        "k_proj": (HIDDEN, HIDDEN),
+        "v_proj": (HIDDEN, HIDDEN),
+        "o_proj": (HIDDEN, HIDDEN),
+        "gate_proj": (HIDDEN, INTER),
+        "up_proj": (HIDDEN, INTER),
+        "down_proj": (INTER, HIDDEN),
+    }
     out = {}
     for layer in range(LAYERS):
         for target in LLAMA_TARGETS:
@@ -198,8 +308,16 @@ def released_state(modality: str, damc: bool, seed: int) -> "OrderedDict[str, to
     return OrderedDict((k, v.to(torch.bfloat16)) for k, v in state.items())
 
 
-def write_released(root: Path, modality: str, flavour: str, vocab: int, seed: int, *, strategy: str | None = None,
-                   folder_flavour: str | None = None) -> Path:
+def write_released(
+    root: Path,
+    modality: str,
+    flavour: str,
+    vocab: int,
+    seed: int,
+    *,
+    strategy: str | None = None,
+    folder_flavour: str | None = None,
+) -> Path:
     """A released folder; `strategy` overrides the config (e.g. a `-damc` folder trained with `same`)."""
     damc = flavour == "damc"
     strategy = strategy or ("modal+language" if damc else "same")

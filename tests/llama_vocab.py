@@ -7,6 +7,7 @@ write a SentencePiece ModelProto equivalent to LLaMA's tokenizer.model, the Vicu
 it, and an independent re-implementation of what the published code's slow tokenizer (transformers 4.31
 `LlamaTokenizer`) returns, so the transformers-5 tokenizer that mcomp loads can be compared against it.
 """
+
 from __future__ import annotations
 
 import array
@@ -70,8 +71,10 @@ def fetch_package(cache_dir: str | Path | None = None) -> Path:
             with urllib.request.urlopen(PACKAGE_URL, timeout=60) as resp:
                 data = resp.read()
         except OSError as e:  # URLError and timeouts are OSErrors
-            raise RuntimeError(f"could not download {PACKAGE_URL}: {e}. For offline runs put the tarball in "
-                               f"{cache} (or point MCOMP_TEST_CACHE at a folder holding it).") from e
+            raise RuntimeError(
+                f"could not download {PACKAGE_URL}: {e}. For offline runs put the tarball in "
+                f"{cache} (or point MCOMP_TEST_CACHE at a folder holding it)."
+            ) from e
         got = _integrity(data)
         if got != PACKAGE_INTEGRITY:
             raise RuntimeError(f"integrity mismatch for {PACKAGE_URL}: expected {PACKAGE_INTEGRITY}, got {got}")
@@ -117,8 +120,18 @@ def parse_vocab_and_merges(js: str) -> tuple[list[str], list[tuple[int, int]]]:
     return vocab, list(zip(ids[0::2], ids[1::2]))
 
 
-_JS_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "b": "\b", "f": "\f", "v": "\v", "0": "\0",
-               "\\": "\\", "'": "'", '"': '"'}
+_JS_ESCAPES = {
+    "n": "\n",
+    "t": "\t",
+    "r": "\r",
+    "b": "\b",
+    "f": "\f",
+    "v": "\v",
+    "0": "\0",
+    "\\": "\\",
+    "'": "'",
+    '"': '"',
+}
 
 
 def _js_unescape(s: str) -> str:
@@ -136,8 +149,9 @@ def _js_unescape(s: str) -> str:
 def js_test_cases(js: str) -> list[tuple[str, list[int]]]:
     """The package's own `testCase(input, expectedIds)` calls (input string literal, expected ids with BOS)."""
     pattern = re.compile(r"testCase\(\s*([\"'])((?:\\.|(?!\1).)*)\1\s*,\s*\[([\d\s,]*)\]\s*\)", re.DOTALL)
-    return [(_js_unescape(m.group(2)), [int(t) for t in m.group(3).replace(",", " ").split()])
-            for m in pattern.finditer(js)]
+    return [
+        (_js_unescape(m.group(2)), [int(t) for t in m.group(3).replace(",", " ").split()]) for m in pattern.finditer(js)
+    ]
 
 
 def load_package(cache_dir: str | Path | None = None) -> tuple[list[str], list[tuple[int, int]], str]:
@@ -253,8 +267,9 @@ def write_vicuna_tokenizer(folder: str | Path, model: bytes | None = None, legac
     }
     if legacy is None:
         del config["legacy"]
-    special = {k: _added_token(v, False) for k, v in (("bos_token", "<s>"), ("eos_token", "</s>"),
-                                                        ("unk_token", "<unk>"))}
+    special = {
+        k: _added_token(v, False) for k, v in (("bos_token", "<s>"), ("eos_token", "</s>"), ("unk_token", "<unk>"))
+    }
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n", encoding="utf-8")
     return folder

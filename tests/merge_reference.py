@@ -4,6 +4,7 @@ Everything is flattened into one n×d float32 matrix (per scope) and uses torch.
 torch.kthvalue at the spec's exact indices — the way the papers' released code works.
 Nothing here imports mcomp.merge.
 """
+
 from __future__ import annotations
 
 import torch
@@ -19,7 +20,7 @@ def unflatten(vec, base, keys):
     out, pos = {}, 0
     for k in keys:
         n = base[k].numel()
-        out[k] = vec[pos:pos + n].reshape(base[k].shape)
+        out[k] = vec[pos : pos + n].reshape(base[k].shape)
         pos += n
     return out
 
@@ -69,7 +70,7 @@ def pcb(tau, ratio=0.1, clip=0.01, inter="v1", weights=None, scale=1.0):
     mn, mx = a.min(1, keepdim=True).values, a.max(1, keepdim=True).values
     rng = mx - mn
     norm = torch.where(rng > 0, (a - mn) / torch.where(rng > 0, rng, 1), torch.zeros_like(a))
-    intra = torch.exp(n * norm ** 2)
+    intra = torch.exp(n * norm**2)
     hat = torch.sign(tau) * norm
     if inter == "v1":
         cross = torch.tanh(tau * tau.sum(0))

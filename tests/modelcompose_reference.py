@@ -8,12 +8,15 @@
 - `published_labels`: `preprocess_v1`'s masking: rounds cut at sep2, instruction length
   len(tok(instruction + " ASSISTANT: ")) - 2, whole sample masked on a length mismatch.
 """
+
 from __future__ import annotations
 
 from mcomp.conversation import IGNORE_INDEX
 
-SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
-          "detailed, and polite answers to the user's questions.")
+SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+    "detailed, and polite answers to the user's questions."
+)
 
 
 def published_prompt(conversations) -> str:

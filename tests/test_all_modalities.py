@@ -1,5 +1,6 @@
 """A tiny MLLM with all four adapters, on one prompt holding an image, an audio clip, a video and a
 point cloud, each written to disk and decoded from there."""
+
 from __future__ import annotations
 
 import math
@@ -14,7 +15,10 @@ from PIL import Image
 
 from mcomp.errors import MediaBatchError
 from mcomp.tiny import (
-    build_tiny_mllm, tiny_audio_adapter_config, tiny_image_adapter_config, tiny_point_adapter_config,
+    build_tiny_mllm,
+    tiny_audio_adapter_config,
+    tiny_image_adapter_config,
+    tiny_point_adapter_config,
     tiny_video_adapter_config,
 )
 
@@ -38,25 +42,40 @@ def media_files(tmp_path_factory):
     pcd = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(np.asarray(mesh.vertices)))
     pcd.colors = o3d.utility.Vector3dVector(np.tile([[0.9, 0.1, 0.1]], (len(mesh.vertices), 1)))
     o3d.io.write_point_cloud(str(root / "cube.ply"), pcd)
-    return {"image": root / "img.png", "audio": root / "clip.wav", "video": root / "clip.mp4", "point": root / "cube.ply"}
+    return {
+        "image": root / "img.png",
+        "audio": root / "clip.wav",
+        "video": root / "clip.mp4",
+        "point": root / "cube.ply",
+    }
 
 
 @pytest.fixture(scope="module")
 def model():
-    configs = [tiny_image_adapter_config(), tiny_audio_adapter_config(), tiny_video_adapter_config(),
-               tiny_point_adapter_config()]
+    configs = [
+        tiny_image_adapter_config(),
+        tiny_audio_adapter_config(),
+        tiny_video_adapter_config(),
+        tiny_point_adapter_config(),
+    ]
     return build_tiny_mllm(configs, seed=0)
 
 
 def prompt(model):
-    return model.template.prompt("image: <image>\naudio: <audio>\nvideo: <video>\npoint: <point>\n"
-                                 "What do all four inputs have in common?\nA. red\nB. blue\nC. loud\nD. round\n"
-                                 "Answer with the option's letter from the given choices directly.")
+    return model.template.prompt(
+        "image: <image>\naudio: <audio>\nvideo: <video>\npoint: <point>\n"
+        "What do all four inputs have in common?\nA. red\nB. blue\nC. loud\nD. round\n"
+        "Answer with the option's letter from the given choices directly."
+    )
 
 
 def as_media(files):  # the released key for images is "vision"
-    return {"vision": [str(files["image"])], "audio": [str(files["audio"])], "video": [str(files["video"])],
-            "point": [str(files["point"])]}
+    return {
+        "vision": [str(files["image"])],
+        "audio": [str(files["audio"])],
+        "video": [str(files["video"])],
+        "point": [str(files["point"])],
+    }
 
 
 def test_four_modalities_are_spliced_in_order(model, media_files):

@@ -1,5 +1,6 @@
 """The library's structure: no import cycles between its modules (function-local imports included),
 and registries that reach mcomp's own units the way they reach plug-ins' (entry points)."""
+
 from __future__ import annotations
 
 import ast
@@ -8,8 +9,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = {"mcomp": "mcomp", "encoders": "mcomp.encoders", "benchmarks": "mcomp.benchmarks",
-            "configs": "mcomp.configs"}  # source folder -> installed package (pyproject's package-dir)
+PACKAGES = {
+    "mcomp": "mcomp",
+    "encoders": "mcomp.encoders",
+    "benchmarks": "mcomp.benchmarks",
+    "configs": "mcomp.configs",
+}  # source folder -> installed package (pyproject's package-dir)
 
 
 def library_modules() -> dict[str, Path]:
@@ -27,6 +32,7 @@ def import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
     """module -> the library modules it imports anywhere in its body. `from package import name`
     counts as importing the submodule when `name` is one, else the package; the implicit import of a
     parent package's __init__ by any submodule import is Python's, not an edge."""
+
     def owner(name: str) -> str | None:
         while name and name not in modules:
             name = name.rpartition(".")[0]
@@ -46,8 +52,9 @@ def import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
                 names = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
             else:
                 continue
-            edges |= {target for name in names if name.startswith("mcomp") and (target := owner(name)) not in
-                      (None, module)}
+            edges |= {
+                target for name in names if name.startswith("mcomp") and (target := owner(name)) not in (None, module)
+            }
         graph[module] = edges
     return graph
 
@@ -88,7 +95,8 @@ def test_no_import_cycles():
     assert len(graph) > 80 and "mcomp.model" in graph["mcomp.train"] | graph["mcomp.compose"] | graph["mcomp"]
     found = cycles(graph)
     assert not found, "import cycles:\n" + "\n".join(
-        " -> ".join(c) + "\n    " + "; ".join(f"{m} imports {sorted(graph[m] & set(c))}" for m in c) for c in found)
+        " -> ".join(c) + "\n    " + "; ".join(f"{m} imports {sorted(graph[m] & set(c))}" for m in c) for c in found
+    )
 
 
 def test_the_cycle_finder_finds_a_cycle():
@@ -96,10 +104,13 @@ def test_the_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": set()}) == []
 
 
-@pytest.mark.parametrize("group,registry", [
-    ("mcomp.modalities", "mcomp.modality:available_adapters"),
-    ("mcomp.merge_methods", "mcomp.merge:available_methods"),
-])
+@pytest.mark.parametrize(
+    "group,registry",
+    [
+        ("mcomp.modalities", "mcomp.modality:available_adapters"),
+        ("mcomp.merge_methods", "mcomp.merge:available_methods"),
+    ],
+)
 def test_registries_hold_every_entry_point(group, registry):
     """mcomp's own units come through the entry points it declares, as a plug-in's would."""
     import importlib
@@ -124,8 +135,10 @@ def test_the_modality_table_reads_without_torch_and_the_adapters_follow_it():
     import subprocess
     import sys
 
-    code = ("import sys, mcomp.modalities as m; assert 'torch' not in sys.modules, 'torch imported'; "
-            "print(','.join(f'{n}={t.placeholder}={t.published_key}' for n, t in m.MODALITIES.items()))")
+    code = (
+        "import sys, mcomp.modalities as m; assert 'torch' not in sys.modules, 'torch imported'; "
+        "print(','.join(f'{n}={t.placeholder}={t.published_key}' for n, t in m.MODALITIES.items()))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "image=<image>=vision,audio=<audio>=audio,video=<video>=video,point=<point>=point"
     from mcomp.modalities import MODALITIES

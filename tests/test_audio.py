@@ -1,5 +1,6 @@
 """Audio adapters: decoding real files, fbank front-end vs direct torchaudio calls, BEATs and Q-Former
 shapes/key names (tiny and published size), bad media, and the composed model on audio prompts."""
+
 from __future__ import annotations
 
 import math
@@ -19,8 +20,8 @@ from mcomp.encoders.beats import BEATs, BEATsConfig, relative_position_bucket
 from mcomp.encoders.qformer import QFormerConfig, QFormerProjector, parse_qformer_type
 from mcomp.errors import MediaBatchError, MediaError
 from mcomp.io import save_tensors
-from mcomp.tiny import tiny_audio_adapter_config
 from mcomp.resources import load_config
+from mcomp.tiny import tiny_audio_adapter_config
 
 SR44 = 44100
 
@@ -113,10 +114,16 @@ def _reference_fbank(mono: torch.Tensor, target_length: int) -> torch.Tensor:
 
 
 # --- decoding ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("key, rate, channels, seconds, hz", [
-    ("wav", 16000, 1, 1.5, 1000), ("flac", SR44, 2, 2.0, 440), ("ogg", 22050, 1, 1.0, 660),
-    ("mp3", 22050, 1, 1.0, 880), ("mp4", 22050, 2, 1.0, 440),
-])
+@pytest.mark.parametrize(
+    "key, rate, channels, seconds, hz",
+    [
+        ("wav", 16000, 1, 1.5, 1000),
+        ("flac", SR44, 2, 2.0, 440),
+        ("ogg", 22050, 1, 1.0, 660),
+        ("mp3", 22050, 1, 1.0, 880),
+        ("mp4", 22050, 2, 1.0, 440),
+    ],
+)
 def test_decodes_each_format_from_disk(media, key, rate, channels, seconds, hz):
     audio = load_audio(str(media[key]))
     assert audio.sample_rate == rate and audio.waveform.shape[0] == channels
@@ -164,22 +171,27 @@ def test_in_memory_inputs_match_the_file_path(adapter, media):
     from_file = adapter.input_tensor(str(media["wav"]))
     pair = (media["tone_samples"], 16000)
     torch.testing.assert_close(adapter.input_tensor(pair), from_file)
-    torch.testing.assert_close(adapter.input_tensor(DecodedAudio(torch.from_numpy(media["tone_samples"])[None], 16000)), from_file)
+    torch.testing.assert_close(
+        adapter.input_tensor(DecodedAudio(torch.from_numpy(media["tone_samples"])[None], 16000)), from_file
+    )
     assert adapter.input_tensor(from_file) is from_file  # already an fbank of the right shape
     with pytest.raises(MediaError, match="expected a file path, DecodedAudio or"):
         adapter.input_tensor(media["tone_samples"])  # no sample rate
 
 
 # --- bad media --------------------------------------------------------------------------------
-@pytest.mark.parametrize("key, message", [
-    ("empty", "empty \\(zero samples\\)"),
-    ("corrupt", "unreadable or corrupt audio file"),
-    ("corrupt_mp4", "unreadable or corrupt media file"),
-    ("txt", "unsupported audio file type '.txt'"),
-    ("png", "unsupported audio file type '.png'"),
-    ("png_as_wav", "unreadable or corrupt audio file"),
-    ("video_only", "no audio stream \\(streams: video\\)"),
-])
+@pytest.mark.parametrize(
+    "key, message",
+    [
+        ("empty", "empty \\(zero samples\\)"),
+        ("corrupt", "unreadable or corrupt audio file"),
+        ("corrupt_mp4", "unreadable or corrupt media file"),
+        ("txt", "unsupported audio file type '.txt'"),
+        ("png", "unsupported audio file type '.png'"),
+        ("png_as_wav", "unreadable or corrupt audio file"),
+        ("video_only", "no audio stream \\(streams: video\\)"),
+    ],
+)
 def test_bad_media_raise_media_error_naming_the_file(adapter, media, key, message):
     with pytest.raises(MediaError, match=message) as err:
         adapter.input_tensor(str(media[key]))
@@ -244,8 +256,16 @@ def test_upstream_checkpoint_layout_loads(tmp_path):
     state[prefix + "weight_g"] = state.pop(prefix + "parametrizations.weight.original0")
     state[prefix + "weight_v"] = state.pop(prefix + "parametrizations.weight.original1")
     state["predictor.weight"] = torch.zeros(527, 32)
-    upstream_cfg = {**cfg, "dropout": 0.1, "encoder_layerdrop": 0.05, "layer_wise_gradient_decay_ratio": 0.6,
-                    "relative_position_embedding": True, "gru_rel_pos": True, "deep_norm": True, "finetuned_model": True}
+    upstream_cfg = {
+        **cfg,
+        "dropout": 0.1,
+        "encoder_layerdrop": 0.05,
+        "layer_wise_gradient_decay_ratio": 0.6,
+        "relative_position_embedding": True,
+        "gru_rel_pos": True,
+        "deep_norm": True,
+        "finetuned_model": True,
+    }
     path = tmp_path / "BEATs_tiny.pt"
     torch.save({"cfg": upstream_cfg, "model": state}, path)
     torch.manual_seed(2)  # a different random init, fully overwritten by the file
@@ -287,12 +307,27 @@ def test_qformer_layers_match_transformers_bert_layers():
     from transformers.models.bert.modeling_bert import BertLayer
 
     torch.manual_seed(0)
-    cfg = QFormerConfig(num_queries=8, num_layers=2, hidden_size=32, num_heads=4, intermediate_size=64,
-                        encoder_width=32, max_positions=64, dropout=0.0)
+    cfg = QFormerConfig(
+        num_queries=8,
+        num_layers=2,
+        hidden_size=32,
+        num_heads=4,
+        intermediate_size=64,
+        encoder_width=32,
+        max_positions=64,
+        dropout=0.0,
+    )
     qformer = QFormerProjector(cfg, 16).eval()
-    bert_cfg = BertConfig(hidden_size=32, num_attention_heads=4, intermediate_size=64, is_decoder=True,
-                          add_cross_attention=True, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                          layer_norm_eps=1e-12)
+    bert_cfg = BertConfig(
+        hidden_size=32,
+        num_attention_heads=4,
+        intermediate_size=64,
+        is_decoder=True,
+        add_cross_attention=True,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        layer_norm_eps=1e-12,
+    )
     bert_cfg._attn_implementation = "eager"
     layers = []
     for ours in qformer.audio_Qformer.bert.encoder.layer:
@@ -304,7 +339,9 @@ def test_qformer_layers_match_transformers_bert_layers():
         got = qformer(feats)
         context = feats + qformer.audio_position_embedding.weight[:40]
         ln = qformer.audio_Qformer.bert.embeddings.LayerNorm
-        x = torch.nn.functional.layer_norm(qformer.audio_query_tokens.expand(3, -1, -1), (32,), ln.weight, ln.bias, 1e-12)
+        x = torch.nn.functional.layer_norm(
+            qformer.audio_query_tokens.expand(3, -1, -1), (32,), ln.weight, ln.bias, 1e-12
+        )
         for ref in layers:
             out = ref(x, attention_mask=None, encoder_hidden_states=context)
             x = out[0] if isinstance(out, tuple) else out
@@ -320,20 +357,31 @@ def test_published_size_shapes_keys_and_counts(media):
     adapter = AudioAdapter(AudioAdapterConfig(), llm_hidden_size=4096).eval()
     enc = adapter.encoder.state_dict()
     expected = {
-        "patch_embedding.weight": (512, 1, 16, 16), "layer_norm.weight": (512,), "post_extract_proj.weight": (768, 512),
-        "post_extract_proj.bias": (768,), "encoder.pos_conv.0.parametrizations.weight.original0": (1, 1, 128),
-        "encoder.pos_conv.0.parametrizations.weight.original1": (768, 48, 128), "encoder.pos_conv.0.bias": (768,),
+        "patch_embedding.weight": (512, 1, 16, 16),
+        "layer_norm.weight": (512,),
+        "post_extract_proj.weight": (768, 512),
+        "post_extract_proj.bias": (768,),
+        "encoder.pos_conv.0.parametrizations.weight.original0": (1, 1, 128),
+        "encoder.pos_conv.0.parametrizations.weight.original1": (768, 48, 128),
+        "encoder.pos_conv.0.bias": (768,),
         "encoder.layer_norm.bias": (768,),
     }
     for i in (0, 11):
         p = f"encoder.layers.{i}."
-        expected.update({
-            p + "self_attn.q_proj.weight": (768, 768), p + "self_attn.out_proj.bias": (768,),
-            p + "self_attn.grep_linear.weight": (8, 64), p + "self_attn.grep_linear.bias": (8,),
-            p + "self_attn.grep_a": (1, 12, 1, 1), p + "self_attn.relative_attention_bias.weight": (320, 12),
-            p + "self_attn_layer_norm.weight": (768,), p + "fc1.weight": (3072, 768), p + "fc2.weight": (768, 3072),
-            p + "final_layer_norm.bias": (768,),
-        })
+        expected.update(
+            {
+                p + "self_attn.q_proj.weight": (768, 768),
+                p + "self_attn.out_proj.bias": (768,),
+                p + "self_attn.grep_linear.weight": (8, 64),
+                p + "self_attn.grep_linear.bias": (8,),
+                p + "self_attn.grep_a": (1, 12, 1, 1),
+                p + "self_attn.relative_attention_bias.weight": (320, 12),
+                p + "self_attn_layer_norm.weight": (768,),
+                p + "fc1.weight": (3072, 768),
+                p + "fc2.weight": (768, 3072),
+                p + "final_layer_norm.bias": (768,),
+            }
+        )
     assert {k: tuple(enc[k].shape) for k in expected} == expected
     assert "encoder.layers.12.fc1.weight" not in enc and not any(k.startswith("predictor") for k in enc)
     assert round(sum(p.numel() for p in adapter.encoder.parameters()) / 1e5) == 903  # 90.3 M
@@ -400,8 +448,14 @@ def test_composed_model_save_load_round_trip(audio_model, media, tmp_path):
 
 # --- Whisper alternative ----------------------------------------------------------------------
 def _tiny_whisper_config(**overrides) -> WhisperAudioAdapterConfig:
-    fields = dict(encoder_config=load_config("encoders", "tiny-whisper.json"), projector_type="qformer_4N_1L",
-                  qformer_hidden_size=32, qformer_num_heads=4, qformer_intermediate_size=64, qformer_max_positions=50)
+    fields = dict(
+        encoder_config=load_config("encoders", "tiny-whisper.json"),
+        projector_type="qformer_4N_1L",
+        qformer_hidden_size=32,
+        qformer_num_heads=4,
+        qformer_intermediate_size=64,
+        qformer_max_positions=50,
+    )
     fields.update(overrides)
     return WhisperAudioAdapterConfig(**fields)
 
@@ -413,7 +467,9 @@ def test_whisper_adapter_features_and_shapes(media):
     adapter = WhisperAudioAdapter(_tiny_whisper_config(), 64).eval()
     got = adapter.input_tensor(str(media["flac"]))
     mono = AF.resample(torch.from_numpy(media["stereo_samples"]).mean(dim=1), SR44, 16000)
-    reference = WhisperFeatureExtractor(feature_size=80, chunk_length=1)(mono.numpy(), sampling_rate=16000, return_tensors="pt")
+    reference = WhisperFeatureExtractor(feature_size=80, chunk_length=1)(
+        mono.numpy(), sampling_rate=16000, return_tensors="pt"
+    )
     assert got.shape == (80, 100)
     torch.testing.assert_close(got, reference["input_features"][0], atol=1e-5, rtol=0)
     batch = adapter.prepare([media["flac"], media["mp3"]])

@@ -1,4 +1,5 @@
 """Checkpoint of a single-modality MLLM: safetensors only, bit-exact round trip, base checks."""
+
 from __future__ import annotations
 
 import json
@@ -36,8 +37,9 @@ def test_round_trip_with_lora_is_bit_exact(tiny_model, image_files, tmp_path):
     assert torch.equal(logits, logits2)
     assert text == text2
     for modality in tiny_model.adapters:
-        for (k, v), (k2, v2) in zip(tiny_model.adapters[modality].state_dict().items(),
-                                    loaded.adapters[modality].state_dict().items()):
+        for (k, v), (k2, v2) in zip(
+            tiny_model.adapters[modality].state_dict().items(), loaded.adapters[modality].state_dict().items()
+        ):
             assert k == k2 and torch.equal(v, v2)
 
 

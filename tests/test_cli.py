@@ -1,4 +1,5 @@
 """The `mcomp` command line: help, version, info, ask."""
+
 from __future__ import annotations
 
 import subprocess
@@ -35,7 +36,9 @@ def test_info_lists_versions_devices_modalities(capsys):
 
 
 def test_ask_generates_and_scores(capsys, image_files):
-    assert main(["ask", "--tiny", "--media", f"image={image_files['png']}", "--max-new-tokens", "3", "What is it?"]) == 0
+    assert (
+        main(["ask", "--tiny", "--media", f"image={image_files['png']}", "--max-new-tokens", "3", "What is it?"]) == 0
+    )
     assert capsys.readouterr().out.startswith("answer: ")
     assert main(["ask", "--tiny", "--media", f"image={image_files['png']}", "--options", "red,blue", "Colour?"]) == 0
     lines = capsys.readouterr().out.splitlines()

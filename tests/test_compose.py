@@ -1,4 +1,5 @@
 """NaiveMC and DAMC composition: every method and backend, exactness, bad input, CLI."""
+
 from __future__ import annotations
 
 import json
@@ -49,8 +50,11 @@ def _zoo_for_helpers(zoo):
 
 
 def test_naivemc_linear_is_exact_without_materialising(zoo):
-    model = compose({"image": zoo["image-plain"], "audio": zoo["audio-plain"]}, method="naivemc",
-                    weights={"image": 0.7, "audio": 0.4})
+    model = compose(
+        {"image": zoo["image-plain"], "audio": zoo["audio-plain"]},
+        method="naivemc",
+        weights={"image": 0.7, "audio": 0.4},
+    )
     assert model.modalities == ["image", "audio"]
     assert model.routing.routes == {"text": [("text-image", 0.7), ("text-audio", 0.4)]}
     unmaterialised = logits(model)
@@ -64,8 +68,9 @@ def test_naivemc_linear_is_exact_without_materialising(zoo):
 def test_damc_with_one_modality_reproduces_that_model(zoo):
     single = mcomp.load(zoo["image-damc"])
     expected = logits(single, audio=False)
-    model = compose({"image": zoo["image-damc"], "audio": zoo["audio-damc"]}, method="damc",
-                    weights={"image": 1.0, "audio": 0.0})
+    model = compose(
+        {"image": zoo["image-damc"], "audio": zoo["audio-damc"]}, method="damc", weights={"image": 1.0, "audio": 0.0}
+    )
     assert model.routing.routes["image"] == [("image", 1.0)] and model.routing.routes["audio"] == [("audio", 1.0)]
     torch.testing.assert_close(logits(model, audio=False), expected, atol=1e-5, rtol=1e-5)
     # and with the audio model's text weight on, the text tokens change but the image tokens' adapter does not
@@ -77,10 +82,18 @@ def test_damc_with_one_modality_reproduces_that_model(zoo):
 @pytest.mark.parametrize("merge", BACKENDS)
 def test_every_method_and_backend_composes_saves_and_loads(zoo, tmp_path, method, merge):
     suffix = "damc" if method == "damc" else "plain"
-    params = {"pcb": {"ratio": 0.5, "clip": 0.01}, "ties": {"density": 0.5},
-              "dare_ties": {"density": 0.7, "seed": 1}, "dare_linear": {"density": 0.7, "seed": 1}}.get(merge, {})
-    model = compose({"image": zoo[f"image-{suffix}"], "audio": zoo[f"audio-{suffix}"]}, method=method, merge=merge,
-                    merge_params=params)
+    params = {
+        "pcb": {"ratio": 0.5, "clip": 0.01},
+        "ties": {"density": 0.5},
+        "dare_ties": {"density": 0.7, "seed": 1},
+        "dare_linear": {"density": 0.7, "seed": 1},
+    }.get(merge, {})
+    model = compose(
+        {"image": zoo[f"image-{suffix}"], "audio": zoo[f"audio-{suffix}"]},
+        method=method,
+        merge=merge,
+        merge_params=params,
+    )
     comp = model.provenance["composition"]
     assert comp["method"] == method and comp["merge"] == merge and len(comp["inputs"]) == 2
     before = logits(model)
@@ -135,18 +148,48 @@ def test_bad_inputs_are_refused_clearly(zoo, tmp_path, tokenizer):
 
 def test_cli_compose(zoo, tmp_path, capsys):
     out = tmp_path / "composed"
-    code = main(["compose", "--modalities", "image,audio", "--method", "damc", "--merge", "ties",
-                 "--models", f"image={zoo['image-damc']},audio={zoo['audio-damc']}",
-                 "--weights", "image=0.6", "--merge-params", "density=0.5", "--out", str(out)])
+    code = main(
+        [
+            "compose",
+            "--modalities",
+            "image,audio",
+            "--method",
+            "damc",
+            "--merge",
+            "ties",
+            "--models",
+            f"image={zoo['image-damc']},audio={zoo['audio-damc']}",
+            "--weights",
+            "image=0.6",
+            "--merge-params",
+            "density=0.5",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     # audio, not named by --weights, keeps λ = 1 (published online-merge-reset-default-m=λ), and says so
-    assert "composed image, audio with damc + ties (coefficients as resolved: image=0.6, audio=1)" \
+    assert (
+        "composed image, audio with damc + ties (coefficients as resolved: image=0.6, audio=1)"
         in capsys.readouterr().out
+    )
     cfg = json.loads((out / "mcomp_config.json").read_text())
     assert cfg["provenance"]["composition"]["weights"] == {"image": 0.6, "audio": 1.0}
     assert mcomp.load(out).modalities == ["image", "audio"]
-    assert main(["compose", "--models", f"image={zoo['image-damc']}", "--modalities", "image,audio",
-                 "--out", str(tmp_path / "x")]) == 1
+    assert (
+        main(
+            [
+                "compose",
+                "--models",
+                f"image={zoo['image-damc']}",
+                "--modalities",
+                "image,audio",
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
+        == 1
+    )
     assert "differ" in capsys.readouterr().err
 
 
@@ -184,14 +227,17 @@ def published_ties_factors(checks: list[dict[str, torch.Tensor]], k: int = 20) -
     out, start = {}, 0
     for key in keys:
         n = checks[0][key].numel()
-        out[key] = merged[start:start + n].view_as(checks[0][key])
+        out[key] = merged[start : start + n].view_as(checks[0][key])
         start += n
     return out
 
 
 def text_factors(model, adapter: str) -> dict[str, torch.Tensor]:
-    return {f"{path}.{kind}": getattr(layer, kind)[adapter].detach().float()
-            for path, layer in routed_layers(model.llm).items() for kind in ("lora_A", "lora_B")}
+    return {
+        f"{path}.{kind}": getattr(layer, kind)[adapter].detach().float()
+        for path, layer in routed_layers(model.llm).items()
+        for kind in ("lora_A", "lora_B")
+    }
 
 
 @pytest.mark.parametrize("method", ["naivemc", "damc"])

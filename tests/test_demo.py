@@ -1,4 +1,5 @@
 """The embedded default end to end at the reduced size: world -> zoo -> compositions -> MCUB -> table."""
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,12 @@ def test_zoo_holds_every_model_and_reuses_its_cache(zoo):
         state = json.loads(next((zoo.root / "checkpoints" / name).glob("step-*/trainer_state.json")).read_text())
         assert state["config"]["batch_size"] == zoo.settings.model_batch_size == 4
     for m in MODALITIES:  # stage 2 runs the modality's own step count
-        state = json.loads(next((zoo.root / "checkpoints" / f"{m}-s0-naivemc").glob("step-*/trainer_state.json")).read_text())
-        assert state["config"]["max_steps"] == zoo.settings.steps_of_stage2(m) == (16 if m in ("image", "video") else 15)
+        state = json.loads(
+            next((zoo.root / "checkpoints" / f"{m}-s0-naivemc").glob("step-*/trainer_state.json")).read_text()
+        )
+        assert (
+            state["config"]["max_steps"] == zoo.settings.steps_of_stage2(m) == (16 if m in ("image", "video") else 15)
+        )
     damc = mcomp.load(zoo.model("audio", "damc", 0))
     assert damc.lora_adapters == ["text", "audio"] and "audio" in damc.prefix_tokens
     assert damc.adapters["audio"].config.checkpoint == str(zoo.encoder("audio"))  # the pretrained, frozen encoder
@@ -78,8 +83,11 @@ def test_zoo_build_killed_then_rerun_equals_an_uninterrupted_build(zoo, tmp_path
     rerun = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
     assert all(p.stat().st_mtime_ns == t for p, t in committed.items())  # reused, not rebuilt
-    weights = sorted(r for r in (p.relative_to(zoo.root) for p in zoo.root.rglob("*.safetensors"))
-                     if r.parts[0] in ("base", "encoders", "models"))
+    weights = sorted(
+        r
+        for r in (p.relative_to(zoo.root) for p in zoo.root.rglob("*.safetensors"))
+        if r.parts[0] in ("base", "encoders", "models")
+    )
     assert len({r.parts[1] for r in weights if r.parts[0] == "models"}) == 12 and len(weights) > 17
     for rel in weights:
         assert (root / rel).read_bytes() == (zoo.root / rel).read_bytes(), rel
@@ -107,8 +115,14 @@ def test_zoo_settings_refuse_a_modality_without_a_step_count():
 
 def test_reduced_demo_runs_to_the_table(zoo, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a relative output directory, as the README's main command passes
-    summary = run_demo("test", 0, "demo", root=zoo.root,
-                       combos={"image+audio+video+point": MODALITIES}, merges={"linear": {}, "pcb": {"ratio": 0.5}})
+    summary = run_demo(
+        "test",
+        0,
+        "demo",
+        root=zoo.root,
+        combos={"image+audio+video+point": MODALITIES},
+        merges={"linear": {}, "pcb": {"ratio": 0.5}},
+    )
     table = (tmp_path / "demo" / "demo.md").read_text()
     rows = [ln for ln in table.splitlines() if ln.startswith("| ") and not ln.startswith("| model")]
     labels = {tuple(c.strip() for c in ln.strip("|").split("|")[:3]) for ln in rows}
@@ -116,8 +130,11 @@ def test_reduced_demo_runs_to_the_table(zoo, tmp_path, monkeypatch):
     assert {("image+audio+video+point", m, b) for m in ("naivemc", "damc") for b in ("linear", "pcb")} <= labels
     assert {(f"{m} model (own modality)", "single", "-") for m in MODALITIES} <= labels
     assert (tmp_path / "demo" / "index.html").read_text().count("<img") >= 1
-    record = json.loads(next((tmp_path / "demo" / "runs").glob("image_audio_video_point-damc-pcb-s0-mcub4/samples.jsonl"))
-                        .read_text().splitlines()[0])
+    record = json.loads(
+        next((tmp_path / "demo" / "runs").glob("image_audio_video_point-damc-pcb-s0-mcub4/samples.jsonl"))
+        .read_text()
+        .splitlines()[0]
+    )
     assert record["error"] is None and len(record["option_scores"]) == 4
     # the world's cloze formulation: options scored by their text, predicted by their letter
     assert [o["key"] for o in record["option_scores"]] == list("ABCD")
@@ -132,15 +149,28 @@ def test_reduced_demo_runs_to_the_table(zoo, tmp_path, monkeypatch):
     assert summary["runs_evaluated"] == 14 and summary["runs_reused"] == 0
 
     # with the cache: the zoo's runs are gathered, nothing is composed or evaluated again
-    again = run_demo("test", 0, "demo2", root=zoo.root,
-                     combos={"image+audio+video+point": MODALITIES}, merges={"linear": {}, "pcb": {"ratio": 0.5}})
+    again = run_demo(
+        "test",
+        0,
+        "demo2",
+        root=zoo.root,
+        combos={"image+audio+video+point": MODALITIES},
+        merges={"linear": {}, "pcb": {"ratio": 0.5}},
+    )
     assert again["runs_evaluated"] == 0 and again["runs_reused"] == 14
     assert (tmp_path / "demo2" / "demo.md").read_text() == table
 
     # a kept run is reused only for the same work: other merge parameters redo exactly the PCB runs
-    other = run_demo("test", 0, "demo3", root=zoo.root,
-                     combos={"image+audio+video+point": MODALITIES}, merges={"linear": {}, "pcb": {"ratio": 0.4}})
+    other = run_demo(
+        "test",
+        0,
+        "demo3",
+        root=zoo.root,
+        combos={"image+audio+video+point": MODALITIES},
+        merges={"linear": {}, "pcb": {"ratio": 0.4}},
+    )
     assert other["runs_evaluated"] == 4 and other["runs_reused"] == 10
-    run = json.loads((tmp_path / "demo3" / "runs" / "image_audio_video_point-naivemc-pcb-s0-mcub4" / "run.json")
-                     .read_text())
+    run = json.loads(
+        (tmp_path / "demo3" / "runs" / "image_audio_video_point-naivemc-pcb-s0-mcub4" / "run.json").read_text()
+    )
     assert run["model"]["demo_job"][4] == {"ratio": 0.4}

@@ -3,6 +3,7 @@ folder rebuilt under the same name is refused; --force starts afresh), a run kil
 resumed gives the uninterrupted run's bytes at batch size 4, results.json is byte-reproducible, and
 feature cache entries are checked against their key (corrupt, foreign or other-version entries are
 recomputed)."""
+
 from __future__ import annotations
 
 import json
@@ -45,8 +46,7 @@ def _save_tiny(path: Path, seed: int, overwrite: bool = False) -> None:
 def test_rebuilt_model_folder_is_refused_and_force_starts_afresh(bench, tmp_path, capsys):
     model_dir, run_dir = tmp_path / "model", tmp_path / "run"
     _save_tiny(model_dir, seed=0)
-    args = ["--model", str(model_dir), "--task", "mcub4", "--data-root", str(bench), "--mode", "loglik",
-            "--limit", "2"]
+    args = ["--model", str(model_dir), "--task", "mcub4", "--data-root", str(bench), "--mode", "loglik", "--limit", "2"]
     assert eval_cmd.main([*args, "--out", str(run_dir)]) == 0
     capsys.readouterr()
     old_records, old_identity = _bytes(run_dir), (run_dir / "run.json").read_bytes()
@@ -84,12 +84,16 @@ def test_killed_batched_run_resumes_to_the_uninterrupted_bytes(tmp_path, monkeyp
     results.json equal an uninterrupted run's, byte for byte; a second uninterrupted run does too."""
     n = 10
     data = write_benchmark(tmp_path / "data", n=n, per_modality=2, seed=1)
-    args = ["--model", TINY4, "--task", "mcub4", "--data-root", str(data), "--mode", "loglik",
-            "--batch-size", "4"]
+    args = ["--model", TINY4, "--task", "mcub4", "--data-root", str(data), "--mode", "loglik", "--batch-size", "4"]
     killed = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MCOMP_FAULT": "eval.record@3"}
-    out = subprocess.run([sys.executable, "-m", "mcomp.commands.eval", *args, "--out", str(killed)],
-                         capture_output=True, text=True, timeout=300, env=env)
+    out = subprocess.run(
+        [sys.executable, "-m", "mcomp.commands.eval", *args, "--out", str(killed)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
     part = read_records(killed / "samples.part-0.jsonl")
     assert [r["id"] for r in part] == ["mcub-4_0000", "mcub-4_0001", "mcub-4_0002"]

@@ -1,6 +1,7 @@
 """Fault injection on merge and compose: kill -9 at named points then rerun, concurrent writers,
 outputs that would replace their inputs, overflowing results, the umask, and byte-identical
 outputs across processes (different hash seeds)."""
+
 from __future__ import annotations
 
 import json
@@ -21,14 +22,22 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 sys.path.insert(0, str(Path(__file__).parent))
 
 
-def run_mcomp(*args: str, fault: str | None = None, hash_seed: str = "0", umask: int | None = None,
-              cwd: Path | None = None) -> subprocess.CompletedProcess:
+def run_mcomp(
+    *args: str, fault: str | None = None, hash_seed: str = "0", umask: int | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONHASHSEED": hash_seed, "OMP_NUM_THREADS": "1"}
     env.pop("MCOMP_FAULT", None)
     if fault:
         env["MCOMP_FAULT"] = fault
-    return subprocess.run([sys.executable, "-m", "mcomp", *args], env=env, capture_output=True, text=True,
-                          cwd=cwd, preexec_fn=(lambda: os.umask(umask)) if umask is not None else None, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "mcomp", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        preexec_fn=(lambda: os.umask(umask)) if umask is not None else None,
+        timeout=300,
+    )
 
 
 def files_of(directory: Path) -> dict[str, bytes]:
@@ -37,12 +46,21 @@ def files_of(directory: Path) -> dict[str, bytes]:
 
 def write_checkpoints(root: Path, n: int = 2, scale: float = 0.01) -> tuple[Path, list[Path]]:
     g = torch.Generator().manual_seed(0)
-    shapes = {"embed.weight": (40, 16), "layers.0.q.weight": (16, 16), "layers.0.norm.weight": (16,),
-              "layers.1.up.weight": (32, 16)}
+    shapes = {
+        "embed.weight": (40, 16),
+        "layers.0.q.weight": (16, 16),
+        "layers.0.norm.weight": (16,),
+        "layers.1.up.weight": (32, 16),
+    }
     base = {k: torch.randn(s, generator=g).half() * 0.1 for k, s in shapes.items()}
     paths = []
-    for i, sd in enumerate([base] + [{k: (v.float() + scale * torch.randn(v.shape, generator=g)).half()
-                                      for k, v in base.items()} for _ in range(n)]):
+    for i, sd in enumerate(
+        [base]
+        + [
+            {k: (v.float() + scale * torch.randn(v.shape, generator=g)).half() for k, v in base.items()}
+            for _ in range(n)
+        ]
+    ):
         d = root / ("base" if i == 0 else f"ft{i}")
         d.mkdir(parents=True)
         save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
@@ -51,9 +69,13 @@ def write_checkpoints(root: Path, n: int = 2, scale: float = 0.01) -> tuple[Path
 
 
 def merge_yaml(root: Path, base: Path, models: list[Path], method: str = "ties", **params) -> Path:
-    cfg = {"merge_method": method, "base_model": str(base), "dtype": "float16",
-           "models": [{"model": str(m), "parameters": {"weight": 1.0}} for m in models],
-           "parameters": params or {"density": 0.5}}
+    cfg = {
+        "merge_method": method,
+        "base_model": str(base),
+        "dtype": "float16",
+        "models": [{"model": str(m), "parameters": {"weight": 1.0}} for m in models],
+        "parameters": params or {"density": 0.5},
+    }
     path = root / f"{method}.yaml"
     path.write_text(json.dumps(cfg))  # JSON is YAML
     return path
@@ -67,8 +89,9 @@ def leftovers(parent: Path, name: str) -> list[str]:
 def test_merge_killed_mid_write_then_rerun_equals_an_uninterrupted_merge(tmp_path):
     base, models = write_checkpoints(tmp_path)
     cfg = merge_yaml(tmp_path, base, models)
-    killed = run_mcomp("merge", str(cfg), "--out", str(tmp_path / "out"), "--no-progress",
-                       fault="merge.tensor_written@2")
+    killed = run_mcomp(
+        "merge", str(cfg), "--out", str(tmp_path / "out"), "--no-progress", fault="merge.tensor_written@2"
+    )
     assert killed.returncode == -9, killed.stderr
     assert not (tmp_path / "out").exists()
     assert [n for n in leftovers(tmp_path, "out") if n.endswith(".partial")]  # what kill -9 leaves
@@ -91,16 +114,28 @@ def merged_once(root: Path) -> tuple[Path, list[Path], dict[str, bytes]]:
 
 def test_merge_killed_before_commit_keeps_the_old_output_under_force(tmp_path):
     base, models, before = merged_once(tmp_path)
-    killed = run_mcomp("merge", str(merge_yaml(tmp_path, base, models, "task_arithmetic", scale=0.5)),
-                       "--out", str(tmp_path / "out"), "--force", "--no-progress", fault="output.commit")
+    killed = run_mcomp(
+        "merge",
+        str(merge_yaml(tmp_path, base, models, "task_arithmetic", scale=0.5)),
+        "--out",
+        str(tmp_path / "out"),
+        "--force",
+        "--no-progress",
+        fault="output.commit",
+    )
     assert killed.returncode == -9
     assert files_of(tmp_path / "out") == before  # the earlier output is whole until the new one is
 
 
 def test_a_second_merge_into_the_same_out_is_refused(tmp_path):
     base, models, first = merged_once(tmp_path)
-    second = run_mcomp("merge", str(merge_yaml(tmp_path, base, models, "task_arithmetic", scale=0.5)),
-                       "--out", str(tmp_path / "out"), "--no-progress")
+    second = run_mcomp(
+        "merge",
+        str(merge_yaml(tmp_path, base, models, "task_arithmetic", scale=0.5)),
+        "--out",
+        str(tmp_path / "out"),
+        "--no-progress",
+    )
     assert second.returncode != 0 and "already exists" in second.stderr
     assert files_of(tmp_path / "out") == first
 
@@ -170,8 +205,9 @@ def test_a_merge_that_overflows_fp16_is_refused_naming_the_tensor(tmp_path):
 @pytest.mark.parametrize("umask", [0o022, 0o027])
 def test_outputs_follow_the_umask(tmp_path, umask):
     base, models = write_checkpoints(tmp_path)
-    done = run_mcomp("merge", str(merge_yaml(tmp_path, base, models)), "--out", str(tmp_path / "out"),
-                     "--no-progress", umask=umask)
+    done = run_mcomp(
+        "merge", str(merge_yaml(tmp_path, base, models)), "--out", str(tmp_path / "out"), "--no-progress", umask=umask
+    )
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o777 & ~umask
     for f in (tmp_path / "out").iterdir():
@@ -187,11 +223,23 @@ def trained(tmp_path_factory):
 
 
 def test_compose_refuses_a_modality_given_twice(trained, tmp_path):
-    done = run_mcomp("compose", "--models", f"image={trained['image-plain']},image={trained['image-damc']}",
-                     "--out", str(tmp_path / "c"))
+    done = run_mcomp(
+        "compose",
+        "--models",
+        f"image={trained['image-plain']},image={trained['image-damc']}",
+        "--out",
+        str(tmp_path / "c"),
+    )
     assert done.returncode != 0 and "'image' is given twice" in done.stderr
-    done = run_mcomp("compose", "--models", f"image={trained['image-plain']},audio={trained['audio-plain']}",
-                     "--weights", "image=1,image=0.5", "--out", str(tmp_path / "c"))
+    done = run_mcomp(
+        "compose",
+        "--models",
+        f"image={trained['image-plain']},audio={trained['audio-plain']}",
+        "--weights",
+        "image=1,image=0.5",
+        "--out",
+        str(tmp_path / "c"),
+    )
     assert done.returncode != 0 and "'image' is given twice" in done.stderr
     assert not (tmp_path / "c").exists()
 
@@ -215,8 +263,9 @@ def test_compose_seed_reaches_dare_and_outputs_repeat_byte_for_byte(trained, tmp
 def test_compose_linear_outputs_repeat_byte_for_byte_across_hash_seeds(trained, tmp_path):
     models = f"image={trained['image-damc']},audio={trained['audio-damc']}"
     for name, hash_seed in (("a", "0"), ("b", "4242")):
-        done = run_mcomp("compose", "--models", models, "--method", "damc", "--out", str(tmp_path / name),
-                         hash_seed=hash_seed)
+        done = run_mcomp(
+            "compose", "--models", models, "--method", "damc", "--out", str(tmp_path / name), hash_seed=hash_seed
+        )
         assert done.returncode == 0, done.stderr
     a, b = files_of(tmp_path / "a"), files_of(tmp_path / "b")
     assert any(k.endswith("adapter_config.json") for k in a)
@@ -225,8 +274,9 @@ def test_compose_linear_outputs_repeat_byte_for_byte_across_hash_seeds(trained, 
 
 def test_compose_killed_before_commit_then_rerun(trained, tmp_path):
     models = f"image={trained['image-plain']},audio={trained['audio-plain']}"
-    killed = run_mcomp("compose", "--models", models, "--merge", "ties", "--out", str(tmp_path / "c"),
-                       fault="output.commit")
+    killed = run_mcomp(
+        "compose", "--models", models, "--merge", "ties", "--out", str(tmp_path / "c"), fault="output.commit"
+    )
     assert killed.returncode == -9
     assert not (tmp_path / "c").exists() and leftovers(tmp_path, "c")
     assert run_mcomp("compose", "--models", models, "--merge", "ties", "--out", str(tmp_path / "c")).returncode == 0

@@ -1,4 +1,5 @@
 """Image adapter: decoding from disk, pad-to-square, preprocessing and features vs independent code."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -60,10 +61,14 @@ def test_preprocess_matches_independent_pipeline(adapter, image_files):
     got = adapter.input_tensor(str(image_files["png"]))
     size = adapter.encoder.image_size
     padded = expand_to_square(Image.fromarray(image_files["pixels"]), CLIP_MEAN)
-    ref = transforms.Compose([
-        transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(size), transforms.ToTensor(), transforms.Normalize(CLIP_MEAN, CLIP_STD),
-    ])(padded)
+    ref = transforms.Compose(
+        [
+            transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(size),
+            transforms.ToTensor(),
+            transforms.Normalize(CLIP_MEAN, CLIP_STD),
+        ]
+    )(padded)
     assert got.shape == (3, size, size)
     torch.testing.assert_close(got, ref)
 

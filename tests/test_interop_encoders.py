@@ -1,6 +1,7 @@
 """Public encoder weights into mcomp's encoders (CLIP in OpenAI and transformers layouts, LanguageBind video,
 BEATs, Point-BERT): numerics where a reference exists, and strict loading that names bad keys; the
 placeholder tokenisation of spec §4."""
+
 from __future__ import annotations
 
 import re
@@ -10,11 +11,17 @@ import torch
 
 from mcomp.encoders.beats import load_beats
 from mcomp.encoders.clip_tower import ClipVisionTower
+from mcomp.encoders.languagebind import LanguageBindVideoTower
 from mcomp.encoders.pointbert import PointBert, PointBertConfig
 from mcomp.interop.clip_weights import read_clip_vision, write_open_clip_tower
-from mcomp.encoders.languagebind import LanguageBindVideoTower
 from tests.interop_fixtures import (
-    BEATS_CFG, LB_VISION, beats_state, languagebind_state, point_state, write_clip_hf, write_languagebind,
+    BEATS_CFG,
+    LB_VISION,
+    beats_state,
+    languagebind_state,
+    point_state,
+    write_clip_hf,
+    write_languagebind,
 )
 
 
@@ -61,15 +68,27 @@ def test_clip_transformers_layout_strict(tmp_path):
 
 
 def _openai_state(width=64):
-    cfg = {"embed_dim": 32, "quick_gelu": True,
-           "vision_cfg": {"image_size": 32, "layers": 2, "width": width, "head_width": 64, "patch_size": 8}}
+    cfg = {
+        "embed_dim": 32,
+        "quick_gelu": True,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": width, "head_width": 64, "patch_size": 8},
+    }
     torch.manual_seed(5)
     tower = ClipVisionTower("custom", cfg)
     state = {f"visual.{k}": v.clone() for k, v in tower.visual.state_dict().items()}
-    state.update({"positional_embedding": torch.randn(16, 32), "token_embedding.weight": torch.randn(99, 32),
-                  "transformer.resblocks.0.attn.in_proj_weight": torch.randn(96, 32), "ln_final.weight": torch.ones(32),
-                  "text_projection": torch.randn(32, 32), "logit_scale": torch.tensor(4.6),
-                  "input_resolution": 32, "context_length": 16, "vocab_size": 99})
+    state.update(
+        {
+            "positional_embedding": torch.randn(16, 32),
+            "token_embedding.weight": torch.randn(99, 32),
+            "transformer.resblocks.0.attn.in_proj_weight": torch.randn(96, 32),
+            "ln_final.weight": torch.ones(32),
+            "text_projection": torch.randn(32, 32),
+            "logit_scale": torch.tensor(4.6),
+            "input_resolution": 32,
+            "context_length": 16,
+            "vocab_size": 99,
+        }
+    )
     return tower, state
 
 
@@ -77,16 +96,22 @@ def test_clip_openai_layout(tmp_path):
     tower, state = _openai_state()
     torch.save(state, tmp_path / "ViT-tiny.pt")
     cfg = write_open_clip_tower(tmp_path / "ViT-tiny.pt", tmp_path / "t.safetensors")
-    assert cfg == {"embed_dim": 32, "quick_gelu": True, "vision_cfg": {
-        "image_size": 32, "layers": 2, "width": 64, "head_width": 64, "mlp_ratio": 4.0, "patch_size": 8}}
+    assert cfg == {
+        "embed_dim": 32,
+        "quick_gelu": True,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 64, "mlp_ratio": 4.0, "patch_size": 8},
+    }
     loaded = ClipVisionTower("custom", cfg, str(tmp_path / "t.safetensors")).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(_pixels()), tower.eval()(_pixels()))
     del state["visual.transformer.resblocks.1.ln_2.bias"]
     state["visual.attnpool.k_proj.weight"] = torch.zeros(2, 2)
     torch.save(state, tmp_path / "bad.pt")
-    with pytest.raises(ValueError, match=r"missing 1 key\(s\): visual\.transformer\.resblocks\.1\.ln_2\.bias; "
-                                         r"unexpected 1 key\(s\): visual\.attnpool\.k_proj\.weight"):
+    with pytest.raises(
+        ValueError,
+        match=r"missing 1 key\(s\): visual\.transformer\.resblocks\.1\.ln_2\.bias; "
+        r"unexpected 1 key\(s\): visual\.attnpool\.k_proj\.weight",
+    ):
         read_clip_vision(tmp_path / "bad.pt")
 
 
@@ -121,7 +146,7 @@ def test_languagebind_spatial_part_is_transformers_clip(tmp_path):
 
 
 def test_languagebind_temporal_attention(tmp_path):
-    state = {k[len("vision_model."):]: v for k, v in languagebind_state().items() if k.startswith("vision_model.")}
+    state = {k[len("vision_model.") :]: v for k, v in languagebind_state().items() if k.startswith("vision_model.")}
     tower = LanguageBindVideoTower(LB_VISION).eval()
     tower.vision_model.load_state_dict(state)
     frames = _pixels(8, seed=1)
@@ -136,8 +161,9 @@ def test_languagebind_temporal_attention(tmp_path):
             layer.temporal_attn.out_proj.bias.zero_()
             layer.temporal_embedding.zero_()
         plain = LanguageBindVideoTower({**LB_VISION, "add_time_attn": False}).eval()
-        plain.vision_model.load_state_dict({k: v for k, v in tower.vision_model.state_dict().items()
-                                            if "temporal" not in k})
+        plain.vision_model.load_state_dict(
+            {k: v for k, v in tower.vision_model.state_dict().items() if "temporal" not in k}
+        )
         torch.testing.assert_close(tower(frames, 8), plain(frames, 1), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match=r"expects 8 frames per clip \(or 1, a still image\), got 4"):
         tower(frames[:4], 4)
@@ -147,7 +173,7 @@ def test_languagebind_still_image_has_no_temporal_embedding():
     """The released layer with one frame coming in (a still image: `bt < t` makes t = 1): the temporal
     embedding is not added, and the temporal attention over a single frame is out_proj(v_proj(.)) of
     the normalised input (softmax over one key is 1); eight copies of the frame give other tokens."""
-    state = {k[len("vision_model."):]: v for k, v in languagebind_state().items() if k.startswith("vision_model.")}
+    state = {k[len("vision_model.") :]: v for k, v in languagebind_state().items() if k.startswith("vision_model.")}
     tower = LanguageBindVideoTower(LB_VISION).eval()
     tower.vision_model.load_state_dict(state)
     still = _pixels(1, seed=3)
@@ -203,7 +229,9 @@ def test_beats_checkpoint_strict(tmp_path):
     torch.save({"cfg": dict(BEATS_CFG), "model": bad}, tmp_path / "bad.pt")
     with pytest.raises(ValueError) as err:
         load_beats(str(tmp_path / "bad.pt"))
-    assert "encoder.layers.1.self_attn.grep_a" in str(err.value) and "encoder.layers.1.self_attn.extra" in str(err.value)
+    assert "encoder.layers.1.self_attn.grep_a" in str(err.value) and "encoder.layers.1.self_attn.extra" in str(
+        err.value
+    )
 
 
 def test_point_bert_checkpoint_strict(tmp_path):
@@ -212,15 +240,24 @@ def test_point_bert_checkpoint_strict(tmp_path):
     state = point_state()
     torch.save(state, tmp_path / "point_bert_v1.2.pt")
     cfg = point_bert_config(tmp_path / "point_bert_v1.2.pt")
-    assert (cfg["trans_dim"], cfg["depth"], cfg["num_heads"], cfg["encoder_dims"], cfg["point_dims"]) == (64, 2, 1, 32, 6)
+    assert (cfg["trans_dim"], cfg["depth"], cfg["num_heads"], cfg["encoder_dims"], cfg["point_dims"]) == (
+        64,
+        2,
+        1,
+        32,
+        6,
+    )
     assert (cfg["num_group"], cfg["group_size"]) == (512, 32)
     enc = PointBert(PointBertConfig(**cfg))
     enc.load_checkpoint(str(tmp_path / "point_bert_v1.2.pt"))
     del state["blocks.blocks.1.attn.qkv.weight"]
     state["blocks.blocks.1.attn.qkv.bias"] = torch.zeros(192)
     torch.save(state, tmp_path / "bad.pt")
-    with pytest.raises(ValueError, match=r"missing \['blocks\.blocks\.1\.attn\.qkv\.weight'\], "
-                                         r"unexpected \['blocks\.blocks\.1\.attn\.qkv\.bias'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"missing \['blocks\.blocks\.1\.attn\.qkv\.weight'\], "
+        r"unexpected \['blocks\.blocks\.1\.attn\.qkv\.bias'\]",
+    ):
         enc.load_checkpoint(str(tmp_path / "bad.pt"))
 
 

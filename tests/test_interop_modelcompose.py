@@ -1,6 +1,7 @@
 """`mcomp import modelcompose`: tiny released-format checkpoints (all modalities, NaiveMC and DAMC) are
 imported, composed and run; the forward and greedy generation equal an independent plain-torch
 re-computation of the released formulas (spec modelcompose.md §3.4-3.5, §4)."""
+
 from __future__ import annotations
 
 import json
@@ -17,10 +18,17 @@ import mcomp.interop  # noqa: F401  (registers the LanguageBind video adapter)
 from mcomp import cli
 from mcomp.compose import compose
 from mcomp.interop.modelcompose import import_modelcompose
-from mcomp.peft_format import read_adapter
 from mcomp.io import load_tensors
+from mcomp.peft_format import read_adapter
 from tests.interop_fixtures import (
-    ALPHA, LAYERS, R, merge_released, released_state, write_base, write_encoders, write_released,
+    ALPHA,
+    LAYERS,
+    R,
+    merge_released,
+    released_state,
+    write_base,
+    write_encoders,
+    write_released,
 )
 
 UP = {"image": "vision", "audio": "audio", "video": "video", "point": "point"}
@@ -102,13 +110,18 @@ def build_reference(base_dir, states: dict[str, dict], lam: dict[str, float], ma
     s = ALPHA / R
     for layer in range(LAYERS):
         blk = llm.model.layers[layer]
-        for parent, names in ((blk.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
-                              (blk.mlp, ("gate_proj", "up_proj", "down_proj"))):
+        for parent, names in (
+            (blk.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+            (blk.mlp, ("gate_proj", "up_proj", "down_proj")),
+        ):
             for name in names:
                 path = f"model.layers.{layer}.{'self_attn' if parent is blk.self_attn else 'mlp'}.{name}"
 
-                def ab(sd, adapter):
-                    return (sd[f"{path}.lora_A.{adapter}.weight"].float(), sd[f"{path}.lora_B.{adapter}.weight"].float())
+                def ab(sd, adapter, path=path):
+                    return (
+                        sd[f"{path}.lora_A.{adapter}.weight"].float(),
+                        sd[f"{path}.lora_B.{adapter}.weight"].float(),
+                    )
 
                 text = [(*ab(sd, "default"), lam[m] * s) for m, sd in states.items()]
                 terms = {"text": text}
@@ -129,7 +142,7 @@ def reference_inputs(llm, tokenizer, prompt, states, feats, tokens: bool):
         m = next(k for k, v in TAG.items() if v == item)
         sd = states[m]
 
-        def p(k):
+        def p(k, sd=sd, m=m):
             return sd[f"model.modal_projectors.{m}.{k}"].float()
 
         h = F.linear(F.gelu(F.linear(feats[m], p("0.weight"), p("0.bias"))), p("2.weight"), p("2.bias"))
@@ -147,8 +160,9 @@ def encoder_features(model, upstream, source):
 
 
 def check_against_reference(world, model, pair, flavour, lam, image_files, new_tokens=4):
-    states = {m: released_state(m, flavour == "damc", seed=100 + 10 * MODALITIES.index(m) + (flavour == "damc"))
-              for m in pair}
+    states = {
+        m: released_state(m, flavour == "damc", seed=100 + 10 * MODALITIES.index(m) + (flavour == "damc")) for m in pair
+    }
     prompt = model.template.prompt("\n".join(f"{m}: {TAG[m]}" for m in pair) + "\nWhat do they share?")
     media = {m: media_for(m, image_files) for m in pair}
     with torch.no_grad():
@@ -182,7 +196,10 @@ def test_import_maps_every_released_tensor(world, modality, flavour):
     released = torch.load(world["released"][modality, flavour] / "adapter_model.bin", weights_only=True)
     mc = {v: k for k, v in UP.items()}[modality]
     (adapter,) = cfg["adapters"]
-    assert adapter["adapter"] == {"vision": "image", "audio": "audio", "video": "video_languagebind", "point": "point"}[modality]
+    assert (
+        adapter["adapter"]
+        == {"vision": "image", "audio": "audio", "video": "video_languagebind", "point": "point"}[modality]
+    )
     assert cfg["base_model"] == str(world["base"].resolve())
     # LoRA: default -> text, the modality adapter -> the mcomp modality; peft format, exact values
     names = ["text", mc] if flavour == "damc" else ["text"]
@@ -199,7 +216,7 @@ def test_import_maps_every_released_tensor(world, modality, flavour):
     # projectors keep their parameter names under the mcomp modality
     proj = load_tensors(out / "projectors.safetensors")
     prefix = f"model.modal_projectors.{modality}."
-    assert proj.keys() == {f"{mc}.{k[len(prefix):]}" for k in released if k.startswith(prefix)}
+    assert proj.keys() == {f"{mc}.{k[len(prefix) :]}" for k in released if k.startswith(prefix)}
     for k, v in proj.items():
         assert torch.equal(v, released[prefix + k.split(".", 1)[1]])
     # DAMC tokens [1, 5, H] -> [5, H]; the unused `default` tokens are dropped
@@ -213,7 +230,11 @@ def test_import_maps_every_released_tensor(world, modality, flavour):
     # encoder options as released
     model = mcomp.load(out)
     if modality == "vision":
-        assert (adapter["select_layer"], adapter["select_feature"], adapter["image_aspect_ratio"]) == (-2, "patch", "pad")
+        assert (adapter["select_layer"], adapter["select_feature"], adapter["image_aspect_ratio"]) == (
+            -2,
+            "patch",
+            "pad",
+        )
         assert model.adapters["image"].num_tokens == 16  # 4x4 patches, CLS dropped
     elif modality == "video":
         assert adapter["select_layer"] == -2 and adapter["num_frames"] == 8
@@ -228,14 +249,20 @@ def test_import_maps_every_released_tensor(world, modality, flavour):
 
 
 def test_compose_damc_matches_released_formula(world, image_files):
-    model = compose({"image": world["imported"]["vision", "damc"], "point": world["imported"]["point", "damc"]},
-                    method="damc", weights={"image": 0.6, "point": 0.4})
+    model = compose(
+        {"image": world["imported"]["vision", "damc"], "point": world["imported"]["point", "damc"]},
+        method="damc",
+        weights={"image": 0.6, "point": 0.4},
+    )
     check_against_reference(world, model, ["vision", "point"], "damc", {"vision": 0.6, "point": 0.4}, image_files)
 
 
 def test_compose_naivemc_matches_released_formula(world, image_files):
-    model = compose({"image": world["imported"]["vision", "naivemc"], "video": world["imported"]["video", "naivemc"]},
-                    method="naivemc", weights={"image": 0.7, "video": 0.5})
+    model = compose(
+        {"image": world["imported"]["vision", "naivemc"], "video": world["imported"]["video", "naivemc"]},
+        method="naivemc",
+        weights={"image": 0.7, "video": 0.5},
+    )
     check_against_reference(world, model, ["vision", "video"], "naivemc", {"vision": 0.7, "video": 0.5}, image_files)
 
 
@@ -245,15 +272,21 @@ def test_single_imported_damc_model_matches_released_formula(world, image_files)
 
 
 def test_released_merged_folder_equals_compose_of_imports(world, tmp_path, image_files):
-    merged = merge_released([world["released"]["video", "damc"], world["released"]["vision", "damc"]],
-                            tmp_path / "multimodal-vicuna-7b-v1.5-video-vision-merge",
-                            "default-video=0.6,default-vision=0.4")
+    merged = merge_released(
+        [world["released"]["video", "damc"], world["released"]["vision", "damc"]],
+        tmp_path / "multimodal-vicuna-7b-v1.5-video-vision-merge",
+        "default-video=0.6,default-vision=0.4",
+    )
     model = import_modelcompose(merged, tmp_path / "merged", base=world["base"], encoder_root=world["enc"])
     assert model.modalities == ["image", "video"]  # upstream order: vision before video
-    assert model.routing.routes == {"text": [("text-image", 0.4), ("text-video", 0.6)],
-                                    "image": [("image", 1.0)], "video": [("video", 1.0)]}
-    check_against_reference(world, model, ["vision", "video"], "damc", {"vision": 0.4, "video": 0.6}, image_files,
-                            new_tokens=2)
+    assert model.routing.routes == {
+        "text": [("text-image", 0.4), ("text-video", 0.6)],
+        "image": [("image", 1.0)],
+        "video": [("video", 1.0)],
+    }
+    check_against_reference(
+        world, model, ["vision", "video"], "damc", {"vision": 0.4, "video": 0.6}, image_files, new_tokens=2
+    )
 
 
 def test_flavour_comes_from_config_not_folder_name(world, tmp_path, caplog):
@@ -279,7 +312,9 @@ def test_bad_released_files_are_named(world, tmp_path):
     good = dict(state)
     del state["model.layers.1.mlp.down_proj.lora_B.vision.weight"]
     torch.save(state, src / "adapter_model.bin")
-    with pytest.raises(ValueError, match=r"missing 1 key\(s\): model\.layers\.1\.mlp\.down_proj\.lora_B\.vision\.weight"):
+    with pytest.raises(
+        ValueError, match=r"missing 1 key\(s\): model\.layers\.1\.mlp\.down_proj\.lora_B\.vision\.weight"
+    ):
         import_modelcompose(src, tmp_path / "a", base=world["base"], encoder_root=world["enc"])
     torch.save({**good, "model.mm_projector.0.weight": torch.zeros(2)}, src / "adapter_model.bin")
     with pytest.raises(ValueError, match=r"unknown role.*model\.mm_projector\.0\.weight"):
@@ -308,8 +343,19 @@ def test_malicious_pickle_is_refused_and_never_executed(world, tmp_path, capsys,
     with pytest.raises(ValueError, match="refused to load"):
         import_modelcompose(src, tmp_path / "out", base=world["base"], encoder_root=world["enc"])
     _with_import_command(monkeypatch)
-    rc = cli.main(["import", "modelcompose", str(src), "--out", str(tmp_path / "out2"), "--base", str(world["base"]),
-                   "--encoder-root", str(world["enc"])])
+    rc = cli.main(
+        [
+            "import",
+            "modelcompose",
+            str(src),
+            "--out",
+            str(tmp_path / "out2"),
+            "--base",
+            str(world["base"]),
+            "--encoder-root",
+            str(world["enc"]),
+        ]
+    )
     assert rc == 1 and "refused to load" in capsys.readouterr().err
     assert not marker.exists() and not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()
 
@@ -326,15 +372,44 @@ def test_cli_import_compose_eval_four_modalities(world, tmp_path, monkeypatch, c
     dirs = {}
     for m, mc in (("vision", "image"), ("audio", "audio"), ("video", "video"), ("point", "point")):
         dirs[mc] = tmp_path / f"{m}-damc"
-        assert cli.main(["import", "modelcompose", str(world["released"][m, "damc"]), "--out", str(dirs[mc]),
-                         "--base", str(world["base"]), "--encoder-root", str(world["enc"])]) == 0
+        assert (
+            cli.main(
+                [
+                    "import",
+                    "modelcompose",
+                    str(world["released"][m, "damc"]),
+                    "--out",
+                    str(dirs[mc]),
+                    "--base",
+                    str(world["base"]),
+                    "--encoder-root",
+                    str(world["enc"]),
+                ]
+            )
+            == 0
+        )
     models = ",".join(f"{m}={d}" for m, d in dirs.items())
     assert cli.main(["compose", "--models", models, "--method", "damc", "--out", str(tmp_path / "mcub4-damc")]) == 0
     data = tmp_path / "data"
     write_benchmark(data, n=2)
     monkeypatch.setattr(cli, "SUBCOMMANDS", sorted({*cli.SUBCOMMANDS, "eval"}))
-    rc = cli.main(["eval", "--model", str(tmp_path / "mcub4-damc"), "--task", "mcub4", "--data-root", str(data),
-                   "--mode", "generate", "--out", str(tmp_path / "run"), "--max-new-tokens", "2"])
+    rc = cli.main(
+        [
+            "eval",
+            "--model",
+            str(tmp_path / "mcub4-damc"),
+            "--task",
+            "mcub4",
+            "--data-root",
+            str(data),
+            "--mode",
+            "generate",
+            "--out",
+            str(tmp_path / "run"),
+            "--max-new-tokens",
+            "2",
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["results"][0]["n_samples"] == 2 and results["results"][0]["n_errors"] == 0

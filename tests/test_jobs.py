@@ -1,4 +1,5 @@
 """Jobs on worker processes: results by name, failures raised here, workers without progress bars."""
+
 from __future__ import annotations
 
 import pytest

@@ -3,6 +3,7 @@ the npm package's own test cases, an independent merge-rank BPE, and the publish
 (transformers 4.31, re-implemented in `published_ids`). The transformers-5 tokenizer is loaded the way mcomp loads a
 real checkpoint folder. Where it differs from the published ids the exact ids of both sides are asserted.
 """
+
 from __future__ import annotations
 
 import io
@@ -21,8 +22,10 @@ from tests.modelcompose_reference import (
     published_prompt,
 )
 
-SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
-          "detailed, and polite answers to the user's questions.")
+SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+    "detailed, and polite answers to the user's questions."
+)
 IMAGE_PROMPT = SYSTEM + " USER: <image>\nWhat is in the image? ASSISTANT:"
 CONVERSATION = SYSTEM + " USER: Hi ASSISTANT: Hello</s>USER: And? ASSISTANT: Yes</s>"
 IMAGE_ID = -200
@@ -44,8 +47,15 @@ def llama(tmp_path_factory):
     for legacy in (False, True):
         folders[legacy] = lv.write_vicuna_tokenizer(root / f"legacy_{legacy}", model, legacy=legacy)
         toks[legacy] = AutoTokenizer.from_pretrained(str(folders[legacy]), trust_remote_code=False)  # as mcomp loads
-    return SimpleNamespace(vocab=vocab, merges=merges, js=js, sp=spm.SentencePieceProcessor(model_proto=model),
-                           tok=toks, folders=folders, cases=lv.js_test_cases(js))
+    return SimpleNamespace(
+        vocab=vocab,
+        merges=merges,
+        js=js,
+        sp=spm.SentencePieceProcessor(model_proto=model),
+        tok=toks,
+        folders=folders,
+        cases=lv.js_test_cases(js),
+    )
 
 
 @pytest.mark.parametrize("failure", ["bad bytes", "no network"])
@@ -56,8 +66,12 @@ def test_fetch_refuses_bad_download(tmp_path, monkeypatch, failure):
         return io.BytesIO(b"not the package")
 
     monkeypatch.setattr(lv.urllib.request, "urlopen", urlopen)
-    want = (rf"integrity mismatch for {re.escape(lv.PACKAGE_URL)}: expected {re.escape(lv.PACKAGE_INTEGRITY)}, "
-            r"got sha512-\S+" if failure == "bad bytes" else rf"could not download {re.escape(lv.PACKAGE_URL)}")
+    want = (
+        rf"integrity mismatch for {re.escape(lv.PACKAGE_URL)}: expected {re.escape(lv.PACKAGE_INTEGRITY)}, "
+        r"got sha512-\S+"
+        if failure == "bad bytes"
+        else rf"could not download {re.escape(lv.PACKAGE_URL)}"
+    )
     with pytest.raises(RuntimeError, match=want):
         lv.fetch_package(tmp_path)
     assert not list(tmp_path.glob("*.tgz")), "a refused download must not be cached"
@@ -96,7 +110,8 @@ def test_js_cases_transformers5(llama, legacy):
         # slow tokenizer) always adds it. So " x" loses one leading space: e.g. " grabbed" gives
         # [1, 2646, 1327, 287] instead of [1, 29871, 2646, 1327, 287].
         assert got == [1] + llama.sp.encode(text[1:]) != want, (
-            f"{text!r}: transformers 5 gave {got}, JS/SentencePiece {want}")
+            f"{text!r}: transformers 5 gave {got}, JS/SentencePiece {want}"
+        )
 
 
 def merge_rank_bpe(rank: dict, vocab_index: dict, text: str) -> list[int]:
@@ -107,7 +122,7 @@ def merge_rank_bpe(rank: dict, vocab_index: dict, text: str) -> list[int]:
         if not cands:
             break
         i = min(cands)[1]
-        syms[i:i + 2] = [syms[i] + syms[i + 1]]
+        syms[i : i + 2] = [syms[i] + syms[i + 1]]
     # characters outside the vocabulary fall back to their UTF-8 bytes (<0x00> is id 3)
     return [x for s in syms for x in ([vocab_index[s]] if s in vocab_index else [3 + b for b in s.encode()])]
 
@@ -141,7 +156,7 @@ def test_image_prompt_matches_published(llama, legacy):
     assert tokenize_with_placeholders(llama.tok[legacy], IMAGE_PROMPT, {"<image>": IMAGE_ID}) == want
     # the chunk after the placeholder restarts with the dummy prefix: "\nWhat" -> "▁", "<0x0A>", "What"
     k = want.index(IMAGE_ID)
-    assert want[k + 1:k + 4] == [29871, 13, 5618]
+    assert want[k + 1 : k + 4] == [29871, 13, 5618]
     # 4.31 with legacy=False gives the same ids here: no special token inside any chunk
     assert lv.published_ids(llama.sp, IMAGE_PROMPT, legacy=False) == lv.published_ids(llama.sp, IMAGE_PROMPT)
 
@@ -153,15 +168,15 @@ def test_conversation_after_eos(llama, legacy):
     got = llama.tok[legacy](CONVERSATION)["input_ids"]
     eos = published.index(2)
     # published: each text piece after </s> is encoded alone, with its dummy prefix: "USER" -> "▁US", "ER"
-    assert published[eos + 1:eos + 4] == [3148, 1001, 29901], sp.id_to_piece(published[eos + 1:eos + 4])
+    assert published[eos + 1 : eos + 4] == [3148, 1001, 29901], sp.id_to_piece(published[eos + 1 : eos + 4])
     if legacy:
         assert got == published
     else:
         # transformers 5, legacy=False (prepend_scheme "first"): no "▁" after </s>, so "USER" is one piece
-        assert got == published[:eos + 1] + [11889] + published[eos + 3:], f"transformers 5 gave {got}"
+        assert got == published[: eos + 1] + [11889] + published[eos + 3 :], f"transformers 5 gave {got}"
     # transformers 4.31 itself with legacy=False (if Vicuna's config says so) strips the "▁" of the first
     # token instead: "▁US" -> "US", giving a third variant
-    assert lv.published_ids(sp, CONVERSATION, legacy=False) == published[:eos + 1] + [3308] + published[eos + 2:]
+    assert lv.published_ids(sp, CONVERSATION, legacy=False) == published[: eos + 1] + [3308] + published[eos + 2 :]
     assert sp.id_to_piece([11889, 3308]) == ["USER", "US"]
 
 
@@ -175,10 +190,11 @@ def test_mask_rule_prompts(llama, legacy):
     assert instruction[-1] == sp.piece_to_id(lv.SPACE)  # the trailing space is an orphan "▁" alone ...
     conv = lv.published_ids(sp, CONVERSATION)
     n = len(instruction) - 2  # ... which, in the whole conversation, is absorbed by "▁Hello"
-    assert conv[:n + 1] == instruction[:-1] and conv[n + 1] == lv.published_ids(sp, "Hello")[1]
+    assert conv[: n + 1] == instruction[:-1] and conv[n + 1] == lv.published_ids(sp, "Hello")[1]
 
 
 # --- mcomp's own paths on the real vocabulary --------------------------------------------------------------------
+
 
 class PublishedTokenizer:
     """The published code's tokenizer as the reference functions call it (`tok(text).input_ids`), with
@@ -231,8 +247,12 @@ def test_mcomp_prompt_ids_are_the_published_ids(llama, vicuna_models, legacy):
 
 CONVERSATIONS = [
     [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A red cube."}],
-    [{"from": "human", "value": "<image> Colour?"}, {"from": "gpt", "value": "Red."},
-     {"from": "human", "value": "And the shape?"}, {"from": "gpt", "value": "A cube,\nsmall."}],
+    [
+        {"from": "human", "value": "<image> Colour?"},
+        {"from": "gpt", "value": "Red."},
+        {"from": "human", "value": "And the shape?"},
+        {"from": "gpt", "value": "A cube,\nsmall."},
+    ],
     [{"from": "gpt", "value": "Hello."}, {"from": "human", "value": "Which? <image>"}, {"from": "gpt", "value": " B"}],
 ]
 

@@ -1,5 +1,6 @@
 """Routed LoRA at inference: small layers run each route through a dense weight, which must give
 the low-rank path's numbers and follow every change of the weights it was made from."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,9 +28,10 @@ def model():
 def _inputs(model):
     torch.manual_seed(0)
     pixels = torch.rand(3, 32, 32)
-    return model.prepare_inputs([model.template.prompt("image: <image>\nWhat colour is it?"),
-                                 model.template.prompt("What shape?")],
-                                [{"image": pixels}, None])
+    return model.prepare_inputs(
+        [model.template.prompt("image: <image>\nWhat colour is it?"), model.template.prompt("What shape?")],
+        [{"image": pixels}, None],
+    )
 
 
 def _low_rank(model, inputs):

@@ -1,4 +1,5 @@
 """Reading the published MCUB-family files, the `datasets` export, and task files."""
+
 from __future__ import annotations
 
 import json
@@ -7,7 +8,11 @@ import os
 import pytest
 
 from mcomp.benchmarks.mcub.data import (
-    as_hf_dataset, check_answers_match, id_key, read_answer_file, read_questions,
+    as_hf_dataset,
+    check_answers_match,
+    id_key,
+    read_answer_file,
+    read_questions,
 )
 from mcomp.benchmarks.mcub.synthetic import write_benchmark
 from mcomp.benchmarks.mcub.tasks import available_tasks, load_task, parse_task
@@ -16,14 +21,20 @@ from mcomp.benchmarks.mcub.tasks import available_tasks, load_task, parse_task
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
-    return write_benchmark(root, n=3, per_modality=2, class_names=list(load_task("modelnet40").target_params["class_names"]))
+    return write_benchmark(
+        root, n=3, per_modality=2, class_names=list(load_task("modelnet40").target_params["class_names"])
+    )
 
 
 def test_shipped_tasks():
     assert set(available_tasks()) >= {"mcub4", "mcub3", "avqa", "music_avqa", "modelnet40"}
     mcub3 = load_task("mcub3")
     assert [s.name for s in mcub3.subsets] == [
-        "image-audio-video", "audio-video-pointcloud", "image-audio-pointcloud", "image-video-pointcloud"]
+        "image-audio-video",
+        "audio-video-pointcloud",
+        "image-audio-pointcloud",
+        "image-video-pointcloud",
+    ]
     assert mcub3.subsets[1].modalities == ("audio", "video", "point")
     assert load_task("mcub4").template == "vicuna_v1"
     assert load_task("mcub4").modality_order == ("image", "audio", "video", "point")
@@ -38,8 +49,12 @@ def test_unknown_task_and_bad_task_files(tmp_path):
         load_task("mcub5")
     with pytest.raises(FileNotFoundError, match="task file not found"):
         load_task(str(tmp_path / "none.yaml"))
-    base = {"name": "t", "answers": "a.json", "subsets": [{"name": "s", "questions": "q.json", "modalities": []}],
-            "modes": {"generate": {"scorer": "first_letter"}}}
+    base = {
+        "name": "t",
+        "answers": "a.json",
+        "subsets": [{"name": "s", "questions": "q.json", "modalities": []}],
+        "modes": {"generate": {"scorer": "first_letter"}},
+    }
     assert parse_task(base, "t.yaml").default_mode == "generate"
     with pytest.raises(ValueError, match=r"t.yaml: unknown field\(s\) \['subset'\]"):
         parse_task({**base, "subset": []}, "t.yaml")
@@ -78,13 +93,16 @@ def test_missing_media_is_recorded_not_dropped(bench, tmp_path):
     assert "missing media" in samples[1].error and "gone.wav" in samples[1].error and "audio" in samples[1].error
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda e: e[1].pop("conversations"), r"q.json: entry 1 \(id 'mcub-4_0001'\): 'conversations'"),
-    (lambda e: e[2].update(id=e[0]["id"]), "id 'mcub-4_0000' occurs twice"),
-    (lambda e: e[0].update(id={"a": 1}), "entry 0: 'id' must be a JSON scalar"),
-    (lambda e: e[0]["conversations"][0].update(value=""), r"conversations\[0\].value \(the question\)"),
-    (lambda e: e[0].update(modal_inputs={"vision": [3]}), r"modal_inputs\['vision'\] must be a list of paths"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda e: e[1].pop("conversations"), r"q.json: entry 1 \(id 'mcub-4_0001'\): 'conversations'"),
+        (lambda e: e[2].update(id=e[0]["id"]), "id 'mcub-4_0000' occurs twice"),
+        (lambda e: e[0].update(id={"a": 1}), "entry 0: 'id' must be a JSON scalar"),
+        (lambda e: e[0]["conversations"][0].update(value=""), r"conversations\[0\].value \(the question\)"),
+        (lambda e: e[0].update(modal_inputs={"vision": [3]}), r"modal_inputs\['vision'\] must be a list of paths"),
+    ],
+)
 def test_malformed_question_files_name_the_entry(bench, tmp_path, mutate, message):
     entries = json.loads((bench / "data/test/MCUB-4.json").read_text())
     mutate(entries)
@@ -120,8 +138,18 @@ def test_datasets_export(bench):
         samples += read_questions(bench / subset.questions, subset.name, bench)
     ds = as_hf_dataset(samples, answers, task.target_function())
     assert len(ds) == 12
-    assert set(ds.column_names) == {"id", "subset", "index", "question", "vision", "audio", "video", "point",
-                                    "target", "error"}
+    assert set(ds.column_names) == {
+        "id",
+        "subset",
+        "index",
+        "question",
+        "vision",
+        "audio",
+        "video",
+        "point",
+        "target",
+        "error",
+    }
     row = ds[3]  # first sample of audio-video-pointcloud: no image
     assert row["subset"] == "audio-video-pointcloud" and row["vision"] == [] and len(row["point"]) == 1
     assert json.loads(row["id"]) == samples[3].id

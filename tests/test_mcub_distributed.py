@@ -1,5 +1,6 @@
 """`accelerate launch` with 2 CPU processes: samples are sharded, gathered on the main process, and the
 results equal a single-process run."""
+
 from __future__ import annotations
 
 import json
@@ -36,11 +37,35 @@ def test_two_processes_equal_one(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [str(accelerate if accelerate.is_file() else shutil.which("accelerate")), "launch", "--multi_gpu",
-           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(port),
-           "-m", "mcomp.commands.eval", "--model", TINY4, "--task", "mcub4", "--data-root", str(root),
-           "--mode", "loglik", "--out", str(run_dir), "--device", "cpu"]
+    cmd = [
+        str(accelerate if accelerate.is_file() else shutil.which("accelerate")),
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(port),
+        "-m",
+        "mcomp.commands.eval",
+        "--model",
+        TINY4,
+        "--task",
+        "mcub4",
+        "--data-root",
+        str(root),
+        "--mode",
+        "loglik",
+        "--out",
+        str(run_dir),
+        "--device",
+        "cpu",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("mcub4 (loglik)") == 1  # only the main process reports
@@ -48,10 +73,14 @@ def test_two_processes_equal_one(tmp_path):
     assert dist["run"]["world_size"] == 2
     assert not list(run_dir.glob("samples.part-*"))  # shards merged into samples.jsonl
 
-    single = evaluate(build_tiny_model(TINY4, seed=0), load_task("mcub4"), root, tmp_path / "single",
-                      mode="loglik", model_name=TINY4)
+    single = evaluate(
+        build_tiny_model(TINY4, seed=0), load_task("mcub4"), root, tmp_path / "single", mode="loglik", model_name=TINY4
+    )
     assert dist["results"] == single["results"]
-    dist_records, single_records = read_records(run_dir / "samples.jsonl"), read_records(tmp_path / "single" / "samples.jsonl")
+    dist_records, single_records = (
+        read_records(run_dir / "samples.jsonl"),
+        read_records(tmp_path / "single" / "samples.jsonl"),
+    )
     assert [r["id"] for r in dist_records] == [r["id"] for r in single_records]
     for a, b in zip(dist_records, single_records):
         assert a["prediction"] == b["prediction"] and a["correct"] == b["correct"]

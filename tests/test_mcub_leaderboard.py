@@ -1,4 +1,5 @@
 """`mcomp leaderboard`: Markdown table and a static HTML page with embedded charts, from real runs."""
+
 from __future__ import annotations
 
 import base64
@@ -40,8 +41,15 @@ def runs(tmp_path_factory):
         model.provenance = dict(provenance)
         for task in ("mcub4", "mcub3"):
             run_dir = tmp / f"{provenance['method']}-{task}"
-            evaluate(model, load_task(task), root, run_dir, mode="loglik", limit=3 if task == "mcub4" else 1,
-                     model_name="tiny-vicuna")
+            evaluate(
+                model,
+                load_task(task),
+                root,
+                run_dir,
+                mode="loglik",
+                limit=3 if task == "mcub4" else 1,
+                model_name="tiny-vicuna",
+            )
             dirs.append(run_dir)
     return dirs
 
@@ -90,8 +98,9 @@ def test_page_renders_in_headless_chromium(runs, tmp_path):
         pytest.skip("no chromium/chrome installed (Debian: apt-get install -y chromium); screenshot not taken")
     paths = leaderboard.write(runs, tmp_path / "board")
     shot = tmp_path / "shot.png"
-    out = subprocess.run(["bash", str(SCRIPT), str(paths["html"]), str(shot), "1200,1400"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        ["bash", str(SCRIPT), str(paths["html"]), str(shot), "1200,1400"], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     img = Image.open(shot).convert("L")
     assert img.size == (1200, 1400)
@@ -115,10 +124,26 @@ def test_runs_of_one_cell_are_averaged_with_their_spread(tmp_path):
     for k, v in enumerate(values):
         run = tmp_path / f"seed{k}"
         run.mkdir()
-        (run / "results.json").write_text(json.dumps({
-            "schema": RESULTS_SCHEMA, "provenance": {"composition": {"method": "damc", "merge": "pcb"}}, "model": {"name": "pair"},
-            "results": [{"task": "mcub4", "subset": "MCUB-4", "mode": "loglik", "metric": "accuracy",
-                         "value": v, "stderr": 3.0, "n_samples": 10}]}))
+        (run / "results.json").write_text(
+            json.dumps(
+                {
+                    "schema": RESULTS_SCHEMA,
+                    "provenance": {"composition": {"method": "damc", "merge": "pcb"}},
+                    "model": {"name": "pair"},
+                    "results": [
+                        {
+                            "task": "mcub4",
+                            "subset": "MCUB-4",
+                            "mode": "loglik",
+                            "metric": "accuracy",
+                            "value": v,
+                            "stderr": 3.0,
+                            "n_samples": 10,
+                        }
+                    ],
+                }
+            )
+        )
         runs.append(run)
     board = lb.build(runs)
     (row,) = board.rows

@@ -1,4 +1,5 @@
 """Option scoring with the context computed once (KV cache) equals `MultimodalLM.loglikelihood`."""
+
 from __future__ import annotations
 
 import pytest
@@ -42,20 +43,26 @@ def test_prompt_is_the_published_template(model, sample):
     prompt, media, ignored = build_prompt(model, get_template("vicuna_v1"), sample, ORDER)
     assert prompt == (
         "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
-        "detailed, and polite answers to the user's questions. USER: " + sample.question + " ASSISTANT:")
+        "detailed, and polite answers to the user's questions. USER: " + sample.question + " ASSISTANT:"
+    )
     assert list(media) == ["vision", "audio", "video", "point"] and not ignored
 
 
 def test_missing_placeholders_get_demo_lines_in_modality_order_with_prefix(model, sample):
     import dataclasses
 
-    bare = dataclasses.replace(sample, question="What do they share?", turns=(),
-                               media={"point": sample.media["point"], "vision": sample.media["vision"]})
+    bare = dataclasses.replace(
+        sample,
+        question="What do they share?",
+        turns=(),
+        media={"point": sample.media["point"], "vision": sample.media["vision"]},
+    )
     prompt, media, ignored = build_prompt(model, get_template("vicuna_v1"), bare, ORDER, "prefix")
     assert prompt == get_template("vicuna_v1").prompt("image: <image>\npoint: <point>\nWhat do they share?")
     assert list(media) == ["vision", "point"] and not ignored
-    assert build_prompt(model, get_template("vicuna_v1"), sample, ORDER, "prefix")[0] == \
-        get_template("vicuna_v1").prompt(sample.question)  # placeholders present: verbatim
+    assert build_prompt(model, get_template("vicuna_v1"), sample, ORDER, "prefix")[0] == get_template(
+        "vicuna_v1"
+    ).prompt(sample.question)  # placeholders present: verbatim
 
 
 def test_cached_scores_equal_model_loglikelihood(model, sample):
@@ -119,20 +126,21 @@ def test_batched_contexts_equal_one_at_a_time(tmp_path_factory):
     m.add_lora(r=4, alpha=8, name="video", seed=6, zero_b=False)
     m.set_routes({"text": [("text", 1.0)], "video": [("video", 1.0)]})
     root = write_benchmark(tmp_path_factory.mktemp("batch"), n=2, per_modality=2, seed=3)
-    samples = (read_questions(root / "data/test/MCUB-4.json", "MCUB-4", root)
-               + read_questions(root / "data/test/MCUB-3-audio-video-pointcloud.json", "MCUB-3", root))
+    samples = read_questions(root / "data/test/MCUB-4.json", "MCUB-4", root) + read_questions(
+        root / "data/test/MCUB-3-audio-video-pointcloud.json", "MCUB-3", root
+    )
     template = get_template("vicuna_v1")
     prompts = [build_prompt(m, template, s, ORDER) for s in samples]
-    requests = [LoglikelihoodRequest(p.text, OPTIONS[k:k + 3 + k], p.media) for k, p in enumerate(prompts)]
+    requests = [LoglikelihoodRequest(p.text, OPTIONS[k : k + 3 + k], p.media) for k, p in enumerate(prompts)]
     requests.append(LoglikelihoodRequest(template.prompt("Which is red?"), OPTIONS[2:6], None))
-    lengths = {len(m.tokenize(r.context)) + sum(m.inserted_tokens(m.modality_of(k)) for k in (r.media or {}))
-               for r in requests}
+    lengths = {
+        len(m.tokenize(r.context)) + sum(m.inserted_tokens(m.modality_of(k)) for k in (r.media or {})) for r in requests
+    }
     assert len(lengths) >= 3  # the contexts really are of different lengths
     batched = m.loglikelihood_batch(requests, batch_size=5)
     assert len(batched) == len(requests)
     for request, got in zip(requests, batched):
-        _check_equal(got, m.loglikelihood(request.context, request.continuations, request.media,
-                                          reuse_context=False))
+        _check_equal(got, m.loglikelihood(request.context, request.continuations, request.media, reuse_context=False))
 
 
 def test_batch_without_a_selectable_cache_scores_each_context_in_full(model, sample, monkeypatch):
@@ -149,7 +157,8 @@ def test_batch_without_a_selectable_cache_scores_each_context_in_full(model, sam
         return out
 
     monkeypatch.setattr(model.llm, "forward", no_cache)
-    got = model.loglikelihood_batch([LoglikelihoodRequest(prompt, OPTIONS, media),
-                                     LoglikelihoodRequest(prompt, OPTIONS[:2], media)])
+    got = model.loglikelihood_batch(
+        [LoglikelihoodRequest(prompt, OPTIONS, media), LoglikelihoodRequest(prompt, OPTIONS[:2], media)]
+    )
     _check_equal(got[0], reference)
     _check_equal(got[1], reference[:2])

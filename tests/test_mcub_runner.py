@@ -1,5 +1,6 @@
 """End-to-end evaluation on tiny models and small files in the published schema: every task, both
 modes, per-sample records, errors, resume after an interruption, feature cache, the CLI."""
+
 from __future__ import annotations
 
 import json
@@ -65,7 +66,9 @@ def test_mcub4_generate_and_loglik(bench, model, tmp_path):
     gen = evaluate(model, task, bench, tmp_path / "gen", mode="generate", max_new_tokens=3, model_name=TINY4)
     records = _samples(tmp_path / "gen")
     assert [r["id"] for r in records] == ["mcub-4_0000", "mcub-4_0001", "mcub-4_0002"]
-    answers = {e["id"]: e["conversations"][-1]["value"] for e in json.loads((bench / "data/test/MCUB-answer.json").read_text())}
+    answers = {
+        e["id"]: e["conversations"][-1]["value"] for e in json.loads((bench / "data/test/MCUB-answer.json").read_text())
+    }
     questions = json.loads((bench / "data/test/MCUB-4.json").read_text())
     for r, q in zip(records, questions):
         assert r["prompt"].startswith(SYSTEM) and r["prompt"].endswith(" ASSISTANT:")
@@ -95,8 +98,13 @@ def test_mcub4_generate_and_loglik(bench, model, tmp_path):
 def test_mcub3_avqa_music_modelnet_end_to_end(bench, model, tmp_path):
     mcub3 = evaluate(model, load_task("mcub3"), bench, tmp_path / "m3", mode="loglik", limit=1)
     subsets = [r["subset"] for r in mcub3["results"] if r["metric"] == "accuracy"]
-    assert subsets == ["image-audio-video", "audio-video-pointcloud", "image-audio-pointcloud",
-                       "image-video-pointcloud", "mean"]
+    assert subsets == [
+        "image-audio-video",
+        "audio-video-pointcloud",
+        "image-audio-pointcloud",
+        "image-video-pointcloud",
+        "mean",
+    ]
     _check_consistent(mcub3, _samples(tmp_path / "m3"))
     mean = [r for r in mcub3["results"] if r["subset"] == "mean" and r["metric"] == "accuracy"][0]
     assert mean["value"] == pytest.approx(sum(r["value"] for r in mcub3["results"][:8:2]) / 4)
@@ -106,23 +114,35 @@ def test_mcub3_avqa_music_modelnet_end_to_end(bench, model, tmp_path):
     assert len(records) == 7 and all(isinstance(r["id"], int) for r in records)
     _check_consistent(avqa, records)
 
-    music = evaluate(model, load_task("music_avqa"), bench, tmp_path / "music", mode="generate", limit=1,
-                     max_new_tokens=3)
+    music = evaluate(
+        model, load_task("music_avqa"), bench, tmp_path / "music", mode="generate", limit=1, max_new_tokens=3
+    )
     for r in _samples(tmp_path / "music"):
         assert r["prediction"] == evalai_normalize(r["response"])
         assert r["correct"] == (r["prediction"] == evalai_normalize(r["target"]))
     _check_consistent(music, _samples(tmp_path / "music"))
-    music_ll = evaluate(model, load_task("music_avqa"), bench, tmp_path / "music_ll", mode="loglik",
-                        subsets=["audio", "video+image+audio"], limit=1)
+    music_ll = evaluate(
+        model,
+        load_task("music_avqa"),
+        bench,
+        tmp_path / "music_ll",
+        mode="loglik",
+        subsets=["audio", "video+image+audio"],
+        limit=1,
+    )
     rec = _samples(tmp_path / "music_ll")[0]
-    vocabulary = {evalai_normalize(e["conversations"][-1]["value"])
-                  for e in json.loads((bench / "data/test/music-avqa-test_mm_answer.json").read_text())}
+    vocabulary = {
+        evalai_normalize(e["conversations"][-1]["value"])
+        for e in json.loads((bench / "data/test/music-avqa-test_mm_answer.json").read_text())
+    }
     assert {evalai_normalize(s["key"]) for s in rec["option_scores"]} == vocabulary - {""}
     assert [r["subset"] for r in music_ll["results"]][-1] == "mean"
 
     mn = evaluate(model, load_task("modelnet40"), bench, tmp_path / "mn", limit=2)  # default mode: loglik
     records = _samples(tmp_path / "mn")
-    annotations = {e["id"]: e["label_name"] for e in json.loads((bench / "data/test/modelnet40-test_mm_answer.json").read_text())}
+    annotations = {
+        e["id"]: e["label_name"] for e in json.loads((bench / "data/test/modelnet40-test_mm_answer.json").read_text())
+    }
     for r in records:
         assert len(r["option_scores"]) == 40 and r["option_scores"][15]["key"] == "flower pot"
         assert r["target"] == annotations[r["id"]]
@@ -175,7 +195,11 @@ def test_batched_contexts_give_the_same_records(bench, model, tmp_path):
     assert "none.wav" in b[1]["error"] and "truncated.png" in b[5]["error"]
     assert [bool(r["error"]) for r in b] == [False, True, True, False, True, True]
     for x, y in zip(a, b):
-        assert (x["error"], x["prediction"], x["prediction_norm"]) == (y["error"], y["prediction"], y["prediction_norm"])
+        assert (x["error"], x["prediction"], x["prediction_norm"]) == (
+            y["error"],
+            y["prediction"],
+            y["prediction_norm"],
+        )
         for sx, sy in zip(x["option_scores"] or [], y["option_scores"] or []):
             assert sy["logprob"] == pytest.approx(sx["logprob"], abs=1e-4, rel=1e-5)
     assert [r["value"] for r in many["results"]] == [r["value"] for r in one["results"]]
@@ -188,8 +212,9 @@ def test_bad_input_fails_before_any_compute(bench, model, tmp_path):
     with pytest.raises(ValueError, match="subset 'MCUB-4' needs the 'audio' modality, but the model has only: image"):
         evaluate(image_only, load_task("mcub4"), bench, tmp_path / "a")
     with pytest.raises(ValueError, match="does not match question file"):
-        evaluate(model, load_task("mcub4"), bench, tmp_path / "b",
-                 answers=bench / "data/test/music-avqa-test_mm_answer.json")
+        evaluate(
+            model, load_task("mcub4"), bench, tmp_path / "b", answers=bench / "data/test/music-avqa-test_mm_answer.json"
+        )
     with pytest.raises(ValueError, match="--questions replaces one subset's file"):
         evaluate(model, load_task("mcub3"), bench, tmp_path / "c", questions=bench / "data/test/MCUB-4.json")
     with pytest.raises(FileNotFoundError, match="question file not found"):
@@ -220,8 +245,9 @@ def test_resume_after_an_exception_gives_identical_numbers(bench, model, tmp_pat
     assert len(read_records(tmp_path / "part" / "samples.part-0.jsonl")) == 2
     assert not (tmp_path / "part" / "results.json").exists()
     resumed_ids = []
-    resumed = evaluate(model, task, bench, tmp_path / "part", mode="loglik", limit=1,
-                       on_record=lambda r: resumed_ids.append(r["id"]))
+    resumed = evaluate(
+        model, task, bench, tmp_path / "part", mode="loglik", limit=1, on_record=lambda r: resumed_ids.append(r["id"])
+    )
     assert len(resumed_ids) == 2 and not set(resumed_ids) & set(seen)  # only the missing samples ran
     assert resumed["results"] == full["results"]
     assert _samples(tmp_path / "part") == _samples(tmp_path / "full")
@@ -232,12 +258,26 @@ def test_resume_after_kill(bench, model, tmp_path):
     """A CLI run killed (SIGKILL) midway, plus a torn last line, then resumed: same numbers, no duplicates."""
     n = 10
     write_benchmark(tmp_path / "data", n=n, per_modality=2, seed=1)
-    args = ["--model", TINY4, "--task", "mcub4", "--data-root", str(tmp_path / "data"), "--mode", "generate",
-            "--max-new-tokens", "4"]
+    args = [
+        "--model",
+        TINY4,
+        "--task",
+        "mcub4",
+        "--data-root",
+        str(tmp_path / "data"),
+        "--mode",
+        "generate",
+        "--max-new-tokens",
+        "4",
+    ]
     run_dir = tmp_path / "killed"
     part = run_dir / "samples.part-0.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "mcomp.commands.eval", *args, "--out", str(run_dir)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mcomp.commands.eval", *args, "--out", str(run_dir)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     try:
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:
@@ -254,12 +294,27 @@ def test_resume_after_kill(bench, model, tmp_path):
         f.write(b'{"subset": "MCUB-4", "id": "mcub-4_00')
 
     ran = []  # the fixture model is the one the CLI builds for TINY4 (same seed), so it claims the CLI's identity
-    resumed = evaluate(model, load_task("mcub4"), tmp_path / "data", run_dir, mode="generate",
-                       max_new_tokens=4, model_name=TINY4, on_record=lambda r: ran.append(r["id"]),
-                       model_identity={"tiny": TINY4, "seed": 0})
+    resumed = evaluate(
+        model,
+        load_task("mcub4"),
+        tmp_path / "data",
+        run_dir,
+        mode="generate",
+        max_new_tokens=4,
+        model_name=TINY4,
+        on_record=lambda r: ran.append(r["id"]),
+        model_identity={"tiny": TINY4, "seed": 0},
+    )
     assert len(ran) == n - len(done) and not {r["id"] for r in done} & set(ran)
-    reference = evaluate(model, load_task("mcub4"), tmp_path / "data", tmp_path / "ref", mode="generate",
-                         max_new_tokens=4, model_name=TINY4)
+    reference = evaluate(
+        model,
+        load_task("mcub4"),
+        tmp_path / "data",
+        tmp_path / "ref",
+        mode="generate",
+        max_new_tokens=4,
+        model_name=TINY4,
+    )
     assert resumed["results"] == reference["results"]
     killed, ref = _samples(run_dir), _samples(tmp_path / "ref")
     assert [r["id"] for r in killed] == [r["id"] for r in ref] and len({r["id"] for r in killed}) == n
@@ -280,7 +335,9 @@ def test_feature_cache_shared_across_compositions(bench, tmp_path, caplog):
     first = build_tiny_model("tiny:image,video", seed=0)
     second = build_tiny_model("tiny:image,video", seed=0)
     with torch.no_grad():
-        for p in list(second.llm.parameters()) + [p for a in second.adapters.values() for p in a.projector.parameters()]:
+        for p in list(second.llm.parameters()) + [
+            p for a in second.adapters.values() for p in a.projector.parameters()
+        ]:
             p.add_(0.05 * torch.randn_like(p))
     task = load_task("avqa")
     kw = dict(mode="loglik", subsets=["image", "image+video"], feature_cache=tmp_path / "features")
@@ -299,14 +356,19 @@ def test_user_task_file_with_own_function(bench, model, tmp_path, monkeypatch):
         "from mcomp.benchmarks.mcub.registry import register\n"
         "@register('scorer', 'answered_anything')\n"
         "def answered_anything(value, target):\n"
-        "    return value, True\n")
+        "    return value, True\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     (tmp_path / "mine.yaml").write_text(
         "name: mine\nfunctions: [my_scorers]\nanswers: data/test/MCUB-answer.json\n"
         "subsets:\n  - {name: four, questions: data/test/MCUB-4.json, modalities: [image, point]}\n"
-        "modes:\n  generate: {scorer: answered_anything, max_new_tokens: 2}\n")
-    with pytest.raises(ValueError, match=r"mine\.yaml: functions lists the Python module\(s\) \['my_scorers'\].*"
-                                         r"--allow-task-code"):
+        "modes:\n  generate: {scorer: answered_anything, max_new_tokens: 2}\n"
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"mine\.yaml: functions lists the Python module\(s\) \['my_scorers'\].*"
+        r"--allow-task-code",
+    ):
         load_task(str(tmp_path / "mine.yaml"))  # a task file is data: its modules are not imported by default
     assert "my_scorers" not in sys.modules
     res = evaluate(model, load_task(str(tmp_path / "mine.yaml"), allow_code=True), bench, tmp_path / "run")
@@ -314,8 +376,22 @@ def test_user_task_file_with_own_function(bench, model, tmp_path, monkeypatch):
 
 
 def test_cli(bench, tmp_path, capsys):
-    code = eval_cmd.main(["--model", "tiny:image,audio,video,point", "--task", "mcub4", "--data-root", str(bench),
-                          "--mode", "loglik", "--out", str(tmp_path / "run"), "--limit", "2"])
+    code = eval_cmd.main(
+        [
+            "--model",
+            "tiny:image,audio,video,point",
+            "--task",
+            "mcub4",
+            "--data-root",
+            str(bench),
+            "--mode",
+            "loglik",
+            "--out",
+            str(tmp_path / "run"),
+            "--limit",
+            "2",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "mcub4 (loglik), model tiny:image,audio,video,point" in out and "accuracy_norm" in out
@@ -324,8 +400,12 @@ def test_cli(bench, tmp_path, capsys):
     assert "unknown task 'mcub9'" in capsys.readouterr().err
     assert eval_cmd.main(["--model", str(tmp_path / "nope"), "--task", "mcub4", "--out", str(tmp_path / "x")]) == 1
     assert "not a directory" in capsys.readouterr().err
-    assert eval_cmd.main(["--model", "tiny:image", "--task", "mcub4", "--data-root", str(bench),
-                          "--out", str(tmp_path / "y")]) == 1
+    assert (
+        eval_cmd.main(
+            ["--model", "tiny:image", "--task", "mcub4", "--data-root", str(bench), "--out", str(tmp_path / "y")]
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     assert "needs the 'audio' modality" in err and "Traceback" not in err
     assert not os.path.exists(tmp_path / "x") and not os.path.exists(tmp_path / "y")

@@ -1,4 +1,5 @@
 """MCUB-family scoring: the published answer matching, EvalAI normalisation, options, accuracy."""
+
 from __future__ import annotations
 
 import math
@@ -8,19 +9,30 @@ import pytest
 from mcomp.benchmarks.mcub.data import Sample
 from mcomp.benchmarks.mcub.registry import resolve
 from mcomp.benchmarks.mcub.scoring import (
-    Option, accuracy, answer_vocabulary, evalai_exact, evalai_normalize, first_letter, label_name, label_substring,
-    last_turn, lettered_options,
+    Option,
+    accuracy,
+    answer_vocabulary,
+    evalai_exact,
+    evalai_normalize,
+    first_letter,
+    label_name,
+    label_substring,
+    last_turn,
+    lettered_options,
 )
 
 
-@pytest.mark.parametrize("raw, expected", [
-    # the worked examples of spec section 5.3
-    ("Two.", "2"),
-    ("Yes, it is.", "yes it is"),
-    ("Ten guitars!", "10 guitars"),
-    ("A", ""),
-    ("the piano's sound", "piano 's sound"),
-])
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        # the worked examples of spec section 5.3
+        ("Two.", "2"),
+        ("Yes, it is.", "yes it is"),
+        ("Ten guitars!", "10 guitars"),
+        ("A", ""),
+        ("the piano's sound", "piano 's sound"),
+    ],
+)
 def test_evalai_spec_examples(raw, expected):
     assert evalai_normalize(raw) == expected
 

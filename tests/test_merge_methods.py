@@ -1,4 +1,5 @@
 """Merge methods against the independent flattened reference (tests/merge_reference.py)."""
+
 from __future__ import annotations
 
 import math
@@ -13,7 +14,6 @@ import merge_reference as ref  # noqa: E402
 
 from mcomp.merge import make_params, merge_state_dicts, merge_task_vectors  # noqa: E402
 from mcomp.merge.selection import RowQuantiles, float_keys, key_to_float  # noqa: E402
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -48,9 +48,13 @@ ENGINE_MODES = {
 
 
 # every variant in memory and streamed with sample brackets; the histogram fallback on a subset
-PCB_CASES = [(m, s, v) for m in ("in-memory", "chunked-sample") for s in ("global", "tensor") for v in ("v1", "v2", "v3")]
+PCB_CASES = [
+    (m, s, v) for m in ("in-memory", "chunked-sample") for s in ("global", "tensor") for v in ("v1", "v2", "v3")
+]
 PCB_CASES += [("chunked-histogram", "global", "v1"), ("chunked-histogram", "tensor", "v3")]
-TIES_CASES = [(m, s, g) for m in ("in-memory", "chunked-sample") for s in ("global", "tensor") for g in ("mass", "frequency")]
+TIES_CASES = [
+    (m, s, g) for m in ("in-memory", "chunked-sample") for s in ("global", "tensor") for g in ("mass", "frequency")
+]
 TIES_CASES += [("chunked-histogram", "global", "mass")]
 
 
@@ -71,15 +75,17 @@ def test_pcb_matches_reference(mode, scope, inter, kernels_used):
     base, models = make_models()
     w = [1.2, 0.9, 1.1]
     expect = ref.by_scope(base, models, scope, lambda t: ref.pcb(t, 0.15, 0.02, inter, w, 1.3))
-    out = merge_state_dicts(base, models, "pcb", ratio=0.15, clip=0.02, inter=inter, scope=scope, weights=w,
-                            scale=1.3, **ENGINE_MODES[mode])
+    out = merge_state_dicts(
+        base, models, "pcb", ratio=0.15, clip=0.02, inter=inter, scope=scope, weights=w, scale=1.3, **ENGINE_MODES[mode]
+    )
     assert rel_err(out, expect) < 1e-6
     # the stronger check in delta space (θ0 = 0): nothing hides behind the base's magnitude
     zero = {k: torch.zeros_like(v) for k, v in base.items()}
     tvs = deltas_of(base, models)
     expect_d = ref.by_scope(zero, tvs, scope, lambda t: ref.pcb(t, 0.15, 0.02, inter, w, 1.3))
-    out_d = merge_task_vectors(tvs, "pcb", ratio=0.15, clip=0.02, inter=inter, scope=scope, weights=w, scale=1.3,
-                               **ENGINE_MODES[mode])
+    out_d = merge_task_vectors(
+        tvs, "pcb", ratio=0.15, clip=0.02, inter=inter, scope=scope, weights=w, scale=1.3, **ENGINE_MODES[mode]
+    )
     assert rel_err(out_d, expect_d) < 1e-6
 
 
@@ -96,12 +102,20 @@ def test_ties_matches_reference(mode, scope, sign, kernels_used):
     tvs = deltas_of(base, models)
     zero = {k: torch.zeros_like(v) for k, v in base.items()}
     expect = ref.by_scope(zero, tvs, scope, lambda t: ref.ties(t, 0.3, w, 0.8, sign))
-    out = merge_task_vectors(tvs, "ties", density=0.3, scope=scope, weights=w, scale=0.8, sign=sign,
-                             **ENGINE_MODES[mode])
+    out = merge_task_vectors(
+        tvs, "ties", density=0.3, scope=scope, weights=w, scale=0.8, sign=sign, **ENGINE_MODES[mode]
+    )
     assert rel_err(out, expect) < 1e-6
     expect_t = ref.by_scope(base, models, scope, lambda t: ref.ties(t, 0.3, w, 0.8, sign))
-    assert rel_err(merge_state_dicts(base, models, "ties", density=0.3, scope=scope, weights=w, scale=0.8, sign=sign,
-                                     **ENGINE_MODES[mode]), expect_t) < 1e-6
+    assert (
+        rel_err(
+            merge_state_dicts(
+                base, models, "ties", density=0.3, scope=scope, weights=w, scale=0.8, sign=sign, **ENGINE_MODES[mode]
+            ),
+            expect_t,
+        )
+        < 1e-6
+    )
 
 
 def test_ties_density_one_keeps_everything_and_majority_fills_zero_sums():
@@ -127,8 +141,12 @@ def test_dtype_in_float32_math_chosen_dtype_out():
     half = [{k: v.half() for k, v in m.items()} for m in [base, *models]]
     out = merge_state_dicts(half[0], half[1:], "pcb")
     assert all(v.dtype == torch.float16 for v in out.values())
-    expect = ref.by_scope({k: v.float() for k, v in half[0].items()}, [{k: v.float() for k, v in m.items()} for m in half[1:]],
-                          "global", lambda t: ref.pcb(t))
+    expect = ref.by_scope(
+        {k: v.float() for k, v in half[0].items()},
+        [{k: v.float() for k, v in m.items()} for m in half[1:]],
+        "global",
+        lambda t: ref.pcb(t),
+    )
     assert rel_err(out, {k: v.half() for k, v in expect.items()}) < 1e-3  # fp16 output rounding only
     out32 = merge_state_dicts(half[0], half[1:], "pcb", dtype="float32")
     assert rel_err(out32, expect) < 1e-6
@@ -180,8 +198,10 @@ def test_dare_ties_equals_ties_steps_on_dropped_vectors():
     from mcomp.merge.dare import MaskStream
 
     ms = MaskStream(5, 0.5)
-    dropped = [{k: tvs[i][k] * ms.mask(k, i, 0, tvs[i][k].numel()).reshape(tvs[i][k].shape) / 0.5 for k in base}
-               for i in range(3)]
+    dropped = [
+        {k: tvs[i][k] * ms.mask(k, i, 0, tvs[i][k].numel()).reshape(tvs[i][k].shape) / 0.5 for k in base}
+        for i in range(3)
+    ]
     zero = {k: torch.zeros_like(v) for k, v in base.items()}
     expect = ref.by_scope(zero, dropped, "tensor", lambda t: ref.ties(t, 1.0))
     out = merge_task_vectors(tvs, "dare_ties", density=0.5, seed=5)
@@ -189,19 +209,22 @@ def test_dare_ties_equals_ties_steps_on_dropped_vectors():
 
 
 # -- parameters ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("method,params,name", [
-    ("ties", {"density": 0.0}, "density"),
-    ("ties", {"density": 1.5}, "density"),
-    ("pcb", {"ratio": -0.1}, "ratio"),
-    ("pcb", {"clip": 0.5}, "clip"),
-    ("pcb", {"inter": "v4"}, "inter"),
-    ("pcb", {"scope": "layer"}, "scope"),
-    ("dare_linear", {"rescale": "l2"}, "rescale"),
-    ("dare_linear", {"seed": -1}, "seed"),
-    ("task_arithmetic", {"weights": [1.0]}, "weights"),
-    ("task_arithmetic", {"scale": float("nan")}, "scale"),
-    ("task_arithmetic", {"ratio": 0.1}, "ratio"),
-])
+@pytest.mark.parametrize(
+    "method,params,name",
+    [
+        ("ties", {"density": 0.0}, "density"),
+        ("ties", {"density": 1.5}, "density"),
+        ("pcb", {"ratio": -0.1}, "ratio"),
+        ("pcb", {"clip": 0.5}, "clip"),
+        ("pcb", {"inter": "v4"}, "inter"),
+        ("pcb", {"scope": "layer"}, "scope"),
+        ("dare_linear", {"rescale": "l2"}, "rescale"),
+        ("dare_linear", {"seed": -1}, "seed"),
+        ("task_arithmetic", {"weights": [1.0]}, "weights"),
+        ("task_arithmetic", {"scale": float("nan")}, "scale"),
+        ("task_arithmetic", {"ratio": 0.1}, "ratio"),
+    ],
+)
 def test_bad_parameters_name_the_parameter(method, params, name):
     with pytest.raises(ValueError, match=name):
         make_params(method, 2, **params)

@@ -1,4 +1,5 @@
 """The fused native kernels (mcomp/merge/_native.c) against the NumPy/torch chain they replace."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -8,8 +9,10 @@ import torch
 from mcomp.merge import native
 from mcomp.merge.pcb import balance, clip, clip_and_normalise, combine, scores_from_beta
 
-pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
-              pytest.mark.skipif(not native.available(), reason="mcomp.merge._native is not built")]
+pytestmark = [
+    pytest.mark.usefixtures("one_torch_thread"),
+    pytest.mark.skipif(not native.available(), reason="mcomp.merge._native is not built"),
+]
 
 
 def task_vectors(n=3, d=5003, seed=0):
@@ -114,8 +117,14 @@ def test_stored_values_decode_like_the_reader(dtype):
     tau = native.materialise(stored)
     assert torch.equal(tau, models.float() - base.float())
     mags = tau.abs()
-    brackets = [[(0.0, 0.0), (float(r.quantile(0.02)), float(r.quantile(0.03))),
-                 (float(r.quantile(0.98)), float(r.quantile(0.99)))] for r in mags]  # a point bracket first
+    brackets = [
+        [
+            (0.0, 0.0),
+            (float(r.quantile(0.02)), float(r.quantile(0.03))),
+            (float(r.quantile(0.98)), float(r.quantile(0.99))),
+        ]
+        for r in mags
+    ]  # a point bracket first
     below, inside, finite = native.abs_brackets(stored.columns(7, 3001), brackets)
     assert finite
     q = 0

@@ -1,4 +1,5 @@
 """Streaming engine on disk, bad inputs, CLI with a tiny Llama, LoRA adapters, coefficient search."""
+
 from __future__ import annotations
 
 import json
@@ -17,20 +18,26 @@ from mcomp.merge import merge_checkpoints, merge_state_dicts, native  # noqa: E4
 from mcomp.merge.sources import SafetensorsCheckpoint  # noqa: E402
 from mcomp.merge.writer import ShardedWriter  # noqa: E402
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def random_models(n=3, seed=0, dtype=torch.float16):
     g = torch.Generator().manual_seed(seed)
-    shapes = {"embed.weight": (300, 64), "layers.0.q.weight": (64, 64), "layers.0.norm.weight": (64,),
-              "layers.1.up.weight": (128, 64), "step": ()}
+    shapes = {
+        "embed.weight": (300, 64),
+        "layers.0.q.weight": (64, 64),
+        "layers.0.norm.weight": (64,),
+        "layers.1.up.weight": (128, 64),
+        "step": (),
+    }
     base = {k: (torch.randn(s, generator=g) * 0.1).to(dtype) for k, s in shapes.items() if k != "step"}
     base["step"] = torch.tensor(3, dtype=torch.int64)
     models = []
-    for i in range(n):
-        m = {k: (v.float() + 0.01 * torch.randn(v.shape, generator=g)).to(dtype) if v.is_floating_point() else v.clone()
-             for k, v in base.items()}
+    for _ in range(n):
+        m = {
+            k: (v.float() + 0.01 * torch.randn(v.shape, generator=g)).to(dtype) if v.is_floating_point() else v.clone()
+            for k, v in base.items()
+        }
         models.append(m)
     return base, models
 
@@ -63,14 +70,17 @@ def ckpts(tmp_path):
     return base, models, paths
 
 
-@pytest.mark.parametrize("method,params", [
-    ("task_arithmetic", {"weights": [0.5, 1.0, 0.7]}),
-    ("ties", {"density": 0.25}),
-    ("pcb", {"ratio": 0.1, "clip": 0.01, "inter": "v2"}),
-    ("pcb", {"scope": "tensor"}),
-    ("dare_ties", {"density": 0.5, "seed": 4}),
-    ("dare_linear", {"density": 0.5, "rescale": "l1", "scope": "global"}),
-])
+@pytest.mark.parametrize(
+    "method,params",
+    [
+        ("task_arithmetic", {"weights": [0.5, 1.0, 0.7]}),
+        ("ties", {"density": 0.25}),
+        ("pcb", {"ratio": 0.1, "clip": 0.01, "inter": "v2"}),
+        ("pcb", {"scope": "tensor"}),
+        ("dare_ties", {"density": 0.5, "seed": 4}),
+        ("dare_linear", {"density": 0.5, "rescale": "l1", "scope": "global"}),
+    ],
+)
 def test_streaming_equals_in_memory(ckpts, tmp_path, method, params):
     base, models, paths = ckpts
     out = tmp_path / "out"
@@ -143,8 +153,11 @@ def test_pcb_checks_finite_as_it_reads(ckpts, tmp_path, monkeypatch, where):
     bad = {k: v.clone() for k, v in (models[2] if where == "model" else base).items()}
     bad["layers.0.q.weight"][3, 9] = float("inf")
     save_file(bad, str(tmp_path / "bad.safetensors"))
-    inputs = [paths[0], paths[1], tmp_path / "bad.safetensors"] if where == "model" else \
-        [tmp_path / "bad.safetensors", *paths[1:]]
+    inputs = (
+        [paths[0], paths[1], tmp_path / "bad.safetensors"]
+        if where == "model"
+        else [tmp_path / "bad.safetensors", *paths[1:]]
+    )
     name = r"bad\.safetensors" if where == "model" else r"base.*bad\.safetensors"
     with pytest.raises(ValueError, match=r"layers\.0\.q\.weight.*" + name):
         merge_checkpoints(inputs[0], inputs[1:], tmp_path / "out", "pcb", chunk_elems=500)
@@ -204,12 +217,12 @@ def test_cli_merge_tiny_llama_loads_with_transformers(tmp_path, tokenizer):
     cfg = tmp_path / "merge.yaml"
     cfg.write_text(f"""
 merge_method: pcb
-base_model: {tmp_path / 'base'}
+base_model: {tmp_path / "base"}
 models:
-  - model: {tmp_path / 'base'}
-  - model: {tmp_path / 'ft0'}
+  - model: {tmp_path / "base"}
+  - model: {tmp_path / "ft0"}
     parameters: {{weight: 1.2}}
-  - model: {tmp_path / 'ft1'}
+  - model: {tmp_path / "ft1"}
     parameters: {{weight: 1.0}}
 parameters: {{ratio: 0.2, clip: 0.01}}
 dtype: float32
@@ -244,15 +257,17 @@ def make_adapter(directory: Path, shapes: dict[str, tuple[int, int]], r: int, al
     directory.mkdir(parents=True)
     save_file(tensors, str(directory / "adapter_model.safetensors"))
     targets = sorted({k.split(".")[-2] for k in shapes})
-    (directory / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": targets, "fan_in_fan_out": False}))
+    (directory / "adapter_config.json").write_text(
+        json.dumps(
+            {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "target_modules": targets, "fan_in_fan_out": False}
+        )
+    )
     return directory
 
 
 def test_lora_merge_fold_refactorise_and_linear_terms(ckpts, tmp_path):
-    from mcomp.merge.lora import (apply_linear_terms, load_lora, lora_deltas, lora_linear_terms,
-                                  merge_lora_adapters)
     from mcomp.merge import merge_task_vectors
+    from mcomp.merge.lora import apply_linear_terms, load_lora, lora_deltas, lora_linear_terms, merge_lora_adapters
 
     base, models, paths = ckpts
     shapes = {"layers.0.q.weight": (64, 64), "layers.1.up.weight": (128, 64)}
@@ -262,8 +277,9 @@ def test_lora_merge_fold_refactorise_and_linear_terms(ckpts, tmp_path):
     # ΔW-space merge (the second adapter does not touch `up`: ΔW = 0 there)
     merged = merge_lora_adapters(ad, "ties", density=0.5)
     d1, d2 = lora_deltas(ad[0]), lora_deltas(ad[1])
-    torch.testing.assert_close(d1["layers.0.q.weight"],
-                               2.0 * ad[0].modules["layers.0.q.weight"].B @ ad[0].modules["layers.0.q.weight"].A)
+    torch.testing.assert_close(
+        d1["layers.0.q.weight"], 2.0 * ad[0].modules["layers.0.q.weight"].B @ ad[0].modules["layers.0.q.weight"].A
+    )
     expect = merge_task_vectors([d1, {**d2, "layers.1.up.weight": torch.zeros(128, 64)}], "ties", density=0.5)
     for k in expect:
         torch.testing.assert_close(merged[k], expect[k])
@@ -289,8 +305,9 @@ def test_lora_merge_fold_refactorise_and_linear_terms(ckpts, tmp_path):
     terms = lora_linear_terms(ad, weights=[0.5, 2.0], scale=1.5)
     x = torch.randn(5, 64)
     lin_w = merge_lora_adapters(ad, "task_arithmetic", weights=[0.5, 2.0], scale=1.5)
-    torch.testing.assert_close(apply_linear_terms(terms["layers.0.q.weight"], x), x @ lin_w["layers.0.q.weight"].T,
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        apply_linear_terms(terms["layers.0.q.weight"], x), x @ lin_w["layers.0.q.weight"].T, rtol=1e-5, atol=1e-6
+    )
 
 
 # -- coefficient search --------------------------------------------------------------------------------
@@ -321,12 +338,14 @@ def test_streaming_pcb_candidate_columns_change_nothing(ckpts, tmp_path, monkeyp
     from mcomp.merge.pcb import Pcb
 
     base, models, paths = ckpts
-    fast = merge_checkpoints(paths[0], paths[1:], tmp_path / "fast", "pcb", chunk_elems=1000, ratio=0.1, inter=inter,
-                             dtype="float32")
+    fast = merge_checkpoints(
+        paths[0], paths[1:], tmp_path / "fast", "pcb", chunk_elems=1000, ratio=0.1, inter=inter, dtype="float32"
+    )
     assert 0 < fast.stats[0]["candidates"] < 0.6  # the restricted path ran, on a minority of columns
     monkeypatch.setattr(Pcb, "CANDIDATE_MASK_BYTES", 0)
-    full = merge_checkpoints(paths[0], paths[1:], tmp_path / "full", "pcb", chunk_elems=1000, ratio=0.1, inter=inter,
-                             dtype="float32")
+    full = merge_checkpoints(
+        paths[0], paths[1:], tmp_path / "full", "pcb", chunk_elems=1000, ratio=0.1, inter=inter, dtype="float32"
+    )
     assert "candidates" not in full.stats[0]
     a, b = load_dir(tmp_path / "fast"), load_dir(tmp_path / "full")
     for k in base:
@@ -361,15 +380,15 @@ def test_streaming_pcb_parallel_blocks_change_nothing(ckpts, tmp_path, monkeypat
     monkeypatch.setattr(Pcb, "BLOCK_VALUES", 3 * 70)
     monkeypatch.setattr(Pcb, "NATIVE_BLOCK_VALUES", 3 * 70)
     torch.set_num_threads(2)  # the module fixture restores it
-    blocked = merge_checkpoints(paths[0], paths[1:], tmp_path / "blocked", "pcb", chunk_elems=1000, ratio=0.1,
-                                dtype="float32")
+    blocked = merge_checkpoints(
+        paths[0], paths[1:], tmp_path / "blocked", "pcb", chunk_elems=1000, ratio=0.1, dtype="float32"
+    )
     assert sum(parallel) > 10 and blocked.stats[0]["candidates"] > 0
     assert fused == [] if kernels_used == "numpy" else len(fused) > 10  # stage 1's fused kernel ran
     torch.set_num_threads(1)
     monkeypatch.setattr(Pcb, "BLOCK_VALUES", 1 << 30)
     monkeypatch.setattr(Pcb, "NATIVE_BLOCK_VALUES", 1 << 30)
-    single = merge_checkpoints(paths[0], paths[1:], tmp_path / "single", "pcb", chunk_elems=1000, ratio=0.1,
-                               dtype="float32")
+    merge_checkpoints(paths[0], paths[1:], tmp_path / "single", "pcb", chunk_elems=1000, ratio=0.1, dtype="float32")
     a, b = load_dir(tmp_path / "blocked"), load_dir(tmp_path / "single")
     for k in base:
         assert torch.equal(a[k], b[k]), k
@@ -387,7 +406,9 @@ def test_streaming_pcb_from_stored_values_changes_nothing(tmp_path, monkeypatch,
     if not native.available():
         pytest.skip("mcomp.merge._native is not built")
     base, models = random_models(dtype=dtype)
-    paths = [save_sharded(base, tmp_path / "base")] + [save_sharded(m, tmp_path / f"m{i}") for i, m in enumerate(models)]
+    paths = [save_sharded(base, tmp_path / "base")] + [
+        save_sharded(m, tmp_path / f"m{i}") for i, m in enumerate(models)
+    ]
     stored = []
     real = MergeEngine.read_stored
     monkeypatch.setattr(MergeEngine, "read_stored", lambda *a, **k: stored.append(1) or real(*a, **k))

@@ -1,4 +1,5 @@
 """The modality registry: decorator, validation, and third-party plug-ins via entry points."""
+
 from __future__ import annotations
 
 import os
@@ -8,10 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
-import mcomp
-from mcomp.modality import ModalityAdapter, available_adapters, build_adapter, get_adapter_class, register_modality
+from mcomp.modality import ModalityAdapter, available_adapters, get_adapter_class, register_modality
 
 PLUGIN = Path(__file__).parent / "plugins" / "toy_plugin"
 
@@ -67,9 +66,22 @@ def test_installed_plugin_is_discovered_by_entry_point(tmp_path):
     """pip-install the plug-in (no network) into a directory and use it from a fresh interpreter."""
     target = tmp_path / "site"
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--no-build-isolation",
-         "--target", str(target), str(PLUGIN)],
-        check=True, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-index",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(PLUGIN),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     )
     env = {**os.environ, "PYTHONPATH": str(target)}
     info = subprocess.run([sys.executable, "-m", "mcomp", "info"], env=env, capture_output=True, text=True, check=True)
@@ -85,6 +97,9 @@ def test_installed_plugin_is_discovered_by_entry_point(tmp_path):
     # Media None for image is invalid: the error must name the image input, proving both adapters ran.
     run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert run.returncode != 0 and "image input" in run.stderr
-    script_ok = script.replace(", 'image': None", "").replace("<toy> and <image>", "<toy> then?") + "print(round(r[0].logprob, 3))\n"
+    script_ok = (
+        script.replace(", 'image': None", "").replace("<toy> and <image>", "<toy> then?")
+        + "print(round(r[0].logprob, 3))\n"
+    )
     ok = subprocess.run([sys.executable, "-c", script_ok], env=env, capture_output=True, text=True, check=True)
     assert float(ok.stdout.strip()) < 0

@@ -1,4 +1,5 @@
 """The composed model core: splicing, left-padded batches, labels, generate and loglikelihood."""
+
 from __future__ import annotations
 
 import pytest
@@ -19,9 +20,13 @@ def manual_embeds(model, prompt: str, image_path, cont_ids: list[int]) -> torch.
     adapter = model.adapters["image"]
     feats = adapter(adapter.prepare([image_path]))[0]
     embed = model.llm.get_input_embeddings()
-    return torch.cat([
-        embed(torch.tensor(ids_before)), feats, embed(torch.tensor(ids_after + cont_ids)),
-    ])[None]
+    return torch.cat(
+        [
+            embed(torch.tensor(ids_before)),
+            feats,
+            embed(torch.tensor(ids_after + cont_ids)),
+        ]
+    )[None]
 
 
 def test_template_renders_the_published_prompt():
@@ -67,8 +72,10 @@ def test_loglikelihood_equals_plain_forward_over_spliced_embeddings(tiny_model, 
 
 def test_left_padded_batch_matches_single_samples(tiny_model, image_files):
     model = tiny_model
-    prompts = [model.template.prompt("image: <image>\nShort?"),
-               model.template.prompt("Two images <image> and <image>, which one is brighter and larger?")]
+    prompts = [
+        model.template.prompt("image: <image>\nShort?"),
+        model.template.prompt("Two images <image> and <image>, which one is brighter and larger?"),
+    ]
     media = [{"image": str(image_files["png"])}, {"vision": [str(image_files["jpg"]), str(image_files["png"])]}]
     batch = model.prepare_inputs(prompts, media)
     assert batch.attention_mask[0].sum() < batch.attention_mask[1].sum()
@@ -90,8 +97,15 @@ def test_generate_is_greedy_over_the_forward_pass(tiny_model, image_files):
     media = [{"image": str(image_files["png"])}]
     with torch.no_grad():
         first = model(model.prepare_inputs([prompt], media)).logits[0, -1].argmax().item()
-        out = model.llm.generate(**{k: v for k, v in vars(model.prepare_inputs([prompt], media)).items()
-                                    if k in ("inputs_embeds", "attention_mask")}, max_new_tokens=1, do_sample=False)
+        out = model.llm.generate(
+            **{
+                k: v
+                for k, v in vars(model.prepare_inputs([prompt], media)).items()
+                if k in ("inputs_embeds", "attention_mask")
+            },
+            max_new_tokens=1,
+            do_sample=False,
+        )
     assert out[0, -1].item() == first
     text = model.generate([prompt], media, max_new_tokens=4)[0]
     assert isinstance(text, str)
@@ -104,7 +118,7 @@ def test_labels_cover_only_the_continuation(tiny_model, image_files):
     inputs = model.prepare_inputs([prompt], [{"image": str(image_files["png"])}], continuations=[" red</s>"])
     cont = inputs.continuation_ids[0]
     labels = inputs.labels[0]
-    assert labels[-len(cont):].tolist() == cont
+    assert labels[-len(cont) :].tolist() == cont
     assert (labels[: -len(cont)] == IGNORE_INDEX).all()
     image_positions = inputs.modality_ids[0] == 0
     assert image_positions.sum() == model.adapters["image"].num_tokens
@@ -122,7 +136,9 @@ def test_labels_cover_only_the_continuation(tiny_model, image_files):
 def test_placeholder_and_media_disagreement_is_a_clear_error(tiny_model, image_files):
     model = tiny_model
     png = str(image_files["png"])
-    with pytest.raises(PlaceholderMismatchError, match=r"sample 0: the prompt has 2 <image> placeholder\(s\) but 1 image"):
+    with pytest.raises(
+        PlaceholderMismatchError, match=r"sample 0: the prompt has 2 <image> placeholder\(s\) but 1 image"
+    ):
         model.prepare_inputs(["<image> and <image>"], [{"image": png}])
     with pytest.raises(PlaceholderMismatchError, match=r"sample 1: the prompt has 0 <image>.* but 1 image"):
         model.prepare_inputs(["<image>", "no tag"], [{"image": png}, {"image": png}])
@@ -132,7 +148,8 @@ def test_placeholder_and_media_disagreement_is_a_clear_error(tiny_model, image_f
 
 def test_bad_file_in_batch_names_sample_and_file(tiny_model, image_files):
     with pytest.raises(MediaBatchError) as err:
-        tiny_model.prepare_inputs(["<image>", "<image>"], [{"image": str(image_files["png"])},
-                                                           {"image": str(image_files["truncated"])}])
+        tiny_model.prepare_inputs(
+            ["<image>", "<image>"], [{"image": str(image_files["png"])}, {"image": str(image_files["truncated"])}]
+        )
     assert list(err.value.failures) == [1]
     assert "truncated.png" in str(err.value)

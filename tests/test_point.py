@@ -1,4 +1,5 @@
 """Point-cloud adapter: file decoding, preprocessing, Point-BERT grouping and architecture, composition."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -248,7 +249,9 @@ def test_in_memory_inputs(adapter, clouds):
     from_file = adapter.input_tensor(str(clouds["npy6"]))
     arr = np.hstack([clouds["xyz"], clouds["rgb"]]).astype(np.float32)
     assert torch.equal(adapter.input_tensor(arr), from_file)
-    assert torch.equal(adapter.input_tensor(o3d_cloud(arr[:, :3].astype(np.float64), arr[:, 3:].astype(np.float64))), from_file)
+    assert torch.equal(
+        adapter.input_tensor(o3d_cloud(arr[:, :3].astype(np.float64), arr[:, 3:].astype(np.float64))), from_file
+    )
     assert adapter.input_tensor(from_file) is from_file  # [num_points, 6] tensors count as preprocessed
     with pytest.raises(MediaError, match=r"N x 3 or N x 6 point array, got shape \(4, 5\)"):
         adapter.input_tensor(np.zeros((4, 5)))
@@ -295,20 +298,47 @@ def test_knn_and_grouping_match_brute_force():
 # --- encoder ---------------------------------------------------------------------------------
 def spec_state_dict_shapes() -> dict[str, tuple]:
     """The released Point-BERT v1.2 state dict, from the interoperability spec (section 6.4)."""
-    shapes = {"cls_token": (1, 1, 384), "cls_pos": (1, 1, 384), "reduce_dim.weight": (384, 256), "reduce_dim.bias": (384,),
-              "pos_embed.0.weight": (128, 3), "pos_embed.0.bias": (128,), "pos_embed.2.weight": (384, 128),
-              "pos_embed.2.bias": (384,), "norm.weight": (384,), "norm.bias": (384,)}
+    shapes = {
+        "cls_token": (1, 1, 384),
+        "cls_pos": (1, 1, 384),
+        "reduce_dim.weight": (384, 256),
+        "reduce_dim.bias": (384,),
+        "pos_embed.0.weight": (128, 3),
+        "pos_embed.0.bias": (128,),
+        "pos_embed.2.weight": (384, 128),
+        "pos_embed.2.bias": (384,),
+        "norm.weight": (384,),
+        "norm.bias": (384,),
+    }
     for name, cin, mid, cout in (("first_conv", 6, 128, 256), ("second_conv", 512, 512, 256)):
         p = f"encoder.{name}"
-        shapes.update({f"{p}.0.weight": (mid, cin, 1), f"{p}.0.bias": (mid,), f"{p}.3.weight": (cout, mid, 1), f"{p}.3.bias": (cout,)})
+        shapes.update(
+            {
+                f"{p}.0.weight": (mid, cin, 1),
+                f"{p}.0.bias": (mid,),
+                f"{p}.3.weight": (cout, mid, 1),
+                f"{p}.3.bias": (cout,),
+            }
+        )
         shapes.update({f"{p}.1.{k}": (mid,) for k in ("weight", "bias", "running_mean", "running_var")})
         shapes[f"{p}.1.num_batches_tracked"] = ()
     for i in range(12):
         p = f"blocks.blocks.{i}"
-        shapes.update({f"{p}.norm1.weight": (384,), f"{p}.norm1.bias": (384,), f"{p}.norm2.weight": (384,),
-                       f"{p}.norm2.bias": (384,), f"{p}.attn.qkv.weight": (1152, 384), f"{p}.attn.proj.weight": (384, 384),
-                       f"{p}.attn.proj.bias": (384,), f"{p}.mlp.fc1.weight": (1536, 384), f"{p}.mlp.fc1.bias": (1536,),
-                       f"{p}.mlp.fc2.weight": (384, 1536), f"{p}.mlp.fc2.bias": (384,)})
+        shapes.update(
+            {
+                f"{p}.norm1.weight": (384,),
+                f"{p}.norm1.bias": (384,),
+                f"{p}.norm2.weight": (384,),
+                f"{p}.norm2.bias": (384,),
+                f"{p}.attn.qkv.weight": (1152, 384),
+                f"{p}.attn.proj.weight": (384, 384),
+                f"{p}.attn.proj.bias": (384,),
+                f"{p}.mlp.fc1.weight": (1536, 384),
+                f"{p}.mlp.fc1.bias": (1536,),
+                f"{p}.mlp.fc2.weight": (384, 1536),
+                f"{p}.mlp.fc2.bias": (384,),
+            }
+        )
     return shapes
 
 
@@ -322,7 +352,10 @@ def test_published_size_encoder_keys_params_and_output_shape():
     assert adapter.encoder_dim == 384 and adapter.num_tokens == 513
     proj = adapter.projector.state_dict()  # model.modal_projectors.point.{0,2}.*
     assert {k: tuple(v.shape) for k, v in proj.items()} == {
-        "0.weight": (4096, 384), "0.bias": (4096,), "2.weight": (4096, 4096), "2.bias": (4096,)
+        "0.weight": (4096, 384),
+        "0.bias": (4096,),
+        "2.weight": (4096, 4096),
+        "2.bias": (4096,),
     }
     points = torch.rand(2, 8192, 6, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -332,6 +365,7 @@ def test_published_size_encoder_keys_params_and_output_shape():
 
 def reference_forward(sd: dict, cfg: PointBertConfig, groups: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
     """Point-BERT written out with functional ops from the spec, given the groups and centres."""
+
     def pointnet(x, name):  # Conv1d, BN (running stats), ReLU, Conv1d
         p = f"encoder.{name}"
         x = F.conv1d(x, sd[f"{p}.0.weight"], sd[f"{p}.0.bias"])
@@ -342,8 +376,14 @@ def reference_forward(sd: dict, cfg: PointBertConfig, groups: torch.Tensor, cent
     x = pointnet(groups.reshape(b * g, m, c).transpose(1, 2), "first_conv")
     x = torch.cat([x.max(2, keepdim=True).values.expand(-1, -1, m), x], 1)
     tokens = pointnet(x, "second_conv").max(2).values.reshape(b, g, -1)
-    x = torch.cat([sd["cls_token"].expand(b, -1, -1), F.linear(tokens, sd["reduce_dim.weight"], sd["reduce_dim.bias"])], 1)
-    pos = F.linear(F.gelu(F.linear(centres, sd["pos_embed.0.weight"], sd["pos_embed.0.bias"])), sd["pos_embed.2.weight"], sd["pos_embed.2.bias"])
+    x = torch.cat(
+        [sd["cls_token"].expand(b, -1, -1), F.linear(tokens, sd["reduce_dim.weight"], sd["reduce_dim.bias"])], 1
+    )
+    pos = F.linear(
+        F.gelu(F.linear(centres, sd["pos_embed.0.weight"], sd["pos_embed.0.bias"])),
+        sd["pos_embed.2.weight"],
+        sd["pos_embed.2.bias"],
+    )
     pos = torch.cat([sd["cls_pos"].expand(b, -1, -1), pos], 1)
     d, h = cfg.trans_dim, cfg.num_heads
     for i in range(cfg.depth):
@@ -355,7 +395,11 @@ def reference_forward(sd: dict, cfg: PointBertConfig, groups: torch.Tensor, cent
         att = torch.softmax(q @ k.transpose(-1, -2) / (d // h) ** 0.5, -1) @ v
         x = x + F.linear(att.transpose(1, 2).reshape(b, -1, d), sd[f"{p}.attn.proj.weight"], sd[f"{p}.attn.proj.bias"])
         y = F.layer_norm(x, (d,), sd[f"{p}.norm2.weight"], sd[f"{p}.norm2.bias"])
-        y = F.linear(F.gelu(F.linear(y, sd[f"{p}.mlp.fc1.weight"], sd[f"{p}.mlp.fc1.bias"])), sd[f"{p}.mlp.fc2.weight"], sd[f"{p}.mlp.fc2.bias"])
+        y = F.linear(
+            F.gelu(F.linear(y, sd[f"{p}.mlp.fc1.weight"], sd[f"{p}.mlp.fc1.bias"])),
+            sd[f"{p}.mlp.fc2.weight"],
+            sd[f"{p}.mlp.fc2.bias"],
+        )
         x = x + y
     return F.layer_norm(x, (d,), sd["norm.weight"], sd["norm.bias"])
 
@@ -414,8 +458,17 @@ def test_checkpoint_loads_strictly_and_names_the_file(tmp_path):
         ad = PointAdapter(tiny_config(checkpoint=str(path)), 64)
         for k, v in source.state_dict().items():
             assert torch.equal(ad.encoder.state_dict()[k], v), k
-    with pytest.raises(ValueError, match=r"point_bert_tiny\.pt.*do not match.*wrong shapes \['blocks\.blocks\.0\.attn\.proj\.bias: file \(32,\) vs model \(64,\)"):
-        PointAdapter(tiny_config(checkpoint=str(plain), encoder={**load_config("encoders", "tiny-pointbert.json"), "trans_dim": 64}), 64)
+    with pytest.raises(
+        ValueError,
+        match=r"point_bert_tiny\.pt.*do not match.*wrong shapes "
+        r"\['blocks\.blocks\.0\.attn\.proj\.bias: file \(32,\) vs model \(64,\)",
+    ):
+        PointAdapter(
+            tiny_config(
+                checkpoint=str(plain), encoder={**load_config("encoders", "tiny-pointbert.json"), "trans_dim": 64}
+            ),
+            64,
+        )
 
 
 # --- adapter and composed model ----------------------------------------------------------------
@@ -474,7 +527,9 @@ def test_composed_model_generates_and_scores_with_points(composed, clouds):
     assert isinstance(out1[0], str) and out1 == out2
     options = [" a chair", " a red table"]
     res = model.loglikelihood(prompt, options, media)
-    assert [r.num_tokens for r in res] == [len(model.tokenizer(o, add_special_tokens=False)["input_ids"]) for o in options]
+    assert [r.num_tokens for r in res] == [
+        len(model.tokenizer(o, add_special_tokens=False)["input_ids"]) for o in options
+    ]
     assert all(np.isfinite(r.logprob) and r.logprob < 0 for r in res)
     assert [r.logprob for r in res] == [r.logprob for r in model.loglikelihood(prompt, options, media)]
     other = model.loglikelihood(prompt, options, {"point": str(clouds["npy3"])})
@@ -484,9 +539,10 @@ def test_composed_model_generates_and_scores_with_points(composed, clouds):
 def test_composed_model_reports_bad_point_file(composed, clouds):
     prompt = composed.template.prompt("<point> ?")
     with pytest.raises(MediaBatchError) as err:
-        composed.generate([prompt, prompt], [{"point": str(clouds["npy6"])}, {"point": str(clouds["npy4"])}], max_new_tokens=2)
+        composed.generate(
+            [prompt, prompt], [{"point": str(clouds["npy6"])}, {"point": str(clouds["npy4"])}], max_new_tokens=2
+        )
     assert list(err.value.failures) == [1] and "four_cols.npy" in str(err.value)
-
 
 
 def test_composed_model_round_trips_through_save_pretrained(composed, clouds, tmp_path):
@@ -504,8 +560,11 @@ def test_composed_model_round_trips_through_save_pretrained(composed, clouds, tm
 def test_pointnet_width_sets_the_mini_pointnet_convs():
     """`pointnet_width` narrows the mini-PointNet (first conv width/2 -> width, second 2*width), and the
     default keeps the published 128/256/512 convs that real checkpoints carry."""
-    narrow = PointBert(PointBertConfig(trans_dim=32, depth=1, num_heads=2, num_group=8, group_size=8,
-                                       encoder_dims=32, pointnet_width=64))
+    narrow = PointBert(
+        PointBertConfig(
+            trans_dim=32, depth=1, num_heads=2, num_group=8, group_size=8, encoder_dims=32, pointnet_width=64
+        )
+    )
     shapes = {k: tuple(v.shape) for k, v in narrow.state_dict().items() if k.startswith("encoder.")}
     assert shapes["encoder.first_conv.0.weight"] == (32, 6, 1)
     assert shapes["encoder.first_conv.3.weight"] == (64, 32, 1)

@@ -1,6 +1,7 @@
 """Prompts and training tokens as the published ModelCompose code makes them (issue 27, items 3 and 5),
 compared with the published rules restated in `tests/modelcompose_reference.py` (not with mcomp itself).
 The same comparisons on the real Vicuna vocabulary are in `tests/test_llama_tokenizer.py`."""
+
 from __future__ import annotations
 
 import json
@@ -10,6 +11,7 @@ import pytest
 from mcomp.conversation import IGNORE_INDEX, get_template
 from mcomp.errors import SampleError
 from tests.modelcompose_reference import published_labels, published_modal_tokens, published_prompt
+
 
 def turns(*pairs) -> list[dict]:
     return [{"from": role, "value": value} for role, value in pairs]
@@ -44,8 +46,11 @@ def test_a_tokenization_mismatch_is_refused_where_the_published_code_drops_the_s
     text = published_prompt(conversation)
     ids = published_modal_tokens(text, tiny_model.tokenizer, tiny_model.placeholder_ids)
     assert set(published_labels(text, ids, tiny_model.tokenizer, tiny_model.placeholder_ids)) == {IGNORE_INDEX}
-    with pytest.raises(SampleError, match=r"tokenization mismatch: the rounds add up to \d+ tokens, "
-                                          r"the conversation has \d+ \(the published preprocess would silently drop"):
+    with pytest.raises(
+        SampleError,
+        match=r"tokenization mismatch: the rounds add up to \d+ tokens, "
+        r"the conversation has \d+ \(the published preprocess would silently drop",
+    ):
         tiny_model.conversation_ids(conversation)
 
 
@@ -64,7 +69,9 @@ QUESTION_LAYOUTS = {
     "several rounds": turns(("human", "<image>\nWhat is it?"), ("gpt", "A cube."), ("human", "Colour?"), ("gpt", None)),
     "no gpt turn": turns(("human", "<image>\nWhat is it?")),
     "first turn from gpt": turns(("gpt", "Hi."), ("human", "<image>\nWhat is it?"), ("gpt", None)),
-    "placeholder in a later round": turns(("human", "Ready?"), ("gpt", "Yes."), ("human", "<image> Now?"), ("gpt", None)),
+    "placeholder in a later round": turns(
+        ("human", "Ready?"), ("gpt", "Yes."), ("human", "<image> Now?"), ("gpt", None)
+    ),
 }
 
 
@@ -75,10 +82,13 @@ def question_file(tmp_path, image_files):
 
         image = image_files["png"].name
         (tmp_path / image).write_bytes(image_files["png"].read_bytes())
-        entries = [{"id": name, "conversations": conv, "modal_inputs": {"vision": [image]} if media else {}}
-                   for name, conv in conversations.items()]
+        entries = [
+            {"id": name, "conversations": conv, "modal_inputs": {"vision": [image]} if media else {}}
+            for name, conv in conversations.items()
+        ]
         (tmp_path / "q.json").write_text(json.dumps(entries))
         return read_questions(tmp_path / "q.json", "s", tmp_path)
+
     return write
 
 
@@ -90,8 +100,9 @@ def test_question_files_in_other_layouts_render_the_whole_conversation(tiny_mode
         prompt, media, ignored = build_prompt(tiny_model, get_template("vicuna_v1"), sample, ["image"])
         assert prompt == published_prompt(QUESTION_LAYOUTS[sample.id]), sample.id
         assert list(media) == ["vision"] and not ignored
-        assert tiny_model.tokenize(prompt) == published_modal_tokens(prompt, tiny_model.tokenizer,
-                                                                     tiny_model.placeholder_ids)
+        assert tiny_model.tokenize(prompt) == published_modal_tokens(
+            prompt, tiny_model.tokenizer, tiny_model.placeholder_ids
+        )
     ends = {s.id: build_prompt(tiny_model, get_template("vicuna_v1"), s, ["image"]).text[-22:] for s in samples}
     assert ends["no gpt turn"].endswith("What is it? ")  # no generation cue: the published prompt has none
     assert ends["gpt turn with a value"].endswith("ASSISTANT: A</s>")
@@ -122,14 +133,27 @@ def test_runner_records_media_left_unseen(tiny_model, tmp_path, image_files):
 
     image = image_files["png"].name
     (tmp_path / image).write_bytes(image_files["png"].read_bytes())
-    questions = [{"id": f"q{i}", "conversations": turns(("human", f"Which? {i}\nA. red\nB. blue"), ("gpt", None)),
-                  "modal_inputs": {"vision": [image]}} for i in range(2)]
+    questions = [
+        {
+            "id": f"q{i}",
+            "conversations": turns(("human", f"Which? {i}\nA. red\nB. blue"), ("gpt", None)),
+            "modal_inputs": {"vision": [image]},
+        }
+        for i in range(2)
+    ]
     (tmp_path / "q.json").write_text(json.dumps(questions))
-    (tmp_path / "a.json").write_text(json.dumps([{"id": q["id"], "conversations": turns(("gpt", "A"))}
-                                                 for q in questions]))
-    task = parse_task({"name": "t", "answers": "a.json",
-                       "subsets": [{"name": "s", "questions": "q.json", "modalities": ["image"]}],
-                       "modes": {"generate": {"scorer": "first_letter", "max_new_tokens": 2}}}, "t.yaml")
+    (tmp_path / "a.json").write_text(
+        json.dumps([{"id": q["id"], "conversations": turns(("gpt", "A"))} for q in questions])
+    )
+    task = parse_task(
+        {
+            "name": "t",
+            "answers": "a.json",
+            "subsets": [{"name": "s", "questions": "q.json", "modalities": ["image"]}],
+            "modes": {"generate": {"scorer": "first_letter", "max_new_tokens": 2}},
+        },
+        "t.yaml",
+    )
     results = evaluate(tiny_model, task, tmp_path, tmp_path / "run")
     records = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
     assert [r["media_ignored"] for r in records] == [True, True] and not any(r["error"] for r in records)

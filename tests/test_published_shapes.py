@@ -2,6 +2,7 @@
 
 Audio (BEATs + Q-Former) and point (Point-BERT) published shapes are checked in their own files.
 """
+
 from __future__ import annotations
 
 import pytest

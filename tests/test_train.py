@@ -1,4 +1,5 @@
 """`mcomp train`: what each stage trains, DAMC decoupling, resumability, data errors, CLI."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,7 +34,12 @@ def test_stage1_trains_only_the_projector(tokenizer, image_data, tmp_path):
     base_sum = base_weights_sha256(model.llm)
     enc = {k: v.clone() for k, v in model.adapters["image"].encoder.state_dict().items()}
     proj = {k: v.clone() for k, v in model.adapters["image"].projector.state_dict().items()}
-    train(model, load_conversation_data(image_data), TrainConfig(stage=1, max_steps=2, batch_size=3, log_every=0), tmp_path)
+    train(
+        model,
+        load_conversation_data(image_data),
+        TrainConfig(stage=1, max_steps=2, batch_size=3, log_every=0),
+        tmp_path,
+    )
     assert model.lora_spec is None and not routed_layers(model.llm)
     assert base_weights_sha256(model.llm) == base_sum
     assert all(torch.equal(v, model.adapters["image"].encoder.state_dict()[k]) for k, v in enc.items())
@@ -65,14 +71,26 @@ def test_stage2_decoupled_adds_text_and_modality_lora_and_tokens(tokenizer, imag
     assert model.prefix_tokens["image"].abs().sum() > 0  # trained away from the zero init
     inputs = model.prepare_conversations(
         [[{"from": "human", "value": "image: <image>\nColour?"}, {"from": "gpt", "value": "red"}]],
-        [{"image": str(image_data.parent / "img0.png")}])
+        [{"image": str(image_data.parent / "img0.png")}],
+    )
     assert int((inputs.modality_ids == 0).sum()) == 5 + model.adapters["image"].num_tokens + 5
 
 
 def test_interrupted_training_resumes_to_identical_weights(tokenizer, image_data, tmp_path):
     samples = load_conversation_data(image_data)
-    cfg = TrainConfig(stage=2, decoupled=True, lora_r=4, max_steps=6, batch_size=2, learning_rate=5e-3,
-                      save_every=1, log_every=0, lora_dropout=0.1, warmup_steps=2, lr_scheduler="cosine")
+    cfg = TrainConfig(
+        stage=2,
+        decoupled=True,
+        lora_r=4,
+        max_steps=6,
+        batch_size=2,
+        learning_rate=5e-3,
+        save_every=1,
+        log_every=0,
+        lora_dropout=0.1,
+        warmup_steps=2,
+        lr_scheduler="cosine",
+    )
     straight = fresh_model(tokenizer)
     train(straight, samples, cfg, tmp_path / "a")
     resumed = fresh_model(tokenizer)
@@ -99,8 +117,10 @@ def test_shared_prefix_gives_the_plain_forwards_loss_and_gradients(tokenizer, im
     img = str(image_data.parent / "img0.png")
     conversations = [  # different lengths, a longer question and answer, two lines, and a text-only one
         [{"from": "human", "value": "image: <image>\nColour?"}, {"from": "gpt", "value": "red"}],
-        [{"from": "human", "value": "image: <image>\nWhat colour is the thing in this picture?"},
-         {"from": "gpt", "value": "a pale shade of red"}],
+        [
+            {"from": "human", "value": "image: <image>\nWhat colour is the thing in this picture?"},
+            {"from": "gpt", "value": "a pale shade of red"},
+        ],
         [{"from": "human", "value": "image: <image>\nColour and shape?"}, {"from": "gpt", "value": "red\na square"}],
         [{"from": "human", "value": "Name a colour."}, {"from": "gpt", "value": "blue"}],
     ]
@@ -117,8 +137,9 @@ def test_shared_prefix_gives_the_plain_forwards_loss_and_gradients(tokenizer, im
         torch.testing.assert_close(shared_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
     prefix, rest = split_common_prefix(model.prepare_conversations(conversations, media))
     system = model.tokenize(model.template.prompt("Name a colour."))
-    assert prefix.inputs_embeds.shape[1] == next(k for k, t in enumerate(system) if t != model.tokenize(
-        model.template.prompt("image: <image>"))[k])  # the system prompt up to where the questions differ
+    assert prefix.inputs_embeds.shape[1] == next(
+        k for k, t in enumerate(system) if t != model.tokenize(model.template.prompt("image: <image>"))[k]
+    )  # the system prompt up to where the questions differ
     assert rest.attention_mask.shape[1] == prefix.inputs_embeds.shape[1] + rest.inputs_embeds.shape[1]
 
 
@@ -126,7 +147,8 @@ def test_nothing_shared_falls_back_to_the_plain_forward(tokenizer, image_data):
     model = fresh_model(tokenizer)
     inputs = model.prepare_conversations(
         [[{"from": "human", "value": "image: <image>\nColour?"}, {"from": "gpt", "value": "red"}]],
-        [{"image": str(image_data.parent / "img0.png")}])
+        [{"image": str(image_data.parent / "img0.png")}],
+    )
     assert split_common_prefix(inputs) is None  # one row: nothing to share
     assert float(model(inputs, share_prefix=True).loss.detach()) == float(model(inputs).loss.detach())
 
@@ -137,8 +159,12 @@ def test_shared_prefix_falls_back_when_the_llm_keeps_no_cache(tokenizer):
     model.train()
     model.llm.activation_checkpointing_enable()  # HF then drops use_cache in training
     inputs = model.prepare_conversations(
-        [[{"from": "human", "value": "Name a colour."}, {"from": "gpt", "value": "blue"}],
-         [{"from": "human", "value": "Name a shape, please."}, {"from": "gpt", "value": "a square"}]], [{}, {}])
+        [
+            [{"from": "human", "value": "Name a colour."}, {"from": "gpt", "value": "blue"}],
+            [{"from": "human", "value": "Name a shape, please."}, {"from": "gpt", "value": "a square"}],
+        ],
+        [{}, {}],
+    )
     assert split_common_prefix(inputs) is not None
     assert float(model(inputs, share_prefix=True).loss.detach()) == float(model(inputs).loss.detach())
 
@@ -146,7 +172,7 @@ def test_shared_prefix_falls_back_when_the_llm_keeps_no_cache(tokenizer):
 def test_cosine_schedule_warms_up_then_decays_towards_zero():
     cfg = TrainConfig(warmup_steps=2, lr_scheduler="cosine")
     # 6 steps: 2 of warmup from 0, then a half cosine over the other 4 (values worked out by hand)
-    expected = [0.0, 0.5, 1.0, (1 + 2 ** -0.5) / 2, 0.5, (1 - 2 ** -0.5) / 2]
+    expected = [0.0, 0.5, 1.0, (1 + 2**-0.5) / 2, 0.5, (1 - 2**-0.5) / 2]
     assert [lr_factor(cfg, 6, s) for s in range(6)] == pytest.approx(expected)
     assert [lr_factor(TrainConfig(), 6, s) for s in range(6)] == [1.0] * 6
 
@@ -158,8 +184,11 @@ def test_schedule_equals_transformers_with_warmup(scheduler, warmup, total):
     from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
 
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    ref = get_cosine_schedule_with_warmup(opt, warmup, total) if scheduler == "cosine" \
+    ref = (
+        get_cosine_schedule_with_warmup(opt, warmup, total)
+        if scheduler == "cosine"
         else get_constant_schedule_with_warmup(opt, warmup)
+    )
     published = []
     for _ in range(total):
         published.append(opt.param_groups[0]["lr"])
@@ -173,32 +202,71 @@ def test_schedule_equals_transformers_with_warmup(scheduler, warmup, total):
 
 def test_bad_training_data_names_file_and_sample(tmp_path):
     path = tmp_path / "bad.json"
-    path.write_text(json.dumps([{"id": "s1", "conversations": [{"from": "human", "value": "hi"}]},
-                                {"id": "s2", "conversations": "nope"}]))
+    path.write_text(
+        json.dumps(
+            [{"id": "s1", "conversations": [{"from": "human", "value": "hi"}]}, {"id": "s2", "conversations": "nope"}]
+        )
+    )
     with pytest.raises(ValueError, match=r"bad.json: sample s2: field 'conversations'"):
         load_conversation_data(path)
     with pytest.raises(ValueError, match="stage must be 1 or 2"):
         TrainConfig(stage=3)
-    path.write_text(json.dumps([{"id": "s1", "conversations": [{"from": "human", "value": "image: <image>"}],
-                                 "modal_inputs": {"image": ["a.png"]}, "media_captions": {"image": ["a", "b"]}}]))
-    with pytest.raises(ValueError, match=r"bad.json: sample s1: media_captions\['image'\] must be one non-empty text per file"):
+    path.write_text(
+        json.dumps(
+            [
+                {
+                    "id": "s1",
+                    "conversations": [{"from": "human", "value": "image: <image>"}],
+                    "modal_inputs": {"image": ["a.png"]},
+                    "media_captions": {"image": ["a", "b"]},
+                }
+            ]
+        )
+    )
+    with pytest.raises(
+        ValueError, match=r"bad.json: sample s1: media_captions\['image'\] must be one non-empty text per file"
+    ):
         load_conversation_data(path)
 
 
 def test_cli_trains_saves_and_the_model_loads(image_data, tmp_path, capsys):
     out = tmp_path / "model"
-    code = main(["train", "--base", "tiny", "--adapter", "tiny:image", "--data", str(image_data), "--stage", "2",
-                 "--decoupled", "--lora-r", "4", "--max-steps", "2", "--batch-size", "3", "--out", str(out)])
+    code = main(
+        [
+            "train",
+            "--base",
+            "tiny",
+            "--adapter",
+            "tiny:image",
+            "--data",
+            str(image_data),
+            "--stage",
+            "2",
+            "--decoupled",
+            "--lora-r",
+            "4",
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "3",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0 and "trained 2 steps" in capsys.readouterr().out
     model = mcomp.load(out)
     assert model.lora_adapters == ["text", "image"] and model.provenance["training"][0]["steps"] == 2
-    assert main(["train", "--base", "tiny", "--adapter", "tiny:image", "--data", str(image_data), "--out", str(out)]) == 1
+    assert (
+        main(["train", "--base", "tiny", "--adapter", "tiny:image", "--data", str(image_data), "--out", str(out)]) == 1
+    )
     assert "already exists" in capsys.readouterr().err
 
 
 def _captioned(image_data):
-    return [dataclasses.replace(s, captions={"image": [f"a {s.conversations[1]['value']} square"]})
-            for s in load_conversation_data(image_data)]
+    return [
+        dataclasses.replace(s, captions={"image": [f"a {s.conversations[1]['value']} square"]})
+        for s in load_conversation_data(image_data)
+    ]
 
 
 def _hidden_distance(model, samples) -> float:
@@ -207,8 +275,12 @@ def _hidden_distance(model, samples) -> float:
     total = 0.0
     with torch.no_grad():
         for s in samples:
-            text = [{**t, "value": (t["value"] or "").replace("<image>", s.captions["image"][0])} if t["from"] == "human"
-                    else t for t in s.conversations]
+            text = [
+                {**t, "value": (t["value"] or "").replace("<image>", s.captions["image"][0])}
+                if t["from"] == "human"
+                else t
+                for t in s.conversations
+            ]
             media_in = model.prepare_conversations([s.conversations], [s.media])
             k = int((media_in.modality_ids[0] == -1).flip(0).int().argmin())  # positions after the last media token
             a = model(media_in, output_hidden_states=True).hidden_states
@@ -219,8 +291,10 @@ def _hidden_distance(model, samples) -> float:
 
 def test_caption_distillation_pulls_media_tokens_towards_their_caption(tokenizer, image_data, tmp_path):
     samples = _captioned(image_data)
-    assert caption_text_form(fresh_model(tokenizer), samples[0])[0]["value"] == \
-        f"image: {samples[0].captions['image'][0]}\nWhat colour is it?"
+    assert (
+        caption_text_form(fresh_model(tokenizer), samples[0])[0]["value"]
+        == f"image: {samples[0].captions['image'][0]}\nWhat colour is it?"
+    )
     distances = {}
     for weight in (0.0, 1.0):
         model = fresh_model(tokenizer)

@@ -2,6 +2,7 @@
 config, code), --force starts afresh, a run killed mid-training resumes to the uninterrupted run's
 bytes, and the data is checked before step 1 (files decode, placeholders match, media stay inside
 the data root)."""
+
 from __future__ import annotations
 
 import json
@@ -35,16 +36,27 @@ def write_data(root: Path, answers=tuple(COLOURS), extra: list[dict] | None = No
     items = []
     for i, rgb in enumerate(COLOURS.values()):
         Image.new("RGB", (40, 32), rgb).save(root / f"img{i}.png")
-        items.append({"id": f"img{i}", "modal_inputs": {"image": [f"img{i}.png"]}, "conversations": [
-            {"from": "human", "value": "image: <image>\nWhat colour is it?"}, {"from": "gpt", "value": answers[i]}]})
+        items.append(
+            {
+                "id": f"img{i}",
+                "modal_inputs": {"image": [f"img{i}.png"]},
+                "conversations": [
+                    {"from": "human", "value": "image: <image>\nWhat colour is it?"},
+                    {"from": "gpt", "value": answers[i]},
+                ],
+            }
+        )
     path = root / "train.json"
     path.write_text(json.dumps(items + (extra or [])))
     return path
 
 
 def sample(sample_id: str, files: list[str], question: str = "image: <image>\nWhat colour is it?") -> dict:
-    return {"id": sample_id, "modal_inputs": {"image": files}, "conversations": [
-        {"from": "human", "value": question}, {"from": "gpt", "value": "red"}]}
+    return {
+        "id": sample_id,
+        "modal_inputs": {"image": files},
+        "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": "red"}],
+    }
 
 
 def files_of(directory: Path) -> dict[str, bytes]:
@@ -70,8 +82,9 @@ def test_force_after_a_run_on_other_data_trains_afresh_on_the_new_data(data, tmp
     capsys.readouterr()
 
     # the same checkpoint folder with other data, no --force: refused, naming what changed
-    code = main([*TINY, "--data", str(data["d2"]), *RUN, "--out", str(tmp_path / "y"),
-                 "--checkpoint-dir", f"{out}.checkpoints"])
+    code = main(
+        [*TINY, "--data", str(data["d2"]), *RUN, "--out", str(tmp_path / "y"), "--checkpoint-dir", f"{out}.checkpoints"]
+    )
     err = capsys.readouterr().err
     assert code == 1 and "holds different work" in err and "data_sha256" in err and "--force" in err
     assert not (tmp_path / "y").exists()
@@ -92,7 +105,9 @@ def test_force_after_a_run_on_other_data_trains_afresh_on_the_new_data(data, tmp
 
 def save_start_model(path: Path, seed: int) -> Path:
     tokenizer = build_tokenizer()
-    MultimodalLM.build(build_llm(tokenizer, seed=0), tokenizer, [tiny_image_adapter_config()], seed=seed).save_pretrained(path)
+    MultimodalLM.build(
+        build_llm(tokenizer, seed=0), tokenizer, [tiny_image_adapter_config()], seed=seed
+    ).save_pretrained(path)
     return path
 
 
@@ -101,8 +116,20 @@ def test_another_init_with_stale_checkpoints_is_refused(data, tmp_path, capsys):
     out = tmp_path / "x"
     assert main(["train", "--init", str(first), "--data", str(data["d1"]), *RUN, "--out", str(out)]) == 0
     capsys.readouterr()
-    code = main(["train", "--init", str(other), "--data", str(data["d1"]), *RUN, "--out", str(tmp_path / "y"),
-                 "--checkpoint-dir", f"{out}.checkpoints"])
+    code = main(
+        [
+            "train",
+            "--init",
+            str(other),
+            "--data",
+            str(data["d1"]),
+            *RUN,
+            "--out",
+            str(tmp_path / "y"),
+            "--checkpoint-dir",
+            f"{out}.checkpoints",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1 and "start_model.init_digest" in err and "data_sha256" not in err
 
@@ -116,11 +143,40 @@ def test_another_base_llm_with_stale_checkpoints_is_refused(data, tmp_path, caps
         tokenizer.save_pretrained(base)
         bases.append(base)
     out = tmp_path / "x"
-    assert main(["train", "--base", str(bases[0]), "--adapter", "tiny:image", "--data", str(data["d1"]), *RUN,
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--base",
+                str(bases[0]),
+                "--adapter",
+                "tiny:image",
+                "--data",
+                str(data["d1"]),
+                *RUN,
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
-    code = main(["train", "--base", str(bases[1]), "--adapter", "tiny:image", "--data", str(data["d1"]), *RUN,
-                 "--out", str(tmp_path / "y"), "--checkpoint-dir", f"{out}.checkpoints"])
+    code = main(
+        [
+            "train",
+            "--base",
+            str(bases[1]),
+            "--adapter",
+            "tiny:image",
+            "--data",
+            str(data["d1"]),
+            *RUN,
+            "--out",
+            str(tmp_path / "y"),
+            "--checkpoint-dir",
+            f"{out}.checkpoints",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1 and "start_model.base_sha256" in err
 
@@ -135,33 +191,72 @@ def test_a_checkpoint_without_identity_or_of_another_library_run_is_refused(data
     with pytest.raises(IdentityMismatch, match=r"trainable.sha256"):  # train() sees the starting weights itself
         train(other_start, samples, cfg, tmp_path / "ckpt")
     with pytest.raises(IdentityMismatch, match=r"samples_sha256"):
-        train(MultimodalLM.build(build_llm(tokenizer, seed=0), tokenizer, [tiny_image_adapter_config()]),
-              samples[:2], cfg, tmp_path / "ckpt")
+        train(
+            MultimodalLM.build(build_llm(tokenizer, seed=0), tokenizer, [tiny_image_adapter_config()]),
+            samples[:2],
+            cfg,
+            tmp_path / "ckpt",
+        )
     state_file = tmp_path / "ckpt" / "step-1" / "trainer_state.json"
     state = json.loads(state_file.read_text())
     del state["identity"]  # as written before checkpoints carried one
     state_file.write_text(json.dumps(state))
     with pytest.raises(IdentityMismatch, match=r"records no run identity .*--force"):
-        train(MultimodalLM.build(build_llm(tokenizer, seed=0), tokenizer, [tiny_image_adapter_config()]),
-              samples, cfg, tmp_path / "ckpt")
-    summary = train(MultimodalLM.build(build_llm(tokenizer, seed=0), tokenizer, [tiny_image_adapter_config()]),
-                    samples, cfg, tmp_path / "ckpt", restart=True)
+        train(
+            MultimodalLM.build(build_llm(tokenizer, seed=0), tokenizer, [tiny_image_adapter_config()]),
+            samples,
+            cfg,
+            tmp_path / "ckpt",
+        )
+    summary = train(
+        MultimodalLM.build(build_llm(tokenizer, seed=0), tokenizer, [tiny_image_adapter_config()]),
+        samples,
+        cfg,
+        tmp_path / "ckpt",
+        restart=True,
+    )
     assert summary["steps"] == 2 and summary["resumed_from"] == 0
     with output_lock(tmp_path / "ckpt"), pytest.raises(OutputBusyError):  # another run holds the folder
-        train(MultimodalLM.build(build_llm(tokenizer, seed=0), tokenizer, [tiny_image_adapter_config()]),
-              samples, cfg, tmp_path / "ckpt")
+        train(
+            MultimodalLM.build(build_llm(tokenizer, seed=0), tokenizer, [tiny_image_adapter_config()]),
+            samples,
+            cfg,
+            tmp_path / "ckpt",
+        )
 
 
 def test_force_clears_only_a_checkpoint_folder_and_never_an_input(data, tmp_path, capsys):
     folder = tmp_path / "notes"
     folder.mkdir()
     (folder / "notes.txt").write_text("mine")
-    code = main([*TINY, "--data", str(data["d1"]), *RUN, "--out", str(tmp_path / "x"), "--force",
-                 "--checkpoint-dir", str(folder)])
+    code = main(
+        [
+            *TINY,
+            "--data",
+            str(data["d1"]),
+            *RUN,
+            "--out",
+            str(tmp_path / "x"),
+            "--force",
+            "--checkpoint-dir",
+            str(folder),
+        ]
+    )
     assert code == 1 and "does not look like an mcomp training checkpoint folder" in capsys.readouterr().err
     assert (folder / "notes.txt").read_text() == "mine" and not (tmp_path / "x").exists()
-    code = main([*TINY, "--data", str(data["d1"]), *RUN, "--out", str(tmp_path / "x"), "--force",
-                 "--checkpoint-dir", str(data["d1"].parent)])
+    code = main(
+        [
+            *TINY,
+            "--data",
+            str(data["d1"]),
+            *RUN,
+            "--out",
+            str(tmp_path / "x"),
+            "--force",
+            "--checkpoint-dir",
+            str(data["d1"].parent),
+        ]
+    )
     assert code == 1 and "contains the input" in capsys.readouterr().err
     start = save_start_model(tmp_path / "init", 0)
     before = files_of(start)
@@ -182,8 +277,19 @@ def run_mcomp(*args: str, fault: str | None = None) -> subprocess.CompletedProce
 def test_killed_mid_training_then_rerun_gives_the_uninterrupted_runs_bytes(data, tmp_path):
     config = tmp_path / "train.json"  # dropout and a schedule: the resumed run must restore RNG and scheduler
     config.write_text(json.dumps({"lora_dropout": 0.1, "warmup_steps": 1, "lr_scheduler": "cosine"}))
-    args = [*TINY, "--data", str(data["d1"]), *RUN, "--max-steps", "4", "--decoupled", "--config", str(config),
-            "--save-every", "1"]
+    args = [
+        *TINY,
+        "--data",
+        str(data["d1"]),
+        *RUN,
+        "--max-steps",
+        "4",
+        "--decoupled",
+        "--config",
+        str(config),
+        "--save-every",
+        "1",
+    ]
     out = tmp_path / "killed"
     killed = run_mcomp(*args, "--out", str(out), fault="train.checkpoint_saved@2")
     assert killed.returncode == -9, killed.stderr
@@ -221,11 +327,13 @@ def bad_sample(root: Path, case: str, outside: Path) -> dict:
     return sample("bad", ["../outside/elsewhere.png"])  # '..' out of the root
 
 
-CASES = {"missing file": "nowhere.png': file not found",
-         "corrupt image": "noise.png': not a recognised image format",
-         "placeholder count": "hold 1 <image> placeholder(s) but modal_inputs gives 2 image file(s)",
-         "symlink out of the root": "link.png' resolves to",
-         "'..' out of the root": "elsewhere.png' resolves to"}
+CASES = {
+    "missing file": "nowhere.png': file not found",
+    "corrupt image": "noise.png': not a recognised image format",
+    "placeholder count": "hold 1 <image> placeholder(s) but modal_inputs gives 2 image file(s)",
+    "symlink out of the root": "link.png' resolves to",
+    "'..' out of the root": "elsewhere.png' resolves to",
+}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -253,9 +361,13 @@ def test_errors_met_in_a_batch_name_the_sample_and_file(tmp_path, monkeypatch):
     (root / "noise.png").write_bytes(os.urandom(600))
     tokenizer = build_tokenizer()
     cfg = TrainConfig(stage=2, lora_r=4, max_steps=2, batch_size=4, log_every=0)
-    for extra, expected in ((sample("bad", ["noise.png"]), r"sample bad: cannot use image input '.*noise.png'"),
-                            (sample("bad", ["img0.png", "img1.png"]),
-                             r"sample bad \(media: .*img0.png, .*img1.png\): the prompt has 1 <image>")):
+    for extra, expected in (
+        (sample("bad", ["noise.png"]), r"sample bad: cannot use image input '.*noise.png'"),
+        (
+            sample("bad", ["img0.png", "img1.png"]),
+            r"sample bad \(media: .*img0.png, .*img1.png\): the prompt has 1 <image>",
+        ),
+    ):
         samples = load_conversation_data(write_data(root, extra=[extra]))
         model = MultimodalLM.build(build_llm(tokenizer, seed=0), tokenizer, [tiny_image_adapter_config()])
         with pytest.raises(TrainingDataError, match=expected):

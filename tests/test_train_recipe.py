@@ -8,6 +8,7 @@ dataloader_drop_last; LoRA dropout 0.05 is the LoRA config's default in multimod
 the lora_strategy each runs ("same": one LoRA; "modal+language": DAMC; the point scripts' names are
 swapped) and by whether it sets --mm_language_lr (the text LoRA then joins the projector's group).
 """
+
 from __future__ import annotations
 
 import json
@@ -18,7 +19,14 @@ import torch
 
 from mcomp.cli import main
 from mcomp.recipes import recipe_fields
-from mcomp.train import TrainConfig, lr_factor, optimizer_groups, prepare_for_training, trainable_parameters, warmup_steps
+from mcomp.train import (
+    TrainConfig,
+    lr_factor,
+    optimizer_groups,
+    prepare_for_training,
+    trainable_parameters,
+    warmup_steps,
+)
 from tests.composition_fixtures import write_image_data
 
 GPUS = 8
@@ -48,8 +56,9 @@ def test_recipe_is_the_released_scripts(modality, kind):
     assert (cfg.learning_rate, cfg.projector_lr, cfg.epochs) == (lr, projector_lr, epochs)
     assert (cfg.batch_size, cfg.global_batch_size) == (batch, batch * accum * GPUS)
     assert (cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout) == (128, 256, 0.05)
-    assert sorted(cfg.target_modules) == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                                 "down_proj"])
+    assert sorted(cfg.target_modules) == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
     assert (cfg.lr_scheduler, cfg.warmup_ratio, cfg.warmup_steps, cfg.weight_decay) == ("cosine", 0.03, 0, 0.0)
     assert cfg.drop_last and cfg.text_lora_with_projector == language_lr
     if decoupled:
@@ -85,8 +94,14 @@ def test_text_lora_joins_the_projector_group_as_published(tiny_model, with_proje
     """llava_trainer.create_optimizer: the projector's parameters, plus every `lora_A.default` /
     `lora_B.default` (the text LoRA) when mm_language_lr is set, at mm_projector_lr; the rest (the
     modality LoRA, the prefix/suffix tokens) at learning_rate."""
-    cfg = TrainConfig(stage=2, decoupled=True, lora_r=2, learning_rate=2e-4, projector_lr=2e-5,
-                      text_lora_with_projector=with_projector)
+    cfg = TrainConfig(
+        stage=2,
+        decoupled=True,
+        lora_r=2,
+        learning_rate=2e-4,
+        projector_lr=2e-5,
+        text_lora_with_projector=with_projector,
+    )
     prepare_for_training(tiny_model, cfg)
     params = trainable_parameters(tiny_model)
     published_names = {n for n in params if ".projector." in n}  # mm_projector / modal_projectors
@@ -102,13 +117,38 @@ def test_text_lora_joins_the_projector_group_as_published(tiny_model, with_proje
 def test_cli_trains_with_the_recipe(tmp_path, capsys):
     data = write_image_data(tmp_path)
     out = tmp_path / "model"
-    code = main(["train", "--recipe", "modelcompose", "--base", "tiny", "--adapter", "tiny:image", "--data", str(data),
-                 "--stage", "2", "--decoupled", "--lora-r", "4", "--batch-size", "1", "--global-batch-size", "2",
-                 "--out", str(out)])
+    code = main(
+        [
+            "train",
+            "--recipe",
+            "modelcompose",
+            "--base",
+            "tiny",
+            "--adapter",
+            "tiny:image",
+            "--data",
+            str(data),
+            "--stage",
+            "2",
+            "--decoupled",
+            "--lora-r",
+            "4",
+            "--batch-size",
+            "1",
+            "--global-batch-size",
+            "2",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     config = json.loads((out / "mcomp_config.json").read_text())["provenance"]["training"][0]["config"]
-    assert (config["lora_alpha"], config["lora_dropout"], config["lr_scheduler"], config["warmup_ratio"]) == \
-        (256, 0.05, "cosine", 0.03)
+    assert (config["lora_alpha"], config["lora_dropout"], config["lr_scheduler"], config["warmup_ratio"]) == (
+        256,
+        0.05,
+        "cosine",
+        0.03,
+    )
     assert (config["learning_rate"], config["projector_lr"], config["text_lora_with_projector"]) == (2e-4, 2e-5, True)
     assert config["lora_r"] == 4 and config["batch_size"] == 1  # flags override the recipe
     # 3 samples, batches of 1, 2 per step, drop_last: 3 micro-batches make 2 optimizer steps (ceil(3 / 2))
@@ -123,8 +163,17 @@ def test_schedule_steps_once_per_optimizer_step(tokenizer, tmp_path):
     from tests.test_train import fresh_model
 
     samples = load_conversation_data(write_image_data(tmp_path)) * 4  # 12 samples
-    cfg = TrainConfig(stage=2, lora_r=2, batch_size=1, grad_accum=3, lr_scheduler="cosine", warmup_ratio=0.3,
-                      learning_rate=1e-3, projector_lr=1e-4, log_every=0)
+    cfg = TrainConfig(
+        stage=2,
+        lora_r=2,
+        batch_size=1,
+        grad_accum=3,
+        lr_scheduler="cosine",
+        warmup_ratio=0.3,
+        learning_rate=1e-3,
+        projector_lr=1e-4,
+        log_every=0,
+    )
     summary = train(fresh_model(tokenizer), samples, cfg, tmp_path / "ckpt")
     total = summary["total_steps"]
     assert (summary["grad_accum"], total) == (3, 4) and summary["steps"] == 4

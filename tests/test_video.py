@@ -1,4 +1,5 @@
 """Video adapter: real mp4/webm/avi/gif files decoded with PyAV, frame sampling, tokens, bad files."""
+
 from __future__ import annotations
 
 import math

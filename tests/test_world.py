@@ -1,5 +1,6 @@
 """The synthetic world (mcomp.world): files decode with the project's own loaders and show their entity,
 training/MCUB files follow their schemas, held-out entities stay held out, generation is reproducible."""
+
 from __future__ import annotations
 
 import collections
@@ -58,7 +59,9 @@ def test_manifest_lists_every_file_intact(world):
     pretrain = sum(world.counts["media"]["pretrain"].values())
     assert pretrain == 4 * world.config["pretrain"]["media_per_modality"]
     assert world.counts["media_files"] == len(world.labels()) + pretrain  # labels: named entities only
-    assert all(world.counts["mcub_questions"]["test"][s] == world.config["mcub"]["test_questions"] for s in MCUB_SUBSETS)
+    assert all(
+        world.counts["mcub_questions"]["test"][s] == world.config["mcub"]["test_questions"] for s in MCUB_SUBSETS
+    )
 
 
 def test_images_show_the_entity_colour(world):
@@ -133,7 +136,7 @@ def test_audio_timbres_differ_in_the_fbank_the_encoder_sees(pitch):
         fbank = frontend(torch.from_numpy(0.5 * tone(shape.timbre, pitch, t)).float())[:98].numpy()
         features[shape.name] = np.concatenate([fbank.mean(axis=0), fbank.std(axis=0)])
     names = list(features)
-    distances = {(a, b): np.linalg.norm(features[a] - features[b]) for i, a in enumerate(names) for b in names[i + 1:]}
+    distances = {(a, b): np.linalg.norm(features[a] - features[b]) for i, a in enumerate(names) for b in names[i + 1 :]}
     assert min(distances.values()) > 3.0, distances
 
 
@@ -165,7 +168,7 @@ def test_training_data_loads_and_matches_labels(world):
             samples = load_conversation_data(path)
             assert samples and len(samples) == len(json.loads(path.read_text()))
             for s in samples:
-                (key, files), = s.media.items()
+                ((key, files),) = s.media.items()
                 assert key == MEDIA_KEY[modality] and len(files) == 1
                 entity = Entity.from_key(labels[Path(files[0]).relative_to(world.root).as_posix()])
                 assert entity.key in allowed
@@ -228,7 +231,9 @@ def _check_mcub_root(world, split):
             letters[answer] += 1
             info = meta[entry["id"]]
             assert info["answer"] == answer and dict(options)[answer] == info["answer_text"]
-            inputs = [Entity.from_key(labels[f"mcub/{split}/{entry['modal_inputs'][MEDIA_KEY[m]][0]}"]) for m in modalities]
+            inputs = [
+                Entity.from_key(labels[f"mcub/{split}/{entry['modal_inputs'][MEDIA_KEY[m]][0]}"]) for m in modalities
+            ]
             assert [e.key for e in inputs] == [info["inputs"][m] for m in modalities]
             if info["kind"] == "entity":
                 assert len(set(inputs)) == 1 and inputs[0] in held and inputs[0].text == info["answer_text"]
@@ -249,7 +254,11 @@ def test_mcub_test_and_dev_follow_the_published_schema(world):
     _check_mcub_root(world, "dev")
     test_files = {f for f in world.files if f.startswith("mcub/test/media/")}
     dev_files = {f for f in world.files if f.startswith("mcub/dev/media/")}
-    assert test_files and dev_files and not {f.split("/", 2)[2] for f in test_files} & {f.split("/", 2)[2] for f in dev_files}
+    assert (
+        test_files
+        and dev_files
+        and not {f.split("/", 2)[2] for f in test_files} & {f.split("/", 2)[2] for f in dev_files}
+    )
 
 
 def test_mcub_paths_match_the_shipped_task_files(world):

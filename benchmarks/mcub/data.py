@@ -12,6 +12,7 @@ whose media path leads outside the data root ('..', an absolute path, a symlink)
 set, so it is recorded and counted, never dropped; `allow_outside_root=True`
 (`mcomp eval --allow-media-outside-root`) lets media paths lead anywhere.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -102,14 +103,19 @@ def first_human_turn(path: Path, i: int, entry: Mapping) -> str:
         if turn["from"] == "human":
             value = turn.get("value")
             if not isinstance(value, str) or not value.strip():
-                raise ValueError(f"{path}: entry {i} (id {entry.get('id')!r}): conversations[{k}].value "
-                                 f"(the question) must be a non-empty string")
+                raise ValueError(
+                    f"{path}: entry {i} (id {entry.get('id')!r}): conversations[{k}].value "
+                    f"(the question) must be a non-empty string"
+                )
             return value
     raise ValueError(f"{path}: entry {i} (id {entry.get('id')!r}): no 'human' turn in 'conversations'")
 
 
 def read_questions(
-    path: str | os.PathLike, subset: str, data_root: str | os.PathLike | None = None, check_files: bool = True,
+    path: str | os.PathLike,
+    subset: str,
+    data_root: str | os.PathLike | None = None,
+    check_files: bool = True,
     allow_outside_root: bool = False,
 ) -> list[Sample]:
     """All samples of a question file, in file order. Malformed entries raise; missing media, and media
@@ -136,8 +142,9 @@ def read_questions(
             raise ValueError(f"{path}: entry {i} (id {sample_id!r}): {err}") from None
         for _, value in turns:
             if value is not None and not isinstance(value, str):
-                raise ValueError(f"{path}: entry {i} (id {sample_id!r}): a turn's value must be a string or null, "
-                                 f"got {value!r}")
+                raise ValueError(
+                    f"{path}: entry {i} (id {sample_id!r}): a turn's value must be a string or null, got {value!r}"
+                )
         modal_inputs = entry.get("modal_inputs", {}) or {}
         if not isinstance(modal_inputs, Mapping):
             raise ValueError(f"{path}: entry {i} (id {sample_id!r}): 'modal_inputs' must be an object")
@@ -152,18 +159,24 @@ def read_questions(
                 written += [(key, s, r) for s, r in zip(items, media[key])]
         error, outside = None, []
         if confine:
-            outside = [f"{key} file {given} resolves to {real}" for key, given, resolved in written
-                       if (real := outside_root(resolved, data_root)) is not None]
+            outside = [
+                f"{key} file {given} resolves to {real}"
+                for key, given, resolved in written
+                if (real := outside_root(resolved, data_root)) is not None
+            ]
         if outside:  # the sample fails before any of its files is opened
-            error = (f"media outside the data root {os.path.realpath(data_root)}: {'; '.join(outside)} "
-                     f"(mcomp eval --allow-media-outside-root allows it)")
+            error = (
+                f"media outside the data root {os.path.realpath(data_root)}: {'; '.join(outside)} "
+                f"(mcomp eval --allow-media-outside-root allows it)"
+            )
         elif check_files:
             missing = [f"{key} file {p}" for key, paths in media.items() for p in paths if not os.path.isfile(p)]
             if missing:
                 error = "missing media: " + "; ".join(missing)
         samples.append(Sample(sample_id, subset, i, question, media, error, tuple(turns)))
-    logger.info("%s: %d sample(s), %d with unusable media", path, len(samples),
-                sum(s.error is not None for s in samples))
+    logger.info(
+        "%s: %d sample(s), %d with unusable media", path, len(samples), sum(s.error is not None for s in samples)
+    )
     return samples
 
 
@@ -197,8 +210,14 @@ def check_answers_match(
             f"{len(samples)} question id(s) (e.g. {example}) is in the answer file ({len(answers)} entries)"
         )
     if missing:
-        logger.warning("%s: %d of %d question id(s) are missing from %s; they count as wrong (e.g. %r)",
-                       question_path, len(missing), len(samples), answer_path, missing[0].id)
+        logger.warning(
+            "%s: %d of %d question id(s) are missing from %s; they count as wrong (e.g. %r)",
+            question_path,
+            len(missing),
+            len(samples),
+            answer_path,
+            missing[0].id,
+        )
     return missing
 
 
@@ -211,8 +230,10 @@ def as_hf_dataset(samples: Iterable[Sample], answers: Mapping[str, dict] | None 
     import datasets
 
     samples = list(samples)
-    keys = sorted({k for s in samples for k in s.media},
-                  key=lambda k: (MEDIA_KEYS_ORDER.index(k) if k in MEDIA_KEYS_ORDER else len(MEDIA_KEYS_ORDER), k))
+    keys = sorted(
+        {k for s in samples for k in s.media},
+        key=lambda k: (MEDIA_KEYS_ORDER.index(k) if k in MEDIA_KEYS_ORDER else len(MEDIA_KEYS_ORDER), k),
+    )
     rows = []
     for s in samples:
         row = {"id": id_key(s.id), "subset": s.subset, "index": s.index, "question": s.question}
@@ -222,10 +243,15 @@ def as_hf_dataset(samples: Iterable[Sample], answers: Mapping[str, dict] | None 
         row["target"] = target_fn(entry) if (entry is not None and target_fn is not None) else None
         row["error"] = s.error
         rows.append(row)
-    features = datasets.Features({
-        "id": datasets.Value("string"), "subset": datasets.Value("string"), "index": datasets.Value("int64"),
-        "question": datasets.Value("string"),
-        **{k: datasets.Sequence(datasets.Value("string")) for k in keys},
-        "target": datasets.Value("string"), "error": datasets.Value("string"),
-    })
+    features = datasets.Features(
+        {
+            "id": datasets.Value("string"),
+            "subset": datasets.Value("string"),
+            "index": datasets.Value("int64"),
+            "question": datasets.Value("string"),
+            **{k: datasets.Sequence(datasets.Value("string")) for k in keys},
+            "target": datasets.Value("string"),
+            "error": datasets.Value("string"),
+        }
+    )
     return datasets.Dataset.from_list(rows, features=features)

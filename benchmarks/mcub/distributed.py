@@ -5,6 +5,7 @@ shard file in the (shared) run directory; after a barrier the main process reads
 the records in question-file order and computes the metrics. Per-sample work does not depend on
 the sharding (one sample per forward pass), so the numbers equal a single-process run.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,7 +41,11 @@ class ProcessInfo:
 def process_info(device: str | None = None) -> ProcessInfo:
     """This process's place in a launched group (a single process when nothing was launched)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        dev = torch.device(device) if device else (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+        dev = (
+            torch.device(device)
+            if device
+            else (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+        )
         return ProcessInfo(0, 1, dev)
     from accelerate import PartialState
 

@@ -11,6 +11,7 @@ is asked for, so its features never depend on which other files were encoded in 
 batch: a run with a warm cache, or one resumed after an interruption, sees the same bits as a cold,
 uninterrupted one.
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,8 +28,12 @@ logger = logging.getLogger(__name__)
 
 
 class EvalFeatureCache:
-    def __init__(self, disk: FeatureCache | str | os.PathLike | None = None, max_items: int = 64,
-                 encoders: Iterable | None = None):
+    def __init__(
+        self,
+        disk: FeatureCache | str | os.PathLike | None = None,
+        max_items: int = 64,
+        encoders: Iterable | None = None,
+    ):
         self.hashes = disk.hashes if isinstance(disk, FeatureCache) else ContentHashes()
         self.disk = FeatureCache(disk, self.hashes) if isinstance(disk, (str, os.PathLike)) else disk
         self.max_items = max_items
@@ -93,7 +98,9 @@ class EvalFeatureCache:
 
     def stats(self) -> dict[str, int]:
         return {
-            "encoded": self.encoded, "memory_hits": self.memory_hits, "disk_hits": self.disk_hits,
+            "encoded": self.encoded,
+            "memory_hits": self.memory_hits,
+            "disk_hits": self.disk_hits,
             "disk_misses": self.disk.misses if self.disk is not None else 0,
             "disk_rejected": self.disk.rejected if self.disk is not None else 0,
         }

@@ -4,6 +4,7 @@ Rows are model x composition method x merge backend (read from each run's proven
 task / subset / mode / metric. The HTML page embeds one bar chart per column (matplotlib PNG as
 base64, error bars = standard error), so it opens from disk in any browser, without a server.
 """
+
 from __future__ import annotations
 
 import base64
@@ -112,7 +113,8 @@ def build(run_dirs: Iterable[str | os.PathLike]) -> Leaderboard:
             col = ColumnKey(r["task"], r["subset"], r["mode"], r["metric"])
             seen.setdefault(col, len(seen))
             runs_of.setdefault((row, col), []).append(
-                Cell(r["value"], r.get("stderr"), int(r.get("n_samples", 0)), str(run_dir)))
+                Cell(r["value"], r.get("stderr"), int(r.get("n_samples", 0)), str(run_dir))
+            )
     for key, group in runs_of.items():
         cells[key] = group[0] if len(group) == 1 else _aggregate(group)
     if not cells:
@@ -121,14 +123,17 @@ def build(run_dirs: Iterable[str | os.PathLike]) -> Leaderboard:
     group_first: dict[tuple[str, str, str], int] = {}
     for col, i in seen.items():
         group_first.setdefault((col.task, col.subset, col.mode), i)
-    columns = sorted(seen, key=lambda c: (c.task, c.mode, c.subset == "mean", group_first[(c.task, c.subset, c.mode)],
-                                          seen[c]))
+    columns = sorted(
+        seen, key=lambda c: (c.task, c.mode, c.subset == "mean", group_first[(c.task, c.subset, c.mode)], seen[c])
+    )
     return Leaderboard(rows, columns, cells, runs)
 
 
 def _aggregate(group: list[Cell]) -> Cell:
     """Runs of the same row and column (e.g. seeds): mean, and the sample std across runs as spread."""
-    values = [c.value for c in group if c.value is not None and not (isinstance(c.value, float) and math.isnan(c.value))]
+    values = [
+        c.value for c in group if c.value is not None and not (isinstance(c.value, float) and math.isnan(c.value))
+    ]
     if not values:
         return Cell(None, None, group[0].n_samples, group[0].run_dir, len(group))
     mean = sum(values) / len(values)
@@ -208,15 +213,19 @@ def to_html(board: Leaderboard, title: str = "mcomp leaderboard") -> str:
             groups[-1][1].append(col)
         else:
             groups.append((key, [col]))
-    top = "".join(f'<th rowspan=2 class=name>{h}</th>' for h in ("model", "method", "merge backend"))
-    top += "".join(f"<th colspan={len(cols)}>{e(task)}<br>{e(subset)}<br><small>{e(mode)}</small></th>"
-                   for (task, subset, mode), cols in groups)
+    top = "".join(f"<th rowspan=2 class=name>{h}</th>" for h in ("model", "method", "merge backend"))
+    top += "".join(
+        f"<th colspan={len(cols)}>{e(task)}<br>{e(subset)}<br><small>{e(mode)}</small></th>"
+        for (task, subset, mode), cols in groups
+    )
     second = "".join(f"<th>{e(c.metric)}</th>" for _, cols in groups for c in cols)
     body = []
     for row in board.rows:
         cells = "".join(f"<td>{e(_fmt(board.cells.get((row, c))))}</td>" for c in board.columns)
-        body.append(f"<tr><td class=name>{e(row.model)}</td><td class=name>{e(row.method)}</td>"
-                    f"<td class=name>{e(row.backend)}</td>{cells}</tr>")
+        body.append(
+            f"<tr><td class=name>{e(row.model)}</td><td class=name>{e(row.method)}</td>"
+            f"<td class=name>{e(row.backend)}</td>{cells}</tr>"
+        )
     charts = []
     for col in board.columns:
         data = base64.b64encode(chart_png(board, col)).decode("ascii")
@@ -234,8 +243,9 @@ def to_html(board: Leaderboard, title: str = "mcomp leaderboard") -> str:
     )
 
 
-def write(run_dirs: Iterable[str | os.PathLike], out_dir: str | os.PathLike,
-          title: str = "mcomp leaderboard") -> dict[str, Path]:
+def write(
+    run_dirs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, title: str = "mcomp leaderboard"
+) -> dict[str, Path]:
     board = build(run_dirs)
     out = Path(out_dir)
     paths = {"markdown": out / "leaderboard.md", "html": out / "index.html"}

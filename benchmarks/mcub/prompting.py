@@ -11,6 +11,7 @@ media and answers from the text alone, and so does mcomp by default (`media_with
 ignore`, with a warning). `prefix` (a task's prompt option) puts one "name: <tag>" line per input
 before the first human turn, in the task's modality order (the published demo's convention).
 """
+
 from __future__ import annotations
 
 import logging
@@ -51,8 +52,13 @@ def ordered_media(model, sample, modality_order: Sequence[str]) -> dict[str, lis
     return {k: list(sample.media[k]) for k in keys}
 
 
-def build_prompt(model, template: ConversationTemplate, sample, modality_order: Sequence[str],
-                 media_without_placeholder: str = "ignore") -> Prompt:
+def build_prompt(
+    model,
+    template: ConversationTemplate,
+    sample,
+    modality_order: Sequence[str],
+    media_without_placeholder: str = "ignore",
+) -> Prompt:
     turns = list(sample.turns)
     media = ordered_media(model, sample, modality_order)
     if media and not has_placeholder(model, sample):
@@ -63,6 +69,8 @@ def build_prompt(model, template: ConversationTemplate, sample, modality_order: 
             logger.debug("sample %r has media but no placeholder: answered from its text alone", sample.id)
             return Prompt(template.render(turns), {}, media_ignored=True)
         else:
-            raise ValueError(f"media_without_placeholder must be one of {MEDIA_WITHOUT_PLACEHOLDER}, "
-                             f"got {media_without_placeholder!r}")
+            raise ValueError(
+                f"media_without_placeholder must be one of {MEDIA_WITHOUT_PLACEHOLDER}, "
+                f"got {media_without_placeholder!r}"
+            )
     return Prompt(template.render(turns), media)

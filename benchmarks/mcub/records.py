@@ -3,6 +3,7 @@
 A run killed while writing leaves at most a torn last line (no trailing newline). Readers ignore it;
 `RecordWriter` cuts it off before appending, so the next record starts on a clean line.
 """
+
 from __future__ import annotations
 
 import json

@@ -9,6 +9,7 @@ modules and module:function callables only when the user allows it (`mcomp eval 
     @register("scorer", "my_match")
     def my_match(response: str, target: str) -> tuple[str, bool]: ...
 """
+
 from __future__ import annotations
 
 import importlib
@@ -30,7 +31,9 @@ def register(kind: str, name: str):
     def deco(fn: Callable) -> Callable:
         other = _REGISTRY[kind].get(name)
         if other is not None and other is not fn:
-            raise ValueError(f"{kind} function {name!r} is already registered by {other.__module__}.{other.__qualname__}")
+            raise ValueError(
+                f"{kind} function {name!r} is already registered by {other.__module__}.{other.__qualname__}"
+            )
         _REGISTRY[kind][name] = fn
         return fn
 
@@ -62,15 +65,19 @@ def resolve(kind: str, name: str, source: str = "task", allow_code: bool = False
     if name in _REGISTRY[kind]:
         return _REGISTRY[kind][name]
     if ":" not in name:
-        raise ValueError(f"{source}: unknown {kind} function {name!r}; registered: {sorted(_REGISTRY[kind])} "
-                         f"(or give 'module:function')")
+        raise ValueError(
+            f"{source}: unknown {kind} function {name!r}; registered: {sorted(_REGISTRY[kind])} "
+            f"(or give 'module:function')"
+        )
     module, _, attr = name.partition(":")
     known = getattr(sys.modules.get(module), attr, None)
     if known is not None and any(known is fn for fn in _REGISTRY[kind].values()):
         return known  # a registered function by its full path: nothing is imported
     if not allow_code:
-        raise ValueError(f"{source}: {kind} {name!r} is Python code (module:function); a task file is data and "
-                         f"cannot import code unless allowed: {ALLOW_CODE_HINT}")
+        raise ValueError(
+            f"{source}: {kind} {name!r} is Python code (module:function); a task file is data and "
+            f"cannot import code unless allowed: {ALLOW_CODE_HINT}"
+        )
     try:
         fn = getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as err:

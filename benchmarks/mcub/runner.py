@@ -17,6 +17,7 @@ is evaluated or counted twice. Batches are cut on a fixed grid over all samples 
 order and a batch with any sample left runs whole, and each batch seeds the random generators from
 its index, so a resumed run's records equal those of an uninterrupted run bit for bit.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,8 +34,14 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from mcomp import faults
 from mcomp.benchmarks.mcub.data import (
-    Sample, check_answers_match, id_key, read_answer_file, read_questions, resolve_media_path,
+    Sample,
+    check_answers_match,
+    id_key,
+    read_answer_file,
+    read_questions,
+    resolve_media_path,
 )
 from mcomp.benchmarks.mcub.distributed import ProcessInfo
 from mcomp.benchmarks.mcub.features import EvalFeatureCache
@@ -43,7 +50,6 @@ from mcomp.benchmarks.mcub.prompting import build_prompt
 from mcomp.benchmarks.mcub.records import RecordWriter, iter_record_files, read_records
 from mcomp.benchmarks.mcub.scoring import accuracy
 from mcomp.benchmarks.mcub.tasks import ModeSpec, Task
-from mcomp import faults
 from mcomp.conversation import get_template
 from mcomp.errors import MediaBatchError, MediaError, PlaceholderMismatchError
 from mcomp.fingerprint import check_same_work, code_versions, fingerprint, tensors_sha256
@@ -82,16 +88,22 @@ class OptionState:
 
 
 def load_data(
-    task: Task, data_root: str | os.PathLike, subsets: Sequence[str] | None = None,
-    questions: str | os.PathLike | None = None, answers: str | os.PathLike | None = None, limit: int | None = None,
+    task: Task,
+    data_root: str | os.PathLike,
+    subsets: Sequence[str] | None = None,
+    questions: str | os.PathLike | None = None,
+    answers: str | os.PathLike | None = None,
+    limit: int | None = None,
     allow_outside_root: bool = False,
 ) -> EvalData:
     """Read the question and answer files of the selected subsets; raise on files that do not fit.
     `allow_outside_root`: media paths may lead outside `data_root` (else such a sample records an error)."""
     selected = task.select_subsets(subsets)
     if questions is not None and len(selected) != 1:
-        raise ValueError(f"--questions replaces one subset's file, but task {task.name!r} has "
-                         f"{len(selected)} selected subsets ({', '.join(s.name for s in selected)}); pick one with --subset")
+        raise ValueError(
+            f"--questions replaces one subset's file, but task {task.name!r} has "
+            f"{len(selected)} selected subsets ({', '.join(s.name for s in selected)}); pick one with --subset"
+        )
     answers_path = os.fspath(answers) if answers is not None else resolve_media_path(task.answers, data_root)
     answer_key = read_answer_file(answers_path)
     target_fn = task.target_function()
@@ -119,16 +131,20 @@ def check_modalities(model, task: Task, data: EvalData) -> None:
     for subset in task.select_subsets([name for name, _, _ in data.subsets]):
         for modality in subset.modalities:
             if modality not in have:
-                raise ValueError(f"task {task.name!r} subset {subset.name!r} needs the {modality!r} modality, but the "
-                                 f"model has only: {', '.join(have) or 'none'}")
-    for name, qpath, samples in data.subsets:
+                raise ValueError(
+                    f"task {task.name!r} subset {subset.name!r} needs the {modality!r} modality, but the "
+                    f"model has only: {', '.join(have) or 'none'}"
+                )
+    for _, qpath, samples in data.subsets:
         for s in samples:
             for key in s.media:
                 try:
                     model.modality_of(key)
                 except PlaceholderMismatchError:
-                    raise ValueError(f"{qpath}: sample {s.id!r} has {key!r} inputs, but the model has no adapter "
-                                     f"for them (it has: {', '.join(have) or 'none'})") from None
+                    raise ValueError(
+                        f"{qpath}: sample {s.id!r} has {key!r} inputs, but the model has no adapter "
+                        f"for them (it has: {', '.join(have) or 'none'})"
+                    ) from None
 
 
 def _versions() -> dict[str, str]:
@@ -160,7 +176,13 @@ class _OptionRequest:
 
 
 def evaluate_sample(
-    model, task: Task, mode: str, spec: ModeSpec, sample: Sample, target: str | None, state: OptionState,
+    model,
+    task: Task,
+    mode: str,
+    spec: ModeSpec,
+    sample: Sample,
+    target: str | None,
+    state: OptionState,
     max_new_tokens: int | None = None,
 ) -> dict[str, Any]:
     """One per-sample record. Media problems are recorded in `error` (the sample then counts as wrong)."""
@@ -168,8 +190,14 @@ def evaluate_sample(
 
 
 def evaluate_samples(
-    model, task: Task, mode: str, spec: ModeSpec, samples: Sequence[Sample], targets: Sequence[str | None],
-    state: OptionState, max_new_tokens: int | None = None,
+    model,
+    task: Task,
+    mode: str,
+    spec: ModeSpec,
+    samples: Sequence[Sample],
+    targets: Sequence[str | None],
+    state: OptionState,
+    max_new_tokens: int | None = None,
 ) -> list[dict[str, Any]]:
     """Records of `samples`, in order. In log-likelihood mode their contexts run as one batch
     (`MultimodalLM.loglikelihood_batch`); if that batch meets a bad input, its samples are scored
@@ -185,14 +213,22 @@ def evaluate_samples(
         return records
     scorer = task.resolve("scorer", spec.scorer)
     try:
-        batch = score_options_batch(model, [(p.prompt, p.continuations, p.media) for p in pending],
-                                    batch_size=spec.option_batch_size) if len(pending) > 1 else None
+        batch = (
+            score_options_batch(
+                model, [(p.prompt, p.continuations, p.media) for p in pending], batch_size=spec.option_batch_size
+            )
+            if len(pending) > 1
+            else None
+        )
     except SAMPLE_ERRORS:
         batch = None
     for k, p in enumerate(pending):
         try:
-            scores = batch[k] if batch is not None else score_options(
-                model, p.prompt, p.continuations, p.media, batch_size=spec.option_batch_size)
+            scores = (
+                batch[k]
+                if batch is not None
+                else score_options(model, p.prompt, p.continuations, p.media, batch_size=spec.option_batch_size)
+            )
         except SAMPLE_ERRORS as err:
             p.record["error"] = f"{type(err).__name__}: {err}"
             continue
@@ -200,21 +236,38 @@ def evaluate_samples(
     return records
 
 
-def _prepare_sample(model, task: Task, mode: str, spec: ModeSpec, sample: Sample, target: str | None,
-                    state: OptionState, max_new_tokens: int | None) -> dict[str, Any] | _OptionRequest:
+def _prepare_sample(
+    model,
+    task: Task,
+    mode: str,
+    spec: ModeSpec,
+    sample: Sample,
+    target: str | None,
+    state: OptionState,
+    max_new_tokens: int | None,
+) -> dict[str, Any] | _OptionRequest:
     """The finished record (generation, or an error), or what a log-likelihood sample has left to score."""
     template = get_template(task.template)
     record: dict[str, Any] = {
-        "subset": sample.subset, "id": sample.id, "index": sample.index, "mode": mode, "prompt": None,
-        "target": target, "prediction": None, "correct": False, "error": sample.error, "media_ignored": False,
+        "subset": sample.subset,
+        "id": sample.id,
+        "index": sample.index,
+        "mode": mode,
+        "prompt": None,
+        "target": target,
+        "prediction": None,
+        "correct": False,
+        "error": sample.error,
+        "media_ignored": False,
     }
     if mode == "generate":
         record["response"] = None
     else:
         record.update(option_scores=None, prediction_norm=None, correct_norm=False)
     try:
-        prompt, media, record["media_ignored"] = build_prompt(model, template, sample, task.modality_order,
-                                                              task.media_without_placeholder)
+        prompt, media, record["media_ignored"] = build_prompt(
+            model, template, sample, task.modality_order, task.media_without_placeholder
+        )
     except SAMPLE_ERRORS as err:  # e.g. a media key the model has no adapter for
         record["error"] = record["error"] or f"{type(err).__name__}: {err}"
         return record
@@ -239,23 +292,32 @@ def _prepare_sample(model, task: Task, mode: str, spec: ModeSpec, sample: Sample
     except SAMPLE_ERRORS as err:
         record["error"] = f"{type(err).__name__}: {err}"
         return record
-    return _OptionRequest(record, options, [o.continuation(spec.continuation) for o in options], prompt, media,
-                          target)
+    return _OptionRequest(record, options, [o.continuation(spec.continuation) for o in options], prompt, media, target)
 
 
 def _record_scores(p: _OptionRequest, scores, scorer) -> None:
     record, options, continuations, target = p.record, p.options, p.continuations, p.target
     record["option_scores"] = [
-        {"key": o.key, "continuation": c, "logprob": s.logprob, "num_tokens": s.num_tokens,
-         "num_chars": len(c), "is_greedy": s.is_greedy}
+        {
+            "key": o.key,
+            "continuation": c,
+            "logprob": s.logprob,
+            "num_tokens": s.num_tokens,
+            "num_chars": len(c),
+            "is_greedy": s.is_greedy,
+        }
         for o, c, s in zip(options, continuations, scores)
     ]
     best = max(range(len(scores)), key=lambda i: (scores[i].logprob, -i))
     best_norm = max(range(len(scores)), key=lambda i: (scores[i].logprob / max(1, len(continuations[i])), -i))
     prediction, correct = scorer(options[best].key, target if target is not None else "")
     prediction_n, correct_n = scorer(options[best_norm].key, target if target is not None else "")
-    record.update(prediction=prediction, correct=bool(correct) and target is not None,
-                  prediction_norm=prediction_n, correct_norm=bool(correct_n) and target is not None)
+    record.update(
+        prediction=prediction,
+        correct=bool(correct) and target is not None,
+        prediction_norm=prediction_n,
+        correct_norm=bool(correct_n) and target is not None,
+    )
 
 
 def model_fingerprint(model) -> dict[str, Any]:
@@ -269,29 +331,53 @@ def model_fingerprint(model) -> dict[str, Any]:
     return {
         "class": f"{type(model).__module__}.{type(model).__qualname__}",
         "state_sha256": tensors_sha256(model.state_dict()),
-        "settings": fingerprint({
-            "template": getattr(template, "name", None),
-            "adapters": {m: a.config.to_dict() if hasattr(getattr(a, "config", None), "to_dict") else None
-                         for m, a in adapters.items()},
-            "routes": {r: [[n, c] for n, c in t] for r, t in getattr(routing, "routes", {}).items()}
-            if routing is not None else None,
-        }),
+        "settings": fingerprint(
+            {
+                "template": getattr(template, "name", None),
+                "adapters": {
+                    m: a.config.to_dict() if hasattr(getattr(a, "config", None), "to_dict") else None
+                    for m, a in adapters.items()
+                },
+                "routes": {r: [[n, c] for n, c in t] for r, t in getattr(routing, "routes", {}).items()}
+                if routing is not None
+                else None,
+            }
+        ),
     }
 
 
-def _identity(task: Task, mode: str, spec: ModeSpec, data: EvalData, limit, seed, max_new_tokens, step: int,
-              model, model_identity: Mapping[str, Any], allow_outside_root: bool) -> dict[str, Any]:
+def _identity(
+    task: Task,
+    mode: str,
+    spec: ModeSpec,
+    data: EvalData,
+    limit,
+    seed,
+    max_new_tokens,
+    step: int,
+    model,
+    model_identity: Mapping[str, Any],
+    allow_outside_root: bool,
+) -> dict[str, Any]:
     first = next(model.parameters())
     return {
-        "task": task.name, "task_config": fingerprint(task.raw), "mode": mode,
+        "task": task.name,
+        "task_config": fingerprint(task.raw),
+        "mode": mode,
         "subsets": [name for name, _, _ in data.subsets],
         "questions_sha256": {name: _file_digest(q) for name, q, _ in data.subsets},
-        "answers_sha256": _file_digest(data.answers_path), "limit": limit, "seed": seed,
+        "answers_sha256": _file_digest(data.answers_path),
+        "limit": limit,
+        "seed": seed,
         "max_new_tokens": (max_new_tokens if max_new_tokens is not None else spec.max_new_tokens)
-        if mode == "generate" else None,
-        "batch_size": step, "dtype": str(first.dtype).replace("torch.", ""), "device": first.device.type,
+        if mode == "generate"
+        else None,
+        "batch_size": step,
+        "dtype": str(first.dtype).replace("torch.", ""),
+        "device": first.device.type,
         "allow_outside_root": allow_outside_root,  # decides whether such a sample is scored or an error
-        "model": dict(model_identity), "code": code_versions(),
+        "model": dict(model_identity),
+        "code": code_versions(),
     }
 
 
@@ -313,9 +399,13 @@ def _check_or_write_identity(run_dir: Path, identity: dict, proc: ProcessInfo) -
     proc.barrier()
     with open(path, encoding="utf-8") as f:
         old = json.load(f)
-    check_same_work(str(run_dir), old, identity,
-                    "its records are not those of this evaluation; `mcomp eval --force` (evaluate(force=True)) "
-                    "discards them and starts afresh, or use another --out directory")
+    check_same_work(
+        str(run_dir),
+        old,
+        identity,
+        "its records are not those of this evaluation; `mcomp eval --force` (evaluate(force=True)) "
+        "discards them and starts afresh, or use another --out directory",
+    )
 
 
 def _seed_batch(seed: int, index: int) -> None:
@@ -367,9 +457,19 @@ def evaluate(
     check_modalities(model, task, data)
     model_name = model_name or type(model).__name__
     step = batch_size if mode == "loglik" else 1  # generation runs one sample at a time
-    identity = _identity(task, mode, spec, data, limit, seed, max_new_tokens, step, model,
-                         model_identity if model_identity is not None else model_fingerprint(model),
-                         allow_outside_root)
+    identity = _identity(
+        task,
+        mode,
+        spec,
+        data,
+        limit,
+        seed,
+        max_new_tokens,
+        step,
+        model,
+        model_identity if model_identity is not None else model_fingerprint(model),
+        allow_outside_root,
+    )
     run_dir = Path(out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if force and proc.is_main:
@@ -382,11 +482,19 @@ def evaluate(
     # a fixed grid over all samples: batch k is samples[k*step:(k+1)*step] on process k % world_size,
     # whatever ran before, so a resumed batch is the same batch as in an uninterrupted run
     batches = [(k, samples[first : first + step]) for k, first in enumerate(range(0, len(samples), step))]
-    mine = [(k, batch) for k, batch in batches
-            if k % proc.world_size == proc.rank and any(s.key not in done for s in batch)]
+    mine = [
+        (k, batch) for k, batch in batches if k % proc.world_size == proc.rank and any(s.key not in done for s in batch)
+    ]
     n_mine = sum(1 for _, batch in mine for s in batch if s.key not in done)
-    logger.info("%s/%s: %d sample(s), %d already done, %d for process %d", task.name, mode, len(samples),
-                sum(1 for s in samples if s.key in done), n_mine, proc.rank)
+    logger.info(
+        "%s/%s: %d sample(s), %d already done, %d for process %d",
+        task.name,
+        mode,
+        len(samples),
+        sum(1 for s in samples if s.key in done),
+        n_mine,
+        proc.rank,
+    )
 
     state = OptionState(data.all_targets)
     previous_cache = getattr(model, "feature_cache", None)
@@ -401,8 +509,9 @@ def evaluate(
         with RecordWriter(run_dir / f"samples.part-{proc.rank}.jsonl") as writer:
             for k, batch in mine:
                 _seed_batch(seed, k)
-                records = evaluate_samples(model, task, mode, spec, batch, [data.targets[s.key] for s in batch],
-                                           state, max_new_tokens)
+                records = evaluate_samples(
+                    model, task, mode, spec, batch, [data.targets[s.key] for s in batch], state, max_new_tokens
+                )
                 for sample, record in zip(batch, records):
                     if sample.key in done:
                         continue  # recorded by an earlier session; the batch ran whole for the others' sake
@@ -415,10 +524,14 @@ def evaluate(
                     if record["media_ignored"]:
                         ignored += 1
                         if ignored == 1:
-                            logger.warning("sample %r (%s) has media but no placeholder: it is answered from its "
-                                           "text alone, as the published model does (task prompt option "
-                                           "media_without_placeholder: prefix puts the media in); more are "
-                                           "counted at the end", sample.id, sample.subset)
+                            logger.warning(
+                                "sample %r (%s) has media but no placeholder: it is answered from its "
+                                "text alone, as the published model does (task prompt option "
+                                "media_without_placeholder: prefix puts the media in); more are "
+                                "counted at the end",
+                                sample.id,
+                                sample.subset,
+                            )
                     if on_record is not None:
                         on_record(record)
                     if written % 50 == 0:
@@ -431,8 +544,9 @@ def evaluate(
     # session figures go to the log, not results.json: they depend on the clock and on cache warmth
     logger.info("process %d: %d sample(s) in %.1f s; feature cache %s", proc.rank, written, elapsed, cache.stats())
     if ignored:
-        logger.warning("process %d: %d sample(s) had media but no placeholder; their media were not used", proc.rank,
-                       ignored)
+        logger.warning(
+            "process %d: %d sample(s) had media but no placeholder; their media were not used", proc.rank, ignored
+        )
     proc.barrier()
     if not proc.is_main:
         return None
@@ -445,23 +559,31 @@ def evaluate(
         "description": task.description,
         "results": results,
         "model": {
-            "name": model_name, "class": type(model).__name__, "modalities": list(model.modalities),
+            "name": model_name,
+            "class": type(model).__name__,
+            "modalities": list(model.modalities),
             "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         },
         "provenance": dict(getattr(model, "provenance", None) or {}),
-        "prompt": {"template": task.template, "modality_order": list(task.modality_order),
-                   "media_without_placeholder": task.media_without_placeholder},
+        "prompt": {
+            "template": task.template,
+            "modality_order": list(task.modality_order),
+            "media_without_placeholder": task.media_without_placeholder,
+        },
         "data": {
             "data_root": os.path.abspath(data_root),
-            "questions": {name: {"path": os.path.abspath(q), "sha256": identity["questions_sha256"][name]}
-                          for name, q, _ in data.subsets},  # hashed once, for the run identity
+            "questions": {
+                name: {"path": os.path.abspath(q), "sha256": identity["questions_sha256"][name]}
+                for name, q, _ in data.subsets
+            },  # hashed once, for the run identity
             "answers": {"path": os.path.abspath(data.answers_path), "sha256": identity["answers_sha256"]},
         },
         "task_config": dict(task.raw),
         "seed": seed,
         "limit": limit,
         "max_new_tokens": (max_new_tokens if max_new_tokens is not None else spec.max_new_tokens)
-        if mode == "generate" else None,
+        if mode == "generate"
+        else None,
         "versions": _versions(),
         "run": {
             "world_size": proc.world_size,
@@ -488,8 +610,10 @@ def merge_records(run_dir: Path, data: EvalData) -> list[dict[str, Any]]:
         else:
             missing.append(s)
     if missing:
-        raise RuntimeError(f"{run_dir}: {len(missing)} sample(s) have no record after all processes finished "
-                           f"(e.g. {missing[0].subset} id {missing[0].id!r}); re-run the same command to finish")
+        raise RuntimeError(
+            f"{run_dir}: {len(missing)} sample(s) have no record after all processes finished "
+            f"(e.g. {missing[0].subset} id {missing[0].id!r}); re-run the same command to finish"
+        )
     text = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in ordered)
     atomic_write_text(run_dir / "samples.jsonl", text)
     for path in files:
@@ -506,30 +630,44 @@ def compute_results(task: Task, mode: str, data: EvalData, records: Sequence[Map
     """
     metrics = ["accuracy"] + (["accuracy_norm"] if mode == "loglik" else [])
     out = []
-    for name, _, samples in data.subsets:
+    for name, _, _samples in data.subsets:
         subset_records = [r for r in records if r["subset"] == name]
         for metric in metrics:
             field = "correct" if metric == "accuracy" else "correct_norm"
             flags = [bool(r.get(field)) for r in subset_records]
             value, stderr = accuracy(flags)
-            out.append({
-                "task": task.name, "subset": name, "mode": mode, "metric": metric, "value": value,
-                "stderr": stderr, "n_samples": len(subset_records), "n_correct": sum(flags),
-                "n_errors": sum(1 for r in subset_records if r.get("error")),
-                "n_missing_answer": sum(1 for r in subset_records if r.get("target") is None),
-            })
+            out.append(
+                {
+                    "task": task.name,
+                    "subset": name,
+                    "mode": mode,
+                    "metric": metric,
+                    "value": value,
+                    "stderr": stderr,
+                    "n_samples": len(subset_records),
+                    "n_correct": sum(flags),
+                    "n_errors": sum(1 for r in subset_records if r.get("error")),
+                    "n_missing_answer": sum(1 for r in subset_records if r.get("target") is None),
+                }
+            )
     if len(data.subsets) > 1:
         for metric in metrics:
             rows = [r for r in out if r["metric"] == metric]
             k = len(rows)
-            out.append({
-                "task": task.name, "subset": "mean", "mode": mode, "metric": metric,
-                "value": sum(r["value"] for r in rows) / k,
-                "stderr": math.sqrt(sum(r["stderr"] ** 2 for r in rows)) / k,
-                "n_samples": sum(r["n_samples"] for r in rows), "n_correct": sum(r["n_correct"] for r in rows),
-                "n_errors": sum(r["n_errors"] for r in rows),
-                "n_missing_answer": sum(r["n_missing_answer"] for r in rows),
-            })
+            out.append(
+                {
+                    "task": task.name,
+                    "subset": "mean",
+                    "mode": mode,
+                    "metric": metric,
+                    "value": sum(r["value"] for r in rows) / k,
+                    "stderr": math.sqrt(sum(r["stderr"] ** 2 for r in rows)) / k,
+                    "n_samples": sum(r["n_samples"] for r in rows),
+                    "n_correct": sum(r["n_correct"] for r in rows),
+                    "n_errors": sum(r["n_errors"] for r in rows),
+                    "n_missing_answer": sum(r["n_missing_answer"] for r in rows),
+                }
+            )
     return out
 
 

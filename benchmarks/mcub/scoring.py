@@ -7,6 +7,7 @@
   the continuation's character length for the normalised variant) is the prediction.
 Accuracy = correct / number of samples x 100 (every question is one line; errors count as wrong).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,14 +20,45 @@ from mcomp.benchmarks.mcub.registry import register
 # --- EvalAI answer normalisation (MUSIC-AVQA), spec section 5.3 -----------------------------------------
 
 NUMBER_WORDS = {
-    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-    "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
+    "none": "0",
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
 }
 ARTICLES = frozenset({"a", "an", "the"})
 # Marks handled by the punctuation step, in the published order (the order matters: each test looks at the
 # text as it was when the step began, each replacement acts on the running text).
-PUNCTUATION_MARKS = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`",
-                     ",", "?", "!")
+PUNCTUATION_MARKS = (
+    ";",
+    "/",
+    "[",
+    "]",
+    '"',
+    "{",
+    "}",
+    "(",
+    ")",
+    "=",
+    "+",
+    "\\",
+    "_",
+    "-",
+    ">",
+    "<",
+    "@",
+    "`",
+    ",",
+    "?",
+    "!",
+)
 _DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")
 _PERIOD_NOT_BEFORE_DIGIT = re.compile(r"\.(?!\d)")
 _MAX_PERIODS_REMOVED = 32  # upstream passes re.UNICODE (= 32) as the `count` argument of re.sub
@@ -34,34 +66,126 @@ _MAX_PERIODS_REMOVED = 32  # upstream passes re.UNICODE (= 32) as the `count` ar
 # Apostrophe-less contraction -> its apostrophe form (the VQA evaluation table). The keys with capitals never
 # match (the text is lower-cased first); "somebody'd" maps the "wrong" way round, as published.
 CONTRACTIONS = {
-    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
-    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
-    "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't",
-    "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's",
-    "howd": "how'd", "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm",
-    "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll",
-    "let's": "let's", "maam": "ma'am", "mightnt": "mightn't", "mightnt've": "mightn't've",
-    "mightn'tve": "mightn't've", "mightve": "might've", "mustnt": "mustn't", "mustve": "must've",
-    "neednt": "needn't", "notve": "not've", "oclock": "o'clock", "oughtnt": "oughtn't",
-    "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at", "shant": "shan't",
-    "shed've": "she'd've", "she'dve": "she'd've", "she's": "she's", "shouldve": "should've",
-    "shouldnt": "shouldn't", "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've",
-    "somebody'd": "somebodyd", "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've",
-    "somebodyll": "somebody'll", "somebodys": "somebody's", "someoned": "someone'd",
-    "someoned've": "someone'd've", "someone'dve": "someone'd've", "someonell": "someone'll",
-    "someones": "someone's", "somethingd": "something'd", "somethingd've": "something'd've",
-    "something'dve": "something'd've", "somethingll": "something'll", "thats": "that's", "thered": "there'd",
-    "thered've": "there'd've", "there'dve": "there'd've", "therere": "there're", "theres": "there's",
-    "theyd": "they'd", "theyd've": "they'd've", "they'dve": "they'd've", "theyll": "they'll",
-    "theyre": "they're", "theyve": "they've", "twas": "'twas", "wasnt": "wasn't", "wed've": "we'd've",
-    "we'dve": "we'd've", "weve": "we've", "werent": "weren't", "whatll": "what'll", "whatre": "what're",
-    "whats": "what's", "whatve": "what've", "whens": "when's", "whered": "where'd", "wheres": "where's",
-    "whereve": "where've", "whod": "who'd", "whod've": "who'd've", "who'dve": "who'd've", "wholl": "who'll",
-    "whos": "who's", "whove": "who've", "whyll": "why'll", "whyre": "why're", "whys": "why's",
-    "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't", "wouldnt've": "wouldn't've",
-    "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll", "y'allll": "y'all'll",
-    "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've", "youd": "you'd",
-    "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll", "youre": "you're", "youve": "you've",
+    "aint": "ain't",
+    "arent": "aren't",
+    "cant": "can't",
+    "couldve": "could've",
+    "couldnt": "couldn't",
+    "couldn'tve": "couldn't've",
+    "couldnt've": "couldn't've",
+    "didnt": "didn't",
+    "doesnt": "doesn't",
+    "dont": "don't",
+    "hadnt": "hadn't",
+    "hadnt've": "hadn't've",
+    "hadn'tve": "hadn't've",
+    "hasnt": "hasn't",
+    "havent": "haven't",
+    "hed": "he'd",
+    "hed've": "he'd've",
+    "he'dve": "he'd've",
+    "hes": "he's",
+    "howd": "how'd",
+    "howll": "how'll",
+    "hows": "how's",
+    "Id've": "I'd've",
+    "I'dve": "I'd've",
+    "Im": "I'm",
+    "Ive": "I've",
+    "isnt": "isn't",
+    "itd": "it'd",
+    "itd've": "it'd've",
+    "it'dve": "it'd've",
+    "itll": "it'll",
+    "let's": "let's",
+    "maam": "ma'am",
+    "mightnt": "mightn't",
+    "mightnt've": "mightn't've",
+    "mightn'tve": "mightn't've",
+    "mightve": "might've",
+    "mustnt": "mustn't",
+    "mustve": "must've",
+    "neednt": "needn't",
+    "notve": "not've",
+    "oclock": "o'clock",
+    "oughtnt": "oughtn't",
+    "ow's'at": "'ow's'at",
+    "'ows'at": "'ow's'at",
+    "'ow'sat": "'ow's'at",
+    "shant": "shan't",
+    "shed've": "she'd've",
+    "she'dve": "she'd've",
+    "she's": "she's",
+    "shouldve": "should've",
+    "shouldnt": "shouldn't",
+    "shouldnt've": "shouldn't've",
+    "shouldn'tve": "shouldn't've",
+    "somebody'd": "somebodyd",
+    "somebodyd've": "somebody'd've",
+    "somebody'dve": "somebody'd've",
+    "somebodyll": "somebody'll",
+    "somebodys": "somebody's",
+    "someoned": "someone'd",
+    "someoned've": "someone'd've",
+    "someone'dve": "someone'd've",
+    "someonell": "someone'll",
+    "someones": "someone's",
+    "somethingd": "something'd",
+    "somethingd've": "something'd've",
+    "something'dve": "something'd've",
+    "somethingll": "something'll",
+    "thats": "that's",
+    "thered": "there'd",
+    "thered've": "there'd've",
+    "there'dve": "there'd've",
+    "therere": "there're",
+    "theres": "there's",
+    "theyd": "they'd",
+    "theyd've": "they'd've",
+    "they'dve": "they'd've",
+    "theyll": "they'll",
+    "theyre": "they're",
+    "theyve": "they've",
+    "twas": "'twas",
+    "wasnt": "wasn't",
+    "wed've": "we'd've",
+    "we'dve": "we'd've",
+    "weve": "we've",
+    "werent": "weren't",
+    "whatll": "what'll",
+    "whatre": "what're",
+    "whats": "what's",
+    "whatve": "what've",
+    "whens": "when's",
+    "whered": "where'd",
+    "wheres": "where's",
+    "whereve": "where've",
+    "whod": "who'd",
+    "whod've": "who'd've",
+    "who'dve": "who'd've",
+    "wholl": "who'll",
+    "whos": "who's",
+    "whove": "who've",
+    "whyll": "why'll",
+    "whyre": "why're",
+    "whys": "why's",
+    "wont": "won't",
+    "wouldve": "would've",
+    "wouldnt": "wouldn't",
+    "wouldnt've": "wouldn't've",
+    "wouldn'tve": "wouldn't've",
+    "yall": "y'all",
+    "yall'll": "y'all'll",
+    "y'allll": "y'all'll",
+    "yall'd've": "y'all'd've",
+    "y'alld've": "y'all'd've",
+    "y'all'dve": "y'all'd've",
+    "youd": "you'd",
+    "youd've": "you'd've",
+    "you'dve": "you'd've",
+    "youll": "you'll",
+    "youre": "you're",
+    "youve": "you've",
 }
 
 
@@ -89,6 +213,7 @@ def evalai_normalize(answer: str) -> str:
 
 
 # --- scorers: (model answer or chosen option, reference) -> (prediction, correct) ----------------------
+
 
 @register("scorer", "first_letter")
 def first_letter(value: str, target: str) -> tuple[str, bool]:
@@ -123,6 +248,7 @@ def label_substring(value: str, target: str) -> tuple[str, bool]:
 
 # --- options for log-likelihood scoring -------------------------------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class Option:
     key: str  # what the scorer compares with the reference (a letter, a class name, an answer)
@@ -147,8 +273,10 @@ def lettered_options(sample, state, **_) -> list[Option]:
         elif options:
             break
     if len(options) < 2:
-        raise ValueError(f"sample {sample.id!r}: found {len(options)} lettered option line(s) ('A. ...') in the "
-                         f"question; log-likelihood scoring needs at least 2")
+        raise ValueError(
+            f"sample {sample.id!r}: found {len(options)} lettered option line(s) ('A. ...') in the "
+            f"question; log-likelihood scoring needs at least 2"
+        )
     return options
 
 
@@ -175,16 +303,21 @@ def answer_vocabulary(sample, state, normalize: str | None = "evalai", **_) -> l
 
 # --- targets: answer-key entry -> reference string --------------------------------------------------------
 
+
 @register("target", "last_turn")
 def last_turn(entry: Mapping[str, Any], **_) -> str:
     """The reference is the last conversation turn's value (MCUB, AVQA, MUSIC-AVQA)."""
     turns = entry.get("conversations")
     if not isinstance(turns, list) or not turns or not isinstance(turns[-1], Mapping):
-        raise ValueError(f"answer entry {entry.get('_entry_index')} (id {entry.get('id')!r}) has no 'conversations' turns")
+        raise ValueError(
+            f"answer entry {entry.get('_entry_index')} (id {entry.get('id')!r}) has no 'conversations' turns"
+        )
     value = turns[-1].get("value")
     if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-        raise ValueError(f"answer entry {entry.get('_entry_index')} (id {entry.get('id')!r}): "
-                         f"conversations[-1].value must be the reference answer, got {value!r}")
+        raise ValueError(
+            f"answer entry {entry.get('_entry_index')} (id {entry.get('id')!r}): "
+            f"conversations[-1].value must be the reference answer, got {value!r}"
+        )
     return str(value)
 
 
@@ -196,13 +329,16 @@ def label_name(entry: Mapping[str, Any], class_names: Sequence[str] = (), **_) -
     if "label" in entry:
         label = entry["label"]
         if not isinstance(label, int) or not 0 <= label < len(class_names):
-            raise ValueError(f"answer entry {entry.get('_entry_index')} (id {entry.get('id')!r}): label {label!r} "
-                             f"is not an index into the {len(class_names)} class names")
+            raise ValueError(
+                f"answer entry {entry.get('_entry_index')} (id {entry.get('id')!r}): label {label!r} "
+                f"is not an index into the {len(class_names)} class names"
+            )
         return class_names[label]
     return last_turn(entry)
 
 
 # --- aggregation ----------------------------------------------------------------------------------------
+
 
 def accuracy(flags: Sequence[bool]) -> tuple[float, float]:
     """Accuracy in percent and its standard error (sample standard deviation / sqrt(n)), in percent."""

@@ -5,6 +5,7 @@ the paths the task files expect (`data/test/...`), and the media they point to (
 MP4 videos via PyAV, WAV audio via soundfile, NPY point clouds), so `mcomp eval --data-root root`
 runs on them. Content is random (seeded); the questions follow the published demo's prompt style.
 """
+
 from __future__ import annotations
 
 import json
@@ -63,8 +64,12 @@ def write_npy(path: Path, rng: np.random.Generator, points: int = 300) -> None:
 def write_media(root: Path, per_modality: int = 3, seed: int = 0) -> dict[str, list[str]]:
     """`per_modality` files of each modality; returns data-root-relative paths (as the released jsons hold)."""
     rng = np.random.default_rng(seed)
-    writers = {"image": ("img", ".png", write_png), "audio": ("aud", ".wav", write_wav),
-               "video": ("vid", ".mp4", write_mp4), "point": ("pcl", ".npy", write_npy)}
+    writers = {
+        "image": ("img", ".png", write_png),
+        "audio": ("aud", ".wav", write_wav),
+        "video": ("vid", ".mp4", write_mp4),
+        "point": ("pcl", ".npy", write_npy),
+    }
     out = {}
     for modality, (folder, ext, write) in writers.items():
         d = root / "data" / "media" / folder
@@ -85,8 +90,13 @@ def _question(modalities, body: str) -> str:
 def _choice_body(rnd: random.Random) -> tuple[str, str]:
     options = rnd.sample(OBJECTS, 4)
     lines = [f"{letter}. {text}" for letter, text in zip(LETTERS, options)]
-    body = "\n".join(["What object do all the inputs have in common?", *lines,
-                      "Answer with the option's letter from the given choices directly."])
+    body = "\n".join(
+        [
+            "What object do all the inputs have in common?",
+            *lines,
+            "Answer with the option's letter from the given choices directly.",
+        ]
+    )
     return body, rnd.choice(LETTERS)
 
 
@@ -107,8 +117,9 @@ def _dump(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=1), encoding="utf-8")
 
 
-def write_benchmark(root: str | os.PathLike, n: int = 4, seed: int = 0, per_modality: int = 3,
-                    class_names: list[str] | None = None) -> Path:
+def write_benchmark(
+    root: str | os.PathLike, n: int = 4, seed: int = 0, per_modality: int = 3, class_names: list[str] | None = None
+) -> Path:
     """All shipped tasks' files under `root` (n samples per subset); returns `root`."""
     root = Path(root)
     rnd = random.Random(seed)

@@ -7,6 +7,7 @@ that build options, extract references and score. See `configs/tasks/mcub4.yaml`
 A task file is data: the Python modules it lists under `functions:` and the "module:function"
 callables it names are imported only with `allow_code=True` (`mcomp eval --allow-task-code`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,8 +20,8 @@ from typing import Any, Mapping
 import yaml
 
 from mcomp.benchmarks.mcub.prompting import MEDIA_WITHOUT_PLACEHOLDER
-from mcomp.modalities import ORDER
 from mcomp.benchmarks.mcub.registry import ALLOW_CODE_HINT, resolve
+from mcomp.modalities import ORDER
 
 MODES = ("generate", "loglik")
 
@@ -106,8 +107,10 @@ def load_task(name_or_path: str | os.PathLike, allow_code: bool = False) -> Task
     else:
         path = _tasks_dir() / f"{text}.yaml"
         if not path.is_file():
-            raise ValueError(f"unknown task {text!r}; available: {', '.join(available_tasks())} "
-                             f"(or give the path of a task .yaml file)")
+            raise ValueError(
+                f"unknown task {text!r}; available: {', '.join(available_tasks())} "
+                f"(or give the path of a task .yaml file)"
+            )
     with open(path, encoding="utf-8") as f:
         try:
             data = yaml.safe_load(f)
@@ -140,8 +143,10 @@ def parse_task(data: Any, source: str = "task", allow_code: bool = False) -> Tas
     if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
         raise ValueError(f"{source}: field 'functions' must be a list of module names, got {modules!r}")
     if modules and not allow_code:
-        raise ValueError(f"{source}: functions lists the Python module(s) {modules}; a task file is data and "
-                         f"cannot import code unless allowed: {ALLOW_CODE_HINT}")
+        raise ValueError(
+            f"{source}: functions lists the Python module(s) {modules}; a task file is data and "
+            f"cannot import code unless allowed: {ALLOW_CODE_HINT}"
+        )
     for module in modules:  # user modules that register more functions
         try:
             importlib.import_module(module)
@@ -150,6 +155,7 @@ def parse_task(data: Any, source: str = "task", allow_code: bool = False) -> Tas
 
     def check(kind: str, name: str, where: str) -> None:
         resolve(kind, name, where, allow_code=allow_code)  # refuses code unless allowed, before anything runs
+
     name = _require(data, "name", source, str)
     prompt = data.get("prompt", {}) or {}
     subsets = []
@@ -187,8 +193,11 @@ def parse_task(data: Any, source: str = "task", allow_code: bool = False) -> Tas
                 raise ValueError(f"{where}: 'options' must be a function name or a mapping with 'function'")
             check("options", options, where)
         modes[mode] = ModeSpec(
-            scorer=scorer, max_new_tokens=int(spec.get("max_new_tokens", 128)), options=options,
-            options_params=options_params, continuation=str(spec.get("continuation", "{key}")),
+            scorer=scorer,
+            max_new_tokens=int(spec.get("max_new_tokens", 128)),
+            options=options,
+            options_params=options_params,
+            continuation=str(spec.get("continuation", "{key}")),
             option_batch_size=int(spec.get("option_batch_size", 16)),
         )
     if not modes:
@@ -198,8 +207,10 @@ def parse_task(data: Any, source: str = "task", allow_code: bool = False) -> Tas
         raise ValueError(f"{source}: default_mode {default_mode!r} is not one of its modes {list(modes)}")
     media_policy = prompt.get("media_without_placeholder", "ignore")
     if media_policy not in MEDIA_WITHOUT_PLACEHOLDER:
-        raise ValueError(f"{source}: prompt.media_without_placeholder must be one of {MEDIA_WITHOUT_PLACEHOLDER}, "
-                         f"got {media_policy!r}")
+        raise ValueError(
+            f"{source}: prompt.media_without_placeholder must be one of {MEDIA_WITHOUT_PLACEHOLDER}, "
+            f"got {media_policy!r}"
+        )
     target = data.get("target", "last_turn")
     target_params = {}
     if isinstance(target, Mapping):
@@ -207,10 +218,18 @@ def parse_task(data: Any, source: str = "task", allow_code: bool = False) -> Tas
         target = _require(target, "function", f"{source}: target", str)
     check("target", target, f"{source}: target")
     return Task(
-        name=name, description=str(data.get("description", "")), source=source, subsets=tuple(subsets),
-        answers=_require(data, "answers", source, str), target=target, target_params=target_params,
+        name=name,
+        description=str(data.get("description", "")),
+        source=source,
+        subsets=tuple(subsets),
+        answers=_require(data, "answers", source, str),
+        target=target,
+        target_params=target_params,
         template=str(prompt.get("template", "vicuna_v1")),
         modality_order=tuple(prompt.get("modality_order", ORDER)),
         media_without_placeholder=media_policy,
-        modes=modes, default_mode=default_mode, raw=dict(data), allow_code=allow_code,
+        modes=modes,
+        default_mode=default_mode,
+        raw=dict(data),
+        allow_code=allow_code,
     )

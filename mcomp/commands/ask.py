@@ -1,4 +1,5 @@
 """`mcomp ask`: answer a question about media files with a saved (or a tiny built-in) model."""
+
 from __future__ import annotations
 
 import argparse
@@ -9,14 +10,20 @@ logger = logging.getLogger(__name__)
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "ask", help="answer a question about media files",
+        "ask",
+        help="answer a question about media files",
         description="Generate an answer (or score options) for a question about media files.",
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="directory of a saved mcomp model")
     src.add_argument("--tiny", action="store_true", help="a tiny randomly initialised image model built locally")
-    p.add_argument("--media", action="append", default=[], metavar="MODALITY=PATH",
-                   help="an input file, e.g. image=cat.png (repeatable; order is kept)")
+    p.add_argument(
+        "--media",
+        action="append",
+        default=[],
+        metavar="MODALITY=PATH",
+        help="an input file, e.g. image=cat.png (repeatable; order is kept)",
+    )
     p.add_argument("--options", help="comma-separated options to score by log-likelihood instead of generating")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--seed", type=int, default=0, help="seed for --tiny")

@@ -1,4 +1,5 @@
 """`mcomp compose`: NaiveMC or DAMC composition of single-modality MLLMs into one model."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,36 +12,60 @@ logger = logging.getLogger(__name__)
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "compose", help="compose single-modality MLLMs that share a base LLM (NaiveMC, DAMC)",
+        "compose",
+        help="compose single-modality MLLMs that share a base LLM (NaiveMC, DAMC)",
         description="Reuse every model's encoder and projector and merge their LLM (LoRA) parameters. "
-                    "NaiveMC merges everything; DAMC merges only the text adapters and routes each "
-                    "modality's tokens through that model's own modality adapter.",
+        "NaiveMC merges everything; DAMC merges only the text adapters and routes each "
+        "modality's tokens through that model's own modality adapter.",
     )
     p.add_argument("--modalities", help="comma-separated modalities to compose (default: the keys of --models)")
-    p.add_argument("--models", help="MODALITY=DIR,... single-modality model directories "
-                   "(default: the tiny zoo's models for --modalities, built locally if needed)")
+    p.add_argument(
+        "--models",
+        help="MODALITY=DIR,... single-modality model directories "
+        "(default: the tiny zoo's models for --modalities, built locally if needed)",
+    )
     p.add_argument("--zoo-size", default="full", help="without --models: which zoo (full or test)")
     p.add_argument("--method", choices=("naivemc", "damc"), default="naivemc")
-    p.add_argument("--merge", default="linear", help=f"merge backend for the text parameters: "
-                   f"{', '.join(available_methods())} (dare = dare_ties)")
+    p.add_argument(
+        "--merge",
+        default="linear",
+        help=f"merge backend for the text parameters: {', '.join(available_methods())} (dare = dare_ties)",
+    )
     p.add_argument("--weights", help="MODALITY=λ,... per-model coefficients (default: 1/n each)")
-    p.add_argument("--merge-params", default="",
-                   help="NAME=VALUE,... merge-engine parameters, e.g. density=0.2 or ratio=0.1,clip=0.01,inter=v1")
-    p.add_argument("--merge-space", choices=("delta", "factors"), default="delta",
-                   help="what the text adapters' merge acts on: delta (dW = s B A, exact for linear) or factors "
-                        "(A and B apart, as the released merge script's ties-mean / sum / mean strategies)")
-    p.add_argument("--convert", action="store_true",
-                   help="DAMC from non-decoupled models: each model's one LoRA serves its modality and text tokens")
-    p.add_argument("--lora-rank", type=int,
-                   help="non-linear merges: re-factorise the merged text delta to this LoRA rank by SVD "
-                        "(DAMC default: sum of input ranks; NaiveMC default: fold into the base weights)")
+    p.add_argument(
+        "--merge-params",
+        default="",
+        help="NAME=VALUE,... merge-engine parameters, e.g. density=0.2 or ratio=0.1,clip=0.01,inter=v1",
+    )
+    p.add_argument(
+        "--merge-space",
+        choices=("delta", "factors"),
+        default="delta",
+        help="what the text adapters' merge acts on: delta (dW = s B A, exact for linear) or factors "
+        "(A and B apart, as the released merge script's ties-mean / sum / mean strategies)",
+    )
+    p.add_argument(
+        "--convert",
+        action="store_true",
+        help="DAMC from non-decoupled models: each model's one LoRA serves its modality and text tokens",
+    )
+    p.add_argument(
+        "--lora-rank",
+        type=int,
+        help="non-linear merges: re-factorise the merged text delta to this LoRA rank by SVD "
+        "(DAMC default: sum of input ranks; NaiveMC default: fold into the base weights)",
+    )
     p.add_argument("--search-weights", action="store_true", help="search the per-model weights on --dev data")
     p.add_argument("--dev", help="dev conversations JSON for --search-weights (never the test split)")
     p.add_argument("--dev-root", help="media folder for --dev (default: its folder)")
     p.add_argument("--budget", type=int, default=30, help="objective evaluations for --search-weights")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of every random step: DARE's drop masks (unless --merge-params sets seed), "
-                        "the weight search, the zoo (default 0)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of every random step: DARE's drop masks (unless --merge-params sets seed), "
+        "the weight search, the zoo (default 0)",
+    )
     p.add_argument("--out", required=True, help="output model directory (loads with mcomp.load)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.set_defaults(func=run)
@@ -96,8 +121,14 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--merge must be one of {', '.join(available_methods())}, got {args.merge!r}")
     weights = parse_pairs(args.weights, "--weights", float) or None
     params = parse_pairs(args.merge_params, "--merge-params", _param_value)
-    kwargs = dict(method=args.method, merge=merge, merge_params=params, convert=args.convert, lora_rank=args.lora_rank,
-                  merge_space=args.merge_space)
+    kwargs = dict(
+        method=args.method,
+        merge=merge,
+        merge_params=params,
+        convert=args.convert,
+        lora_rank=args.lora_rank,
+        merge_space=args.merge_space,
+    )
     if args.search_weights:
         if not args.dev:
             raise ValueError("--search-weights needs --dev DATA (a validation split)")
@@ -111,6 +142,8 @@ def run(args: argparse.Namespace) -> int:
     model.save_pretrained(args.out, overwrite=args.force, inputs=list(models.values()))
     comp = model.provenance["composition"]
     resolved = ", ".join(f"{m}={w:g}" for m, w in comp["weights"].items())
-    print(f"composed {', '.join(model.modalities)} with {comp['method']} + {comp['merge']} "
-          f"(coefficients as resolved: {resolved}); saved {args.out}")
+    print(
+        f"composed {', '.join(model.modalities)} with {comp['method']} + {comp['merge']} "
+        f"(coefficients as resolved: {resolved}); saved {args.out}"
+    )
     return 0

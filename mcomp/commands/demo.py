@@ -1,4 +1,5 @@
 """`mcomp demo`: zoo, compositions (NaiveMC/DAMC x every merge backend), synthetic MCUB, leaderboard."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,8 +12,11 @@ def add_parser(sub) -> None:
     p.add_argument("--root", help="zoo directory (default: the user cache directory)")
     p.add_argument("--out", default="runs/demo", help="where runs, leaderboard.md and index.html go")
     p.add_argument("--mode", choices=("loglik", "generate"), default="loglik")
-    p.add_argument("--workers", type=int,
-                   help="processes running training and evaluation jobs (default: 2 on 2+ cores; 1: in this process)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="processes running training and evaluation jobs (default: 2 on 2+ cores; 1: in this process)",
+    )
     p.set_defaults(func=run)
 
 

@@ -1,8 +1,9 @@
 """`mcomp import`: bring published models and weights into mcomp's formats.
 
-    mcomp import modelcompose SRC --out DIR --base VICUNA_DIR [--encoder-root DIR]
-    mcomp import clip SRC --out FILE.safetensors
+mcomp import modelcompose SRC --out DIR --base VICUNA_DIR [--encoder-root DIR]
+mcomp import clip SRC --out FILE.safetensors
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,28 +14,42 @@ logger = logging.getLogger(__name__)
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("import", help="import released ModelCompose checkpoints and public encoder weights",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "import",
+        help="import released ModelCompose checkpoints and public encoder weights",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     kinds = p.add_subparsers(dest="kind", metavar="KIND")
     mc = kinds.add_parser(
-        "modelcompose", help="a released ModelCompose folder (config.json + adapter_model.bin) -> mcomp model dir",
+        "modelcompose",
+        help="a released ModelCompose folder (config.json + adapter_model.bin) -> mcomp model dir",
         description="Convert a folder of HF Adu2021/ModelCompose (NaiveMC or DAMC, any modality, or a released "
-                    "merged folder) into an mcomp model directory that `mcomp compose`, `mcomp eval` and "
-                    "mcomp.load use. Flavour, tokens and feature layers come from config.json fields.",
+        "merged folder) into an mcomp model directory that `mcomp compose`, `mcomp eval` and "
+        "mcomp.load use. Flavour, tokens and feature layers come from config.json fields.",
     )
     mc.add_argument("src", help="released checkpoint folder (config.json + adapter_model.bin or mm_projector.bin)")
     mc.add_argument("--out", required=True, help="output mcomp model directory")
-    mc.add_argument("--base", help="local transformers directory of the base LLM (Vicuna-7B v1.5), tokenizer "
-                                   "included (default: config.json's _name_or_path, by basename under --encoder-root)")
-    mc.add_argument("--encoder-root", help="directory holding the encoders named in config.json, by basename "
-                                           "(clip-vit-large-patch14-336/, BEATs_iter3_plus_AS2M.pt, "
-                                           "LanguageBind_Video_merge/, point_bert_v1.2.pt)")
+    mc.add_argument(
+        "--base",
+        help="local transformers directory of the base LLM (Vicuna-7B v1.5), tokenizer "
+        "included (default: config.json's _name_or_path, by basename under --encoder-root)",
+    )
+    mc.add_argument(
+        "--encoder-root",
+        help="directory holding the encoders named in config.json, by basename "
+        "(clip-vit-large-patch14-336/, BEATs_iter3_plus_AS2M.pt, "
+        "LanguageBind_Video_merge/, point_bert_v1.2.pt)",
+    )
     mc.add_argument("--force", action="store_true", help="replace an existing --out")
     mc.set_defaults(func=run_modelcompose)
 
-    clip = kinds.add_parser("clip", help="CLIP vision weights (OpenAI state dict or transformers dir) -> open_clip tower",
-                            description="Write an open_clip visual-tower safetensors file usable as `checkpoint` of "
-                                        "the image/video adapters; prints the matching tower_config.")
+    clip = kinds.add_parser(
+        "clip",
+        help="CLIP vision weights (OpenAI state dict or transformers dir) -> open_clip tower",
+        description="Write an open_clip visual-tower safetensors file usable as `checkpoint` of "
+        "the image/video adapters; prints the matching tower_config.",
+    )
     clip.add_argument("src", help="transformers CLIP directory, or an OpenAI/open_clip state-dict file")
     clip.add_argument("--out", required=True, help="output .safetensors file")
     clip.set_defaults(func=run_clip)
@@ -44,11 +59,14 @@ def add_parser(sub) -> None:
 def run_modelcompose(args: argparse.Namespace) -> int:
     from mcomp.interop.modelcompose import import_modelcompose
 
-    model = import_modelcompose(args.src, args.out, base=args.base, encoder_root=args.encoder_root,
-                                overwrite=args.force)
+    model = import_modelcompose(
+        args.src, args.out, base=args.base, encoder_root=args.encoder_root, overwrite=args.force
+    )
     info = model.provenance["import"]
-    print(f"imported {args.src} ({info['flavour']}, lora_strategy={info['lora_strategy']}) as "
-          f"{', '.join(model.modalities)}; LoRA {list(info['lora_adapters'].values()) or 'none'}; saved {args.out}")
+    print(
+        f"imported {args.src} ({info['flavour']}, lora_strategy={info['lora_strategy']}) as "
+        f"{', '.join(model.modalities)}; LoRA {list(info['lora_adapters'].values()) or 'none'}; saved {args.out}"
+    )
     return 0
 
 

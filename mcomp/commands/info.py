@@ -1,4 +1,5 @@
 """`mcomp info`: versions, devices and the registered modality adapters."""
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -24,11 +25,23 @@ def run(args) -> int:
     from mcomp.modality import available_adapters
 
     print(f"mcomp {mcomp.__version__} (python {platform.python_version()})")
-    for dist in ("torch", "torchaudio", "torchvision", "transformers", "peft", "accelerate", "open_clip_torch", "open3d"):
+    for dist in (
+        "torch",
+        "torchaudio",
+        "torchvision",
+        "transformers",
+        "peft",
+        "accelerate",
+        "open_clip_torch",
+        "open3d",
+    ):
         print(f"  {dist:16s} {_version(dist)}")
     devices = ["cpu"] + [f"cuda:{i} ({torch.cuda.get_device_name(i)})" for i in range(torch.cuda.device_count())]
     print(f"devices: {', '.join(devices)}")
     print("modalities:")
     for name, cls in available_adapters().items():
-        print(f"  {name:16s} modality={cls.modality:8s} placeholder={cls.placeholder:10s} {cls.__module__}.{cls.__qualname__}")
+        print(
+            f"  {name:16s} modality={cls.modality:8s} placeholder={cls.placeholder:10s} "
+            f"{cls.__module__}.{cls.__qualname__}"
+        )
     return 0

@@ -1,4 +1,5 @@
 """`mcomp leaderboard RUN_DIRS... --out DIR`: Markdown table + static HTML page with charts."""
+
 from __future__ import annotations
 
 import argparse
@@ -15,8 +16,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("leaderboard", help="tabulate and chart evaluation runs (Markdown + static HTML)",
-                       description=__doc__)
+    p = sub.add_parser(
+        "leaderboard", help="tabulate and chart evaluation runs (Markdown + static HTML)", description=__doc__
+    )
     add_arguments(p)
     p.set_defaults(func=run)
 

@@ -1,4 +1,5 @@
 """`mcomp merge`: merge checkpoints (or LoRA adapters) described by a mergekit-style YAML."""
+
 from __future__ import annotations
 
 import argparse
@@ -9,9 +10,10 @@ logger = logging.getLogger(__name__)
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "merge", help="merge fine-tuned checkpoints or LoRA adapters (task arithmetic, TIES, DARE, PCB)",
+        "merge",
+        help="merge fine-tuned checkpoints or LoRA adapters (task arithmetic, TIES, DARE, PCB)",
         description="Merge models that share a base, streaming safetensors from disk. The YAML follows "
-                    "mergekit: merge_method, base_model, models: [{model, parameters: {weight}}], parameters, dtype.",
+        "mergekit: merge_method, base_model, models: [{model, parameters: {weight}}], parameters, dtype.",
     )
     p.add_argument("config", help="merge YAML")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
@@ -36,16 +38,29 @@ def run(args: argparse.Namespace) -> int:
     cfg = MergeConfig.from_yaml(args.config)
     models = [e.model for e in cfg.resolved_models()]
     report = merge_checkpoints(
-        cfg.base_model, models, args.out, cfg.merge_method, force=args.force, device=args.device,
-        dtype=args.dtype or cfg.dtype, chunk_elems=args.chunk_size, max_shard_size=args.max_shard_size,
-        progress=not args.no_progress, lora_rank=cfg.lora_rank, **cfg.method_params(),
+        cfg.base_model,
+        models,
+        args.out,
+        cfg.merge_method,
+        force=args.force,
+        device=args.device,
+        dtype=args.dtype or cfg.dtype,
+        chunk_elems=args.chunk_size,
+        max_shard_size=args.max_shard_size,
+        progress=not args.no_progress,
+        lora_rank=cfg.lora_rank,
+        **cfg.method_params(),
     )
-    print(f"merged {len(models)} model(s) onto {cfg.base_model} with {report.method} -> {args.out} "
-          f"({report.passes} pass(es), {report.seconds:.1f} s)")
+    print(
+        f"merged {len(models)} model(s) onto {cfg.base_model} with {report.method} -> {args.out} "
+        f"({report.passes} pass(es), {report.seconds:.1f} s)"
+    )
     for stats in report.stats:
         if "lora_reconstruction" in stats:
             errs = stats["lora_reconstruction"]
             worst = max(errs.values()) if errs else 0.0
-            print(f"LoRA re-factorised to rank {cfg.lora_rank}: relative reconstruction error "
-                  f"{stats['lora_total_error']:.4g} overall, max {worst:.4g} over {len(errs)} weight(s)")
+            print(
+                f"LoRA re-factorised to rank {cfg.lora_rank}: relative reconstruction error "
+                f"{stats['lora_total_error']:.4g} overall, max {worst:.4g} over {len(errs)} weight(s)"
+            )
     return 0

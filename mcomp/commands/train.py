@@ -1,4 +1,5 @@
 """`mcomp train`: train a single-modality MLLM (stage 1: projector; stage 2: LoRA + projector)."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,36 +12,65 @@ logger = logging.getLogger(__name__)
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "train", help="train a single-modality MLLM on LLaVA-style conversation data",
+        "train",
+        help="train a single-modality MLLM on LLaVA-style conversation data",
         description="Stage 1 trains the projector with the LLM frozen; stage 2 adds LoRA. --decoupled trains "
-                    "DAMC-style separate text and modality LoRA plus prefix/suffix tokens. Runs on accelerate "
-                    "(`accelerate launch -m mcomp train ...` for several GPUs); resumes from --checkpoint-dir.",
+        "DAMC-style separate text and modality LoRA plus prefix/suffix tokens. Runs on accelerate "
+        "(`accelerate launch -m mcomp train ...` for several GPUs); resumes from --checkpoint-dir.",
     )
     init = p.add_mutually_exclusive_group(required=True)
     init.add_argument("--init", help="a saved mcomp model to continue from (e.g. the stage-1 output)")
     init.add_argument("--base", help="a transformers causal-LM directory, or 'tiny' for the built-in tiny Llama")
-    p.add_argument("--adapter", default="image",
-                   help="with --base: an adapter type (published defaults) or tiny:<type> for the tiny shapes")
+    p.add_argument(
+        "--adapter",
+        default="image",
+        help="with --base: an adapter type (published defaults) or tiny:<type> for the tiny shapes",
+    )
     p.add_argument("--adapter-config", help="with --base: a JSON file with the adapter config (overrides --adapter)")
     p.add_argument("--data", required=True, help="training JSON ([{id, conversations, modal_inputs}])")
     p.add_argument("--data-root", help="folder media paths are relative to (default: the JSON's folder)")
     p.add_argument("--out", required=True, help="output model directory (must not exist unless --force)")
-    p.add_argument("--checkpoint-dir", help="resumable checkpoints (default: <out>.checkpoints); a run resumes "
-                                            "from them only if they record the same run (data, start model, config)")
-    p.add_argument("--force", action="store_true",
-                   help="start afresh: clear the checkpoint folder (only one of mcomp checkpoints) and replace --out")
-    p.add_argument("--allow-media-outside-root", action="store_true",
-                   help="train on media files that resolve outside the data root (by '..' or a symlink)")
-    p.add_argument("--recipe", help="published hyper-parameters to start from (configs/recipes/<name>.yaml, e.g. "
-                                    "modelcompose), chosen by the model's modality, --stage and --decoupled; "
-                                    "--config and the flags below override them")
+    p.add_argument(
+        "--checkpoint-dir",
+        help="resumable checkpoints (default: <out>.checkpoints); a run resumes "
+        "from them only if they record the same run (data, start model, config)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="start afresh: clear the checkpoint folder (only one of mcomp checkpoints) and replace --out",
+    )
+    p.add_argument(
+        "--allow-media-outside-root",
+        action="store_true",
+        help="train on media files that resolve outside the data root (by '..' or a symlink)",
+    )
+    p.add_argument(
+        "--recipe",
+        help="published hyper-parameters to start from (configs/recipes/<name>.yaml, e.g. "
+        "modelcompose), chosen by the model's modality, --stage and --decoupled; "
+        "--config and the flags below override them",
+    )
     p.add_argument("--config", help="a JSON file with TrainConfig fields; flags below override it")
     p.add_argument("--stage", type=int, choices=(1, 2))
     p.add_argument("--decoupled", action="store_true", default=None, help="DAMC: separate text/modality LoRA")
-    for name, typ in (("lora-r", int), ("lora-alpha", float), ("learning-rate", float), ("epochs", int),
-                      ("max-steps", int), ("batch-size", int), ("grad-accum", int), ("seed", int),
-                      ("save-every", int), ("prefix-tokens", int), ("suffix-tokens", int), ("warmup-steps", int),
-                      ("warmup-ratio", float), ("projector-lr", float), ("global-batch-size", int)):
+    for name, typ in (
+        ("lora-r", int),
+        ("lora-alpha", float),
+        ("learning-rate", float),
+        ("epochs", int),
+        ("max-steps", int),
+        ("batch-size", int),
+        ("grad-accum", int),
+        ("seed", int),
+        ("save-every", int),
+        ("prefix-tokens", int),
+        ("suffix-tokens", int),
+        ("warmup-steps", int),
+        ("warmup-ratio", float),
+        ("projector-lr", float),
+        ("global-batch-size", int),
+    ):
         p.add_argument(f"--{name}", type=typ)
     p.add_argument("--lr-scheduler", choices=("constant", "cosine"), help="after warmup (default: constant)")
     p.set_defaults(func=run)
@@ -77,9 +107,11 @@ def build_start_model(args):
         tokenizer = AutoTokenizer.from_pretrained(args.base, trust_remote_code=False)
         llm = AutoModelForCausalLM.from_pretrained(args.base, trust_remote_code=False)
     model = MultimodalLM.build(llm, tokenizer, [adapter_cfg])
-    start = {"base_sha256": base_weights_sha256(llm),
-             "tokenizer_sha256": None if args.base == "tiny" else tokenizer_sha256(args.base),
-             "adapters": [a.config.to_dict() for a in model.adapters.values()]}
+    start = {
+        "base_sha256": base_weights_sha256(llm),
+        "tokenizer_sha256": None if args.base == "tiny" else tokenizer_sha256(args.base),
+        "adapters": [a.config.to_dict() for a in model.adapters.values()],
+    }
     return model, start
 
 
@@ -89,9 +121,26 @@ def run(args: argparse.Namespace) -> int:
     from mcomp.train import TrainConfig, train
 
     fields = json.loads(Path(args.config).read_text()) if args.config else {}
-    for key in ("stage", "decoupled", "lora_r", "lora_alpha", "learning_rate", "epochs", "max_steps", "batch_size",
-                "grad_accum", "seed", "save_every", "prefix_tokens", "suffix_tokens", "warmup_steps", "lr_scheduler",
-                "warmup_ratio", "projector_lr", "global_batch_size"):
+    for key in (
+        "stage",
+        "decoupled",
+        "lora_r",
+        "lora_alpha",
+        "learning_rate",
+        "epochs",
+        "max_steps",
+        "batch_size",
+        "grad_accum",
+        "seed",
+        "save_every",
+        "prefix_tokens",
+        "suffix_tokens",
+        "warmup_steps",
+        "lr_scheduler",
+        "warmup_ratio",
+        "projector_lr",
+        "global_batch_size",
+    ):
         value = getattr(args, key)
         if value is not None:
             fields[key] = value
@@ -104,8 +153,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         check_apart(checkpoints, [out])
     except ValueError:
-        raise ValueError(f"--checkpoint-dir {checkpoints} and --out {out} must lie apart (neither in the other): "
-                         f"saving the model replaces --out, and --force clears the checkpoint folder") from None
+        raise ValueError(
+            f"--checkpoint-dir {checkpoints} and --out {out} must lie apart (neither in the other): "
+            f"saving the model replaces --out, and --force clears the checkpoint folder"
+        ) from None
     if out.exists() and not args.force:
         raise FileExistsError(f"{out} already exists (use --force to replace it)")
     samples = load_conversation_data(args.data, args.data_root)
@@ -124,23 +175,41 @@ def run(args: argparse.Namespace) -> int:
         source = f"recipe {args.recipe} + {source}"
     cfg = TrainConfig.from_dict(fields, source=source)
     logger.info("training config: %s", json.dumps(cfg.to_dict(), sort_keys=True))
-    identity = {"data_sha256": data_sha256,
-                "data_root": str(Path(args.data_root if args.data_root is not None else Path(args.data).parent).resolve()),
-                "start_model": start}
+    identity = {
+        "data_sha256": data_sha256,
+        "data_root": str(Path(args.data_root if args.data_root is not None else Path(args.data).parent).resolve()),
+        "start_model": start,
+    }
     try:
-        summary = train(model, samples, cfg, checkpoints, identity=identity, restart=args.force,
-                        allow_media_outside_root=args.allow_media_outside_root)
+        summary = train(
+            model,
+            samples,
+            cfg,
+            checkpoints,
+            identity=identity,
+            restart=args.force,
+            allow_media_outside_root=args.allow_media_outside_root,
+        )
     except TrainingDataError as err:  # the message names samples and files; say which data they are from
         raise TrainingDataError(f"{args.data}: {err}") from err
     history = list(model.provenance.get("training", []))
-    history.append({"config": cfg.to_dict(), "data": str(Path(args.data).resolve()),
-                    "data_sha256": data_sha256, "steps": summary["steps"],
-                    "final_loss": summary["final_loss"]})
+    history.append(
+        {
+            "config": cfg.to_dict(),
+            "data": str(Path(args.data).resolve()),
+            "data_sha256": data_sha256,
+            "steps": summary["steps"],
+            "final_loss": summary["final_loss"],
+        }
+    )
     model.provenance = {**model.provenance, "training": history}
     model.save_pretrained(out, overwrite=args.force, inputs=inputs)
     done = summary["steps"] - summary["resumed_from"]
-    resumed = f" ({done} in this run, resumed from step {summary['resumed_from']} in {checkpoints})" \
-        if summary["resumed_from"] else ""
+    resumed = (
+        f" ({done} in this run, resumed from step {summary['resumed_from']} in {checkpoints})"
+        if summary["resumed_from"]
+        else ""
+    )
     loss = "n/a" if summary["final_loss"] is None else f"{summary['final_loss']:.4f}"
     print(f"trained {summary['steps']} steps{resumed}, final loss {loss}; saved {out}")
     return 0

@@ -1,4 +1,5 @@
 """`mcomp zoo build`: build (or reuse) the tiny model zoo trained on the synthetic world."""
+
 from __future__ import annotations
 
 import json
@@ -10,10 +11,14 @@ def add_parser(sub) -> None:
     p.add_argument("--size", default="full", help="full (the demo) or test (reduced)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--root", help="where to build it (default: the user cache directory, or $MCOMP_CACHE)")
-    p.add_argument("--workers", type=int,
-                   help="processes running the training jobs (default: 2 on 2+ cores; 1: in this process)")
-    p.add_argument("--force", action="store_true",
-                   help="discard what the zoo folder holds (a partial build, or one of other code) and build anew")
+    p.add_argument(
+        "--workers", type=int, help="processes running the training jobs (default: 2 on 2+ cores; 1: in this process)"
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="discard what the zoo folder holds (a partial build, or one of other code) and build anew",
+    )
     p.set_defaults(func=run)
 
 

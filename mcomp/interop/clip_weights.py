@@ -19,6 +19,7 @@ Two public layouts of the same ViT are converted to its state dict, strictly:
 Every source tensor must be consumed and every tower tensor provided, with matching shapes; a
 mismatch raises ValueError naming the keys.
 """
+
 from __future__ import annotations
 
 import logging
@@ -29,8 +30,7 @@ from typing import Any
 import torch
 
 from mcomp.encoders.weights import read_hf_weights, read_json
-from mcomp.io import check_state_dict
-from mcomp.io import load_tensors, save_tensors
+from mcomp.io import check_state_dict, load_tensors, save_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -41,16 +41,30 @@ HF_IGNORED_PREFIXES = ("text_model.", "text_projection.", "logit_scale")
 
 
 # --- open_clip side ---------------------------------------------------------------------------
-def open_clip_tower_config(width: int, layers: int, heads: int, patch_size: int, image_size: int,
-                           mlp_dim: int, embed_dim: int, quick_gelu: bool) -> dict[str, Any]:
+def open_clip_tower_config(
+    width: int,
+    layers: int,
+    heads: int,
+    patch_size: int,
+    image_size: int,
+    mlp_dim: int,
+    embed_dim: int,
+    quick_gelu: bool,
+) -> dict[str, Any]:
     """An inline open_clip model config (the `tower_config` field of the image/video adapters)."""
     if width % heads:
         raise ValueError(f"CLIP vision width {width} is not divisible by {heads} heads")
     return {
         "embed_dim": int(embed_dim),
         "quick_gelu": bool(quick_gelu),
-        "vision_cfg": {"image_size": int(image_size), "layers": int(layers), "width": int(width),
-                       "head_width": int(width // heads), "mlp_ratio": mlp_dim / width, "patch_size": int(patch_size)},
+        "vision_cfg": {
+            "image_size": int(image_size),
+            "layers": int(layers),
+            "width": int(width),
+            "head_width": int(width // heads),
+            "mlp_ratio": mlp_dim / width,
+            "patch_size": int(patch_size),
+        },
     }
 
 
@@ -66,7 +80,7 @@ def expected_tower_shapes(tower_config: dict[str, Any]) -> dict[str, tuple[int, 
 # --- OpenAI layout ----------------------------------------------------------------------------
 def convert_openai_state_dict(state: dict[str, Any], source: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(open_clip visual state dict, tower_config) from an OpenAI CLIP state dict."""
-    visual = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
+    visual = {k[len("visual.") :]: v for k, v in state.items() if k.startswith("visual.")}
     if not visual:
         raise ValueError(f"{source}: no 'visual.*' tensors: not an OpenAI/open_clip CLIP state dict")
     for key in ("conv1.weight", "positional_embedding", "proj"):
@@ -80,13 +94,20 @@ def convert_openai_state_dict(state: dict[str, Any], source: str) -> tuple[dict[
     if mlp_key not in visual:
         raise ValueError(f"{source}: missing tensor 'visual.{mlp_key}'")
     cfg = open_clip_tower_config(
-        width=width, layers=layers, heads=max(1, width // OPENAI_HEAD_WIDTH), patch_size=patch,
-        image_size=patch * grid, mlp_dim=int(visual[mlp_key].shape[0]), embed_dim=int(visual["proj"].shape[1]),
+        width=width,
+        layers=layers,
+        heads=max(1, width // OPENAI_HEAD_WIDTH),
+        patch_size=patch,
+        image_size=patch * grid,
+        mlp_dim=int(visual[mlp_key].shape[0]),
+        embed_dim=int(visual["proj"].shape[1]),
         quick_gelu=True,  # every OpenAI CLIP uses QuickGELU
     )
     visual = {k: v for k, v in visual.items() if isinstance(v, torch.Tensor)}
     expected = {f"visual.{k}": s for k, s in expected_tower_shapes(cfg).items()}
-    check_state_dict(expected, {f"visual.{k}": v for k, v in visual.items()}, source, "CLIP vision tower (OpenAI layout)")
+    check_state_dict(
+        expected, {f"visual.{k}": v for k, v in visual.items()}, source, "CLIP vision tower (OpenAI layout)"
+    )
     return visual, cfg
 
 
@@ -103,12 +124,13 @@ def hf_vision_config(config: dict[str, Any], source: str) -> dict[str, Any]:
     return merged
 
 
-def convert_hf_state_dict(state: dict[str, torch.Tensor], vision: dict[str, Any], source: str
-                          ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def convert_hf_state_dict(
+    state: dict[str, torch.Tensor], vision: dict[str, Any], source: str
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(open_clip visual state dict, tower_config) from transformers CLIP vision weights."""
     prefix = HF_PREFIX if any(k.startswith(HF_PREFIX) for k in state) else ""
     if prefix:
-        body = {k[len(HF_PREFIX):]: v for k, v in state.items() if k.startswith(HF_PREFIX)}
+        body = {k[len(HF_PREFIX) :]: v for k, v in state.items() if k.startswith(HF_PREFIX)}
         rest = {k: v for k, v in state.items() if not k.startswith(HF_PREFIX)}
     else:
         known_roots = ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")
@@ -127,18 +149,34 @@ def convert_hf_state_dict(state: dict[str, torch.Tensor], vision: dict[str, Any]
     if act not in ("quick_gelu", "gelu"):
         raise ValueError(f"{source}: hidden_act {act!r} is not supported by the open_clip tower (quick_gelu or gelu)")
     embed_dim = int(projection.shape[0]) if projection is not None else int(vision.get("projection_dim") or width)
-    cfg = open_clip_tower_config(width=width, layers=layers, heads=heads, patch_size=int(vision["patch_size"]),
-                                 image_size=int(vision["image_size"]), mlp_dim=int(vision["intermediate_size"]),
-                                 embed_dim=embed_dim, quick_gelu=act == "quick_gelu")
+    cfg = open_clip_tower_config(
+        width=width,
+        layers=layers,
+        heads=heads,
+        patch_size=int(vision["patch_size"]),
+        image_size=int(vision["image_size"]),
+        mlp_dim=int(vision["intermediate_size"]),
+        embed_dim=embed_dim,
+        quick_gelu=act == "quick_gelu",
+    )
 
     # The transformers names this conversion consumes, so that leftovers are reported by name.
     expected_hf: dict[str, tuple[int, ...]] = {
         "embeddings.class_embedding": (width,),
-        "embeddings.patch_embedding.weight": (width, int(vision.get("num_channels", 3)), int(vision["patch_size"]),
-                                              int(vision["patch_size"])),
-        "embeddings.position_embedding.weight": ((int(vision["image_size"]) // int(vision["patch_size"])) ** 2 + 1, width),
-        "pre_layrnorm.weight": (width,), "pre_layrnorm.bias": (width,),
-        "post_layernorm.weight": (width,), "post_layernorm.bias": (width,),
+        "embeddings.patch_embedding.weight": (
+            width,
+            int(vision.get("num_channels", 3)),
+            int(vision["patch_size"]),
+            int(vision["patch_size"]),
+        ),
+        "embeddings.position_embedding.weight": (
+            (int(vision["image_size"]) // int(vision["patch_size"])) ** 2 + 1,
+            width,
+        ),
+        "pre_layrnorm.weight": (width,),
+        "pre_layrnorm.bias": (width,),
+        "post_layernorm.weight": (width,),
+        "post_layernorm.bias": (width,),
     }
     mlp = int(vision["intermediate_size"])
     for i in range(layers):
@@ -151,30 +189,43 @@ def convert_hf_state_dict(state: dict[str, torch.Tensor], vision: dict[str, Any]
             expected_hf[f"{p}{norm}.bias"] = (width,)
         expected_hf[f"{p}mlp.fc1.weight"], expected_hf[f"{p}mlp.fc1.bias"] = (mlp, width), (mlp,)
         expected_hf[f"{p}mlp.fc2.weight"], expected_hf[f"{p}mlp.fc2.bias"] = (width, mlp), (width,)
-    check_state_dict({prefix + k: v for k, v in expected_hf.items()},
-                     {**{prefix + k: v for k, v in body.items()}, **{k: rest[k] for k in stray}},
-                     source, "CLIP vision (transformers layout)")
+    check_state_dict(
+        {prefix + k: v for k, v in expected_hf.items()},
+        {**{prefix + k: v for k, v in body.items()}, **{k: rest[k] for k in stray}},
+        source,
+        "CLIP vision (transformers layout)",
+    )
 
     out = {
         "class_embedding": body["embeddings.class_embedding"],
         "conv1.weight": body["embeddings.patch_embedding.weight"],
         "positional_embedding": body["embeddings.position_embedding.weight"],
-        "ln_pre.weight": body["pre_layrnorm.weight"], "ln_pre.bias": body["pre_layrnorm.bias"],
-        "ln_post.weight": body["post_layernorm.weight"], "ln_post.bias": body["post_layernorm.bias"],
+        "ln_pre.weight": body["pre_layrnorm.weight"],
+        "ln_pre.bias": body["pre_layrnorm.bias"],
+        "ln_post.weight": body["post_layernorm.weight"],
+        "ln_post.bias": body["post_layernorm.bias"],
     }
     for i in range(layers):
         s, d = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
         out[f"{d}attn.in_proj_weight"] = torch.cat([body[f"{s}self_attn.{n}_proj.weight"] for n in "qkv"])
         out[f"{d}attn.in_proj_bias"] = torch.cat([body[f"{s}self_attn.{n}_proj.bias"] for n in "qkv"])
-        for src, dst in (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"),
-                         ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
+        for src, dst in (
+            ("self_attn.out_proj", "attn.out_proj"),
+            ("layer_norm1", "ln_1"),
+            ("layer_norm2", "ln_2"),
+            ("mlp.fc1", "mlp.c_fc"),
+            ("mlp.fc2", "mlp.c_proj"),
+        ):
             out[f"{d}{dst}.weight"] = body[f"{s}{src}.weight"]
             out[f"{d}{dst}.bias"] = body[f"{s}{src}.bias"]
     if projection is not None:
         out["proj"] = projection.t().contiguous()
     else:
-        logger.info("%s: no visual_projection (a CLIPVisionModel); open_clip 'proj' is zero-filled "
-                    "(unused: mcomp reads an intermediate layer)", source)
+        logger.info(
+            "%s: no visual_projection (a CLIPVisionModel); open_clip 'proj' is zero-filled "
+            "(unused: mcomp reads an intermediate layer)",
+            source,
+        )
         out["proj"] = torch.zeros(width, embed_dim, dtype=out["conv1.weight"].dtype)
     check_state_dict(expected_tower_shapes(cfg), out, source, "CLIP vision tower (converted)")
     return out, cfg
@@ -196,8 +247,10 @@ def read_clip_vision(src: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     try:
         state = load_tensors(src)
     except ValueError as err:
-        raise ValueError(f"{err}. If this is OpenAI's TorchScript archive, use the transformers directory "
-                         f"(openai/clip-vit-large-patch14-336) or a plain state dict instead") from None
+        raise ValueError(
+            f"{err}. If this is OpenAI's TorchScript archive, use the transformers directory "
+            f"(openai/clip-vit-large-patch14-336) or a plain state dict instead"
+        ) from None
     if isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     dropped = [k for k in OPENAI_META_KEYS if k in state]
@@ -205,8 +258,10 @@ def read_clip_vision(src: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     if dropped:
         logger.debug("%s: ignoring OpenAI metadata entries %s", src, dropped)
     if any(k.startswith(("vision_model.", "embeddings.patch_embedding")) for k in state):
-        raise ValueError(f"{src}: transformers-layout CLIP weights need their config: pass the model directory "
-                         f"(config.json + weights), not the weight file")
+        raise ValueError(
+            f"{src}: transformers-layout CLIP weights need their config: pass the model directory "
+            f"(config.json + weights), not the weight file"
+        )
     state, cfg = convert_openai_state_dict(state, str(src))
     return state, cfg, "openai"
 

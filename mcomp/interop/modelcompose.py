@@ -28,6 +28,7 @@ accepted too and becomes a composed mcomp model whose text route is sum_m lambda
 
 `.bin` files are read with `torch.load(weights_only=True)` only (`mcomp.io.load_tensors`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,8 +41,7 @@ from typing import Any
 import torch
 
 from mcomp.encoders.weights import read_json
-from mcomp.io import check_state_dict
-from mcomp.io import atomic_directory, load_tensors, save_tensors, sha256_file
+from mcomp.io import atomic_directory, check_state_dict, load_tensors, save_tensors, sha256_file
 from mcomp.lora import LLAMA_TARGETS, TEXT_ROUTE, LoraSpec
 from mcomp.modalities import MODALITIES
 from mcomp.peft_format import write_adapter
@@ -150,8 +150,10 @@ def read_released(path: str | os.PathLike) -> ReleasedCheckpoint:
         raise ValueError(f"{cfg_path}: a second vision encoder (mm_vision2_*) is not supported")
     modalities = infer_modals(cfg)
     if not modalities:
-        raise ValueError(f"{cfg_path}: no modality encoder configured (none of mm_vision_encoder, mm_vision_tower, "
-                         f"mm_audio_encoder, mm_video_encoder, mm_point_encoder is set)")
+        raise ValueError(
+            f"{cfg_path}: no modality encoder configured (none of mm_vision_encoder, mm_vision_tower, "
+            f"mm_audio_encoder, mm_video_encoder, mm_point_encoder is set)"
+        )
     strategy = cfg.get("lora_strategy")
     if strategy not in FLAVOURS:
         raise ValueError(f"{cfg_path}: lora_strategy {strategy!r} is not one of {sorted(k for k in FLAVOURS if k)}")
@@ -170,9 +172,9 @@ def read_released(path: str | os.PathLike) -> ReleasedCheckpoint:
     files = [weight_file]
     if (path / EXTRA_WEIGHT_FILE).is_file():  # the loader reads it when present (spec §1.1)
         extra = _read_weights(path / EXTRA_WEIGHT_FILE)
-        extra = {(k[len("base_model."):] if k.startswith("base_model.") else k): v for k, v in extra.items()}
+        extra = {(k[len("base_model.") :] if k.startswith("base_model.") else k): v for k, v in extra.items()}
         if any(k.startswith("model.model.") for k in extra):
-            extra = {(k[len("model."):] if k.startswith("model.") else k): v for k, v in extra.items()}
+            extra = {(k[len("model.") :] if k.startswith("model.") else k): v for k, v in extra.items()}
         tensors.update(extra)
         files.append(path / EXTRA_WEIGHT_FILE)
 
@@ -191,12 +193,16 @@ def read_released(path: str | os.PathLike) -> ReleasedCheckpoint:
             unknown.append(key)
     if unknown:
         unknown.sort()
-        raise ValueError(f"{weight_file}: {len(unknown)} tensor(s) of unknown role (not LoRA, projector or modality "
-                         f"tokens): {', '.join(unknown[:10])}")
+        raise ValueError(
+            f"{weight_file}: {len(unknown)} tensor(s) of unknown role (not LoRA, projector or modality "
+            f"tokens): {', '.join(unknown[:10])}"
+        )
     stray = sorted(set(projectors) - set(modalities))
     if stray:
-        raise ValueError(f"{weight_file}: projector weights for {stray}, which {cfg_path} does not configure "
-                         f"(configured: {modalities})")
+        raise ValueError(
+            f"{weight_file}: projector weights for {stray}, which {cfg_path} does not configure "
+            f"(configured: {modalities})"
+        )
     return ReleasedCheckpoint(path, cfg, files, modalities, strategy, lora, projectors, tokens, reset)
 
 
@@ -226,8 +232,9 @@ def plan_lora(ckpt: ReleasedCheckpoint) -> LoraPlan:
     if ckpt.strategy in (None, "none"):
         ignored = sorted(present)
         if ignored:
-            logger.warning("%s: lora_strategy is %r, so LoRA adapters %s are not used (as upstream)",
-                           src, ckpt.strategy, ignored)
+            logger.warning(
+                "%s: lora_strategy is %r, so LoRA adapters %s are not used (as upstream)", src, ckpt.strategy, ignored
+            )
         return LoraPlan({}, {}, ignored)
     # text tokens
     if ckpt.merged and any(k.startswith(UPSTREAM_TEXT + "-") for k in ckpt.reset_weights):
@@ -245,8 +252,10 @@ def plan_lora(ckpt: ReleasedCheckpoint) -> LoraPlan:
             logger.warning("%s: the plain 'default' LoRA is unused in a reset-merged model (spec §3.4); ignored", src)
     else:
         if UPSTREAM_TEXT not in present and ckpt.strategy != "modal":
-            raise ValueError(f"{ckpt.weight_files[0]}: lora_strategy {ckpt.strategy!r} uses LoRA adapter 'default' "
-                             f"for text tokens, but the file has no 'lora_A.default' weights")
+            raise ValueError(
+                f"{ckpt.weight_files[0]}: lora_strategy {ckpt.strategy!r} uses LoRA adapter 'default' "
+                f"for text tokens, but the file has no 'lora_A.default' weights"
+            )
         text_terms = []
         if UPSTREAM_TEXT in present:
             adapters[UPSTREAM_TEXT] = TEXT_ROUTE
@@ -258,8 +267,10 @@ def plan_lora(ckpt: ReleasedCheckpoint) -> LoraPlan:
     if ckpt.masked:
         for m in ckpt.modalities:
             if m not in present:
-                raise ValueError(f"{ckpt.weight_files[0]}: lora_strategy {ckpt.strategy!r} routes {m} tokens through "
-                                 f"LoRA adapter {m!r}, but the file has no 'lora_A.{m}' weights")
+                raise ValueError(
+                    f"{ckpt.weight_files[0]}: lora_strategy {ckpt.strategy!r} routes {m} tokens through "
+                    f"LoRA adapter {m!r}, but the file has no 'lora_A.{m}' weights"
+                )
             adapters[m] = TO_MCOMP[m]
             routes[TO_MCOMP[m]] = [(TO_MCOMP[m], ckpt.reset_weights.get(m, 1.0))]
             used.add(m)
@@ -268,8 +279,12 @@ def plan_lora(ckpt: ReleasedCheckpoint) -> LoraPlan:
             logger.warning("%s: reset_scaling_weights names %r, which has no weights; ignored (as upstream)", src, key)
     ignored = sorted(present - used)
     if ignored:
-        logger.warning("%s: LoRA adapter(s) %s are in the file but unused with lora_strategy %r (as upstream); "
-                       "not imported", src, ignored, ckpt.strategy)
+        logger.warning(
+            "%s: LoRA adapter(s) %s are in the file but unused with lora_strategy %r (as upstream); not imported",
+            src,
+            ignored,
+            ckpt.strategy,
+        )
     return LoraPlan(adapters, routes, ignored)
 
 
@@ -277,8 +292,11 @@ def expected_lora_shapes(llm, r: int) -> dict[str, dict[str, tuple[int, int]]]:
     """module path -> {"A": [r, in], "B": [out, r]} for every targeted linear layer of the LLM."""
     out = {}
     for path, module in llm.named_modules():
-        if isinstance(module, torch.nn.Linear) and path.rsplit(".", 1)[-1] in LLAMA_TARGETS \
-                and path.startswith("model.layers."):
+        if (
+            isinstance(module, torch.nn.Linear)
+            and path.rsplit(".", 1)[-1] in LLAMA_TARGETS
+            and path.startswith("model.layers.")
+        ):
             out[path] = {"A": (r, module.in_features), "B": (module.out_features, r)}
     return out
 
@@ -307,8 +325,9 @@ def resolve_path(value: Any, field: str, source: Path, roots: list[Path]) -> Pat
         if c.exists():
             return c.resolve()
     hint = f"put {original.name!r} under --encoder-root" if roots else "pass --encoder-root DIR holding it"
-    raise FileNotFoundError(f"{source}: {field} = {value!r} not found (looked at: {', '.join(map(str, candidates))}); "
-                            f"{hint}")
+    raise FileNotFoundError(
+        f"{source}: {field} = {value!r} not found (looked at: {', '.join(map(str, candidates))}); {hint}"
+    )
 
 
 def _field(cfg: dict[str, Any], name: str, source: Path, default: Any = None, required: bool = False) -> Any:
@@ -319,14 +338,15 @@ def _field(cfg: dict[str, Any], name: str, source: Path, default: Any = None, re
     return cfg[name]
 
 
-def build_adapter_configs(ckpt: ReleasedCheckpoint, roots: list[Path], weights_dir: Path,
-                          final_weights_dir: Path) -> tuple[list[dict], list[dict], dict[str, Any]]:
+def build_adapter_configs(
+    ckpt: ReleasedCheckpoint, roots: list[Path], weights_dir: Path, final_weights_dir: Path
+) -> tuple[list[dict], list[dict], dict[str, Any]]:
     """(adapter configs pointing into weights_dir, the same pointing into final_weights_dir, encoder report)."""
     from mcomp.encoders.audio import AudioAdapterConfig
     from mcomp.encoders.image import ImageAdapterConfig
+    from mcomp.encoders.languagebind import LanguageBindVideoAdapterConfig, tower_config_from_hf
     from mcomp.encoders.point import PointAdapterConfig
     from mcomp.interop.clip_weights import write_open_clip_tower
-    from mcomp.encoders.languagebind import LanguageBindVideoAdapterConfig, tower_config_from_hf
 
     cfg, src = ckpt.config, ckpt.path / "config.json"
     now, final, report = [], [], {}
@@ -340,10 +360,14 @@ def build_adapter_configs(ckpt: ReleasedCheckpoint, roots: list[Path], weights_d
             select = _field(cfg, "mm_vision_select_feature", src, "patch")
             if select not in ("patch", "cls_patch"):
                 raise ValueError(f"{src}: mm_vision_select_feature {select!r} is not 'patch' or 'cls_patch'")
-            fields = dict(tower=enc.name, tower_config=tower_cfg,
-                          select_layer=int(_field(cfg, "mm_vision_select_layer", src, required=True)),
-                          select_feature=select, image_aspect_ratio="pad",  # evaluation hard-codes pad (§2)
-                          projector_type=_field(cfg, "mm_projector_type", src, "linear"))
+            fields = dict(
+                tower=enc.name,
+                tower_config=tower_cfg,
+                select_layer=int(_field(cfg, "mm_vision_select_layer", src, required=True)),
+                select_feature=select,
+                image_aspect_ratio="pad",  # evaluation hard-codes pad (§2)
+                projector_type=_field(cfg, "mm_projector_type", src, "linear"),
+            )
             now.append(ImageAdapterConfig(checkpoint=str(weights_dir / name), **fields).to_dict())
             final.append(ImageAdapterConfig(checkpoint=str(final_weights_dir / name), **fields).to_dict())
             hidden_field = "mm_hidden_size"
@@ -355,7 +379,9 @@ def build_adapter_configs(ckpt: ReleasedCheckpoint, roots: list[Path], weights_d
             if ptype.startswith("qformer_") and "audio_query_tokens" in proj:
                 hidden = int(proj["audio_query_tokens"].shape[-1])
                 if hidden % HEAD_WIDTH:
-                    raise ValueError(f"{ckpt.weight_files[0]}: Q-Former width {hidden} is not a multiple of {HEAD_WIDTH}")
+                    raise ValueError(
+                        f"{ckpt.weight_files[0]}: Q-Former width {hidden} is not a multiple of {HEAD_WIDTH}"
+                    )
                 fields.update(qformer_hidden_size=hidden, qformer_num_heads=hidden // HEAD_WIDTH)
                 key = "audio_Qformer.bert.encoder.layer.0.intermediate_query.dense.weight"
                 if key in proj:
@@ -368,8 +394,12 @@ def build_adapter_configs(ckpt: ReleasedCheckpoint, roots: list[Path], weights_d
         elif m == "video":
             enc = resolve_path(cfg.get("mm_video_encoder"), "mm_video_encoder", src, roots)
             if not str(cfg.get("mm_video_encoder")).rstrip("/").endswith("LanguageBind_Video_merge"):
-                logger.warning("%s: mm_video_encoder %r does not end with LanguageBind_Video_merge (upstream requires "
-                               "it); loading it as a LanguageBind video tower", src, cfg.get("mm_video_encoder"))
+                logger.warning(
+                    "%s: mm_video_encoder %r does not end with LanguageBind_Video_merge (upstream requires "
+                    "it); loading it as a LanguageBind video tower",
+                    src,
+                    cfg.get("mm_video_encoder"),
+                )
             if not enc.is_dir():
                 raise ValueError(f"{src}: mm_video_encoder resolves to {enc}, which is not a LanguageBind directory")
             tower_cfg = tower_config_from_hf(read_json(enc / "config.json", "LanguageBind config"), str(enc))
@@ -377,24 +407,36 @@ def build_adapter_configs(ckpt: ReleasedCheckpoint, roots: list[Path], weights_d
             if layer is None:
                 logger.warning("%s: mm_video_select_layer missing; using -2 (the released training scripts)", src)
                 layer = -2
-            fields = dict(tower_config=tower_cfg, checkpoint=str(enc), select_layer=int(layer),
-                          num_frames=int(tower_cfg["num_frames"]),
-                          projector_type=_field(cfg, "mm_video_projector_type", src, required=True))
+            fields = dict(
+                tower_config=tower_cfg,
+                checkpoint=str(enc),
+                select_layer=int(layer),
+                num_frames=int(tower_cfg["num_frames"]),
+                projector_type=_field(cfg, "mm_video_projector_type", src, required=True),
+            )
             now.append(LanguageBindVideoAdapterConfig(**fields).to_dict())
             final.append(LanguageBindVideoAdapterConfig(**fields).to_dict())
             hidden_field = "mm_video_hidden_size"
         else:  # point
             enc = resolve_path(cfg.get("mm_point_encoder"), "mm_point_encoder", src, roots)
-            fields = dict(encoder=point_bert_config(enc), checkpoint=str(enc), num_points=POINT_NUM_POINTS,
-                          normalization="none",  # pc_norm is never called upstream (§6.4)
-                          projector_type=_field(cfg, "mm_point_projector_type", src, required=True))
+            fields = dict(
+                encoder=point_bert_config(enc),
+                checkpoint=str(enc),
+                num_points=POINT_NUM_POINTS,
+                normalization="none",  # pc_norm is never called upstream (§6.4)
+                projector_type=_field(cfg, "mm_point_projector_type", src, required=True),
+            )
             now.append(PointAdapterConfig(**fields).to_dict())
             final.append(PointAdapterConfig(**fields).to_dict())
             hidden_field = "mm_point_hidden_size"
         enc_field = field if m == "vision" else f"mm_{m}_encoder"
-        report[TO_MCOMP[m]] = {"field": enc_field, "released_path": cfg.get(enc_field),
-                               "resolved": str(enc), "hidden_size_field": hidden_field,
-                               "hidden_size": cfg.get(hidden_field)}
+        report[TO_MCOMP[m]] = {
+            "field": enc_field,
+            "released_path": cfg.get(enc_field),
+            "resolved": str(enc),
+            "hidden_size_field": hidden_field,
+            "hidden_size": cfg.get(hidden_field),
+        }
     return now, final, report
 
 
@@ -412,9 +454,12 @@ def point_bert_config(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: Point-BERT width {width} is not a multiple of {HEAD_WIDTH}")
     depth = len({k.split(".")[2] for k in state if k.startswith("blocks.blocks.")})
     return PointBertConfig(
-        trans_dim=width, depth=depth, num_heads=width // HEAD_WIDTH,
+        trans_dim=width,
+        depth=depth,
+        num_heads=width // HEAD_WIDTH,
         mlp_ratio=state["blocks.blocks.0.mlp.fc1.weight"].shape[0] / width,
-        num_group=POINT_NUM_GROUP, group_size=POINT_GROUP_SIZE,
+        num_group=POINT_NUM_GROUP,
+        group_size=POINT_GROUP_SIZE,
         encoder_dims=int(state["reduce_dim.weight"].shape[1]),
         point_dims=int(state["encoder.first_conv.0.weight"].shape[1]),
     ).to_dict()
@@ -424,11 +469,15 @@ def point_bert_config(path: Path) -> dict[str, Any]:
 def check_base_config(ckpt: ReleasedCheckpoint, llm, base: Path) -> None:
     text_cfg = llm.config.get_text_config()
     fields = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads", "vocab_size")
-    differs = {f: (ckpt.config[f], getattr(text_cfg, f, None)) for f in fields
-               if f in ckpt.config and ckpt.config[f] != getattr(text_cfg, f, None)}
+    differs = {
+        f: (ckpt.config[f], getattr(text_cfg, f, None))
+        for f in fields
+        if f in ckpt.config and ckpt.config[f] != getattr(text_cfg, f, None)
+    }
     if differs:
-        raise ValueError(f"{base}: this base LLM does not fit {ckpt.path}/config.json "
-                         f"(field: released vs base): {differs}")
+        raise ValueError(
+            f"{base}: this base LLM does not fit {ckpt.path}/config.json (field: released vs base): {differs}"
+        )
 
 
 def resolve_base(ckpt: ReleasedCheckpoint, base: str | os.PathLike | None, roots: list[Path]) -> Path:
@@ -445,12 +494,20 @@ def resolve_base(ckpt: ReleasedCheckpoint, base: str | os.PathLike | None, roots
                 return path
         except FileNotFoundError:
             pass
-    raise ValueError(f"{ckpt.path}: give the base LLM directory (Vicuna-7B v1.5) with --base "
-                     f"(config.json names {name!r}, not found under --encoder-root)")
+    raise ValueError(
+        f"{ckpt.path}: give the base LLM directory (Vicuna-7B v1.5) with --base "
+        f"(config.json names {name!r}, not found under --encoder-root)"
+    )
 
 
-def import_modelcompose(src: str | os.PathLike, out: str | os.PathLike, *, base: str | os.PathLike | None = None,
-                        encoder_root: str | os.PathLike | None = None, overwrite: bool = False):
+def import_modelcompose(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    base: str | os.PathLike | None = None,
+    encoder_root: str | os.PathLike | None = None,
+    overwrite: bool = False,
+):
     """Convert the released folder `src` into the mcomp model directory `out`; returns the loaded model.
 
     The output is verified before it appears: the model is built from the written files (encoders loaded
@@ -459,8 +516,13 @@ def import_modelcompose(src: str | os.PathLike, out: str | os.PathLike, *, base:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import mcomp
-    from mcomp.checkpoint import CONFIG_NAME, MLLMConfig, base_weights_sha256, load_adapter_weights, \
-        load_modality_tokens
+    from mcomp.checkpoint import (
+        CONFIG_NAME,
+        MLLMConfig,
+        base_weights_sha256,
+        load_adapter_weights,
+        load_modality_tokens,
+    )
     from mcomp.model import MultimodalLM
     from mcomp.peft_format import load_adapter_into
 
@@ -484,15 +546,20 @@ def import_modelcompose(src: str | os.PathLike, out: str | os.PathLike, *, base:
     spec = None
     if plan.adapters:
         r = int(_field(ckpt.config, "lora_r", ckpt.path / "config.json", required=True))
-        spec = LoraSpec(r=r, alpha=float(_field(ckpt.config, "lora_alpha", ckpt.path / "config.json", required=True)),
-                        dropout=float(ckpt.config.get("lora_dropout") or 0.0), target_modules=list(LLAMA_TARGETS))
+        spec = LoraSpec(
+            r=r,
+            alpha=float(_field(ckpt.config, "lora_alpha", ckpt.path / "config.json", required=True)),
+            dropout=float(ckpt.config.get("lora_dropout") or 0.0),
+            target_modules=list(LLAMA_TARGETS),
+        )
         check_lora(ckpt, plan, llm, r)
 
     out = Path(out)
     final_weights = out.resolve() / ENCODER_WEIGHTS_DIR
     with atomic_directory(out, overwrite=overwrite, inputs=[src, base, encoder_root]) as tmp:
-        adapters_now, adapters_final, encoders = build_adapter_configs(ckpt, roots, tmp / ENCODER_WEIGHTS_DIR,
-                                                                       final_weights)
+        adapters_now, adapters_final, encoders = build_adapter_configs(
+            ckpt, roots, tmp / ENCODER_WEIGHTS_DIR, final_weights
+        )
         model = MultimodalLM.build(llm, tokenizer, adapters_now)
         hidden = model.hidden_size
         # projectors: strict against the built modules, named as released
@@ -502,8 +569,10 @@ def import_modelcompose(src: str | os.PathLike, out: str | os.PathLike, *, base:
             adapter = model.adapters[mc]
             expected = encoders[mc]["hidden_size"]
             if expected is not None and int(expected) != adapter.encoder_dim:
-                raise ValueError(f"{ckpt.path}/config.json: {encoders[mc]['hidden_size_field']} = {expected}, but the "
-                                 f"{mc} encoder ({encoders[mc]['resolved']}) gives {adapter.encoder_dim}-wide features")
+                raise ValueError(
+                    f"{ckpt.path}/config.json: {encoders[mc]['hidden_size_field']} = {expected}, but the "
+                    f"{mc} encoder ({encoders[mc]['resolved']}) gives {adapter.encoder_dim}-wide features"
+                )
             want = {f"model.modal_projectors.{m}.{k}": v for k, v in adapter.projector.state_dict().items()}
             got = {f"model.modal_projectors.{m}.{k}": v for k, v in ckpt.projectors.get(m, {}).items()}
             check_state_dict(want, got, ckpt.weight_files[0], f"{m} projector ({adapter.config.projector_type})")
@@ -518,28 +587,44 @@ def import_modelcompose(src: str | os.PathLike, out: str | os.PathLike, *, base:
                     continue
                 n = ckpt.token_count(kind, name)
                 if n == 0:
-                    logger.warning("%s: %s_tokens.%s is in the file but config.json sets no %s tokens; "
-                                   "ignored (as upstream)", ckpt.weight_files[0], kind, name, kind)
+                    logger.warning(
+                        "%s: %s_tokens.%s is in the file but config.json sets no %s tokens; ignored (as upstream)",
+                        ckpt.weight_files[0],
+                        kind,
+                        name,
+                        kind,
+                    )
                     ignored_tokens.append(f"{kind}_tokens.{name}")
                     continue
                 if tuple(value.shape) != (1, n, hidden):
-                    raise ValueError(f"{ckpt.weight_files[0]}: {kind}_tokens.{name} has shape {tuple(value.shape)}, "
-                                     f"expected (1, {n}, {hidden})")
+                    raise ValueError(
+                        f"{ckpt.weight_files[0]}: {kind}_tokens.{name} has shape {tuple(value.shape)}, "
+                        f"expected (1, {n}, {hidden})"
+                    )
                 tokens[f"{kind}.{TO_MCOMP[name]}"] = value[0]
             for m in ckpt.modalities:
                 if ckpt.token_count(kind, m) and f"{kind}.{TO_MCOMP[m]}" not in tokens:
-                    raise ValueError(f"{ckpt.weight_files[0]}: config.json sets {ckpt.token_count(kind, m)} {kind} "
-                                     f"tokens for {m} but the file has no {kind}_tokens.{m}")
+                    raise ValueError(
+                        f"{ckpt.weight_files[0]}: config.json sets {ckpt.token_count(kind, m)} {kind} "
+                        f"tokens for {m} but the file has no {kind}_tokens.{m}"
+                    )
         if tokens:
             save_tensors(tokens, tmp / "modality_tokens.safetensors")
         # LoRA adapters
         lora_cfg = None
         if spec is not None:
             for up, name in plan.adapters.items():
-                write_adapter(tmp / "lora" / name, {path: (ab["A"], ab["B"]) for path, ab in ckpt.lora[up].items()},
-                              spec=spec, base_model_name=str(base_dir))
-            lora_cfg = {"spec": spec.to_dict(), "adapters": list(plan.adapters.values()),
-                        "routes": {r: [[n, c] for n, c in t] for r, t in plan.routes.items()}}
+                write_adapter(
+                    tmp / "lora" / name,
+                    {path: (ab["A"], ab["B"]) for path, ab in ckpt.lora[up].items()},
+                    spec=spec,
+                    base_model_name=str(base_dir),
+                )
+            lora_cfg = {
+                "spec": spec.to_dict(),
+                "adapters": list(plan.adapters.values()),
+                "routes": {r: [[n, c] for n, c in t] for r, t in plan.routes.items()},
+            }
         save_tokenizer(tokenizer, tmp)
 
         # read everything back through mcomp's own loaders
@@ -553,25 +638,42 @@ def import_modelcompose(src: str | os.PathLike, out: str | os.PathLike, *, base:
         if len(model.tokenizer) != vocab_before:
             raise RuntimeError("the tokenizer vocabulary changed during import")
 
-        provenance = {"import": {
-            "format": FORMAT, "source": str(ckpt.path.resolve()), "flavour": ckpt.flavour,
-            "lora_strategy": ckpt.strategy, "modalities": [TO_MCOMP[m] for m in ckpt.modalities],
-            "config_sha256": sha256_file(ckpt.path / "config.json"),
-            "weights_sha256": {f.name: sha256_file(f) for f in ckpt.weight_files},
-            "lora_adapters": plan.adapters, "ignored_lora_adapters": plan.ignored, "ignored_tensors": ignored_tokens,
-            "reset_scaling_weights": ckpt.reset_weights, "encoders": encoders,
-            "deviations": [
-                "video frames are never flipped (upstream: RandomHorizontalFlip p=0.5 at evaluation)",
-                "Point-BERT FPS start is seeded (upstream: torch.randint from the global RNG)",
-            ],
-        }}
+        provenance = {
+            "import": {
+                "format": FORMAT,
+                "source": str(ckpt.path.resolve()),
+                "flavour": ckpt.flavour,
+                "lora_strategy": ckpt.strategy,
+                "modalities": [TO_MCOMP[m] for m in ckpt.modalities],
+                "config_sha256": sha256_file(ckpt.path / "config.json"),
+                "weights_sha256": {f.name: sha256_file(f) for f in ckpt.weight_files},
+                "lora_adapters": plan.adapters,
+                "ignored_lora_adapters": plan.ignored,
+                "ignored_tensors": ignored_tokens,
+                "reset_scaling_weights": ckpt.reset_weights,
+                "encoders": encoders,
+                "deviations": [
+                    "video frames are never flipped (upstream: RandomHorizontalFlip p=0.5 at evaluation)",
+                    "Point-BERT FPS start is seeded (upstream: torch.randint from the global RNG)",
+                ],
+            }
+        }
         model.provenance = provenance
         text_cfg = llm.config.get_text_config()
         MLLMConfig(
-            mcomp_version=mcomp.__version__, base_model=str(base_dir), base_model_sha256=base_sha,
-            base_model_config={"model_type": text_cfg.model_type, "hidden_size": text_cfg.hidden_size,
-                               "num_hidden_layers": text_cfg.num_hidden_layers, "vocab_size": text_cfg.vocab_size},
-            template="vicuna_v1", adapters=adapters_final, lora=lora_cfg, provenance=provenance,
+            mcomp_version=mcomp.__version__,
+            base_model=str(base_dir),
+            base_model_sha256=base_sha,
+            base_model_config={
+                "model_type": text_cfg.model_type,
+                "hidden_size": text_cfg.hidden_size,
+                "num_hidden_layers": text_cfg.num_hidden_layers,
+                "vocab_size": text_cfg.vocab_size,
+            },
+            template="vicuna_v1",
+            adapters=adapters_final,
+            lora=lora_cfg,
+            provenance=provenance,
         ).to_json_file(tmp / CONFIG_NAME)
     # the model now refers to the final files
     for m, cfg in zip(ckpt.modalities, adapters_final):
@@ -585,5 +687,10 @@ def _note_folder_name(ckpt: ReleasedCheckpoint) -> None:
     name = ckpt.path.resolve().name.lower()
     said = "damc" if "damc" in name else "naivemc" if "naivemc" in name or "naive" in name else None
     if said and not ckpt.merged and said != ckpt.flavour:
-        logger.warning("%s: the folder name says %s but config.json says lora_strategy=%r (%s); following the config",
-                       ckpt.path, said, ckpt.strategy, ckpt.flavour)
+        logger.warning(
+            "%s: the folder name says %s but config.json says lora_strategy=%r (%s); following the config",
+            ckpt.path,
+            said,
+            ckpt.strategy,
+            ckpt.flavour,
+        )

@@ -1,5 +1,6 @@
 """The public merge functions: state dicts in memory, task vectors (both from `memory`), and
 checkpoints on disk."""
+
 from __future__ import annotations
 
 import json
@@ -14,7 +15,12 @@ import torch
 from mcomp.io import atomic_directory
 from mcomp.merge.lora import LoraSink, LoraSource, load_lora, lora_target_keys
 from mcomp.merge.memory import (  # noqa: F401  (re-exported: the public merge functions live here)
-    DTYPE_BY_NAME, MemorySink, _engine_options, merge_state_dicts, merge_task_vectors, resolve_dtype,
+    DTYPE_BY_NAME,
+    MemorySink,
+    _engine_options,
+    merge_state_dicts,
+    merge_task_vectors,
+    resolve_dtype,
 )
 from mcomp.merge.sources import SafetensorsCheckpoint, Source
 from mcomp.merge.streaming import MergeEngine, MergeReport, Sink
@@ -23,9 +29,20 @@ from mcomp.merge.writer import ShardedWriter, parse_size
 logger = logging.getLogger(__name__)
 
 # Files copied from the base model directory so the output loads like the base.
-AUX_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-             "special_tokens_map.json", "tokenizer.model", "added_tokens.json", "vocab.json", "merges.txt",
-             "chat_template.jinja", "chat_template.json", "preprocessor_config.json")
+AUX_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+)
 
 
 class CheckpointSink(Sink):
@@ -47,7 +64,6 @@ def open_model(path: str | os.PathLike, base: Source | None = None, name: str | 
     """A checkpoint directory/file, or a peft LoRA adapter directory (applied to `base`)."""
     path = Path(path)
     if (path / "adapter_config.json").is_file():
-
         if base is None:
             raise ValueError(f"{path}: a LoRA adapter needs a base model")
         return LoraSource(base, load_lora(path), name=name or str(path))
@@ -72,12 +88,23 @@ def copy_aux_files(base_dir: Path, out_dir: Path, out_dtype: torch.dtype | None)
         cfg.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def merge_checkpoints(base: str | os.PathLike, models: list[str | os.PathLike], out: str | os.PathLike,
-                      method: str = "task_arithmetic", *, force: bool = False, device: str = "cpu",
-                      dtype: str | torch.dtype | None = None, chunk_elems: int | None = None,
-                      inmemory_elems: int | None = 0, sample_size: int | None = None,
-                      max_shard_size: str | int = "5GB", progress: bool = False, lora_rank: int | None = None,
-                      **params: Any) -> MergeReport:
+def merge_checkpoints(
+    base: str | os.PathLike,
+    models: list[str | os.PathLike],
+    out: str | os.PathLike,
+    method: str = "task_arithmetic",
+    *,
+    force: bool = False,
+    device: str = "cpu",
+    dtype: str | torch.dtype | None = None,
+    chunk_elems: int | None = None,
+    inmemory_elems: int | None = 0,
+    sample_size: int | None = None,
+    max_shard_size: str | int = "5GB",
+    progress: bool = False,
+    lora_rank: int | None = None,
+    **params: Any,
+) -> MergeReport:
     """Merge checkpoints on disk into `out` (sharded safetensors + index, written atomically).
 
     `models` may be checkpoints (safetensors dirs/files) or peft LoRA adapter directories.
@@ -95,8 +122,16 @@ def merge_checkpoints(base: str | os.PathLike, models: list[str | os.PathLike], 
     keys = lora_target_keys([s.adapter for s in srcs]) if all_lora else None
     if lora_rank is not None and not all_lora:
         raise ValueError("lora_rank (re-factorisation to a LoRA) needs every model to be a LoRA adapter")
-    engine = MergeEngine(base_src, srcs, method, keys=keys, device=device, progress=progress,
-                         **_engine_options(chunk_elems, inmemory_elems, sample_size), **params)
+    engine = MergeEngine(
+        base_src,
+        srcs,
+        method,
+        keys=keys,
+        device=device,
+        progress=progress,
+        **_engine_options(chunk_elems, inmemory_elems, sample_size),
+        **params,
+    )
     try:
         with atomic_directory(out, overwrite=force, inputs=[base, *models]) as tmp:
             if lora_rank is not None:
@@ -105,9 +140,13 @@ def merge_checkpoints(base: str | os.PathLike, models: list[str | os.PathLike], 
                 sink.save(tmp)
                 report.stats.append({"lora_reconstruction": sink.errors, "lora_total_error": sink.total_error})
             else:
-                writer = ShardedWriter(tmp, engine.layout(out_dtype), parse_size(max_shard_size),
-                                       metadata={"merge_method": engine.method_cls.name},
-                                       origin=f"base {base}, models {', '.join(map(str, models))}")
+                writer = ShardedWriter(
+                    tmp,
+                    engine.layout(out_dtype),
+                    parse_size(max_shard_size),
+                    metadata={"merge_method": engine.method_cls.name},
+                    origin=f"base {base}, models {', '.join(map(str, models))}",
+                )
                 try:
                     report = engine.run(CheckpointSink(writer, out_dtype))
                     writer.close()

@@ -14,6 +14,7 @@
 top-level `parameters`. `lambda` is accepted as mergekit's name for `scale`. A model entry
 equal to `base_model` is skipped (mergekit lists the base that way).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -78,8 +79,10 @@ class MergeConfig(JsonConfig):
                 continue
             unknown = sorted(set(e.parameters) - {"weight"})
             if unknown:
-                raise ValueError(f"model {e.model!r}: per-model parameter(s) {unknown} not supported "
-                                 "(only 'weight'; put the others under the top-level 'parameters')")
+                raise ValueError(
+                    f"model {e.model!r}: per-model parameter(s) {unknown} not supported "
+                    "(only 'weight'; put the others under the top-level 'parameters')"
+                )
             out.append(e)
         if not out:
             raise ValueError("no models to merge (the list is empty or holds only the base model)")

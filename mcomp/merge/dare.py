@@ -10,6 +10,7 @@ seeded with sha256(seed, name, i), drawn in element order. Slicing a tensor into
 not change the draws (the CPU generator is sequential), so the same seed gives the same
 bytes in memory, streaming, with any chunk size, on any device (masks are drawn on the CPU).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -43,7 +44,9 @@ class MaskStream:
         else:
             gen, expected = self._state.get(key, (None, -1))
             if gen is None or expected != start:
-                raise RuntimeError(f"DARE masks must be drawn in order: {name!r} model {model} at {start}, expected {expected}")
+                raise RuntimeError(
+                    f"DARE masks must be drawn in order: {name!r} model {model} at {start}, expected {expected}"
+                )
         out = torch.rand(stop - start, generator=gen) < self.density
         self._state[key] = (gen, stop)
         return out

@@ -9,6 +9,7 @@ inside the engine's 1e-6 relative agreement with the reference. Where the fused 
 built (`mcomp.merge.native`), `bracket_scan` and PCB's per-chunk maths use them instead; these
 NumPy kernels remain the fallback.
 """
+
 from __future__ import annotations
 
 import threading
@@ -94,7 +95,7 @@ def _ufunc_inplace(ufunc: np.ufunc, view: np.ndarray) -> None:
         ufunc(flat, out=flat)
         return
     step = -(-flat.size // _pool_size)
-    pieces = [flat[i:i + step] for i in range(0, flat.size, step)]
+    pieces = [flat[i : i + step] for i in range(0, flat.size, step)]
     for f in [pool.submit(ufunc, p, out=p) for p in pieces]:
         f.result()
 
@@ -221,4 +222,4 @@ class GrowableArray:
         return start, stop
 
     def view(self, start: int = 0, stop: int | None = None) -> np.ndarray:
-        return self._data[start:self.size if stop is None else stop]
+        return self._data[start : self.size if stop is None else stop]

@@ -1,4 +1,5 @@
 """Task arithmetic and the linear (weighted) average: θ = θ0 + λ · Σ_i w_i τ_i."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -10,6 +10,7 @@ different operation; the spec asks for ΔW. Three ways out:
 * re-factorise: truncated SVD of the merged ΔW to rank r' (`refactorise`, `LoraSink`), with
   the relative Frobenius reconstruction error reported per weight and overall.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,10 +25,10 @@ import torch
 
 from mcomp.io import load_tensors
 from mcomp.merge.memory import merge_task_vectors
-from mcomp.peft_format import write_adapter
 from mcomp.merge.registry import Segment
 from mcomp.merge.sources import Source, TensorInfo
 from mcomp.merge.streaming import Sink
+from mcomp.peft_format import write_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +119,9 @@ def lora_deltas(adapter: LoraAdapter) -> dict[str, torch.Tensor]:
     return {k: m.delta() for k, m in adapter.modules.items()}
 
 
-def merge_lora_adapters(adapters: list[LoraAdapter], method: str = "task_arithmetic", **params) -> dict[str, torch.Tensor]:
+def merge_lora_adapters(
+    adapters: list[LoraAdapter], method: str = "task_arithmetic", **params
+) -> dict[str, torch.Tensor]:
     """Merge adapters in ΔW space; a weight an adapter does not touch has ΔW = 0 for it."""
     keys = lora_target_keys(adapters)
     shapes = {}
@@ -128,15 +131,18 @@ def merge_lora_adapters(adapters: list[LoraAdapter], method: str = "task_arithme
             in_dim = m.B.shape[0] if m.fan_in_fan_out else m.A.shape[1]
             shape = (out_dim, in_dim)
             if shapes.setdefault(k, shape) != shape:
-                raise ValueError(f"LoRA weight {k!r}: ΔW shape {list(shape)} in {a.path} but {list(shapes[k])} elsewhere")
+                raise ValueError(
+                    f"LoRA weight {k!r}: ΔW shape {list(shape)} in {a.path} but {list(shapes[k])} elsewhere"
+                )
     deltas = []
     for a in adapters:
         deltas.append({k: a.modules[k].delta() if k in a.modules else torch.zeros(shapes[k]) for k in keys})
     return merge_task_vectors(deltas, method, **params)
 
 
-def lora_linear_terms(adapters: list[LoraAdapter], weights: list[float] | None = None,
-                      scale: float = 1.0) -> dict[str, list[tuple[float, torch.Tensor, torch.Tensor]]]:
+def lora_linear_terms(
+    adapters: list[LoraAdapter], weights: list[float] | None = None, scale: float = 1.0
+) -> dict[str, list[tuple[float, torch.Tensor, torch.Tensor]]]:
     """Per adapted weight, [(c_i, A_i, B_i)] with c_i = scale·w_i·(α_i/r_i): ΔW = Σ c_i B_i A_i, never formed."""
     weights = [1.0] * len(adapters) if weights is None else list(weights)
     if len(weights) != len(adapters):
@@ -191,8 +197,9 @@ class LoraSource(Source):
             shape = base.infos[key].shape
             want = (m.A.shape[1], m.B.shape[0]) if m.fan_in_fan_out else (m.B.shape[0], m.A.shape[1])
             if tuple(shape) != want:
-                raise ValueError(f"adapter {self.name!r}: ΔW of {key!r} has shape {list(want)} but the base weight "
-                                 f"has {list(shape)}")
+                raise ValueError(
+                    f"adapter {self.name!r}: ΔW of {key!r} has shape {list(want)} but the base weight has {list(shape)}"
+                )
 
     stores_weights = False  # the task vector comes from `read_delta`
 
@@ -206,7 +213,7 @@ class LoraSource(Source):
         cols = self.infos[key].shape[1]
         r0, r1 = start // cols, -(-stop // cols)
         rows = m.delta_rows(r0, r1).reshape(-1)
-        return rows[start - r0 * cols: stop - r0 * cols]
+        return rows[start - r0 * cols : stop - r0 * cols]
 
 
 class LoraSink(Sink):
@@ -231,7 +238,7 @@ class LoraSink(Sink):
     def put(self, seg: Segment, base, delta):
         info = self.infos[seg.name]
         buf = self._buf.setdefault(seg.name, torch.empty(info.numel, dtype=torch.float32))
-        buf[seg.start:seg.stop] = delta.cpu()
+        buf[seg.start : seg.stop] = delta.cpu()
         self._filled[seg.name] = self._filled.get(seg.name, 0) + seg.size
         if self._filled[seg.name] == info.numel:
             d = self._buf.pop(seg.name).reshape(info.shape)
@@ -258,8 +265,21 @@ class LoraSink(Sink):
         if not targets:
             targets = {k[: -len(".weight")] for k in self.factors}
         rank = max((A.shape[0] for A, _ in self.factors.values()), default=self.rank)
-        config.update({"r": rank, "lora_alpha": rank, "target_modules": sorted(targets), "use_rslora": False,
-                       "rank_pattern": {}, "alpha_pattern": {}, "fan_in_fan_out": self.fan_in_fan_out})
+        config.update(
+            {
+                "r": rank,
+                "lora_alpha": rank,
+                "target_modules": sorted(targets),
+                "use_rslora": False,
+                "rank_pattern": {},
+                "alpha_pattern": {},
+                "fan_in_fan_out": self.fan_in_fan_out,
+            }
+        )
         write_adapter(directory, pairs, config=config)
-        logger.info("re-factorised %d weight(s) to rank %d: relative reconstruction error %.3g overall",
-                    len(self.factors), rank, self.total_error)
+        logger.info(
+            "re-factorised %d weight(s) to rank %d: relative reconstruction error %.3g overall",
+            len(self.factors),
+            rank,
+            self.total_error,
+        )

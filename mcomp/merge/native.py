@@ -12,6 +12,7 @@ when the environment sets MCOMP_NATIVE=0, and callers then use their NumPy path.
 are CPU tensors whose rows are contiguous (float32 task vectors, or `StoredColumns`); ctypes
 releases the GIL during each call, so the engine's worker threads run them in parallel.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -133,9 +134,15 @@ def usable(x) -> bool:
     if _lib is None:
         return False
     if isinstance(x, StoredColumns):
-        return (x.base.dtype in _STORED_DTYPES and x.device.type == "cpu" and x.base.stride(-1) == 1
-                and all(m.dtype == x.base.dtype and m.device.type == "cpu" and m.stride(-1) == 1 and
-                        m.numel() == x.base.numel() for m in x.models))
+        return (
+            x.base.dtype in _STORED_DTYPES
+            and x.device.type == "cpu"
+            and x.base.stride(-1) == 1
+            and all(
+                m.dtype == x.base.dtype and m.device.type == "cpu" and m.stride(-1) == 1 and m.numel() == x.base.numel()
+                for m in x.models
+            )
+        )
     return x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad and x.stride(-1) == 1
 
 
@@ -162,13 +169,23 @@ def pcb_beta(tau, lo: list[float], hi: list[float], inter: str, out: torch.Tenso
     n, w = tau.shape
     lo_a, hi_a = _floats(lo), _floats(hi)
     src = _src(tau)
-    _check(_lib.mc_pcb_beta(ctypes.byref(src), n, w, lo_a.ctypes.data, hi_a.ctypes.data, _VARIANTS[inter],
-                            out.data_ptr(), out.stride(0)))
+    _check(
+        _lib.mc_pcb_beta(
+            ctypes.byref(src), n, w, lo_a.ctypes.data, hi_a.ctypes.data, _VARIANTS[inter], out.data_ptr(), out.stride(0)
+        )
+    )
     return out
 
 
-def pcb_merge(tau, stats: dict, inter: str, weights: list[float] | None, scale: float, out: torch.Tensor,
-              bits: np.ndarray | None = None) -> None:
+def pcb_merge(
+    tau,
+    stats: dict,
+    inter: str,
+    weights: list[float] | None,
+    scale: float,
+    out: torch.Tensor,
+    bits: np.ndarray | None = None,
+) -> None:
     """PCB steps 1-7 on the w columns of `tau` (n, w; a tensor or `StoredColumns`), merged values
     to `out` (w,). With `bits` (stage 1's candidate bits of these columns, np.packbits order), β
     is computed only where a bit is set, and `out` gets exact zeros elsewhere."""
@@ -176,8 +193,13 @@ def pcb_merge(tau, stats: dict, inter: str, weights: list[float] | None, scale: 
     arrays = [_floats(stats[k]) for k in ("lo", "hi", "t", "m")]
     wts = _floats(weights) if weights is not None else None
     src = _src(tau)
-    args = [*[a.ctypes.data for a in arrays], _VARIANTS[inter], wts.ctypes.data if wts is not None else None, scale,
-            out.data_ptr()]
+    args = [
+        *[a.ctypes.data for a in arrays],
+        _VARIANTS[inter],
+        wts.ctypes.data if wts is not None else None,
+        scale,
+        out.data_ptr(),
+    ]
     if bits is None:
         _check(_lib.mc_pcb_merge(ctypes.byref(src), n, w, *args))
         return
@@ -198,8 +220,9 @@ class Stage1Block:
     marked: int
 
 
-def pcb_stage1(tau, lo: list[float], hi: list[float], inter: str, brackets: list[tuple[float, float]],
-               floors: list[float] | None) -> Stage1Block:
+def pcb_stage1(
+    tau, lo: list[float], hi: list[float], inter: str, brackets: list[tuple[float, float]], floors: list[float] | None
+) -> Stage1Block:
     """PCB's β on the columns of `tau` (n, w) reduced on the fly: per row i, the count below and
     the values inside `brackets[i]`, and the maximum; with `floors`, the candidate bits of
     `mark_above`. β itself is never stored."""
@@ -213,13 +236,33 @@ def pcb_stage1(tau, lo: list[float], hi: list[float], inter: str, brackets: list
     blo, bhi = _floats([b[0] for b in brackets]), _floats([b[1] for b in brackets])
     f = _floats(floors) if floors is not None else None
     src = _src(tau)
-    _check(_lib.mc_pcb_stage1(ctypes.byref(src), n, w, lo_a.ctypes.data, hi_a.ctypes.data, _VARIANTS[inter],
-                              blo.ctypes.data, bhi.ctypes.data, below.ctypes.data, buf.ctypes.data, buf.shape[1],
-                              found.ctypes.data, maxima.ctypes.data, f.ctypes.data if f is not None else None,
-                              bits.ctypes.data if bits is not None else None, ctypes.byref(marked)))
-    return Stage1Block(below=[int(b) for b in below],
-                       inside=[_inside(buf[i], int(found[i]), *brackets[i]) for i in range(n)],
-                       maxima=torch.from_numpy(maxima), bits=bits, marked=marked.value)
+    _check(
+        _lib.mc_pcb_stage1(
+            ctypes.byref(src),
+            n,
+            w,
+            lo_a.ctypes.data,
+            hi_a.ctypes.data,
+            _VARIANTS[inter],
+            blo.ctypes.data,
+            bhi.ctypes.data,
+            below.ctypes.data,
+            buf.ctypes.data,
+            buf.shape[1],
+            found.ctypes.data,
+            maxima.ctypes.data,
+            f.ctypes.data if f is not None else None,
+            bits.ctypes.data if bits is not None else None,
+            ctypes.byref(marked),
+        )
+    )
+    return Stage1Block(
+        below=[int(b) for b in below],
+        inside=[_inside(buf[i], int(found[i]), *brackets[i]) for i in range(n)],
+        maxima=torch.from_numpy(maxima),
+        bits=bits,
+        marked=marked.value,
+    )
 
 
 def _inside(row: np.ndarray, found: int, lo: float, hi: float) -> np.ndarray | int:
@@ -247,10 +290,26 @@ def abs_brackets(tau, brackets: list[list[tuple[float, float]]]) -> AbsBrackets:
     blo, bhi = _floats([b[0] for b in flat]), _floats([b[1] for b in flat])
     finite = ctypes.c_int()
     src = _src(tau)
-    _check(_lib.mc_abs_brackets(ctypes.byref(src), n, w, nb, blo.ctypes.data, bhi.ctypes.data, below.ctypes.data,
-                                buf.ctypes.data, buf.shape[1], found.ctypes.data, ctypes.byref(finite)))
-    return AbsBrackets([int(b) for b in below], [_inside(buf[q], int(found[q]), *flat[q]) for q in range(len(flat))],
-                       bool(finite.value))
+    _check(
+        _lib.mc_abs_brackets(
+            ctypes.byref(src),
+            n,
+            w,
+            nb,
+            blo.ctypes.data,
+            bhi.ctypes.data,
+            below.ctypes.data,
+            buf.ctypes.data,
+            buf.shape[1],
+            found.ctypes.data,
+            ctypes.byref(finite),
+        )
+    )
+    return AbsBrackets(
+        [int(b) for b in below],
+        [_inside(buf[q], int(found[q]), *flat[q]) for q in range(len(flat))],
+        bool(finite.value),
+    )
 
 
 def all_finite(tau) -> bool:

@@ -24,6 +24,7 @@ coordinate, where some β_i exceeds the lower end of t_i's sample bracket (a bou
 exact t_i); the merge pass then computes β on those columns only (about a quarter of them at
 ratio 0.1) and writes exact zeros elsewhere, as the full computation would.
 """
+
 from __future__ import annotations
 
 import threading
@@ -36,7 +37,6 @@ from mcomp.merge import native
 from mcomp.merge.kernels import GrowableArray, Workspace, column_blocks, exp_, parallel_map, scratch, tanh_
 from mcomp.merge.registry import Chunk, MergeMethod, MethodParams, NonFiniteInput, _choice, _number, register
 from mcomp.merge.selection import RowMax, RowQuantiles
-
 
 _FLOAT32 = torch.empty(0)  # the dtype/device model for scratch buffers of float32 results
 
@@ -63,8 +63,9 @@ def clip(tau: torch.Tensor, lo: list[float], hi: list[float], workspace: Workspa
     return a
 
 
-def clip_and_normalise(tau: torch.Tensor, lo: list[float], hi: list[float], workspace: Workspace | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
+def clip_and_normalise(
+    tau: torch.Tensor, lo: list[float], hi: list[float], workspace: Workspace | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(a, N): clipped magnitudes and their min–max normalisation (zero range -> 0)."""
     lo_col = _column(lo, tau)
     a = clip(tau, lo, hi, workspace)
@@ -108,8 +109,9 @@ def scores_from_beta(beta: torch.Tensor, t: list[float], m: list[float]) -> torc
     return s
 
 
-def combine(clipped: torch.Tensor, s: torch.Tensor, weights: list[float] | None, scale: float,
-            inplace: bool = False) -> torch.Tensor:
+def combine(
+    clipped: torch.Tensor, s: torch.Tensor, weights: list[float] | None, scale: float, inplace: bool = False
+) -> torch.Tensor:
     """Step 7: Σ λ_i s_i τ̃_i / max(Σ s_i, 1e-12), times λ. `inplace` overwrites `clipped`."""
     num = clipped.mul_(s) if inplace else clipped * s
     if weights is not None:
@@ -217,7 +219,9 @@ class Pcb(MergeMethod):
         """β for this chunk (fused native kernel when available, else the NumPy/torch chain)."""
         ws = workspace if workspace is not None else self.workspace
         if native.usable(tau):
-            return native.pcb_beta(tau, stats["lo"], stats["hi"], self.p.inter, scratch(ws, "pcb.beta", tau.shape, _FLOAT32))
+            return native.pcb_beta(
+                tau, stats["lo"], stats["hi"], self.p.inter, scratch(ws, "pcb.beta", tau.shape, _FLOAT32)
+            )
         _, norm = clip_and_normalise(tau, stats["lo"], stats["hi"], ws)
         return balance(tau, norm, self.p.inter, ws)
 
@@ -244,8 +248,9 @@ class Pcb(MergeMethod):
         # the common streaming case: every statistic reduces block by block, on the pool, while
         # each block's values are still in cache; otherwise (the sample, fallback passes, other
         # devices, in memory) the whole chunk is one block
-        blockwise = (self._blocked(tau) and bool(chunk.segments) and isinstance(quantiles, RowQuantiles)
-                     and quantiles.blockwise)
+        blockwise = (
+            self._blocked(tau) and bool(chunk.segments) and isinstance(quantiles, RowQuantiles) and quantiles.blockwise
+        )
         update = quantiles.update_block if blockwise else quantiles.update
         candidates = self._candidate_record(stage, quantiles) if chunk.segments else None
         # the brackets the fused kernels scan against (None: scan through the reducer)
@@ -272,8 +277,14 @@ class Pcb(MergeMethod):
                     nonfinite.append(start)
                 return
             if brackets is not None:  # fused: β never leaves the cache
-                got = native.pcb_stage1(part, stats["lo"], stats["hi"], self.p.inter, brackets,
-                                        candidates.floors if candidates is not None else None)
+                got = native.pcb_stage1(
+                    part,
+                    stats["lo"],
+                    stats["hi"],
+                    self.p.inter,
+                    brackets,
+                    candidates.floors if candidates is not None else None,
+                )
                 quantiles.add_scanned(part.shape[1], got.below, got.inside)
                 reducers["max"].update_max(got.maxima)
                 if candidates is not None:
@@ -323,8 +334,9 @@ class Pcb(MergeMethod):
             if self._candidates is not None:  # share of coordinates the merge pass computes β on
                 stats["candidates"] = self._candidates.count / q.total
 
-    def scores(self, tau: torch.Tensor, stats: dict, workspace: Workspace | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def scores(
+        self, tau: torch.Tensor, stats: dict, workspace: Workspace | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(s, τ̃): the λ-independent part of the merge (reused across coefficient search)."""
         ws = workspace if workspace is not None else self.workspace
         if native.usable(tau):
@@ -344,14 +356,24 @@ class Pcb(MergeMethod):
             delta = scratch(self.workspace, "pcb.delta", (tau.shape[1],), _FLOAT32)
             blocks = self._candidates.blocks(chunk.index, tau.shape[1]) if self._candidates is not None else None
             if blocks is not None:  # stage 1's blocks (equal shares) with their bits: β on the marked columns only
-                parallel_map(lambda b: native.pcb_merge(native.columns(tau, b[0], b[0] + b[1]), stats, self.p.inter,
-                                                        weights, self.p.scale, delta[b[0]:b[0] + b[1]], bits=b[2]),
-                             blocks)
+                parallel_map(
+                    lambda b: native.pcb_merge(
+                        native.columns(tau, b[0], b[0] + b[1]),
+                        stats,
+                        self.p.inter,
+                        weights,
+                        self.p.scale,
+                        delta[b[0] : b[0] + b[1]],
+                        bits=b[2],
+                    ),
+                    blocks,
+                )
                 return delta
 
             def dense(start: int, stop: int, ws: Workspace) -> None:
-                native.pcb_merge(native.columns(tau, start, stop), stats, self.p.inter, weights, self.p.scale,
-                                 delta[start:stop])
+                native.pcb_merge(
+                    native.columns(tau, start, stop), stats, self.p.inter, weights, self.p.scale, delta[start:stop]
+                )
 
             column_blocks(dense, tau.shape[1], self._block_columns(), self.workspace)
             return delta

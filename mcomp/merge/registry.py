@@ -7,6 +7,7 @@ then maps each chunk to the merged delta with `merge`. Every statistic the metho
 per coordinate or a per-task scalar, so this shape fits all of them, and the same code runs
 in memory (one chunk holding everything) and streaming from disk (many chunks, a few passes).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -71,8 +72,9 @@ class MethodParams:
         return list(self.weights) if self.weights is not None else [1.0] * n
 
 
-def _number(p: Any, name: str, lo: float | None = None, hi: float | None = None,
-            lo_open: bool = False, hi_open: bool = False) -> float:
+def _number(
+    p: Any, name: str, lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False
+) -> float:
     value = getattr(p, name)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"parameter {name!r} must be a number, got {value!r}")
@@ -80,11 +82,14 @@ def _number(p: Any, name: str, lo: float | None = None, hi: float | None = None,
     if not math.isfinite(value):
         raise ValueError(f"parameter {name!r} must be finite, got {value}")
     if lo is not None and (value < lo or (lo_open and value == lo)):
-        raise ValueError(f"parameter {name!r} = {value} is out of range {'(' if lo_open else '['}{lo}, "
-                         f"{hi if hi is not None else 'inf'}{')' if hi_open or hi is None else ']'}")
+        raise ValueError(
+            f"parameter {name!r} = {value} is out of range {'(' if lo_open else '['}{lo}, "
+            f"{hi if hi is not None else 'inf'}{')' if hi_open or hi is None else ']'}"
+        )
     if hi is not None and (value > hi or (hi_open and value == hi)):
-        raise ValueError(f"parameter {name!r} = {value} is out of range {'(' if lo_open else '['}{lo}, "
-                         f"{hi}{')' if hi_open else ']'}")
+        raise ValueError(
+            f"parameter {name!r} = {value} is out of range {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        )
     setattr(p, name, value)
     return value
 
@@ -202,4 +207,5 @@ def _load_builtins() -> None:
             raise ValueError(f"merge method entry point {name!r} names the method {cls.name!r}")
         if name not in _REGISTRY:
             register(cls)
+
     load_group(MERGE_METHODS, loaded)

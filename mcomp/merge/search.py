@@ -11,6 +11,7 @@ the clipped task vectors τ̃_i (steps 1–6), or the task vectors for task arit
 evaluation only repeats the weighted combination (step 7). Other methods re-merge per
 evaluation. Search on a validation split, never on the test split.
 """
+
 from __future__ import annotations
 
 import logging
@@ -39,15 +40,21 @@ class SearchResult:
 class PreparedMerge:
     """The λ-independent part of a merge, kept in memory; `merge(weights)` repeats step 7 only."""
 
-    def __init__(self, base: dict[str, torch.Tensor], models: list[dict[str, torch.Tensor]], method: str = "pcb",
-                 **params):
+    def __init__(
+        self, base: dict[str, torch.Tensor], models: list[dict[str, torch.Tensor]], method: str = "pcb", **params
+    ):
         self.base = base
         self.method_name = method
         params = {k: v for k, v in params.items() if k != "weights"}
         self.scale = float(params.get("scale", 1.0))
         src = MemorySource(base, "base")
-        self.engine = MergeEngine(src, [MemorySource(m, f"model {i}") for i, m in enumerate(models)], method,
-                                  inmemory_elems=INMEMORY_ELEMS, **params)
+        self.engine = MergeEngine(
+            src,
+            [MemorySource(m, f"model {i}") for i, m in enumerate(models)],
+            method,
+            inmemory_elems=INMEMORY_ELEMS,
+            **params,
+        )
         self.n = len(models)
         self.parts: list[tuple[tuple[Segment, ...], torch.Tensor, torch.Tensor, torch.Tensor]] = []
         if method not in ("pcb", "task_arithmetic", "linear"):
@@ -81,14 +88,20 @@ class PreparedMerge:
                 delta = (clipped * ww).sum(0) * self.scale
             pos = 0
             for seg in segments:
-                sink.put(seg, b[pos:pos + seg.size], delta[pos:pos + seg.size])
+                sink.put(seg, b[pos : pos + seg.size], delta[pos : pos + seg.size])
                 pos += seg.size
         return {k: sink.out[k] for k in self.base}
 
 
-def cma_search(loss: Callable[[list[float]], float], n: int, *, bounds: tuple[float, float] = (0.8, 1.3),
-               budget: int = 100, seed: int = 0, sigma: float | None = None
-               ) -> tuple[list[float], float, list[tuple[list[float], float]]]:
+def cma_search(
+    loss: Callable[[list[float]], float],
+    n: int,
+    *,
+    bounds: tuple[float, float] = (0.8, 1.3),
+    budget: int = 100,
+    seed: int = 0,
+    sigma: float | None = None,
+) -> tuple[list[float], float, list[tuple[list[float], float]]]:
     """Minimise `loss(w)` over w in [low, high]^n with CMA-ES; returns (best w, best loss, history).
 
     `budget`: loss evaluations. Same seed, same loss -> same result.
@@ -111,8 +124,14 @@ def cma_search(loss: Callable[[list[float]], float], n: int, *, bounds: tuple[fl
     x0 = [min(max(1.0, lo), hi)] * n
     if n == 1:  # CMA-ES needs two dimensions; search a 1-D line by a padded dummy coordinate
         x0 = x0 + [0.5 * (lo + hi)]
-    opts = {"bounds": [lo, hi], "seed": (int(seed) % (2**31 - 2)) + 1, "maxfevals": budget, "verbose": -9,
-            "tolfun": 1e-12, "tolx": 1e-9}
+    opts = {
+        "bounds": [lo, hi],
+        "seed": (int(seed) % (2**31 - 2)) + 1,
+        "maxfevals": budget,
+        "verbose": -9,
+        "tolfun": 1e-12,
+        "tolx": 1e-9,
+    }
     es = cma.CMAEvolutionStrategy(x0, sigma if sigma is not None else 0.3 * (hi - lo), opts)
     while not es.stop() and len(history) < budget:
         xs = es.ask()[: budget - len(history)]
@@ -125,18 +144,33 @@ def cma_search(loss: Callable[[list[float]], float], n: int, *, bounds: tuple[fl
     return best_w, best, history
 
 
-def search_coefficients(base: dict[str, torch.Tensor], models: list[dict[str, torch.Tensor]],
-                        objective: Callable[[dict[str, torch.Tensor]], float], *, method: str = "pcb",
-                        bounds: tuple[float, float] = (0.8, 1.3), budget: int = 100, seed: int = 0,
-                        maximize: bool = False, sigma: float | None = None, **params) -> SearchResult:
+def search_coefficients(
+    base: dict[str, torch.Tensor],
+    models: list[dict[str, torch.Tensor]],
+    objective: Callable[[dict[str, torch.Tensor]], float],
+    *,
+    method: str = "pcb",
+    bounds: tuple[float, float] = (0.8, 1.3),
+    budget: int = 100,
+    seed: int = 0,
+    maximize: bool = False,
+    sigma: float | None = None,
+    **params,
+) -> SearchResult:
     """Search per-model λ_i in `bounds` minimising (or maximising) `objective(merged_state_dict)`.
 
     `budget`: objective evaluations. Same seed, same objective -> same result.
     """
     prepared = PreparedMerge(base, models, method, **params)
     sign = -1.0 if maximize else 1.0
-    best_w, best, history = cma_search(lambda w: sign * float(objective(prepared.merge(w))), len(models),
-                                       bounds=bounds, budget=budget, seed=seed, sigma=sigma)
+    best_w, best, history = cma_search(
+        lambda w: sign * float(objective(prepared.merge(w))),
+        len(models),
+        bounds=bounds,
+        budget=budget,
+        seed=seed,
+        sigma=sigma,
+    )
     history = [(w, sign * v) for w, v in history]
     logger.info("coefficient search: %d evaluations, best %s -> %.6g", len(history), best_w, sign * best)
     return SearchResult(weights=best_w, score=sign * best, evaluations=len(history), history=history)

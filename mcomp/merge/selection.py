@@ -16,6 +16,7 @@ chunks and every statistic is found exactly, without ever holding a row:
 
 Ranks are 0-indexed positions in the ascending order (the spec's "index floor(d*p)").
 """
+
 from __future__ import annotations
 
 import math
@@ -155,8 +156,9 @@ class RowQuantiles:
                 by_row.setdefault(t.row, []).append(t)
         if not whole and x.device.type == "cpu" and all(t.mode == "bracket" for ts in by_row.values() for t in ts):
             # the common case: each row's bracket work is independent NumPy work; rows in parallel
-            parts = parallel_map(lambda item: [(t, self._bracket_scan(t, x[item[0]])) for t in item[1]],
-                                 list(by_row.items()))
+            parts = parallel_map(
+                lambda item: [(t, self._bracket_scan(t, x[item[0]])) for t in item[1]], list(by_row.items())
+            )
             for row_parts in parts:
                 for t, part in row_parts:
                     self._bracket_add(t, part)

@@ -11,6 +11,7 @@ takes slices as `view`s of a memory map of the file: no copy, and the pages coun
 cache, not as the process's private memory. `read`/`read_into` copy a byte range with
 `os.preadv` instead, for callers that keep or modify what they read.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,15 @@ from pathlib import Path
 import torch
 
 DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -92,8 +100,9 @@ class ZeroSource(Source):
 
     def __init__(self, infos: dict[str, TensorInfo], name: str = "zero base"):
         self.name = name
-        self.infos = {k: TensorInfo(v.shape, torch.float32 if v.dtype.is_floating_point else v.dtype)
-                      for k, v in infos.items()}
+        self.infos = {
+            k: TensorInfo(v.shape, torch.float32 if v.dtype.is_floating_point else v.dtype) for k, v in infos.items()
+        }
 
     def read(self, key: str, start: int, stop: int) -> torch.Tensor:
         return torch.zeros(stop - start, dtype=self.infos[key].dtype)

@@ -10,6 +10,7 @@ sample read once per group, see `mcomp.merge.selection`; two more passes if a br
 misses), then one merge pass that hands the merged delta to the sink. Statistics are exact,
 so the result does not depend on the chunking.
 """
+
 from __future__ import annotations
 
 import logging
@@ -90,10 +91,21 @@ class MergeEngine:
     bracket order statistics (0: use the two-pass histogram instead).
     """
 
-    def __init__(self, base: Source, models: list[Source], method: str, *, keys: list[str] | None = None,
-                 device: str | torch.device = "cpu", chunk_elems: int = DEFAULT_CHUNK, inmemory_elems: int = 0,
-                 sample_size: int = DEFAULT_SAMPLE, progress: bool = False, check_finite: bool = True,
-                 **params: Any):
+    def __init__(
+        self,
+        base: Source,
+        models: list[Source],
+        method: str,
+        *,
+        keys: list[str] | None = None,
+        device: str | torch.device = "cpu",
+        chunk_elems: int = DEFAULT_CHUNK,
+        inmemory_elems: int = 0,
+        sample_size: int = DEFAULT_SAMPLE,
+        progress: bool = False,
+        check_finite: bool = True,
+        **params: Any,
+    ):
         if not models:
             raise ValueError("need at least one model to merge")
         self.base = base
@@ -128,21 +140,29 @@ class MergeEngine:
                 missing, extra = sorted(base_keys - mk), sorted(mk - base_keys)
                 parts = []
                 if missing:
-                    parts.append(f"missing from the model: {missing[:5]}{' ...' if len(missing) > 5 else ''} ({len(missing)})")
+                    parts.append(
+                        f"missing from the model: {missing[:5]}{' ...' if len(missing) > 5 else ''} ({len(missing)})"
+                    )
                 if extra:
                     parts.append(f"not in the base: {extra[:5]}{' ...' if len(extra) > 5 else ''} ({len(extra)})")
-                raise ValueError(f"model {m.name!r} and base {self.base.name!r} have different tensors: {'; '.join(parts)}")
+                raise ValueError(
+                    f"model {m.name!r} and base {self.base.name!r} have different tensors: {'; '.join(parts)}"
+                )
         order = self.base.storage_order() if hasattr(self.base, "storage_order") else list(self.base.infos)
         for key in order:
             b = self.base.infos[key]
             for m in self.models:
                 info = m.infos[key]
                 if info.shape != b.shape:
-                    raise ValueError(f"tensor {key!r}: shape {list(info.shape)} in model {m.name!r} "
-                                     f"but {list(b.shape)} in base {self.base.name!r}")
+                    raise ValueError(
+                        f"tensor {key!r}: shape {list(info.shape)} in model {m.name!r} "
+                        f"but {list(b.shape)} in base {self.base.name!r}"
+                    )
                 if info.dtype != b.dtype:
-                    raise ValueError(f"tensor {key!r}: dtype {info.dtype} in model {m.name!r} "
-                                     f"but {b.dtype} in base {self.base.name!r}")
+                    raise ValueError(
+                        f"tensor {key!r}: dtype {info.dtype} in model {m.name!r} "
+                        f"but {b.dtype} in base {self.base.name!r}"
+                    )
         if keys is not None:
             unknown = sorted(set(keys) - base_keys)
             if unknown:
@@ -193,8 +213,9 @@ class MergeEngine:
         return items
 
     # -- reading ------------------------------------------------------------------------------
-    def read(self, chunk: Chunk, check: bool = False, workspace: Workspace | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+    def read(
+        self, chunk: Chunk, check: bool = False, workspace: Workspace | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(θ0, τ) of a chunk as float32 on the engine device: shapes (C,) and (n, C).
 
         With a `workspace` they live in its buffers (valid until the next read)."""
@@ -225,9 +246,13 @@ class MergeEngine:
         dtype the native kernels decode, maths on the CPU)."""
         if self._stored_ok is None:
             dtype = self.base.infos[self.merge_keys[0]].dtype
-            self._stored_ok = (self.device.type == "cpu" and native.StoredColumns.supports(dtype)
-                               and all(self.base.infos[k].dtype == dtype for k in self.merge_keys)
-                               and self.base.stores_weights and all(m.stores_weights for m in self.models))
+            self._stored_ok = (
+                self.device.type == "cpu"
+                and native.StoredColumns.supports(dtype)
+                and all(self.base.infos[k].dtype == dtype for k in self.merge_keys)
+                and self.base.stores_weights
+                and all(m.stores_weights for m in self.models)
+            )
         return self._stored_ok
 
     def read_stored(self, chunk: Chunk, workspace: Workspace | None = None) -> native.StoredColumns:
@@ -235,8 +260,10 @@ class MergeEngine:
         tensor (memory-mapped files: no copy), else copies in `workspace` buffers."""
         if len(chunk.segments) == 1:
             seg = chunk.segments[0]
-            return native.StoredColumns(self.base.view(seg.name, seg.start, seg.stop),
-                                        [m.view(seg.name, seg.start, seg.stop) for m in self.models])
+            return native.StoredColumns(
+                self.base.view(seg.name, seg.start, seg.stop),
+                [m.view(seg.name, seg.start, seg.stop) for m in self.models],
+            )
         size = chunk.size
         like = torch.empty(0, dtype=self.base.infos[chunk.segments[0].name].dtype)
         base = scratch(workspace, "read.stored_base", (size,), like)
@@ -283,8 +310,10 @@ class MergeEngine:
                 raise ValueError(f"tensor {seg.name!r} of base {self.base.name!r} contains NaN or Inf")
             bad = [m.name for i, m in enumerate(self.models) if not bool(torch.isfinite(tau[i, pos:end]).all())]
             if bad:
-                raise ValueError(f"tensor {seg.name!r} contains NaN or Inf (or overflows against the base) in "
-                                 f"model(s) {_fmt_models(bad)}")
+                raise ValueError(
+                    f"tensor {seg.name!r} contains NaN or Inf (or overflows against the base) in "
+                    f"model(s) {_fmt_models(bad)}"
+                )
             pos = end
 
     def read_sample(self, group: list[str], size: int) -> torch.Tensor:
@@ -294,8 +323,14 @@ class MergeEngine:
         total = sum(sizes)
         blocks = max(1, min(size, total) // SAMPLE_BLOCK)
         gen = torch.Generator().manual_seed(12345)
-        offsets = ((torch.arange(blocks, dtype=torch.float64) + torch.rand(blocks, generator=gen, dtype=torch.float64))
-                   * (total / blocks)).long().tolist()
+        offsets = (
+            (
+                (torch.arange(blocks, dtype=torch.float64) + torch.rand(blocks, generator=gen, dtype=torch.float64))
+                * (total / blocks)
+            )
+            .long()
+            .tolist()
+        )
         cum = [0]
         for s in sizes:
             cum.append(cum[-1] + s)
@@ -354,7 +389,9 @@ class MergeEngine:
                     q.end_pass()
                 first = False
             if any(q.passes > 1 for q in quantiles.values()):
-                logger.info("%s stage %d: a sample bracket missed; exact histogram fallback used", method.name, stage + 1)
+                logger.info(
+                    "%s stage %d: a sample bracket missed; exact histogram fallback used", method.name, stage + 1
+                )
             method.finish(stage, reducers, stats)
         return stats
 
@@ -385,6 +422,11 @@ class MergeEngine:
                     bar.update(chunk.size)
         self.report.groups = len(groups)
         self.report.seconds = time.perf_counter() - t0
-        logger.info("%s merge: %d group(s), %d pass(es) over the inputs, %.1f s", self.method_cls.name,
-                    len(groups), self.report.passes, self.report.seconds)
+        logger.info(
+            "%s merge: %d group(s), %d pass(es) over the inputs, %.1f s",
+            self.method_cls.name,
+            len(groups),
+            self.report.passes,
+            self.report.seconds,
+        )
         return self.report

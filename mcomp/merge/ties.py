@@ -11,6 +11,7 @@
 Per-model weights w_i multiply the trimmed task vectors before the election (they do not
 change the trim, which is scale-invariant per task, and the mean divides by the count).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -6,6 +6,7 @@ The merge engine produces each output tensor slice by slice. Holding a whole sha
 the bytes as they come. The files are standard safetensors (`safe_open` and transformers read
 them); the directory they live in is made atomic by the caller (`mcomp.io.atomic_directory`).
 """
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,15 @@ def parse_size(text: str | int) -> int:
 class ShardedWriter:
     """Write tensors in the declared order into `directory` (shards + index when more than one)."""
 
-    def __init__(self, directory: str | os.PathLike, layout: list[tuple[str, TensorInfo]], max_shard_bytes: int,
-                 prefix: str = "model", metadata: dict[str, str] | None = None, origin: str = ""):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        layout: list[tuple[str, TensorInfo]],
+        max_shard_bytes: int,
+        prefix: str = "model",
+        metadata: dict[str, str] | None = None,
+        origin: str = "",
+    ):
         self.directory = Path(directory)
         self.origin = origin  # the inputs, named in errors
         self.layout = layout
@@ -72,7 +80,11 @@ class ShardedWriter:
         offset = 0
         for name, info in items:
             nbytes = info.numel * info.dtype.itemsize
-            header[name] = {"dtype": DTYPE_NAMES[info.dtype], "shape": list(info.shape), "data_offsets": [offset, offset + nbytes]}
+            header[name] = {
+                "dtype": DTYPE_NAMES[info.dtype],
+                "shape": list(info.shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
         raw += b" " * (-len(raw) % 8)
@@ -112,14 +124,20 @@ class ShardedWriter:
                 self._open_shard(self._shard_of[name])
             self._pos += 1
         if self._pos != len(self._order):
-            raise RuntimeError(f"writer: {len(self._order) - self._pos} tensor(s) not written, first {self._order[self._pos]!r}")
+            raise RuntimeError(
+                f"writer: {len(self._order) - self._pos} tensor(s) not written, first {self._order[self._pos]!r}"
+            )
         if self._file is not None:
             self._file.close()
             self._file = None
         if len(self.shards) > 1:
-            index = {"metadata": {"total_size": self.total_size},
-                     "weight_map": {name: fname for fname, items in self.shards for name, _ in items}}
-            (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            index = {
+                "metadata": {"total_size": self.total_size},
+                "weight_map": {name: fname for fname, items in self.shards for name, _ in items},
+            }
+            (self.directory / INDEX_NAME).write_text(
+                json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8"
+            )
 
     def abort(self) -> None:
         if self._file is not None:

@@ -35,11 +35,22 @@ Outputs of `generate_world(out_dir, size, seed)` (see `datasets`, `text`):
 The same seed and config give byte-identical files on the same software stack (every file has its own
 seeded random stream; PNG/WAV/PLY carry no timestamps; MP4 is written with the `bitexact` flags).
 """
+
 from mcomp.world.datasets import MCUB_SUBSETS
 from mcomp.world.entities import MODALITIES, AttributeSpace, Entity, EntitySplit, load_attribute_space, split_entities
 from mcomp.world.generate import CONVERSATION_CORPORA, WORLD_VERSION, WorldManifest, generate_world, load_world_config
 
 __all__ = [
-    "CONVERSATION_CORPORA", "MCUB_SUBSETS", "MODALITIES", "AttributeSpace", "Entity", "EntitySplit", "WORLD_VERSION",
-    "WorldManifest", "generate_world", "load_attribute_space", "load_world_config", "split_entities",
+    "CONVERSATION_CORPORA",
+    "MCUB_SUBSETS",
+    "MODALITIES",
+    "AttributeSpace",
+    "Entity",
+    "EntitySplit",
+    "WORLD_VERSION",
+    "WorldManifest",
+    "generate_world",
+    "load_attribute_space",
+    "load_world_config",
+    "split_entities",
 ]

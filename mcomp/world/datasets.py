@@ -16,6 +16,7 @@ Nothing here renders or writes; `generate.py` does. Paths are relative to the wo
   files expect: `data/test/MCUB-4.json`, `data/test/MCUB-3-<subset>.json`, `data/test/MCUB-answer.json`,
   media under `media/<modality>/`, plus `data/test/MCUB-meta.json` (kind, inputs, answer per id).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -85,18 +86,24 @@ def modality_samples(
     out = []
     for j, kind in enumerate(kinds):
         question, answer = modality_question(modality, entity, kind, option_pool, rng)
-        out.append({
-            "id": f"{sample_id}-{j}",
-            "conversations": _turns(prefix + question, answer),
-            "modal_inputs": {MEDIA_KEY[modality]: [media_path]},
-            "media_captions": {MEDIA_KEY[modality]: [entity.text]},
-        })
+        out.append(
+            {
+                "id": f"{sample_id}-{j}",
+                "conversations": _turns(prefix + question, answer),
+                "modal_inputs": {MEDIA_KEY[modality]: [media_path]},
+                "media_captions": {MEDIA_KEY[modality]: [entity.text]},
+            }
+        )
     return out
 
 
 def modality_plan(
-    folder: str, entities: Sequence[Entity], n_media: int,
-    samples_per_media: int, option_pool: Sequence[Entity], seed: int,
+    folder: str,
+    entities: Sequence[Entity],
+    n_media: int,
+    samples_per_media: int,
+    option_pool: Sequence[Entity],
+    seed: int,
 ) -> Plan:
     """`<folder>/<modality>.json` for every modality, over `n_media` renders of `entities` (balanced)."""
     plan = Plan()
@@ -116,8 +123,12 @@ def modality_plan(
 
 # --- MCUB-style sets ------------------------------------------------------------------------------
 def mcub_plan(
-    space: AttributeSpace, split_name: str, answers_pool: Sequence[Entity], n_questions: int,
-    attribute_fraction: float, seed: int,
+    space: AttributeSpace,
+    split_name: str,
+    answers_pool: Sequence[Entity],
+    n_questions: int,
+    attribute_fraction: float,
+    seed: int,
 ) -> Plan:
     """Question files, answer file and metadata of one MCUB data root (`mcub/<split_name>`).
 
@@ -155,11 +166,18 @@ def mcub_plan(
             prompt = mcub_prompt(modalities, item)
             questions.append({"id": qid, "conversations": _turns(prompt, None), "modal_inputs": modal_inputs})
             answers.append({"id": qid, "conversations": _turns(prompt, item.letter)})
-            meta.append({
-                "id": qid, "subset": subset, "kind": item.kind, "answer": item.letter, "answer_text": item.shared,
-                "shared_attribute": item.shared_attribute, "options": item.options,
-                "inputs": {m: e.key for m, e in zip(modalities, item.inputs)},
-            })
+            meta.append(
+                {
+                    "id": qid,
+                    "subset": subset,
+                    "kind": item.kind,
+                    "answer": item.letter,
+                    "answer_text": item.shared,
+                    "shared_attribute": item.shared_attribute,
+                    "options": item.options,
+                    "inputs": {m: e.key for m, e in zip(modalities, item.inputs)},
+                }
+            )
         plan.documents[f"{root}/{MCUB_DIR}/{subset}.json"] = questions
     plan.documents[f"{root}/{MCUB_DIR}/MCUB-answer.json"] = answers
     plan.documents[f"{root}/{MCUB_DIR}/MCUB-meta.json"] = meta
@@ -199,16 +217,35 @@ def pretrain_plan(space: AttributeSpace, n_media: int, seed: int) -> Plan:
 def world_plan(space: AttributeSpace, split: EntitySplit, cfg: Mapping[str, Any], seed: int) -> Plan:
     """Every document and media job of the world, except the text corpora and the manifest."""
     plan = pretrain_plan(space, int(cfg["pretrain"]["media_per_modality"]), seed)
-    plan.merge(modality_plan(
-        "train", split.train, cfg["train"]["media_per_modality"], cfg["train"]["samples_per_media"],
-        split.train, seed,
-    ))
-    plan.merge(modality_plan(
-        "val", split.dev, cfg["val"]["media_per_modality"], cfg["val"]["samples_per_media"],
-        space.entities(), seed,
-    ))
+    plan.merge(
+        modality_plan(
+            "train",
+            split.train,
+            cfg["train"]["media_per_modality"],
+            cfg["train"]["samples_per_media"],
+            split.train,
+            seed,
+        )
+    )
+    plan.merge(
+        modality_plan(
+            "val",
+            split.dev,
+            cfg["val"]["media_per_modality"],
+            cfg["val"]["samples_per_media"],
+            space.entities(),
+            seed,
+        )
+    )
     for split_name, key in (("test", "test_questions"), ("dev", "dev_questions")):
-        plan.merge(mcub_plan(
-            space, split_name, split.of(split_name), cfg["mcub"][key], cfg["mcub"]["attribute_fraction"], seed,
-        ))
+        plan.merge(
+            mcub_plan(
+                space,
+                split_name,
+                split.of(split_name),
+                cfg["mcub"][key],
+                cfg["mcub"]["attribute_fraction"],
+                seed,
+            )
+        )
     return plan

@@ -1,5 +1,6 @@
 """The attribute space of the synthetic world, its entities, the seeded train/dev/test split and
 the per-file seeding scheme."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -80,8 +81,13 @@ class AttributeSpace:
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> "AttributeSpace":
-        shapes = tuple(Shape(s["name"], s.get("plural", s["name"] + "s"), s["timbre"], s.get("sound", s["timbre"])) for s in cfg["shapes"])
-        colours = tuple(Colour(c["name"], tuple(int(v) for v in c["rgb"]), float(c["pitch_hz"])) for c in cfg["colours"])
+        shapes = tuple(
+            Shape(s["name"], s.get("plural", s["name"] + "s"), s["timbre"], s.get("sound", s["timbre"]))
+            for s in cfg["shapes"]
+        )
+        colours = tuple(
+            Colour(c["name"], tuple(int(v) for v in c["rgb"]), float(c["pitch_hz"])) for c in cfg["colours"]
+        )
         for kind, items in (("shape", shapes), ("colour", colours)):
             names = [i.name for i in items]
             if len(set(names)) != len(names):

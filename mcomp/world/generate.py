@@ -1,4 +1,5 @@
 """`generate_world`: render every file of the world into a folder, atomically, with a manifest."""
+
 from __future__ import annotations
 
 import copy
@@ -18,18 +19,20 @@ import yaml
 
 from mcomp.progress import progress_bar
 from mcomp.resources import config_file, load_config
-from mcomp.world.entities import MODALITIES, AttributeSpace, Entity, digest, entity_list, rng_for, split_entities
 from mcomp.world.datasets import MCUB_DIR, MCUB_SUBSETS, MediaJob, world_plan
+from mcomp.world.entities import MODALITIES, AttributeSpace, Entity, digest, entity_list, rng_for, split_entities
 
 logger = logging.getLogger(__name__)
 
 WORLD_FORMAT = "mcomp-world"
-WORLD_VERSION = "4"  # bump when the same seed and config would give different files (2: options answered with their text; the encoder pretraining set; 3: text/modality_qa.json; 4: media_captions in the modality data)
+WORLD_VERSION = "4"  # bump when the same seed and config would give different files
 MANIFEST = "manifest.json"
 SIZES = ("full", "test")
 TEXT_FILES = {
-    "commonality": "text/commonality.json", "attribute_qa": "text/attribute_qa.json",
-    "modality_qa": "text/modality_qa.json", "sentences": "text/sentences.txt",
+    "commonality": "text/commonality.json",
+    "attribute_qa": "text/attribute_qa.json",
+    "modality_qa": "text/modality_qa.json",
+    "sentences": "text/sentences.txt",
 }
 # the text corpora in conversation form, each sized by `text.<name>` in the world config (the
 # sentences are sized from the commonality count)
@@ -86,7 +89,9 @@ def _check_config(cfg: Mapping[str, Any]) -> None:
         if s.name not in SHAPES:
             raise ValueError(f"world config: shape {s.name!r} has no renderer (known: {', '.join(SHAPES)})")
         if s.timbre not in TIMBRES:
-            raise ValueError(f"world config: shape {s.name!r} has unknown timbre {s.timbre!r} (known: {', '.join(TIMBRES)})")
+            raise ValueError(
+                f"world config: shape {s.name!r} has unknown timbre {s.timbre!r} (known: {', '.join(TIMBRES)})"
+            )
     for key in CONVERSATION_CORPORA:
         if key not in cfg["text"]:
             raise ValueError(f"world config: missing text.{key} (number of samples)")
@@ -220,7 +225,9 @@ class _Renderer:
             )
             render_audio.write_wav(path, samples, int(r["audio_rate"]))
         elif job.modality == "video":
-            frames, _ = render_video.render_video(job.entity, colour_rgb, rng, int(r["video_size"]), int(r["video_frames"]))
+            frames, _ = render_video.render_video(
+                job.entity, colour_rgb, rng, int(r["video_size"]), int(r["video_frames"])
+            )
             render_video.write_mp4(path, frames, int(r["video_fps"]))
         elif job.modality == "point":
             xyz, rgb, _ = render_point.render_point(job.entity, colour_rgb, rng, int(r["points"]))
@@ -241,8 +248,14 @@ def _render_all(jobs: list[MediaJob], renderer: _Renderer, workers: int, progres
     # (about 1.5x on 2 cores), and threads need no pickling, no re-import of __main__ and no fork while
     # the caller runs torch. Each file has its own seed, so the result does not depend on scheduling.
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for _ in progress_bar(pool.map(renderer, jobs), total=len(jobs), desc="rendering world", unit="file",
-                              leave=False, enabled=progress):
+        for _ in progress_bar(
+            pool.map(renderer, jobs),
+            total=len(jobs),
+            desc="rendering world",
+            unit="file",
+            leave=False,
+            enabled=progress,
+        ):
             pass
 
 
@@ -280,26 +293,37 @@ def generate_world(
         try:
             existing = WorldManifest.load(out_dir)
         except (ValueError, TypeError, json.JSONDecodeError) as err:
-            raise FileExistsError(f"{out_dir} has a {MANIFEST} that is not a world manifest ({err}); not replacing it") from None
+            raise FileExistsError(
+                f"{out_dir} has a {MANIFEST} that is not a world manifest ({err}); not replacing it"
+            ) from None
         same = (existing.version, existing.seed, existing.config_digest) == (WORLD_VERSION, int(seed), config_digest)
         if same and not force and not existing.verify(hashes=False):
             logger.info("world in %s is up to date (seed %d, %s); reusing it", out_dir, seed, size_name)
             return existing
     elif out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise FileExistsError(f"{out_dir} exists and is not a generated world (no {MANIFEST}); choose an empty or new folder")
+        raise FileExistsError(
+            f"{out_dir} exists and is not a generated world (no {MANIFEST}); choose an empty or new folder"
+        )
 
     space = AttributeSpace.from_config(cfg["attributes"])
     split = split_entities(space, int(cfg["split"]["dev_entities"]), int(cfg["split"]["test_entities"]), seed)
     plan = world_plan(space, split, cfg, seed)
     from mcomp.world.text import attribute_qa_samples, commonality_samples, modality_qa_samples, sentences
 
-    samplers = {"commonality": commonality_samples, "attribute_qa": attribute_qa_samples, "modality_qa": modality_qa_samples}
+    samplers = {
+        "commonality": commonality_samples,
+        "attribute_qa": attribute_qa_samples,
+        "modality_qa": modality_qa_samples,
+    }
     for name in CONVERSATION_CORPORA:
         plan.documents[TEXT_FILES[name]] = samplers[name](space, int(cfg["text"][name]), rng_for(seed, "text", name))
-    plan.documents[TEXT_FILES["sentences"]] = sentences(space, int(cfg["text"]["commonality"]) // 4, rng_for(seed, "text", "sentences"))
+    plan.documents[TEXT_FILES["sentences"]] = sentences(
+        space, int(cfg["text"]["commonality"]) // 4, rng_for(seed, "text", "sentences")
+    )
     # named entities only: the pretraining renders are listed with their colour values in pretrain/<m>.json
-    plan.documents[LABELS] = {j.relpath: j.entity.key for j in sorted(plan.jobs, key=lambda j: j.relpath)
-                              if j.colour_value is None}
+    plan.documents[LABELS] = {
+        j.relpath: j.entity.key for j in sorted(plan.jobs, key=lambda j: j.relpath) if j.colour_value is None
+    }
     if len({j.relpath for j in plan.jobs}) != len(plan.jobs):
         raise AssertionError("world plan: two media jobs share a path")
 
@@ -348,7 +372,12 @@ def generate_world(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     logger.info(
-        "generated world %s (seed %d): %d files in %.1f s -> %s", size_name, seed, len(files), time.perf_counter() - started, out_dir
+        "generated world %s (seed %d): %d files in %.1f s -> %s",
+        size_name,
+        seed,
+        len(files),
+        time.perf_counter() - started,
+        out_dir,
     )
     return manifest
 

@@ -9,6 +9,7 @@ Commonality questions come in two kinds:
   attribute that occurs in no input. One input alone cannot tell the shared value from its other
   attribute (e.g. a red cube: "red" or "cube"?); two or more inputs can.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -149,9 +150,13 @@ class Commonality:
         return len(self.inputs)
 
 
-def entity_commonality(answer: Entity, n: int, pool: Sequence[Entity], letter: int, rng: np.random.Generator) -> Commonality:
+def entity_commonality(
+    answer: Entity, n: int, pool: Sequence[Entity], letter: int, rng: np.random.Generator
+) -> Commonality:
     distractors = [e.text for e in entity_distractors(answer, pool, rng)]
-    return Commonality("entity", [answer] * n, answer.text, None, place(answer.text, distractors, letter), LETTERS[letter])
+    return Commonality(
+        "entity", [answer] * n, answer.text, None, place(answer.text, distractors, letter), LETTERS[letter]
+    )
 
 
 def attribute_commonality(
@@ -175,7 +180,12 @@ def placeholder_lines(modalities: Sequence[str]) -> str:
 
 def mcub_prompt(modalities: Sequence[str], item: Commonality) -> str:
     return (
-        placeholder_lines(modalities) + commonality_question(item.n) + "\n" + format_options(item.options) + "\n" + ANSWER_SUFFIX
+        placeholder_lines(modalities)
+        + commonality_question(item.n)
+        + "\n"
+        + format_options(item.options)
+        + "\n"
+        + ANSWER_SUFFIX
     )
 
 

@@ -9,6 +9,7 @@ Pitches of neighbouring colours are x1.4 apart (160 Hz to 1.7 kHz), far beyond t
 Distractors: detune (+-2%), loudness, onset, duration, faint background noise.
 Written as 16-bit PCM mono WAV with soundfile (no timestamps: same samples, same bytes).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -87,8 +88,8 @@ def render_audio(
     envelope = np.ones(length)
     if fade > 0:
         ramp = np.linspace(0.0, 1.0, fade)
-        envelope[:fade], envelope[length - fade:] = ramp, ramp[::-1]
-    out[start:start + length] = p["amplitude"] * envelope * wave
+        envelope[:fade], envelope[length - fade :] = ramp, ramp[::-1]
+    out[start : start + length] = p["amplitude"] * envelope * wave
     out += np.random.default_rng(p["noise_seed"]).normal(0.0, p["noise"], n)
     return np.clip(out, -1.0, 1.0).astype(np.float32), p
 

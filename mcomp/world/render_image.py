@@ -6,6 +6,7 @@ ellipse; torus: thick ring). Colour -> fill (shading is a light/dark version of 
 Distractors: size, position, rotation (+-20 degrees), background grey level, tint, gradient and noise.
 Drawing uses Pillow at 4x resolution, then a box-filter downscale: deterministic.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -49,7 +50,15 @@ def icon_polygons(shape: str, rgb, h: float, c: float) -> list[tuple[list[tuple[
         return [
             ([(x0, y0), (x0 + face, y0), (x0 + face, y0 + face), (x0, y0 + face)], fill),
             ([(x0, y0), (x0 + off, y0 - off), (x0 + face + off, y0 - off), (x0 + face, y0)], light),
-            ([(x0 + face, y0), (x0 + face + off, y0 - off), (x0 + face + off, y0 + face - off), (x0 + face, y0 + face)], dark),
+            (
+                [
+                    (x0 + face, y0),
+                    (x0 + face + off, y0 - off),
+                    (x0 + face + off, y0 + face - off),
+                    (x0 + face, y0 + face),
+                ],
+                dark,
+            ),
         ]
     if shape == "cone":
         w, eh = 0.85 * h, 0.2 * h
@@ -66,7 +75,9 @@ def icon_polygons(shape: str, rgb, h: float, c: float) -> list[tuple[list[tuple[
     raise ValueError(f"no image silhouette for shape {shape!r}")
 
 
-def draw_icon(size: int, shape: str, rgb, height: float, angle: float = 0.0, supersample: int = SUPERSAMPLE) -> Image.Image:
+def draw_icon(
+    size: int, shape: str, rgb, height: float, angle: float = 0.0, supersample: int = SUPERSAMPLE
+) -> Image.Image:
     """An RGBA layer of `size`x`size` pixels with the shape centred, `height` pixels tall, rotated by `angle`
     degrees (counter-clockwise); transparent elsewhere. Drawn at `supersample` times the size, then box-filtered."""
     s = supersample

@@ -7,6 +7,7 @@ takes no seed). Distractors: scale, yaw (any), tilt (+-20 degrees), offset, posi
 colour noise. Written as binary little-endian PLY (float xyz, uchar rgb) by hand: fixed header,
 same points, same bytes; open3d reads it back (`mcomp.encoders.point.read_point_file`).
 """
+
 from __future__ import annotations
 
 import functools
@@ -75,7 +76,9 @@ def sample_params(rng: np.random.Generator) -> dict[str, Any]:
     }
 
 
-def render_point(entity: Entity, rgb, rng: np.random.Generator, n: int = 1024) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+def render_point(
+    entity: Entity, rgb, rng: np.random.Generator, n: int = 1024
+) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """xyz [n, 3] float32 and rgb [n, 3] uint8, and the distractor values used."""
     p = sample_params(rng)
     prng = np.random.default_rng(p["points_seed"])

@@ -4,6 +4,7 @@ Distractors: size, start and end position (so direction and speed), a slow spin,
 Encoding: MPEG-4 part 2 (`mpeg4`, yuv420p, constant quantiser) in MP4 with the `bitexact` flags, so
 no encoder version string or timestamp ends up in the file and the same frames give the same bytes.
 """
+
 from __future__ import annotations
 
 from typing import Any

@@ -19,6 +19,7 @@
 All entities appear in text (held-out entities are held out of the *media* training data only: the
 base LLM, like a real one, knows every name).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -61,7 +62,9 @@ def _they_share(space: AttributeSpace, item) -> str:
     return f"{they} {space.shape(item.shared).plural}."
 
 
-def commonality_samples(space: AttributeSpace, n: int, rng: np.random.Generator, id_prefix: str = "text-common") -> list[dict]:
+def commonality_samples(
+    space: AttributeSpace, n: int, rng: np.random.Generator, id_prefix: str = "text-common"
+) -> list[dict]:
     entities = space.entities()
     letters = balanced_letters(n, rng)
     out = []
@@ -91,7 +94,9 @@ def commonality_samples(space: AttributeSpace, n: int, rng: np.random.Generator,
     return out
 
 
-def attribute_qa_samples(space: AttributeSpace, n: int, rng: np.random.Generator, id_prefix: str = "text-attr") -> list[dict]:
+def attribute_qa_samples(
+    space: AttributeSpace, n: int, rng: np.random.Generator, id_prefix: str = "text-attr"
+) -> list[dict]:
     entities = space.entities()
     letters = balanced_letters(n, rng)
     out = []
@@ -115,7 +120,9 @@ def attribute_qa_samples(space: AttributeSpace, n: int, rng: np.random.Generator
     return out
 
 
-def modality_qa_samples(space: AttributeSpace, n: int, rng: np.random.Generator, id_prefix: str = "text-modality") -> list[dict]:
+def modality_qa_samples(
+    space: AttributeSpace, n: int, rng: np.random.Generator, id_prefix: str = "text-modality"
+) -> list[dict]:
     """A third captions, the rest spread over `SAMPLE_TYPES`; modality and entity uniform, options from
     every entity."""
     entities = space.entities()
@@ -147,7 +154,8 @@ def sentences(space: AttributeSpace, n_commonality: int, rng: np.random.Generato
             f"{_capitalise(e.text)} is a {e.shape} that is {e.colour}.",
             f"An image of {e.text} shows {e.text} on a pale background.",
             f"In a video, {e.text} moves across the screen.",
-            f"A point cloud of {e.text} is a cloud of {e.colour} points in the shape of {'an' if e.shape[0] in 'aeiou' else 'a'} {e.shape}.",
+            f"A point cloud of {e.text} is a cloud of {e.colour} points in the shape of "
+            f"{'an' if e.shape[0] in 'aeiou' else 'a'} {e.shape}.",
             f"The sound of {e.text} is {space.shape(e.shape).sound} at the pitch of {e.colour}.",
         ]
     letters = balanced_letters(max(n_commonality, 1), rng)

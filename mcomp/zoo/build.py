@@ -12,6 +12,7 @@ seed, step, code versions: `Zoo.step_identity`), and is skipped when present wit
 identity, so an interrupted build resumes; an output of other work is refused. The cache key is
 the zoo version, the size, the seed and the recipe.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -93,8 +94,14 @@ def recipe_digest(settings: ZooSettings) -> str:
     from mcomp.world import WORLD_VERSION, load_world_config
     from mcomp.world.entities import digest
 
-    return digest({"zoo_version": ZOO_VERSION, "zoo": settings.to_dict(), "world_version": WORLD_VERSION,
-                   "world": load_world_config(settings.world_size)})[:10]
+    return digest(
+        {
+            "zoo_version": ZOO_VERSION,
+            "zoo": settings.to_dict(),
+            "world_version": WORLD_VERSION,
+            "world": load_world_config(settings.world_size),
+        }
+    )[:10]
 
 
 def default_root(size: str, seed: int, recipe: str | None = None) -> Path:
@@ -130,8 +137,12 @@ class Zoo:
 
     def step_identity(self, step: str) -> dict:
         """What determines a step's output: the recipe, the seed, the step and the code."""
-        return {"step": step, "recipe": self.recipe or recipe_digest(self.settings), "seed": self.seed,
-                "code": code_versions()}
+        return {
+            "step": step,
+            "recipe": self.recipe or recipe_digest(self.settings),
+            "seed": self.seed,
+            "code": code_versions(),
+        }
 
     def steps(self) -> list[tuple[str, Path]]:
         """Every step of a complete zoo with its output."""
@@ -147,8 +158,10 @@ class Zoo:
             return False
         recorded = recorded_step(path)
         if recorded is None:
-            raise IdentityMismatch(f"{path} records no zoo step identity (built by an older mcomp, or not by "
-                                   f"the zoo); `mcomp zoo build --force` rebuilds this zoo")
+            raise IdentityMismatch(
+                f"{path} records no zoo step identity (built by an older mcomp, or not by "
+                f"the zoo); `mcomp zoo build --force` rebuilds this zoo"
+            )
         check_same_work(str(path), recorded, self.step_identity(step), "`mcomp zoo build --force` rebuilds this zoo")
         return True
 
@@ -192,8 +205,13 @@ def recorded_step(path: Path) -> dict | None:
     return None
 
 
-def build_zoo(size: str = "full", seed: int = 0, root: str | os.PathLike | None = None,
-              workers: int | None = None, force: bool = False) -> Zoo:
+def build_zoo(
+    size: str = "full",
+    seed: int = 0,
+    root: str | os.PathLike | None = None,
+    workers: int | None = None,
+    force: bool = False,
+) -> Zoo:
     """Build what is missing, `workers` jobs at a time (`mcomp.jobs`): the base LLM and the four
     encoders, then one job per modality and model seed (stage 1, then its plain and decoupled
     stage 2). `force` discards whatever the folder holds and builds it anew."""
@@ -210,23 +228,42 @@ def build_zoo(size: str = "full", seed: int = 0, root: str | os.PathLike | None 
     if manifest_path.is_file():
         built = json.loads(manifest_path.read_text()).get("recipe")
         if built != recipe:
-            raise ValueError(f"{manifest_path}: this zoo was built from another recipe ({built}, now {recipe}: "
-                             "configs/zoo or configs/world changed); build into a new folder")
+            raise ValueError(
+                f"{manifest_path}: this zoo was built from another recipe ({built}, now {recipe}: "
+                "configs/zoo or configs/world changed); build into a new folder"
+            )
         missing = [path for step, path in zoo.steps() if not zoo.reuse(step, path)]
         if missing:
-            raise FileNotFoundError(f"{manifest_path}: the zoo lacks {missing[0]} (and {len(missing) - 1} more); "
-                                    f"`mcomp zoo build --force` rebuilds it")
+            raise FileNotFoundError(
+                f"{manifest_path}: the zoo lacks {missing[0]} (and {len(missing) - 1} more); "
+                f"`mcomp zoo build --force` rebuilds it"
+            )
         logger.info("zoo cached at %s", zoo.root)
         return zoo
     generate_world(zoo.root / "world", size=settings.world_size, seed=seed)
-    report: dict = {"version": ZOO_VERSION, "recipe": recipe, "size": size, "seed": seed, "settings": settings.to_dict(),
-                    "encoders": {}, "models": {}}
+    report: dict = {
+        "version": ZOO_VERSION,
+        "recipe": recipe,
+        "size": size,
+        "seed": seed,
+        "settings": settings.to_dict(),
+        "encoders": {},
+        "models": {},
+    }
     # longest first: the base LLM, then the point and video encoders (measured slowest)
     first: dict = {} if zoo.reuse("base", zoo.base) else {"base": (_build_base, (zoo,))}
-    first.update({m: (_build_encoder, (zoo, m)) for m in ("point", "video", "audio", "image")
-                  if not zoo.reuse(f"encoder-{m}", zoo.encoder(m))})
-    chains = {f"{m}-s{s}": (_build_models, (zoo, m, s))
-              for s in settings.model_seeds for m in ("video", "point", "audio", "image")}
+    first.update(
+        {
+            m: (_build_encoder, (zoo, m))
+            for m in ("point", "video", "audio", "image")
+            if not zoo.reuse(f"encoder-{m}", zoo.encoder(m))
+        }
+    )
+    chains = {
+        f"{m}-s{s}": (_build_models, (zoo, m, s))
+        for s in settings.model_seeds
+        for m in ("video", "point", "audio", "image")
+    }
     with JobPool(workers) as pool:
         done = pool.run(first, "zoo: base LLM and encoders")
         if "base" in done:
@@ -260,8 +297,12 @@ def _build_base(zoo: Zoo) -> dict:
     sentences = [line for line in Path(world.text_file("sentences")).read_text().splitlines() if line.strip()]
     corpus = sentences + [t["value"] for c in conversations for t in c if t.get("value")]
     for modality in MODALITIES:
-        corpus += [t["value"] for s in json.loads(Path(world.train_json(modality)).read_text())
-                   for t in s["conversations"] if t.get("value")]
+        corpus += [
+            t["value"]
+            for s in json.loads(Path(world.train_json(modality)).read_text())
+            for t in s["conversations"]
+            if t.get("value")
+        ]
     # The tokenizer learns from the text as the models read it: rendered in the chat template, whose
     # system prompt starts every sample. Trained on the bare messages, it spelled that prompt in 107
     # pieces, most of every training and evaluation sequence (a real Llama tokenizer needs ~35).
@@ -271,8 +312,14 @@ def _build_base(zoo: Zoo) -> dict:
     llm = build_llm(tokenizer, settings.llm_shape, seed=seed)
     from mcomp.zoo.pretrain import pretrain_llm
 
-    losses = pretrain_llm(MultimodalLM(llm, tokenizer, []), conversations, sentences, settings.llm_steps,
-                          batch_size=settings.batch_size, seed=seed)
+    losses = pretrain_llm(
+        MultimodalLM(llm, tokenizer, []),
+        conversations,
+        sentences,
+        settings.llm_steps,
+        batch_size=settings.batch_size,
+        seed=seed,
+    )
     with atomic_directory(zoo.base) as tmp:
         llm.save_pretrained(tmp)
         save_tokenizer(tokenizer, tmp)
@@ -310,21 +357,30 @@ def _build_encoder(zoo: Zoo, modality: str) -> dict:
     torch.manual_seed(seed)
     adapter = build_adapter(tiny_adapter_config(modality, settings), llm_hidden_size=8)
     zoo.encoder(modality).parent.mkdir(parents=True, exist_ok=True)
-    figures = pretrain_encoder(adapter, files, [space.shape_names.index(it["shape"]) for it in items],
-                               _colour_values(modality, items), len(space.shapes), settings.steps_of_encoder(modality),
-                               zoo.encoder(modality), batch_size=settings.batch_size, seed=seed,
-                               metadata={STEP_KEY: json.dumps(zoo.step_identity(f"encoder-{modality}"), sort_keys=True)})
+    figures = pretrain_encoder(
+        adapter,
+        files,
+        [space.shape_names.index(it["shape"]) for it in items],
+        _colour_values(modality, items),
+        len(space.shapes),
+        settings.steps_of_encoder(modality),
+        zoo.encoder(modality),
+        batch_size=settings.batch_size,
+        seed=seed,
+        metadata={STEP_KEY: json.dumps(zoo.step_identity(f"encoder-{modality}"), sort_keys=True)},
+    )
     faults.point("zoo.step_done")
     return figures
 
 
 def _build_models(zoo: Zoo, modality: str, model_seed: int) -> dict:
     """Stage 1 (projector), then stage 2 from it: plain (NaiveMC) and decoupled (DAMC)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     import mcomp
     from mcomp.data import load_conversation_data
     from mcomp.model import MultimodalLM
     from mcomp.train import TrainConfig, train
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     world, settings = zoo.world, zoo.settings
     samples = load_conversation_data(world.train_json(modality))
@@ -334,13 +390,24 @@ def _build_models(zoo: Zoo, modality: str, model_seed: int) -> dict:
     if not zoo.reuse(stage1.name, stage1):
         llm = AutoModelForCausalLM.from_pretrained(zoo.base)
         tokenizer = AutoTokenizer.from_pretrained(zoo.base)
-        model = MultimodalLM.build(llm, tokenizer, [tiny_adapter_config(modality, settings, str(zoo.encoder(modality)))],
-                                   seed=model_seed)
+        model = MultimodalLM.build(
+            llm, tokenizer, [tiny_adapter_config(modality, settings, str(zoo.encoder(modality)))], seed=model_seed
+        )
         model.feature_cache = zoo.feature_cache
-        cfg = TrainConfig(stage=1, max_steps=settings.stage1_steps, learning_rate=settings.stage1_learning_rate,
-                          caption_distill=settings.stage1_caption_distill, **common)
-        out["stage1"] = train(model, samples, cfg, zoo.root / "checkpoints" / stage1.name,
-                              identity={"zoo_step": zoo.step_identity(stage1.name)})["final_loss"]
+        cfg = TrainConfig(
+            stage=1,
+            max_steps=settings.stage1_steps,
+            learning_rate=settings.stage1_learning_rate,
+            caption_distill=settings.stage1_caption_distill,
+            **common,
+        )
+        out["stage1"] = train(
+            model,
+            samples,
+            cfg,
+            zoo.root / "checkpoints" / stage1.name,
+            identity={"zoo_step": zoo.step_identity(stage1.name)},
+        )["final_loss"]
         _save_step(zoo, model, stage1)
     for flavour in FLAVOURS:
         path = zoo.model(modality, flavour, model_seed)
@@ -348,11 +415,22 @@ def _build_models(zoo: Zoo, modality: str, model_seed: int) -> dict:
             continue
         model = mcomp.load(stage1)
         model.feature_cache = zoo.feature_cache
-        cfg = TrainConfig(stage=2, decoupled=flavour == "damc", lora_r=8, lora_alpha=16,
-                          learning_rate=settings.stage2_learning_rate,
-                          max_steps=settings.steps_of_stage2(modality), **common)
-        out[flavour] = train(model, samples, cfg, zoo.root / "checkpoints" / path.name,
-                             identity={"zoo_step": zoo.step_identity(path.name)})["final_loss"]
+        cfg = TrainConfig(
+            stage=2,
+            decoupled=flavour == "damc",
+            lora_r=8,
+            lora_alpha=16,
+            learning_rate=settings.stage2_learning_rate,
+            max_steps=settings.steps_of_stage2(modality),
+            **common,
+        )
+        out[flavour] = train(
+            model,
+            samples,
+            cfg,
+            zoo.root / "checkpoints" / path.name,
+            identity={"zoo_step": zoo.step_identity(path.name)},
+        )["final_loss"]
         out[f"{flavour}_val_accuracy"], out[f"{flavour}_val_by_kind"] = held_out_accuracy(model, world, modality)
         _save_step(zoo, model, path)
     return out
@@ -367,11 +445,14 @@ def _save_step(zoo: Zoo, model, path: Path) -> None:
 def held_out_report(manifest: dict) -> dict[str, dict]:
     """Per modality model (e.g. "image-s0"), its held-out accuracies from a zoo manifest, rounded:
     `<flavour>_val_accuracy` and `<flavour>_val_by_kind` ({"colour": ..., "object": ..., "shape": ...})."""
+
     def rounded(value):
         return {k: round(v, 3) for k, v in value.items()} if isinstance(value, dict) else round(value, 3)
 
-    return {name: {k: rounded(v) for k, v in figures.items() if k.endswith(("_val_accuracy", "_val_by_kind"))}
-            for name, figures in manifest["models"].items()}
+    return {
+        name: {k: rounded(v) for k, v in figures.items() if k.endswith(("_val_accuracy", "_val_by_kind"))}
+        for name, figures in manifest["models"].items()
+    }
 
 
 def held_out_accuracy(model, world, modality: str, batch_size: int = 16) -> tuple[float, dict[str, float]]:
@@ -390,8 +471,13 @@ def held_out_accuracy(model, world, modality: str, batch_size: int = 16) -> tupl
         options = parse_options(prompt)
         if len(options) >= 2:
             kind = prompt.splitlines()[1].split()[1]  # "What colour is ...", "What object does ..."
-            questions.append((LoglikelihoodRequest(model.template.prompt(prompt), options, s.media),
-                              s.conversations[-1]["value"], kind))
+            questions.append(
+                (
+                    LoglikelihoodRequest(model.template.prompt(prompt), options, s.media),
+                    s.conversations[-1]["value"],
+                    kind,
+                )
+            )
     correct, asked = Counter(), Counter()
     for start in range(0, len(questions), batch_size):
         chunk = questions[start : start + batch_size]

@@ -7,6 +7,7 @@ Builds (or reuses) the zoo, then for every model seed evaluates on the world's M
   (image+audio on MCUB-4 questions reduced to those two inputs; all four on MCUB-4 and MCUB-3).
 The leaderboard averages the seeds of each cell (mean ± spread across seeds).
 """
+
 from __future__ import annotations
 
 import json
@@ -47,7 +48,9 @@ def reduced_task(zoo: Zoo, modalities: tuple[str, ...], out: Path) -> Path:
         human = q["conversations"][0]["value"]
         lines = [ln for ln in human.split("\n") if not any(t in ln for k, t in tags.items() if k not in keep)]
         turns = [dict(q["conversations"][0], value="\n".join(lines))] + q["conversations"][1:]
-        reduced.append(dict(q, conversations=turns, modal_inputs={k: v for k, v in q["modal_inputs"].items() if k in keep}))
+        reduced.append(
+            dict(q, conversations=turns, modal_inputs={k: v for k, v in q["modal_inputs"].items() if k in keep})
+        )
     name = "+".join(modalities)
     # absolute: the task loader reads relative question paths against the data root
     qpath = (out / "tasks" / f"MCUB-4-{name}.json").resolve()
@@ -92,8 +95,9 @@ def base_with_projectors(zoo: Zoo, model_seed: int):
 
     paths = {m: zoo.model(m, "stage1", model_seed) for m in MODALITIES}
     configs = [read_config(p).adapters[0] for p in paths.values()]
-    model = MultimodalLM.build(AutoModelForCausalLM.from_pretrained(zoo.base), AutoTokenizer.from_pretrained(zoo.base),
-                               configs)
+    model = MultimodalLM.build(
+        AutoModelForCausalLM.from_pretrained(zoo.base), AutoTokenizer.from_pretrained(zoo.base), configs
+    )
     for m, p in paths.items():
         load_adapter_weights(model, m, p)
     model.provenance = {"composition": {"method": "base", "merge": "-"}}
@@ -122,9 +126,16 @@ def compact_table(board) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_demo(size: str = "full", seed: int = 0, out_dir: str | Path = "runs/demo", mode: str = "loglik",
-             root: str | Path | None = None, combos: dict | None = None, merges: dict | None = None,
-             workers: int | None = None) -> dict:
+def run_demo(
+    size: str = "full",
+    seed: int = 0,
+    out_dir: str | Path = "runs/demo",
+    mode: str = "loglik",
+    root: str | Path | None = None,
+    combos: dict | None = None,
+    merges: dict | None = None,
+    workers: int | None = None,
+) -> dict:
     """Evaluation runs are jobs (`mcomp.jobs`, `workers` at a time), one per model. They are kept
     in the zoo cache (`evals/`, by model, task and mode: the zoo's models never change once built),
     so a second demo only gathers them; each is copied under `out_dir/runs/` next to the leaderboard."""
@@ -161,8 +172,12 @@ def run_demo(size: str = "full", seed: int = 0, out_dir: str | Path = "runs/demo
             tasks = full_tasks if len(mods) == 4 else [reduced[mods]]
             for method in ("naivemc", "damc"):
                 for merge, params in (merges or MERGES).items():
-                    add(("compose", mods, method, merge, params, s), combo, tasks,
-                        f"{combo.replace('+', '_')}-{method}-{merge}-s{s}")
+                    add(
+                        ("compose", mods, method, merge, params, s),
+                        combo,
+                        tasks,
+                        f"{combo.replace('+', '_')}-{method}-{merge}-s{s}",
+                    )
         add(("base", s), "base LLM + stage-1 projectors", full_tasks, f"base-s{s}")
         for m in MODALITIES:
             add(("single", m, s), f"{m} model (own modality)", [reduced[(m,)]], f"single-{m}-s{s}")
@@ -172,14 +187,21 @@ def run_demo(size: str = "full", seed: int = 0, out_dir: str | Path = "runs/demo
     runs = [_copy_run(src, dst) for src, dst in kept]
     paths = leaderboard.write(runs, out, title=f"mcomp demo ({size}, seeds {zoo.settings.model_seeds})")
     paths["demo_markdown"] = out / "demo.md"
-    note = ("Accuracy (%) on the synthetic MCUB test split; mean ± spread across model seeds (n runs), or "
-            "± the standard error when there is one run.\n\n")
+    note = (
+        "Accuracy (%) on the synthetic MCUB test split; mean ± spread across model seeds (n runs), or "
+        "± the standard error when there is one run.\n\n"
+    )
     atomic_write_text(paths["demo_markdown"], note + compact_table(leaderboard.build(runs)))
     finished = time.perf_counter()
-    summary = {"zoo": str(zoo.root), "leaderboard": {k: str(v) for k, v in paths.items()},
-               "seconds_zoo": round(built - started, 1), "seconds_total": round(finished - started, 1),
-               "runs_evaluated": len(kept) - reused, "runs_reused": reused,
-               "held_out_accuracy": held_out_report(zoo.manifest)}
+    summary = {
+        "zoo": str(zoo.root),
+        "leaderboard": {k: str(v) for k, v in paths.items()},
+        "seconds_zoo": round(built - started, 1),
+        "seconds_total": round(finished - started, 1),
+        "runs_evaluated": len(kept) - reused,
+        "runs_reused": reused,
+        "held_out_accuracy": held_out_report(zoo.manifest),
+    }
     atomic_write_text(out / "demo.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -209,7 +231,7 @@ def job_identity(zoo: Zoo, spec: tuple) -> dict:
 
 
 def _cached_run(run_dir: Path, task: Path, model: dict) -> str:
-    """"done" (a finished run of this very work), "new" (none, or an unfinished one of this work:
+    """ "done" (a finished run of this very work), "new" (none, or an unfinished one of this work:
     evaluate resumes it) or "stale" (made by other work: redone from scratch, with a warning)."""
     from mcomp.benchmarks.mcub.tasks import load_task
     from mcomp.fingerprint import code_versions, differences, fingerprint
@@ -232,8 +254,18 @@ def _eval_job(zoo: Zoo, spec: tuple, name: str, runs: list[tuple[str, str, bool]
     model = demo_model(zoo, spec)
     data_root = zoo.world.mcub_root("test")  # `zoo.world` parses the world manifest (~5 MB) on each access
     for task, run_dir, stale in runs:
-        evaluate(model, load_task(task), data_root, run_dir, mode=mode, feature_cache=zoo.root / "features",
-                 model_name=name, batch_size=EVAL_BATCH, model_identity=job_identity(zoo, spec), force=stale)
+        evaluate(
+            model,
+            load_task(task),
+            data_root,
+            run_dir,
+            mode=mode,
+            feature_cache=zoo.root / "features",
+            model_name=name,
+            batch_size=EVAL_BATCH,
+            model_identity=job_identity(zoo, spec),
+            force=stale,
+        )
 
 
 def _copy_run(src: Path, dst: Path) -> Path:

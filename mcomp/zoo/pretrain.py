@@ -1,5 +1,6 @@
 """Pretraining steps of the tiny zoo: the base LLM on the world's text, and each tiny encoder on
 the world's media (attribute classification), after which the encoder is frozen for good."""
+
 from __future__ import annotations
 
 import logging
@@ -18,8 +19,16 @@ def warmup_then_decay(optimizer, steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 20) * max(0.05, 1 - s / steps))
 
 
-def pretrain_llm(model, conversations: list[list[dict]], sentences: list[str], steps: int, *, batch_size: int = 16,
-                 learning_rate: float = 3e-3, seed: int = 0) -> list[float]:
+def pretrain_llm(
+    model,
+    conversations: list[list[dict]],
+    sentences: list[str],
+    steps: int,
+    *,
+    batch_size: int = 16,
+    learning_rate: float = 3e-3,
+    seed: int = 0,
+) -> list[float]:
     """Full-parameter causal-LM training of `model.llm` (a MultimodalLM without adapters): the loss
     covers the answers of text-only conversations and every token of plain sentences."""
     g = torch.Generator().manual_seed(seed)
@@ -49,9 +58,20 @@ def pretrain_llm(model, conversations: list[list[dict]], sentences: list[str], s
     return losses
 
 
-def pretrain_encoder(adapter, files: list[str], shapes: list[int], colour_values: torch.Tensor, n_shapes: int,
-                     steps: int, out_path, *, batch_size: int = 16, learning_rate: float = 2e-3, seed: int = 0,
-                     metadata: dict[str, str] | None = None) -> dict:
+def pretrain_encoder(
+    adapter,
+    files: list[str],
+    shapes: list[int],
+    colour_values: torch.Tensor,
+    n_shapes: int,
+    steps: int,
+    out_path,
+    *,
+    batch_size: int = 16,
+    learning_rate: float = 2e-3,
+    seed: int = 0,
+    metadata: dict[str, str] | None = None,
+) -> dict:
     """Train `adapter.encoder`, with a throw-away head on mean-pooled features, to predict the shape
     class and the colour value (`colour_values`, in [0, 1]) of `files`, renders in random colours;
     save its weights (safetensors) and return accuracy figures.
@@ -73,8 +93,9 @@ def pretrain_encoder(adapter, files: list[str], shapes: list[int], colour_values
     for _ in progress_bar(range(steps), desc=f"pretrain {adapter.modality} encoder"):
         idx = torch.randint(len(files), (batch_size,), generator=g)
         out = head(adapter.encode(inputs[idx]).mean(dim=1))
-        loss = nn.functional.cross_entropy(out[:, :n_shapes], targets[idx]) + \
-            10.0 * nn.functional.mse_loss(torch.sigmoid(out[:, n_shapes:]), colour_values[idx])
+        loss = nn.functional.cross_entropy(out[:, :n_shapes], targets[idx]) + 10.0 * nn.functional.mse_loss(
+            torch.sigmoid(out[:, n_shapes:]), colour_values[idx]
+        )
         loss.backward()
         optimizer.step()
         schedule.step()
@@ -82,9 +103,11 @@ def pretrain_encoder(adapter, files: list[str], shapes: list[int], colour_values
     encoder.requires_grad_(False)
     encoder.eval()
     with torch.no_grad():
-        out = torch.cat([head(adapter.encode(inputs[i:i + 64]).mean(dim=1)) for i in range(0, len(files), 64)])
+        out = torch.cat([head(adapter.encode(inputs[i : i + 64]).mean(dim=1)) for i in range(0, len(files), 64)])
     save_tensors(dict(encoder.state_dict()), out_path, metadata=metadata)
     adapter.forget_fingerprint()
-    return {"train_shape_accuracy": float((out[:, :n_shapes].argmax(-1) == targets).float().mean()),
-            "train_colour_mae": float((torch.sigmoid(out[:, n_shapes:]) - colour_values).abs().mean()),
-            "final_loss": float(loss.detach())}
+    return {
+        "train_shape_accuracy": float((out[:, :n_shapes].argmax(-1) == targets).float().mean()),
+        "train_colour_mae": float((torch.sigmoid(out[:, n_shapes:]) - colour_values).abs().mean()),
+        "final_loss": float(loss.detach()),
+    }

@@ -1,4 +1,5 @@
 """A toy modality defined outside mcomp: a text file of numbers, encoded by a frozen linear map."""
+
 from __future__ import annotations
 
 import dataclasses
