@@ -1,6 +1,7 @@
 """Hostile media and task files are data: real files on disk that must fail their own sample, and
 task files that must not run code. Decompression bombs, truncated and garbage files for every
 adapter, media paths that leave the data root, task files that name Python code."""
+
 from __future__ import annotations
 
 import json
@@ -14,7 +15,6 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-import soundfile as sf
 import torch
 from PIL import Image
 
@@ -23,13 +23,13 @@ from mcomp.benchmarks.mcub.data import read_questions
 from mcomp.benchmarks.mcub.records import read_records
 from mcomp.benchmarks.mcub.registry import resolve
 from mcomp.benchmarks.mcub.scoring import exact
-from mcomp.benchmarks.mcub.synthetic import write_mp4, write_npy, write_png, write_wav
+from mcomp.benchmarks.mcub.synthetic import write_mp4, write_png, write_wav
 from mcomp.benchmarks.mcub.tasks import load_task, parse_task
 from mcomp.encoders import audio as audio_module
 from mcomp.encoders import point as point_module
 from mcomp.errors import MediaBatchError, MediaError
 from mcomp.modality import AdapterConfig, ModalityAdapter, available_adapters, build_adapter
-from mcomp.resources import load_config
+from tests.adapter_fixtures import tiny_adapter_config, write_good_files
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -78,8 +78,11 @@ def test_between_the_limit_and_twice_it_pillow_only_warns_but_it_is_an_error(tmp
     Image.new("RGB", (40, 30), (10, 20, 30)).save(path)  # 1200 pixels
     adapter = _image_adapter()
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 1200 is in Pillow's warning range (1000, 2000]
-    with pytest.raises(MediaError, match=r"big\.png.*image of 40 x 30 pixels exceeds the decompression-bomb limit "
-                                         r"of 1000 pixels \(PIL\.Image\.MAX_IMAGE_PIXELS"):
+    with pytest.raises(
+        MediaError,
+        match=r"big\.png.*image of 40 x 30 pixels exceeds the decompression-bomb limit "
+        r"of 1000 pixels \(PIL\.Image\.MAX_IMAGE_PIXELS",
+    ):
         adapter.input_tensor(str(path))
     with warnings.catch_warnings():  # python -W error: the warning is raised as an exception
         warnings.simplefilter("error")
@@ -140,8 +143,10 @@ def test_audio_and_point_files_that_declare_more_than_the_limits(tmp_path, monke
         audio.input_tensor(str(clip))
 
     point = build_adapter(tiny_point_adapter_config().to_dict(), 64)
-    header = "ply\nformat binary_little_endian 1.0\nelement vertex {n}\nproperty float x\nproperty float y\n" \
-             "property float z\nend_header\n"
+    header = (
+        "ply\nformat binary_little_endian 1.0\nelement vertex {n}\nproperty float x\nproperty float y\n"
+        "property float z\nend_header\n"
+    )
     over = tmp_path / "billion.ply"  # a few bytes that open3d would allocate 24 GB for
     over.write_bytes(header.format(n=1_000_000_000).encode() + bytes(120))
     with pytest.raises(MediaError, match=r"billion\.ply.*declares 1000000000 points, over the limit"):
@@ -154,8 +159,11 @@ def test_audio_and_point_files_that_declare_more_than_the_limits(tmp_path, monke
     with open(npy, "wb") as f:
         np.lib.format.write_array_header_1_0(f, {"descr": "<f4", "fortran_order": False, "shape": (3_000_000_000, 6)})
         f.write(bytes(240))
-    with pytest.raises(MediaError, match=r"short\.npy.*corrupt or truncated \.npy file: the header declares shape "
-                                         r"\(3000000000, 6\) of float32 \(72000000000 bytes\) but the file holds 240"):
+    with pytest.raises(
+        MediaError,
+        match=r"short\.npy.*corrupt or truncated \.npy file: the header declares shape "
+        r"\(3000000000, 6\) of float32 \(72000000000 bytes\) but the file holds 240",
+    ):
         point.input_tensor(str(npy))
     monkeypatch.setattr(point_module, "MAX_POINTS", 100)
     pts = tmp_path / "cloud.pts"
@@ -165,27 +173,6 @@ def test_audio_and_point_files_that_declare_more_than_the_limits(tmp_path, monke
 
 
 # --- every adapter: truncated and garbage files ---------------------------------------------------
-LANGUAGEBIND_TOWER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                          image_size=32, patch_size=8, hidden_act="gelu", layer_norm_eps=1e-5, add_time_attn=True,
-                          num_frames=8)
-
-
-def _tiny_config(name: str) -> dict:
-    from mcomp import tiny
-
-    return {
-        "image": lambda: tiny.tiny_image_adapter_config().to_dict(),
-        "video": lambda: tiny.tiny_video_adapter_config().to_dict(),
-        "audio": lambda: tiny.tiny_audio_adapter_config().to_dict(),
-        "point": lambda: tiny.tiny_point_adapter_config().to_dict(),
-        "audio-whisper": lambda: {
-            "adapter": "audio-whisper", "encoder_config": load_config("encoders", "tiny-whisper.json"),
-            "projector_type": "qformer_4N_1L", "qformer_hidden_size": 32, "qformer_num_heads": 4,
-            "qformer_intermediate_size": 64, "qformer_max_positions": 50},
-        "video_languagebind": lambda: {"adapter": "video_languagebind", "tower_config": LANGUAGEBIND_TOWER},
-    }[name]()
-
-
 # (good file, bad files) by adapter; a truncated WAV is not here: libsndfile decodes the samples present,
 # as it does for a WAV written by a streaming tool whose header was never filled in.
 FILES = {
@@ -194,43 +181,16 @@ FILES = {
     "video_languagebind": (".mp4", [("trunc", ".mp4"), ("garbage", ".webm")]),
     "audio": (".wav", [("trunc", ".flac"), ("garbage", ".wav"), ("trunc", ".m4a"), ("empty", ".flac")]),
     "audio-whisper": (".wav", [("trunc", ".flac"), ("garbage", ".mp4")]),
-    "point": (".npy", [("trunc", ".npy"), ("garbage", ".npy"), ("trunc", ".ply"), ("garbage", ".ply"),
-                       ("trunc", ".pcd")]),
+    "point": (
+        ".npy",
+        [("trunc", ".npy"), ("garbage", ".npy"), ("trunc", ".ply"), ("garbage", ".ply"), ("trunc", ".pcd")],
+    ),
 }
 
 
 @pytest.fixture(scope="module")
 def good_files(tmp_path_factory) -> dict[str, Path]:
-    import open3d as o3d
-
-    root = tmp_path_factory.mktemp("good")
-    rng = np.random.default_rng(0)
-    f = {ext: root / f"good{ext}" for ext in (".png", ".jpg", ".mp4", ".gif", ".wav", ".flac", ".m4a", ".npy",
-                                              ".ply", ".pcd", ".webm")}
-    write_png(f[".png"], rng)
-    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(f[".jpg"])
-    write_mp4(f[".mp4"], rng, frames=10)
-    f[".webm"].write_bytes(f[".mp4"].read_bytes())  # the container is told by its content
-    frames = [Image.new("P", (16, 16), i) for i in range(3)]
-    frames[0].save(f[".gif"], save_all=True, append_images=frames[1:], duration=100)
-    write_wav(f[".wav"], rng)
-    sf.write(f[".flac"], (0.1 * rng.standard_normal(8000)).astype(np.float32), 16000, subtype="PCM_16")
-    with av.open(str(f[".m4a"]), "w", format="mp4") as out:
-        stream = out.add_stream("aac", rate=16000)
-        for _ in range(8):
-            frame = av.AudioFrame.from_ndarray((0.1 * rng.standard_normal((1, 1024))).astype(np.float32),
-                                               format="fltp", layout="mono")
-            frame.sample_rate = 16000
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    write_npy(f[".npy"], rng)
-    cloud = o3d.geometry.PointCloud()
-    cloud.points = o3d.utility.Vector3dVector(rng.normal(size=(300, 3)))
-    o3d.io.write_point_cloud(str(f[".ply"]), cloud)
-    o3d.io.write_point_cloud(str(f[".pcd"]), cloud)
-    return f
+    return write_good_files(tmp_path_factory.mktemp("good"))
 
 
 def test_every_built_in_adapter_is_covered():
@@ -241,7 +201,7 @@ def test_every_built_in_adapter_is_covered():
 @pytest.mark.parametrize("name", sorted(FILES))
 def test_truncated_and_garbage_files_are_media_errors_naming_the_file(name, good_files, tmp_path):
     torch.manual_seed(0)
-    adapter = build_adapter(_tiny_config(name), 64)
+    adapter = build_adapter(tiny_adapter_config(name), 64)
     good_ext, bad = FILES[name]
     rng = np.random.default_rng(1)
     paths = []
@@ -289,8 +249,11 @@ def test_a_plug_in_adapters_own_exceptions_become_media_errors(tmp_path):
     path = tmp_path / "thing.bin"
     path.write_bytes(b"abc")
     adapter = _FlakyAdapter(AdapterConfig(adapter="flaky"), 8)
-    with pytest.raises(MediaError, match=r"cannot use flaky input '.*thing\.bin': preprocessing failed "
-                                         r"\(ZeroDivisionError") as err:
+    with pytest.raises(
+        MediaError,
+        match=r"cannot use flaky input '.*thing\.bin': preprocessing failed "
+        r"\(ZeroDivisionError",
+    ) as err:
         adapter.input_tensor(str(path))
     assert err.value.path == str(path)
     adapter.raise_in_load = struct.error("unpack requires a buffer of 4 bytes")
@@ -305,8 +268,10 @@ def test_a_plug_in_adapters_own_exceptions_become_media_errors(tmp_path):
 
 
 # --- mcomp eval and mcomp ask -------------------------------------------------------------------
-QUESTION = ("image: <image>\nWhat object is shown?\nA. a dog\nB. a car\nC. a bird\nD. a drum\n"
-            "Answer with the option's letter from the given choices directly.")
+QUESTION = (
+    "image: <image>\nWhat object is shown?\nA. a dog\nB. a car\nC. a bird\nD. a drum\n"
+    "Answer with the option's letter from the given choices directly."
+)
 
 
 def _image_dataset(root: Path, n: int = 4) -> tuple[Path, Path]:
@@ -332,9 +297,28 @@ def _set_media(question_file: Path, changes: dict[int, str]) -> None:
 
 
 def _eval_argv(root: Path, out: Path, *extra: str) -> list[str]:
-    return ["eval", "--model", "tiny:image", "--task", "avqa", "--subset", "image", "--data-root", str(root),
-            "--questions", str(root / "q.json"), "--answers", str(root / "a.json"), "--mode", "generate",
-            "--max-new-tokens", "1", "--out", str(out), *extra]
+    return [
+        "eval",
+        "--model",
+        "tiny:image",
+        "--task",
+        "avqa",
+        "--subset",
+        "image",
+        "--data-root",
+        str(root),
+        "--questions",
+        str(root / "q.json"),
+        "--answers",
+        str(root / "a.json"),
+        "--mode",
+        "generate",
+        "--max-new-tokens",
+        "1",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def test_eval_records_the_bomb_as_that_samples_error_and_goes_on(bomb, tmp_path, capsys, caplog):
@@ -414,15 +398,19 @@ def _helper_module(tmp_path: Path, monkeypatch) -> tuple[str, Path]:
         f"import pathlib\npathlib.Path({str(marker)!r}).write_text('imported')\n\n"
         "def score(value, target):\n    return value, True\n\n"
         "def options(sample, state, **_):\n    return []\n\n"
-        "def target(entry, **_):\n    return entry['conversations'][-1]['value']\n")
+        "def target(entry, **_):\n    return entry['conversations'][-1]['value']\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     return name, marker
 
 
 def _task(**changes) -> dict:
-    task = {"name": "mine", "answers": "a.json", "subsets": [{"name": "image", "questions": "q.json",
-                                                               "modalities": ["image"]}],
-            "modes": {"generate": {"scorer": "first_letter", "max_new_tokens": 1}}}
+    task = {
+        "name": "mine",
+        "answers": "a.json",
+        "subsets": [{"name": "image", "questions": "q.json", "modalities": ["image"]}],
+        "modes": {"generate": {"scorer": "first_letter", "max_new_tokens": 1}},
+    }
     task.update(changes)
     return task
 
@@ -448,16 +436,23 @@ def test_a_task_file_naming_code_is_refused_before_anything_runs(field, tmp_path
         load_task(str(path))
     message = str(err.value)
     assert str(path) in message and name in message and "--allow-task-code" in message
-    assert {"scorer": "modes.generate: scorer", "options": "modes.loglik: options", "target": "target: target",
-            "functions": "functions"}[field] in message
+    assert {
+        "scorer": "modes.generate: scorer",
+        "options": "modes.loglik: options",
+        "target": "target: target",
+        "functions": "functions",
+    }[field] in message
     assert not marker.exists() and name not in sys.modules  # nothing was imported, nothing ran
     load_task(str(path), allow_code=True)  # the user's explicit choice
     assert marker.exists() and name in sys.modules
 
 
 def test_subprocess_run_and_os_are_refused(tmp_path):
-    with pytest.raises(ValueError, match=r"t\.yaml: modes\.generate: scorer 'subprocess:run' is Python code "
-                                         r"\(module:function\).*--allow-task-code"):
+    with pytest.raises(
+        ValueError,
+        match=r"t\.yaml: modes\.generate: scorer 'subprocess:run' is Python code "
+        r"\(module:function\).*--allow-task-code",
+    ):
         parse_task(_task(modes={"generate": {"scorer": "subprocess:run"}}), "t.yaml")
     with pytest.raises(ValueError, match=r"t\.yaml: functions lists the Python module\(s\) \['os'\].*--allow-task"):
         parse_task(_task(functions=["os"]), "t.yaml")
@@ -479,8 +474,9 @@ def test_allow_task_code_runs_a_legitimate_module_function(tmp_path, monkeypatch
     root = tmp_path / "data"
     _image_dataset(root)
     name, marker = _helper_module(tmp_path, monkeypatch)
-    path = _write_task(tmp_path / "mine.yaml", _task(modes={"generate": {"scorer": f"{name}:score",
-                                                                         "max_new_tokens": 1}}))
+    path = _write_task(
+        tmp_path / "mine.yaml", _task(modes={"generate": {"scorer": f"{name}:score", "max_new_tokens": 1}})
+    )
     argv = ["eval", "--model", "tiny:image", "--task", str(path), "--data-root", str(root), "--out"]
     code, _, err = _run_cli(argv + [str(tmp_path / "refused")], capsys)
     assert code == 1 and f"{name}:score" in err and "--allow-task-code" in err and str(path) in err
