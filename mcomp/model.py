@@ -9,55 +9,37 @@ Samples are left-padded into a batch; position ids follow the attention mask.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import inspect
 import logging
 import os
 from collections import defaultdict
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from mcomp import scoring
+from mcomp.batch import TEXT, Media, MultimodalInputs, select_cache, split_common_prefix
 from mcomp.checkpoint import load_mllm, save_mllm
 from mcomp.conversation import IGNORE_INDEX, conversation_turns, get_template
 from mcomp.errors import MediaBatchError, PlaceholderMismatchError, SampleError
 from mcomp.lora import TEXT_ROUTE, LoraSpec, RoutingState, inject_routed_layers, routed_layers
 from mcomp.modality import AdapterConfig, ModalityAdapter, build_adapter
+from mcomp.scoring import LoglikelihoodRequest, LoglikelihoodResult
 from mcomp.tokenization import slow_llama_encoder, tokenize_continuation, tokenize_with_placeholders
 
+__all__ = [
+    "IGNORE_INDEX",
+    "LoglikelihoodRequest",
+    "LoglikelihoodResult",
+    "MultimodalInputs",
+    "MultimodalLM",
+    "split_common_prefix",
+]  # the batch and scoring names are read from here too
+
 logger = logging.getLogger(__name__)
-
-TEXT = -1  # modality id of text positions
-Media = Mapping[str, Any]  # modality key -> one source or a list of sources (paths or decoded media)
-
-
-@dataclasses.dataclass
-class MultimodalInputs:
-    """A left-padded batch ready for the LLM."""
-
-    inputs_embeds: torch.Tensor  # [B, T, H]
-    attention_mask: torch.Tensor  # [B, T], 0 on padding
-    position_ids: torch.Tensor  # [B, T]
-    modality_ids: torch.Tensor  # [B, T]: TEXT (-1) or the index of the modality in model.modalities
-    labels: torch.Tensor | None = None  # [B, T], IGNORE_INDEX except on continuation tokens
-    continuation_ids: list[list[int]] | None = None  # per sample, the continuation token ids
-
-
-class LoglikelihoodRequest(NamedTuple):
-    context: str
-    continuations: list[str]
-    media: Media | None = None
-
-
-@dataclasses.dataclass
-class LoglikelihoodResult:
-    logprob: float  # sum of log-probabilities of the continuation tokens
-    is_greedy: bool  # every continuation token is the argmax
-    num_tokens: int
 
 
 class MultimodalLM(nn.Module):
@@ -350,31 +332,15 @@ class MultimodalLM(nn.Module):
             keep = rest.labels.shape[1] - int((rest.labels != IGNORE_INDEX).float().argmax(-1).min()) + 1
             rest = dataclasses.replace(rest, labels=rest.labels[:, -keep:])
             kwargs["logits_to_keep"] = keep
-        return self.forward(rest, past_key_values=_select_cache(cache, rows), use_cache=True, **kwargs)
+        return self.forward(rest, past_key_values=select_cache(cache, rows), use_cache=True, **kwargs)
 
-    @torch.no_grad()
+    # --- the evaluation API (mcomp.scoring.EvalModel) -----------------------------------------
     def generate(
         self, prompts: Sequence[str], media: Sequence[Media | None] | None = None, max_new_tokens: int = 128, **kwargs
     ) -> list[str]:
-        """Greedy (unless told otherwise) generation; returns the cleaned new text per prompt."""
-        inputs = self.prepare_inputs(prompts, media)
-        kwargs.setdefault("do_sample", False)
-        self.routing.route_ids = self._route_ids(inputs.modality_ids)  # the prompt step only
-        try:
-            out = self.llm.generate(
-                inputs_embeds=inputs.inputs_embeds,
-                attention_mask=inputs.attention_mask,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=self.tokenizer.pad_token_id,
-                eos_token_id=self.tokenizer.eos_token_id,
-                **kwargs,
-            )
-        finally:
-            self.routing.route_ids = None
-        texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
-        return [clean_generation(t, self.template.sep2) for t in texts]
+        """Greedy (unless told otherwise) generation; the cleaned new text per prompt (`scoring.generate`)."""
+        return scoring.generate(self, prompts, media, max_new_tokens, **kwargs)
 
-    @torch.no_grad()
     def loglikelihood(
         self,
         context: str,
@@ -384,106 +350,16 @@ class MultimodalLM(nn.Module):
         reuse_context: bool = True,
         batch_size: int = 16,
     ) -> list[LoglikelihoodResult]:
-        """Score each continuation after one context (the lm-eval `loglikelihood` request).
+        """Score each continuation after one context (`scoring.loglikelihood`)."""
+        return scoring.loglikelihood(
+            self, context, continuations, media, reuse_context=reuse_context, batch_size=batch_size
+        )
 
-        The context (system text, media, question) is the same for every option and by far the
-        longest part: by default it runs once with `use_cache=True`, and the options are scored in
-        batches against copies of its keys/values (option tokens are text: they take the text
-        route, as generated tokens do). `reuse_context=False` runs context + option as one full
-        forward per option instead (same numbers up to rounding).
-        """
-        if reuse_context:
-            return self.loglikelihood_batch(
-                [LoglikelihoodRequest(context, list(continuations), media)], batch_size=batch_size
-            )[0]
-        cont_ids = self._continuation_ids(continuations)
-        media_n = self._normalise_media([media], 1)
-        ctx_ids = self.tokenize(context)
-        self._check_placeholders(0, ctx_ids, media_n[0])
-        return self._score_full(ctx_ids, self.encode_media(media_n), cont_ids)
-
-    def _score_full(self, ctx_ids: list[int], features, cont_ids: list[list[int]]) -> list[LoglikelihoodResult]:
-        """Every option by one full forward over context + option (no cache)."""
-        inputs = self._assemble([ctx_ids + c for c in cont_ids], features * len(cont_ids), None, cont_ids)
-        logits = self.forward(dataclasses.replace(inputs, labels=None)).logits.float()
-        return score_continuations(logits, inputs)
-
-    @torch.no_grad()
     def loglikelihood_batch(
-        self,
-        requests: Sequence[LoglikelihoodRequest],
-        batch_size: int = 16,
+        self, requests: Sequence[LoglikelihoodRequest], batch_size: int = 16
     ) -> list[list[LoglikelihoodResult]]:
-        """`loglikelihood` for several contexts at once: their media are encoded per modality as one
-        batch, the contexts run as one left-padded forward, and every option of every context is
-        scored against its own context's keys/values, `batch_size` options per forward. Small LLMs
-        gain most (`scripts/bench_loglik.py`, 128 wide, 16 contexts: 1.5x on 2 CPU threads).
-        Sample `i` of a MediaBatchError or PlaceholderMismatchError is request `i`."""
-        requests = list(requests)
-        cont_ids = [self._continuation_ids(r.continuations) for r in requests]
-        media_n = self._normalise_media([r.media for r in requests], len(requests))
-        ctx_ids = [self.tokenize(r.context) for r in requests]
-        for i, (ids, media) in enumerate(zip(ctx_ids, media_n)):
-            self._check_placeholders(i, ids, media)
-        features = self.encode_media(media_n)
-        ctx = self._assemble(ctx_ids, features)
-        out = self.forward(ctx, use_cache=True, logits_to_keep=1)  # only the last position's logits
-        if not hasattr(out.past_key_values, "batch_select_indices"):  # an LLM without a selectable cache
-            return [self._score_full(ids, [f], options) for ids, f, options in zip(ctx_ids, features, cont_ids)]
-        first = F.log_softmax(out.logits[:, -1].float(), dim=-1)  # [B, V]: each option's first token
-        rows = [(b, ids) for b, options in enumerate(cont_ids) for ids in options]
-        scored: list[LoglikelihoodResult] = []
-        for start in range(0, len(rows), max(1, batch_size)):
-            scored += self._score_options(ctx, out.past_key_values, first, rows[start : start + batch_size])
-        results, k = [], 0
-        for options in cont_ids:
-            results.append(scored[k : k + len(options)])
-            k += len(options)
-        return results
-
-    def _continuation_ids(self, continuations: Sequence[str]) -> list[list[int]]:
-        ids = [tokenize_continuation(self.tokenizer, c, self.text_encoder) for c in continuations]
-        for c, t in zip(continuations, ids):
-            if not t:
-                raise ValueError(f"continuation {c!r} tokenises to nothing")
-        return ids
-
-    def _score_options(
-        self, ctx: MultimodalInputs, cache, first: torch.Tensor, rows: list[tuple[int, list[int]]]
-    ) -> list[LoglikelihoodResult]:
-        """Options `rows` = (context index, option ids). An option's first token is read from its
-        context's last logits; its other tokens come from one forward over the rows (right-padded)
-        on a copy of the contexts' KV cache, each row on its context's keys/values."""
-        device = ctx.inputs_embeds.device
-        owner = torch.tensor([b for b, _ in rows], dtype=torch.long, device=device)
-        logprobs = first.index_select(0, owner).unsqueeze(1)  # [n, 1, V]
-        tails = [ids[:-1] for _, ids in rows]  # tokens that predict the option's later tokens
-        width, n = max(len(t) for t in tails), len(rows)
-        if width > 0:
-            ids = torch.zeros(n, width, dtype=torch.long, device=device)
-            tail_mask = torch.zeros(n, width, dtype=torch.long, device=device)
-            for b, t in enumerate(tails):
-                ids[b, : len(t)] = torch.tensor(t, dtype=torch.long, device=device)
-                tail_mask[b, : len(t)] = 1
-            ctx_mask = ctx.attention_mask.index_select(0, owner)
-            start = ctx_mask.sum(-1, keepdim=True)  # the contexts are left-padded: real length = next position
-            step = MultimodalInputs(
-                inputs_embeds=self.llm.get_input_embeddings()(ids),
-                attention_mask=torch.cat([ctx_mask, tail_mask], dim=1),
-                position_ids=start + torch.arange(width, device=device).unsqueeze(0),
-                modality_ids=torch.full((n, width), TEXT, dtype=torch.long, device=device),
-            )
-            logits = self.forward(step, past_key_values=_select_cache(cache, owner), use_cache=True).logits
-            logprobs = torch.cat([logprobs, F.log_softmax(logits.float(), dim=-1)], dim=1)  # row k predicts token k
-        results = []
-        for b, (_, option_ids) in enumerate(rows):
-            target = torch.tensor(option_ids, device=device)
-            picked = logprobs[b, : len(option_ids)]
-            lp = picked.gather(-1, target[:, None]).squeeze(-1)
-            results.append(
-                LoglikelihoodResult(float(lp.sum()), bool((picked.argmax(-1) == target).all()), len(option_ids))
-            )
-        return results
+        """`loglikelihood` for several contexts at once (`scoring.loglikelihood_batch`)."""
+        return scoring.loglikelihood_batch(self, requests, batch_size)
 
     def inserted_tokens(self, modality: str) -> int:
         """Positions one input of `modality` occupies: prefix + features + suffix."""
@@ -551,85 +427,7 @@ class MultimodalLM(nn.Module):
         return load_mllm(path, cls, **kwargs)
 
 
-def split_common_prefix(inputs: MultimodalInputs) -> tuple[MultimodalInputs, MultimodalInputs] | None:
-    """Split a left-padded training batch into the leading tokens all rows share (same embedding,
-    modality and position, no label, and not the one that predicts the first label) as a one-row
-    batch, and the rest, whose attention mask also covers that prefix. None when nothing is shared.
-
-    Left padding right-aligns the rows, so the rest is the batch's last columns; a shorter row's own
-    copy of the prefix falls inside them and is masked out like padding."""
-    embeds, mask = inputs.inputs_embeds, inputs.attention_mask
-    batch, width = mask.shape
-    lengths = mask.sum(-1)
-    labelled = inputs.labels != IGNORE_INDEX
-    if batch < 2 or not bool(labelled.any(-1).all()):
-        return None
-    starts = width - lengths
-    first_label = labelled.float().argmax(-1) - starts  # within each row's real tokens
-    limit = int(first_label.min()) - 1
-    if limit < 1:
-        return None
-    cols = starts[:, None] + torch.arange(limit, device=mask.device)[None]
-    same = (embeds.gather(1, cols[..., None].expand(-1, -1, embeds.shape[-1])) == embeds[:1, cols[0]]).all(-1)
-    same &= inputs.modality_ids.gather(1, cols) == inputs.modality_ids[:1, cols[0]]
-    same &= inputs.position_ids.gather(1, cols) == torch.arange(limit, device=mask.device)[None]
-    shared = int(same.all(0).long().cumprod(0).sum())
-    if shared < 1:
-        return None
-    head = cols[0, :shared]
-    prefix = MultimodalInputs(
-        embeds[:1, head], mask[:1, head], inputs.position_ids[:1, head], inputs.modality_ids[:1, head]
-    )
-    keep = int(lengths.max()) - shared
-    rest_mask = mask[:, -keep:].clone()
-    within = torch.arange(width - keep, width, device=mask.device)[None]
-    rest_mask[(within >= starts[:, None]) & (within < starts[:, None] + shared)] = 0  # shorter rows' own prefix
-    rest = MultimodalInputs(
-        embeds[:, -keep:],
-        torch.cat([mask.new_ones(batch, shared), rest_mask], dim=1),
-        inputs.position_ids[:, -keep:],
-        inputs.modality_ids[:, -keep:],
-        labels=inputs.labels[:, -keep:],
-    )
-    return prefix, rest
-
-
 @functools.cache
 def _accepts(llm_class: type, name: str) -> bool:
     """Whether `llm_class.forward` takes keyword `name` (looked up once per class)."""
     return name in inspect.signature(llm_class.forward).parameters
-
-
-def _select_cache(cache, rows: torch.Tensor):
-    """A copy of a KV cache whose batch row k is row `rows[k]` of `cache` (rows may repeat);
-    `cache` itself is left unchanged."""
-    if hasattr(cache, "layers"):  # transformers Cache objects: layers reassign their tensors when selecting
-        new = copy.copy(cache)
-        new.layers = [copy.copy(layer) for layer in cache.layers]
-    else:
-        new = copy.deepcopy(cache)
-    new.batch_select_indices(rows)
-    return new
-
-
-def score_continuations(logits: torch.Tensor, inputs: MultimodalInputs) -> list[LoglikelihoodResult]:
-    """Sum of log p(continuation token | prefix); the continuation is the tail of each row."""
-    logprobs = F.log_softmax(logits, dim=-1)
-    results = []
-    length = logits.shape[1]
-    for b, ids in enumerate(inputs.continuation_ids):
-        m = len(ids)
-        target = torch.tensor(ids, device=logits.device)
-        rows = logprobs[b, length - m - 1 : length - 1]  # position t predicts token t+1
-        lp = rows.gather(-1, target[:, None]).squeeze(-1)
-        greedy = bool((rows.argmax(-1) == target).all())
-        results.append(LoglikelihoodResult(float(lp.sum()), greedy, m))
-    return results
-
-
-def clean_generation(text: str, stop: str = "</s>") -> str:
-    """Strip, drop a trailing stop string, strip again (the published answer cleaning)."""
-    text = text.strip()
-    if stop and text.endswith(stop):
-        text = text[: -len(stop)]
-    return text.strip()

@@ -11,13 +11,13 @@ import base64
 import dataclasses
 import html
 import io
-import json
 import logging
 import math
 import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from mcomp.benchmarks.mcub.results import ResultsFile
 from mcomp.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -66,30 +66,19 @@ def _first(prov: Mapping[str, Any], keys: Sequence[str]) -> str:
     return NONE
 
 
-def row_key(results: Mapping[str, Any]) -> RowKey:
-    prov = results.get("provenance") or {}
-    model = (results.get("model") or {}).get("name") or prov.get("name") or NONE
+def row_key(results: ResultsFile) -> RowKey:
+    prov = results.provenance
+    model = results.model.get("name") or prov.get("name") or NONE
     composition = prov.get("composition") or prov  # mcomp.compose records it under "composition"
     return RowKey(str(model), _first(composition, METHOD_KEYS), _first(composition, BACKEND_KEYS))
 
 
-def load_run(run_dir: str | os.PathLike) -> dict[str, Any]:
+def load_run(run_dir: str | os.PathLike) -> ResultsFile:
+    """A run's results.json (the run folder or the file itself), read and checked by its schema."""
     path = Path(run_dir) / "results.json" if Path(run_dir).is_dir() else Path(run_dir)
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir}: no results.json (is the run finished?)")
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(data, dict) or not str(data.get("schema", "")).startswith("mcomp.eval.results/"):
-        raise ValueError(f"{path}: not an mcomp eval results file (schema field missing or unknown)")
-    for i, r in enumerate(data.get("results", [])):
-        for field in ("task", "subset", "mode", "metric", "value"):
-            if field not in r:
-                raise ValueError(f"{path}: results[{i}] has no {field!r} field")
-    data["_path"] = str(path)
-    return data
+    return ResultsFile.read(path)
 
 
 @dataclasses.dataclass
@@ -107,14 +96,12 @@ def build(run_dirs: Iterable[str | os.PathLike]) -> Leaderboard:
     seen: dict[ColumnKey, int] = {}  # first appearance: subsets keep their task-file order
     for run_dir in run_dirs:
         data = load_run(run_dir)
-        runs.append(data["_path"])
+        runs.append(str(Path(run_dir) / "results.json" if Path(run_dir).is_dir() else Path(run_dir)))
         row = row_key(data)
-        for r in data["results"]:
-            col = ColumnKey(r["task"], r["subset"], r["mode"], r["metric"])
+        for r in data.results:
+            col = ColumnKey(r.task, r.subset, r.mode, r.metric)
             seen.setdefault(col, len(seen))
-            runs_of.setdefault((row, col), []).append(
-                Cell(r["value"], r.get("stderr"), int(r.get("n_samples", 0)), str(run_dir))
-            )
+            runs_of.setdefault((row, col), []).append(Cell(r.value, r.stderr, r.n_samples, str(run_dir)))
     for key, group in runs_of.items():
         cells[key] = group[0] if len(group) == 1 else _aggregate(group)
     if not cells:

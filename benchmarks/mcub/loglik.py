@@ -9,7 +9,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from mcomp.model import LoglikelihoodResult
+from mcomp.scoring import LoglikelihoodRequest, LoglikelihoodResult
 
 
 @torch.no_grad()
@@ -26,10 +26,6 @@ def score_options_batch(
 ) -> list[list[LoglikelihoodResult]]:
     """`score_options` for several (context, continuations, media) requests, the contexts run as one
     left-padded batch."""
-    from mcomp.model import LoglikelihoodRequest
-
-    if not hasattr(model, "loglikelihood_batch"):  # a model with only the one-context API
-        return [score_options(model, c, o, m, batch_size=batch_size) for c, o, m in requests]
     return model.loglikelihood_batch(
         [LoglikelihoodRequest(c, list(o), m) for c, o, m in requests], batch_size=batch_size
     )

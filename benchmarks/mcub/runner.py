@@ -48,16 +48,17 @@ from mcomp.benchmarks.mcub.features import EvalFeatureCache
 from mcomp.benchmarks.mcub.loglik import score_options, score_options_batch
 from mcomp.benchmarks.mcub.prompting import build_prompt
 from mcomp.benchmarks.mcub.records import RecordWriter, iter_record_files, read_records
+from mcomp.benchmarks.mcub.results import RESULTS_SCHEMA, ResultsFile  # noqa: F401 (re-exported)
 from mcomp.benchmarks.mcub.scoring import accuracy
 from mcomp.benchmarks.mcub.tasks import ModeSpec, Task
 from mcomp.conversation import get_template
 from mcomp.errors import MediaBatchError, MediaError, PlaceholderMismatchError
 from mcomp.fingerprint import check_same_work, code_versions, fingerprint, tensors_sha256
 from mcomp.io import atomic_write_text, sha256_file
+from mcomp.scoring import EvalModel
 
 logger = logging.getLogger(__name__)
 
-RESULTS_SCHEMA = "mcomp.eval.results/1"
 SAMPLE_ERRORS = (MediaBatchError, MediaError, PlaceholderMismatchError)
 
 
@@ -451,6 +452,11 @@ def evaluate(
     `allow_outside_root`: media paths may lead outside `data_root` (else such a sample records an error)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not isinstance(model, EvalModel):
+        raise TypeError(
+            f"{type(model).__name__} is not an evaluation model: it needs generate, loglikelihood and "
+            f"loglikelihood_batch (mcomp.scoring.EvalModel)"
+        )
     proc = proc or ProcessInfo()
     mode, spec = task.mode(mode)
     data = load_data(task, data_root, subsets, questions, answers, limit, allow_outside_root=allow_outside_root)
@@ -590,7 +596,8 @@ def evaluate(
             "feature_cache_dir": os.path.abspath(feature_cache) if feature_cache else None,
         },
     }
-    payload = _finite(payload)  # NaN (e.g. the standard error of a single sample) -> None, as written
+    # NaN (e.g. the standard error of a single sample) -> None, as written; the schema checks the rest
+    payload = ResultsFile.from_dict(_finite(payload), str(run_dir / "results.json")).to_dict()
     atomic_write_text(run_dir / "results.json", json.dumps(payload, indent=2, sort_keys=True) + "\n")
     logger.info("wrote %s", run_dir / "results.json")
     return payload
