@@ -41,3 +41,22 @@ class JsonConfig:
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}: not valid JSON ({err})") from None
         return cls.from_dict(data, source=str(path))
+
+
+def parse_pairs(text: str | None, what: str, convert=str) -> dict:
+    """NAME=VALUE,... -> {NAME: convert(VALUE)}; a name given twice is an error, not a silent overwrite."""
+    out = {}
+    for item in (text or "").split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ValueError(f"{what}: expected NAME=VALUE pairs separated by commas, got {item!r}")
+        if key.strip() in out:
+            raise ValueError(f"{what}: {key.strip()!r} is given twice")
+        try:
+            out[key.strip()] = convert(value.strip())
+        except ValueError:
+            raise ValueError(f"{what}: bad value in {item!r}") from None
+    return out

@@ -98,3 +98,50 @@ def test_merge_method_contract(method):
     delta = merge_task_vectors(deltas, method)
     for k in ("w", "b"):
         torch.testing.assert_close(base[k] + delta[k], merged[k], rtol=1e-6, atol=1e-6, msg=f"{method} {k}")
+
+
+METHOD_FILE = '''
+"""One file, one merge method: per coordinate, the weighted task-vector entry of largest |value|."""
+from dataclasses import dataclass
+
+from mcomp.merge import MergeMethod, MethodParams, register
+
+
+@dataclass
+class MaxMagnitudeParams(MethodParams):
+    pass
+
+
+@register
+class MaxMagnitude(MergeMethod):
+    name = "max_magnitude_contract"
+    Params = MaxMagnitudeParams
+
+    def merge(self, tau, chunk, stats):
+        w = self.weights_column(tau)
+        t = tau if w is None else tau * w
+        return t.gather(0, t.abs().argmax(dim=0, keepdim=True)).squeeze(0) * self.p.scale
+'''
+
+
+def test_a_new_merge_method_is_one_file(tmp_path):
+    """The walk-through of docs/adding_a_merge_method.md: one module registers the method, which then
+    meets the contract above and merges by its own rule."""
+    import importlib.util
+
+    from mcomp.merge import registry
+
+    path = tmp_path / "max_magnitude_contract.py"
+    path.write_text(METHOD_FILE)
+    spec = importlib.util.spec_from_file_location("max_magnitude_contract", path)
+    try:
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+        assert "max_magnitude_contract" in available_methods()
+        test_merge_method_contract("max_magnitude_contract")
+        base, models = _models()
+        merged = merge_state_dicts(base, models, "max_magnitude_contract")
+        tau = torch.stack([m["w"] - base["w"] for m in models])
+        want = tau.gather(0, tau.abs().argmax(dim=0, keepdim=True)).squeeze(0)
+        torch.testing.assert_close(merged["w"], base["w"] + want)
+    finally:
+        registry._REGISTRY.pop("max_magnitude_contract", None)

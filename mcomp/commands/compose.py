@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from mcomp.configuration import parse_pairs
 from mcomp.merge.registry import available_methods
 
 logger = logging.getLogger(__name__)
@@ -69,25 +70,6 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, help="output model directory (loads with mcomp.load)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.set_defaults(func=run)
-
-
-def parse_pairs(text: str | None, what: str, convert=str) -> dict:
-    """NAME=VALUE,... -> {NAME: convert(VALUE)}; a name given twice is an error, not a silent overwrite."""
-    out = {}
-    for item in (text or "").split(","):
-        item = item.strip()
-        if not item:
-            continue
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip() or not value.strip():
-            raise ValueError(f"{what}: expected NAME=VALUE pairs separated by commas, got {item!r}")
-        if key.strip() in out:
-            raise ValueError(f"{what}: {key.strip()!r} is given twice")
-        try:
-            out[key.strip()] = convert(value.strip())
-        except ValueError:
-            raise ValueError(f"{what}: bad value in {item!r}") from None
-    return out
 
 
 def _param_value(value: str):

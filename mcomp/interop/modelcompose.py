@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from mcomp.configuration import parse_pairs
 from mcomp.encoders.weights import read_json
 from mcomp.io import atomic_directory, check_state_dict, load_tensors, save_tensors, sha256_file
 from mcomp.lora import LLAMA_TARGETS, TEXT_ROUTE, LoraSpec
@@ -83,22 +84,6 @@ def infer_modals(cfg: dict[str, Any]) -> list[str]:
         out.append("video")
     if cfg.get("mm_point_encoder"):
         out.append("point")
-    return out
-
-
-def parse_reset_weights(text: str | None, source: str) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for item in (text or "").split(","):
-        item = item.strip()
-        if not item:
-            continue
-        key, sep, value = item.partition("=")
-        try:
-            out[key.strip()] = float(value)
-        except ValueError:
-            raise ValueError(f"{source}: reset_scaling_weights: bad entry {item!r} (expected name=float)") from None
-        if not sep:
-            raise ValueError(f"{source}: reset_scaling_weights: bad entry {item!r} (expected name=float)")
     return out
 
 
@@ -157,7 +142,7 @@ def read_released(path: str | os.PathLike) -> ReleasedCheckpoint:
     strategy = cfg.get("lora_strategy")
     if strategy not in FLAVOURS:
         raise ValueError(f"{cfg_path}: lora_strategy {strategy!r} is not one of {sorted(k for k in FLAVOURS if k)}")
-    reset = parse_reset_weights(cfg.get("reset_scaling_weights"), str(cfg_path))
+    reset = parse_pairs(cfg.get("reset_scaling_weights"), f"{cfg_path}: reset_scaling_weights", float)
     if cfg.get("merge_default_weights") and not reset:
         raise ValueError(
             f"{cfg_path}: merge_default_weights={cfg['merge_default_weights']!r} without reset_scaling_weights: "
