@@ -10,30 +10,9 @@ from typing import Iterable
 
 import torch
 
-from mcomp.io import load_tensors
+from mcomp.io import find_weight_files, load_tensors
 
 logger = logging.getLogger(__name__)
-
-# transformers checkpoint files, in the order transformers itself prefers them
-HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-HF_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-
-
-def hf_weight_files(folder: str | os.PathLike) -> list[Path]:
-    """The weight file(s) of a transformers model directory (single file or sharded with an index)."""
-    folder = Path(folder)
-    for name in HF_WEIGHT_FILES:
-        if (folder / name).is_file():
-            return [folder / name]
-    for name in HF_INDEX_FILES:
-        index = folder / name
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise ValueError(f"{index}: not a valid weight index ({err})") from None
-            return [folder / f for f in sorted(set(weight_map.values()))]
-    raise FileNotFoundError(f"{folder}: no weights found (looked for {', '.join(HF_WEIGHT_FILES + HF_INDEX_FILES)})")
 
 
 def read_hf_weights(folder: str | os.PathLike, keep: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
@@ -43,7 +22,7 @@ def read_hf_weights(folder: str | os.PathLike, keep: Iterable[str] | None = None
     """
     prefixes = tuple(keep) if keep is not None else None
     out: dict[str, torch.Tensor] = {}
-    for path in hf_weight_files(folder):
+    for path in find_weight_files(folder):
         tensors = load_tensors(path)
         for key, value in tensors.items():
             if not isinstance(value, torch.Tensor):

@@ -34,8 +34,8 @@ from mcomp.checkpoint import (
     resolve_base,
     tokenizer_sha256,
 )
-from mcomp.io import check_finite, sha256_file
-from mcomp.lora import TEXT_ROUTE, LoraSpec, routed_layers
+from mcomp.io import sha256_file
+from mcomp.lora import TEXT_ROUTE, LoraSpec, fold_into_base, routed_layers
 from mcomp.merge import merge_task_vectors
 from mcomp.merge.lora import refactorise
 from mcomp.merge.registry import get_method
@@ -281,15 +281,9 @@ def merge_text_factors(model, inputs, merge: str, coef: dict[str, float], params
 
 
 def fold_deltas(model, merged: dict[str, torch.Tensor], origin: str = "") -> None:
-    """Add merged deltas into the base weights. The base changes, so it will be saved with the model.
-    A sum that overflows the weights' dtype is refused, naming the tensor and `origin` (the inputs)."""
-    layers = routed_layers(model.llm)
-    with torch.no_grad():
-        for path, delta in merged.items():
-            w = layers[path].base_layer.weight
-            folded = (w.float() + delta.float()).to(w.dtype)
-            check_finite(f"{path}.weight", folded, "composed LLM", origin)
-            w.copy_(folded)
+    """Add merged deltas into the base weights (`mcomp.lora.fold_into_base`). The base changes, so it
+    will be saved with the model."""
+    fold_into_base(model.llm, merged, origin)
     model.llm.name_or_path = ""  # no longer the referenced base directory
     model.llm.config._name_or_path = ""
 

@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import glob
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -211,6 +212,48 @@ def load_tensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, torc
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
     return obj
+
+
+# transformers checkpoint layouts by format: the single file, then the index of shards
+WEIGHT_LAYOUTS = {
+    "safetensors": ("model.safetensors", "model.safetensors.index.json"),
+    "bin": ("pytorch_model.bin", "pytorch_model.bin.index.json"),
+}
+
+
+def find_weight_files(path: str | os.PathLike, formats: Iterable[str] = ("safetensors", "bin")) -> list[Path]:
+    """The weight file(s) of a checkpoint: `path` itself when it is a file, else in a directory,
+    per format in order, the single file or the shards its index lists (every one present); for
+    safetensors also the directory's only *.safetensors file."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"model not found: {path}")
+    formats = tuple(formats)
+    for fmt in formats:
+        single, index_name = WEIGHT_LAYOUTS[fmt]
+        if (path / single).is_file():
+            return [path / single]
+        index = path / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                files = sorted(set(weight_map.values()))
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+                raise ValueError(f"{index}: not a valid weight index ({err})") from None
+            missing = [f for f in files if not (path / f).is_file()]
+            if missing:
+                raise FileNotFoundError(f"{index}: lists shard(s) that do not exist: {missing}")
+            return [path / f for f in files]
+    if "safetensors" in formats:
+        found = sorted(path.glob("*.safetensors"))
+        if len(found) == 1:
+            return found
+        if found:
+            raise ValueError(f"{path}: several safetensors files and no index: {[f.name for f in found]}")
+    looked = [name for fmt in formats for name in WEIGHT_LAYOUTS[fmt]]
+    raise FileNotFoundError(f"{path}: no weights found (looked for {', '.join(looked)})")
 
 
 def _preview(names: list[str], limit: int = 12) -> str:

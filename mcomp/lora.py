@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from mcomp.configuration import JsonConfig
+from mcomp.io import check_finite
 
 TEXT_ROUTE = "text"
 # Inference on layers up to this many weights runs each route through its own dense weight
@@ -268,9 +269,18 @@ def routed_layers(llm: nn.Module) -> dict[str, RoutedLinear]:
     return {path: m for path, m in llm.named_modules() if isinstance(m, RoutedLinear)}
 
 
+def fold_into_base(llm: nn.Module, deltas: dict[str, torch.Tensor], origin: str = "") -> None:
+    """Add dense deltas {routed layer path: dW} into the base weights, in float32, cast back; a sum
+    that overflows the weights' dtype is refused, naming the tensor and `origin` (the inputs)."""
+    layers = routed_layers(llm)
+    with torch.no_grad():
+        for path, delta in deltas.items():
+            w = layers[path].base_layer.weight
+            folded = (w.float() + delta.float()).to(w.dtype)
+            check_finite(f"{path}.weight", folded, "folded LLM", origin)
+            w.copy_(folded)
+
+
 def fold_route(llm: nn.Module, terms: list[tuple[str, float]]) -> None:
     """Add sum_i c_i s_i B_i A_i into each base weight (the dense equivalent of a linear route)."""
-    with torch.no_grad():
-        for layer in routed_layers(llm).values():
-            w = layer.base_layer.weight
-            w.copy_((w.float() + layer.delta_weight(terms)).to(w.dtype))
+    fold_into_base(llm, {path: layer.delta_weight(terms) for path, layer in routed_layers(llm).items()})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Mapping
 
@@ -80,15 +81,56 @@ def save_adapter(llm, name: str, folder: str | os.PathLike, base_model_name: str
     )
 
 
-def read_adapter(folder: str | os.PathLike) -> tuple[LoraSpec, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """(spec, {module path: (A, B)}) from a peft LoRA folder; strict about what it finds."""
+# a LoRA weight key: peft's prefix (optional), the module path, lora_A/B, an adapter name (optional)
+LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+
+
+def read_peft_lora(
+    folder: str | os.PathLike, strict: bool = True
+) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """The one peft LoRA reader: (adapter_config.json, {module path: (A, B)}).
+
+    Refuses what is not a plain LoRA (another peft_type, DoRA, LoRA on embeddings), an A without its
+    B, and ranks that disagree; `strict` also refuses any other tensor in the file (mcomp's own
+    adapters hold nothing else), else such tensors are skipped."""
     folder = Path(folder)
     cfg_path = folder / "adapter_config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{folder}: no adapter_config.json (not a peft LoRA folder)")
-    cfg = json.loads(cfg_path.read_text())
-    if cfg.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not LORA")
+    config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{cfg_path}: peft_type {config.get('peft_type')!r} is not LORA")
+    if config.get("use_dora"):
+        raise ValueError(f"{folder}: DoRA adapters are not supported (their update is not (α/r)·B·A)")
+    weights_path = folder / "adapter_model.safetensors"
+    if not weights_path.is_file() and (folder / "adapter_model.bin").is_file():
+        weights_path = folder / "adapter_model.bin"
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in load_tensors(weights_path).items():
+        m = LORA_KEY.match(key)
+        if m is None:
+            if "lora_embedding" in key or "lora_magnitude" in key:
+                raise ValueError(f"{weights_path}: {key!r}: only LoRA on linear weights (lora_A/lora_B) is supported")
+            if strict:
+                raise ValueError(f"{weights_path}: unexpected tensor {key!r} (only LoRA A/B weights are supported)")
+            continue
+        pairs.setdefault(m["module"], {})[m["ab"]] = value
+    out = {}
+    for module, ab in pairs.items():
+        if set(ab) != {"A", "B"}:
+            raise ValueError(f"{weights_path}: module {module} lacks lora_{({'A', 'B'} - set(ab)).pop()}")
+        if ab["B"].shape[1] != ab["A"].shape[0]:
+            raise ValueError(
+                f"{weights_path}: module {module}: lora_A rank {ab['A'].shape[0]} "
+                f"but lora_B shape {list(ab['B'].shape)}"
+            )
+        out[module] = (ab["A"], ab["B"])
+    return config, out
+
+
+def read_adapter(folder: str | os.PathLike) -> tuple[LoraSpec, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """(spec, {module path: (A, B)}) of an adapter mcomp wrote (`read_peft_lora`, strict)."""
+    cfg, pairs = read_peft_lora(folder, strict=True)
     targets = cfg.get("target_modules") or []
     spec = LoraSpec(
         r=int(cfg["r"]),
@@ -96,20 +138,7 @@ def read_adapter(folder: str | os.PathLike) -> tuple[LoraSpec, dict[str, tuple[t
         dropout=float(cfg.get("lora_dropout", 0.0)),
         target_modules=sorted(targets) if isinstance(targets, list) else [targets],
     )
-    weights_path = folder / "adapter_model.safetensors"
-    tensors = load_tensors(weights_path)
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if not key.startswith(PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
-            raise ValueError(f"{weights_path}: unexpected tensor {key!r} (only LoRA A/B weights are supported)")
-        path, kind = key[len(PREFIX) :].rsplit(".", 2)[0], key.rsplit(".", 2)[1]
-        pairs.setdefault(path, {})[kind] = value
-    out = {}
-    for path, ab in pairs.items():
-        if set(ab) != {"lora_A", "lora_B"}:
-            raise ValueError(f"{weights_path}: module {path} lacks {({'lora_A', 'lora_B'} - set(ab)).pop()}")
-        out[path] = (ab["lora_A"], ab["lora_B"])
-    return spec, out
+    return spec, pairs
 
 
 def load_adapter_into(model, folder: str | os.PathLike, name: str) -> None:

@@ -13,26 +13,21 @@ different operation; the spec asks for ΔW. Three ways out:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from mcomp.io import load_tensors
 from mcomp.merge.memory import merge_task_vectors
 from mcomp.merge.registry import Segment
 from mcomp.merge.sources import Source, TensorInfo
 from mcomp.merge.streaming import Sink
-from mcomp.peft_format import write_adapter
+from mcomp.peft_format import read_peft_lora, write_adapter
 
 logger = logging.getLogger(__name__)
-
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 
 
 def _pattern_value(patterns: dict, module: str, default):
@@ -71,39 +66,16 @@ class LoraAdapter:
 
 
 def load_lora(path: str | os.PathLike) -> LoraAdapter:
-    """Read a peft LoRA adapter directory (adapter_config.json + adapter_model.safetensors)."""
-    path = Path(path)
-    cfg_path = path / "adapter_config.json"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{path}: not a peft adapter (no adapter_config.json)")
-    config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    if config.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{path}: peft_type {config.get('peft_type')!r} is not LORA")
-    if config.get("use_dora"):
-        raise ValueError(f"{path}: DoRA adapters are not supported (their update is not (α/r)·B·A)")
-    weights_file = path / "adapter_model.safetensors"
-    if not weights_file.is_file():
-        weights_file = path / "adapter_model.bin"
-    tensors = load_tensors(weights_file)
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        m = _KEY.match(key)
-        if not m:
-            if "lora_embedding" in key or "lora_magnitude" in key:
-                raise ValueError(f"{path}: {key!r}: only LoRA on linear weights (lora_A/lora_B) is supported")
-            continue
-        pairs.setdefault(m["module"], {})[m["ab"]] = value
-    modules = {}
+    """Read a peft LoRA adapter directory (`mcomp.peft_format.read_peft_lora`; tensors other than the
+    LoRA factors are skipped) with each module's scaling (alpha and rank patterns, rsLoRA)."""
+    config, pairs = read_peft_lora(path, strict=False)
     alpha = config.get("lora_alpha", 8)
-    for module, ab in pairs.items():
-        if set(ab) != {"A", "B"}:
-            raise ValueError(f"{path}: module {module!r} has lora_{next(iter(ab))} but not its pair")
-        r = ab["A"].shape[0]
-        if ab["B"].shape[1] != r:
-            raise ValueError(f"{path}: module {module!r}: lora_A rank {r} but lora_B shape {list(ab['B'].shape)}")
+    modules = {}
+    for module, (a_factor, b_factor) in pairs.items():
+        r = a_factor.shape[0]
         a = _pattern_value(config.get("alpha_pattern"), module, alpha)
         scaling = a / math.sqrt(r) if config.get("use_rslora") else a / r
-        modules[f"{module}.weight"] = LoraModule(ab["A"], ab["B"], float(scaling), bool(config.get("fan_in_fan_out")))
+        modules[f"{module}.weight"] = LoraModule(a_factor, b_factor, float(scaling), bool(config.get("fan_in_fan_out")))
     if not modules:
         raise ValueError(f"{path}: no LoRA weights found")
     return LoraAdapter(str(path), config, modules)

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from mcomp.io import WEIGHT_LAYOUTS, find_weight_files
+
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -35,8 +37,7 @@ DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
+SINGLE_NAME, INDEX_NAME = WEIGHT_LAYOUTS["safetensors"]  # what the merge engine writes and reads
 
 
 @dataclass(frozen=True)
@@ -123,31 +124,6 @@ def _read_header(path: Path) -> tuple[int, dict]:
     return 8 + n, header
 
 
-def find_weight_files(path: str | os.PathLike) -> list[Path]:
-    """The safetensors files of a checkpoint: a file, a directory with an index, or one file."""
-    path = Path(path)
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise FileNotFoundError(f"model not found: {path}")
-    index = path / INDEX_NAME
-    if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        files = sorted(set(weight_map.values()))
-        missing = [f for f in files if not (path / f).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{index}: lists shard(s) that do not exist: {missing}")
-        return [path / f for f in files]
-    if (path / SINGLE_NAME).is_file():
-        return [path / SINGLE_NAME]
-    found = sorted(path.glob("*.safetensors"))
-    if len(found) == 1:
-        return found
-    if not found:
-        raise FileNotFoundError(f"{path}: no safetensors weights (model.safetensors or {INDEX_NAME}) found")
-    raise ValueError(f"{path}: several safetensors files and no {INDEX_NAME}: {[f.name for f in found]}")
-
-
 class SafetensorsCheckpoint(Source):
     """A checkpoint on disk, read lazily by byte range."""
 
@@ -156,7 +132,7 @@ class SafetensorsCheckpoint(Source):
         self.name = name or str(path)
         self.infos = {}
         self._where: dict[str, tuple[int, int]] = {}  # key -> (file index, absolute byte offset)
-        self._files = find_weight_files(self.path)
+        self._files = find_weight_files(self.path, formats=("safetensors",))
         self._fds: list[int | None] = [None] * len(self._files)
         self._maps: list[mmap.mmap | None] = [None] * len(self._files)
         for fi, file in enumerate(self._files):
