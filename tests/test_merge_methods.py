@@ -195,7 +195,7 @@ def test_dare_ties_equals_ties_steps_on_dropped_vectors():
         single = merge_task_vectors([tvs[i]], "dare_linear", density=0.5, seed=5)  # masks of model 0
         dropped.append(single)
     # masks depend on (seed, tensor, model index): rebuild with the right model indices
-    from mcomp.merge.dare import MaskStream
+    from mcomp.merge.methods.family import MaskStream
 
     ms = MaskStream(5, 0.5)
     dropped = [

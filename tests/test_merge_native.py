@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mcomp.merge import native
-from mcomp.merge.pcb import balance, clip, clip_and_normalise, combine, scores_from_beta
+from mcomp.merge.methods.pcb import balance, clip, clip_and_normalise, combine, scores_from_beta
 
 pytestmark = [
     pytest.mark.usefixtures("one_torch_thread"),

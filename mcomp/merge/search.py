@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from mcomp.merge.memory import INMEMORY_ELEMS, MemorySink, merge_state_dicts
-from mcomp.merge.pcb import combine
+from mcomp.merge.methods.pcb import combine
 from mcomp.merge.registry import Segment
 from mcomp.merge.sources import MemorySource
 from mcomp.merge.streaming import MergeEngine
