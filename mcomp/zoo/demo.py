@@ -31,7 +31,7 @@ MERGES = {
     "dare_ties": {"density": 0.5, "seed": 0},
     "pcb": {"ratio": 0.5, "clip": 0.01},
 }
-EVALS_VERSION = 1  # bump when what a demo run computes changes (its kept runs are then redone)
+EVALS_VERSION = 2  # bump when what a demo run computes changes (its kept runs are then redone)
 EVAL_BATCH = 16  # questions whose contexts run as one forward (scripts/bench_loglik.py: 1.26x on a 1-thread worker)
 WORLD_KEY = {m.name: m.published_key for m in TABLE.values()}
 
