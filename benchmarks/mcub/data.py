@@ -57,6 +57,22 @@ class Sample:
         return (self.subset, id_key(self.id))
 
 
+def conversation(question: str, answer: str | None) -> list[dict[str, Any]]:
+    """A one-round conversation as the released files hold it (`answer` None: the question file's
+    empty assistant turn)."""
+    return [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+
+
+def question_entry(sample_id: Any, question: str, modal_inputs: Mapping[str, list[str]]) -> dict[str, Any]:
+    """One entry of a question file (what `read_questions` reads)."""
+    return {"id": sample_id, "conversations": conversation(question, None), "modal_inputs": dict(modal_inputs)}
+
+
+def answer_entry(sample_id: Any, question: str, answer: Any) -> dict[str, Any]:
+    """One entry of an answer file in the conversation form (the reference is the last turn's value)."""
+    return {"id": sample_id, "conversations": conversation(question, answer)}
+
+
 def _load_json(path: Path, what: str) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"{what} not found: {path}")

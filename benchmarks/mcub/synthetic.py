@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mcomp.benchmarks.mcub.data import answer_entry, question_entry
 from mcomp.benchmarks.mcub.tasks import load_task
 from mcomp.modalities import MODALITIES, ORDER
 
@@ -101,15 +102,7 @@ def _choice_body(rnd: random.Random) -> tuple[str, str]:
 
 
 def _entry(sample_id, question: str, modalities, media, rnd: random.Random) -> dict:
-    return {
-        "id": sample_id,
-        "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": None}],
-        "modal_inputs": {KEY[m]: [rnd.choice(media[m])] for m in ORDER if m in modalities},
-    }
-
-
-def _answer(sample_id, question: str, answer) -> dict:
-    return {"id": sample_id, "conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]}
+    return question_entry(sample_id, question, {KEY[m]: [rnd.choice(media[m])] for m in ORDER if m in modalities})
 
 
 def _dump(path: Path, data) -> None:
@@ -134,7 +127,7 @@ def write_benchmark(
             sid = f"{Path(subset.questions).stem.lower()}_{i:04d}"
             q = _question(subset.modalities, body)
             entries.append(_entry(sid, q, subset.modalities, media, rnd))
-            mcub_answers.append(_answer(sid, q, letter))
+            mcub_answers.append(answer_entry(sid, q, letter))
         _dump(root / subset.questions, entries)
     _dump(root / mcub[0].answers, mcub_answers)
 
@@ -150,7 +143,7 @@ def write_benchmark(
                 sid = f"{subset}-{i}" if open_ended else 100 * k + i  # AVQA: integer ids
                 q = _question(modalities, body)
                 entries.append(_entry(sid, q, modalities, media, rnd))
-                answers.append(_answer(sid, q, ans))
+                answers.append(answer_entry(sid, q, ans))
             _dump(root / task.subsets[k].questions, entries)
         _dump(root / task.answers, answers)
 

@@ -25,6 +25,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from mcomp.benchmarks.mcub.data import answer_entry, conversation, question_entry
 from mcomp.benchmarks.mcub.tasks import load_task
 from mcomp.world.entities import EXTENSION, MEDIA_KEY, MODALITIES, AttributeSpace, Entity, EntitySplit, rng_for
 from mcomp.world.questions import (
@@ -66,10 +67,6 @@ class Plan:
         return self
 
 
-def _turns(question: str, answer: str | None) -> list[dict[str, Any]]:
-    return [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
-
-
 # --- modality training / validation data -------------------------------------------------------
 def modality_samples(
     modality: str,
@@ -89,7 +86,7 @@ def modality_samples(
         out.append(
             {
                 "id": f"{sample_id}-{j}",
-                "conversations": _turns(prefix + question, answer),
+                "conversations": conversation(prefix + question, answer),
                 "modal_inputs": {MEDIA_KEY[modality]: [media_path]},
                 "media_captions": {MEDIA_KEY[modality]: [entity.text]},
             }
@@ -164,8 +161,8 @@ def mcub_plan(
                 plan.jobs.append(MediaJob(f"{root}/{local}", modality, entity))
                 modal_inputs[MEDIA_KEY[modality]] = [local]
             prompt = mcub_prompt(modalities, item)
-            questions.append({"id": qid, "conversations": _turns(prompt, None), "modal_inputs": modal_inputs})
-            answers.append({"id": qid, "conversations": _turns(prompt, item.letter)})
+            questions.append(question_entry(qid, prompt, modal_inputs))
+            answers.append(answer_entry(qid, prompt, item.letter))
             meta.append(
                 {
                     "id": qid,
