@@ -18,7 +18,7 @@ import contextlib
 import dataclasses
 import logging
 import os
-from typing import Any, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from torch import nn
@@ -152,27 +152,12 @@ class ModalityAdapter(nn.Module):
 
     def encode_tensors(self, tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Encoder features of each input tensor; tensors of one shape run as one batch."""
-        groups: dict[tuple, list[int]] = {}
-        for k, t in enumerate(tensors):
-            groups.setdefault(tuple(t.shape), []).append(k)
-        out: list[torch.Tensor | None] = [None] * len(tensors)
         with torch.no_grad():
-            for members in groups.values():
-                feats = self.encode(self.collate([tensors[k] for k in members]).to(self.device))
-                for k, f in zip(members, feats):
-                    out[k] = f
-        return out
+            return by_shape(tensors, lambda group: self.encode(self.collate(group).to(self.device)))
 
     def project_features(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """`project` over per-input features of possibly different lengths (batched by shape)."""
-        groups: dict[tuple, list[int]] = {}
-        for k, f in enumerate(features):
-            groups.setdefault(tuple(f.shape), []).append(k)
-        out: list[torch.Tensor | None] = [None] * len(features)
-        for members in groups.values():
-            for k, f in zip(members, self.project(torch.stack([features[k] for k in members]))):
-                out[k] = f
-        return out
+        return by_shape(features, lambda group: self.project(torch.stack(group)))
 
     def collate(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack(tensors)
@@ -207,6 +192,19 @@ class ModalityAdapter(nn.Module):
         from mcomp.fingerprint import fingerprint, tensors_sha256
 
         return fingerprint({"config": self.config.to_dict(), "encoder": tensors_sha256(self.encoder.state_dict())})[:16]
+
+
+def by_shape(items: Sequence[torch.Tensor], run: Callable[[list[torch.Tensor]], torch.Tensor]) -> list[torch.Tensor]:
+    """`run` over the items grouped by shape (one call per shape, on the group in order), and its
+    output rows handed back in the items' order."""
+    groups: dict[tuple, list[int]] = {}
+    for k, t in enumerate(items):
+        groups.setdefault(tuple(t.shape), []).append(k)
+    out: list[torch.Tensor | None] = [None] * len(items)
+    for members in groups.values():
+        for k, row in zip(members, run([items[k] for k in members])):
+            out[k] = row
+    return out
 
 
 _REGISTRY: dict[str, type[ModalityAdapter]] = {}

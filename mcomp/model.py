@@ -334,32 +334,10 @@ class MultimodalLM(nn.Module):
             kwargs["logits_to_keep"] = keep
         return self.forward(rest, past_key_values=select_cache(cache, rows), use_cache=True, **kwargs)
 
-    # --- the evaluation API (mcomp.scoring.EvalModel) -----------------------------------------
-    def generate(
-        self, prompts: Sequence[str], media: Sequence[Media | None] | None = None, max_new_tokens: int = 128, **kwargs
-    ) -> list[str]:
-        """Greedy (unless told otherwise) generation; the cleaned new text per prompt (`scoring.generate`)."""
-        return scoring.generate(self, prompts, media, max_new_tokens, **kwargs)
-
-    def loglikelihood(
-        self,
-        context: str,
-        continuations: Sequence[str],
-        media: Media | None = None,
-        *,
-        reuse_context: bool = True,
-        batch_size: int = 16,
-    ) -> list[LoglikelihoodResult]:
-        """Score each continuation after one context (`scoring.loglikelihood`)."""
-        return scoring.loglikelihood(
-            self, context, continuations, media, reuse_context=reuse_context, batch_size=batch_size
-        )
-
-    def loglikelihood_batch(
-        self, requests: Sequence[LoglikelihoodRequest], batch_size: int = 16
-    ) -> list[list[LoglikelihoodResult]]:
-        """`loglikelihood` for several contexts at once (`scoring.loglikelihood_batch`)."""
-        return scoring.loglikelihood_batch(self, requests, batch_size)
+    # --- the evaluation API (mcomp.scoring.EvalModel): scoring's functions, bound as methods ---
+    generate = scoring.generate
+    loglikelihood = scoring.loglikelihood
+    loglikelihood_batch = scoring.loglikelihood_batch
 
     def inserted_tokens(self, modality: str) -> int:
         """Positions one input of `modality` occupies: prefix + features + suffix."""

@@ -96,6 +96,12 @@ def sentencepiece_file(tokenizer) -> Path | None:
     return Path(path) if path and Path(path).is_file() else None
 
 
+def released_legacy(tokenizer) -> bool:
+    """The tokenizer's `legacy` setting; unset, transformers 4.31's default (True)."""
+    legacy = getattr(tokenizer, "legacy", tokenizer.init_kwargs.get("legacy"))
+    return True if legacy is None else bool(legacy)
+
+
 def slow_llama_encoder(tokenizer) -> SlowLlamaEncoder | None:
     """The published code's tokenizer for a LLaMA tokenizer loaded with its SentencePiece model;
     None for any other (which is then called as it is)."""
@@ -109,11 +115,10 @@ def slow_llama_encoder(tokenizer) -> SlowLlamaEncoder | None:
             )
         return None
     added = {t.content: (i, bool(t.lstrip), bool(t.rstrip)) for i, t in tokenizer.added_tokens_decoder.items()}
-    legacy = getattr(tokenizer, "legacy", tokenizer.init_kwargs.get("legacy"))
     add_bos = tokenizer.bos_token_id is not None and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
     return SlowLlamaEncoder(
-        model_file, added, tokenizer.bos_token_id, add_bos=add_bos, legacy=True if legacy is None else bool(legacy)
-    )  # unset: 4.31's default
+        model_file, added, tokenizer.bos_token_id, add_bos=add_bos, legacy=released_legacy(tokenizer)
+    )
 
 
 def save_tokenizer(tokenizer, folder: str | os.PathLike) -> None:
@@ -127,10 +132,9 @@ def save_tokenizer(tokenizer, folder: str | os.PathLike) -> None:
         return
     if not (folder / "tokenizer.model").exists():
         shutil.copyfile(model_file, folder / "tokenizer.model")
-    encoder = slow_llama_encoder(tokenizer)
     config_file = folder / "tokenizer_config.json"
     config = json.loads(config_file.read_text(encoding="utf-8"))
-    config["legacy"] = encoder.legacy
+    config["legacy"] = released_legacy(tokenizer)
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
