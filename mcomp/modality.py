@@ -25,7 +25,7 @@ from torch import nn
 
 from mcomp.configuration import JsonConfig
 from mcomp.errors import MediaBatchError, MediaError
-from mcomp.plugins import MODALITIES, load_group
+from mcomp.plugins import MODALITIES, Registry
 
 logger = logging.getLogger(__name__)
 
@@ -207,8 +207,9 @@ def by_shape(items: Sequence[torch.Tensor], run: Callable[[list[torch.Tensor]], 
     return out
 
 
-_REGISTRY: dict[str, type[ModalityAdapter]] = {}
-_ENTRY_POINTS_LOADED = False
+REGISTRY: Registry[type[ModalityAdapter]] = Registry(
+    "modality adapter", ENTRY_POINT_GROUP, register=lambda name, cls: register_modality(name)(cls)
+)
 
 
 def register_modality(name: str):
@@ -220,35 +221,16 @@ def register_modality(name: str):
         for attr in ("modality", "placeholder"):
             if not isinstance(getattr(cls, attr, None), str):
                 raise TypeError(f"{cls.__name__} must set the class attribute {attr!r}")
-        other = _REGISTRY.get(name)
-        if other is not None and other is not cls:
-            raise ValueError(
-                f"modality adapter {name!r} is already registered by {other.__module__}.{other.__qualname__}"
-            )
+        REGISTRY.add(name, cls)
         cls.adapter_name = name
-        _REGISTRY[name] = cls
         return cls
 
     return deco
 
 
-def _load_entry_points() -> None:
-    global _ENTRY_POINTS_LOADED
-    if _ENTRY_POINTS_LOADED:
-        return
-    _ENTRY_POINTS_LOADED = True
-
-    def loaded(name: str, cls) -> None:
-        if name not in _REGISTRY:  # a decorated class registered itself when its module was imported
-            register_modality(name)(cls)
-
-    load_group(ENTRY_POINT_GROUP, loaded)
-
-
 def available_adapters() -> dict[str, type[ModalityAdapter]]:
     """All adapter types: built-in, decorated, and from installed plug-ins."""
-    _load_entry_points()
-    return dict(sorted(_REGISTRY.items()))
+    return REGISTRY.all()
 
 
 def get_adapter_class(name: str) -> type[ModalityAdapter]:

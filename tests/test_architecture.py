@@ -109,6 +109,7 @@ def test_the_cycle_finder_finds_a_cycle():
     [
         ("mcomp.modalities", "mcomp.modality:available_adapters"),
         ("mcomp.merge_methods", "mcomp.merge:available_methods"),
+        ("mcomp.merge_accelerations", "mcomp.merge.acceleration:available_accelerations"),
     ],
 )
 def test_registries_hold_every_entry_point(group, registry):

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mcomp.merge import available_methods, merge_state_dicts, merge_task_vectors
+from mcomp.merge import available_methods, merge_checkpoints, merge_state_dicts, merge_task_vectors
+from mcomp.merge.acceleration import acceleration_of
 from mcomp.modality import available_adapters, build_adapter
 from tests.adapter_fixtures import tiny_adapter_config, write_good_files
 
@@ -22,6 +23,7 @@ GOOD = {
 }
 BUILT_IN_ADAPTERS = sorted(n for n, c in available_adapters().items() if c.__module__.startswith("mcomp."))
 METHODS = sorted(available_methods())
+ACCELERATED = sorted(n for n, cls in available_methods().items() if acceleration_of(cls) is not None)
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +102,43 @@ def test_merge_method_contract(method):
         torch.testing.assert_close(base[k] + delta[k], merged[k], rtol=1e-6, atol=1e-6, msg=f"{method} {k}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("method", ACCELERATED)
+def test_acceleration_gives_its_methods_result(method, dtype, tmp_path, monkeypatch):
+    """An acceleration is its method's rule computed faster: the same merge, to float rounding, in
+    memory and streamed from checkpoints on disk in their stored dtype, as the rule alone gives."""
+    from safetensors.torch import load_file, save_file
+
+    from mcomp.merge import acceleration
+
+    base, models = _models(seed=1)
+    base["w"] = torch.randn(64, 300, generator=torch.Generator().manual_seed(2))
+    for i, m in enumerate(models):
+        m["w"] = base["w"] + 0.05 * (i + 1) * torch.randn(64, 300, generator=torch.Generator().manual_seed(3 + i)) ** 3
+    paths = []
+    for name, sd in [("base", base)] + [(f"m{i}", m) for i, m in enumerate(models)]:
+        (tmp_path / name).mkdir()
+        save_file(
+            {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()},
+            tmp_path / name / "model.safetensors",
+        )
+        paths.append(tmp_path / name)
+
+    def both() -> tuple[dict, dict]:
+        memory = merge_state_dicts(base, models, method)
+        out = tmp_path / f"streamed-{len(list(tmp_path.iterdir()))}"
+        merge_checkpoints(paths[0], paths[1:], out, method, chunk_elems=2000, dtype="float32")
+        return memory, {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    fast = both()
+    monkeypatch.setattr(acceleration, "acceleration_of", lambda cls: None)
+    rule = both()
+    for got, want in zip(fast, rule):
+        for k in ("w", "b"):
+            torch.testing.assert_close(got[k], want[k], rtol=1e-6, atol=1e-6, msg=f"{method} {k}")
+        assert torch.equal(got["step"], want["step"])
+
+
 METHOD_FILE = '''
 """One file, one merge method: per coordinate, the weighted task-vector entry of largest |value|."""
 from dataclasses import dataclass
@@ -144,4 +183,4 @@ def test_a_new_merge_method_is_one_file(tmp_path):
         want = tau.gather(0, tau.abs().argmax(dim=0, keepdim=True)).squeeze(0)
         torch.testing.assert_close(merged["w"], base["w"] + want)
     finally:
-        registry._REGISTRY.pop("max_magnitude_contract", None)
+        registry.REGISTRY.remove("max_magnitude_contract")

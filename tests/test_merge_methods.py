@@ -58,15 +58,18 @@ TIES_CASES = [
 TIES_CASES += [("chunked-histogram", "global", "mass")]
 
 
-@pytest.fixture(params=["native", "numpy"])
+@pytest.fixture(params=["native", "numpy", "rule"])
 def kernels_used(request, monkeypatch):
-    """Run with the fused native kernels (when built) and with the NumPy chain."""
-    from mcomp.merge import native
+    """Run with the fused native kernels (when built), with the NumPy chain, and with the method's
+    rule alone (no acceleration)."""
+    from mcomp.merge import acceleration, native
 
     if request.param == "native" and not native.available():
         pytest.skip("mcomp.merge._native is not built")
     if request.param == "numpy":
         monkeypatch.setattr(native, "_lib", None)
+    if request.param == "rule":
+        monkeypatch.setattr(acceleration, "acceleration_of", lambda method: None)
     return request.param
 
 

@@ -335,7 +335,7 @@ def test_search_reuses_scores_and_is_seeded():
 def test_streaming_pcb_candidate_columns_change_nothing(ckpts, tmp_path, monkeypatch, inter):
     """The merge pass computes β only where stage 1 saw some β_i above its bracket floor; the
     output must be bit-identical to computing β everywhere."""
-    from mcomp.merge.methods.pcb import Pcb
+    from mcomp.merge.accelerated.pcb import AcceleratedPcb as Pcb
 
     base, models, paths = ckpts
     fast = merge_checkpoints(
@@ -358,7 +358,7 @@ def test_streaming_pcb_parallel_blocks_change_nothing(ckpts, tmp_path, monkeypat
     block by block, out of order); the output must be bit-identical to one block on one thread,
     with the fused native kernels and with the NumPy chain."""
     from mcomp.merge import kernels, native
-    from mcomp.merge.methods.pcb import Pcb
+    from mcomp.merge.accelerated.pcb import AcceleratedPcb as Pcb
 
     if kernels_used == "native" and not native.available():
         pytest.skip("mcomp.merge._native is not built")
@@ -373,7 +373,7 @@ def test_streaming_pcb_parallel_blocks_change_nothing(ckpts, tmp_path, monkeypat
         parallel.append(size > block and torch.get_num_threads() > 1)
         return real(fn, size, block, workspace)
 
-    monkeypatch.setattr("mcomp.merge.methods.pcb.column_blocks", spy)
+    monkeypatch.setattr("mcomp.merge.accelerated.pcb.column_blocks", spy)
     fused = []
     real_stage1 = native.pcb_stage1
     monkeypatch.setattr(native, "pcb_stage1", lambda *a: fused.append(1) or real_stage1(*a))
@@ -400,7 +400,7 @@ def test_streaming_pcb_from_stored_values_changes_nothing(tmp_path, monkeypatch,
     """PCB's stage 1 and merge pass take each chunk in its stored dtype and decode it in the
     native kernels; the output must be bit-identical to the engine's float32 read."""
     from mcomp.merge import native
-    from mcomp.merge.methods.pcb import Pcb
+    from mcomp.merge.accelerated.pcb import AcceleratedPcb as Pcb
     from mcomp.merge.streaming import MergeEngine
 
     if not native.available():

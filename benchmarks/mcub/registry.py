@@ -16,12 +16,15 @@ import importlib
 import sys
 from typing import Callable
 
-from mcomp.plugins import TASK_FUNCTIONS, load_group
+from mcomp.plugins import TASK_FUNCTIONS, Registry
 
 ALLOW_CODE_HINT = "pass --allow-task-code to mcomp eval (allow_code=True in Python) to allow it"
 
 KINDS = ("scorer", "options", "target")
-_REGISTRY: dict[str, dict[str, Callable]] = {kind: {} for kind in KINDS}
+# the entry points name modules that register their functions on import
+_REGISTRY: dict[str, Registry[Callable]] = {
+    kind: Registry(f"{kind} function", TASK_FUNCTIONS, register=lambda name, module: None) for kind in KINDS
+}
 
 
 def register(kind: str, name: str):
@@ -29,27 +32,9 @@ def register(kind: str, name: str):
         raise ValueError(f"unknown function kind {kind!r}; expected one of {KINDS}")
 
     def deco(fn: Callable) -> Callable:
-        other = _REGISTRY[kind].get(name)
-        if other is not None and other is not fn:
-            raise ValueError(
-                f"{kind} function {name!r} is already registered by {other.__module__}.{other.__qualname__}"
-            )
-        _REGISTRY[kind][name] = fn
-        return fn
+        return _REGISTRY[kind].add(name, fn)
 
     return deco
-
-
-_LOADED = False
-
-
-def _load_entry_points() -> None:
-    """Import the modules of the `mcomp.task_functions` entry points (mcomp's built-ins among them):
-    they register their functions on import."""
-    global _LOADED
-    if not _LOADED:
-        _LOADED = True
-        load_group(TASK_FUNCTIONS, lambda name, module: None)
 
 
 def resolve(kind: str, name: str, source: str = "task", allow_code: bool = False) -> Callable:
@@ -59,19 +44,18 @@ def resolve(kind: str, name: str, source: str = "task", allow_code: bool = False
     registered function already imported (a task resolves through `Task.resolve`, which passes its own
     `allow_code`).
     """
-    _load_entry_points()
     if kind not in _REGISTRY:
         raise ValueError(f"unknown function kind {kind!r}; expected one of {KINDS}")
-    if name in _REGISTRY[kind]:
-        return _REGISTRY[kind][name]
+    functions = _REGISTRY[kind].all()
+    if name in functions:
+        return functions[name]
     if ":" not in name:
         raise ValueError(
-            f"{source}: unknown {kind} function {name!r}; registered: {sorted(_REGISTRY[kind])} "
-            f"(or give 'module:function')"
+            f"{source}: unknown {kind} function {name!r}; registered: {sorted(functions)} (or give 'module:function')"
         )
     module, _, attr = name.partition(":")
     known = getattr(sys.modules.get(module), attr, None)
-    if known is not None and any(known is fn for fn in _REGISTRY[kind].values()):
+    if known is not None and any(known is fn for fn in functions.values()):
         return known  # a registered function by its full path: nothing is imported
     if not allow_code:
         raise ValueError(
@@ -88,5 +72,4 @@ def resolve(kind: str, name: str, source: str = "task", allow_code: bool = False
 
 
 def registered(kind: str) -> list[str]:
-    _load_entry_points()
-    return sorted(_REGISTRY[kind])
+    return sorted(_REGISTRY[kind].all())

@@ -6,6 +6,8 @@ reducers fed by `observe`, e.g. exact order statistics of |τ_i| over the whole 
 then maps each chunk to the merged delta with `merge`. Every statistic the methods use is
 per coordinate or a per-task scalar, so this shape fits all of them, and the same code runs
 in memory (one chunk holding everything) and streaming from disk (many chunks, a few passes).
+The interface is the maths alone; faster implementations of a method (native kernels, stored
+dtypes, scratch buffers) are accelerations behind it (`mcomp.merge.acceleration`).
 """
 
 from __future__ import annotations
@@ -17,8 +19,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from mcomp.merge.kernels import Workspace
-from mcomp.plugins import MERGE_METHODS, load_group
+from mcomp.plugins import MERGE_METHODS, Registry
 
 SCOPES = ("global", "tensor")
 
@@ -101,11 +102,6 @@ def _choice(p: Any, name: str, choices: tuple[str, ...]) -> str:
     return value
 
 
-class NonFiniteInput(ValueError):
-    """Raised by `MergeMethod.observe` when the values it checks (see `checks_finite`) contain
-    NaN or Inf; the engine then names the tensor and models at fault."""
-
-
 class MergeMethod:
     """Base class. Subclasses set `name`, `Params`, and implement the hooks below."""
 
@@ -113,12 +109,9 @@ class MergeMethod:
     Params: ClassVar[type[MethodParams]] = MethodParams
     description: ClassVar[str] = ""
 
-    def __init__(self, params: MethodParams, n: int, workspace: Workspace | None = None):
+    def __init__(self, params: MethodParams, n: int):
         self.p = params
         self.n = n
-        # scratch buffers for the per-chunk maths; None (fresh tensors) when the caller keeps
-        # what `merge`/`observe` helpers return across chunks
-        self.workspace = workspace
 
     def scope(self) -> str:
         """`global` (statistics over all merged tensors) or `tensor` (per tensor)."""
@@ -130,17 +123,6 @@ class MergeMethod:
     def reducers(self, stage: int, d: int) -> dict[str, Any]:
         """The reducers of `stage` for a group of d coordinates per task."""
         return {}
-
-    def accepts_stored(self, stage: int | None) -> bool:
-        """Whether `observe` for `stage` (`merge` for None) takes the chunk as stored values
-        (`mcomp.merge.native.StoredColumns`) instead of a float32 task-vector matrix."""
-        return False
-
-    def checks_finite(self, stage: int) -> bool:
-        """Whether `observe` for `stage`, given stored values, itself checks that every task vector
-        is finite as it goes (raising `NonFiniteInput`), so that the engine need not read each
-        chunk once more to check it."""
-        return False
 
     def observe(self, stage: int, tau: torch.Tensor, chunk: Chunk, stats: dict, reducers: dict) -> None:
         """Feed the reducers with this chunk's values."""
@@ -158,26 +140,22 @@ class MergeMethod:
         return torch.tensor(self.p.weights, dtype=tau.dtype, device=tau.device).unsqueeze(1)
 
 
-_REGISTRY: dict[str, type[MergeMethod]] = {}
+REGISTRY: Registry[type[MergeMethod]] = Registry("merge method", MERGE_METHODS, named=lambda cls: cls.name)
 
 
 def register(cls: type[MergeMethod]) -> type[MergeMethod]:
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(f"merge method {cls.name!r} is already registered")
-    _REGISTRY[cls.name] = cls
-    return cls
+    return REGISTRY.add(cls.name, cls)
 
 
 def available_methods() -> dict[str, type[MergeMethod]]:
-    _load_builtins()
-    return dict(_REGISTRY)
+    return REGISTRY.all()
 
 
 def get_method(name: str) -> type[MergeMethod]:
-    _load_builtins()
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown merge method {name!r}; available: {sorted(_REGISTRY)}")
-    return _REGISTRY[name]
+    cls = REGISTRY.get(name)
+    if cls is None:
+        raise ValueError(f"unknown merge method {name!r}; available: {sorted(REGISTRY.all())}")
+    return cls
 
 
 def make_params(method: str | type[MergeMethod], n: int, **params: Any) -> MethodParams:
@@ -190,22 +168,3 @@ def make_params(method: str | type[MergeMethod], n: int, **params: Any) -> Metho
     p = cls.Params(**{k: v for k, v in params.items() if v is not None})
     p.validate(n)
     return p
-
-
-_LOADED = False
-
-
-def _load_builtins() -> None:
-    """The methods of the `mcomp.merge_methods` entry points (mcomp's own and plug-ins')."""
-    global _LOADED
-    if _LOADED:
-        return
-    _LOADED = True
-
-    def loaded(name: str, cls) -> None:
-        if cls.name != name:
-            raise ValueError(f"merge method entry point {name!r} names the method {cls.name!r}")
-        if name not in _REGISTRY:
-            register(cls)
-
-    load_group(MERGE_METHODS, loaded)

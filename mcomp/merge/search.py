@@ -61,7 +61,7 @@ class PreparedMerge:
             self.models = models
             self.params = params
             return
-        m = self.engine.method_cls(self.engine.params, self.n)
+        m = self.engine.method()
         for group in self.engine.groups():
             chunks = self.engine.chunks(group)
             stats = self.engine.group_stats(m, group, chunks, [False] * len(chunks))

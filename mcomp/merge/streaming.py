@@ -22,8 +22,9 @@ from typing import Any
 import torch
 
 from mcomp.merge import native
+from mcomp.merge.acceleration import Acceleration, NonFiniteInput, instantiate
 from mcomp.merge.kernels import Workspace, parallel_map, scratch
-from mcomp.merge.registry import Chunk, MergeMethod, NonFiniteInput, Segment, get_method, make_params
+from mcomp.merge.registry import Chunk, MergeMethod, Segment, get_method, make_params
 from mcomp.merge.selection import RowQuantiles
 from mcomp.merge.sources import Source, TensorInfo
 from mcomp.progress import progress_bar
@@ -277,12 +278,18 @@ class MergeEngine:
             pos = end
         return native.StoredColumns(base, list(models))
 
+    def method(self, workspace: Workspace | None = None) -> MergeMethod:
+        """An instance of the method to run: its acceleration where one is available (given
+        `workspace` for its scratch buffers), else the method itself."""
+        return instantiate(self.method_cls, self.params, self.n, workspace)
+
     def _read_for(self, method: MergeMethod, stage: int | None, chunk: Chunk, checked: list[bool]):
         """(float32 θ0 or None, the chunk for `method`): stored values when it takes them, else the
         float32 task vectors. A chunk is checked for NaN/Inf the first time it is read (by the
         method itself as it observes stored values, when it says it does)."""
-        if self.can_read_stored() and method.accepts_stored(stage):
-            stored = self.read_stored(chunk, method.workspace)
+        workspace = method.workspace if isinstance(method, Acceleration) else None
+        if self.can_read_stored() and isinstance(method, Acceleration) and method.accepts_stored(stage):
+            stored = self.read_stored(chunk, workspace)
             if not checked[chunk.index]:
                 if stage is None or not method.checks_finite(stage):
                     halves = [(0, chunk.size // 2), (chunk.size // 2, chunk.size)]  # both cores
@@ -291,10 +298,10 @@ class MergeEngine:
                 checked[chunk.index] = True
             base = None
             if stage is None:  # the sink needs float32 θ0
-                base = scratch(method.workspace, "read.base", (chunk.size,), torch.empty(0))
+                base = scratch(workspace, "read.base", (chunk.size,), torch.empty(0))
                 base.copy_(stored.base)
             return base, stored
-        base, tau = self.read(chunk, check=not checked[chunk.index], workspace=method.workspace)
+        base, tau = self.read(chunk, check=not checked[chunk.index], workspace=workspace)
         checked[chunk.index] = True
         return base, tau
 
@@ -352,7 +359,7 @@ class MergeEngine:
     def group_stats(self, method: MergeMethod, group: list[str], chunks: list[Chunk], checked: list[bool]) -> dict:
         """Run the method's statistic stages over a group (passes over its chunks).
 
-        Chunks are read into `method.workspace` when it has one."""
+        Chunks are read into the workspace of an acceleration."""
         d = sum(self.base.infos[k].numel for k in group)
         stats: dict = {}
         sample = None
@@ -397,7 +404,7 @@ class MergeEngine:
 
     def run(self, sink: Sink) -> MergeReport:
         t0 = time.perf_counter()
-        method = self.method_cls(self.params, self.n, workspace=Workspace())
+        method = self.method(Workspace())
         for k in self.copy_keys:
             info = self.base.infos[k]
             sink.copy(k, self.base.read(k, 0, info.numel).reshape(info.shape))

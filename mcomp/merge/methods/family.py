@@ -170,8 +170,8 @@ class TaskArithmeticFamily(MergeMethod):
     consensus: ClassVar[str] = "none"  # "none" | "sign"
     normalise: ClassVar[bool] = False
 
-    def __init__(self, params, n, workspace=None):
-        super().__init__(params, n, workspace)
+    def __init__(self, params, n):
+        super().__init__(params, n)
         self.masks = MaskStream(params.seed, params.density) if self.sparsify == "random" else None
         self.stages = [
             *(["trim"] if self.sparsify == "magnitude" else []),

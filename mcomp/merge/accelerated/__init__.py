@@ -1,0 +1,1 @@
+"""Accelerations of merge methods (see `mcomp.merge.acceleration`), one module per method."""

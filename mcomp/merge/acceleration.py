@@ -1,0 +1,82 @@
+"""Accelerations: faster implementations of a registered merge method, kept apart from its maths.
+
+A merge method (`mcomp.merge.registry`) is the rule alone: float32 task vectors in, statistics and
+merged deltas out. An acceleration subclasses it and may add what only the engine should know
+about: reusable scratch buffers (`workspace`), chunks handed over in their stored dtype
+(`accepts_stored`, decoded by native kernels), the NaN/Inf check folded into its own pass
+(`checks_finite`), fused kernels and column blocks on a thread pool. It must give the method's
+results (to float rounding; tests/test_contracts.py compares every acceleration with its method).
+The engine runs the acceleration of a method wherever one is registered and `available()`.
+
+Accelerations register through the `mcomp.merge_accelerations` entry points, keyed by the name
+of the method they accelerate.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from mcomp.merge.kernels import Workspace
+from mcomp.merge.registry import MergeMethod, MethodParams
+from mcomp.plugins import MERGE_ACCELERATIONS, Registry
+
+
+class NonFiniteInput(ValueError):
+    """Raised by an acceleration's `observe` when the stored values it checks (see
+    `checks_finite`) contain NaN or Inf; the engine then names the tensor and models at fault."""
+
+
+class Acceleration(MergeMethod):
+    """Base of accelerations; subclass the accelerated method too: `class Fast(Acceleration, Slow)`."""
+
+    accelerates: ClassVar[str]
+
+    def __init__(self, params: MethodParams, n: int, workspace: Workspace | None = None):
+        super().__init__(params, n)
+        # scratch buffers for the per-chunk maths; None (fresh tensors) when the caller keeps
+        # what `merge`/`observe` return across chunks
+        self.workspace = workspace
+
+    @classmethod
+    def available(cls) -> bool:
+        """Whether this acceleration can run here (e.g. its native library is built)."""
+        return True
+
+    def accepts_stored(self, stage: int | None) -> bool:
+        """Whether `observe` for `stage` (`merge` for None) takes the chunk as stored values
+        (`mcomp.merge.native.StoredColumns`) instead of a float32 task-vector matrix."""
+        return False
+
+    def checks_finite(self, stage: int) -> bool:
+        """Whether `observe` for `stage`, given stored values, itself checks that every task vector
+        is finite as it goes (raising `NonFiniteInput`), so that the engine need not read each
+        chunk once more to check it."""
+        return False
+
+
+REGISTRY: Registry[type[Acceleration]] = Registry(
+    "merge acceleration", MERGE_ACCELERATIONS, named=lambda cls: cls.accelerates
+)
+
+
+def register_acceleration(cls: type[Acceleration]) -> type[Acceleration]:
+    return REGISTRY.add(cls.accelerates, cls)
+
+
+def available_accelerations() -> dict[str, type[Acceleration]]:
+    """The registered accelerations (those of the entry points included), by accelerated method."""
+    return REGISTRY.all()
+
+
+def acceleration_of(method: type[MergeMethod]) -> type[Acceleration] | None:
+    """The registered acceleration of `method`, when it is available here (None otherwise)."""
+    cls = available_accelerations().get(method.name)
+    if cls is None or not issubclass(cls, method) or not cls.available():
+        return None
+    return cls
+
+
+def instantiate(method: type[MergeMethod], params: MethodParams, n: int, workspace: Workspace | None = None):
+    """The fastest available implementation of `method` for n models."""
+    fast = acceleration_of(method)
+    return fast(params, n, workspace) if fast is not None else method(params, n)
