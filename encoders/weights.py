@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-from pathlib import Path
 from typing import Iterable
 
 import torch
 
 from mcomp.io import find_weight_files, load_tensors
+from mcomp.resources import read_document
 
 logger = logging.getLogger(__name__)
 
@@ -33,13 +32,4 @@ def read_hf_weights(folder: str | os.PathLike, keep: Iterable[str] | None = None
 
 
 def read_json(path: str | os.PathLike, what: str) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: {what} not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    return read_document(path, what, dict)

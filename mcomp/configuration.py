@@ -35,12 +35,9 @@ class JsonConfig:
 
     @classmethod
     def from_json_file(cls: type[T], path: str | os.PathLike) -> T:
-        with open(path, encoding="utf-8") as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}: not valid JSON ({err})") from None
-        return cls.from_dict(data, source=str(path))
+        from mcomp.resources import read_document
+
+        return cls.from_dict(read_document(path, f"{cls.__name__} file", dict), source=str(path))
 
 
 def parse_pairs(text: str | None, what: str, convert=str) -> dict:

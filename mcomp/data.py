@@ -9,11 +9,12 @@ every media file decodes, placeholders match the media, media stay inside the da
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
+
+from mcomp.resources import read_document
 
 
 @dataclasses.dataclass
@@ -29,6 +30,34 @@ class TrainingDataError(ValueError):
     """Training data that cannot be used as given; the message names each sample, field and file."""
 
 
+def entry_turns(entry: Mapping, where: str) -> list[dict[str, Any]]:
+    """An entry's `conversations`, checked: a non-empty list of {from, value}, each value a string or
+    null. `where` names the file and the entry in errors."""
+    turns = entry.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise ValueError(f"{where}: field 'conversations' must be a non-empty list")
+    for k, turn in enumerate(turns):
+        if not isinstance(turn, Mapping) or "from" not in turn:
+            raise ValueError(f"{where}: conversations[{k}] has no 'from' field")
+        if turn.get("value") is not None and not isinstance(turn["value"], str):
+            raise ValueError(f"{where}: conversations[{k}].value must be a string or null")
+    return turns
+
+
+def entry_media(entry: Mapping, where: str) -> dict[str, list[str]]:
+    """An entry's `modal_inputs` as modality key -> the paths as written (one path may stand alone)."""
+    media_in = entry.get("modal_inputs") or {}
+    if not isinstance(media_in, Mapping):
+        raise ValueError(f"{where}: field 'modal_inputs' must be an object of modality key -> list of paths")
+    media = {}
+    for key, files in media_in.items():
+        files = [files] if isinstance(files, str) else files
+        if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+            raise ValueError(f"{where}: modal_inputs[{key!r}] must be a path or a list of paths")
+        media[key] = files
+    return media
+
+
 def load_conversation_data(
     path: str | os.PathLike, data_root: str | os.PathLike | None = None
 ) -> list[ConversationSample]:
@@ -36,36 +65,16 @@ def load_conversation_data(
     (default: the JSON file's folder). Errors name the file, the sample and the field."""
     path = Path(path)
     root = Path(data_root) if data_root is not None else path.parent
-    try:
-        items = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"training data {path} not found") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(items, list):
-        raise ValueError(f"{path}: expected a JSON list of samples, got {type(items).__name__}")
     samples = []
-    for index, item in enumerate(items):
+    for index, item in enumerate(read_document(path, "training data", list)):
         where = f"{path}: sample {item.get('id', index) if isinstance(item, dict) else index}"
         if not isinstance(item, dict):
             raise ValueError(f"{where}: expected an object")
-        turns = item.get("conversations")
-        if not isinstance(turns, list) or not turns:
-            raise ValueError(f"{where}: field 'conversations' must be a non-empty list")
+        turns = entry_turns(item, where)
         for k, turn in enumerate(turns):
-            if not isinstance(turn, dict) or turn.get("from") not in ("human", "gpt"):
+            if turn["from"] not in ("human", "gpt"):
                 raise ValueError(f"{where}: conversations[{k}] needs 'from' = 'human' or 'gpt'")
-            if turn.get("value") is not None and not isinstance(turn["value"], str):
-                raise ValueError(f"{where}: conversations[{k}].value must be a string or null")
-        media_in = item.get("modal_inputs") or {}
-        if not isinstance(media_in, dict):
-            raise ValueError(f"{where}: field 'modal_inputs' must be an object of modality -> list of paths")
-        media = {}
-        for key, files in media_in.items():
-            files = [files] if isinstance(files, str) else files
-            if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
-                raise ValueError(f"{where}: modal_inputs[{key!r}] must be a path or a list of paths")
-            media[key] = [str(root / f) for f in files]
+        media = {key: [str(root / f) for f in files] for key, files in entry_media(item, where).items()}
         captions = item.get("media_captions") or {}
         if not isinstance(captions, dict):
             raise ValueError(f"{where}: field 'media_captions' must be an object of modality -> list of texts")

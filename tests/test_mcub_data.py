@@ -96,11 +96,14 @@ def test_missing_media_is_recorded_not_dropped(bench, tmp_path):
 @pytest.mark.parametrize(
     "mutate, message",
     [
-        (lambda e: e[1].pop("conversations"), r"q.json: entry 1 \(id 'mcub-4_0001'\): 'conversations'"),
+        (lambda e: e[1].pop("conversations"), r"q.json: entry 1 \(id 'mcub-4_0001'\): field 'conversations'"),
         (lambda e: e[2].update(id=e[0]["id"]), "id 'mcub-4_0000' occurs twice"),
         (lambda e: e[0].update(id={"a": 1}), "entry 0: 'id' must be a JSON scalar"),
         (lambda e: e[0]["conversations"][0].update(value=""), r"conversations\[0\].value \(the question\)"),
-        (lambda e: e[0].update(modal_inputs={"vision": [3]}), r"modal_inputs\['vision'\] must be a list of paths"),
+        (
+            lambda e: e[0].update(modal_inputs={"vision": [3]}),
+            r"modal_inputs\['vision'\] must be a path or a list of paths",
+        ),
     ],
 )
 def test_malformed_question_files_name_the_entry(bench, tmp_path, mutate, message):

@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from mcomp.conversation import conversation_turns
+from mcomp.data import entry_media, entry_turns
 from mcomp.modalities import MODALITIES
+from mcomp.resources import read_document
 
 logger = logging.getLogger(__name__)
 
@@ -73,16 +75,6 @@ def answer_entry(sample_id: Any, question: str, answer: Any) -> dict[str, Any]:
     return {"id": sample_id, "conversations": conversation(question, answer)}
 
 
-def _load_json(path: Path, what: str) -> Any:
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
-    with open(path, encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: {what} is not valid JSON ({err})") from None
-
-
 def resolve_media_path(path: str, data_root: str | os.PathLike | None) -> str:
     if os.path.isabs(path) or data_root is None:
         return path
@@ -109,22 +101,15 @@ def _check_scalar_id(path: Path, i: int, entry: Mapping) -> Any:
     return sample_id
 
 
-def first_human_turn(path: Path, i: int, entry: Mapping) -> str:
-    turns = entry.get("conversations")
-    if not isinstance(turns, list) or not turns:
-        raise ValueError(f"{path}: entry {i} (id {entry.get('id')!r}): 'conversations' must be a non-empty list")
+def first_human_turn(turns: Sequence[Mapping], where: str) -> str:
+    """The question: the first human turn's value (checked turns, see `mcomp.data.entry_turns`)."""
     for k, turn in enumerate(turns):
-        if not isinstance(turn, Mapping) or "from" not in turn:
-            raise ValueError(f"{path}: entry {i} (id {entry.get('id')!r}): conversations[{k}] has no 'from' field")
         if turn["from"] == "human":
             value = turn.get("value")
             if not isinstance(value, str) or not value.strip():
-                raise ValueError(
-                    f"{path}: entry {i} (id {entry.get('id')!r}): conversations[{k}].value "
-                    f"(the question) must be a non-empty string"
-                )
+                raise ValueError(f"{where}: conversations[{k}].value (the question) must be a non-empty string")
             return value
-    raise ValueError(f"{path}: entry {i} (id {entry.get('id')!r}): no 'human' turn in 'conversations'")
+    raise ValueError(f"{where}: no 'human' turn in 'conversations'")
 
 
 def read_questions(
@@ -138,9 +123,7 @@ def read_questions(
     paths that lead outside `data_root` (unless `allow_outside_root`), mark the sample with an error.
     Without a `data_root` there is nothing to confine the paths to."""
     path = Path(path)
-    data = _load_json(path, "question file")
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: a question file must be a JSON list of samples, got {type(data).__name__}")
+    data = read_document(path, "question file", list)
     samples, seen = [], {}
     confine = data_root is not None and not allow_outside_root
     for i, entry in enumerate(data):
@@ -151,25 +134,16 @@ def read_questions(
         if k in seen:
             raise ValueError(f"{path}: id {sample_id!r} occurs twice (entries {seen[k]} and {i}); ids must be unique")
         seen[k] = i
-        question = first_human_turn(path, i, entry)
+        where = f"{path}: entry {i} (id {sample_id!r})"
+        checked = entry_turns(entry, where)
+        question = first_human_turn(checked, where)
         try:
-            turns = conversation_turns(entry["conversations"])
+            turns = conversation_turns(checked)
         except ValueError as err:
-            raise ValueError(f"{path}: entry {i} (id {sample_id!r}): {err}") from None
-        for _, value in turns:
-            if value is not None and not isinstance(value, str):
-                raise ValueError(
-                    f"{path}: entry {i} (id {sample_id!r}): a turn's value must be a string or null, got {value!r}"
-                )
-        modal_inputs = entry.get("modal_inputs", {}) or {}
-        if not isinstance(modal_inputs, Mapping):
-            raise ValueError(f"{path}: entry {i} (id {sample_id!r}): 'modal_inputs' must be an object")
+            raise ValueError(f"{where}: {err}") from None
         media: dict[str, list[str]] = {}
         written: list[tuple[str, str, str]] = []  # (key, path as in the file, resolved path)
-        for key, sources in modal_inputs.items():
-            items = [sources] if isinstance(sources, str) else sources
-            if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
-                raise ValueError(f"{path}: entry {i} (id {sample_id!r}): modal_inputs[{key!r}] must be a list of paths")
+        for key, items in entry_media(entry, where).items():
             if items:
                 media[key] = [resolve_media_path(s, data_root) for s in items]
                 written += [(key, s, r) for s, r in zip(items, media[key])]
@@ -199,9 +173,7 @@ def read_questions(
 def read_answer_file(path: str | os.PathLike) -> dict[str, dict]:
     """Answer-key entries by `id_key`. Conflicting duplicates raise; identical ones are tolerated."""
     path = Path(path)
-    data = _load_json(path, "answer file")
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: an answer file must be a JSON list, got {type(data).__name__}")
+    data = read_document(path, "answer file", list)
     out: dict[str, dict] = {}
     for i, entry in enumerate(data):
         if not isinstance(entry, Mapping):

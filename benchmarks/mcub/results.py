@@ -9,11 +9,11 @@ provenance, prompt, data, versions, ...) are mappings kept as written.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-from pathlib import Path
 from typing import Any, Mapping
+
+from mcomp.resources import read_document
 
 RESULTS_SCHEMA = "mcomp.eval.results/1"
 KNOWN_SCHEMAS = (RESULTS_SCHEMA,)
@@ -104,9 +104,4 @@ class ResultsFile:
 
     @classmethod
     def read(cls, path: str | os.PathLike) -> ResultsFile:
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON ({err})") from None
-        return cls.from_dict(data, str(path))
+        return cls.from_dict(read_document(path, "results file", dict), str(path))

@@ -17,11 +17,10 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
-
 from mcomp.benchmarks.mcub.prompting import MEDIA_WITHOUT_PLACEHOLDER
 from mcomp.benchmarks.mcub.registry import ALLOW_CODE_HINT, resolve
 from mcomp.modalities import ORDER
+from mcomp.resources import read_document
 
 MODES = ("generate", "loglik")
 
@@ -111,12 +110,7 @@ def load_task(name_or_path: str | os.PathLike, allow_code: bool = False) -> Task
                 f"unknown task {text!r}; available: {', '.join(available_tasks())} "
                 f"(or give the path of a task .yaml file)"
             )
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = yaml.safe_load(f)
-        except yaml.YAMLError as err:
-            raise ValueError(f"{path}: not valid YAML ({err})") from None
-    return parse_task(data, str(path), allow_code=allow_code)
+    return parse_task(read_document(path, "task file", dict), str(path), allow_code=allow_code)
 
 
 def _require(data: Mapping, field: str, source: str, kind=None):

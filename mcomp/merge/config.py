@@ -24,9 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from mcomp.configuration import JsonConfig
+from mcomp.resources import read_document
 
 logger = logging.getLogger(__name__)
 
@@ -49,14 +48,7 @@ class MergeConfig(JsonConfig):
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "MergeConfig":
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"merge config not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as err:
-            raise ValueError(f"{path}: not valid YAML ({err})") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping at the top level")
+        data = read_document(path, "merge config", dict)
         for key in ("merge_method", "base_model", "models"):
             if key not in data:
                 raise ValueError(f"{path}: missing required field {key!r}")
