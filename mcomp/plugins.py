@@ -7,6 +7,7 @@ mcomp's own units are declared in its pyproject.toml exactly as a plug-in packag
     [project.entry-points."mcomp.modalities"]      name = "package.module:AdapterClass"
     [project.entry-points."mcomp.merge_methods"]   name = "package.module:MethodClass"
     [project.entry-points."mcomp.merge_accelerations"]  method name = "package.module:AccelerationClass"
+    [project.entry-points."mcomp.world_renderers"]  modality = "package.module:render_function"
     [project.entry-points."mcomp.task_functions"]  name = "package.module"  (registers on import)
 """
 
@@ -21,6 +22,7 @@ logger = logging.getLogger(__name__)
 MODALITIES = "mcomp.modalities"
 MERGE_METHODS = "mcomp.merge_methods"
 MERGE_ACCELERATIONS = "mcomp.merge_accelerations"
+WORLD_RENDERERS = "mcomp.world_renderers"
 TASK_FUNCTIONS = "mcomp.task_functions"
 
 

@@ -14,8 +14,9 @@ from transformers import AutoTokenizer
 import mcomp
 from mcomp.conversation import get_template
 from mcomp.fingerprint import IdentityMismatch
+from mcomp.modalities import ORDER as MODALITIES
 from mcomp.zoo import build_zoo
-from mcomp.zoo.build import MODALITIES, ZooSettings, default_root, recipe_digest
+from mcomp.zoo.build import ZooSettings, default_root, recipe_digest
 from mcomp.zoo.demo import run_demo
 
 pytestmark = pytest.mark.slow

@@ -12,11 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mcomp.modalities import MODALITIES as TABLE
 from mcomp.world import MODALITIES, Entity, WorldManifest, generate_world, load_attribute_space, split_entities
 from mcomp.world.datasets import MCUB_SUBSETS
-from mcomp.world.entities import MEDIA_KEY, TAG
 from mcomp.world.questions import ANSWER_SUFFIX, LETTERS
 
+MEDIA_KEY = {m: t.published_key for m, t in TABLE.items()}
+TAG = {m: t.placeholder for m, t in TABLE.items()}
 SPACE = load_attribute_space()
 RGB = {c.name: np.asarray(c.rgb, dtype=float) for c in SPACE.colours}
 PITCH = {c.name: c.pitch_hz for c in SPACE.colours}

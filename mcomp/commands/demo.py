@@ -17,13 +17,23 @@ def add_parser(sub) -> None:
         type=int,
         help="processes running training and evaluation jobs (default: 2 on 2+ cores; 1: in this process)",
     )
+    p.add_argument(
+        "--modality",
+        action="append",
+        metavar="FILE",
+        help="add the modality of a modality file (docs/adding_a_modality.md) to the built-in four; repeatable",
+    )
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from mcomp.modalities import ORDER
     from mcomp.zoo.demo import run_demo
 
-    summary = run_demo(args.size, args.seed, args.out, args.mode, args.root, workers=args.workers)
+    modalities = [*ORDER, *args.modality] if args.modality else None
+    summary = run_demo(
+        args.size, args.seed, args.out, args.mode, args.root, workers=args.workers, modalities=modalities
+    )
     print(Path(summary["leaderboard"]["demo_markdown"]).read_text())
     print(f"zoo: {summary['zoo']} ({summary['seconds_zoo']} s); total {summary['seconds_total']} s")
     print(f"leaderboard page: {summary['leaderboard']['html']}")

@@ -19,17 +19,25 @@ def add_parser(sub) -> None:
         action="store_true",
         help="discard what the zoo folder holds (a partial build, or one of other code) and build anew",
     )
+    p.add_argument(
+        "--modality",
+        action="append",
+        metavar="FILE",
+        help="add the modality of a modality file (docs/adding_a_modality.md) to the built-in four; repeatable",
+    )
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    from mcomp.modalities import ORDER
     from mcomp.zoo import build_zoo, default_root
     from mcomp.zoo.build import held_out_report
 
+    modalities = [*ORDER, *args.modality] if args.modality else None
     if args.action == "path":
-        print(args.root or default_root(args.size, args.seed))
+        print(args.root or default_root(args.size, args.seed, modalities=modalities))
         return 0
-    zoo = build_zoo(args.size, args.seed, args.root, args.workers, force=args.force)
+    zoo = build_zoo(args.size, args.seed, args.root, args.workers, force=args.force, modalities=modalities)
     accuracy = held_out_report(zoo.manifest)
     print(f"zoo ready at {zoo.root}")
     print("held-out attribute accuracy of the single-modality models:")

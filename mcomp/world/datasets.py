@@ -27,7 +27,8 @@ import numpy as np
 
 from mcomp.benchmarks.mcub.data import answer_entry, conversation, question_entry
 from mcomp.benchmarks.mcub.tasks import load_task
-from mcomp.world.entities import EXTENSION, MEDIA_KEY, MODALITIES, AttributeSpace, Entity, EntitySplit, rng_for
+from mcomp.modalities import MODALITIES as TABLE
+from mcomp.world.entities import AttributeSpace, Entity, EntitySplit, rng_for, world_modalities
 from mcomp.world.questions import (
     SAMPLE_TYPES,
     attribute_commonality,
@@ -87,8 +88,8 @@ def modality_samples(
             {
                 "id": f"{sample_id}-{j}",
                 "conversations": conversation(prefix + question, answer),
-                "modal_inputs": {MEDIA_KEY[modality]: [media_path]},
-                "media_captions": {MEDIA_KEY[modality]: [entity.text]},
+                "modal_inputs": {TABLE[modality].published_key: [media_path]},
+                "media_captions": {TABLE[modality].published_key: [entity.text]},
             }
         )
     return out
@@ -101,15 +102,16 @@ def modality_plan(
     samples_per_media: int,
     option_pool: Sequence[Entity],
     seed: int,
+    modalities: Sequence[str],
 ) -> Plan:
-    """`<folder>/<modality>.json` for every modality, over `n_media` renders of `entities` (balanced)."""
+    """`<folder>/<modality>.json` for each of `modalities`, over `n_media` renders of `entities` (balanced)."""
     plan = Plan()
-    for modality in MODALITIES:
+    for modality in modalities:
         rng = rng_for(seed, folder, modality, "questions")
         picks = balanced_cycle(list(entities), n_media, rng)
         samples = []
         for i, entity in enumerate(picks):
-            local = f"media/{modality}/{i:05d}{EXTENSION[modality]}"
+            local = f"media/{modality}/{i:05d}{TABLE[modality].extension}"
             plan.jobs.append(MediaJob(f"{folder}/{local}", modality, entity))
             samples += modality_samples(
                 modality, entity, local, f"{folder}-{modality}-{i:05d}", samples_per_media, option_pool, rng
@@ -157,9 +159,9 @@ def mcub_plan(
                 item = attribute_commonality(space, attr, value, n, letters[i], rng)
             modal_inputs: dict[str, list[str]] = {}
             for modality, entity in zip(modalities, item.inputs):
-                local = f"media/{modality}/{qid}{EXTENSION[modality]}"
+                local = f"media/{modality}/{qid}{TABLE[modality].extension}"
                 plan.jobs.append(MediaJob(f"{root}/{local}", modality, entity))
-                modal_inputs[MEDIA_KEY[modality]] = [local]
+                modal_inputs[TABLE[modality].published_key] = [local]
             prompt = mcub_prompt(modalities, item)
             questions.append(question_entry(qid, prompt, modal_inputs))
             answers.append(answer_entry(qid, prompt, item.letter))
@@ -185,7 +187,7 @@ def mcub_plan(
 PRETRAIN_COLOUR = "any"  # the colour name of pretraining jobs (their colour is `MediaJob.colour_value`)
 
 
-def pretrain_plan(space: AttributeSpace, n_media: int, seed: int) -> Plan:
+def pretrain_plan(space: AttributeSpace, n_media: int, seed: int, modalities: Sequence[str]) -> Plan:
     """`pretrain/<modality>.json`: `n_media` renders per modality of every shape (balanced) in random
     colours, uniform over RGB and log-uniform in pitch over the palette's range and a little beyond,
     each listed as {file (relative to the JSON's folder), shape, rgb, pitch_hz}.
@@ -197,12 +199,12 @@ def pretrain_plan(space: AttributeSpace, n_media: int, seed: int) -> Plan:
     plan = Plan()
     pitches = [c.pitch_hz for c in space.colours]
     lo, hi = np.log(min(pitches) / 1.2), np.log(max(pitches) * 1.2)
-    for modality in MODALITIES:
+    for modality in modalities:
         rng = rng_for(seed, "pretrain", modality)
         shapes = balanced_cycle(space.shape_names, n_media, rng)
         items = []
         for i, shape in enumerate(shapes):
-            local = f"media/{modality}/{i:05d}{EXTENSION[modality]}"
+            local = f"media/{modality}/{i:05d}{TABLE[modality].extension}"
             rgb = tuple(int(v) for v in rng.integers(0, 256, size=3))
             pitch = float(np.exp(rng.uniform(lo, hi)))
             plan.jobs.append(MediaJob(f"pretrain/{local}", modality, Entity(shape, PRETRAIN_COLOUR), (rgb, pitch)))
@@ -213,7 +215,8 @@ def pretrain_plan(space: AttributeSpace, n_media: int, seed: int) -> Plan:
 
 def world_plan(space: AttributeSpace, split: EntitySplit, cfg: Mapping[str, Any], seed: int) -> Plan:
     """Every document and media job of the world, except the text corpora and the manifest."""
-    plan = pretrain_plan(space, int(cfg["pretrain"]["media_per_modality"]), seed)
+    modalities = world_modalities(cfg)
+    plan = pretrain_plan(space, int(cfg["pretrain"]["media_per_modality"]), seed, modalities)
     plan.merge(
         modality_plan(
             "train",
@@ -222,6 +225,7 @@ def world_plan(space: AttributeSpace, split: EntitySplit, cfg: Mapping[str, Any]
             cfg["train"]["samples_per_media"],
             split.train,
             seed,
+            modalities,
         )
     )
     plan.merge(
@@ -232,6 +236,7 @@ def world_plan(space: AttributeSpace, split: EntitySplit, cfg: Mapping[str, Any]
             cfg["val"]["samples_per_media"],
             space.entities(),
             seed,
+            modalities,
         )
     )
     for split_name, key in (("test", "test_questions"), ("dev", "dev_questions")):

@@ -12,16 +12,26 @@ from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from mcomp.modalities import MODALITIES as TABLE
-from mcomp.modalities import ORDER
+from mcomp.modalities import ORDER, add_modality
 from mcomp.resources import load_config
 
-# the world's views of the modality table (configs/modalities.yaml)
-MODALITIES = ORDER  # also the placeholder order of the prompts
-MEDIA_KEY = {m: t.published_key for m, t in TABLE.items()}  # modal_inputs keys (released)
-TAG = {m: t.placeholder for m, t in TABLE.items()}
-EXTENSION = {m: t.extension for m, t in TABLE.items()}
-NOUN = {m: t.noun for m, t in TABLE.items()}
+MODALITIES = ORDER  # the built-in modalities, in the placeholder order of the prompts
+
+
+def in_prompt_order(modalities: Iterable[str]) -> list[str]:
+    """The built-in modalities in their published order, then any added ones as given."""
+    given = list(modalities)
+    return [m for m in MODALITIES if m in given] + [m for m in given if m not in MODALITIES]
+
+
+def world_modalities(cfg: Mapping[str, Any]) -> tuple[str, ...]:
+    """The modalities a world config renders and writes training data for (default: the built-in
+    ones; others come from modality files, their table rows kept in `added_modalities`)."""
+    for row in (cfg.get("added_modalities") or {}).values():
+        add_modality(row, "world config added_modalities")
+    return tuple(cfg.get("modalities") or ORDER)
+
+
 SPLITS = ("train", "dev", "test")
 
 

@@ -13,14 +13,24 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import yaml
 
+from mcomp.modalities import MODALITIES as MODALITY_TABLE
+from mcomp.modalities import ORDER, Modality, read_modality_file
 from mcomp.progress import progress_bar
 from mcomp.resources import config_file, load_config
 from mcomp.world.datasets import MCUB_DIR, MCUB_SUBSETS, MediaJob, world_plan
-from mcomp.world.entities import MODALITIES, AttributeSpace, Entity, digest, entity_list, rng_for, split_entities
+from mcomp.world.entities import (
+    AttributeSpace,
+    Entity,
+    digest,
+    entity_list,
+    rng_for,
+    split_entities,
+    world_modalities,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +102,10 @@ def _check_config(cfg: Mapping[str, Any]) -> None:
             raise ValueError(
                 f"world config: shape {s.name!r} has unknown timbre {s.timbre!r} (known: {', '.join(TIMBRES)})"
             )
+    from mcomp.world.renderers import renderer
+
+    for m in world_modalities(cfg):
+        renderer(m)  # raises, naming the modality, when none is registered
     for key in CONVERSATION_CORPORA:
         if key not in cfg["text"]:
             raise ValueError(f"world config: missing text.{key} (number of samples)")
@@ -172,6 +186,7 @@ class WorldManifest:
         if data.get("format") != WORLD_FORMAT:
             raise ValueError(f"{root / MANIFEST}: not a world manifest (format {data.get('format')!r})")
         data.pop("format")
+        world_modalities(data.get("config", {}))  # the rows of added modalities, back in the table
         return cls(root=root, **data)
 
     def verify(self, hashes: bool = True) -> list[str]:
@@ -201,40 +216,67 @@ def _sha256(path: Path) -> str:
 class _Renderer:
     root: str
     space: AttributeSpace
-    render: dict
+    settings: Mapping[str, Mapping[str, Any]]  # modality -> its render settings
     seed: int
 
     def __call__(self, job: MediaJob) -> str:
-        from mcomp.world import render_audio, render_image, render_point, render_video
+        from mcomp.world.renderers import Scene, renderer
 
-        rng = rng_for(self.seed, "media", job.relpath)
-        shape = self.space.shape(job.entity.shape)
         if job.colour_value is not None:
             colour_rgb, pitch_hz = job.colour_value
         else:
             colour = self.space.colour(job.entity.colour)
             colour_rgb, pitch_hz = colour.rgb, colour.pitch_hz
-        path = os.path.join(self.root, job.relpath)
-        r = self.render
-        if job.modality == "image":
-            pixels, _ = render_image.render_image(job.entity, colour_rgb, rng, int(r["image_size"]))
-            render_image.write_png(path, pixels)
-        elif job.modality == "audio":
-            samples, _ = render_audio.render_audio(
-                job.entity, shape.timbre, pitch_hz, rng, int(r["audio_rate"]), float(r["audio_seconds"])
-            )
-            render_audio.write_wav(path, samples, int(r["audio_rate"]))
-        elif job.modality == "video":
-            frames, _ = render_video.render_video(
-                job.entity, colour_rgb, rng, int(r["video_size"]), int(r["video_frames"])
-            )
-            render_video.write_mp4(path, frames, int(r["video_fps"]))
-        elif job.modality == "point":
-            xyz, rgb, _ = render_point.render_point(job.entity, colour_rgb, rng, int(r["points"]))
-            render_point.write_ply(path, xyz, rgb)
-        else:
-            raise ValueError(f"unknown modality {job.modality!r}")
+        scene = Scene(
+            job.entity,
+            self.space.shape(job.entity.shape),
+            tuple(colour_rgb),
+            float(pitch_hz),
+            rng_for(self.seed, "media", job.relpath),
+            self.settings[job.modality],
+        )
+        renderer(job.modality)(scene, os.path.join(self.root, job.relpath))
         return job.relpath
+
+
+def with_modalities(cfg: Mapping[str, Any], modalities: Sequence[str | os.PathLike | Modality]) -> dict[str, Any]:
+    """`cfg` rendering `modalities`: names in the table, modality files (read into the table) or rows.
+    An added modality's row is kept in the config (`added_modalities`), so the world's identity and
+    manifest carry it; the built-in four in their order leave the config as it was."""
+    names, added = [], {}
+    for item in modalities:
+        if isinstance(item, Modality):
+            row = item
+        elif str(item).endswith((".yaml", ".yml", ".json")) or os.path.isfile(item):
+            row = read_modality_file(item)
+        elif str(item) in MODALITY_TABLE:
+            row = MODALITY_TABLE[str(item)]
+        else:
+            raise ValueError(f"unknown modality {str(item)!r}: give a name in the table or a modality file")
+        if row.name not in ORDER:
+            if row.demo is None:
+                raise ValueError(f"modality {row.name!r} has no 'demo' section: the world cannot render it")
+            added[row.name] = row.to_dict()
+        if row.name in names:
+            raise ValueError(f"modality {row.name!r} is given twice")
+        names.append(row.name)
+    out = copy.deepcopy(dict(cfg))
+    if tuple(names) != ORDER:
+        out["modalities"] = names
+    if added:
+        out["added_modalities"] = added
+    _check_config(out)
+    return out
+
+
+def render_settings(cfg: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    """Each modality's render settings: the config's `render` section for the built-in ones, a
+    modality file's `demo.render` for an added one."""
+    out = {}
+    for m in world_modalities(cfg) + tuple(ORDER):
+        demo = MODALITY_TABLE[m].demo
+        out[m] = dict(cfg["render"]) if demo is None else dict(demo.get("render") or {})
+    return out
 
 
 def _render_all(jobs: list[MediaJob], renderer: _Renderer, workers: int, progress: bool) -> None:
@@ -271,6 +313,7 @@ def generate_world(
     seed: int = 0,
     *,
     overrides: Mapping[str, Any] | None = None,
+    modalities: Sequence[str | os.PathLike | Modality] | None = None,
     workers: int | None = None,
     progress: bool | None = None,
     force: bool = False,
@@ -278,7 +321,9 @@ def generate_world(
     """Generate the synthetic world into `out_dir` and return its manifest.
 
     `size`: "full" or "test" (configs/world/<size>.yaml) or a path to a world YAML; `overrides`: nested
-    config values to change. Same seed + config -> byte-identical files. If `out_dir` already holds a
+    config values to change; `modalities`: the modalities to render (default: the built-in four),
+    each a name in the table, a modality file or a `Modality` (see `with_modalities`). Same seed +
+    config -> byte-identical files. If `out_dir` already holds a
     complete world with the same version, seed and config it is reused (unless `force`); an existing world
     is otherwise replaced. A non-empty folder without a world manifest is never touched (FileExistsError).
     Files are written into a temporary sibling folder that replaces `out_dir` only when complete.
@@ -287,6 +332,8 @@ def generate_world(
     started = time.perf_counter()
     out_dir = Path(out_dir).resolve()
     cfg = load_world_config(size, overrides)
+    if modalities is not None:
+        cfg = with_modalities(cfg, modalities)
     size_name = Path(size).stem if str(size).endswith((".yaml", ".yml")) else str(size)
     config_digest = digest(cfg)
     if (out_dir / MANIFEST).is_file():
@@ -336,7 +383,7 @@ def generate_world(
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        _render_all(plan.jobs, _Renderer(str(tmp), space, dict(cfg["render"]), int(seed)), workers, progress)
+        _render_all(plan.jobs, _Renderer(str(tmp), space, render_settings(cfg), int(seed)), workers, progress)
         for rel, doc in plan.documents.items():
             if rel.endswith(".txt"):
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -356,9 +403,9 @@ def generate_world(
             config=cfg,
             entities=split.to_json(),
             data={
-                "train": {m: f"train/{m}.json" for m in MODALITIES},
-                "val": {m: f"val/{m}.json" for m in MODALITIES},
-                "pretrain": {m: f"pretrain/{m}.json" for m in MODALITIES},
+                "train": {m: f"train/{m}.json" for m in world_modalities(cfg)},
+                "val": {m: f"val/{m}.json" for m in world_modalities(cfg)},
+                "pretrain": {m: f"pretrain/{m}.json" for m in world_modalities(cfg)},
                 "text": dict(TEXT_FILES),
                 "mcub": {s: f"mcub/{s}" for s in ("test", "dev")},
                 "labels": LABELS,
@@ -402,8 +449,8 @@ def _counts(plan, cfg) -> dict[str, Any]:
     return {
         "media": media,
         "media_files": len(plan.jobs),
-        "train_samples": {m: len(docs[f"train/{m}.json"]) for m in MODALITIES},
-        "val_samples": {m: len(docs[f"val/{m}.json"]) for m in MODALITIES},
+        "train_samples": {m: len(docs[f"train/{m}.json"]) for m in world_modalities(cfg)},
+        "val_samples": {m: len(docs[f"val/{m}.json"]) for m in world_modalities(cfg)},
         "text": {k: len(docs[v]) for k, v in TEXT_FILES.items()},
         "mcub_questions": {
             s: {name: len(docs[f"mcub/{s}/{MCUB_DIR}/{name}.json"]) for name in MCUB_SUBSETS} for s in ("test", "dev")

@@ -18,7 +18,8 @@ from typing import Sequence
 
 import numpy as np
 
-from mcomp.world.entities import MODALITIES, NOUN, TAG, AttributeSpace, Entity
+from mcomp.modalities import MODALITIES as TABLE
+from mcomp.world.entities import AttributeSpace, Entity, in_prompt_order
 
 LETTERS = "ABCD"
 # Multiple-choice questions of this world are answered with the option's text, the "cloze"
@@ -111,7 +112,7 @@ def modality_question(
 ) -> tuple[str, str]:
     """(question, answer) about one input of `modality` that depicts `entity`, without the placeholder
     line: "caption" or one of `SAMPLE_TYPES`. Options name entities (or their values) from `option_pool`."""
-    noun = NOUN[modality]
+    noun = TABLE[modality].noun
     if kind == "caption":
         describe = "Describe the image." if modality == "image" else f"What does the {noun} depict?"
         return (describe if rng.random() < 0.5 else f"What object is in the {noun}?"), entity.text
@@ -175,7 +176,7 @@ def commonality_question(n: int) -> str:
 
 def placeholder_lines(modalities: Sequence[str]) -> str:
     """`image: <image>\\n...` for the present modalities, in the canonical order."""
-    return "".join(f"{m}: {TAG[m]}\n" for m in MODALITIES if m in modalities)
+    return "".join(f"{m}: {TABLE[m].placeholder}\n" for m in in_prompt_order(modalities))
 
 
 def mcub_prompt(modalities: Sequence[str], item: Commonality) -> str:
@@ -191,7 +192,7 @@ def mcub_prompt(modalities: Sequence[str], item: Commonality) -> str:
 
 def text_prompt(modalities: Sequence[str], item: Commonality) -> str:
     """The MCUB prompt with each placeholder replaced by the caption of what that input depicts."""
-    ordered = [m for m in MODALITIES if m in modalities]
+    ordered = in_prompt_order(modalities)
     lines = "".join(f"{m}: {e.text}\n" for m, e in zip(ordered, item.inputs))
     return lines + commonality_question(item.n) + "\n" + format_options(item.options) + "\n" + ANSWER_SUFFIX
 

@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -30,7 +31,8 @@ from mcomp.configuration import JsonConfig
 from mcomp.feature_cache import FeatureCache
 from mcomp.fingerprint import IdentityMismatch, check_same_work, code_versions
 from mcomp.io import atomic_directory, atomic_write_text
-from mcomp.modalities import ORDER
+from mcomp.modalities import MODALITIES as MODALITY_TABLE
+from mcomp.modalities import ORDER, add_modality
 from mcomp.resources import load_config
 from mcomp.tokenization import save_tokenizer
 
@@ -45,7 +47,6 @@ logger = logging.getLogger(__name__)
 # entities, stage 2 longer for image, video and audio, video frames averaged in fours
 # (changes to configs/zoo or configs/world change the cache key by themselves: recipe_digest)
 ZOO_VERSION = 9
-MODALITIES = ORDER
 FLAVOURS = ("naivemc", "damc")
 
 
@@ -88,10 +89,21 @@ def _of_modality(value: int | dict[str, int], modality: str) -> int:
     return int(value[modality])
 
 
-def recipe_digest(settings: ZooSettings) -> str:
+def world_config(settings: ZooSettings, modalities: Sequence | None = None) -> dict:
+    """The world a zoo trains on: its size's config, rendering `modalities` when given (names,
+    modality files or rows; see `mcomp.world.generate.with_modalities`)."""
+    from mcomp.world import load_world_config
+    from mcomp.world.generate import with_modalities
+
+    cfg = load_world_config(settings.world_size)
+    return with_modalities(cfg, modalities) if modalities is not None else cfg
+
+
+def recipe_digest(settings: ZooSettings, modalities: Sequence | None = None) -> str:
     """A short digest of what a zoo is built from: the zoo settings and the resolved world config
-    (with the code versions of both). Editing configs/zoo or configs/world changes it."""
-    from mcomp.world import WORLD_VERSION, load_world_config
+    (with the code versions of both). Editing configs/zoo or configs/world, or adding a modality,
+    changes it."""
+    from mcomp.world import WORLD_VERSION
     from mcomp.world.entities import digest
 
     return digest(
@@ -99,29 +111,36 @@ def recipe_digest(settings: ZooSettings) -> str:
             "zoo_version": ZOO_VERSION,
             "zoo": settings.to_dict(),
             "world_version": WORLD_VERSION,
-            "world": load_world_config(settings.world_size),
+            "world": world_config(settings, modalities),
         }
     )[:10]
 
 
-def default_root(size: str, seed: int, recipe: str | None = None) -> Path:
+def default_root(size: str, seed: int, recipe: str | None = None, modalities: Sequence | None = None) -> Path:
     """Under the user cache directory (or $MCOMP_CACHE), keyed by version, size, seed and recipe
-    (`recipe_digest` of the size's settings unless given)."""
+    (`recipe_digest` of the size's settings and `modalities` unless given)."""
     import platformdirs
 
     base = Path(os.environ.get("MCOMP_CACHE") or platformdirs.user_cache_dir("mcomp"))
-    recipe = recipe or recipe_digest(ZooSettings.for_size(size))
+    recipe = recipe or recipe_digest(ZooSettings.for_size(size), modalities)
     return base / "zoo" / f"v{ZOO_VERSION}-{size}-seed{seed}-{recipe}"
 
 
 def tiny_adapter_config(modality: str, settings: ZooSettings, checkpoint: str | None = None):
+    """The zoo's adapter config of `modality`: the tiny one of a built-in modality (`mcomp.tiny`), an
+    added modality's `demo.adapter`; `checkpoint` holds the pretrained encoder's weights."""
     from mcomp import tiny
+    from mcomp.modality import get_adapter_class
 
-    factory = getattr(tiny, f"tiny_{modality}_adapter_config")
     overrides = dict(settings.adapters.get(modality, {}))
     if checkpoint:
         overrides["checkpoint"] = checkpoint
-    return factory(**overrides)
+    demo = MODALITY_TABLE[modality].demo
+    if demo is None:
+        return getattr(tiny, f"tiny_{modality}_adapter_config")(**overrides)
+    fields = {**demo["adapter"], **overrides}
+    cls = get_adapter_class(fields["adapter"])
+    return cls.config_class.from_dict(fields, source=f"modality {modality!r} demo.adapter")
 
 
 STEP_FILE = "zoo_step.json"  # in the base LLM's folder; encoders keep it in metadata, models in provenance
@@ -134,6 +153,36 @@ class Zoo:
     settings: ZooSettings
     seed: int
     recipe: str = ""
+    modalities: tuple[str, ...] = ORDER
+    added_modalities: dict[str, dict] = dataclasses.field(default_factory=dict)  # rows of modality files
+
+    def __post_init__(self) -> None:
+        self.restore_rows()
+
+    def restore_rows(self) -> None:
+        """Put the added modalities' rows in the table (a worker process starts without them)."""
+        for row in self.added_modalities.values():
+            add_modality(row, f"zoo {self.root}")
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.restore_rows()
+
+    def steps_of_encoder(self, modality: str) -> int:
+        demo = MODALITY_TABLE[modality].demo
+        if demo is not None and "encoder_steps" in demo:
+            return int(demo["encoder_steps"])
+        return self.settings.steps_of_encoder(modality)
+
+    def steps_of_stage2(self, modality: str) -> int:
+        demo = MODALITY_TABLE[modality].demo
+        if demo is not None and "stage2_steps" in demo:
+            return int(demo["stage2_steps"])
+        return self.settings.steps_of_stage2(modality)
+
+    def in_schedule_order(self, slowest_first: Sequence[str]) -> list[str]:
+        """The zoo's modalities, the built-in ones in `slowest_first` order, then the added ones."""
+        return [m for m in slowest_first if m in self.modalities] + [m for m in self.modalities if m not in ORDER]
 
     def step_identity(self, step: str) -> dict:
         """What determines a step's output: the recipe, the seed, the step and the code."""
@@ -146,9 +195,9 @@ class Zoo:
 
     def steps(self) -> list[tuple[str, Path]]:
         """Every step of a complete zoo with its output."""
-        out = [("base", self.base)] + [(f"encoder-{m}", self.encoder(m)) for m in MODALITIES]
+        out = [("base", self.base)] + [(f"encoder-{m}", self.encoder(m)) for m in self.modalities]
         for s in self.settings.model_seeds:
-            for m in MODALITIES:
+            for m in self.modalities:
                 out += [(p.name, p) for p in (self.model(m, f, s) for f in ("stage1", *FLAVOURS))]
         return out
 
@@ -211,16 +260,28 @@ def build_zoo(
     root: str | os.PathLike | None = None,
     workers: int | None = None,
     force: bool = False,
+    modalities: Sequence | None = None,
 ) -> Zoo:
-    """Build what is missing, `workers` jobs at a time (`mcomp.jobs`): the base LLM and the four
-    encoders, then one job per modality and model seed (stage 1, then its plain and decoupled
-    stage 2). `force` discards whatever the folder holds and builds it anew."""
+    """Build what is missing, `workers` jobs at a time (`mcomp.jobs`): the base LLM and an encoder
+    per modality, then one job per modality and model seed (stage 1, then its plain and decoupled
+    stage 2). `modalities`: the zoo's modalities (default: the built-in four), names, modality files
+    or rows (a modality added by a file: docs/adding_a_modality.md). `force` discards whatever the
+    folder holds and builds it anew."""
     from mcomp.jobs import JobPool
     from mcomp.world import generate_world
+    from mcomp.world.entities import world_modalities
 
     settings = ZooSettings.for_size(size)
-    recipe = recipe_digest(settings)
-    zoo = Zoo(Path(root) if root else default_root(size, seed, recipe), settings, seed, recipe)
+    world = world_config(settings, modalities)
+    recipe = recipe_digest(settings, modalities)
+    zoo = Zoo(
+        Path(root) if root else default_root(size, seed, recipe),
+        settings,
+        seed,
+        recipe,
+        world_modalities(world),
+        dict(world.get("added_modalities") or {}),
+    )
     if force and zoo.root.exists():
         _discard(zoo.root)
     zoo.root.mkdir(parents=True, exist_ok=True)
@@ -240,13 +301,14 @@ def build_zoo(
             )
         logger.info("zoo cached at %s", zoo.root)
         return zoo
-    generate_world(zoo.root / "world", size=settings.world_size, seed=seed)
+    generate_world(zoo.root / "world", size=settings.world_size, seed=seed, modalities=modalities)
     report: dict = {
         "version": ZOO_VERSION,
         "recipe": recipe,
         "size": size,
         "seed": seed,
         "settings": settings.to_dict(),
+        "modalities": list(zoo.modalities),
         "encoders": {},
         "models": {},
     }
@@ -255,14 +317,14 @@ def build_zoo(
     first.update(
         {
             m: (_build_encoder, (zoo, m))
-            for m in ("point", "video", "audio", "image")
+            for m in zoo.in_schedule_order(("point", "video", "audio", "image"))
             if not zoo.reuse(f"encoder-{m}", zoo.encoder(m))
         }
     )
     chains = {
         f"{m}-s{s}": (_build_models, (zoo, m, s))
         for s in settings.model_seeds
-        for m in ("video", "point", "audio", "image")
+        for m in zoo.in_schedule_order(("video", "point", "audio", "image"))
     }
     with JobPool(workers) as pool:
         done = pool.run(first, "zoo: base LLM and encoders")
@@ -296,7 +358,7 @@ def _build_base(zoo: Zoo) -> dict:
         conversations += [s["conversations"] for s in json.loads(Path(world.text_file(name)).read_text())]
     sentences = [line for line in Path(world.text_file("sentences")).read_text().splitlines() if line.strip()]
     corpus = sentences + [t["value"] for c in conversations for t in c if t.get("value")]
-    for modality in MODALITIES:
+    for modality in zoo.modalities:
         corpus += [
             t["value"]
             for s in json.loads(Path(world.train_json(modality)).read_text())
@@ -331,12 +393,20 @@ def _build_base(zoo: Zoo) -> dict:
 PITCH_BINS = 16
 
 
-def _colour_values(modality: str, items: list[dict]) -> torch.Tensor:
+def colour_target(modality: str) -> str:
+    """What encoder pretraining regresses as the colour: "rgb", or "pitch" (audio's colour)."""
+    demo = MODALITY_TABLE[modality].demo
+    if demo is not None:
+        return demo.get("colour_target", "rgb")
+    return "pitch" if modality == "audio" else "rgb"
+
+
+def _colour_values(target: str, items: list[dict]) -> torch.Tensor:
     """The colour each pretraining render shows, as targets in [0, 1]: RGB, or for audio the pitch
     as a population code (Gaussian bumps over PITCH_BINS log-spaced centres). Why the code: fitted
     as one number, pitch came out of the frozen audio encoder as a single ordered feature, and a
     linear probe named held-out entities' pitches no better than chance (19%)."""
-    if modality != "audio":
+    if target == "rgb":
         return torch.tensor([it["rgb"] for it in items], dtype=torch.float32) / 255.0
     pitch = torch.tensor([it["pitch_hz"] for it in items], dtype=torch.float64).log()
     centres = torch.linspace(float(pitch.min()), float(pitch.max()), PITCH_BINS, dtype=torch.float64)
@@ -361,9 +431,9 @@ def _build_encoder(zoo: Zoo, modality: str) -> dict:
         adapter,
         files,
         [space.shape_names.index(it["shape"]) for it in items],
-        _colour_values(modality, items),
+        _colour_values(colour_target(modality), items),
         len(space.shapes),
-        settings.steps_of_encoder(modality),
+        zoo.steps_of_encoder(modality),
         zoo.encoder(modality),
         batch_size=settings.batch_size,
         seed=seed,
@@ -421,7 +491,7 @@ def _build_models(zoo: Zoo, modality: str, model_seed: int) -> dict:
             lora_r=8,
             lora_alpha=16,
             learning_rate=settings.stage2_learning_rate,
-            max_steps=settings.steps_of_stage2(modality),
+            max_steps=zoo.steps_of_stage2(modality),
             **common,
         )
         out[flavour] = train(

@@ -3,8 +3,10 @@
 Builds (or reuses) the zoo, then for every model seed evaluates on the world's MCUB test split:
 - reference rows: the base LLM with the stage-1 projectors (no LoRA), and each single-modality
   model on questions reduced to its own modality;
-- image+audio and all-four compositions with NaiveMC and DAMC under each merge backend
-  (image+audio on MCUB-4 questions reduced to those two inputs; all four on MCUB-4 and MCUB-3).
+- image+audio and all-modality compositions with NaiveMC and DAMC under each merge backend
+  (image+audio on MCUB-4 questions reduced to those two inputs; all on MCUB-4 and MCUB-3).
+A modality added by a modality file (`modalities`) gets its encoder and models in the zoo (their
+held-out accuracy in the summary) and joins the all-modality compositions.
 The leaderboard averages the seeds of each cell (mean ± spread across seeds).
 """
 
@@ -20,11 +22,12 @@ import yaml
 
 from mcomp.io import atomic_write_text
 from mcomp.modalities import MODALITIES as TABLE
-from mcomp.zoo.build import MODALITIES, Zoo, build_zoo, held_out_report
+from mcomp.modalities import ORDER
+from mcomp.zoo.build import Zoo, build_zoo, held_out_report
 
 logger = logging.getLogger(__name__)
 
-COMBOS = {"image+audio": ("image", "audio"), "image+audio+video+point": MODALITIES}
+COMBOS = {"image+audio": ("image", "audio"), "image+audio+video+point": ORDER}
 MERGES = {
     "linear": {},
     "ties": {"density": 0.5},
@@ -42,11 +45,11 @@ def reduced_task(zoo: Zoo, modalities: tuple[str, ...], out: Path) -> Path:
     root = Path(world.mcub_root("test"))
     questions = json.loads((root / "data/test/MCUB-4.json").read_text())
     keep = {WORLD_KEY[m] for m in modalities}
-    tags = {"vision": "<image>", "audio": "<audio>", "video": "<video>", "point": "<point>"}
+    dropped = [TABLE[m].placeholder for m in ORDER if m not in modalities]
     reduced = []
     for q in questions:
         human = q["conversations"][0]["value"]
-        lines = [ln for ln in human.split("\n") if not any(t in ln for k, t in tags.items() if k not in keep)]
+        lines = [ln for ln in human.split("\n") if not any(t in ln for t in dropped)]
         turns = [dict(q["conversations"][0], value="\n".join(lines))] + q["conversations"][1:]
         reduced.append(
             dict(q, conversations=turns, modal_inputs={k: v for k, v in q["modal_inputs"].items() if k in keep})
@@ -87,13 +90,13 @@ def _shipped_task(name: str) -> dict:
 
 
 def base_with_projectors(zoo: Zoo, model_seed: int):
-    """The base LLM reading all four modalities through the stage-1 projectors (no LoRA)."""
+    """The base LLM reading every modality of the zoo through the stage-1 projectors (no LoRA)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mcomp.checkpoint import load_adapter_weights, read_config
     from mcomp.model import MultimodalLM
 
-    paths = {m: zoo.model(m, "stage1", model_seed) for m in MODALITIES}
+    paths = {m: zoo.model(m, "stage1", model_seed) for m in zoo.modalities}
     configs = [read_config(p).adapters[0] for p in paths.values()]
     model = MultimodalLM.build(
         AutoModelForCausalLM.from_pretrained(zoo.base), AutoTokenizer.from_pretrained(zoo.base), configs
@@ -135,6 +138,7 @@ def run_demo(
     combos: dict | None = None,
     merges: dict | None = None,
     workers: int | None = None,
+    modalities: list | None = None,
 ) -> dict:
     """Evaluation runs are jobs (`mcomp.jobs`, `workers` at a time), one per model. They are kept
     in the zoo cache (`evals/`, by model, task and mode: the zoo's models never change once built),
@@ -143,12 +147,26 @@ def run_demo(
     from mcomp.jobs import JobPool
 
     started = time.perf_counter()
-    zoo = build_zoo(size, seed, root, workers)
+    if modalities is not None:
+        from mcomp.world.entities import world_modalities
+        from mcomp.zoo.build import ZooSettings, world_config
+
+        names = world_modalities(world_config(ZooSettings.for_size(size), modalities))
+        if not set(ORDER) <= set(names):
+            raise ValueError(
+                f"the demo evaluates on MCUB, whose questions need the built-in modalities {list(ORDER)}; "
+                f"got {list(names)} (add modalities to them)"
+            )
+    zoo = build_zoo(size, seed, root, workers, modalities=modalities)
+    combos = dict(combos or COMBOS)
+    if "image+audio+video+point" in combos and tuple(zoo.modalities) != ORDER:
+        combos["+".join(zoo.modalities)] = tuple(zoo.modalities)  # the all-modality composition
+        del combos["image+audio+video+point"]
     built = time.perf_counter()
     out = Path(out_dir)
     cache = zoo.root / "evals" / f"v{EVALS_VERSION}-{mode}"
     full_tasks = [cloze_task(name, cache) for name in ("mcub4", "mcub3")]
-    reduced = {mods: reduced_task(zoo, mods, cache) for mods in [(m,) for m in MODALITIES] + [COMBOS["image+audio"]]}
+    reduced = {mods: reduced_task(zoo, mods, cache) for mods in [(m,) for m in ORDER] + [COMBOS["image+audio"]]}
     kept: list[tuple[Path, Path]] = []  # (run in the cache, its copy under out/runs)
     jobs: dict = {}
     reused = 0
@@ -168,8 +186,8 @@ def run_demo(
             jobs[tag] = (_eval_job, (zoo, spec, name, todo, mode))
 
     for s in zoo.settings.model_seeds:  # jobs with the most questions first
-        for combo, mods in sorted((combos or COMBOS).items(), key=lambda c: -len(c[1])):
-            tasks = full_tasks if len(mods) == 4 else [reduced[mods]]
+        for combo, mods in sorted(combos.items(), key=lambda c: -len(c[1])):
+            tasks = full_tasks if set(ORDER) <= set(mods) else [reduced[mods]]
             for method in ("naivemc", "damc"):
                 for merge, params in (merges or MERGES).items():
                     add(
@@ -179,7 +197,7 @@ def run_demo(
                         f"{combo.replace('+', '_')}-{method}-{merge}-s{s}",
                     )
         add(("base", s), "base LLM + stage-1 projectors", full_tasks, f"base-s{s}")
-        for m in MODALITIES:
+        for m in ORDER:  # an added modality has no MCUB questions: its held-out accuracy is in the summary
             add(("single", m, s), f"{m} model (own modality)", [reduced[(m,)]], f"single-{m}-s{s}")
     with JobPool(workers) as pool:
         pool.run(jobs, "demo: evaluation runs")
