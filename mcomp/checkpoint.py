@@ -9,6 +9,9 @@ DIR/
   modality_tokens.safetensors  DAMC prefix/suffix tokens ("prefix.<modality>", "suffix.<modality>")
   tokenizer files            the tokenizer the model was built with
   base/                      the base LLM, only when it has no directory of its own to refer to
+  llm/                       a full fine-tune's LLM (transformers directory, sharded safetensors);
+                             base_model then names the base it was fine-tuned from, llm_sha256
+                             checks its weight files
 """
 
 from __future__ import annotations
@@ -24,13 +27,14 @@ import torch
 
 from mcomp.configuration import JsonConfig
 from mcomp.fingerprint import tensors_sha256
-from mcomp.io import atomic_directory, check_state_dict, load_tensors, save_tensors
+from mcomp.io import atomic_directory, check_state_dict, load_tensors, save_tensors, sha256_file
 from mcomp.tokenization import save_tokenizer
 from mcomp.version import __version__
 
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "mcomp_config.json"
+LLM_DIR = "llm"
 FORMAT = "mcomp-mllm"
 FORMAT_VERSION = 1
 
@@ -46,6 +50,8 @@ class MLLMConfig(JsonConfig):
     template: str = "vicuna_v1"
     adapters: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     lora: dict[str, Any] | None = None  # {"spec": LoraSpec, "adapters": [names], "routes": {route: [[name, coef]]}}
+    llm: str | None = None  # a full fine-tune: the folder of its LLM (relative to the checkpoint)
+    llm_sha256: str = ""  # checksum of that folder's weight files (`llm_files_sha256`)
     provenance: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -64,6 +70,18 @@ def base_weights_sha256(llm) -> str:
     return tensors_sha256(base_state_dict(llm))
 
 
+def base_reference(llm) -> dict[str, str]:
+    """{"base_model", "base_model_sha256"} of an LLM loaded from a folder, before it is fine-tuned
+    (the fine-tune is saved as a delta of that base, which must therefore stay where it is)."""
+    folder = _base_directory(llm)
+    if folder is None:
+        raise ValueError(
+            "full fine-tuning needs a base LLM loaded from a folder (its reference is saved with the "
+            "fine-tune): save the base with save_pretrained and load it from there"
+        )
+    return {"base_model": folder, "base_model_sha256": base_weights_sha256(llm)}
+
+
 def _base_directory(llm) -> str | None:
     path = getattr(llm, "name_or_path", "") or getattr(llm.config, "_name_or_path", "")
     if path and os.path.isfile(os.path.join(path, "config.json")):
@@ -71,17 +89,40 @@ def _base_directory(llm) -> str | None:
     return None
 
 
-def _save_base(llm, path: Path) -> None:
-    """Write the pristine base LLM (no LoRA) as a transformers directory."""
-    model = llm
+def llm_files_sha256(folder: str | os.PathLike) -> str:
+    """sha256 over the names and bytes of a transformers folder's safetensors files, read in blocks
+    (a fine-tuned LLM is checked without holding it in memory)."""
+    from mcomp.io import find_weight_files
+
+    h = hashlib.sha256()
+    for f in find_weight_files(folder, formats=("safetensors",)):
+        h.update(f.name.encode())
+        h.update(bytes.fromhex(sha256_file(f)))
+    return h.hexdigest()
+
+
+def _save_llm(llm, path: Path, max_shard_size: str | int = "5GB") -> None:
+    """An LLM (LoRA layers looked through) as a transformers folder: config, generation config,
+    sharded safetensors. The pristine base of a checkpoint (base/) and a full fine-tune (llm/)."""
+    from mcomp.merge.sources import TensorInfo
+    from mcomp.merge.writer import ShardedWriter, parse_size
+
     path.mkdir(parents=True)
-    model.config.save_pretrained(path)
-    if getattr(model, "generation_config", None) is not None:
-        model.generation_config.save_pretrained(path)
+    llm.config.save_pretrained(path)
+    if getattr(llm, "generation_config", None) is not None:
+        llm.generation_config.save_pretrained(path)
     state = base_state_dict(llm)
-    if getattr(model.config, "tie_word_embeddings", False):
+    if getattr(llm.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
-    save_tensors(state, path / "model.safetensors", metadata={"format": "pt"})
+    layout = [(k, TensorInfo(tuple(v.shape), v.dtype)) for k, v in state.items()]
+    writer = ShardedWriter(path, layout, parse_size(max_shard_size))
+    try:
+        for k, v in state.items():
+            writer.write(k, v.detach().reshape(-1).cpu())
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
 
 
 def save_mllm(
@@ -91,10 +132,14 @@ def save_mllm(
     `path` must not be, contain or lie inside any of `inputs` nor the base model's directory)."""
     from mcomp.peft_format import save_adapter
 
-    base_dir = base_model or _base_directory(model.llm)
+    finetuned_from = getattr(model, "finetuned_from", None)
+    base_dir = finetuned_from["base_model"] if finetuned_from else base_model or _base_directory(model.llm)
     with atomic_directory(path, overwrite=overwrite, inputs=[base_dir, *inputs]) as tmp:
-        if base_dir is None:
-            _save_base(model.llm, tmp / "base")
+        if finetuned_from:
+            _save_llm(model.llm, tmp / LLM_DIR)
+            base_ref = base_dir
+        elif base_dir is None:
+            _save_llm(model.llm, tmp / "base")
             base_ref = "base"
         else:
             base_ref = os.path.abspath(base_dir)
@@ -128,7 +173,7 @@ def save_mllm(
         MLLMConfig(
             mcomp_version=__version__,
             base_model=base_ref,
-            base_model_sha256=base_weights_sha256(model.llm),
+            base_model_sha256=finetuned_from["base_model_sha256"] if finetuned_from else base_weights_sha256(model.llm),
             base_model_config={
                 "model_type": text_cfg.model_type,
                 "hidden_size": text_cfg.hidden_size,
@@ -138,6 +183,8 @@ def save_mllm(
             template=model.template.name,
             adapters=adapters,
             lora=lora,
+            llm=LLM_DIR if finetuned_from else None,
+            llm_sha256=llm_files_sha256(tmp / LLM_DIR) if finetuned_from else "",
             provenance=model.provenance,
         ).to_json_file(tmp / CONFIG_NAME)
     logger.info("saved multimodal model to %s", path)
@@ -172,23 +219,22 @@ def load_mllm(
 ):
     """The model saved at `path`, built by `model_class.build` (`MultimodalLM.from_pretrained` passes
     itself, so that this format module does not depend on the model module)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from mcomp.lora import LoraSpec
     from mcomp.peft_format import load_adapter_into
 
     path = Path(path)
     cfg = read_config(path)
-    base = resolve_base(path, cfg)
-    llm = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype or "auto", trust_remote_code=False)
-    if check_base and cfg.base_model_sha256 and base_weights_sha256(llm) != cfg.base_model_sha256:
-        raise ValueError(
-            f"{path}: the base model at {base} is not the one this checkpoint was trained on "
-            f"(weights checksum differs from base_model_sha256 in {CONFIG_NAME})"
-        )
+    if cfg.llm:
+        llm = load_finetuned_llm(path, cfg, dtype, check=check_base)
+    else:
+        llm = load_base_llm(path, cfg, dtype, check=check_base)
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     model = model_class.build(llm, tokenizer, cfg.adapters, template=cfg.template)
     model.provenance = cfg.provenance
+    if cfg.llm:
+        model.finetuned_from = {"base_model": cfg.base_model, "base_model_sha256": cfg.base_model_sha256}
     tensors = read_adapter_tensors(path)
     for modality in model.adapters:
         load_adapter_weights(model, modality, path, tensors)
@@ -199,6 +245,35 @@ def load_mllm(
         model.set_routes({r: [(n, c) for n, c in t] for r, t in cfg.lora["routes"].items()})
     load_modality_tokens(model, path)
     return model.to(device).eval()
+
+
+def load_finetuned_llm(path: Path, cfg: MLLMConfig, dtype: torch.dtype | None = None, check: bool = True):
+    """A full fine-tune's LLM from its folder, its weight files checked against `llm_sha256` first."""
+    from transformers import AutoModelForCausalLM
+
+    folder = path / cfg.llm
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: the fine-tuned LLM folder {folder} (from {CONFIG_NAME}: llm) is missing")
+    if check and cfg.llm_sha256 and llm_files_sha256(folder) != cfg.llm_sha256:
+        raise ValueError(
+            f"{path}: the weight files in {folder} are not the ones this checkpoint was saved with "
+            f"(their checksum differs from llm_sha256 in {CONFIG_NAME})"
+        )
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype or "auto", trust_remote_code=False)
+
+
+def load_base_llm(path: Path, cfg: MLLMConfig, dtype: torch.dtype | None = None, check: bool = True):
+    """The base LLM a LoRA checkpoint refers to, checked against `base_model_sha256`."""
+    from transformers import AutoModelForCausalLM
+
+    base = resolve_base(path, cfg)
+    llm = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype or "auto", trust_remote_code=False)
+    if check and cfg.base_model_sha256 and base_weights_sha256(llm) != cfg.base_model_sha256:
+        raise ValueError(
+            f"{path}: the base model at {base} is not the one this checkpoint was trained on "
+            f"(weights checksum differs from base_model_sha256 in {CONFIG_NAME})"
+        )
+    return llm
 
 
 def load_adapter_weights(model, modality: str, path: str | os.PathLike, tensors: dict | None = None) -> None:

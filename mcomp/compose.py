@@ -100,7 +100,7 @@ def read_inputs(models: Mapping[str, str | os.PathLike]) -> list[ComposeInput]:
     return inputs
 
 
-def _coefficients(inputs: list[ComposeInput], weights: Mapping[str, float] | None, merge: str) -> dict[str, float]:
+def coefficients(inputs: list[ComposeInput], weights: Mapping[str, float] | None, merge: str) -> dict[str, float]:
     """Default: the average (1/n) for sums (linear, dare_linear); 1 for TIES and PCB, which already
     take a (disjoint or weighted) mean of the task vectors. With `weights`, a modality they do not
     name keeps λ = 1, as in the published `online-merge-reset-default-m=λ` (spec: modelcompose.md §3.4)."""
@@ -144,8 +144,13 @@ def compose(
     if merge_space == "factors" and lora_rank is not None:
         raise ValueError("merge_space='factors' keeps the inputs' LoRA rank; lora_rank re-factorises a dense delta")
     inputs = read_inputs(models)
-    coef = _coefficients(inputs, weights, merge)
+    coef = coefficients(inputs, weights, merge)
     for inp in inputs:
+        if inp.config.llm:
+            raise ValueError(
+                f"{inp.path}: its LLM is a full fine-tune, which is composed on disk, tensor by tensor: "
+                "mcomp.compose_checkpoint.compose_checkpoint (mcomp compose does so by itself)"
+            )
         if TEXT_ROUTE not in inp.lora_adapters:
             raise ValueError(f"{inp.path}: has no text LoRA to merge (a stage-1 model? train stage 2 first)")
         if method == "damc" and not inp.decoupled and not convert:
@@ -175,13 +180,13 @@ def compose(
     report: dict[str, Any] = {}
     if merge_space == "factors":
         report["merge_space"] = "factors"
-        params = _merge_params(merge, merge_params, seed, report)
+        params = merge_parameters(merge, merge_params, seed, report)
         merge_text_factors(model, inputs, merge, coef, params, "text-merged")
         routes = {TEXT_ROUTE: [("text-merged", 1.0)]}
     elif merge == LINEAR:
         routes = {TEXT_ROUTE: text_terms}
     else:
-        params = _merge_params(merge, merge_params, seed, report)
+        params = merge_parameters(merge, merge_params, seed, report)
         merged = merge_text_deltas(model, inputs, merge, coef, params)
         for inp in inputs:
             _remove_adapter(model, f"text-{inp.modality}")
@@ -237,7 +242,7 @@ def merge_text_deltas(model, inputs, merge: str, coef: dict[str, float], params:
     return merge_task_vectors(deltas, merge, **params)
 
 
-def _merge_params(merge: str, merge_params: Mapping[str, Any] | None, seed: int, report: dict) -> dict:
+def merge_parameters(merge: str, merge_params: Mapping[str, Any] | None, seed: int, report: dict) -> dict:
     """The merge method's parameters, its seed (if it takes one) from `seed` unless given; the seed
     used goes into `report`."""
     params = dict(merge_params or {})

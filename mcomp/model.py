@@ -54,6 +54,8 @@ class MultimodalLM(nn.Module):
         self.adapters = nn.ModuleDict({a.modality: a for a in adapters})
         self.template = get_template(template)
         self.feature_cache = None  # optional mcomp.feature_cache.FeatureCache for encoder outputs
+        # a full fine-tune's base: {"base_model": directory, "base_model_sha256": ...} (None: the LLM is the base)
+        self.finetuned_from: dict[str, str] | None = None
         self.routing = RoutingState()
         self.lora_spec: LoraSpec | None = None
         # DAMC's learnable tokens around each modality input (none unless added).

@@ -58,6 +58,7 @@ LR_SCHEDULERS = ("constant", "cosine")
 class TrainConfig(JsonConfig):
     stage: int = 2
     decoupled: bool = False
+    full: bool = False  # stage 2 trains the whole LLM (a full fine-tune) instead of a LoRA
     lora_r: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
@@ -88,6 +89,8 @@ class TrainConfig(JsonConfig):
             raise ValueError(f"stage must be 1 or 2, got {self.stage}")
         if self.decoupled and self.stage != 2:
             raise ValueError("decoupled (DAMC) training is a stage-2 setting")
+        if self.full and (self.stage != 2 or self.decoupled):
+            raise ValueError("full fine-tuning is a stage-2 setting without decoupled (DAMC) parameters")
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise ValueError(f"lr_scheduler must be one of {LR_SCHEDULERS}, got {self.lr_scheduler!r}")
         if self.caption_distill and self.stage != 1:
@@ -161,7 +164,16 @@ def optimizer_groups(params: Mapping[str, torch.nn.Parameter], cfg: TrainConfig)
 def prepare_for_training(model, cfg: TrainConfig) -> None:
     """Add what the stage trains (LoRA, routes, DAMC tokens) and freeze everything else."""
     modality = _single_modality(model)
-    if cfg.stage == 2:
+    if cfg.full:
+        if model.lora_adapters:
+            raise ValueError(
+                f"full fine-tuning a model that has LoRA adapters ({model.lora_adapters}); start from stage 1"
+            )
+        if model.finetuned_from is None:
+            from mcomp.checkpoint import base_reference
+
+            model.finetuned_from = base_reference(model.llm)
+    elif cfg.stage == 2:
         spec = LoraSpec(
             r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=list(cfg.target_modules)
         )
@@ -187,11 +199,14 @@ def _single_modality(model) -> str:
 
 
 def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
-    """Projectors, LoRA factors and DAMC tokens, by their names in the model."""
+    """Projectors, LoRA factors and DAMC tokens, by their names in the model; the whole LLM too for a
+    full fine-tune."""
     out = {}
+    full = model.finetuned_from is not None
     for name, p in model.named_parameters():
         if (
-            ".projector." in name
+            (full and name.startswith("llm."))
+            or ".projector." in name
             or ".lora_A." in name
             or ".lora_B." in name
             or name.startswith(("prefix_tokens.", "suffix_tokens."))

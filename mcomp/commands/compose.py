@@ -81,7 +81,45 @@ def _param_value(value: str):
     return value
 
 
+def _compose_on_disk(args, models: dict, merge: str, weights, params: dict) -> int:
+    """Inputs with a fully fine-tuned LLM: the merged LLM streams to --out (mcomp.compose_checkpoint)."""
+    from mcomp.checkpoint import read_config
+    from mcomp.compose_checkpoint import compose_checkpoint
+
+    unsupported = [
+        flag
+        for flag, given in (
+            ("--search-weights", args.search_weights),
+            ("--lora-rank", args.lora_rank is not None),
+            ("--convert", args.convert),
+            ("--merge-space factors", args.merge_space != "delta"),
+        )
+        if given
+    ]
+    if unsupported:
+        raise ValueError(f"{', '.join(unsupported)}: not available when an input's LLM is a full fine-tune")
+    out = compose_checkpoint(
+        models,
+        args.out,
+        method=args.method,
+        merge=merge,
+        weights=weights,
+        merge_params=params,
+        seed=args.seed,
+        overwrite=args.force,
+        progress=True,
+    )
+    comp = read_config(out).provenance["composition"]
+    resolved = ", ".join(f"{m}={w:g}" for m, w in comp["weights"].items())
+    print(
+        f"composed {', '.join(comp['weights'])} with {comp['method']} + {comp['merge']} "
+        f"(coefficients as resolved: {resolved}; the merged LLM streamed to disk); saved {args.out}"
+    )
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    from mcomp.checkpoint import read_config
     from mcomp.compose import compose
 
     if args.models:
@@ -120,6 +158,8 @@ def run(args: argparse.Namespace) -> int:
         dev = load_conversation_data(args.dev, args.dev_root)
         weights, best = search_weights(models, dev, budget=args.budget, seed=args.seed, **kwargs)
         print(f"searched weights: {weights} (dev mean log-likelihood {best:.4f})")
+    if any(read_config(path).llm for path in models.values()):
+        return _compose_on_disk(args, models, merge, weights, params)
     model = compose(models, weights=weights, seed=args.seed, **kwargs)
     model.save_pretrained(args.out, overwrite=args.force, inputs=list(models.values()))
     comp = model.provenance["composition"]

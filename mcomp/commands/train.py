@@ -54,6 +54,13 @@ def add_parser(sub) -> None:
     p.add_argument("--config", help="a JSON file with TrainConfig fields; flags below override it")
     p.add_argument("--stage", type=int, choices=(1, 2))
     p.add_argument("--decoupled", action="store_true", default=None, help="DAMC: separate text/modality LoRA")
+    p.add_argument(
+        "--full",
+        action="store_true",
+        default=None,
+        help="stage 2 fine-tunes the whole LLM instead of a LoRA (saved as sharded safetensors; the base "
+        "folder it starts from stays its reference)",
+    )
     for name, typ in (
         ("lora-r", int),
         ("lora-alpha", float),
@@ -124,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
     for key in (
         "stage",
         "decoupled",
+        "full",
         "lora_r",
         "lora_alpha",
         "learning_rate",
