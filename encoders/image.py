@@ -125,6 +125,9 @@ class ImageAdapterConfig(AdapterConfig):
     select_feature: str = "patch"  # "patch": CLS dropped; "cls_patch": CLS kept
     image_aspect_ratio: str = "pad"  # "pad" (pad to square) or "resize" (centre-crop only)
     projector_type: str = "mlp2x_gelu"
+    # a transformers image-processor folder (preprocessor or processor config) whose preprocessing is
+    # used instead of the published pad + CLIP transform: an imported model's own (mcomp import llava-hf)
+    image_processor: str | None = None
 
     def __post_init__(self):
         if self.select_feature not in ("patch", "cls_patch"):
@@ -143,7 +146,13 @@ class ImageAdapter(ModalityAdapter):
     def build_encoder(self) -> ClipVisionTower:
         cfg: ImageAdapterConfig = self.config
         tower = ClipVisionTower(cfg.tower, cfg.tower_config, cfg.checkpoint)
-        self._transform = clip_pixel_transform(tower.image_size)
+        if cfg.image_processor:
+            from transformers import AutoImageProcessor
+
+            processor = AutoImageProcessor.from_pretrained(cfg.image_processor, trust_remote_code=False)
+            self._transform = lambda img: processor(images=img, return_tensors="pt")["pixel_values"][0]
+        else:
+            self._transform = clip_pixel_transform(tower.image_size)
         return tower
 
     @property
@@ -160,9 +169,11 @@ class ImageAdapter(ModalityAdapter):
     def preprocess(self, raw: Image.Image) -> torch.Tensor:
         if not isinstance(raw, Image.Image):
             raise MediaError(None, f"expected a file path or a PIL image, got {type(raw).__name__}", self.modality)
-        check_working_size(raw.size, self.encoder.image_size, self.config.image_aspect_ratio, self.modality)
+        processor_resizes = self.config.image_processor is not None
+        aspect_ratio = "resize" if processor_resizes else self.config.image_aspect_ratio
+        check_working_size(raw.size, self.encoder.image_size, aspect_ratio, self.modality)
         img = raw.convert("RGB")
-        if self.config.image_aspect_ratio == "pad":
+        if aspect_ratio == "pad":
             img = expand_to_square(img, CLIP_MEAN)
         return self._transform(img)
 

@@ -40,6 +40,7 @@ from mcomp.merge import merge_task_vectors
 from mcomp.merge.lora import refactorise
 from mcomp.merge.registry import get_method
 from mcomp.modality import get_adapter_class
+from mcomp.tokenization import vocabulary_difference
 
 logger = logging.getLogger(__name__)
 
@@ -96,8 +97,16 @@ def read_inputs(models: Mapping[str, str | os.PathLike]) -> list[ComposeInput]:
                 f"(base_model_sha256 {other.config.base_model_sha256[:12]} vs {first.config.base_model_sha256[:12]})"
             )
         if tokenizer_sha256(other.path) != tok:
-            raise ValueError(f"{other.path} and {first.path} use different tokenizers")
+            differ = vocabulary_difference(_tokenizer(first.path), _tokenizer(other.path))
+            if differ:
+                raise ValueError(f"{other.path} and {first.path} use different tokenizers ({differ})")
     return inputs
+
+
+def _tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
 
 
 def coefficients(inputs: list[ComposeInput], weights: Mapping[str, float] | None, merge: str) -> dict[str, float]:

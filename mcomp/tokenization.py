@@ -142,25 +142,57 @@ def placeholder_pattern(tags: Mapping[str, int]) -> re.Pattern:
     return re.compile("(" + "|".join(re.escape(t) for t in sorted(tags, key=len, reverse=True)) + ")")
 
 
+def vocabulary_difference(a, b) -> str | None:
+    """Why tokenizers `a` and `b` do not tokenise text alike (None when they do): every id both have
+    must be the same token, and ids only one has must be its added special tokens (placeholders, pad:
+    a transformers-native MLLM adds such to its base's tokenizer)."""
+    shared = min(len(a), len(b))
+    mine, theirs = a.convert_ids_to_tokens(list(range(shared))), b.convert_ids_to_tokens(list(range(shared)))
+    for i, (x, y) in enumerate(zip(mine, theirs)):
+        if x != y:
+            return f"id {i} is {x!r} in one and {y!r} in the other"
+    for tok in (a, b):
+        special = {i for i, t in getattr(tok, "added_tokens_decoder", {}).items() if t.special}
+        extra = [i for i in range(shared, len(tok)) if i not in special]
+        if extra:
+            return f"ids {extra[:3]} of one are ordinary tokens the other lacks"
+    return None
+
+
+def own_placeholders(tokenizer, tags: Mapping[str, int]) -> dict[str, int]:
+    """The placeholder tags that are added tokens of `tokenizer` (a transformers-native MLLM's, e.g.
+    llava-hf's `<image>`), with their token ids."""
+    added = tokenizer.get_added_vocab() if hasattr(tokenizer, "get_added_vocab") else {}
+    return {tag: added[tag] for tag in tags if tag in added}
+
+
 def tokenize_with_placeholders(
     tokenizer, text: str, tags: Mapping[str, int], encode: Callable[[str], list[int]] | None = None
 ) -> list[int]:
     """[BOS] + ids of each chunk (without its BOS) + sentinel id of each placeholder; `encode`
-    tokenises one chunk with BOS (default: the tokenizer itself; see `slow_llama_encoder`)."""
+    tokenises one chunk with BOS (default: the tokenizer itself; see `slow_llama_encoder`).
+
+    A placeholder that is an added token of the tokenizer is tokenised in place, as the model's own
+    processor does (no chunk boundary there), then mapped to its sentinel."""
+    own = own_placeholders(tokenizer, tags)
+    if own:
+        encode = None  # the tokenizer itself knows where its placeholder tokens are
     encode = encode or (lambda chunk: list(tokenizer(chunk, add_special_tokens=True)["input_ids"]))
+    sentinel = {own[tag]: tags[tag] for tag in own}
+    split_on = {tag: v for tag, v in tags.items() if tag not in own}
     bos = tokenizer.bos_token_id
     ids: list[int] = [] if bos is None else [bos]
-    parts = placeholder_pattern(tags).split(text) if tags else [text]
+    parts = placeholder_pattern(split_on).split(text) if split_on else [text]
     for i, part in enumerate(parts):
         if i % 2 == 1:  # a captured placeholder tag
-            ids.append(tags[part])
+            ids.append(split_on[part])
             continue
         if not part:
             continue
         chunk = encode(part)
         if bos is not None and chunk and chunk[0] == bos:
             chunk = chunk[1:]
-        ids.extend(chunk)
+        ids.extend(sentinel.get(t, t) for t in chunk)
     return ids
 
 

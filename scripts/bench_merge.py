@@ -111,12 +111,10 @@ def rss_anon(pid: int) -> int:
     return 0
 
 
-def run_child(args: list[str]) -> dict:
-    """Run this script as a worker; sample its anonymous memory; return its JSON result."""
+def run_child(args: list[str], script: str = __file__) -> dict:
+    """Run `script` (this one) as a worker; sample its anonymous memory; return its JSON result."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, __file__, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    proc = subprocess.Popen([sys.executable, script, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = [0]
     done = threading.Event()
 

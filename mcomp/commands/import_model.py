@@ -1,6 +1,7 @@
 """`mcomp import`: bring published models and weights into mcomp's formats.
 
 mcomp import modelcompose SRC --out DIR --base VICUNA_DIR [--encoder-root DIR]
+mcomp import llava-hf SRC --out DIR --base VICUNA_DIR
 mcomp import clip SRC --out FILE.safetensors
 """
 
@@ -16,7 +17,7 @@ logger = logging.getLogger(__name__)
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "import",
-        help="import released ModelCompose checkpoints and public encoder weights",
+        help="import released ModelCompose checkpoints, transformers LLaVA models and public encoder weights",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -44,6 +45,26 @@ def add_parser(sub) -> None:
     mc.add_argument("--force", action="store_true", help="replace an existing --out")
     mc.set_defaults(func=run_modelcompose)
 
+    hf = kinds.add_parser(
+        "llava-hf",
+        help="a transformers LlavaForConditionalGeneration folder (e.g. llava-hf/llava-1.5-7b-hf) -> mcomp model dir",
+        description="Convert a transformers LLaVA folder into an mcomp image model whose LLM is a full fine-tune "
+        "of --base: the language model as sharded safetensors, the CLIP tower, the projector, the folder's "
+        "image processor and tokenizer. The base must have the language model's architecture, and the "
+        "language model must be a fine-tune of it (its relative delta is measured and recorded).",
+    )
+    hf.add_argument("src", help="the transformers folder (config.json, safetensors weights, processor files)")
+    hf.add_argument("--out", required=True, help="output mcomp model directory")
+    hf.add_argument("--base", required=True, help="the base LLM's transformers folder (e.g. vicuna-7b-v1.5)")
+    hf.add_argument(
+        "--max-relative-delta",
+        type=float,
+        default=0.5,
+        help="refuse the base when ‖W_ft − W_base‖ / ‖W_base‖ exceeds this (default 0.5; fine-tunes are far below)",
+    )
+    hf.add_argument("--force", action="store_true", help="replace an existing --out")
+    hf.set_defaults(func=run_llava_hf)
+
     clip = kinds.add_parser(
         "clip",
         help="CLIP vision weights (OpenAI state dict or transformers dir) -> open_clip tower",
@@ -66,6 +87,21 @@ def run_modelcompose(args: argparse.Namespace) -> int:
     print(
         f"imported {args.src} ({info['flavour']}, lora_strategy={info['lora_strategy']}) as "
         f"{', '.join(model.modalities)}; LoRA {list(info['lora_adapters'].values()) or 'none'}; saved {args.out}"
+    )
+    return 0
+
+
+def run_llava_hf(args: argparse.Namespace) -> int:
+    from mcomp.checkpoint import read_config
+    from mcomp.interop.llava_hf import import_llava_hf
+
+    out = import_llava_hf(
+        args.src, args.out, base=args.base, max_relative_delta=args.max_relative_delta, overwrite=args.force
+    )
+    info = read_config(out).provenance["import"]
+    print(
+        f"imported {args.src} ({info['architecture']}; relative delta to the base {info['relative_delta']:.4f}; "
+        f"vocabulary rows dropped: {info['vocabulary_rows_dropped']}); saved {args.out}"
     )
     return 0
 

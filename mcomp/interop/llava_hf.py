@@ -1,0 +1,278 @@
+"""transformers-native LLaVA models (`LlavaForConditionalGeneration`, e.g. llava-hf/llava-1.5-7b-hf)
+into mcomp's format: an image modality model whose LLM is a full fine-tune of `--base`.
+
+What the folder holds, and where it goes:
+
+* the language model (`language_model.model.*`, `language_model.lm_head.*` as saved; `model.language_model.*`
+  and `lm_head.*` as transformers 5 names them in memory) -> `llm/`, LlamaForCausalLM names, sharded
+  safetensors, streamed one tensor at a time. Its architecture must be the base's; the rows LLaVA added
+  to the vocabulary (the `<image>` and pad tokens, ids from the base's vocabulary size on, and padding
+  rows) are dropped: mcomp puts the image features where `<image>` is and never embeds or predicts
+  either token. The import checks that the folder's tokenizer is the base's plus added special tokens.
+* the vision tower (CLIP, transformers layout) -> an open_clip tower file (`mcomp.interop.clip_weights`);
+  `vision_feature_layer` -> `select_layer`; `vision_feature_select_strategy` default/full -> `select_feature`
+  patch/cls_patch.
+* `multi_modal_projector.linear_{1,2}` with `projector_hidden_act` gelu -> the `mlp2x_gelu` projector.
+* the image processor config -> `image_processor/`, the adapter's preprocessing as the folder defines it.
+* the tokenizer: the folder's (its `<image>` token is tokenised in place, as its processor does); its
+  pad token, an added id, becomes the unknown token.
+
+Was the model fine-tuned from this base? The import measures the delta of the language model,
+‖W_ft − W_base‖ / ‖W_base‖ over all its tensors (the shared vocabulary rows only), records it, and
+refuses the base when it exceeds `max_relative_delta` (default 0.5): a fine-tune moves the weights by a
+few percent, while two independently trained or initialised models differ by about √2.
+
+Not yet read from the folder: the chat template (recorded in the provenance; mcomp's `vicuna_v1` is used).
+LlavaOnevision and VideoLlava folders are refused for now.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mcomp.checkpoint import CONFIG_NAME, LLM_DIR, MLLMConfig, base_weights_sha256, llm_files_sha256
+from mcomp.encoders.weights import read_json
+from mcomp.interop.clip_weights import convert_hf_state_dict, hf_vision_config
+from mcomp.io import atomic_directory, save_tensors
+from mcomp.merge.sources import SafetensorsCheckpoint, TensorInfo
+from mcomp.merge.writer import ShardedWriter, parse_size
+from mcomp.tokenization import vocabulary_difference
+from mcomp.version import __version__
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED = ("LlavaForConditionalGeneration",)
+ARCHITECTURE_FIELDS = (
+    "model_type",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "hidden_act",
+    "rms_norm_eps",
+    "rope_theta",
+    "tie_word_embeddings",
+)
+ENCODER_FILE = "encoder_weights/image.safetensors"
+PROCESSOR_DIR = "image_processor"
+LLM_PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."))
+LLM_HEADS = ("language_model.lm_head.", "lm_head.")
+VISION_PREFIXES = ("vision_tower.", "model.vision_tower.")
+PROJECTOR_PREFIXES = ("multi_modal_projector.", "model.multi_modal_projector.")
+
+
+def split_keys(keys: list[str], source: str) -> dict[str, dict[str, str]]:
+    """The folder's tensor names by part: {"llm": {LlamaForCausalLM name: folder name}, "vision": {...},
+    "projector": {...}}."""
+    parts: dict[str, dict[str, str]] = {"llm": {}, "vision": {}, "projector": {}}
+    stray = []
+    for key in keys:
+        for prefix, to in LLM_PREFIXES:
+            if key.startswith(prefix):
+                parts["llm"][to + key[len(prefix) :]] = key
+                break
+        else:
+            head = next((h for h in LLM_HEADS if key.startswith(h)), None)
+            vision = next((p for p in VISION_PREFIXES if key.startswith(p)), None)
+            projector = next((p for p in PROJECTOR_PREFIXES if key.startswith(p)), None)
+            if head:
+                parts["llm"]["lm_head." + key[len(head) :]] = key
+            elif vision:
+                parts["vision"][key[len(vision) :]] = key
+            elif projector:
+                parts["projector"][key[len(projector) :]] = key
+            else:
+                stray.append(key)
+    if stray:
+        raise ValueError(
+            f"{source}: tensors that are not LLaVA's language model, vision tower or projector: {stray[:5]}"
+        )
+    return parts
+
+
+def check_architecture(text: dict[str, Any], base: dict[str, Any], source: str) -> None:
+    from transformers import AutoConfig
+
+    defaults = AutoConfig.for_model(base.get("model_type", "llama")).to_dict()
+    differ = [
+        f"{f}: {text.get(f, defaults.get(f))!r} here, {base.get(f, defaults.get(f))!r} in the base"
+        for f in ARCHITECTURE_FIELDS
+        if text.get(f, defaults.get(f)) != base.get(f, defaults.get(f))
+    ]
+    if differ:
+        raise ValueError(f"{source}: the language model's architecture is not the base's ({'; '.join(differ)})")
+
+
+def _projector(state: dict[str, torch.Tensor], act: str, source: str) -> dict[str, torch.Tensor]:
+    if act != "gelu":
+        raise ValueError(f"{source}: projector_hidden_act {act!r}; mcomp's mlp2x_gelu projector is gelu")
+    expected = {f"linear_{i}.{p}" for i in (1, 2) for p in ("weight", "bias")}
+    if set(state) != expected:
+        raise ValueError(f"{source}: multi_modal_projector tensors {sorted(state)}; expected {sorted(expected)}")
+    return {f"{0 if k.startswith('linear_1') else 2}.{k.split('.', 1)[1]}": v for k, v in state.items()}
+
+
+def _check_tokenizer(tokenizer, base_tokenizer, source: str) -> None:
+    """The folder's tokenizer is the base's plus added special tokens (whose LLM rows are dropped; rows
+    past the tokenizer's length are padding, with no token at all)."""
+    differ = vocabulary_difference(tokenizer, base_tokenizer)
+    if differ:
+        raise ValueError(f"{source}: the tokenizer is not the base's plus added special tokens ({differ})")
+
+
+def import_llava_hf(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    base: str | os.PathLike,
+    max_relative_delta: float = 0.5,
+    max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+) -> Path:
+    """Convert the transformers LLaVA folder `src` into the mcomp model directory `out` (see the module
+    docstring); returns `out`."""
+    from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
+
+    from mcomp.encoders.image import ImageAdapterConfig
+    from mcomp.tokenization import save_tokenizer
+
+    src, base = Path(src), Path(base)
+    config = read_json(src / "config.json", "LLaVA config")
+    arch = (config.get("architectures") or ["?"])[0]
+    if arch not in SUPPORTED:
+        raise ValueError(f"{src}/config.json: architecture {arch!r}; `mcomp import llava-hf` reads {list(SUPPORTED)}")
+    text = dict(config.get("text_config") or {})
+    base_config = read_json(base / "config.json", "base LLM config")
+    check_architecture(text, base_config, f"{src}/config.json")
+    vocab = int(base_config["vocab_size"])
+    strategy = config.get("vision_feature_select_strategy", "default")
+    if strategy not in ("default", "full"):
+        raise ValueError(f"{src}/config.json: vision_feature_select_strategy {strategy!r} (default or full)")
+    layer = config.get("vision_feature_layer", -2)
+    if not isinstance(layer, int):
+        raise ValueError(f"{src}/config.json: vision_feature_layer {layer!r}: several feature layers are not supported")
+
+    folder = SafetensorsCheckpoint(src, name=str(src))
+    base_src = SafetensorsCheckpoint(base, name=str(base))
+    try:
+        parts = split_keys(list(folder.infos), str(src))
+        llm_keys = parts["llm"]
+        base_keys = set(base_src.infos)
+        if base_config.get("tie_word_embeddings"):
+            llm_keys.pop("lm_head.weight", None)
+        missing, extra = sorted(base_keys - set(llm_keys)), sorted(set(llm_keys) - base_keys)
+        if missing or extra:
+            raise ValueError(
+                f"{src}: the language model's tensors are not the base's (missing {missing[:3]}, extra {extra[:3]})"
+            )
+        folder_vocab = int(text.get("vocab_size") or folder.infos[llm_keys["model.embed_tokens.weight"]].shape[0])
+        tokenizer = AutoTokenizer.from_pretrained(str(src), trust_remote_code=False)
+        base_tokenizer = AutoTokenizer.from_pretrained(str(base), trust_remote_code=False)
+        _check_tokenizer(tokenizer, base_tokenizer, str(src))
+        if tokenizer.pad_token_id is not None and tokenizer.pad_token_id >= vocab:
+            tokenizer.pad_token = tokenizer.unk_token  # an added id has no embedding row in mcomp's LLM
+
+        out = Path(out)
+        final = out.resolve()
+        with atomic_directory(out, overwrite=overwrite, inputs=[src, base]) as tmp:
+            delta2, norm2 = 0.0, 0.0
+            order = base_src.storage_order()
+            layout = []
+            for key in order:
+                info = folder.infos[llm_keys[key]]
+                shape = (min(info.shape[0], vocab), *info.shape[1:]) if key in _VOCAB_ROWS else info.shape
+                if tuple(shape) != tuple(base_src.infos[key].shape):
+                    raise ValueError(
+                        f"{src}: tensor {llm_keys[key]} has shape {list(info.shape)}, the base's {key} "
+                        f"{list(base_src.infos[key].shape)}"
+                    )
+                layout.append((key, TensorInfo(tuple(shape), info.dtype)))
+            (tmp / LLM_DIR).mkdir()
+            writer = ShardedWriter(tmp / LLM_DIR, layout, parse_size(max_shard_size), origin=str(src))
+            try:
+                for key, info in layout:
+                    tensor = folder.read(llm_keys[key], 0, info.numel)
+                    b = base_src.read(key, 0, info.numel).float()
+                    delta2 += float((tensor.float() - b).pow(2).sum())
+                    norm2 += float(b.pow(2).sum())
+                    writer.write(key, tensor)
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+            relative = math.sqrt(delta2 / norm2) if norm2 > 0 else math.inf
+            if not relative <= max_relative_delta:
+                raise ValueError(
+                    f"{src}: its language model differs from the base {base} by {relative:.3f} of the base's norm "
+                    f"(‖W_ft − W_base‖ / ‖W_base‖ > {max_relative_delta}): it was evidently not fine-tuned from "
+                    f"this base"
+                )
+            for name in ("config.json", "generation_config.json"):
+                if (base / name).is_file():
+                    (tmp / LLM_DIR / name).write_bytes((base / name).read_bytes())
+
+            vision = hf_vision_config(dict(config.get("vision_config") or {}), f"{src}/config.json: vision_config")
+            vision_state = {
+                k: folder.read(v, 0, folder.infos[v].numel).reshape(folder.infos[v].shape)
+                for k, v in parts["vision"].items()
+            }
+            tower_state, tower_config = convert_hf_state_dict(vision_state, vision, f"{src} (vision tower)")
+            (tmp / ENCODER_FILE).parent.mkdir(parents=True)
+            save_tensors(tower_state, tmp / ENCODER_FILE, metadata={"format": "pt", "source": str(src.resolve())})
+            AutoImageProcessor.from_pretrained(str(src), trust_remote_code=False).save_pretrained(tmp / PROCESSOR_DIR)
+            adapter = ImageAdapterConfig(
+                tower_config=tower_config,
+                checkpoint=str(final / ENCODER_FILE),
+                select_layer=layer,
+                select_feature="patch" if strategy == "default" else "cls_patch",
+                image_processor=str(final / PROCESSOR_DIR),
+            )
+            projector_state = {
+                k: folder.read(v, 0, folder.infos[v].numel).reshape(folder.infos[v].shape)
+                for k, v in parts["projector"].items()
+            }
+            projector = _projector(projector_state, config.get("projector_hidden_act", "gelu"), str(src))
+            save_tensors({f"image.{k}": v for k, v in projector.items()}, tmp / "projectors.safetensors")
+            save_tokenizer(tokenizer, tmp)
+            base_llm = AutoModelForCausalLM.from_pretrained(str(base), dtype="auto", trust_remote_code=False)
+            template = getattr(tokenizer, "chat_template", None)
+            MLLMConfig(
+                mcomp_version=__version__,
+                base_model=str(base.resolve()),
+                base_model_sha256=base_weights_sha256(base_llm),
+                base_model_config={
+                    "model_type": base_config.get("model_type"),
+                    "hidden_size": base_config.get("hidden_size"),
+                    "num_hidden_layers": base_config.get("num_hidden_layers"),
+                    "vocab_size": vocab,
+                },
+                adapters=[adapter.to_dict()],
+                llm=LLM_DIR,
+                llm_sha256=llm_files_sha256(tmp / LLM_DIR),
+                provenance={
+                    "import": {
+                        "source": str(src.resolve()),
+                        "format": "llava-hf",
+                        "architecture": arch,
+                        "relative_delta": round(relative, 6),
+                        "vocabulary_rows_dropped": list(range(vocab, folder_vocab)),
+                        "chat_template": template,
+                    }
+                },
+            ).to_json_file(tmp / CONFIG_NAME)
+            del base_llm
+    finally:
+        folder.close()
+        base_src.close()
+    logger.info("imported %s (%s, relative delta %.4f) -> %s", src, arch, relative, out)
+    return out
+
+
+_VOCAB_ROWS = {"model.embed_tokens.weight", "lm_head.weight"}

@@ -1,0 +1,256 @@
+"""`mcomp import llava-hf` against transformers itself: a tiny LlavaForConditionalGeneration (the real
+classes, config and key names, random init) saved with its processor, imported as an mcomp model whose
+LLM is a full fine-tune of a base; pixel values, logits and greedy generations compared with the
+transformers model's."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import mcomp
+from mcomp.checkpoint import read_config
+from mcomp.interop.llava_hf import import_llava_hf
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+PROMPT = "USER: <image>\nWhat is in the picture? ASSISTANT:"
+
+
+def tiny_llava(root):
+    """(folder, base folder, base vocabulary size): the LLaVA folder as transformers saves it, and a base
+    whose weights the LLaVA language model is a small fine-tune of."""
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    from mcomp.tiny import build_tokenizer
+
+    base_tokenizer = build_tokenizer()
+    vocab = len(base_tokenizer)
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+    text.update(num_key_value_heads=2, max_position_embeddings=256)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, **text)).eval()
+    base.save_pretrained(root / "base")
+    base_tokenizer.save_pretrained(root / "base")
+
+    tokenizer = build_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"], "pad_token": "<pad>"})
+    config = LlavaConfig(
+        text_config=LlamaConfig(vocab_size=vocab + 2, pad_token_id=tokenizer.pad_token_id, **text),
+        vision_config=CLIPVisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+            hidden_act="quick_gelu",
+        ),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        image_seq_length=16,
+    )
+    model = LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():  # the language model: the base plus a small fine-tuning delta
+        own = model.model.language_model.state_dict()
+        for key, value in base.model.state_dict().items():
+            rows = value.shape[0]
+            own[key][:rows].copy_(value + 0.02 * value.std() * torch.randn_like(value))
+        model.lm_head.weight[:vocab].copy_(base.lm_head.weight + 0.02 * base.lm_head.weight.std())
+    model.save_pretrained(root / "llava")
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        chat_template="{% for m in messages %}{{ m['role'].upper() }}: {{ m['content'] }} {% endfor %}ASSISTANT:",
+    )
+    processor.save_pretrained(root / "llava")
+    return root / "llava", root / "base", vocab
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llava")
+    folder, base, vocab = tiny_llava(root)
+    out = import_llava_hf(folder, root / "mcomp", base=base)
+    images = {}
+    rng = np.random.default_rng(0)
+    for name, size in {"wide.png": (40, 30), "tall.png": (17, 50), "square.png": (64, 64), "odd.jpg": (33, 21)}.items():
+        pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / name)
+        images[name] = str(root / name)
+    return {"folder": folder, "base": base, "vocab": vocab, "out": out, "images": images}
+
+
+def _reference(folder):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    return LlavaForConditionalGeneration.from_pretrained(folder).eval(), AutoProcessor.from_pretrained(folder)
+
+
+def test_pixel_values_are_the_folders_processor_output(imported):
+    _, processor = _reference(imported["folder"])
+    model = mcomp.load(imported["out"])
+    for name, path in imported["images"].items():
+        with Image.open(path) as img:
+            want = processor.image_processor(images=img, return_tensors="pt")["pixel_values"][0]
+        got = model.adapters["image"].input_tensor(path)
+        assert torch.equal(got, want), name
+
+
+@pytest.mark.parametrize("image", ["wide.png", "tall.png"])
+def test_logits_equal_the_transformers_models(imported, image):
+    reference, processor = _reference(imported["folder"])
+    model = mcomp.load(imported["out"])
+    with Image.open(imported["images"][image]) as img:
+        inputs = processor(text=PROMPT, images=img.convert("RGB"), return_tensors="pt")
+    with torch.no_grad():
+        want = reference(**inputs).logits[0, :, : imported["vocab"]]
+        got = model(model.prepare_inputs([PROMPT], [{"image": imported["images"][image]}])).logits[0]
+    assert got.shape == want.shape  # the same tokens: the <image> token in place, 16 patch features
+    assert float((got - want).abs().max() / want.abs().max()) <= 1e-5
+
+
+def test_greedy_generations_are_identical(imported):
+    reference, processor = _reference(imported["folder"])
+    model = mcomp.load(imported["out"])
+    vocab = imported["vocab"]
+    path = imported["images"]["square.png"]
+    with Image.open(path) as img:
+        inputs = processor(text=PROMPT, images=img.convert("RGB"), return_tensors="pt")
+    settings = dict(max_new_tokens=10, do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        # the <image> and pad tokens are not text: mcomp's LLM has no rows for them
+        want = reference.generate(**inputs, suppress_tokens=[vocab, vocab + 1], **settings)[0, -10:]
+        prepared = model.prepare_inputs([PROMPT], [{"image": path}])
+        got = model.llm.generate(
+            inputs_embeds=prepared.inputs_embeds, attention_mask=prepared.attention_mask, **settings
+        )
+    assert got[0].tolist() == want.tolist()
+
+
+def test_the_import_records_what_it_did(imported):
+    cfg = read_config(imported["out"])
+    record = cfg.provenance["import"]
+    assert cfg.llm == "llm" and record["architecture"] == "LlavaForConditionalGeneration"
+    assert 0 < record["relative_delta"] < 0.1
+    assert record["vocabulary_rows_dropped"] == [imported["vocab"], imported["vocab"] + 1]
+    assert json.loads(json.dumps(cfg.adapters[0]))["select_layer"] == -2
+
+
+def test_a_base_it_was_not_fine_tuned_from_is_refused(imported, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    other = LlamaForCausalLM.from_pretrained(imported["base"])
+    with torch.no_grad():
+        for p in other.parameters():
+            p.copy_(torch.randn_like(p) * p.std())
+    other.save_pretrained(tmp_path / "other")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "other" / name).write_bytes((imported["base"] / name).read_bytes())
+    with pytest.raises(ValueError, match=r"evidently not fine-tuned from this base"):
+        import_llava_hf(imported["folder"], tmp_path / "out", base=tmp_path / "other")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def lora_models(imported, tmp_path_factory):
+    """Audio and point models: LoRA fine-tunes (4 steps) of the same base, in mcomp's format."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mcomp.data import load_conversation_data
+    from mcomp.model import MultimodalLM
+    from mcomp.tiny import tiny_audio_adapter_config, tiny_point_adapter_config
+    from mcomp.train import TrainConfig, train
+    from tests.composition_fixtures import write_audio_data
+
+    root = tmp_path_factory.mktemp("lora")
+    rng = np.random.default_rng(1)
+    items = []
+    for i, name in enumerate(("cube", "ball", "cone")):
+        xyz, rgb = rng.normal(size=(300, 3)), rng.uniform(size=(300, 3))  # colours in [0, 1]
+        np.save(root / f"p{i}.npy", np.concatenate([xyz, rgb], axis=1).astype(np.float32))
+        items.append(
+            {
+                "id": f"p{i}",
+                "modal_inputs": {"point": [f"p{i}.npy"]},
+                "conversations": [
+                    {"from": "human", "value": "point: <point>\nWhat shape is it?"},
+                    {"from": "gpt", "value": name},
+                ],
+            }
+        )
+    (root / "point_train.json").write_text(json.dumps(items))
+    data = {"audio": write_audio_data(root), "point": root / "point_train.json"}
+    adapters = {"audio": tiny_audio_adapter_config(), "point": tiny_point_adapter_config()}
+    out = {"root": root}
+    for modality in ("audio", "point"):
+        llm = AutoModelForCausalLM.from_pretrained(imported["base"])
+        model = MultimodalLM.build(llm, AutoTokenizer.from_pretrained(imported["base"]), [adapters[modality]])
+        cfg = TrainConfig(stage=2, lora_r=4, lora_alpha=8, learning_rate=1e-2, max_steps=4, batch_size=3, log_every=0)
+        train(model, load_conversation_data(data[modality]), cfg, root / f"ckpt-{modality}")
+        model.save_pretrained(root / modality)
+        out[modality] = root / modality
+    out["media"] = {"audio": str(root / "aud1.wav"), "point": str(root / "p0.npy")}
+    return out
+
+
+def test_linear_one_zero_composition_reproduces_the_llava_hf_model(imported, lora_models, tmp_path):
+    from mcomp.compose_checkpoint import compose_checkpoint
+
+    models = {"image": imported["out"], "audio": lora_models["audio"], "point": lora_models["point"]}
+    out = compose_checkpoint(models, tmp_path / "c", merge="linear", weights={"image": 1.0, "audio": 0.0, "point": 0.0})
+    composed = mcomp.load(out)
+    reference, processor = _reference(imported["folder"])
+    path = imported["images"]["wide.png"]
+    with Image.open(path) as img:
+        inputs = processor(text=PROMPT, images=img.convert("RGB"), return_tensors="pt")
+    with torch.no_grad():
+        want = reference(**inputs).logits[0, :, : imported["vocab"]]
+        got = composed(composed.prepare_inputs([PROMPT], [{"image": path}])).logits[0]
+    assert got.shape == want.shape
+    assert float((got - want).abs().max() / want.abs().max()) <= 1e-5
+
+
+@pytest.mark.parametrize("merge", ["ties", "dare_ties", "pcb"])
+def test_every_backend_composes_llava_hf_with_lora_models(imported, lora_models, tmp_path, merge):
+    from mcomp.compose_checkpoint import compose_checkpoint
+
+    models = {"image": imported["out"], "audio": lora_models["audio"], "point": lora_models["point"]}
+    composed = mcomp.load(compose_checkpoint(models, tmp_path / merge, merge=merge))
+    media = {"image": imported["images"]["tall.png"], **lora_models["media"]}
+    lines = {"image": "image: <image>", "audio": "audio: <audio>", "point": "point: <point>"}
+    for subset in (["image"], ["audio"], ["image", "audio", "point"]):
+        prompt = composed.template.prompt("\n".join([lines[m] for m in subset] + ["What do they share?"]))
+        scores = composed.loglikelihood(prompt, [" a cube", " a ball"], {m: media[m] for m in subset})
+        assert all(np.isfinite(s.logprob) for s in scores)
+    record = composed.provenance["composition"]
+    assert record["merge"] == merge and [i["llm"] for i in record["inputs"]] == ["full fine-tune", "LoRA", "LoRA"]
+
+
+def test_the_cli_imports_and_the_model_answers(imported, tmp_path, capsys):
+    from mcomp.cli import main
+
+    out = tmp_path / "cli"
+    assert (
+        main(["import", "llava-hf", str(imported["folder"]), "--base", str(imported["base"]), "--out", str(out)]) == 0
+    )
+    assert "relative delta to the base" in capsys.readouterr().out
+    cli_llm = sorted(p.name for p in (out / "llm").iterdir())
+    assert cli_llm == sorted(p.name for p in (imported["out"] / "llm").iterdir())
+    assert read_config(out).llm_sha256 == read_config(imported["out"]).llm_sha256
