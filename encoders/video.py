@@ -134,6 +134,9 @@ class VideoAdapterConfig(AdapterConfig):
     # it per clip from `flip_seed` and the frames' bytes, so a file always gives the same tokens
     flip_probability: float = 0.0
     flip_seed: int = 0
+    # a transformers video-processor folder whose preprocessing of the sampled frames is used instead of
+    # the published one: an imported model's own (mcomp import llava-hf of a Video-LLaVA folder)
+    video_processor: str | None = None
 
     def __post_init__(self):
         if self.pool not in ("none", "time", "space"):
@@ -200,6 +203,9 @@ class VideoAdapter(ModalityAdapter):
         if len(shapes) != 1 or len(shapes[0]) != 3 or shapes[0][2] != 3:
             raise MediaError(None, f"expected frames of one size, each H x W x 3, got shapes {shapes}", self.modality)
         check_clip_size(shapes[0][1], shapes[0][0], len(frames), None, self.modality)  # before the float copy
+        processor = self._video_processor()
+        if processor is not None:
+            return processor(videos=[frames], return_tensors="pt")["pixel_values_videos"][0]
         clip = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2).float() / 255.0
         size = self.encoder.image_size
         h, w = clip.shape[-2:]
@@ -217,6 +223,17 @@ class VideoAdapter(ModalityAdapter):
         mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
         std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
         return (clip - mean) / std
+
+    def _video_processor(self):
+        """The transformers video processor of `config.video_processor` (built once), or None."""
+        folder = getattr(self.config, "video_processor", None)
+        if folder is None:
+            return None
+        if getattr(self, "_processor", None) is None:
+            from transformers import AutoVideoProcessor
+
+            self._processor = AutoVideoProcessor.from_pretrained(folder, trust_remote_code=False)
+        return self._processor
 
     def _is_preprocessed(self, tensor: torch.Tensor) -> bool:
         size = self.encoder.image_size

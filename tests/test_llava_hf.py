@@ -20,6 +20,81 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 PROMPT = "USER: <image>\nWhat is in the picture? ASSISTANT:"
 
 
+TEXT = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+)
+VISION = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    image_size=32,
+    patch_size=8,
+    hidden_act="quick_gelu",
+)
+
+
+def fine_tune_of(model, base, vocab: int, seed: int) -> None:
+    """Set `model`'s language model to the base plus a small delta (rows past `vocab` stay random)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        own = model.model.language_model.state_dict()
+        for key, value in base.model.state_dict().items():
+            noise = torch.randn(value.shape, generator=g)
+            own[key][: value.shape[0]].copy_(value + 0.02 * value.std() * noise)
+        head = base.lm_head.weight
+        model.lm_head.weight[:vocab].copy_(head + 0.02 * head.std() * torch.randn(head.shape, generator=g))
+
+
+def tiny_video_llava(root, base_dir, vocab: int):
+    """A Video-LLaVA folder as transformers saves it, fine-tuned from the same base."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+        VideoLlavaConfig,
+        VideoLlavaForConditionalGeneration,
+        VideoLlavaImageProcessor,
+        VideoLlavaProcessor,
+        VideoLlavaVideoProcessor,
+    )
+
+    from mcomp.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"], "pad_token": "<pad>"})
+    config = VideoLlavaConfig(
+        text_config=LlamaConfig(vocab_size=vocab + 3, pad_token_id=tokenizer.pad_token_id, **TEXT),
+        vision_config=CLIPVisionConfig(**VISION),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        image_seq_length=16,
+        video_seq_length=8 * 17,
+    )
+    torch.manual_seed(5)
+    model = VideoLlavaForConditionalGeneration(config).eval()
+    fine_tune_of(model, LlamaForCausalLM.from_pretrained(base_dir), vocab, seed=6)
+    model.save_pretrained(root / "video-llava")
+    size = dict(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    VideoLlavaProcessor(
+        image_processor=VideoLlavaImageProcessor(**size),
+        video_processor=VideoLlavaVideoProcessor(**size),
+        tokenizer=tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    ).save_pretrained(root / "video-llava")
+    return root / "video-llava"
+
+
 def tiny_llava(root):
     """(folder, base folder, base vocabulary size): the LLaVA folder as transformers saves it, and a base
     whose weights the LLaVA language model is a small fine-tune of."""
@@ -37,26 +112,16 @@ def tiny_llava(root):
 
     base_tokenizer = build_tokenizer()
     vocab = len(base_tokenizer)
-    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
-    text.update(num_key_value_heads=2, max_position_embeddings=256)
     torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, **text)).eval()
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, **TEXT)).eval()
     base.save_pretrained(root / "base")
     base_tokenizer.save_pretrained(root / "base")
 
     tokenizer = build_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"], "pad_token": "<pad>"})
     config = LlavaConfig(
-        text_config=LlamaConfig(vocab_size=vocab + 2, pad_token_id=tokenizer.pad_token_id, **text),
-        vision_config=CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            image_size=32,
-            patch_size=8,
-            hidden_act="quick_gelu",
-        ),
+        text_config=LlamaConfig(vocab_size=vocab + 2, pad_token_id=tokenizer.pad_token_id, **TEXT),
+        vision_config=CLIPVisionConfig(**VISION),
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
@@ -64,12 +129,7 @@ def tiny_llava(root):
         image_seq_length=16,
     )
     model = LlavaForConditionalGeneration(config).eval()
-    with torch.no_grad():  # the language model: the base plus a small fine-tuning delta
-        own = model.model.language_model.state_dict()
-        for key, value in base.model.state_dict().items():
-            rows = value.shape[0]
-            own[key][:rows].copy_(value + 0.02 * value.std() * torch.randn_like(value))
-        model.lm_head.weight[:vocab].copy_(base.lm_head.weight + 0.02 * base.lm_head.weight.std())
+    fine_tune_of(model, base, vocab, seed=1)
     model.save_pretrained(root / "llava")
     processor = LlavaProcessor(
         image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
@@ -88,13 +148,28 @@ def imported(tmp_path_factory):
     root = tmp_path_factory.mktemp("llava")
     folder, base, vocab = tiny_llava(root)
     out = import_llava_hf(folder, root / "mcomp", base=base)
+    video_folder = tiny_video_llava(root, base, vocab)
+    video_out = import_llava_hf(video_folder, root / "mcomp-video", base=base)
+    from mcomp.world.render_video import write_mp4
+
+    rng = np.random.default_rng(3)
+    write_mp4(str(root / "clip.mp4"), [rng.integers(0, 256, size=(30, 40, 3), dtype=np.uint8) for _ in range(12)])
     images = {}
     rng = np.random.default_rng(0)
     for name, size in {"wide.png": (40, 30), "tall.png": (17, 50), "square.png": (64, 64), "odd.jpg": (33, 21)}.items():
         pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
         Image.fromarray(pixels).save(root / name)
         images[name] = str(root / name)
-    return {"folder": folder, "base": base, "vocab": vocab, "out": out, "images": images}
+    return {
+        "folder": folder,
+        "base": base,
+        "vocab": vocab,
+        "out": out,
+        "images": images,
+        "video_folder": video_folder,
+        "video_out": video_out,
+        "video": str(root / "clip.mp4"),
+    }
 
 
 def _reference(folder):
@@ -254,3 +329,58 @@ def test_the_cli_imports_and_the_model_answers(imported, tmp_path, capsys):
     cli_llm = sorted(p.name for p in (out / "llm").iterdir())
     assert cli_llm == sorted(p.name for p in (imported["out"] / "llm").iterdir())
     assert read_config(out).llm_sha256 == read_config(imported["out"]).llm_sha256
+
+
+def test_video_pixel_values_are_the_folders_video_processor_output(imported):
+    from transformers import AutoVideoProcessor
+
+    from mcomp.encoders.video import read_video_frames
+
+    model = mcomp.load(imported["video_out"])
+    frames = read_video_frames(imported["video"], 8)
+    want = AutoVideoProcessor.from_pretrained(imported["video_folder"])(videos=[frames], return_tensors="pt")
+    got = model.adapters["video"].input_tensor(imported["video"])
+    assert got.shape == (8, 3, 32, 32) and torch.equal(got, want["pixel_values_videos"][0])
+
+
+def test_video_llava_logits_equal_the_transformers_models(imported):
+    from transformers import AutoProcessor, VideoLlavaForConditionalGeneration
+
+    from mcomp.encoders.video import read_video_frames
+
+    reference = VideoLlavaForConditionalGeneration.from_pretrained(imported["video_folder"]).eval()
+    processor = AutoProcessor.from_pretrained(imported["video_folder"])
+    model = mcomp.load(imported["video_out"])
+    prompt = "USER: <video>\nWhat happens in the clip? ASSISTANT:"
+    frames = read_video_frames(imported["video"], 8)
+    inputs = processor(text=prompt, videos=[frames], return_tensors="pt")
+    with torch.no_grad():
+        want = reference(**inputs).logits[0, :, : imported["vocab"]]
+        got = model(model.prepare_inputs([prompt], [{"video": imported["video"]}])).logits[0]
+    assert got.shape == want.shape  # 8 frames x (16 patches + CLS) in place of <video>
+    assert float((got - want).abs().max() / want.abs().max()) <= 1e-5
+
+
+def test_llava_video_llava_audio_and_point_compose_and_evaluate_on_mcub4(imported, lora_models, tmp_path):
+    from mcomp.cli import main
+    from mcomp.world import generate_world
+
+    models = {
+        "image": imported["out"],
+        "video": imported["video_out"],
+        "audio": lora_models["audio"],
+        "point": lora_models["point"],
+    }
+    pairs = ",".join(f"{m}={p}" for m, p in models.items())
+    assert main(["compose", "--models", pairs, "--merge", "ties", "--out", str(tmp_path / "four")]) == 0
+    world = generate_world(tmp_path / "world", size="test", seed=0)
+    run = tmp_path / "run"
+    args = ["eval", "--model", str(tmp_path / "four"), "--task", "mcub4", "--mode", "loglik"]
+    assert main([*args, "--data-root", str(world.mcub_root("test")), "--out", str(run)]) == 0
+    from mcomp.benchmarks.mcub.results import ResultsFile
+
+    results = ResultsFile.read(run / "results.json")
+    questions = json.loads(world.mcub_questions("test", "MCUB-4").read_text())
+    row = next(r for r in results.results if r.subset == "MCUB-4" and r.metric == "accuracy")
+    assert row.n_samples == len(questions) and row.n_errors == 0 and 0.0 <= row.value <= 100.0
+    assert sorted(results.model["modalities"]) == ["audio", "image", "point", "video"]

@@ -1,5 +1,7 @@
-"""transformers-native LLaVA models (`LlavaForConditionalGeneration`, e.g. llava-hf/llava-1.5-7b-hf)
-into mcomp's format: an image modality model whose LLM is a full fine-tune of `--base`.
+"""transformers-native LLaVA models into mcomp's format: a modality model whose LLM is a full fine-tune
+of `--base`. `LlavaForConditionalGeneration` (e.g. llava-hf/llava-1.5-7b-hf) gives an image model;
+`VideoLlavaForConditionalGeneration` (LanguageBind/Video-LLaVA-7B-hf) a video model (its video tower; the
+image tower is left out, as the LLaVA image model covers images).
 
 What the folder holds, and where it goes:
 
@@ -9,11 +11,12 @@ What the folder holds, and where it goes:
   to the vocabulary (the `<image>` and pad tokens, ids from the base's vocabulary size on, and padding
   rows) are dropped: mcomp puts the image features where `<image>` is and never embeds or predicts
   either token. The import checks that the folder's tokenizer is the base's plus added special tokens.
-* the vision tower (CLIP, transformers layout) -> an open_clip tower file (`mcomp.interop.clip_weights`);
-  `vision_feature_layer` -> `select_layer`; `vision_feature_select_strategy` default/full -> `select_feature`
-  patch/cls_patch.
+* the vision (or video) tower (CLIP, transformers layout) -> an open_clip tower file
+  (`mcomp.interop.clip_weights`); `vision_feature_layer` -> `select_layer`; for images
+  `vision_feature_select_strategy` default/full -> `select_feature` patch/cls_patch; videos keep every
+  token of each of their `video_seq_length / tokens per frame` frames.
 * `multi_modal_projector.linear_{1,2}` with `projector_hidden_act` gelu -> the `mlp2x_gelu` projector.
-* the image processor config -> `image_processor/`, the adapter's preprocessing as the folder defines it.
+* the image (video) processor config -> `processor/`, the adapter's preprocessing as the folder defines it.
 * the tokenizer: the folder's (its `<image>` token is tokenised in place, as its processor does); its
   pad token, an added id, becomes the unknown token.
 
@@ -23,7 +26,7 @@ refuses the base when it exceeds `max_relative_delta` (default 0.5): a fine-tune
 few percent, while two independently trained or initialised models differ by about √2.
 
 Not yet read from the folder: the chat template (recorded in the provenance; mcomp's `vicuna_v1` is used).
-LlavaOnevision and VideoLlava folders are refused for now.
+LlavaOnevision folders are refused for now.
 """
 
 from __future__ import annotations
@@ -47,7 +50,11 @@ from mcomp.version import __version__
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED = ("LlavaForConditionalGeneration",)
+# architecture -> (the modality imported, the key prefix of its tower)
+SUPPORTED = {
+    "LlavaForConditionalGeneration": ("image", "vision_tower."),
+    "VideoLlavaForConditionalGeneration": ("video", "video_tower."),
+}
 ARCHITECTURE_FIELDS = (
     "model_type",
     "hidden_size",
@@ -60,18 +67,18 @@ ARCHITECTURE_FIELDS = (
     "rope_theta",
     "tie_word_embeddings",
 )
-ENCODER_FILE = "encoder_weights/image.safetensors"
-PROCESSOR_DIR = "image_processor"
+ENCODER_FILE = "encoder_weights/{modality}.safetensors"
+PROCESSOR_DIR = "processor"
 LLM_PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."))
 LLM_HEADS = ("language_model.lm_head.", "lm_head.")
-VISION_PREFIXES = ("vision_tower.", "model.vision_tower.")
+TOWER_PREFIXES = ("vision_tower.", "image_tower.", "video_tower.")
 PROJECTOR_PREFIXES = ("multi_modal_projector.", "model.multi_modal_projector.")
 
 
 def split_keys(keys: list[str], source: str) -> dict[str, dict[str, str]]:
-    """The folder's tensor names by part: {"llm": {LlamaForCausalLM name: folder name}, "vision": {...},
-    "projector": {...}}."""
-    parts: dict[str, dict[str, str]] = {"llm": {}, "vision": {}, "projector": {}}
+    """The folder's tensor names by part: {"llm": {LlamaForCausalLM name: folder name}, "projector": {...},
+    and one entry per vision tower ("vision_tower.", "image_tower.", "video_tower.")}."""
+    parts: dict[str, dict[str, str]] = {"llm": {}, "projector": {}, **{t: {} for t in TOWER_PREFIXES}}
     stray = []
     for key in keys:
         for prefix, to in LLM_PREFIXES:
@@ -80,19 +87,20 @@ def split_keys(keys: list[str], source: str) -> dict[str, dict[str, str]]:
                 break
         else:
             head = next((h for h in LLM_HEADS if key.startswith(h)), None)
-            vision = next((p for p in VISION_PREFIXES if key.startswith(p)), None)
+            name = key[len("model.") :] if key.startswith("model.") else key
+            tower = next((t for t in TOWER_PREFIXES if name.startswith(t)), None)
             projector = next((p for p in PROJECTOR_PREFIXES if key.startswith(p)), None)
             if head:
                 parts["llm"]["lm_head." + key[len(head) :]] = key
-            elif vision:
-                parts["vision"][key[len(vision) :]] = key
+            elif tower:
+                parts[tower][name[len(tower) :]] = key
             elif projector:
                 parts["projector"][key[len(projector) :]] = key
             else:
                 stray.append(key)
     if stray:
         raise ValueError(
-            f"{source}: tensors that are not LLaVA's language model, vision tower or projector: {stray[:5]}"
+            f"{source}: tensors that are not LLaVA's language model, vision towers or projector: {stray[:5]}"
         )
     return parts
 
@@ -127,6 +135,34 @@ def _check_tokenizer(tokenizer, base_tokenizer, source: str) -> None:
         raise ValueError(f"{source}: the tokenizer is not the base's plus added special tokens ({differ})")
 
 
+def _adapter_config(modality: str, config: dict, tower_config: dict, checkpoint: str, layer: int, strategy: str):
+    """The mcomp adapter config of the imported tower: LLaVA's images drop the CLS token under the
+    "default" strategy; Video-LLaVA's videos keep every token of every frame, CLS first, as mcomp's video
+    adapter does."""
+    if modality == "image":
+        from mcomp.encoders.image import ImageAdapterConfig
+
+        select = "patch" if strategy == "default" else "cls_patch"
+        return ImageAdapterConfig(
+            tower_config=tower_config, checkpoint=checkpoint, select_layer=layer, select_feature=select
+        )
+    from mcomp.encoders.video import VideoAdapterConfig
+
+    vision = tower_config["vision_cfg"]
+    tokens_per_frame = (vision["image_size"] // vision["patch_size"]) ** 2 + 1
+    frames = int(config.get("video_seq_length") or 8 * tokens_per_frame) // tokens_per_frame
+    return VideoAdapterConfig(tower_config=tower_config, checkpoint=checkpoint, select_layer=layer, num_frames=frames)
+
+
+def _save_processor(modality: str, src: Path, out: Path) -> None:
+    """The folder's image (or video) processor, as the adapter's preprocessing."""
+    if modality == "image":
+        from transformers import AutoImageProcessor as Auto
+    else:
+        from transformers import AutoVideoProcessor as Auto
+    Auto.from_pretrained(str(src), trust_remote_code=False).save_pretrained(out)
+
+
 def import_llava_hf(
     src: str | os.PathLike,
     out: str | os.PathLike,
@@ -138,9 +174,8 @@ def import_llava_hf(
 ) -> Path:
     """Convert the transformers LLaVA folder `src` into the mcomp model directory `out` (see the module
     docstring); returns `out`."""
-    from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mcomp.encoders.image import ImageAdapterConfig
     from mcomp.tokenization import save_tokenizer
 
     src, base = Path(src), Path(base)
@@ -148,6 +183,7 @@ def import_llava_hf(
     arch = (config.get("architectures") or ["?"])[0]
     if arch not in SUPPORTED:
         raise ValueError(f"{src}/config.json: architecture {arch!r}; `mcomp import llava-hf` reads {list(SUPPORTED)}")
+    modality, tower_prefix = SUPPORTED[arch]
     text = dict(config.get("text_config") or {})
     base_config = read_json(base / "config.json", "base LLM config")
     check_architecture(text, base_config, f"{src}/config.json")
@@ -221,25 +257,21 @@ def import_llava_hf(
             vision = hf_vision_config(dict(config.get("vision_config") or {}), f"{src}/config.json: vision_config")
             vision_state = {
                 k: folder.read(v, 0, folder.infos[v].numel).reshape(folder.infos[v].shape)
-                for k, v in parts["vision"].items()
+                for k, v in parts[tower_prefix].items()
             }
             tower_state, tower_config = convert_hf_state_dict(vision_state, vision, f"{src} (vision tower)")
-            (tmp / ENCODER_FILE).parent.mkdir(parents=True)
-            save_tensors(tower_state, tmp / ENCODER_FILE, metadata={"format": "pt", "source": str(src.resolve())})
-            AutoImageProcessor.from_pretrained(str(src), trust_remote_code=False).save_pretrained(tmp / PROCESSOR_DIR)
-            adapter = ImageAdapterConfig(
-                tower_config=tower_config,
-                checkpoint=str(final / ENCODER_FILE),
-                select_layer=layer,
-                select_feature="patch" if strategy == "default" else "cls_patch",
-                image_processor=str(final / PROCESSOR_DIR),
-            )
+            encoder_file = ENCODER_FILE.format(modality=modality)
+            (tmp / encoder_file).parent.mkdir(parents=True)
+            save_tensors(tower_state, tmp / encoder_file, metadata={"format": "pt", "source": str(src.resolve())})
+            adapter = _adapter_config(modality, config, tower_config, str(final / encoder_file), layer, strategy)
+            _save_processor(modality, src, tmp / PROCESSOR_DIR)
+            setattr(adapter, f"{modality}_processor", str(final / PROCESSOR_DIR))
             projector_state = {
                 k: folder.read(v, 0, folder.infos[v].numel).reshape(folder.infos[v].shape)
                 for k, v in parts["projector"].items()
             }
             projector = _projector(projector_state, config.get("projector_hidden_act", "gelu"), str(src))
-            save_tensors({f"image.{k}": v for k, v in projector.items()}, tmp / "projectors.safetensors")
+            save_tensors({f"{modality}.{k}": v for k, v in projector.items()}, tmp / "projectors.safetensors")
             save_tokenizer(tokenizer, tmp)
             base_llm = AutoModelForCausalLM.from_pretrained(str(base), dtype="auto", trust_remote_code=False)
             template = getattr(tokenizer, "chat_template", None)
