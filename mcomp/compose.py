@@ -40,7 +40,7 @@ from mcomp.merge import merge_task_vectors
 from mcomp.merge.lora import refactorise
 from mcomp.merge.registry import get_method
 from mcomp.modality import get_adapter_class
-from mcomp.tokenization import vocabulary_difference
+from mcomp.tokenization import convention_difference, vocabulary_difference
 
 logger = logging.getLogger(__name__)
 
@@ -97,9 +97,20 @@ def read_inputs(models: Mapping[str, str | os.PathLike]) -> list[ComposeInput]:
                 f"(base_model_sha256 {other.config.base_model_sha256[:12]} vs {first.config.base_model_sha256[:12]})"
             )
         if tokenizer_sha256(other.path) != tok:
-            differ = vocabulary_difference(_tokenizer(first.path), _tokenizer(other.path))
+            a, b = _tokenizer(first.path), _tokenizer(other.path)
+            differ = vocabulary_difference(a, b)
             if differ:
                 raise ValueError(f"{other.path} and {first.path} use different tokenizers ({differ})")
+            convention = convention_difference(a, b)
+            if convention:  # one vocabulary, another convention: the composed model uses the first's
+                logger.warning(
+                    "%s and %s share a vocabulary but tokenise differently (%s); the composed model uses the "
+                    "tokenizer of %s",
+                    other.path,
+                    first.path,
+                    convention,
+                    first.path,
+                )
     return inputs
 
 

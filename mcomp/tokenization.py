@@ -159,6 +159,21 @@ def vocabulary_difference(a, b) -> str | None:
     return None
 
 
+# texts whose ids tell tokenizer conventions apart: a leading word, a newline before a word, spaces,
+# a role marker, digits and non-ASCII (legacy SentencePiece, prefix spaces, byte fallback)
+PROBE_TEXTS = ("Hello world", "\nWhat is it?", "  two  spaces", "ASSISTANT: yes", "3.14 and 42", "café ünïcode 日本")
+
+
+def convention_difference(a, b) -> str | None:
+    """A text that tokenizers `a` and `b`, of one vocabulary, turn into different ids (None: none of
+    `PROBE_TEXTS` does): the same vocabulary with another convention (legacy mode, prefix space)."""
+    for text in PROBE_TEXTS:
+        x, y = a(text, add_special_tokens=True)["input_ids"], b(text, add_special_tokens=True)["input_ids"]
+        if list(x) != list(y):
+            return f"{text!r} becomes {list(x)} in one and {list(y)} in the other"
+    return None
+
+
 def own_placeholders(tokenizer, tags: Mapping[str, int]) -> dict[str, int]:
     """The placeholder tags that are added tokens of `tokenizer` (a transformers-native MLLM's, e.g.
     llava-hf's `<image>`), with their token ids."""

@@ -384,3 +384,22 @@ def test_llava_video_llava_audio_and_point_compose_and_evaluate_on_mcub4(importe
     row = next(r for r in results.results if r.subset == "MCUB-4" and r.metric == "accuracy")
     assert row.n_samples == len(questions) and row.n_errors == 0 and 0.0 <= row.value <= 100.0
     assert sorted(results.model["modalities"]) == ["audio", "image", "point", "video"]
+
+
+def test_tokenizers_compose_when_they_differ_only_by_added_special_tokens():
+    from tokenizers import normalizers
+
+    from mcomp.tiny import build_tokenizer
+    from mcomp.tokenization import convention_difference, vocabulary_difference
+
+    base = build_tokenizer()
+    specials = build_tokenizer()
+    specials.add_special_tokens({"additional_special_tokens": ["<image>"], "pad_token": "<pad>"})
+    assert vocabulary_difference(base, specials) is None and convention_difference(base, specials) is None
+    ordinary = build_tokenizer()
+    ordinary.add_tokens(["zebra"])
+    assert "ordinary tokens" in vocabulary_difference(base, ordinary)
+    lower = build_tokenizer()
+    lower.backend_tokenizer.normalizer = normalizers.Lowercase()
+    assert vocabulary_difference(base, lower) is None
+    assert convention_difference(base, lower).startswith("'Hello world' becomes")
