@@ -29,6 +29,7 @@ from torch import nn
 
 from mcomp.configuration import JsonConfig
 from mcomp.io import check_finite
+from mcomp.resources import load_config
 
 TEXT_ROUTE = "text"
 # Inference on layers up to this many weights runs each route through its own dense weight
@@ -36,7 +37,8 @@ TEXT_ROUTE = "text"
 # ones and their gathers (the demo's DAMC all-four model on MCUB-4: 2.9 s -> 2.3 s). Larger layers keep the
 # low-rank path, which needs no copy of W per route.
 DENSE_ROUTES_MAX_WEIGHTS = 1 << 20
-LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+FAMILIES = load_config("llm", "families.yaml")  # model_type -> {lora_targets}
+LLAMA_TARGETS = tuple(FAMILIES["llama"]["lora_targets"])
 
 
 @dataclasses.dataclass
@@ -251,17 +253,36 @@ class RoutedLinear(nn.Module):
         return self._state[0].in_token_order(parts).view(*x.shape[:-1], self.out_features)
 
 
+def family_targets(llm: nn.Module) -> list[str]:
+    """The LoRA target modules of the LLM's family (`configs/llm/families.yaml`, by model_type)."""
+    model_type = llm.config.get_text_config().model_type
+    if model_type not in FAMILIES:
+        raise ValueError(
+            f"no default LoRA target modules for a {model_type!r} LLM (known: {', '.join(FAMILIES)}); "
+            f"give them (TrainConfig.target_modules, e.g. its attention and MLP projections)"
+        )
+    return list(FAMILIES[model_type]["lora_targets"])
+
+
 def inject_routed_layers(llm: nn.Module, targets: Iterable[str], state: RoutingState) -> list[str]:
-    """Replace each targeted nn.Linear (matched by the last name component) by a RoutedLinear."""
+    """Replace each targeted nn.Linear (matched by the last name component) by a RoutedLinear. A
+    target that matches no linear layer is an error: a partial match would adapt fewer layers than
+    asked for, silently (e.g. Llama's names on Phi-3's fused projections)."""
     targets = set(targets)
-    replaced = []
+    replaced, matched = [], set()
     for path, module in list(llm.named_modules()):
         for child_name, child in list(module.named_children()):
             if child_name in targets and isinstance(child, nn.Linear) and not isinstance(child, RoutedLinear):
                 setattr(module, child_name, RoutedLinear(child, state))
                 replaced.append(f"{path}.{child_name}" if path else child_name)
-    if not replaced:
-        raise ValueError(f"no nn.Linear named {sorted(targets)} found in the LLM")
+                matched.add(child_name)
+    unmatched = sorted(targets - matched)
+    if unmatched:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in llm.named_modules() if isinstance(m, nn.Linear)})
+        raise ValueError(
+            f"LoRA target module(s) {unmatched} match no linear layer of this "
+            f"{llm.config.get_text_config().model_type} LLM; its linear layers: {linear}"
+        )
     return replaced
 
 

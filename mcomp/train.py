@@ -45,7 +45,7 @@ from mcomp.fingerprint import (
     tensors_sha256,
 )
 from mcomp.io import atomic_directory, load_tensors, output_lock, save_tensors
-from mcomp.lora import LLAMA_TARGETS, TEXT_ROUTE, LoraSpec
+from mcomp.lora import TEXT_ROUTE, LoraSpec, family_targets
 from mcomp.progress import progress_bar
 from mcomp.tokenization import placeholder_pattern
 
@@ -62,7 +62,7 @@ class TrainConfig(JsonConfig):
     lora_r: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
-    target_modules: list[str] = dataclasses.field(default_factory=lambda: list(LLAMA_TARGETS))
+    target_modules: list[str] = dataclasses.field(default_factory=list)  # empty: the base family's (family_targets)
     prefix_tokens: int = 5  # decoupled only (published: 5/5)
     suffix_tokens: int = 5
     learning_rate: float = 2e-4
@@ -174,9 +174,8 @@ def prepare_for_training(model, cfg: TrainConfig) -> None:
 
             model.finetuned_from = base_reference(model.llm)
     elif cfg.stage == 2:
-        spec = LoraSpec(
-            r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=list(cfg.target_modules)
-        )
+        targets = list(cfg.target_modules) or family_targets(model.llm)
+        spec = LoraSpec(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=targets)
         if TEXT_ROUTE not in model.lora_adapters:
             model.add_lora(spec, name=TEXT_ROUTE, seed=cfg.seed)
         routes = {TEXT_ROUTE: [(TEXT_ROUTE, 1.0)]}
