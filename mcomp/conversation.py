@@ -1,4 +1,5 @@
-"""Conversation templates, kept as data in `configs/templates/*.yaml`."""
+"""Conversation templates: the published ones, kept as data in `configs/templates/*.yaml`, and a base
+LLM's own chat template (`ChatTemplate`, template name "chat": its tokenizer's jinja template)."""
 
 from __future__ import annotations
 
@@ -33,8 +34,15 @@ class ConversationTemplate:
                 out += f"{name}:"
         return out
 
+    add_special_tokens = True  # tokenising a rendering adds the tokenizer's BOS (the template has none)
+
     def answer_labels(
-        self, text: str, ids: Sequence[int], tokenize: Callable[[str], list[int]], pad_id: int | None
+        self,
+        text: str,
+        ids: Sequence[int],
+        tokenize: Callable[[str], list[int]],
+        pad_id: int | None,
+        pairs: Sequence[tuple[str, str | None]] = (),
     ) -> tuple[list[int], str | None]:
         """Labels for `ids` (the tokens of `text`, a rendered conversation) by the published rule
         (LLaVA/ModelCompose `preprocess_v1`), and why they are all masked if they are.
@@ -69,6 +77,107 @@ class ConversationTemplate:
     def prompt(self, question: str) -> str:
         """The generation prompt for one user message: `<system> USER: <question> ASSISTANT:`."""
         return self.render([("human", question), ("gpt", None)])
+
+
+CHAT = "chat"  # the template name of a base LLM's own chat template
+ROLES = {"human": "user", "gpt": "assistant"}
+
+
+class ChatTemplate:
+    """A base LLM's own chat template (`tokenizer.chat_template`, rendered by `apply_chat_template`),
+    with the interface of `ConversationTemplate`. Placeholders stay in the message text as they are,
+    so each becomes one sentinel wherever the template puts the message. The rendering carries its own
+    special tokens (BOS, turn markers), so it is tokenised without adding any."""
+
+    name = CHAT
+    add_special_tokens = False
+
+    def __init__(self, tokenizer):
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(
+                "the tokenizer has no chat template (tokenizer_config.json / chat_template.jinja): use a "
+                "template of configs/templates (e.g. vicuna_v1) or give the tokenizer its template"
+            )
+        self.tokenizer = tokenizer
+        self.end_of_turn = self._end_of_turn()
+
+    def render(self, turns: Sequence[tuple[str, str | None]]) -> str:
+        """Render (role, message) turns; a last turn from "gpt" with no message is the generation prompt."""
+        turns = list(turns)
+        generate = bool(turns) and turns[-1][0] == "gpt" and not turns[-1][1]
+        if generate:
+            turns = turns[:-1]
+        messages = []
+        for role, message in turns:
+            if role not in ROLES:
+                raise ValueError(f"chat template: unknown role {role!r}; expected one of {sorted(ROLES)}")
+            messages.append({"role": ROLES[role], "content": message or ""})
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generate)
+
+    def prompt(self, question: str) -> str:
+        return self.render([("human", question), ("gpt", None)])
+
+    def answer_labels(
+        self,
+        text: str,
+        ids: Sequence[int],
+        tokenize: Callable[[str], list[int]],
+        pad_id: int | None,
+        pairs: Sequence[tuple[str, str | None]] = (),
+    ) -> tuple[list[int], str | None]:
+        """Labels for `ids` (the tokens of `text`, the rendering of `pairs`): the tokens each answer adds
+        to the rendering, its end-of-turn tokens included, found by rendering the conversation up to
+        the answer's generation prompt and up to the answer (as far as the whole rendering agrees with
+        it); all else is masked. A template that does
+        not render a conversation prefix by prefix (or a tokenizer that does not tokenise those
+        prefixes as prefixes) masks the whole sample and says why."""
+        labels = [IGNORE_INDEX] * len(ids)
+        for k, (role, message) in enumerate(pairs):
+            if role != "gpt" or not message:
+                continue
+            before = self.render([*pairs[:k], ("gpt", None)])
+            through = self.render(pairs[: k + 1])
+            if not (through.startswith(before) and text.startswith(before)):
+                return [IGNORE_INDEX] * len(ids), "the chat template does not render the conversation prefix by prefix"
+            start, stop = tokenize(before), tokenize(through)
+            if list(ids[: len(start)]) != start or stop[: len(start)] != start:
+                return [IGNORE_INDEX] * len(ids), (
+                    "tokenization mismatch: the rendering up to an answer does not tokenise as a prefix of the whole"
+                )
+            # the answer's tokens as far as the whole conversation keeps them (a template may end a
+            # conversation with an EOS, but not an answer that more turns follow)
+            end = len(start)
+            while end < min(len(stop), len(ids)) and stop[end] == ids[end]:
+                end += 1
+            labels[len(start) : end] = ids[len(start) : end]
+        return labels, None
+
+    @property
+    def sep2(self) -> str:
+        """Text that ends an answer (generations are cut there): the first end-of-turn token's text."""
+        return self.tokenizer.convert_ids_to_tokens(self.end_of_turn[0]) if self.end_of_turn else ""
+
+    def _end_of_turn(self) -> list[int]:
+        """The special tokens the template puts right after an answer (e.g. <|im_end|>, <|eot_id|>,
+        <end_of_turn>, </s>): generation stops at them."""
+        probe = "§"
+        text = self.render([("human", "?"), ("gpt", probe)])
+        after = text[text.rindex(probe) + len(probe) :]
+        ids = self.tokenizer(after, add_special_tokens=False)["input_ids"]
+        special = set(self.tokenizer.all_special_ids)
+        out = []
+        for t in ids:
+            if t not in special:
+                if out:
+                    break
+                continue
+            out.append(t)
+        return out
+
+
+def template_for(name: str, tokenizer) -> ConversationTemplate | ChatTemplate:
+    """The template `name`: the tokenizer's own chat template for "chat", else a shipped one."""
+    return ChatTemplate(tokenizer) if name == CHAT else get_template(name)
 
 
 @lru_cache(maxsize=None)

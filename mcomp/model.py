@@ -23,7 +23,7 @@ from torch import nn
 from mcomp import scoring
 from mcomp.batch import TEXT, Media, MultimodalInputs, select_cache, split_common_prefix
 from mcomp.checkpoint import load_mllm, save_mllm
-from mcomp.conversation import IGNORE_INDEX, conversation_turns, get_template
+from mcomp.conversation import IGNORE_INDEX, conversation_turns, template_for
 from mcomp.errors import MediaBatchError, PlaceholderMismatchError, SampleError
 from mcomp.lora import TEXT_ROUTE, LoraSpec, RoutingState, inject_routed_layers, routed_layers
 from mcomp.modality import AdapterConfig, ModalityAdapter, build_adapter
@@ -52,7 +52,7 @@ class MultimodalLM(nn.Module):
         if len(set(names)) != len(names):
             raise ValueError(f"one adapter per modality: got modalities {names}")
         self.adapters = nn.ModuleDict({a.modality: a for a in adapters})
-        self.template = get_template(template)
+        self.template = template_for(template, tokenizer)
         self.feature_cache = None  # optional mcomp.feature_cache.FeatureCache for encoder outputs
         # a full fine-tune's base: {"base_model": directory, "base_model_sha256": ...} (None: the LLM is the base)
         self.finetuned_from: dict[str, str] | None = None
@@ -157,7 +157,13 @@ class MultimodalLM(nn.Module):
         return [c.to(adapter.device) for c in cached]
 
     def tokenize(self, prompt: str) -> list[int]:
-        return tokenize_with_placeholders(self.tokenizer, prompt, self.placeholder_ids, self.text_encoder)
+        return tokenize_with_placeholders(
+            self.tokenizer,
+            prompt,
+            self.placeholder_ids,
+            self.text_encoder,
+            add_special_tokens=self.template.add_special_tokens,
+        )
 
     def _check_placeholders(self, index: int, ids: list[int], media: dict[str, list]) -> None:
         counts = defaultdict(int)
@@ -228,7 +234,7 @@ class MultimodalLM(nn.Module):
         text = self.template.render(pairs)
         sample_ids = self.tokenize(text)
         sample_labels, mismatch = self.template.answer_labels(
-            text, sample_ids, self.tokenize, self.tokenizer.pad_token_id
+            text, sample_ids, self.tokenize, self.tokenizer.pad_token_id, pairs
         )
         if mismatch is not None:
             raise SampleError(

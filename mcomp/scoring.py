@@ -45,6 +45,12 @@ class EvalModel(Protocol):
     ) -> list[list[LoglikelihoodResult]]: ...
 
 
+def stop_ids(model) -> list[int]:
+    """Where generation ends: the tokenizer's EOS and the template's end-of-turn tokens."""
+    ids = [model.tokenizer.eos_token_id] if model.tokenizer.eos_token_id is not None else []
+    return ids + [t for t in getattr(model.template, "end_of_turn", []) if t not in ids]
+
+
 @torch.no_grad()
 def generate(
     model, prompts: Sequence[str], media: Sequence[Media | None] | None = None, max_new_tokens: int = 128, **kwargs
@@ -59,7 +65,7 @@ def generate(
             attention_mask=inputs.attention_mask,
             max_new_tokens=max_new_tokens,
             pad_token_id=model.tokenizer.pad_token_id,
-            eos_token_id=model.tokenizer.eos_token_id,
+            eos_token_id=stop_ids(model),
             **kwargs,
         )
     finally:

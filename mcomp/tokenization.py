@@ -182,20 +182,25 @@ def own_placeholders(tokenizer, tags: Mapping[str, int]) -> dict[str, int]:
 
 
 def tokenize_with_placeholders(
-    tokenizer, text: str, tags: Mapping[str, int], encode: Callable[[str], list[int]] | None = None
+    tokenizer,
+    text: str,
+    tags: Mapping[str, int],
+    encode: Callable[[str], list[int]] | None = None,
+    add_special_tokens: bool = True,
 ) -> list[int]:
     """[BOS] + ids of each chunk (without its BOS) + sentinel id of each placeholder; `encode`
     tokenises one chunk with BOS (default: the tokenizer itself; see `slow_llama_encoder`).
 
     A placeholder that is an added token of the tokenizer is tokenised in place, as the model's own
-    processor does (no chunk boundary there), then mapped to its sentinel."""
+    processor does (no chunk boundary there), then mapped to its sentinel. Without
+    `add_special_tokens` (a chat template's rendering, which carries its own) no BOS is added."""
     own = own_placeholders(tokenizer, tags)
-    if own:
-        encode = None  # the tokenizer itself knows where its placeholder tokens are
-    encode = encode or (lambda chunk: list(tokenizer(chunk, add_special_tokens=True)["input_ids"]))
+    if own or not add_special_tokens:
+        encode = None  # the tokenizer itself: it knows its placeholder and special tokens
+    encode = encode or (lambda chunk: list(tokenizer(chunk, add_special_tokens=add_special_tokens)["input_ids"]))
     sentinel = {own[tag]: tags[tag] for tag in own}
     split_on = {tag: v for tag, v in tags.items() if tag not in own}
-    bos = tokenizer.bos_token_id
+    bos = tokenizer.bos_token_id if add_special_tokens else None
     ids: list[int] = [] if bos is None else [bos]
     parts = placeholder_pattern(split_on).split(text) if split_on else [text]
     for i, part in enumerate(parts):

@@ -51,7 +51,7 @@ from mcomp.benchmarks.mcub.records import RecordWriter, iter_record_files, read_
 from mcomp.benchmarks.mcub.results import RESULTS_SCHEMA, ResultsFile  # noqa: F401 (re-exported)
 from mcomp.benchmarks.mcub.scoring import accuracy
 from mcomp.benchmarks.mcub.tasks import ModeSpec, Task
-from mcomp.conversation import get_template
+from mcomp.conversation import CHAT, get_template
 from mcomp.errors import MediaBatchError, MediaError, PlaceholderMismatchError
 from mcomp.fingerprint import check_same_work, code_versions, fingerprint, tensors_sha256
 from mcomp.io import atomic_write_text, sha256_file
@@ -248,7 +248,8 @@ def _prepare_sample(
     max_new_tokens: int | None,
 ) -> dict[str, Any] | _OptionRequest:
     """The finished record (generation, or an error), or what a log-likelihood sample has left to score."""
-    template = get_template(task.template)
+    # a model with its own chat template is prompted with it: the task's template is the published one
+    template = model.template if getattr(model.template, "name", None) == CHAT else get_template(task.template)
     record: dict[str, Any] = {
         "subset": sample.subset,
         "id": sample.id,

@@ -1,0 +1,162 @@
+"""Base LLMs with their own chat templates (template "chat"): tiny models of each family, a locally built
+tokenizer carrying that family's special tokens and chat template (data in the family's format), and
+prompts, training labels, stop tokens, training and composition checked against `apply_chat_template`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mcomp.conversation import IGNORE_INDEX, ChatTemplate
+from tests.composition_fixtures import write_audio_data, write_image_data
+from tests.test_families import tiny_llm
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+# family -> (architecture in tests/test_families.py, special tokens, bos/eos overrides, chat template)
+TEMPLATES = {
+    "qwen2.5": (
+        "qwen2",
+        ["<|im_start|>", "<|im_end|>"],
+        {},
+        "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + "
+        "'<|im_end|>\\n' }}{%- else %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a "
+        "helpful assistant.<|im_end|>\\n' }}{%- endif %}{%- for message in messages %}{%- if message.role != "
+        "'system' %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}{%- endif "
+        "%}{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}",
+    ),
+    "llama-3": (
+        "llama",
+        ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        {"bos_token": "<|begin_of_text|>"},
+        "{{- bos_token }}{%- for message in messages %}{{- '<|start_header_id|>' + message['role'] + "
+        "'<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}{%- endfor %}{%- if "
+        "add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}",
+    ),
+    "gemma-2": (
+        "gemma2",
+        ["<start_of_turn>", "<end_of_turn>"],
+        {},
+        "{{ bos_token }}{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' else "
+        "message['role'] %}{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\\n'}}{% endif %}",
+    ),
+    "mistral": (
+        "mistral",
+        ["[INST]", "[/INST]"],
+        {},
+        "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' + "
+        "message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}{{ message['content'] + "
+        "eos_token }}{% endif %}{% endfor %}",
+    ),
+    "phi-3": (
+        "phi3",
+        ["<|user|>", "<|assistant|>", "<|end|>"],
+        {},
+        "{% for message in messages %}{% if message['role'] == 'user' %}{{'<|user|>\\n' + message['content'] + "
+        "'<|end|>\\n'}}{% elif message['role'] == 'assistant' %}{{'<|assistant|>\\n' + message['content'] + "
+        "'<|end|>\\n'}}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% else %}"
+        "{{ eos_token }}{% endif %}",
+    ),
+}
+
+
+def family_tokenizer(name: str):
+    from mcomp.tiny import build_tokenizer
+
+    _, special, overrides, template = TEMPLATES[name]
+    tokenizer = build_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": [*special, "<image>", "<audio>"], **overrides})
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+def reference_ids(tokenizer, messages, generate: bool, sentinels: dict[str, int]) -> list[int]:
+    """The template's own rendering, tokenised as transformers does, placeholders substituted."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generate)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return [sentinels.get(tokenizer.convert_ids_to_tokens(t), t) for t in ids]
+
+
+def chat_model(name: str, adapters):
+    from mcomp.model import MultimodalLM
+
+    tokenizer = family_tokenizer(name)
+    llm = tiny_llm(TEMPLATES[name][0], len(tokenizer), tokenizer.pad_token_id)
+    return MultimodalLM.build(llm, tokenizer, adapters, template="chat")
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_prompts_labels_and_stops_follow_the_template(name):
+    from mcomp.tiny import tiny_image_adapter_config
+
+    model = chat_model(name, [tiny_image_adapter_config()])
+    tokenizer, question = model.tokenizer, "<image>\nWhat colour is it?"
+    sentinels = {"<image>": model.placeholder_ids["<image>"]}
+    ids = model.tokenize(model.template.prompt(question))
+    assert ids == reference_ids(tokenizer, [{"role": "user", "content": question}], True, sentinels)
+    assert ids.count(sentinels["<image>"]) == 1
+
+    turns = [{"from": "human", "value": question}, {"from": "gpt", "value": "red"}]
+    turns += [{"from": "human", "value": "And the shape?"}, {"from": "gpt", "value": "a cube"}]
+    ids, labels = model.conversation_ids(turns)
+    messages = [{"role": r, "content": c} for r, c in zip(["user", "assistant"] * 2, [t["value"] for t in turns])]
+    assert ids == reference_ids(tokenizer, messages, False, sentinels)
+    # the learned tokens are exactly what each answer adds to the rendering, end-of-turn tokens included:
+    # in the tokens of the whole rendering, those past its rendering up to the generation prompt
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    learned, texts = [], []
+    for k in (1, 3):
+        before = tokenizer.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True)
+        through = tokenizer.apply_chat_template(messages[: k + 1], tokenize=False)
+        through_ids = tokenizer(through, add_special_tokens=False)["input_ids"]
+        full_ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+        end = next((i for i, (a, b) in enumerate(zip(through_ids, full_ids)) if a != b), len(through_ids))
+        span = slice(len(tokenizer(before, add_special_tokens=False)["input_ids"]), end)
+        learned += [labels[i] for i in range(span.start, span.stop)]
+        texts.append(tokenizer.decode(through_ids[span]))
+        assert all(t == IGNORE_INDEX for t in labels[: span.start][-3:])  # the question's end is masked
+    assert [t for t in labels if t != IGNORE_INDEX] == learned
+    assert "red" in texts[0].replace(" ", "") and "acube" in texts[1].replace(" ", "")
+    assert model.template.end_of_turn and set(model.template.end_of_turn) <= set(learned)  # the answer's end
+
+    from mcomp.scoring import stop_ids
+
+    assert set(model.template.end_of_turn) <= set(stop_ids(model))
+
+
+@pytest.mark.parametrize("name", ["qwen2.5", "llama-3", "phi-3"])
+def test_a_chat_model_trains_composes_and_scores(name, tmp_path):
+    import mcomp
+    from mcomp.compose import compose
+    from mcomp.data import load_conversation_data
+    from mcomp.tiny import tiny_audio_adapter_config, tiny_image_adapter_config
+    from mcomp.train import TrainConfig, train
+
+    data = {"image": write_image_data(tmp_path), "audio": write_audio_data(tmp_path)}
+    adapters = {"image": tiny_image_adapter_config(), "audio": tiny_audio_adapter_config()}
+    paths = {}
+    for modality, decoupled in (("image", False), ("audio", True)):
+        model = chat_model(name, [adapters[modality]])
+        samples = load_conversation_data(data[modality])
+        train(model, samples, TrainConfig(stage=1, max_steps=2, batch_size=3), tmp_path / f"s1-{modality}")
+        cfg = TrainConfig(stage=2, decoupled=decoupled, lora_r=4, lora_alpha=8, max_steps=2, batch_size=3)
+        train(model, samples, cfg, tmp_path / f"s2-{modality}")
+        model.save_pretrained(tmp_path / modality)
+        paths[modality] = tmp_path / modality
+        assert mcomp.load(tmp_path / modality).template.name == "chat"
+    media = {"image": str(tmp_path / "img0.png"), "audio": str(tmp_path / "aud1.wav")}
+    for method in ("naivemc", "damc"):
+        composed = compose(paths, method=method, merge="ties", convert=True)
+        prompt = composed.template.prompt("<image>\n<audio>\nWhat do they share?")
+        assert all(torch.isfinite(torch.tensor(s.logprob)) for s in composed.loglikelihood(prompt, [" red"], media))
+        assert isinstance(composed.generate([prompt], [media], max_new_tokens=4)[0], str)
+
+
+def test_a_tokenizer_without_a_chat_template_is_refused_with_what_to_do():
+    from mcomp.tiny import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    tokenizer.chat_template = None
+    with pytest.raises(ValueError, match=r"no chat template .*use a template of configs/templates"):
+        ChatTemplate(tokenizer)
