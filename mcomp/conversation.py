@@ -99,6 +99,12 @@ class ChatTemplate:
                 "template of configs/templates (e.g. vicuna_v1) or give the tokenizer its template"
             )
         self.tokenizer = tokenizer
+        probe = "<probe-placeholder>\nWhat is it?"
+        if self.prompt(probe).count(probe) != 1:
+            raise ValueError(
+                "the tokenizer's chat template does not keep a user message's text as it is, so it cannot place "
+                "a media placeholder: use a template of configs/templates (e.g. vicuna_v1) instead"
+            )
         self.end_of_turn = self._end_of_turn()
 
     def render(self, turns: Sequence[tuple[str, str | None]]) -> str:

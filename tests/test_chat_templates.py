@@ -41,6 +41,8 @@ TEMPLATES = {
         "message['role'] %}{{ '<start_of_turn>' + role + '\\n' + message['content'] | trim + '<end_of_turn>\\n' }}"
         "{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\\n'}}{% endif %}",
     ),
+    "qwen3": ("qwen3", ["<|im_start|>", "<|im_end|>"], {}, None),  # Qwen2.5's ChatML on a Qwen3 model
+    "gemma-3": ("gemma3_text", ["<start_of_turn>", "<end_of_turn>"], {}, None),  # Gemma's turns on Gemma 3
     "mistral": (
         "mistral",
         ["[INST]", "[/INST]"],
@@ -65,6 +67,7 @@ def family_tokenizer(name: str):
     from mcomp.tiny import build_tokenizer
 
     _, special, overrides, template = TEMPLATES[name]
+    template = template or TEMPLATES[{"qwen3": "qwen2.5", "gemma-3": "gemma-2"}.get(name, name)][3]
     tokenizer = build_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": [*special, "<image>", "<audio>"], **overrides})
     tokenizer.chat_template = template
@@ -125,7 +128,7 @@ def test_prompts_labels_and_stops_follow_the_template(name):
     assert set(model.template.end_of_turn) <= set(stop_ids(model))
 
 
-@pytest.mark.parametrize("name", ["qwen2.5", "llama-3", "phi-3"])
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
 def test_a_chat_model_trains_composes_and_scores(name, tmp_path):
     import mcomp
     from mcomp.compose import compose
@@ -160,3 +163,23 @@ def test_a_tokenizer_without_a_chat_template_is_refused_with_what_to_do():
     tokenizer.chat_template = None
     with pytest.raises(ValueError, match=r"no chat template .*use a template of configs/templates"):
         ChatTemplate(tokenizer)
+
+
+def test_mcomp_train_takes_the_bases_chat_template_or_says_what_to_pass(tmp_path, capsys):
+    from mcomp.checkpoint import read_config
+    from mcomp.cli import main
+
+    data = write_image_data(tmp_path)
+    base = tmp_path / "qwen-base"
+    tokenizer = family_tokenizer("qwen2.5")
+    tiny_llm("qwen2", len(tokenizer), tokenizer.pad_token_id).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    args = ["train", "--base", str(base), "--adapter", "tiny:image", "--data", str(data), "--stage", "1"]
+    args += ["--max-steps", "1", "--batch-size", "3"]
+    assert main([*args, "--template", "chat", "--out", str(tmp_path / "ok")]) == 0
+    assert read_config(tmp_path / "ok").template == "chat"
+    capsys.readouterr()
+    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: (hidden){% endfor %}"  # drops the text
+    tokenizer.save_pretrained(base)
+    assert main([*args, "--template", "chat", "--out", str(tmp_path / "dropped")]) != 0
+    assert "cannot place a media placeholder: use a template of configs/templates" in capsys.readouterr().err

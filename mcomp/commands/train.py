@@ -55,6 +55,12 @@ def add_parser(sub) -> None:
     p.add_argument("--stage", type=int, choices=(1, 2))
     p.add_argument("--decoupled", action="store_true", default=None, help="DAMC: separate text/modality LoRA")
     p.add_argument(
+        "--template",
+        default="vicuna_v1",
+        help="with --base: the conversation template, vicuna_v1 (the published models') or chat (the base "
+        "tokenizer's own chat template, e.g. Qwen's, Llama-3's, Gemma's); --init keeps the model's",
+    )
+    p.add_argument(
         "--full",
         action="store_true",
         default=None,
@@ -113,7 +119,7 @@ def build_start_model(args):
 
         tokenizer = AutoTokenizer.from_pretrained(args.base, trust_remote_code=False)
         llm = AutoModelForCausalLM.from_pretrained(args.base, trust_remote_code=False)
-    model = MultimodalLM.build(llm, tokenizer, [adapter_cfg])
+    model = MultimodalLM.build(llm, tokenizer, [adapter_cfg], template=args.template)
     start = {
         "base_sha256": base_weights_sha256(llm),
         "tokenizer_sha256": None if args.base == "tiny" else tokenizer_sha256(args.base),
