@@ -4,8 +4,12 @@ prompts, training labels, stop tokens, training and composition checked against 
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 
 from mcomp.conversation import IGNORE_INDEX, ChatTemplate
 from tests.composition_fixtures import write_audio_data, write_image_data
@@ -128,9 +132,31 @@ def test_prompts_labels_and_stops_follow_the_template(name):
     assert set(model.template.end_of_turn) <= set(stop_ids(model))
 
 
+QUESTION = "<image>\n<audio>\nWhat is the colour of the image?\nA. red\nB. green\nC. blue\nD. white"
+
+
+def write_task(root):
+    """A task over three image + audio questions (the MCUB format; the task's template is vicuna_v1)."""
+    from mcomp.benchmarks.mcub.data import conversation
+
+    questions, answers = [], []
+    for i, letter in enumerate("ABC"):
+        media = {"vision": [f"img{i}.png"], "audio": [f"aud{i}.wav"]}
+        questions.append({"id": i, "conversations": conversation(QUESTION, None), "modal_inputs": media})
+        answers.append({"id": i, "conversations": conversation(QUESTION, letter)})
+    (root / "q.json").write_text(json.dumps(questions))
+    (root / "a.json").write_text(json.dumps(answers))
+    task = yaml.safe_load((Path(__file__).parents[1] / "configs" / "tasks" / "mcub4.yaml").read_text())
+    task.update(name="chat-check", answers="a.json")
+    task["subsets"] = [{"name": "IA", "questions": "q.json", "modalities": ["image", "audio"]}]
+    (root / "task.yaml").write_text(yaml.safe_dump(task))
+    return root / "task.yaml"
+
+
 @pytest.mark.parametrize("name", sorted(TEMPLATES))
 def test_a_chat_model_trains_composes_and_scores(name, tmp_path):
     import mcomp
+    from mcomp.cli import main
     from mcomp.compose import compose
     from mcomp.data import load_conversation_data
     from mcomp.tiny import tiny_audio_adapter_config, tiny_image_adapter_config
@@ -149,11 +175,22 @@ def test_a_chat_model_trains_composes_and_scores(name, tmp_path):
         paths[modality] = tmp_path / modality
         assert mcomp.load(tmp_path / modality).template.name == "chat"
     media = {"image": str(tmp_path / "img0.png"), "audio": str(tmp_path / "aud1.wav")}
+    task = write_task(tmp_path)
     for method in ("naivemc", "damc"):
         composed = compose(paths, method=method, merge="ties", convert=True)
         prompt = composed.template.prompt("<image>\n<audio>\nWhat do they share?")
         assert all(torch.isfinite(torch.tensor(s.logprob)) for s in composed.loglikelihood(prompt, [" red"], media))
         assert isinstance(composed.generate([prompt], [media], max_new_tokens=4)[0], str)
+        composed.save_pretrained(tmp_path / method)
+        for mode in ("loglik", "generate"):
+            run = tmp_path / f"run-{method}-{mode}"
+            args = ["eval", "--model", str(tmp_path / method), "--task", str(task), "--data-root", str(tmp_path)]
+            assert main([*args, "--mode", mode, "--max-new-tokens", "4", "--out", str(run)]) == 0
+            records = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+            assert len(records) == 3 and all(r["error"] is None for r in records)
+            # prompted with the model's own template, not the task's vicuna_v1
+            want = composed.template.render([("human", QUESTION), ("gpt", None)])
+            assert records[0]["prompt"] == want
 
 
 def test_a_tokenizer_without_a_chat_template_is_refused_with_what_to_do():
