@@ -60,13 +60,17 @@ def build_tokenizer(corpus: Iterable[str] | None = None, vocab_size: int = 512):
 
 
 def build_llm(tokenizer, shape: str = "tiny-llama", seed: int = 0, **overrides):
-    """A randomly initialised Llama causal LM with a shipped shape (`configs/llm/<shape>.json`)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A randomly initialised causal LM with a shipped shape (`configs/llm/<shape>.json`), of the
+    architecture it names (a transformers class: LlamaForCausalLM, Qwen2ForCausalLM, ...)."""
+    import transformers
 
     cfg = dict(load_config("llm", f"{shape}.json"))
-    cfg.pop("architectures", None)
+    (architecture,) = cfg.pop("architectures", ["LlamaForCausalLM"])
+    model_class = getattr(transformers, architecture, None)
+    if model_class is None or not architecture.endswith("ForCausalLM"):
+        raise ValueError(f"configs/llm/{shape}.json: {architecture!r} is not a transformers causal-LM class")
     cfg.update(overrides)
-    config = LlamaConfig(
+    config = model_class.config_class(
         vocab_size=len(tokenizer),
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -75,7 +79,7 @@ def build_llm(tokenizer, shape: str = "tiny-llama", seed: int = 0, **overrides):
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
+        model = model_class(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model.eval()
 

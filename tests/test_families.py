@@ -108,3 +108,21 @@ def test_llama_targets_on_phi3_are_refused_naming_the_unmatched_modules():
         ValueError, match=r"\['gate_proj', 'k_proj', 'q_proj', 'up_proj', 'v_proj'\] match no linear layer"
     ):
         model.add_lora(LoraSpec(target_modules=list(LLAMA_TARGETS)))
+
+
+def test_the_zoo_builds_and_composes_on_a_qwen2_base(tmp_path):
+    """The embedded zoo on a second architecture (configs/llm/tiny-qwen2.json), reduced to two
+    modalities: its base is a Qwen2ForCausalLM, and its models compose."""
+    import json
+
+    from mcomp.zoo import build_zoo
+
+    zoo = build_zoo("test", 0, tmp_path / "zoo", workers=2, modalities=["image", "audio"], llm_shape="tiny-qwen2")
+    assert json.loads((zoo.base / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
+    assert zoo.manifest["settings"]["llm_shape"] == "tiny-qwen2"
+    composed = compose({m: zoo.model(m, "naivemc", 0) for m in ("image", "audio")}, method="naivemc", merge="ties")
+    assert type(composed.llm).__name__ == "Qwen2ForCausalLM"
+    question = json.loads(zoo.world.val_json("image").read_text())[0]
+    media = {"image": str(zoo.world.val_json("image").parent / question["modal_inputs"]["vision"][0])}
+    prompt = composed.template.prompt(question["conversations"][0]["value"])
+    assert all(torch.isfinite(torch.tensor(s.logprob)) for s in composed.loglikelihood(prompt, [" a red cube"], media))

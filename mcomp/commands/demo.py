@@ -23,6 +23,11 @@ def add_parser(sub) -> None:
         metavar="FILE",
         help="add the modality of a modality file (docs/adding_a_modality.md) to the built-in four; repeatable",
     )
+    p.add_argument(
+        "--llm-shape",
+        help="the base LLM's shape and architecture, a configs/llm file (e.g. demo-qwen2, tiny-qwen2; default: "
+        "the size's Llama)",
+    )
     p.set_defaults(func=run)
 
 
@@ -32,7 +37,14 @@ def run(args) -> int:
 
     modalities = [*ORDER, *args.modality] if args.modality else None
     summary = run_demo(
-        args.size, args.seed, args.out, args.mode, args.root, workers=args.workers, modalities=modalities
+        args.size,
+        args.seed,
+        args.out,
+        args.mode,
+        args.root,
+        workers=args.workers,
+        modalities=modalities,
+        llm_shape=args.llm_shape,
     )
     print(Path(summary["leaderboard"]["demo_markdown"]).read_text())
     print(f"zoo: {summary['zoo']} ({summary['seconds_zoo']} s); total {summary['seconds_total']} s")

@@ -25,6 +25,11 @@ def add_parser(sub) -> None:
         metavar="FILE",
         help="add the modality of a modality file (docs/adding_a_modality.md) to the built-in four; repeatable",
     )
+    p.add_argument(
+        "--llm-shape",
+        help="the base LLM's shape and architecture, a configs/llm file (e.g. demo-qwen2, tiny-qwen2; default: "
+        "the size's Llama)",
+    )
     p.set_defaults(func=run)
 
 
@@ -35,9 +40,11 @@ def run(args) -> int:
 
     modalities = [*ORDER, *args.modality] if args.modality else None
     if args.action == "path":
-        print(args.root or default_root(args.size, args.seed, modalities=modalities))
+        print(args.root or default_root(args.size, args.seed, modalities=modalities, llm_shape=args.llm_shape))
         return 0
-    zoo = build_zoo(args.size, args.seed, args.root, args.workers, force=args.force, modalities=modalities)
+    zoo = build_zoo(
+        args.size, args.seed, args.root, args.workers, force=args.force, modalities=modalities, llm_shape=args.llm_shape
+    )
     accuracy = held_out_report(zoo.manifest)
     print(f"zoo ready at {zoo.root}")
     print("held-out attribute accuracy of the single-modality models:")

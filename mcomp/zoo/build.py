@@ -74,11 +74,16 @@ class ZooSettings(JsonConfig):
         return _of_modality(self.stage2_steps, modality)
 
     @classmethod
-    def for_size(cls, size: str) -> "ZooSettings":
+    def for_size(cls, size: str, llm_shape: str | None = None) -> "ZooSettings":
+        """The zoo settings of `size` (configs/zoo/<size>.yaml), with another base LLM shape if given."""
         try:
-            return cls.from_dict(load_config("zoo", f"{size}.yaml"), source=f"configs/zoo/{size}.yaml")
+            settings = cls.from_dict(load_config("zoo", f"{size}.yaml"), source=f"configs/zoo/{size}.yaml")
         except FileNotFoundError:
             raise ValueError(f"unknown zoo size {size!r} (configs/zoo/ has full and test)") from None
+        if llm_shape is not None:
+            load_config("llm", f"{llm_shape}.json")  # a shape that is not shipped fails here, named
+            settings = dataclasses.replace(settings, llm_shape=llm_shape)
+        return settings
 
 
 def _of_modality(value: int | dict[str, int], modality: str) -> int:
@@ -116,13 +121,15 @@ def recipe_digest(settings: ZooSettings, modalities: Sequence | None = None) -> 
     )[:10]
 
 
-def default_root(size: str, seed: int, recipe: str | None = None, modalities: Sequence | None = None) -> Path:
+def default_root(
+    size: str, seed: int, recipe: str | None = None, modalities: Sequence | None = None, llm_shape: str | None = None
+) -> Path:
     """Under the user cache directory (or $MCOMP_CACHE), keyed by version, size, seed and recipe
     (`recipe_digest` of the size's settings and `modalities` unless given)."""
     import platformdirs
 
     base = Path(os.environ.get("MCOMP_CACHE") or platformdirs.user_cache_dir("mcomp"))
-    recipe = recipe or recipe_digest(ZooSettings.for_size(size), modalities)
+    recipe = recipe or recipe_digest(ZooSettings.for_size(size, llm_shape), modalities)
     return base / "zoo" / f"v{ZOO_VERSION}-{size}-seed{seed}-{recipe}"
 
 
@@ -261,17 +268,19 @@ def build_zoo(
     workers: int | None = None,
     force: bool = False,
     modalities: Sequence | None = None,
+    llm_shape: str | None = None,
 ) -> Zoo:
     """Build what is missing, `workers` jobs at a time (`mcomp.jobs`): the base LLM and an encoder
     per modality, then one job per modality and model seed (stage 1, then its plain and decoupled
     stage 2). `modalities`: the zoo's modalities (default: the built-in four), names, modality files
-    or rows (a modality added by a file: docs/adding_a_modality.md). `force` discards whatever the
-    folder holds and builds it anew."""
+    or rows (a modality added by a file: docs/adding_a_modality.md). `llm_shape`: the base LLM's
+    shape and architecture instead of the size's (`configs/llm/<shape>.json`, e.g. demo-qwen2).
+    `force` discards whatever the folder holds and builds it anew."""
     from mcomp.jobs import JobPool
     from mcomp.world import generate_world
     from mcomp.world.entities import world_modalities
 
-    settings = ZooSettings.for_size(size)
+    settings = ZooSettings.for_size(size, llm_shape)
     world = world_config(settings, modalities)
     recipe = recipe_digest(settings, modalities)
     zoo = Zoo(

@@ -139,6 +139,7 @@ def run_demo(
     merges: dict | None = None,
     workers: int | None = None,
     modalities: list | None = None,
+    llm_shape: str | None = None,
 ) -> dict:
     """Evaluation runs are jobs (`mcomp.jobs`, `workers` at a time), one per model. They are kept
     in the zoo cache (`evals/`, by model, task and mode: the zoo's models never change once built),
@@ -151,13 +152,13 @@ def run_demo(
         from mcomp.world.entities import world_modalities
         from mcomp.zoo.build import ZooSettings, world_config
 
-        names = world_modalities(world_config(ZooSettings.for_size(size), modalities))
+        names = world_modalities(world_config(ZooSettings.for_size(size, llm_shape), modalities))
         if not set(ORDER) <= set(names):
             raise ValueError(
                 f"the demo evaluates on MCUB, whose questions need the built-in modalities {list(ORDER)}; "
                 f"got {list(names)} (add modalities to them)"
             )
-    zoo = build_zoo(size, seed, root, workers, modalities=modalities)
+    zoo = build_zoo(size, seed, root, workers, modalities=modalities, llm_shape=llm_shape)
     combos = dict(combos or COMBOS)
     if "image+audio+video+point" in combos and tuple(zoo.modalities) != ORDER:
         combos["+".join(zoo.modalities)] = tuple(zoo.modalities)  # the all-modality composition
