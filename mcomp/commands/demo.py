@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from mcomp.commands.zoo import add_zoo_options, zoo_modalities
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="compose and evaluate the tiny zoo on the synthetic MCUB")
@@ -17,25 +19,14 @@ def add_parser(sub) -> None:
         type=int,
         help="processes running training and evaluation jobs (default: 2 on 2+ cores; 1: in this process)",
     )
-    p.add_argument(
-        "--modality",
-        action="append",
-        metavar="FILE",
-        help="add the modality of a modality file (docs/adding_a_modality.md) to the built-in four; repeatable",
-    )
-    p.add_argument(
-        "--llm-shape",
-        help="the base LLM's shape and architecture, a configs/llm file (e.g. demo-qwen2, tiny-qwen2; default: "
-        "the size's Llama)",
-    )
+    add_zoo_options(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from mcomp.modalities import ORDER
     from mcomp.zoo.demo import run_demo
 
-    modalities = [*ORDER, *args.modality] if args.modality else None
+    modalities = zoo_modalities(args)
     summary = run_demo(
         args.size,
         args.seed,

@@ -19,6 +19,12 @@ def add_parser(sub) -> None:
         action="store_true",
         help="discard what the zoo folder holds (a partial build, or one of other code) and build anew",
     )
+    add_zoo_options(p)
+    p.set_defaults(func=run)
+
+
+def add_zoo_options(p) -> None:
+    """What a zoo is made of beyond its size: added modalities and the base LLM's shape (zoo, demo)."""
     p.add_argument(
         "--modality",
         action="append",
@@ -30,15 +36,20 @@ def add_parser(sub) -> None:
         help="the base LLM's shape and architecture, a configs/llm file (e.g. demo-qwen2, tiny-qwen2; default: "
         "the size's Llama)",
     )
-    p.set_defaults(func=run)
+
+
+def zoo_modalities(args) -> list | None:
+    """The built-in modalities and those of --modality files (None: the built-in ones alone)."""
+    from mcomp.modalities import ORDER
+
+    return [*ORDER, *args.modality] if args.modality else None
 
 
 def run(args) -> int:
-    from mcomp.modalities import ORDER
     from mcomp.zoo import build_zoo, default_root
     from mcomp.zoo.build import held_out_report
 
-    modalities = [*ORDER, *args.modality] if args.modality else None
+    modalities = zoo_modalities(args)
     if args.action == "path":
         print(args.root or default_root(args.size, args.seed, modalities=modalities, llm_shape=args.llm_shape))
         return 0
