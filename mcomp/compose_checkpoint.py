@@ -19,8 +19,8 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from mcomp.checkpoint import CONFIG_NAME, LLM_DIR, MLLMConfig, llm_files_sha256, resolve_base
-from mcomp.io import atomic_directory, load_tensors, save_tensors, sha256_file
+from mcomp.checkpoint import CONFIG_NAME, LLM_DIR, MLLMConfig, llm_files_sha256, read_adapter_tensors, resolve_base
+from mcomp.io import atomic_directory, save_tensors, sha256_file
 from mcomp.lora import TEXT_ROUTE
 from mcomp.tokenization import save_tokenizer
 from mcomp.version import __version__
@@ -114,14 +114,11 @@ def compose_checkpoint(
 
 def _write_adapters(inputs, tmp: Path) -> None:
     """Every input's projector and (random-init) encoder tensors, under its modality's prefix as
-    each input already stores them."""
-    projectors, encoders = {}, {}
+    each input already stores them (`mcomp.checkpoint.read_adapter_tensors`)."""
+    merged: dict[str, dict] = {"projectors": {}, "encoders": {}}
     for inp in inputs:
-        own = load_tensors(inp.path / "projectors.safetensors")
-        projectors.update({k: v for k, v in own.items() if k.startswith(inp.modality + ".")})
-        if (inp.path / "encoders.safetensors").is_file():
-            own = load_tensors(inp.path / "encoders.safetensors")
-            encoders.update({k: v for k, v in own.items() if k.startswith(inp.modality + ".")})
-    save_tensors(projectors, tmp / "projectors.safetensors")
-    if encoders:
-        save_tensors(encoders, tmp / "encoders.safetensors")
+        for kind, tensors in read_adapter_tensors(inp.path).items():
+            merged[kind].update({k: v for k, v in tensors.items() if k.startswith(inp.modality + ".")})
+    save_tensors(merged["projectors"], tmp / "projectors.safetensors")
+    if merged["encoders"]:
+        save_tensors(merged["encoders"], tmp / "encoders.safetensors")

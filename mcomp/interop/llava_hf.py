@@ -72,6 +72,7 @@ PROCESSOR_DIR = "processor"
 LLM_PREFIXES = (("language_model.model.", "model."), ("model.language_model.", "model."))
 LLM_HEADS = ("language_model.lm_head.", "lm_head.")
 TOWER_PREFIXES = ("vision_tower.", "image_tower.", "video_tower.")
+VOCAB_ROWS = {"model.embed_tokens.weight", "lm_head.weight"}  # one row per token id
 PROJECTOR_PREFIXES = ("multi_modal_projector.", "model.multi_modal_projector.")
 
 
@@ -135,23 +136,29 @@ def _check_tokenizer(tokenizer, base_tokenizer, source: str) -> None:
         raise ValueError(f"{source}: the tokenizer is not the base's plus added special tokens ({differ})")
 
 
-def _adapter_config(modality: str, config: dict, tower_config: dict, checkpoint: str, layer: int, strategy: str):
-    """The mcomp adapter config of the imported tower: LLaVA's images drop the CLS token under the
-    "default" strategy; Video-LLaVA's videos keep every token of every frame, CLS first, as mcomp's video
-    adapter does."""
+def _read_part(folder: SafetensorsCheckpoint, names: dict[str, str]) -> dict[str, torch.Tensor]:
+    """{our name: tensor} of one part of the folder ({our name: the folder's name})."""
+    return {k: folder.read(v, 0, folder.infos[v].numel).reshape(folder.infos[v].shape) for k, v in names.items()}
+
+
+def _adapter_config(
+    modality: str, config: dict, tower: dict, checkpoint: str, processor: str, layer: int, strategy: str
+):
+    """The mcomp adapter config of the imported tower, preprocessing by the folder's `processor`:
+    LLaVA's images drop the CLS token under the "default" strategy; Video-LLaVA's videos keep every
+    token of every frame, CLS first, as mcomp's video adapter does."""
+    common = dict(tower_config=tower, checkpoint=checkpoint, select_layer=layer)
     if modality == "image":
         from mcomp.encoders.image import ImageAdapterConfig
 
         select = "patch" if strategy == "default" else "cls_patch"
-        return ImageAdapterConfig(
-            tower_config=tower_config, checkpoint=checkpoint, select_layer=layer, select_feature=select
-        )
+        return ImageAdapterConfig(**common, select_feature=select, image_processor=processor)
     from mcomp.encoders.video import VideoAdapterConfig
 
-    vision = tower_config["vision_cfg"]
+    vision = tower["vision_cfg"]
     tokens_per_frame = (vision["image_size"] // vision["patch_size"]) ** 2 + 1
     frames = int(config.get("video_seq_length") or 8 * tokens_per_frame) // tokens_per_frame
-    return VideoAdapterConfig(tower_config=tower_config, checkpoint=checkpoint, select_layer=layer, num_frames=frames)
+    return VideoAdapterConfig(**common, num_frames=frames, video_processor=processor)
 
 
 def _save_processor(modality: str, src: Path, out: Path) -> None:
@@ -223,7 +230,7 @@ def import_llava_hf(
             layout = []
             for key in order:
                 info = folder.infos[llm_keys[key]]
-                shape = (min(info.shape[0], vocab), *info.shape[1:]) if key in _VOCAB_ROWS else info.shape
+                shape = (min(info.shape[0], vocab), *info.shape[1:]) if key in VOCAB_ROWS else info.shape
                 if tuple(shape) != tuple(base_src.infos[key].shape):
                     raise ValueError(
                         f"{src}: tensor {llm_keys[key]} has shape {list(info.shape)}, the base's {key} "
@@ -255,22 +262,18 @@ def import_llava_hf(
                     (tmp / LLM_DIR / name).write_bytes((base / name).read_bytes())
 
             vision = hf_vision_config(dict(config.get("vision_config") or {}), f"{src}/config.json: vision_config")
-            vision_state = {
-                k: folder.read(v, 0, folder.infos[v].numel).reshape(folder.infos[v].shape)
-                for k, v in parts[tower_prefix].items()
-            }
-            tower_state, tower_config = convert_hf_state_dict(vision_state, vision, f"{src} (vision tower)")
+            tower_state, tower_config = convert_hf_state_dict(
+                _read_part(folder, parts[tower_prefix]), vision, f"{src} (vision tower)"
+            )
             encoder_file = ENCODER_FILE.format(modality=modality)
             (tmp / encoder_file).parent.mkdir(parents=True)
             save_tensors(tower_state, tmp / encoder_file, metadata={"format": "pt", "source": str(src.resolve())})
-            adapter = _adapter_config(modality, config, tower_config, str(final / encoder_file), layer, strategy)
             _save_processor(modality, src, tmp / PROCESSOR_DIR)
-            setattr(adapter, f"{modality}_processor", str(final / PROCESSOR_DIR))
-            projector_state = {
-                k: folder.read(v, 0, folder.infos[v].numel).reshape(folder.infos[v].shape)
-                for k, v in parts["projector"].items()
-            }
-            projector = _projector(projector_state, config.get("projector_hidden_act", "gelu"), str(src))
+            adapter = _adapter_config(
+                modality, config, tower_config, str(final / encoder_file), str(final / PROCESSOR_DIR), layer, strategy
+            )
+            act = config.get("projector_hidden_act", "gelu")
+            projector = _projector(_read_part(folder, parts["projector"]), act, str(src))
             save_tensors({f"{modality}.{k}": v for k, v in projector.items()}, tmp / "projectors.safetensors")
             save_tokenizer(tokenizer, tmp)
             base_llm = AutoModelForCausalLM.from_pretrained(str(base), dtype="auto", trust_remote_code=False)
@@ -305,6 +308,3 @@ def import_llava_hf(
         base_src.close()
     logger.info("imported %s (%s, relative delta %.4f) -> %s", src, arch, relative, out)
     return out
-
-
-_VOCAB_ROWS = {"model.embed_tokens.weight", "lm_head.weight"}
