@@ -14,20 +14,23 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
 PITCHES = {"low": 220.0, "mid": 440.0, "high": 880.0}
 
 
+def sample(sample_id: str, modality: str, file: str, question: str, answer: str) -> dict:
+    """One training sample about one media file, in the LLaVA format."""
+    return {
+        "id": sample_id,
+        "modal_inputs": {modality: [file]},
+        "conversations": [
+            {"from": "human", "value": f"{modality}: <{modality}>\n{question}"},
+            {"from": "gpt", "value": answer},
+        ],
+    }
+
+
 def write_image_data(root: Path) -> Path:
     items = []
     for i, (name, rgb) in enumerate(COLOURS.items()):
         Image.new("RGB", (40, 32), rgb).save(root / f"img{i}.png")
-        items.append(
-            {
-                "id": f"img{i}",
-                "modal_inputs": {"image": [f"img{i}.png"]},
-                "conversations": [
-                    {"from": "human", "value": "image: <image>\nWhat colour is it?"},
-                    {"from": "gpt", "value": name},
-                ],
-            }
-        )
+        items.append(sample(f"img{i}", "image", f"img{i}.png", "What colour is it?", name))
     path = root / "image_train.json"
     path.write_text(json.dumps(items))
     return path
@@ -38,17 +41,21 @@ def write_audio_data(root: Path) -> Path:
     for i, (name, hz) in enumerate(PITCHES.items()):
         t = np.arange(8000) / 16000
         sf.write(root / f"aud{i}.wav", (0.4 * np.sin(2 * math.pi * hz * t)).astype(np.float32), 16000)
-        items.append(
-            {
-                "id": f"aud{i}",
-                "modal_inputs": {"audio": [f"aud{i}.wav"]},
-                "conversations": [
-                    {"from": "human", "value": "audio: <audio>\nHow high is the sound?"},
-                    {"from": "gpt", "value": name},
-                ],
-            }
-        )
+        items.append(sample(f"aud{i}", "audio", f"aud{i}.wav", "How high is the sound?", name))
     path = root / "audio_train.json"
+    path.write_text(json.dumps(items))
+    return path
+
+
+def write_point_data(root: Path) -> Path:
+    """Three random point clouds (xyz, colours in [0, 1]) named by a shape."""
+    rng = np.random.default_rng(1)
+    items = []
+    for i, name in enumerate(("cube", "ball", "cone")):
+        xyz, rgb = rng.normal(size=(300, 3)), rng.uniform(size=(300, 3))
+        np.save(root / f"p{i}.npy", np.concatenate([xyz, rgb], axis=1).astype(np.float32))
+        items.append(sample(f"p{i}", "point", f"p{i}.npy", "What shape is it?", name))
+    path = root / "point_train.json"
     path.write_text(json.dumps(items))
     return path
 

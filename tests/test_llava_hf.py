@@ -252,26 +252,10 @@ def lora_models(imported, tmp_path_factory):
     from mcomp.model import MultimodalLM
     from mcomp.tiny import tiny_audio_adapter_config, tiny_point_adapter_config
     from mcomp.train import TrainConfig, train
-    from tests.composition_fixtures import write_audio_data
+    from tests.composition_fixtures import write_audio_data, write_point_data
 
     root = tmp_path_factory.mktemp("lora")
-    rng = np.random.default_rng(1)
-    items = []
-    for i, name in enumerate(("cube", "ball", "cone")):
-        xyz, rgb = rng.normal(size=(300, 3)), rng.uniform(size=(300, 3))  # colours in [0, 1]
-        np.save(root / f"p{i}.npy", np.concatenate([xyz, rgb], axis=1).astype(np.float32))
-        items.append(
-            {
-                "id": f"p{i}",
-                "modal_inputs": {"point": [f"p{i}.npy"]},
-                "conversations": [
-                    {"from": "human", "value": "point: <point>\nWhat shape is it?"},
-                    {"from": "gpt", "value": name},
-                ],
-            }
-        )
-    (root / "point_train.json").write_text(json.dumps(items))
-    data = {"audio": write_audio_data(root), "point": root / "point_train.json"}
+    data = {"audio": write_audio_data(root), "point": write_point_data(root)}
     adapters = {"audio": tiny_audio_adapter_config(), "point": tiny_point_adapter_config()}
     out = {"root": root}
     for modality in ("audio", "point"):
