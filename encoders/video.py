@@ -58,6 +58,31 @@ def check_clip_size(width: int, height: int, num_frames: int, path: str | None, 
         )
 
 
+def sampled_frames(raw, num_frames: int, modality: str = "video") -> list[np.ndarray]:
+    """Decoded media as the frames a clip gives its encoder: a still image (a PIL image, or a list of one
+    frame) stays one frame; other lists of frames are sampled to `num_frames`. Checked to be H x W x 3
+    frames of one size, within the decompression-bomb limit."""
+    if isinstance(raw, Image.Image):
+        raw = [np.asarray(raw.convert("RGB"))]
+    if not isinstance(raw, (list, tuple)) or not raw:
+        raise MediaError(
+            None, f"expected a file path, a PIL image or a list of frames, got {type(raw).__name__}", modality
+        )
+    if len(raw) not in (1, num_frames):
+        raw = [raw[i] for i in frame_indices(len(raw), num_frames)]
+    frames = [np.asarray(f) for f in raw]
+    shapes = sorted({f.shape for f in frames})
+    if len(shapes) != 1 or len(shapes[0]) != 3 or shapes[0][2] != 3:
+        raise MediaError(None, f"expected frames of one size, each H x W x 3, got shapes {shapes}", modality)
+    check_clip_size(shapes[0][1], shapes[0][0], len(frames), None, modality)  # before any float copy
+    return frames
+
+
+def is_clip_tensor(tensor: torch.Tensor, num_frames: int, size: int) -> bool:
+    """A preprocessed clip: [T, 3, size, size] with T = num_frames, or 1 for a still."""
+    return tensor.dim() == 4 and tensor.shape[0] in (1, num_frames) and tuple(tensor.shape[1:]) == (3, size, size)
+
+
 def _count_frames(path: str) -> int:
     import av
 
@@ -190,19 +215,7 @@ class VideoAdapter(ModalityAdapter):
 
         A still image (a PIL image, or a list of one frame) stays one frame (T = 1); other lists of
         frames are sampled to `num_frames`."""
-        if isinstance(raw, Image.Image):
-            raw = [np.asarray(raw.convert("RGB"))]
-        if not isinstance(raw, (list, tuple)) or not raw:
-            raise MediaError(
-                None, f"expected a file path, a PIL image or a list of frames, got {type(raw).__name__}", self.modality
-            )
-        if len(raw) not in (1, self.config.num_frames):
-            raw = [raw[i] for i in frame_indices(len(raw), self.config.num_frames)]
-        frames = [np.asarray(f) for f in raw]
-        shapes = sorted({f.shape for f in frames})
-        if len(shapes) != 1 or len(shapes[0]) != 3 or shapes[0][2] != 3:
-            raise MediaError(None, f"expected frames of one size, each H x W x 3, got shapes {shapes}", self.modality)
-        check_clip_size(shapes[0][1], shapes[0][0], len(frames), None, self.modality)  # before the float copy
+        frames = sampled_frames(raw, self.config.num_frames, self.modality)
         processor = self._video_processor()
         if processor is not None:
             return processor(videos=[frames], return_tensors="pt")["pixel_values_videos"][0]
@@ -236,12 +249,7 @@ class VideoAdapter(ModalityAdapter):
         return self._processor
 
     def _is_preprocessed(self, tensor: torch.Tensor) -> bool:
-        size = self.encoder.image_size
-        return (
-            tensor.dim() == 4
-            and tensor.shape[0] in (1, self.config.num_frames)
-            and tuple(tensor.shape[1:]) == (3, size, size)
-        )
+        return is_clip_tensor(tensor, self.config.num_frames, self.encoder.image_size)
 
     def frame_tokens(self, batch: torch.Tensor) -> torch.Tensor:
         """[B, T, 3, S, S] -> [B, T, 1 + patches, width]: the tower's tokens of every frame, CLS first."""

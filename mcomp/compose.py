@@ -54,6 +54,7 @@ class ComposeInput:
     modality: str
     path: Path
     config: MLLMConfig
+    adapter: dict  # the config of the model's adapter of `modality`
 
     @property
     def lora_adapters(self) -> list[str]:
@@ -65,7 +66,9 @@ class ComposeInput:
 
 
 def read_inputs(models: Mapping[str, str | os.PathLike]) -> list[ComposeInput]:
-    """Check each `modality -> directory` pair and that all inputs share one base and tokenizer."""
+    """Check each `modality -> directory` pair and that all inputs share one base and tokenizer. A model
+    of several modalities (LLaVA-OneVision: image and video) gives the adapter of the modality named;
+    it may be named for each of them (`model_groups`)."""
     if not models:
         raise ValueError("no models to compose")
     inputs, seen = [], {}
@@ -74,15 +77,19 @@ def read_inputs(models: Mapping[str, str | os.PathLike]) -> list[ComposeInput]:
         if not path.is_dir():
             raise FileNotFoundError(f"model directory for {key!r} not found: {path}")
         cfg = read_config(path)
-        if len(cfg.adapters) != 1:
-            raise ValueError(f"{path}: not a single-modality model (it has {len(cfg.adapters)} adapters)")
-        cls = get_adapter_class(cfg.adapters[0]["adapter"])
-        if key not in (cls.modality, *cls.aliases):
-            raise ValueError(f"--models {key}={path}: that directory holds a {cls.modality!r} model, not {key!r}")
-        if cls.modality in seen:
-            raise ValueError(f"modality {cls.modality!r} given twice: {seen[cls.modality]} and {path}")
-        seen[cls.modality] = path
-        inputs.append(ComposeInput(cls.modality, path, cfg))
+        adapters = {}
+        for adapter in cfg.adapters:
+            cls = get_adapter_class(adapter["adapter"])
+            adapters.update({name: (cls.modality, adapter) for name in (cls.modality, *cls.aliases)})
+        if key not in adapters:
+            held = sorted({m for m, _ in adapters.values()})
+            what = f"a {held[0]!r} model" if len(held) == 1 else f"a model of {held}"
+            raise ValueError(f"--models {key}={path}: that directory holds {what}, not {key!r}")
+        modality, adapter = adapters[key]
+        if modality in seen:
+            raise ValueError(f"modality {modality!r} given twice: {seen[modality]} and {path}")
+        seen[modality] = path
+        inputs.append(ComposeInput(modality, path, cfg, adapter))
     first = inputs[0]
     tok = tokenizer_sha256(first.path)
     for other in inputs[1:]:
@@ -120,13 +127,22 @@ def _tokenizer(path: Path):
     return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
 
 
+def model_groups(inputs: list[ComposeInput]) -> list[list[ComposeInput]]:
+    """The inputs by model directory, in order: a model named for several modalities is one model."""
+    groups: dict[Path, list[ComposeInput]] = {}
+    for inp in inputs:
+        groups.setdefault(inp.path.resolve(), []).append(inp)
+    return list(groups.values())
+
+
 def coefficients(inputs: list[ComposeInput], weights: Mapping[str, float] | None, merge: str) -> dict[str, float]:
-    """Default: the average (1/n) for sums (linear, dare_linear); 1 for TIES and PCB, which already
-    take a (disjoint or weighted) mean of the task vectors. With `weights`, a modality they do not
-    name keeps λ = 1, as in the published `online-merge-reset-default-m=λ` (spec: modelcompose.md §3.4)."""
+    """Default: the average (1/n over the n models) for sums (linear, dare_linear); 1 for TIES and PCB,
+    which already take a (disjoint or weighted) mean of the task vectors. With `weights`, a modality they
+    do not name keeps λ = 1, as in the published `online-merge-reset-default-m=λ` (spec: modelcompose.md
+    §3.4)."""
     names = [i.modality for i in inputs]
     if weights is None:
-        default = 1.0 / len(names) if merge in (LINEAR, "dare_linear") else 1.0
+        default = 1.0 / len(model_groups(inputs)) if merge in (LINEAR, "dare_linear") else 1.0
         return {m: default for m in names}
     unknown = sorted(set(weights) - set(names))
     if unknown:
@@ -164,6 +180,12 @@ def compose(
     if merge_space == "factors" and lora_rank is not None:
         raise ValueError("merge_space='factors' keeps the inputs' LoRA rank; lora_rank re-factorises a dense delta")
     inputs = read_inputs(models)
+    shared = [g for g in model_groups(inputs) if len(g) > 1]
+    if shared:
+        raise ValueError(
+            f"{shared[0][0].path} is named for {[i.modality for i in shared[0]]}: a model of several modalities "
+            "composes on disk (mcomp.compose_checkpoint, which the CLI uses for full fine-tunes)"
+        )
     coef = coefficients(inputs, weights, merge)
     for inp in inputs:
         if inp.config.llm:
@@ -187,7 +209,7 @@ def compose(
     if base_weights_sha256(llm) != first.config.base_model_sha256:
         raise ValueError(f"{base}: base weights do not match base_model_sha256 of {first.path}/{CONFIG_NAME}")
     tokenizer = AutoTokenizer.from_pretrained(str(first.path), trust_remote_code=False)
-    model = MultimodalLM.build(llm, tokenizer, [i.config.adapters[0] for i in inputs], template=first.config.template)
+    model = MultimodalLM.build(llm, tokenizer, [i.adapter for i in inputs], template=first.config.template)
     for inp in inputs:
         load_adapter_weights(model, inp.modality, inp.path)
         load_adapter_into(model, inp.path / "lora" / TEXT_ROUTE, f"text-{inp.modality}")

@@ -55,7 +55,7 @@ def compose_checkpoint(
     """Compose `modality -> model directory` inputs (LoRA or full fine-tunes of one base) into `out`."""
     from transformers import AutoTokenizer
 
-    from mcomp.compose import LINEAR, coefficients, merge_parameters, read_inputs
+    from mcomp.compose import LINEAR, coefficients, merge_parameters, model_groups, read_inputs
     from mcomp.merge import merge_checkpoints
 
     if method != "naivemc":
@@ -65,12 +65,13 @@ def compose_checkpoint(
         )
     inputs = read_inputs(models)
     coef = coefficients(inputs, weights, merge)
-    sources = [llm_source(i) for i in inputs]
+    groups = model_groups(inputs)
+    sources = [llm_source(g[0]) for g in groups]
     first = inputs[0]
     base = resolve_base(first.path, first.config)
     report: dict[str, Any] = {}
     params = merge_parameters(merge, merge_params, seed, report)
-    params.setdefault("weights", [coef[i.modality] for i in inputs])
+    params.setdefault("weights", [model_weight(g, coef) for g in groups])
     engine_method = "task_arithmetic" if merge == LINEAR else merge
     with atomic_directory(out, overwrite=overwrite, inputs=[base, *(i.path for i in inputs)]) as tmp:
         merged = merge_checkpoints(
@@ -85,7 +86,7 @@ def compose_checkpoint(
             base_model_sha256=first.config.base_model_sha256,
             base_model_config=first.config.base_model_config,
             template=first.config.template,
-            adapters=[i.config.adapters[0] for i in inputs],
+            adapters=[i.adapter for i in inputs],
             llm=LLM_DIR,
             llm_sha256=llm_files_sha256(tmp / LLM_DIR),
             provenance={
@@ -110,6 +111,15 @@ def compose_checkpoint(
         ).to_json_file(tmp / CONFIG_NAME)
     logger.info("composed %s into %s", ", ".join(i.modality for i in inputs), out)
     return Path(out)
+
+
+def model_weight(group, coef: Mapping[str, float]) -> float:
+    """The coefficient of a model named for several modalities: theirs, which must agree."""
+    values = {coef[i.modality] for i in group}
+    if len(values) > 1:
+        named = {i.modality: coef[i.modality] for i in group}
+        raise ValueError(f"{group[0].path} is one model but its modalities have different weights {named}")
+    return values.pop()
 
 
 def _write_adapters(inputs, tmp: Path) -> None:

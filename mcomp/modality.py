@@ -80,6 +80,10 @@ class ModalityAdapter(nn.Module):
         """Tokens one input occupies in the LLM sequence."""
         raise NotImplementedError
 
+    def tokens_for(self, features: torch.Tensor) -> int:
+        """Tokens the input with these encoder features occupies (`num_tokens`, unless it varies by input)."""
+        return self.num_tokens
+
     def load(self, path: str) -> Any:
         """Decode a media file from disk; raise MediaError naming the file on failure."""
         raise NotImplementedError

@@ -35,6 +35,16 @@ def tiny_adapter_config(name: str) -> dict:
             "qformer_max_positions": 50,
         },
         "video_languagebind": lambda: {"adapter": "video_languagebind", "tower_config": LANGUAGEBIND_TOWER},
+        "llava_onevision_image": lambda: {
+            "adapter": "llava_onevision_image",
+            "tower_config": load_config("encoders", "tiny-siglip.json"),
+            "image_grid_pinpoints": [[32, 32], [32, 64], [64, 32], [64, 64]],
+        },
+        "llava_onevision_video": lambda: {
+            "adapter": "llava_onevision_video",
+            "tower_config": load_config("encoders", "tiny-siglip.json"),
+            "num_frames": 4,
+        },
     }[name]()
 
 

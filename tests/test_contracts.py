@@ -20,6 +20,8 @@ GOOD = {
     "audio": ".wav",
     "audio-whisper": ".wav",
     "point": ".npy",
+    "llava_onevision_image": ".jpg",
+    "llava_onevision_video": ".mp4",
 }
 BUILT_IN_ADAPTERS = sorted(n for n, c in available_adapters().items() if c.__module__.startswith("mcomp."))
 METHODS = sorted(available_methods())
@@ -40,7 +42,7 @@ def test_every_built_in_adapter_has_a_tiny_config():
 @pytest.mark.parametrize("name", BUILT_IN_ADAPTERS)
 def test_adapter_contract(name, good_files):
     """Config round trip; a decoded file preprocesses to a tensor the adapter recognises and passes
-    through; features of encoder_dim project to num_tokens rows of the LLM width; the same seed
+    through; features of encoder_dim project to `tokens_for` rows of the LLM width; the same seed
     builds the same adapter (same fingerprint, same features); a changed weight changes the fingerprint."""
     hidden = 48
     torch.manual_seed(0)
@@ -52,7 +54,7 @@ def test_adapter_contract(name, good_files):
     (features,) = adapter.encode_tensors([tensor])
     assert features.dim() == 2 and features.shape[1] == adapter.encoder_dim  # rows: the encoder's tokens
     (projected,) = adapter.project_features([features])
-    assert tuple(projected.shape) == (adapter.num_tokens, hidden) and torch.isfinite(projected).all()
+    assert tuple(projected.shape) == (adapter.tokens_for(features), hidden) and torch.isfinite(projected).all()
     torch.manual_seed(0)
     again = build_adapter(tiny_adapter_config(name), hidden).eval()
     assert again.fingerprint() == adapter.fingerprint()

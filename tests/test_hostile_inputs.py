@@ -179,6 +179,8 @@ FILES = {
     "image": (".png", [("trunc", ".png"), ("trunc", ".jpg"), ("garbage", ".png"), ("empty", ".jpg")]),
     "video": (".mp4", [("trunc", ".mp4"), ("garbage", ".mp4"), ("trunc", ".gif"), ("trunc", ".png")]),
     "video_languagebind": (".mp4", [("trunc", ".mp4"), ("garbage", ".webm")]),
+    "llava_onevision_image": (".png", [("trunc", ".png"), ("garbage", ".jpg"), ("empty", ".png")]),
+    "llava_onevision_video": (".mp4", [("trunc", ".mp4"), ("garbage", ".mp4"), ("trunc", ".gif")]),
     "audio": (".wav", [("trunc", ".flac"), ("garbage", ".wav"), ("trunc", ".m4a"), ("empty", ".flac")]),
     "audio-whisper": (".wav", [("trunc", ".flac"), ("garbage", ".mp4")]),
     "point": (

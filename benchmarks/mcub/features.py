@@ -71,11 +71,10 @@ class EvalFeatureCache:
         if adapter is None:
             return None
         try:
-            batch = adapter.prepare([source])
+            tensors = adapter.input_tensors([source])
         except (MediaBatchError, MediaError):
             return None
-        with torch.no_grad():
-            feats = adapter.encode(batch.to(adapter.device))[0]
+        (feats,) = adapter.encode_tensors(tensors)
         self.put(fingerprint, source, feats)
         return feats
 

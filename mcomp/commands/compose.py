@@ -22,7 +22,8 @@ def add_parser(sub) -> None:
     p.add_argument("--modalities", help="comma-separated modalities to compose (default: the keys of --models)")
     p.add_argument(
         "--models",
-        help="MODALITY=DIR,... single-modality model directories "
+        help="MODALITY=DIR,... model directories, one per modality (a model of several, e.g. an imported "
+        "LLaVA-OneVision, may be named for each) "
         "(default: the tiny zoo's models for --modalities, built locally if needed)",
     )
     p.add_argument("--zoo-size", default="full", help="without --models: which zoo (full or test)")

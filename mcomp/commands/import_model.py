@@ -1,7 +1,7 @@
 """`mcomp import`: bring published models and weights into mcomp's formats.
 
 mcomp import modelcompose SRC --out DIR --base VICUNA_DIR [--encoder-root DIR]
-mcomp import llava-hf SRC --out DIR --base VICUNA_DIR
+mcomp import llava-hf SRC --out DIR --base BASE_DIR [--template chat] [--num-frames N]
 mcomp import clip SRC --out FILE.safetensors
 """
 
@@ -47,11 +47,14 @@ def add_parser(sub) -> None:
 
     hf = kinds.add_parser(
         "llava-hf",
-        help="a transformers LlavaForConditionalGeneration folder (e.g. llava-hf/llava-1.5-7b-hf) -> mcomp model dir",
-        description="Convert a transformers LLaVA folder into an mcomp image model whose LLM is a full fine-tune "
-        "of --base: the language model as sharded safetensors, the CLIP tower, the projector, the folder's "
-        "image processor and tokenizer. The base must have the language model's architecture, and the "
-        "language model must be a fine-tune of it (its relative delta is measured and recorded).",
+        help="a transformers LLaVA, Video-LLaVA or LLaVA-OneVision folder (e.g. llava-hf/llava-1.5-7b-hf) -> "
+        "mcomp model dir",
+        description="Convert a transformers LLaVA-family folder (LlavaForConditionalGeneration, "
+        "VideoLlavaForConditionalGeneration, LlavaOnevisionForConditionalGeneration) into an mcomp model whose "
+        "LLM is a full fine-tune of --base: the language model as sharded safetensors, the vision tower, the "
+        "projector, the folder's image/video processors and tokenizer. The base must have the language model's "
+        "architecture, and the language model must be a fine-tune of it (its relative delta is measured and "
+        "recorded).",
     )
     hf.add_argument("src", help="the transformers folder (config.json, safetensors weights, processor files)")
     hf.add_argument("--out", required=True, help="output mcomp model directory")
@@ -61,6 +64,14 @@ def add_parser(sub) -> None:
         type=float,
         default=0.5,
         help="refuse the base when ‖W_ft − W_base‖ / ‖W_base‖ exceeds this (default 0.5; fine-tunes are far below)",
+    )
+    hf.add_argument(
+        "--template",
+        help="conversation template: 'chat' (the folder's own chat template) or a configs/templates name "
+        "(default: 'chat' for LLaVA-OneVision, vicuna_v1 for LLaVA-1.5 and Video-LLaVA, as they were trained)",
+    )
+    hf.add_argument(
+        "--num-frames", type=int, default=32, help="frames a LLaVA-OneVision video adapter samples (default 32)"
     )
     hf.add_argument("--force", action="store_true", help="replace an existing --out")
     hf.set_defaults(func=run_llava_hf)
@@ -96,7 +107,13 @@ def run_llava_hf(args: argparse.Namespace) -> int:
     from mcomp.interop.llava_hf import import_llava_hf
 
     out = import_llava_hf(
-        args.src, args.out, base=args.base, max_relative_delta=args.max_relative_delta, overwrite=args.force
+        args.src,
+        args.out,
+        base=args.base,
+        max_relative_delta=args.max_relative_delta,
+        template=args.template,
+        num_frames=args.num_frames,
+        overwrite=args.force,
     )
     info = read_config(out).provenance["import"]
     print(

@@ -1,7 +1,9 @@
 """transformers-native LLaVA models into mcomp's format: a modality model whose LLM is a full fine-tune
 of `--base`. `LlavaForConditionalGeneration` (e.g. llava-hf/llava-1.5-7b-hf) gives an image model;
 `VideoLlavaForConditionalGeneration` (LanguageBind/Video-LLaVA-7B-hf) a video model (its video tower; the
-image tower is left out, as the LLaVA image model covers images).
+image tower is left out, as the LLaVA image model covers images); `LlavaOnevisionForConditionalGeneration`
+(llava-hf/llava-onevision-qwen2-7b-ov-hf) a model of both, anyres images and pooled videos through one
+SigLIP tower (`mcomp.encoders.onevision`).
 
 What the folder holds, and where it goes:
 
@@ -11,11 +13,13 @@ What the folder holds, and where it goes:
   to the vocabulary (the `<image>` and pad tokens, ids from the base's vocabulary size on, and padding
   rows) are dropped: mcomp puts the image features where `<image>` is and never embeds or predicts
   either token. The import checks that the folder's tokenizer is the base's plus added special tokens.
-* the vision (or video) tower (CLIP, transformers layout) -> an open_clip tower file
-  (`mcomp.interop.clip_weights`); `vision_feature_layer` -> `select_layer`; for images
-  `vision_feature_select_strategy` default/full -> `select_feature` patch/cls_patch; videos keep every
-  token of each of their `video_seq_length / tokens per frame` frames.
-* `multi_modal_projector.linear_{1,2}` with `projector_hidden_act` gelu -> the `mlp2x_gelu` projector.
+* the vision (or video) tower: CLIP (LLaVA, Video-LLaVA) -> an open_clip tower file
+  (`mcomp.interop.clip_weights`); OneVision's SigLIP stays in transformers' layout. `vision_feature_layer`
+  -> `select_layer`; for LLaVA images `vision_feature_select_strategy` default/full -> `select_feature`
+  patch/cls_patch; Video-LLaVA's videos keep every token of each of their `video_seq_length / tokens per
+  frame` frames; OneVision keeps the strategy, its `image_grid_pinpoints` and `vision_aspect_ratio`.
+* `multi_modal_projector.linear_{1,2}` with `projector_hidden_act` gelu -> the `mlp2x_gelu` projector
+  (OneVision's with its `image_newline`).
 * the image (video) processor config -> `processor/`, the adapter's preprocessing as the folder defines it.
 * the tokenizer: the folder's (its `<image>` token is tokenised in place, as its processor does); its
   pad token, an added id, becomes the unknown token.
@@ -25,8 +29,10 @@ Was the model fine-tuned from this base? The import measures the delta of the la
 refuses the base when it exceeds `max_relative_delta` (default 0.5): a fine-tune moves the weights by a
 few percent, while two independently trained or initialised models differ by about √2.
 
-Not yet read from the folder: the chat template (recorded in the provenance; mcomp's `vicuna_v1` is used).
-LlavaOnevision folders are refused for now.
+The conversation template (`template`): by default OneVision uses its own chat template (template "chat":
+the folder tokenizer's, else its processor's), and LLaVA-1.5 and Video-LLaVA use `vicuna_v1`, the
+conversation they were trained with (their processors' templates render the same USER/ASSISTANT turns
+without the system line); "chat" or a template name chooses. The folder's template is recorded either way.
 """
 
 from __future__ import annotations
@@ -50,11 +56,13 @@ from mcomp.version import __version__
 
 logger = logging.getLogger(__name__)
 
-# architecture -> (the modality imported, the key prefix of its tower)
+# architecture -> (the modalities imported, the key prefix of their tower)
 SUPPORTED = {
-    "LlavaForConditionalGeneration": ("image", "vision_tower."),
-    "VideoLlavaForConditionalGeneration": ("video", "video_tower."),
+    "LlavaForConditionalGeneration": (("image",), "vision_tower."),
+    "VideoLlavaForConditionalGeneration": (("video",), "video_tower."),
+    "LlavaOnevisionForConditionalGeneration": (("image", "video"), "vision_tower."),
 }
+ONEVISION = "LlavaOnevisionForConditionalGeneration"
 ARCHITECTURE_FIELDS = (
     "model_type",
     "hidden_size",
@@ -74,6 +82,8 @@ LLM_HEADS = ("language_model.lm_head.", "lm_head.")
 TOWER_PREFIXES = ("vision_tower.", "image_tower.", "video_tower.")
 VOCAB_ROWS = {"model.embed_tokens.weight", "lm_head.weight"}  # one row per token id
 PROJECTOR_PREFIXES = ("multi_modal_projector.", "model.multi_modal_projector.")
+NEWLINE_KEYS = ("image_newline", "model.image_newline")  # OneVision's row separator, kept with the projector
+TOWER_CONFIG_EXTRAS = ("transformers_version", "architectures", "dtype", "torch_dtype")  # not the tower's shape
 
 
 def split_keys(keys: list[str], source: str) -> dict[str, dict[str, str]]:
@@ -91,7 +101,9 @@ def split_keys(keys: list[str], source: str) -> dict[str, dict[str, str]]:
             name = key[len("model.") :] if key.startswith("model.") else key
             tower = next((t for t in TOWER_PREFIXES if name.startswith(t)), None)
             projector = next((p for p in PROJECTOR_PREFIXES if key.startswith(p)), None)
-            if head:
+            if key in NEWLINE_KEYS:
+                parts["projector"]["image_newline"] = key
+            elif head:
                 parts["llm"]["lm_head." + key[len(head) :]] = key
             elif tower:
                 parts[tower][name[len(tower) :]] = key
@@ -119,13 +131,21 @@ def check_architecture(text: dict[str, Any], base: dict[str, Any], source: str) 
         raise ValueError(f"{source}: the language model's architecture is not the base's ({'; '.join(differ)})")
 
 
-def _projector(state: dict[str, torch.Tensor], act: str, source: str) -> dict[str, torch.Tensor]:
+def _projector(state: dict[str, torch.Tensor], act: str, newline: bool, source: str) -> dict[str, torch.Tensor]:
+    """The projector's tensors in mcomp's names: `mlp2x_gelu`'s `0.*`, `2.*` (under `mlp.`, with
+    `image_newline`, for OneVision's `NewlineProjector`)."""
     if act != "gelu":
         raise ValueError(f"{source}: projector_hidden_act {act!r}; mcomp's mlp2x_gelu projector is gelu")
-    expected = {f"linear_{i}.{p}" for i in (1, 2) for p in ("weight", "bias")}
+    expected = {f"linear_{i}.{p}" for i in (1, 2) for p in ("weight", "bias")} | (
+        {"image_newline"} if newline else set()
+    )
     if set(state) != expected:
         raise ValueError(f"{source}: multi_modal_projector tensors {sorted(state)}; expected {sorted(expected)}")
-    return {f"{0 if k.startswith('linear_1') else 2}.{k.split('.', 1)[1]}": v for k, v in state.items()}
+    prefix = "mlp." if newline else ""
+    return {
+        k if k == "image_newline" else f"{prefix}{0 if k.startswith('linear_1') else 2}.{k.split('.', 1)[1]}": v
+        for k, v in state.items()
+    }
 
 
 def _check_tokenizer(tokenizer, base_tokenizer, source: str) -> None:
@@ -161,6 +181,23 @@ def _adapter_config(
     return VideoAdapterConfig(**common, num_frames=frames, video_processor=processor)
 
 
+def _onevision_adapter_config(
+    modality: str, config: dict, tower: dict, checkpoint: str, processor: str, layer: int, strategy: str, frames: int
+):
+    """OneVision's adapters: anyres images by the folder's pinpoints, videos of `frames` frames."""
+    from mcomp.encoders.onevision import OnevisionImageAdapterConfig, OnevisionVideoAdapterConfig
+
+    common = dict(tower_config=tower, checkpoint=checkpoint, select_layer=layer, select_strategy=strategy)
+    if modality == "image":
+        return OnevisionImageAdapterConfig(
+            **common,
+            image_grid_pinpoints=config.get("image_grid_pinpoints"),
+            vision_aspect_ratio=config.get("vision_aspect_ratio", "anyres_max_9"),
+            image_processor=processor,
+        )
+    return OnevisionVideoAdapterConfig(**common, num_frames=frames, video_processor=processor)
+
+
 def _save_processor(modality: str, src: Path, out: Path) -> None:
     """The folder's image (or video) processor, as the adapter's preprocessing."""
     if modality == "image":
@@ -170,6 +207,33 @@ def _save_processor(modality: str, src: Path, out: Path) -> None:
     Auto.from_pretrained(str(src), trust_remote_code=False).save_pretrained(out)
 
 
+def _chat_template(tokenizer, src: Path) -> str | None:
+    """The folder's chat template: its tokenizer's, else its processor's (chat_template.jinja/.json)."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.chat_template
+    if (src / "chat_template.jinja").is_file():
+        return (src / "chat_template.jinja").read_text(encoding="utf-8")
+    if (src / "chat_template.json").is_file():
+        return read_json(src / "chat_template.json", "chat template").get("chat_template")
+    return None
+
+
+def _template(name: str | None, arch: str, tokenizer, folder_template: str | None, source: str) -> str:
+    """The conversation template the imported model uses (see the module docstring)."""
+    from mcomp.conversation import CHAT, ChatTemplate
+
+    name = name or (CHAT if arch == ONEVISION else "vicuna_v1")
+    if name == CHAT:
+        if not folder_template:
+            raise ValueError(f"{source}: template 'chat' asked for, but the folder has no chat template")
+        tokenizer.chat_template = folder_template
+        try:
+            ChatTemplate(tokenizer)
+        except ValueError as err:
+            raise ValueError(f"{source}: the folder's chat template cannot be used: {err}") from None
+    return name
+
+
 def import_llava_hf(
     src: str | os.PathLike,
     out: str | os.PathLike,
@@ -177,10 +241,12 @@ def import_llava_hf(
     base: str | os.PathLike,
     max_relative_delta: float = 0.5,
     max_shard_size: str | int = "5GB",
+    template: str | None = None,
+    num_frames: int = 32,
     overwrite: bool = False,
 ) -> Path:
     """Convert the transformers LLaVA folder `src` into the mcomp model directory `out` (see the module
-    docstring); returns `out`."""
+    docstring); returns `out`. `num_frames`: the frames a OneVision video adapter samples."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mcomp.tokenization import save_tokenizer
@@ -190,7 +256,7 @@ def import_llava_hf(
     arch = (config.get("architectures") or ["?"])[0]
     if arch not in SUPPORTED:
         raise ValueError(f"{src}/config.json: architecture {arch!r}; `mcomp import llava-hf` reads {list(SUPPORTED)}")
-    modality, tower_prefix = SUPPORTED[arch]
+    modalities, tower_prefix = SUPPORTED[arch]
     text = dict(config.get("text_config") or {})
     base_config = read_json(base / "config.json", "base LLM config")
     check_architecture(text, base_config, f"{src}/config.json")
@@ -221,6 +287,8 @@ def import_llava_hf(
         _check_tokenizer(tokenizer, base_tokenizer, str(src))
         if tokenizer.pad_token_id is not None and tokenizer.pad_token_id >= vocab:
             tokenizer.pad_token = tokenizer.unk_token  # an added id has no embedding row in mcomp's LLM
+        folder_template = _chat_template(tokenizer, src)
+        template = _template(template, arch, tokenizer, folder_template, str(src))
 
         out = Path(out)
         final = out.resolve()
@@ -261,23 +329,34 @@ def import_llava_hf(
                 if (base / name).is_file():
                     (tmp / LLM_DIR / name).write_bytes((base / name).read_bytes())
 
-            vision = hf_vision_config(dict(config.get("vision_config") or {}), f"{src}/config.json: vision_config")
-            tower_state, tower_config = convert_hf_state_dict(
-                _read_part(folder, parts[tower_prefix]), vision, f"{src} (vision tower)"
-            )
-            encoder_file = ENCODER_FILE.format(modality=modality)
+            tower_state = _read_part(folder, parts[tower_prefix])
+            if arch == ONEVISION:  # the tower in transformers' own layout
+                tower_config = {
+                    k: v for k, v in dict(config.get("vision_config") or {}).items() if k not in TOWER_CONFIG_EXTRAS
+                }
+            else:
+                vision = hf_vision_config(dict(config.get("vision_config") or {}), f"{src}/config.json: vision_config")
+                tower_state, tower_config = convert_hf_state_dict(tower_state, vision, f"{src} (vision tower)")
+            encoder_file = ENCODER_FILE.format(modality=modalities[0])
             (tmp / encoder_file).parent.mkdir(parents=True)
             save_tensors(tower_state, tmp / encoder_file, metadata={"format": "pt", "source": str(src.resolve())})
-            _save_processor(modality, src, tmp / PROCESSOR_DIR)
-            adapter = _adapter_config(
-                modality, config, tower_config, str(final / encoder_file), str(final / PROCESSOR_DIR), layer, strategy
-            )
+            adapters = []
+            for modality in modalities:
+                _save_processor(modality, src, tmp / PROCESSOR_DIR)
+                where = (tower_config, str(final / encoder_file), str(final / PROCESSOR_DIR), layer, strategy)
+                adapters.append(
+                    _onevision_adapter_config(modality, config, *where, num_frames)
+                    if arch == ONEVISION
+                    else _adapter_config(modality, config, *where)
+                )
             act = config.get("projector_hidden_act", "gelu")
-            projector = _projector(_read_part(folder, parts["projector"]), act, str(src))
-            save_tensors({f"{modality}.{k}": v for k, v in projector.items()}, tmp / "projectors.safetensors")
+            projector = _projector(_read_part(folder, parts["projector"]), act, arch == ONEVISION, str(src))
+            save_tensors(
+                {f"{m}.{k}": v.clone() for m in modalities for k, v in projector.items()},
+                tmp / "projectors.safetensors",
+            )
             save_tokenizer(tokenizer, tmp)
             base_llm = AutoModelForCausalLM.from_pretrained(str(base), dtype="auto", trust_remote_code=False)
-            template = getattr(tokenizer, "chat_template", None)
             MLLMConfig(
                 mcomp_version=__version__,
                 base_model=str(base.resolve()),
@@ -288,7 +367,8 @@ def import_llava_hf(
                     "num_hidden_layers": base_config.get("num_hidden_layers"),
                     "vocab_size": vocab,
                 },
-                adapters=[adapter.to_dict()],
+                template=template,
+                adapters=[a.to_dict() for a in adapters],
                 llm=LLM_DIR,
                 llm_sha256=llm_files_sha256(tmp / LLM_DIR),
                 provenance={
@@ -298,7 +378,7 @@ def import_llava_hf(
                         "architecture": arch,
                         "relative_delta": round(relative, 6),
                         "vocabulary_rows_dropped": list(range(vocab, folder_vocab)),
-                        "chat_template": template,
+                        "chat_template": folder_template,
                     }
                 },
             ).to_json_file(tmp / CONFIG_NAME)
