@@ -387,3 +387,18 @@ def test_tokenizers_compose_when_they_differ_only_by_added_special_tokens():
     lower.backend_tokenizer.normalizer = normalizers.Lowercase()
     assert vocabulary_difference(base, lower) is None
     assert convention_difference(base, lower).startswith("'Hello world' becomes")
+
+
+def test_template_chat_takes_the_folders_own_chat_template(imported, tmp_path):
+    """LLaVA-1.5's tokenizer has no chat template: its processor's is the folder's, rendered as transformers does."""
+    from transformers import AutoProcessor
+
+    out = import_llava_hf(imported["folder"], tmp_path / "chat", base=imported["base"], template="chat")
+    model = mcomp.load(out)
+    processor = AutoProcessor.from_pretrained(imported["folder"])
+    messages = [{"role": "user", "content": "<image>\nWhat is in the picture?"}]
+    want = processor.tokenizer.apply_chat_template(
+        messages, chat_template=processor.chat_template, tokenize=False, add_generation_prompt=True
+    )
+    assert read_config(out).template == "chat" and model.template.prompt(messages[0]["content"]) == want
+    assert read_config(imported["out"]).template == "vicuna_v1"  # the default: the conversation it was trained with
