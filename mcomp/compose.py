@@ -280,8 +280,15 @@ def merge_text_deltas(model, inputs, merge: str, coef: dict[str, float], params:
     deltas = [
         {path: layer.delta_weight([(f"text-{i.modality}", 1.0)]) for path, layer in layers.items()} for i in inputs
     ]
-    params.setdefault("weights", [coef[i.modality] for i in inputs])
+    set_weights(params, [coef[i.modality] for i in inputs])
     return merge_task_vectors(deltas, merge, **params)
+
+
+def set_weights(params: dict, weights: list[float]) -> None:
+    """The per-model coefficients as the method's `weights`, unless given; all 1 is every method's default,
+    left unsaid so that methods without per-model weights (model_stock) compose too."""
+    if any(w != 1.0 for w in weights):
+        params.setdefault("weights", weights)
 
 
 def merge_parameters(merge: str, merge_params: Mapping[str, Any] | None, seed: int, report: dict) -> dict:
@@ -316,7 +323,7 @@ def merge_text_factors(model, inputs, merge: str, coef: dict[str, float], params
         }
         for a in adapters
     ]
-    params.setdefault("weights", [coef[i.modality] for i in inputs])
+    set_weights(params, [coef[i.modality] for i in inputs])
     merged = merge_task_vectors(factors, "task_arithmetic" if merge == LINEAR else merge, **params)
     for adapter in adapters:
         _remove_adapter(model, adapter)

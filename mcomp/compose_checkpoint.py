@@ -55,7 +55,7 @@ def compose_checkpoint(
     """Compose `modality -> model directory` inputs (LoRA or full fine-tunes of one base) into `out`."""
     from transformers import AutoTokenizer
 
-    from mcomp.compose import LINEAR, coefficients, merge_parameters, model_groups, read_inputs
+    from mcomp.compose import LINEAR, coefficients, merge_parameters, model_groups, read_inputs, set_weights
     from mcomp.merge import merge_checkpoints
 
     if method != "naivemc":
@@ -71,7 +71,7 @@ def compose_checkpoint(
     base = resolve_base(first.path, first.config)
     report: dict[str, Any] = {}
     params = merge_parameters(merge, merge_params, seed, report)
-    params.setdefault("weights", [model_weight(g, coef) for g in groups])
+    set_weights(params, [model_weight(g, coef) for g in groups])
     engine_method = "task_arithmetic" if merge == LINEAR else merge
     with atomic_directory(out, overwrite=overwrite, inputs=[base, *(i.path for i in inputs)]) as tmp:
         merged = merge_checkpoints(

@@ -11,9 +11,11 @@ import mcomp
 from mcomp.cli import main
 from mcomp.compose import compose
 from mcomp.lora import fold_route, routed_layers
+from mcomp.merge import available_methods
 from tests.composition_fixtures import train_models
 
-BACKENDS = ["linear", "ties", "dare_ties", "dare_linear", "pcb"]
+# every registered backend that composes (SLERP takes exactly one model)
+BACKENDS = sorted(n for n, cls in available_methods().items() if cls.model_count is None)
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +89,10 @@ def test_every_method_and_backend_composes_saves_and_loads(zoo, tmp_path, method
         "ties": {"density": 0.5},
         "dare_ties": {"density": 0.7, "seed": 1},
         "dare_linear": {"density": 0.7, "seed": 1},
+        "breadcrumbs": {"density": 0.5, "gamma": 0.05},
+        "breadcrumbs_ties": {"density": 0.5, "gamma": 0.05},
+        "della": {"density": 0.5, "epsilon": 0.1, "seed": 1},
+        "della_linear": {"density": 0.5, "epsilon": 0.1, "seed": 1},
     }.get(merge, {})
     model = compose(
         {"image": zoo[f"image-{suffix}"], "audio": zoo[f"audio-{suffix}"]},

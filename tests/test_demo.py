@@ -175,3 +175,28 @@ def test_reduced_demo_runs_to_the_table(zoo, tmp_path, monkeypatch):
         (tmp_path / "demo3" / "runs" / "image_audio_video_point-naivemc-pcb-s0-mcub4" / "run.json").read_text()
     )
     assert run["model"]["demo_job"][4] == {"ratio": 0.4}
+
+
+def test_the_demo_composes_with_any_registered_backend(zoo, tmp_path):
+    from mcomp.zoo.demo import demo_merges
+
+    assert demo_merges(["pcb", "tsv"]) == {"pcb": {"ratio": 0.5, "clip": 0.01}, "tsv": {}}
+    with pytest.raises(ValueError, match=r"'nope': not a registered merge method"):
+        demo_merges(["nope"])
+    with pytest.raises(ValueError, match=r"'slerp' takes exactly 1 model"):
+        demo_merges(["slerp"])
+    run_demo(
+        "test",
+        0,
+        tmp_path / "demo",
+        root=zoo.root,
+        combos={"image+audio+video+point": MODALITIES},
+        merges=demo_merges(["tsv", "iso_cts"]),
+    )
+    table = (tmp_path / "demo" / "demo.md").read_text()
+    for method in ("naivemc", "damc"):
+        for merge in ("tsv", "iso_cts"):
+            row = next(
+                ln for ln in table.splitlines() if ln.startswith(f"| image+audio+video+point | {method} | {merge} |")
+            )
+            assert all(cell.strip() != "" for cell in row.strip("|").split("|")[3:])

@@ -286,7 +286,7 @@ def test_linear_one_zero_composition_reproduces_the_llava_hf_model(imported, lor
     assert float((got - want).abs().max() / want.abs().max()) <= 1e-5
 
 
-@pytest.mark.parametrize("merge", ["ties", "dare_ties", "pcb"])
+@pytest.mark.parametrize("merge", ["ties", "dare_ties", "pcb", "tsv", "iso_cts"])
 def test_every_backend_composes_llava_hf_with_lora_models(imported, lora_models, tmp_path, merge):
     from mcomp.compose_checkpoint import compose_checkpoint
 

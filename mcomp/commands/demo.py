@@ -15,6 +15,11 @@ def add_parser(sub) -> None:
     p.add_argument("--out", default="runs/demo", help="where runs, leaderboard.md and index.html go")
     p.add_argument("--mode", choices=("loglik", "generate"), default="loglik")
     p.add_argument(
+        "--merge",
+        help="comma-separated merge backends to compose with, any registered ones (default: linear, ties, "
+        "dare_ties, pcb; each with the demo's parameters where it has some, else the method's defaults)",
+    )
+    p.add_argument(
         "--workers",
         type=int,
         help="processes running training and evaluation jobs (default: 2 on 2+ cores; 1: in this process)",
@@ -24,9 +29,10 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from mcomp.zoo.demo import run_demo
+    from mcomp.zoo.demo import demo_merges, run_demo
 
     modalities = zoo_modalities(args)
+    merges = demo_merges(args.merge.split(",")) if args.merge else None
     summary = run_demo(
         args.size,
         args.seed,
@@ -36,6 +42,7 @@ def run(args) -> int:
         workers=args.workers,
         modalities=modalities,
         llm_shape=args.llm_shape,
+        merges=merges,
     )
     print(Path(summary["leaderboard"]["demo_markdown"]).read_text())
     print(f"zoo: {summary['zoo']} ({summary['seconds_zoo']} s); total {summary['seconds_total']} s")

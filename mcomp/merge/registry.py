@@ -26,11 +26,12 @@ SCOPES = ("global", "tensor")
 
 @dataclass(frozen=True)
 class Segment:
-    """Flat elements [start, stop) of tensor `name`."""
+    """Flat elements [start, stop) of tensor `name` (`shape`: the tensor's, given to whole-tensor methods)."""
 
     name: str
     start: int
     stop: int
+    shape: tuple[int, ...] = ()
 
     @property
     def size(self) -> int:
@@ -95,6 +96,13 @@ def _number(
     return value
 
 
+def _count(p: Any, name: str) -> int:
+    value = getattr(p, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"parameter {name!r} must be a non-negative integer, got {value!r}")
+    return value
+
+
 def _choice(p: Any, name: str, choices: tuple[str, ...]) -> str:
     value = getattr(p, name)
     if value not in choices:
@@ -103,11 +111,20 @@ def _choice(p: Any, name: str, choices: tuple[str, ...]) -> str:
 
 
 class MergeMethod:
-    """Base class. Subclasses set `name`, `Params`, and implement the hooks below."""
+    """Base class. Subclasses set `name`, `Params`, and implement the hooks below.
+
+    `whole_tensors`: every chunk holds exactly one whole tensor, its shape in the segment (methods whose
+    maths is per matrix: SVDs, sorts, norms); memory is then the largest tensor × models.
+    `uses_base`: `merge` also receives θ0 of the chunk (`base=`), for methods defined on the weights
+    themselves rather than on task vectors (SLERP). Parameters are named as in mergekit where it has
+    the method; its `lambda` is `scale` (a Python keyword), and `make_params` takes either."""
 
     name: ClassVar[str]
     Params: ClassVar[type[MethodParams]] = MethodParams
     description: ClassVar[str] = ""
+    whole_tensors: ClassVar[bool] = False
+    uses_base: ClassVar[bool] = False
+    model_count: ClassVar[int | None] = None  # exactly this many models besides the base (SLERP: 1)
 
     def __init__(self, params: MethodParams, n: int):
         self.p = params
@@ -161,6 +178,15 @@ def get_method(name: str) -> type[MergeMethod]:
 def make_params(method: str | type[MergeMethod], n: int, **params: Any) -> MethodParams:
     """Build and validate the parameter dataclass of `method` for n models."""
     cls = get_method(method) if isinstance(method, str) else method
+    if cls.model_count is not None and n != cls.model_count:
+        raise ValueError(
+            f"merge method {cls.name!r} takes exactly {cls.model_count} model(s) besides the base, got {n}"
+        )
+    if "lambda" in params:
+        if params.get("scale") is not None:
+            raise ValueError("give 'lambda' or 'scale' (the same outer coefficient), not both")
+        params = dict(params)
+        params["scale"] = params.pop("lambda")
     fields = {f.name for f in dataclasses.fields(cls.Params)}
     unknown = sorted(k for k in params if k not in fields)
     if unknown:

@@ -184,6 +184,8 @@ class MergeEngine:
 
     def chunks(self, group: list[str]) -> list[Chunk]:
         infos = self.base.infos
+        if self.method_cls.whole_tensors:
+            return [Chunk((Segment(k, 0, infos[k].numel, tuple(infos[k].shape)),), i) for i, k in enumerate(group)]
         total = sum(infos[k].numel for k in group)
         if total <= self.inmemory_elems:
             return [Chunk(tuple(Segment(k, 0, infos[k].numel) for k in group), 0)]
@@ -420,7 +422,10 @@ class MergeEngine:
             with self._bar(sum(c.size for c in chunks), f"{method.name} merge") as bar:
                 for chunk in chunks:
                     base, tau = self._read_for(method, None, chunk, checked)
-                    delta = method.merge(tau, chunk, stats)
+                    if method.uses_base:
+                        delta = method.merge(tau, chunk, stats, base=base)
+                    else:
+                        delta = method.merge(tau, chunk, stats)
                     pos = 0
                     for seg in chunk.segments:
                         end = pos + seg.size

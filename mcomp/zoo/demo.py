@@ -34,6 +34,26 @@ MERGES = {
     "dare_ties": {"density": 0.5, "seed": 0},
     "pcb": {"ratio": 0.5, "clip": 0.01},
 }
+
+
+def demo_merges(names: list[str]) -> dict[str, dict]:
+    """{backend: parameters} for `names` (registered merge methods): the demo's own parameters where
+    `MERGES` has them, the method's defaults otherwise."""
+    from mcomp.merge.registry import available_methods
+
+    methods = available_methods()
+    out = {}
+    for name in (n.strip() for n in names if n.strip()):
+        if name not in methods:
+            raise ValueError(f"--merge {name!r}: not a registered merge method ({', '.join(sorted(methods))})")
+        if methods[name].model_count is not None:
+            raise ValueError(f"--merge {name!r} takes exactly {methods[name].model_count} model(s): it cannot compose")
+        out[name] = dict(MERGES.get(name, {}))
+    if not out:
+        raise ValueError("--merge names no merge method")
+    return out
+
+
 EVALS_VERSION = 2  # bump when what a demo run computes changes (its kept runs are then redone)
 EVAL_BATCH = 16  # questions whose contexts run as one forward (scripts/bench_loglik.py: 1.26x on a 1-thread worker)
 WORLD_KEY = {m.name: m.published_key for m in TABLE.values()}

@@ -38,7 +38,7 @@ from typing import ClassVar
 
 import torch
 
-from mcomp.merge.registry import Chunk, MergeMethod, MethodParams, _choice, _number, register
+from mcomp.merge.registry import Chunk, MergeMethod, MethodParams, _choice, _count, _number, register
 from mcomp.merge.selection import RowQuantiles, RowSum
 
 # --- the steps --------------------------------------------------------------------------------
@@ -59,13 +59,22 @@ def elect_signs(t: torch.Tensor, sign: str) -> torch.Tensor:
     return torch.sign(torch.sign(t).sum(0))
 
 
+def agreeing(t: torch.Tensor, elected: torch.Tensor, majority: float) -> torch.Tensor:
+    """The entries whose sign agrees with the elected sign (the majority where it is 0), others 0."""
+    s = torch.where(elected == 0, torch.full_like(elected, majority), elected)
+    return t * torch.where(s.unsqueeze(0) > 0, t > 0, t < 0)
+
+
 def disjoint_mean(t: torch.Tensor, elected: torch.Tensor, majority: float) -> torch.Tensor:
     """Mean over tasks of the entries whose sign agrees with the elected sign."""
-    s = torch.where(elected == 0, torch.full_like(elected, majority), elected)
-    keep = torch.where(s.unsqueeze(0) > 0, t > 0, t < 0)
-    selected = t * keep
+    selected = agreeing(t, elected, majority)
     counts = (selected != 0).sum(0).float()
     return selected.sum(0) / torch.clamp(counts, min=1)
+
+
+def disjoint_sum(t: torch.Tensor, elected: torch.Tensor, majority: float) -> torch.Tensor:
+    """Sum over tasks of the entries whose sign agrees with the elected sign (TIES "dis-sum")."""
+    return agreeing(t, elected, majority).sum(0)
 
 
 def trim_rank(d: int, density: float) -> int | None:
@@ -88,6 +97,10 @@ class MaskStream:
         self._state: dict[tuple[str, int], tuple[torch.Generator, int]] = {}
 
     def mask(self, name: str, model: int, start: int, stop: int) -> torch.Tensor:
+        return self.uniform(name, model, start, stop) < self.density
+
+    def uniform(self, name: str, model: int, start: int, stop: int) -> torch.Tensor:
+        """The stream's uniform draws for elements [start, stop) of (tensor, model), drawn in order."""
         key = (name, model)
         if start == 0:
             gen = torch.Generator().manual_seed(mask_seed(self.seed, name, model))
@@ -97,7 +110,7 @@ class MaskStream:
                 raise RuntimeError(
                     f"DARE masks must be drawn in order: {name!r} model {model} at {start}, expected {expected}"
                 )
-        out = torch.rand(stop - start, generator=gen) < self.density
+        out = torch.rand(stop - start, generator=gen)
         self._state[key] = (gen, stop)
         return out
 
@@ -145,8 +158,7 @@ class DareParams(MethodParams):
         _number(self, "density", 0.0, 1.0, lo_open=True)
         _choice(self, "rescale", ("inverse", "l1"))
         _choice(self, "scope", ("global", "tensor"))
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"parameter 'seed' must be a non-negative integer, got {self.seed!r}")
+        _count(self, "seed")
 
 
 @dataclass

@@ -1,0 +1,195 @@
+"""The newer merge methods against independent implementations of their released maths
+(tests/merge_reference_2025.py), on random state dicts of several shapes: square, wide, tall, a
+dimension not divisible by the number of models, 1-D tensors; 2-4 models; a non-zero base. In memory,
+streamed from safetensors files in small chunks, and as task vectors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mcomp.merge import merge_checkpoints, merge_state_dicts, merge_task_vectors
+from tests import merge_reference_2025 as ref
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+SHAPES = {"square": (12, 12), "wide": (9, 22), "tall": (23, 7), "odd": (13, 11), "bias": (17,), "scalar": (1,)}
+ELEMENTWISE, SVD = 1e-5, 1e-4
+
+
+def models_of(n: int, seed: int, spread: float = 0.1):
+    g = torch.Generator().manual_seed(seed)
+    base = {k: torch.randn(s, generator=g) for k, s in SHAPES.items()}
+    models = [{k: v + spread * torch.randn(v.shape, generator=g) ** 3 for k, v in base.items()} for _ in range(n)]
+    return base, models
+
+
+def check(method, want_fn, tolerance, n, tmp_path=None, **params):
+    base, models = models_of(n, seed=n)
+    want = want_fn(base, models)
+    got = merge_state_dicts(base, models, method, **params)
+    assert ref.relative_error(got, want, base) <= tolerance, method
+    zero = {k: torch.zeros_like(v) for k, v in base.items()}
+    if tmp_path is not None:  # streamed from files, in chunks smaller than a tensor
+        from safetensors.torch import save_file
+
+        paths = []
+        for name, sd in [("base", base)] + [(f"m{i}", m) for i, m in enumerate(models)]:
+            (tmp_path / name).mkdir()
+            save_file(sd, tmp_path / name / "model.safetensors")
+            paths.append(tmp_path / name)
+        merge_checkpoints(paths[0], paths[1:], tmp_path / "out", method, chunk_elems=16, **params)
+        from safetensors.torch import load_file
+
+        streamed = load_file(tmp_path / "out" / "model.safetensors")
+        assert ref.relative_error(streamed, want, base) <= tolerance, f"{method} streamed"
+    return base, models, zero
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_tsv_m_is_the_released_computation(n, tmp_path):
+    base, models, zero = check("tsv", lambda b, m: ref.tsv(b, m, scale=0.7), SVD, n, tmp_path, scale=0.7)
+    deltas = [{k: m[k] - base[k] for k in base} for m in models]
+    got = merge_task_vectors(deltas, "tsv", scale=0.7)
+    assert ref.relative_error(got, ref.tsv(zero, deltas, scale=0.7), zero) <= SVD
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_iso_c_is_the_released_computation(n, tmp_path):
+    check("iso_c", lambda b, m: ref.iso_c(b, m, scale=1.3), SVD, n, tmp_path, scale=1.3)
+
+
+@pytest.mark.parametrize("n,fraction", [(2, 0.8), (3, 0.8), (4, 0.5), (3, 0.95)])
+def test_iso_cts_is_the_released_computation(n, fraction, tmp_path):
+    check(
+        "iso_cts",
+        lambda b, m: ref.iso_cts(b, m, fraction, scale=0.9),
+        SVD,
+        n,
+        tmp_path,
+        common_space_fraction=fraction,
+        scale=0.9,
+    )
+
+
+def test_svd_methods_average_the_keys_given_and_need_no_square():
+    base, models = models_of(3, seed=5)
+    got = merge_state_dicts(base, models, "iso_c", average_keys="wide|tall")
+    for key in ("wide", "tall"):
+        want = base[key] + sum(m[key] - base[key] for m in models) / 3
+        torch.testing.assert_close(got[key], want, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got["square"], base["square"] + sum(m["square"] - base["square"] for m in models) / 3)
+
+
+def test_the_lowrank_mode_is_close_to_the_exact_one():
+    base, models = models_of(3, seed=6, spread=0.02)
+    for method in ("tsv", "iso_cts"):
+        exact = merge_state_dicts(base, models, method)
+        fast = merge_state_dicts(base, models, method, svd="lowrank")
+        again = merge_state_dicts(base, models, method, svd="lowrank")
+        assert all(torch.equal(fast[k], again[k]) for k in base)  # seeded
+        assert ref.relative_error(fast, {k: v.double() for k, v in exact.items()}, base) < 1e-3
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+@pytest.mark.parametrize("multi_task", ["sum", "ties"])
+def test_consensus_is_the_released_computation(n, multi_task, tmp_path):
+    lambdas = [0.2, 0.4, 0.6, 0.5][:n]
+    check(
+        "consensus",
+        lambda b, m: ref.consensus(b, m, lambdas, 2, multi_task, 0.2, scale=0.6),
+        ELEMENTWISE,
+        n,
+        tmp_path,
+        lambdas=lambdas,
+        min_agree=2,
+        multi_task=multi_task,
+        scale=0.6,
+    )
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+@pytest.mark.parametrize("method,consensus", [("breadcrumbs", False), ("breadcrumbs_ties", True)])
+def test_breadcrumbs_is_mergekits(n, method, consensus, tmp_path):
+    weights = [1.0, 0.5, 2.0, 0.7][:n]
+
+    def want(b, m):
+        def sparsify(x, name, i):
+            return ref.breadcrumbs_sparsify(x, 0.6, 0.1, rescale=False)
+
+        return ref.gta(b, m, sparsify, consensus, weights, normalize=consensus, scale=0.8)
+
+    params = dict(density=0.6, gamma=0.1, weights=weights, normalize=consensus, scale=0.8)
+    check(method, want, ELEMENTWISE, n, tmp_path, **params)
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+@pytest.mark.parametrize("method,consensus,normalize", [("della", True, True), ("della_linear", False, False)])
+def test_della_is_mergekits_with_mcomps_draws(n, method, consensus, normalize, tmp_path):
+    weights = [1.0, 0.5, 2.0, 0.7][:n]
+
+    def want(b, m):
+        def sparsify(x, name, i):
+            return ref.della_sparsify(x, 0.5, 0.2, True, 3, name, i)
+
+        return ref.gta(b, m, sparsify, consensus, weights, normalize=normalize, scale=1.0)
+
+    check(method, want, ELEMENTWISE, n, tmp_path, density=0.5, epsilon=0.2, seed=3, weights=weights)
+
+
+def test_lambda_is_mergekits_name_for_scale():
+    base, models = models_of(2, seed=7)
+    a = merge_state_dicts(base, models, "breadcrumbs", density=0.5, **{"lambda": 0.3})
+    b = merge_state_dicts(base, models, "breadcrumbs", density=0.5, scale=0.3)
+    assert all(torch.equal(a[k], b[k]) for k in base)
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_model_stock_is_mergekits(n, filter_wise, tmp_path):
+    check(
+        "model_stock",
+        lambda b, m: ref.model_stock(b, m, filter_wise),
+        ELEMENTWISE,
+        n,
+        tmp_path,
+        filter_wise=filter_wise,
+    )
+
+
+@pytest.mark.parametrize("t", [0.0, 0.3, 0.5, 1.0])
+def test_slerp_is_mergekits(t, tmp_path):
+    base, models, _ = check("slerp", lambda b, m: ref.slerp(b, m[0], t), ELEMENTWISE, 1, tmp_path, t=t)
+    near = {k: v * 1.0001 for k, v in base.items()}  # nearly parallel: mergekit's linear fallback
+    got = merge_state_dicts(base, [near], "slerp", t=t)
+    assert ref.relative_error(got, ref.slerp(base, near, t), base) <= ELEMENTWISE
+
+
+@pytest.mark.parametrize(
+    "method,params,message",
+    [
+        ("slerp", {}, r"takes exactly 1 model"),
+        ("model_stock", {"weights": [1, 2]}, r"takes no per-model weights"),
+        ("della", {"density": 0.9, "epsilon": 0.2}, r"density \+ epsilon < 1"),
+        ("iso_cts", {"common_space_fraction": 1.5}, r"'common_space_fraction'"),
+        ("tsv", {"average_keys": "("}, r"'average_keys' must be a regular expression"),
+        ("consensus", {"lambdas": [0.1]}, r"'lambdas' must be a number or 2 numbers"),
+        ("breadcrumbs", {"lambda": 1, "scale": 2}, r"give 'lambda' or 'scale'"),
+    ],
+)
+def test_bad_parameters_are_refused_by_name(method, params, message):
+    base, models = models_of(2, seed=8)
+    with pytest.raises(ValueError, match=message):
+        merge_state_dicts(base, models, method, **params)
+
+
+def test_a_tall_mask_needs_strictly_more_than_lambda_times_the_distance():
+    """τ = (1, 2): τ_MTL = 3, so task 1 sits exactly at λ = 0.5 (|1| = 0.5·|3 − 1|) and is left out."""
+    base = {"w": torch.zeros(2)}
+    models = [{"w": torch.tensor([1.0, 1.0])}, {"w": torch.tensor([2.0, 2.0])}]
+    got = merge_state_dicts(base, models, "consensus", lambdas=[0.5, 0.4], min_agree=2)["w"]
+    assert got.tolist() == [0.0, 0.0]
+    got = merge_state_dicts(base, models, "consensus", lambdas=[0.49, 0.4], min_agree=2)["w"]
+    assert got.tolist() == [3.0, 3.0]
+    want = ref.consensus(base, models, [0.5, 0.4], 2)["w"]
+    assert want.tolist() == [0.0, 0.0]
