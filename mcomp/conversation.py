@@ -4,6 +4,7 @@ LLM's own chat template (`ChatTemplate`, template name "chat": its tokenizer's j
 from __future__ import annotations
 
 import dataclasses
+import os
 from functools import lru_cache
 from typing import Callable, Mapping, Sequence
 
@@ -145,6 +146,12 @@ class ChatTemplate:
             through = self.render(pairs[: k + 1])
             if not (through.startswith(before) and text.startswith(before)):
                 return [IGNORE_INDEX] * len(ids), "the chat template does not render the conversation prefix by prefix"
+            if not self._kept_whole(text, through, len(before), message):
+                # the answer is rendered otherwise once more turns follow (Qwen3 drops the empty think
+                # block of earlier answers): its tokens are its text and end-of-turn in the whole rendering
+                through = self._answer_in(text, through, len(before), message)
+                if through is None:
+                    return [IGNORE_INDEX] * len(ids), "the chat template does not keep an answer's text"
             start, stop = tokenize(before), tokenize(through)
             if list(ids[: len(start)]) != start or stop[: len(start)] != start:
                 return [IGNORE_INDEX] * len(ids), (
@@ -157,6 +164,34 @@ class ChatTemplate:
                 end += 1
             labels[len(start) : end] = ids[len(start) : end]
         return labels, None
+
+    @staticmethod
+    def _kept_whole(text: str, through: str, start: int, message: str) -> bool:
+        """Whether the whole rendering agrees with the rendering up to this answer through the answer's text."""
+        found = through.find(message.strip(), start)
+        if found < 0:
+            return False
+        end = found + len(message.strip())
+        return text[start:end] == through[start:end]
+
+    def _answer_in(self, text: str, through: str, start: int, message: str) -> str | None:
+        """The whole rendering up to the end of the answer that begins at `start`: its text, the end-of-turn
+        tokens right after it, and the white space that follows them in both renderings alike (a newline);
+        None if the text is not there."""
+        marker = "".join(self.tokenizer.convert_ids_to_tokens(self.end_of_turn))
+
+        def turn_end(rendering: str) -> int:
+            found = rendering.find(message.strip(), start)
+            if found < 0:
+                return -1
+            end = found + len(message.strip())
+            return end + len(marker) if marker and rendering.startswith(marker, end) else end
+
+        end, own_end = turn_end(text), turn_end(through)
+        if end < 0 or own_end < 0:
+            return None
+        common = os.path.commonprefix([text[end:], through[own_end:]])
+        return text[: end + len(common) - len(common.lstrip())]
 
     @property
     def sep2(self) -> str:

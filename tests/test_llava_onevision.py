@@ -14,7 +14,7 @@ from PIL import Image
 import mcomp
 from mcomp.checkpoint import read_config
 from mcomp.interop.llava_hf import import_llava_hf
-from tests.test_chat_templates import TEMPLATES
+from tests.test_chat_templates import TEMPLATES, chat_template
 from tests.test_llava_hf import TEXT as LLAVA_TEXT
 from tests.test_llava_hf import fine_tune_of
 
@@ -43,7 +43,7 @@ def qwen_tokenizer():
 
     tokenizer = build_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": TEMPLATES["qwen2.5"][1]})
-    tokenizer.chat_template = TEMPLATES["qwen2.5"][3]
+    tokenizer.chat_template = chat_template("qwen2.5")
     return tokenizer
 
 
