@@ -215,3 +215,38 @@ def relative_error(got, want, base) -> float:
         scale = float((w - base[k].double()).abs().max())
         worst = max(worst, float((g - w).abs().max()) / (scale if scale > 0 else 1.0))
     return worst if math.isfinite(worst) else math.inf
+
+
+def knots_ties(deltas_by_task, density=0.2, alpha=1.0):
+    """KnOTS-TIES as released (`SVDMerger`), for 2-D task updates {name: ΔW_t}: per layer, float64 SVD of
+    [ΔW_1 | … | ΔW_T] keeping s > 1e-5; R_t = diag(s) Vh-block t; every layer's R_t flattened into one
+    vector per task (sorted names); TIES top-k (kthvalue, >=), mass sign with the global majority where 0,
+    α times the disjoint mean; ΔW = U R. Returns {name: ΔW} in float64."""
+    names = sorted(deltas_by_task[0])
+    t = len(deltas_by_task)
+    bases, reps, shapes = {}, [[] for _ in range(t)], {}
+    for name in names:
+        cols = deltas_by_task[0][name].shape[1]
+        u, s, vh = torch.linalg.svd(torch.cat([d[name].double() for d in deltas_by_task], 1), full_matrices=False)
+        keep = s > 1e-5
+        bases[name] = u[:, keep]
+        blocks = torch.diag(s[keep]) @ vh[keep]
+        shapes[name] = (int(keep.sum()), cols)
+        for i in range(t):
+            reps[i].append(blocks[:, i * cols : (i + 1) * cols].reshape(-1))
+    stacked = torch.stack([torch.cat(r) for r in reps])
+    size = stacked.shape[1]
+    k = size - int(size * density)
+    if k > 0:
+        kth = stacked.abs().kthvalue(k, dim=1, keepdim=True).values
+        stacked = stacked * (stacked.abs() >= kth)
+    sign = torch.sign(stacked.sum(0))
+    sign[sign == 0] = torch.sign(sign.sum())
+    kept = alpha * stacked * torch.where(sign > 0, stacked > 0, stacked < 0)
+    merged = kept.sum(0) / (kept != 0).sum(0).clamp(min=1)
+    out, pos = {}, 0
+    for name in names:
+        rows, cols = shapes[name]
+        out[name] = bases[name] @ merged[pos : pos + rows * cols].reshape(rows, cols)
+        pos += rows * cols
+    return out

@@ -193,3 +193,39 @@ def test_a_tall_mask_needs_strictly_more_than_lambda_times_the_distance():
     assert got.tolist() == [3.0, 3.0]
     want = ref.consensus(base, models, [0.5, 0.4], 2)["w"]
     assert want.tolist() == [0.0, 0.0]
+
+
+def lora_updates(n: int, seed: int, rank: int = 3):
+    """LoRA-like updates B·A of a few shapes (one not divisible by the number of models)."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"q": (16, 16), "wide": (10, 24), "tall": (27, 9), "odd": (13, 11)}
+    return [
+        {k: 0.3 * torch.randn(o, rank, generator=g) @ torch.randn(rank, i, generator=g) for k, (o, i) in shapes.items()}
+        for _ in range(n)
+    ]
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+@pytest.mark.parametrize("density", [0.2, 1.0])
+def test_knots_ties_is_the_released_computation(n, density, tmp_path):
+    updates = lora_updates(n, seed=n)
+    want = ref.knots_ties(updates, density, alpha=0.6)
+    params = dict(base_method="ties", base_params={"density": density}, scale=0.6)
+    got = merge_task_vectors(updates, "knots", **params)
+    zero = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in updates[0].items()}
+    assert ref.relative_error(got, want, zero) <= SVD
+    base = {k: torch.randn(v.shape, generator=torch.Generator().manual_seed(1)) for k, v in updates[0].items()}
+    models = [{k: base[k] + u[k] for k in base} for u in updates]
+    want = {k: base[k].double() + v for k, v in want.items()}
+    assert ref.relative_error(merge_state_dicts(base, models, "knots", **params), want, base) <= SVD
+
+
+def test_knots_with_task_arithmetic_is_the_sum_and_needs_a_base_method():
+    updates = lora_updates(3, seed=9)
+    got = merge_task_vectors(updates, "knots", base_method="task_arithmetic")
+    for k in updates[0]:  # U·Σ_t R_t = Σ_t ΔW_t: aligning changes nothing for a sum
+        torch.testing.assert_close(got[k], sum(u[k] for u in updates), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match=r"unknown merge method 'nope'"):
+        merge_task_vectors(updates, "knots", base_method="nope")
+    with pytest.raises(ValueError, match=r"give \['scale'\] as knots' own parameters"):
+        merge_task_vectors(updates, "knots", base_params={"scale": 2})

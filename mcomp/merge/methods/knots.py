@@ -1,0 +1,102 @@
+"""KnOTS (Stoica, Ramesh et al. 2025), exact to gstoica27/KnOTS (`SVDMerger`): LoRA updates are merged in a
+subspace they share. Per 2-D tensor, the tasks' updates side by side, M = [ΔW_1 | … | ΔW_T] (O × T·I), are
+decomposed in float64, M = U Σ Vᵀ, keeping the singular values above `threshold` (1e-5); task t is then
+R_t = Σ · Vᵀ[:, t·I:(t+1)·I] (k × I) in the shared basis U. The chosen `base_method` (any registered
+method: `ties` as KnOTS-TIES, `dare_ties`, `task_arithmetic`, …) merges the R_t as task vectors, over
+all tensors at once (its own scope: TIES's top-k is model-wide, as released), with its parameters
+`base_params` and this method's `weights` and `scale` (the release's α), and ΔW = U · R_merged.
+Tensors that are not 2-D take part in the base merge as they are.
+
+ΔW_t is the update as the model applies it, s·B·A (the release multiplies B·A without peft's α/r, which
+its configs set to 1). All R_t are held in memory until the base merge has run, as the release holds
+them; for LoRA inputs they are small (k ≤ T·r rows). A full-rank delta makes each R_t as large as the
+tensor itself, so KnOTS is meant for LoRA inputs (merges of LoRA adapters, and compose's text adapters).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from mcomp.merge.registry import Chunk, MergeMethod, MethodParams, _number, get_method, register
+
+
+@dataclass
+class KnotsParams(MethodParams):
+    base_method: str = "ties"
+    base_params: dict[str, Any] = field(default_factory=dict)
+    threshold: float = 1e-5
+
+    def validate(self, n: int) -> None:
+        super().validate(n)
+        if self.base_method == "knots":
+            raise ValueError("parameter 'base_method' must be another merge method than knots")
+        get_method(self.base_method)  # names the registered ones if it is not one
+        if not isinstance(self.base_params, dict):
+            raise ValueError(f"parameter 'base_params' must be a mapping, got {self.base_params!r}")
+        clash = sorted({"weights", "scale", "lambda"} & set(self.base_params))
+        if clash:
+            raise ValueError(f"give {clash} as knots' own parameters, not in 'base_params'")
+        _number(self, "threshold", 0.0)
+
+
+class _Stash:
+    """The SVD stage keeps its results in the statistics, not in a reducer."""
+
+    def update(self, x: torch.Tensor) -> None:
+        pass
+
+
+@register
+class Knots(MergeMethod):
+    name = "knots"
+    Params = KnotsParams
+    whole_tensors = True
+    description = "KnOTS: LoRA updates aligned in their shared SVD basis, then merged by a base method"
+
+    def scope(self) -> str:
+        return "global"
+
+    def num_stages(self) -> int:
+        return 1
+
+    def reducers(self, stage: int, d: int) -> dict:
+        return {"svd": _Stash()}
+
+    def observe(self, stage, tau, chunk, stats, reducers):
+        (seg,) = chunk.segments
+        aligned = stats.setdefault("aligned", {})
+        if len(seg.shape) != 2:
+            aligned[seg.name] = (None, [tau[i].clone() for i in range(self.n)])
+            return
+        rows, cols = seg.shape
+        side_by_side = torch.cat([tau[i].view(rows, cols) for i in range(self.n)], dim=1).double()
+        u, s, vh = torch.linalg.svd(side_by_side, full_matrices=False)
+        keep = s > self.p.threshold
+        u, s, vh = u[:, keep].float(), s[keep].float(), vh[keep].float()
+        blocks = torch.diag(s) @ vh
+        aligned[seg.name] = (u, [blocks[:, i * cols : (i + 1) * cols].contiguous() for i in range(self.n)])
+
+    def finish(self, stage, reducers, stats):
+        from mcomp.merge.memory import merge_task_vectors
+
+        aligned = stats.pop("aligned", {})
+        if not aligned:
+            return
+        tasks = [{name: blocks[i] for name, (_, blocks) in aligned.items() if blocks[i].numel()} for i in range(self.n)]
+        params = dict(self.p.base_params, scale=self.p.scale)
+        if self.p.weights is not None:
+            params["weights"] = list(self.p.weights)
+        merged = merge_task_vectors(tasks, self.p.base_method, **params) if tasks[0] else {}
+        stats["merged"] = {name: (u, merged.get(name)) for name, (u, _) in aligned.items()}
+        stats["rank"] = {name: 0 if u is None else u.shape[1] for name, (u, _) in aligned.items()}
+
+    def merge(self, tau: torch.Tensor, chunk: Chunk, stats: dict) -> torch.Tensor:
+        (seg,) = chunk.segments
+        u, merged = stats["merged"].pop(seg.name)  # each tensor is merged once: free its blocks
+        if merged is None:  # nothing above the threshold: no update
+            return torch.zeros(seg.size, dtype=tau.dtype, device=tau.device)
+        out = merged.to(tau.device) if u is None else u.to(tau.device) @ merged.to(tau.device)
+        return out.reshape(-1).to(tau.dtype)
