@@ -3,6 +3,12 @@
 
     python scripts/bench_merge.py --params 1e9 --models 3 --dtype float16
                                   [--methods task_arithmetic,ties,pcb] [--repeat 3] [--device cuda]
+    python scripts/bench_merge.py --methods task_arithmetic,tsv,tsv:svd=lowrank,iso_cts,iso_cts:svd=lowrank
+
+A method may carry parameters, `name:key=value;key=value` (values parsed as JSON where they parse).
+Where a method runs both with its exact SVDs and with `svd=lowrank`, the low-rank result's error against
+the exact one is reported: the largest per-tensor max|Δ_lowrank − Δ_exact| / max|Δ_exact| and the
+overall ‖Δ_lowrank − Δ_exact‖ / ‖Δ_exact‖ over all merged tensors.
 
 Builds a base and n fine-tuned checkpoints (Llama-like tensor shapes, seeded) under a temporary
 directory, runs each method through `mcomp.merge.merge_checkpoints` in a fresh subprocess (so
@@ -137,6 +143,19 @@ def run_child(args: list[str], script: str = __file__) -> dict:
     return result
 
 
+def method_spec(spec: str) -> tuple[str, dict]:
+    """`name:key=value;key=value` -> (name, {key: value}); values as JSON where they parse."""
+    name, _, rest = spec.partition(":")
+    params = {}
+    for item in filter(None, rest.split(";")):
+        key, _, value = item.partition("=")
+        try:
+            params[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key.strip()] = value.strip()
+    return name.strip(), params
+
+
 def worker_merge(a) -> None:
     import torch
 
@@ -144,12 +163,16 @@ def worker_merge(a) -> None:
     from mcomp.merge import merge_checkpoints
 
     out = Path(a.out)
+    method, params = method_spec(a.worker)
     t0 = time.perf_counter()
-    report = merge_checkpoints(a.base, a.model, out, a.worker, force=True, chunk_elems=a.chunk, device=a.device)
+    if a.keep_out:  # compared with another run: written in float32, so the comparison sees the merge, not rounding
+        params["dtype"] = "float32"
+    report = merge_checkpoints(a.base, a.model, out, method, force=True, chunk_elems=a.chunk, device=a.device, **params)
     if a.device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    shutil.rmtree(out)
+    if not a.keep_out:
+        shutil.rmtree(out)
     print(json.dumps({"seconds": seconds, "passes": report.passes, "final_anon": rss_anon(os.getpid())}))
 
 
@@ -204,10 +227,49 @@ def worker_reference(a) -> None:
     print(json.dumps({"seconds": seconds, "params": total, "passes": 1, "final_anon": rss_anon(os.getpid())}))
 
 
+def lowrank_pairs(methods: list[str]) -> list[tuple[str, str]]:
+    """(exact, low-rank) specs of one method that both run."""
+    pairs = []
+    for spec in methods:
+        name, params = method_spec(spec)
+        if params.get("svd") == "lowrank":
+            exact = next((m for m in methods if method_spec(m) == (name, {**params, "svd": "full"})), None)
+            exact = exact or next((m for m in methods if method_spec(m) == (name, {})), None)
+            if exact:
+                pairs.append((exact, spec))
+    return pairs
+
+
+def lowrank_error(base_dir: Path, exact_dir: Path, lowrank_dir: Path) -> tuple[float, float]:
+    """(worst per-tensor relative max error, overall relative Frobenius error) of the low-rank merge."""
+    from mcomp.merge.sources import SafetensorsCheckpoint
+
+    base, exact, lowrank = (SafetensorsCheckpoint(p) for p in (base_dir, exact_dir, lowrank_dir))
+    worst, diff2, norm2 = 0.0, 0.0, 0.0
+    for key, info in exact.infos.items():
+        if not info.dtype.is_floating_point:
+            continue
+        b = base.read(key, 0, info.numel).float()
+        want = exact.read(key, 0, info.numel).float() - b
+        got = lowrank.read(key, 0, info.numel).float() - b
+        scale = float(want.abs().max())
+        worst = max(worst, float((got - want).abs().max()) / scale if scale > 0 else 0.0)
+        diff2 += float((got - want).pow(2).sum())
+        norm2 += float(want.pow(2).sum())
+    for src in (base, exact, lowrank):
+        src.close()
+    return worst, math.sqrt(diff2 / norm2) if norm2 > 0 else 0.0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", type=float, default=1e9, help="parameters per checkpoint (default 1e9)")
     ap.add_argument("--models", type=int, default=3, help="fine-tuned models (default 3)")
+    ap.add_argument(
+        "--shape",
+        default="2048,5632,256,32000",
+        help="hidden,intermediate,kv,vocab of the Llama-like tensors (default TinyLlama-1.1B's 2048,5632,256,32000)",
+    )
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     ap.add_argument("--methods", default="task_arithmetic,ties,pcb", help="comma-separated methods")
     ap.add_argument("--threads", type=int, default=2, help="torch threads per worker (default 2 = this machine)")
@@ -235,6 +297,7 @@ def main() -> int:
     ap.add_argument("--base", help=argparse.SUPPRESS)
     ap.add_argument("--model", action="append", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--keep-out", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker == "reference":
         worker_reference(a)
@@ -245,7 +308,8 @@ def main() -> int:
 
     root = Path(tempfile.mkdtemp(prefix="mcomp-bench-", dir=a.workdir))
     try:
-        shapes = llama_shapes(a.params)
+        hidden, inter, kv, vocab = (int(v) for v in a.shape.split(","))
+        shapes = llama_shapes(a.params, hidden, inter, kv, vocab)
         total = sum(math.prod(s) for s in shapes.values())
         print(
             f"building base + {a.models} fine-tuned checkpoints: {total / 1e9:.3f}B parameters each, {a.dtype}, "
@@ -260,10 +324,14 @@ def main() -> int:
         common += ["--threads", str(a.threads), "--chunk", str(a.chunk), "--device", a.device]
         methods = [m.strip() for m in a.methods.split(",") if m.strip()]
         runs: dict[str, list[dict]] = {m: [] for m in methods}
+        pairs = lowrank_pairs(methods)
+        compared = {m for pair in pairs for m in pair}
         for round_ in range(max(1, a.repeat)):
             for method in methods:  # interleaved, so a slow spell of the machine hits every method
                 print(f"running {method} (round {round_ + 1}) ...", flush=True)
-                runs[method].append(run_child(["--worker", method, "--out", str(root / f"out-{method}"), *common]))
+                keep = ["--keep-out"] if method in compared else []
+                out = ["--out", str(root / f"out-{methods.index(method)}")]
+                runs[method].append(run_child(["--worker", method, *out, *keep, *common]))
                 r = runs[method][-1]  # printed now too, so a run cut short still reports what finished
                 print(
                     f"  {method}: merge {r['seconds']:.1f} s, wall {r['wall']:.1f} s, "
@@ -310,6 +378,14 @@ def main() -> int:
             print(
                 f"{'pcb released-code way, EXTRAPOLATED x%.1f' % f:<44} {ext_t:>9.0f} {'-':>8} {'-':>6} "
                 f"{ref_row['peak_anon'] * f / GIB:>14.1f} {ext_ratio:>10}"
+            )
+        for exact, lowrank in pairs:
+            worst, overall = lowrank_error(
+                dirs[0], root / f"out-{methods.index(exact)}", root / f"out-{methods.index(lowrank)}"
+            )
+            print(
+                f"{lowrank} against {exact}: per-tensor max|Δ_lowrank − Δ_exact| / max|Δ_exact| up to {worst:.2e}; "
+                f"‖Δ_lowrank − Δ_exact‖ / ‖Δ_exact‖ = {overall:.2e} over all merged tensors"
             )
         pcb = next((r for m, r in rows if m == "pcb"), None)
         if pcb and ta:
