@@ -229,3 +229,37 @@ def test_knots_with_task_arithmetic_is_the_sum_and_needs_a_base_method():
         merge_task_vectors(updates, "knots", base_method="nope")
     with pytest.raises(ValueError, match=r"give \['scale'\] as knots' own parameters"):
         merge_task_vectors(updates, "knots", base_params={"scale": 2})
+
+
+def test_the_merge_yaml_runs_the_new_methods(tmp_path):
+    """`mcomp merge` with mergekit's names: lambda, per-model weight, a nested base_params mapping."""
+    import yaml
+    from safetensors.torch import load_file, save_file
+
+    from mcomp.cli import main
+
+    base, models = models_of(3, seed=11)
+    for name, sd in [("base", base)] + [(f"m{i}", m) for i, m in enumerate(models)]:
+        (tmp_path / name).mkdir()
+        save_file(sd, tmp_path / name / "model.safetensors")
+    cases = {
+        "della": ({"density": 0.5, "epsilon": 0.1, "lambda": 0.8}, [1.0, 0.5, 2.0]),
+        "iso_cts": ({"common_space_fraction": 0.5, "lambda": 1.2}, None),
+        "knots": ({"base_method": "ties", "base_params": {"density": 0.5}, "lambda": 0.6}, None),
+    }
+    for method, (parameters, weights) in cases.items():
+        config = {
+            "merge_method": method,
+            "base_model": str(tmp_path / "base"),
+            "models": [
+                {"model": str(tmp_path / f"m{i}"), **({"parameters": {"weight": weights[i]}} if weights else {})}
+                for i in range(3)
+            ],
+            "parameters": parameters,
+        }
+        (tmp_path / f"{method}.yaml").write_text(yaml.safe_dump(config))
+        assert main(["merge", str(tmp_path / f"{method}.yaml"), "--out", str(tmp_path / f"out-{method}")]) == 0
+        got = load_file(tmp_path / f"out-{method}" / "model.safetensors")
+        params = {("scale" if k == "lambda" else k): v for k, v in parameters.items()}
+        want = merge_state_dicts(base, models, method, **params, **({"weights": weights} if weights else {}))
+        assert all(torch.equal(got[k], want[k]) for k in base), method

@@ -81,11 +81,7 @@ class MergeConfig(JsonConfig):
         return out
 
     def method_params(self) -> dict[str, Any]:
-        params = dict(self.parameters)
-        if "lambda" in params:
-            if "scale" in params:
-                raise ValueError("give either 'lambda' or 'scale', not both")
-            params["scale"] = params.pop("lambda")
+        params = dict(self.parameters)  # `lambda` passes through: the registry takes it as `scale`
         if "weight" in params or "weights" in params:
             raise ValueError("per-model weights go under each model's 'parameters: {weight: ...}'")
         models = self.resolved_models()
