@@ -263,3 +263,16 @@ def test_the_merge_yaml_runs_the_new_methods(tmp_path):
         params = {("scale" if k == "lambda" else k): v for k, v in parameters.items()}
         want = merge_state_dicts(base, models, method, **params, **({"weights": weights} if weights else {}))
         assert all(torch.equal(got[k], want[k]) for k in base), method
+
+
+def test_the_rank_band_is_a_stable_sorts_with_ties():
+    """Breadcrumbs keeps a band of ranks; equal magnitudes (common in fp16 deltas) rank by position."""
+    from mcomp.merge.methods.gta import rank_band
+
+    g = torch.Generator().manual_seed(0)
+    values = torch.randint(0, 6, (300,), generator=g).float()
+    order = torch.sort(values, stable=True).indices
+    for start, stop in [(0, 300), (10, 290), (57, 58), (100, 100), (0, 1), (299, 300), (120, 250)]:
+        want = torch.zeros(300, dtype=torch.bool)
+        want[order[start:stop]] = True
+        assert torch.equal(rank_band(values, start, stop), want), (start, stop)

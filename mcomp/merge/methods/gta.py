@@ -46,6 +46,24 @@ def l1_rescaled(tau: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return kept * (before / after)
 
 
+def rank_band(values: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """The entries of 1-D `values` whose rank in ascending order is in [start, stop), equal values ranked
+    by position (a stable sort's order), found in linear time: two order statistics bound the band,
+    and only the entries equal to a bound are told apart by position."""
+    mask = torch.zeros_like(values, dtype=torch.bool)
+    if stop <= start:
+        return mask
+    lo = values.kthvalue(start + 1).values
+    hi = values.kthvalue(stop).values
+    mask |= (values > lo) & (values < hi)
+    for bound in (lo, hi) if lo != hi else (lo,):
+        equal = values == bound
+        first_rank = int((values < bound).sum())  # the rank of the first (leftmost) equal entry
+        rank = first_rank + torch.cumsum(equal, 0) - 1
+        mask |= equal & (rank >= start) & (rank < stop)
+    return mask
+
+
 def outlier_mask(tau: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
     """Breadcrumbs: keep int(density·N) entries of |τ| after dropping the int(gamma·N) largest."""
     numel = tau.numel()
@@ -54,17 +72,16 @@ def outlier_mask(tau: torch.Tensor, density: float, gamma: float) -> torch.Tenso
     bottom = numel - keep - top
     if bottom < 0:
         top, bottom = top + bottom, 0
-    order = torch.sort(tau.abs().reshape(-1), stable=True).indices
-    mask = torch.zeros(numel, dtype=tau.dtype, device=tau.device)
-    mask[order[bottom : numel - top]] = 1
-    return mask.view_as(tau)
+    return rank_band(tau.abs().reshape(-1), bottom, numel - top).view_as(tau).to(tau.dtype)
 
 
 def rank_probabilities(tau: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """DELLA's keep probabilities, linear in the rank of |τ| along dim 1 (a 1-D tensor is one row)."""
     t = tau.unsqueeze(0) if tau.dim() < 2 else tau
     length = t.shape[1]
-    ranks = torch.argsort(torch.argsort(t.abs(), dim=1, stable=True), dim=1).to(tau.dtype)  # 0 = smallest
+    order = torch.argsort(t.abs(), dim=1, stable=True)
+    steps = torch.arange(length, dtype=tau.dtype, device=tau.device).view(1, length, *([1] * (t.dim() - 2)))
+    ranks = torch.empty_like(t).scatter_(1, order, steps.expand_as(t))  # 0 = smallest
     spread = ranks / (length - 1) if length > 1 else torch.full_like(ranks, 0.5)
     return ((density - epsilon) + spread * 2 * epsilon).reshape(tau.shape)
 
