@@ -81,14 +81,26 @@ def test_svd_methods_average_the_keys_given_and_need_no_square():
     assert not torch.allclose(got["square"], base["square"] + sum(m["square"] - base["square"] for m in models) / 3)
 
 
-def test_the_lowrank_mode_is_close_to_the_exact_one():
-    base, models = models_of(3, seed=6, spread=0.02)
-    for method in ("tsv", "iso_cts"):
+def test_the_lowrank_mode_truncates_and_follows_a_decaying_spectrum():
+    """The randomized range finder really truncates (96×80 matrices, r = 26 of 80 for TSV-M) and is seeded;
+    on task matrices whose spectrum decays (σ_i = 0.8^i) TSV-M stays within 1e-3 of the exact merge and
+    Iso-CTS (whose projected task matrices decay less) within 0.1."""
+    g = torch.Generator().manual_seed(0)
+
+    def decaying(rows: int, cols: int) -> torch.Tensor:
+        u = torch.linalg.qr(torch.randn(rows, rows, generator=g)).Q
+        v = torch.linalg.qr(torch.randn(cols, cols, generator=g)).Q
+        k = min(rows, cols)
+        return 0.05 * (u[:, :k] * 0.8 ** torch.arange(k)) @ v[:, :k].T
+
+    base = {"w": torch.randn(96, 80, generator=g)}
+    models = [{"w": base["w"] + decaying(96, 80)} for _ in range(3)]
+    for method, tolerance in (("tsv", 1e-3), ("iso_cts", 0.1)):
         exact = merge_state_dicts(base, models, method)
         fast = merge_state_dicts(base, models, method, svd="lowrank")
-        again = merge_state_dicts(base, models, method, svd="lowrank")
-        assert all(torch.equal(fast[k], again[k]) for k in base)  # seeded
-        assert ref.relative_error(fast, {k: v.double() for k, v in exact.items()}, base) < 1e-3
+        assert torch.equal(fast["w"], merge_state_dicts(base, models, method, svd="lowrank")["w"])  # seeded
+        assert not torch.equal(fast["w"], exact["w"])  # it truncates
+        assert ref.relative_error(fast, {"w": exact["w"].double()}, base) < tolerance, method
 
 
 @pytest.mark.parametrize("n", [2, 3, 4])
