@@ -57,10 +57,9 @@ def rank_band(values: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     hi = values.kthvalue(stop).values
     mask |= (values > lo) & (values < hi)
     for bound in (lo, hi) if lo != hi else (lo,):
-        equal = values == bound
-        first_rank = int((values < bound).sum())  # the rank of the first (leftmost) equal entry
-        rank = first_rank + torch.cumsum(equal, 0) - 1
-        mask |= equal & (rank >= start) & (rank < stop)
+        positions = torch.nonzero(values == bound).flatten()  # in position order
+        rank = int((values < bound).sum()) + torch.arange(positions.numel(), device=values.device)
+        mask[positions[(rank >= start) & (rank < stop)]] = True
     return mask
 
 
