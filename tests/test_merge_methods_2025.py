@@ -288,3 +288,22 @@ def test_the_rank_band_is_a_stable_sorts_with_ties():
         want = torch.zeros(300, dtype=torch.bool)
         want[order[start:stop]] = True
         assert torch.equal(rank_band(values, start, stop), want), (start, stop)
+
+
+def test_an_svd_that_does_not_converge_in_float32_is_retried_in_float64(monkeypatch):
+    """LAPACK's float32 divide-and-conquer can fail on matrices with many equal singular values (Iso-CTS's
+    projected task matrices at 1B did); the merge then takes the float64 decomposition."""
+    base, models = models_of(3, seed=12)
+    want = merge_state_dicts(base, models, "iso_cts")
+    real = torch.linalg.svd
+    failed = []
+
+    def flaky(x, *args, **kwargs):
+        if x.dtype == torch.float32 and not failed:
+            failed.append(tuple(x.shape))
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", flaky)
+    got = merge_state_dicts(base, models, "iso_cts")
+    assert failed and ref.relative_error(got, {k: v.double() for k, v in want.items()}, base) <= SVD

@@ -37,9 +37,22 @@ from mcomp.merge.registry import Chunk, MergeMethod, MethodParams, _choice, _cou
 SVD_MODES = ("full", "lowrank")
 
 
+def thin_svd(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """torch.linalg.svd(x, full_matrices=False), retried in float64 where LAPACK's float32 divide-and-conquer
+    does not converge (it can fail on matrices with many equal singular values, e.g. a task matrix with
+    the common space projected off); the triplets are the same, to float rounding."""
+    try:
+        return torch.linalg.svd(x, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        if x.dtype == torch.float64:
+            raise
+        u, s, vh = torch.linalg.svd(x.double(), full_matrices=False)
+        return u.to(x.dtype), s.to(x.dtype), vh.to(x.dtype)
+
+
 def polar(x: torch.Tensor) -> torch.Tensor:
     """U Vᵀ of x's thin SVD."""
-    u, _, vh = torch.linalg.svd(x, full_matrices=False)
+    u, _, vh = thin_svd(x)
     return u @ vh
 
 
@@ -48,7 +61,7 @@ def top_svd(x: torch.Tensor, r: int, mode: str, seed: int) -> tuple[torch.Tensor
     (8 extra columns, two power iterations) for `lowrank`."""
     k = min(x.shape)
     if mode == "full" or r >= k:
-        u, s, vh = torch.linalg.svd(x, full_matrices=False)
+        u, s, vh = thin_svd(x)
         return u[:, :r], s[:r], vh[:r]
     g = torch.Generator().manual_seed(seed)
     omega = torch.randn(x.shape[1], min(r + 8, k), generator=g).to(x)
@@ -56,7 +69,7 @@ def top_svd(x: torch.Tensor, r: int, mode: str, seed: int) -> tuple[torch.Tensor
     for _ in range(2):
         q = torch.linalg.qr(x.T @ q).Q
         q = torch.linalg.qr(x @ q).Q
-    ub, s, vh = torch.linalg.svd(q.T @ x, full_matrices=False)
+    ub, s, vh = thin_svd(q.T @ x)
     return (q @ ub)[:, :r], s[:r], vh[:r]
 
 
@@ -157,7 +170,7 @@ class IsoC(SubspaceMethod):
         return tau.sum(0) / self.n
 
     def matrix(self, tau: torch.Tensor, name: str) -> torch.Tensor:
-        u, s, vh = torch.linalg.svd(tau.sum(0) / self.n * self.n, full_matrices=False)
+        u, s, vh = thin_svd(tau.sum(0) / self.n * self.n)
         return s.mean() * (u @ vh)
 
 
@@ -176,7 +189,7 @@ class IsoCts(SubspaceMethod):
                 f"tensor {name!r}: common_space_fraction {self.p.common_space_fraction} leaves a common space of "
                 f"{c} dimensions for {n} tasks of rank {k}"
             )
-        uc_all, sc_all, vc_all = torch.linalg.svd(tau.sum(0), full_matrices=False)
+        uc_all, sc_all, vc_all = thin_svd(tau.sum(0))
         uc, sc, vc = uc_all[:, :c], sc_all[:c], vc_all[:c]
         u = tau.new_zeros(rows, k)
         s = tau.new_zeros(k)
