@@ -91,7 +91,6 @@ class Knots(MergeMethod):
             params["weights"] = list(self.p.weights)
         merged = merge_task_vectors(tasks, self.p.base_method, **params) if tasks[0] else {}
         stats["merged"] = {name: (u, merged.get(name)) for name, (u, _) in aligned.items()}
-        stats["rank"] = {name: 0 if u is None else u.shape[1] for name, (u, _) in aligned.items()}
 
     def merge(self, tau: torch.Tensor, chunk: Chunk, stats: dict) -> torch.Tensor:
         (seg,) = chunk.segments
