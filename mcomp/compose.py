@@ -39,6 +39,7 @@ from mcomp.lora import TEXT_ROUTE, LoraSpec, fold_into_base, routed_layers
 from mcomp.merge import merge_task_vectors
 from mcomp.merge.lora import refactorise
 from mcomp.merge.registry import get_method
+from mcomp.merge.sources import LowRank
 from mcomp.modality import get_adapter_class
 from mcomp.tokenization import convention_difference, vocabulary_difference
 
@@ -275,11 +276,24 @@ def _remove_adapter(model, name: str) -> None:
 
 
 def merge_text_deltas(model, inputs, merge: str, coef: dict[str, float], params: dict) -> dict[str, torch.Tensor]:
-    """Merge the dense text deltas dW_m = s_m B_m A_m of every routed layer with the merge engine."""
+    """Merge the text deltas dW_m = s_m B_m A_m of every routed layer with the merge engine: dense, or as
+    their factors to a method that takes them (KnOTS)."""
     layers = routed_layers(model.llm)
-    deltas = [
-        {path: layer.delta_weight([(f"text-{i.modality}", 1.0)]) for path, layer in layers.items()} for i in inputs
-    ]
+    if get_method(merge).takes_factors:
+        deltas = [
+            {
+                path: LowRank(
+                    layer.lora_B[f"text-{i.modality}"].detach().float() * layer.scaling[f"text-{i.modality}"],
+                    layer.lora_A[f"text-{i.modality}"].detach().float(),
+                )
+                for path, layer in layers.items()
+            }
+            for i in inputs
+        ]
+    else:
+        deltas = [
+            {path: layer.delta_weight([(f"text-{i.modality}", 1.0)]) for path, layer in layers.items()} for i in inputs
+        ]
     set_weights(params, [coef[i.modality] for i in inputs])
     return merge_task_vectors(deltas, merge, **params)
 

@@ -4,11 +4,13 @@
     python scripts/bench_merge.py --params 1e9 --models 3 --dtype float16
                                   [--methods task_arithmetic,ties,pcb] [--repeat 3] [--device cuda]
     python scripts/bench_merge.py --methods task_arithmetic,tsv,tsv:svd=lowrank,iso_cts,iso_cts:svd=lowrank
+    python scripts/bench_merge.py --lora-rank 16 --methods task_arithmetic,ties,knots,knots:factors=false
 
 A method may carry parameters, `name:key=value;key=value` (values parsed as JSON where they parse).
-Where a method runs both with its exact SVDs and with `svd=lowrank`, the low-rank result's error against
-the exact one is reported: the largest per-tensor max|Δ_lowrank − Δ_exact| / max|Δ_exact| and the
-overall ‖Δ_lowrank − Δ_exact‖ / ‖Δ_exact‖ over all merged tensors.
+Where a method runs both with its exact SVDs and with `svd=lowrank` (or KnOTS both from LoRA factors and
+with `factors=false`), the variant's error against the exact run is reported: the largest per-tensor
+max|Δ_variant − Δ_exact| / max|Δ_exact| and the overall ‖Δ_variant − Δ_exact‖ / ‖Δ_exact‖ over all
+merged tensors. With `--lora-rank` the models are peft LoRA adapters on the base (KnOTS's inputs).
 
 Builds a base and n fine-tuned checkpoints (Llama-like tensor shapes, seeded) under a temporary
 directory, runs each method through `mcomp.merge.merge_checkpoints` in a fresh subprocess (so
@@ -94,6 +96,32 @@ def build(root: Path, shapes, n: int, dtype_name: str, seed: int) -> list[Path]:
                 writers[i + 1].write(k, base.add(delta).to(dtype))
     for w in writers:
         w.close()
+    return dirs
+
+
+def build_lora(root: Path, shapes, n: int, rank: int, dtype_name: str, seed: int) -> list[Path]:
+    """The base checkpoint and n peft LoRA adapters of rank `rank` on every 2-D projection of its layers
+    (q, k, v, o, gate, up, down; alpha = 2·rank), seeded."""
+    import torch
+
+    from mcomp.peft_format import write_adapter
+
+    dirs = build(root, {k: s for k, s in shapes.items()}, 0, dtype_name, seed)
+    dtype = getattr(torch, dtype_name)
+    targets = {k: s for k, s in shapes.items() if ".layers." in k and len(s) == 2}
+    modules = sorted({k.split(".")[-2] for k in targets})
+    for i in range(n):
+        g = torch.Generator().manual_seed(seed * 100003 + 7919 * (i + 1))
+        pairs = {
+            k.removesuffix(".weight"): (
+                (torch.randn(rank, cols, generator=g) / math.sqrt(cols)).to(dtype),
+                (torch.randn(rows, rank, generator=g) * 0.01).to(dtype),
+            )
+            for k, (rows, cols) in targets.items()
+        }
+        config = {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": modules}
+        write_adapter(root / f"lora{i}", pairs, config=config)
+        dirs.append(root / f"lora{i}")
     return dirs
 
 
@@ -227,8 +255,9 @@ def worker_reference(a) -> None:
     print(json.dumps({"seconds": seconds, "params": total, "passes": 1, "final_anon": rss_anon(os.getpid())}))
 
 
-def lowrank_pairs(methods: list[str]) -> list[tuple[str, str]]:
-    """(exact, low-rank) specs of one method that both run."""
+def compared_pairs(methods: list[str]) -> list[tuple[str, str]]:
+    """(exact, variant) specs of one method that both run: the low-rank SVD mode against the exact one, and
+    KnOTS from LoRA factors against its dense SVD (`factors=false`)."""
     pairs = []
     for spec in methods:
         name, params = method_spec(spec)
@@ -237,14 +266,19 @@ def lowrank_pairs(methods: list[str]) -> list[tuple[str, str]]:
             exact = exact or next((m for m in methods if method_spec(m) == (name, {})), None)
             if exact:
                 pairs.append((exact, spec))
+        if params.get("factors") is False:
+            variant = next((m for m in methods if method_spec(m) == (name, {**params, "factors": True})), None)
+            variant = variant or next((m for m in methods if method_spec(m) == (name, {})), None)
+            if variant:
+                pairs.append((spec, variant))
     return pairs
 
 
-def lowrank_error(base_dir: Path, exact_dir: Path, lowrank_dir: Path) -> tuple[float, float]:
-    """(worst per-tensor relative max error, overall relative Frobenius error) of the low-rank merge."""
+def variant_error(base_dir: Path, exact_dir: Path, variant_dir: Path) -> tuple[float, float]:
+    """(worst per-tensor relative max error, overall relative Frobenius error) of the variant's merge."""
     from mcomp.merge.sources import SafetensorsCheckpoint
 
-    base, exact, lowrank = (SafetensorsCheckpoint(p) for p in (base_dir, exact_dir, lowrank_dir))
+    base, exact, lowrank = (SafetensorsCheckpoint(p) for p in (base_dir, exact_dir, variant_dir))
     worst, diff2, norm2 = 0.0, 0.0, 0.0
     for key, info in exact.infos.items():
         if not info.dtype.is_floating_point:
@@ -290,6 +324,12 @@ def main() -> int:
         help="rounds over the methods, interleaved (TA, TIES, PCB, TA, ...); the table shows each "
         "method's median and the ratios of medians (default 1)",
     )
+    ap.add_argument(
+        "--lora-rank",
+        type=int,
+        default=0,
+        help="make the models LoRA adapters of this rank on every projection (for KnOTS; 0: full checkpoints)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints")
     # worker mode (internal)
@@ -317,14 +357,18 @@ def main() -> int:
             flush=True,
         )
         t0 = time.perf_counter()
-        dirs = build(root, shapes, a.models, a.dtype, a.seed)
+        if a.lora_rank:
+            print(f"the models are LoRA adapters of rank {a.lora_rank} on the base", flush=True)
+            dirs = build_lora(root, shapes, a.models, a.lora_rank, a.dtype, a.seed)
+        else:
+            dirs = build(root, shapes, a.models, a.dtype, a.seed)
         os.sync()  # flush the build's dirty pages so no method pays for their writeback
         print(f"built in {time.perf_counter() - t0:.0f} s", flush=True)
         common = ["--base", str(dirs[0])] + sum((["--model", str(d)] for d in dirs[1:]), [])
         common += ["--threads", str(a.threads), "--chunk", str(a.chunk), "--device", a.device]
         methods = [m.strip() for m in a.methods.split(",") if m.strip()]
         runs: dict[str, list[dict]] = {m: [] for m in methods}
-        pairs = lowrank_pairs(methods)
+        pairs = compared_pairs(methods)
         compared = {m for pair in pairs for m in pair}
         for round_ in range(max(1, a.repeat)):
             for method in methods:  # interleaved, so a slow spell of the machine hits every method
@@ -345,15 +389,16 @@ def main() -> int:
                 + "; ".join(f"{m} " + ", ".join(f"{r['seconds']:.1f}" for r in runs[m]) for m in methods)
             )
         ref_row = None
-        if a.ref_params > 0:
+        if a.ref_params > 0 and not a.lora_rank:  # the released PCB takes full checkpoints
             print("running PCB the released-code way (in memory) ...", flush=True)
             ref_row = run_child(["--worker", "reference", "--ref-params", str(a.ref_params), *common])
 
         ta = next((r for m, r in rows if m == "task_arithmetic"), None)
         print()
         print(f"load average during the runs (other users of the 2 cores): {os.getloadavg()[0]:.2f} (1 min)")
+        models = f"rank-{a.lora_rank} LoRA adapters" if a.lora_rank else "models"
         print(
-            f"Synthetic Llama-like checkpoints: base + {a.models} models x {total / 1e9:.3f}B params, {a.dtype}; "
+            f"Synthetic Llama-like checkpoints: base + {a.models} {models} x {total / 1e9:.3f}B params, {a.dtype}; "
             f"{a.threads} torch threads; maths on {a.device}; engine chunk {a.chunk}; "
             f"median of {max(1, a.repeat)} run(s) per method"
         )
@@ -379,13 +424,13 @@ def main() -> int:
                 f"{'pcb released-code way, EXTRAPOLATED x%.1f' % f:<44} {ext_t:>9.0f} {'-':>8} {'-':>6} "
                 f"{ref_row['peak_anon'] * f / GIB:>14.1f} {ext_ratio:>10}"
             )
-        for exact, lowrank in pairs:
-            worst, overall = lowrank_error(
-                dirs[0], root / f"out-{methods.index(exact)}", root / f"out-{methods.index(lowrank)}"
+        for exact, variant in pairs:
+            worst, overall = variant_error(
+                dirs[0], root / f"out-{methods.index(exact)}", root / f"out-{methods.index(variant)}"
             )
             print(
-                f"{lowrank} against {exact}: per-tensor max|Δ_lowrank − Δ_exact| / max|Δ_exact| up to {worst:.2e}; "
-                f"‖Δ_lowrank − Δ_exact‖ / ‖Δ_exact‖ = {overall:.2e} over all merged tensors"
+                f"{variant} against {exact}: per-tensor max|Δ_variant − Δ_exact| / max|Δ_exact| up to {worst:.2e}; "
+                f"‖Δ_variant − Δ_exact‖ / ‖Δ_exact‖ = {overall:.2e} over all merged tensors"
             )
         pcb = next((r for m, r in rows if m == "pcb"), None)
         if pcb and ta:

@@ -114,6 +114,22 @@ def test_every_method_and_backend_composes_saves_and_loads(zoo, tmp_path, method
         assert loaded.prefix_tokens["audio"].shape[0] == 5
 
 
+@pytest.mark.parametrize("method", ["naivemc", "damc"])
+def test_knots_composes_from_the_text_adapters_factors(zoo, method):
+    """compose hands KnOTS the text adapters as LoRA factors. Aligned and summed (task arithmetic as the base
+    method) they are the plain weighted sum of the dense s·B·A, which compose merges for task arithmetic."""
+    suffix = "damc" if method == "damc" else "plain"
+    pair = {"image": zoo[f"image-{suffix}"], "audio": zoo[f"audio-{suffix}"]}
+    weights = {"image": 0.7, "audio": 0.4}
+    summed = compose(pair, method=method, merge="task_arithmetic", weights=weights)
+    aligned = compose(
+        pair, method=method, merge="knots", merge_params={"base_method": "task_arithmetic"}, weights=weights
+    )
+    torch.testing.assert_close(logits(aligned), logits(summed), atol=1e-4, rtol=1e-4)
+    ties = compose(pair, method=method, merge="knots", merge_params={"base_params": {"density": 0.5}}, weights=weights)
+    assert (logits(ties) - logits(summed)).abs().max() > 1e-3  # TIES in the aligned basis is another merge
+
+
 def test_damc_from_plain_models_needs_convert(zoo):
     pair = {"image": zoo["image-plain"], "audio": zoo["audio-plain"]}
     with pytest.raises(ValueError, match="DAMC needs a model trained with --decoupled"):

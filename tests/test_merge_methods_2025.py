@@ -243,6 +243,69 @@ def test_knots_with_task_arithmetic_is_the_sum_and_needs_a_base_method():
         merge_task_vectors(updates, "knots", base_params={"scale": 2})
 
 
+def lora_factors(n: int, seed: int, rank: int = 3):
+    """Per task {name: (s·B, A)}: the shapes of `lora_updates`, one of rank 0 in the last task (an adapter
+    that does not touch it) and two tasks sharing a B (a rank-deficient side-by-side matrix)."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"q": (16, 16), "wide": (10, 24), "tall": (5, 9), "odd": (13, 11)}
+    tasks = []
+    for t in range(n):
+        task = {}
+        for k, (o, i) in shapes.items():
+            r = 0 if (k == "odd" and t == n - 1) else rank
+            b = tasks[0][k][0] if (k == "q" and t == 1) else 0.3 * torch.randn(o, r, generator=g)
+            task[k] = (b, torch.randn(r, i, generator=g))
+        tasks.append(task)
+    return tasks
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_knots_takes_the_svd_from_lora_factors(n, tmp_path, monkeypatch):
+    """LoRA inputs as factors: the SVD of [ΔW_1 | … | ΔW_T] from a QR of the Bs, equal to the released dense
+    computation, through `merge_task_vectors` and through peft adapter folders merged onto a checkpoint."""
+    from safetensors.torch import save_file
+
+    from mcomp.merge.methods import knots
+    from mcomp.merge.sources import LowRank
+    from mcomp.peft_format import write_adapter
+
+    factored_svds = []
+    real = knots._svd_of_factors
+    monkeypatch.setattr(knots, "_svd_of_factors", lambda *a: factored_svds.append(1) or real(*a))
+
+    tasks = lora_factors(n, seed=20 + n)
+    dense = [{k: b.double() @ a.double() for k, (b, a) in t.items()} for t in tasks]
+    want = ref.knots_ties(dense, 0.3, alpha=0.7)
+    params = dict(base_method="ties", base_params={"density": 0.3}, scale=0.7)
+    factored = [{k: LowRank(b, a) for k, (b, a) in t.items()} for t in tasks]
+    zero = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in dense[0].items()}
+    got = merge_task_vectors(factored, "knots", **params)
+    assert ref.relative_error(got, want, zero) <= SVD and len(factored_svds) == 4
+    flat = merge_task_vectors([{k: v.float() for k, v in d.items()} for d in dense], "knots", **params)
+    assert ref.relative_error(flat, want, zero) <= SVD
+    assert ref.relative_error(merge_task_vectors(factored, "knots", factors=False, **params), want, zero) <= SVD
+    assert len(factored_svds) == 4  # the dense tensors and `factors: false` took the dense SVD
+
+    # peft folders: ΔW = (α/r)·B·A; a module an adapter lacks has ΔW = 0 for it
+    base = {
+        f"model.{k}.weight": torch.randn(v.shape, generator=torch.Generator().manual_seed(2)) for k, v in zero.items()
+    }
+    (tmp_path / "base").mkdir()
+    save_file(base, tmp_path / "base" / "model.safetensors")
+    for t, task in enumerate(tasks):
+        pairs = {f"model.{k}": (a, b / 2.0) for k, (b, a) in task.items() if a.shape[0]}
+        config = {"peft_type": "LORA", "r": 3, "lora_alpha": 6, "target_modules": sorted(task)}
+        write_adapter(tmp_path / f"a{t}", pairs, config=config)
+    merge_checkpoints(tmp_path / "base", [tmp_path / f"a{t}" for t in range(n)], tmp_path / "out", "knots", **params)
+    assert len(factored_svds) == 8
+    from safetensors.torch import load_file
+
+    out = load_file(tmp_path / "out" / "model.safetensors")
+    got = {k: out[f"model.{k}.weight"] for k in zero}
+    theta0 = {k: base[f"model.{k}.weight"].double() for k in zero}
+    assert ref.relative_error(got, {k: theta0[k] + v for k, v in want.items()}, theta0) <= SVD
+
+
 def test_the_merge_yaml_runs_the_new_methods(tmp_path):
     """`mcomp merge` with mergekit's names: lambda, per-model weight, a nested base_params mapping."""
     import yaml

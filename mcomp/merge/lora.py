@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 
 from mcomp.merge.memory import merge_task_vectors
-from mcomp.merge.registry import Segment
-from mcomp.merge.sources import Source, TensorInfo
+from mcomp.merge.registry import Segment, get_method
+from mcomp.merge.sources import LowRank, Source, TensorInfo
 from mcomp.merge.streaming import Sink
 from mcomp.peft_format import read_peft_lora, write_adapter
 
@@ -56,6 +56,12 @@ class LoraModule:
         if self.fan_in_fan_out:
             return (self.B.float() @ self.A.float()[:, r0:r1]).T.mul_(self.scaling)
         return (self.B.float()[r0:r1] @ self.A.float()).mul_(self.scaling)
+
+    def low_rank(self) -> LowRank:
+        """ΔW as factors: (s·B) @ A, or Aᵀ @ (s·B)ᵀ for a fan_in_fan_out weight."""
+        if self.fan_in_fan_out:
+            return LowRank(self.A.float().T, self.B.float().T * self.scaling)
+        return LowRank(self.B.float() * self.scaling, self.A.float())
 
 
 @dataclass
@@ -106,9 +112,18 @@ def merge_lora_adapters(
                 raise ValueError(
                     f"LoRA weight {k!r}: ΔW shape {list(shape)} in {a.path} but {list(shapes[k])} elsewhere"
                 )
+    factored = get_method(method).takes_factors
+    zero = {k: LowRank(torch.zeros(o, 0), torch.zeros(0, i)) for k, (o, i) in shapes.items()}
     deltas = []
     for a in adapters:
-        deltas.append({k: a.modules[k].delta() if k in a.modules else torch.zeros(shapes[k]) for k in keys})
+        deltas.append(
+            {
+                k: (a.modules[k].low_rank() if factored else a.modules[k].delta())
+                if k in a.modules
+                else (zero[k] if factored else torch.zeros(shapes[k]))
+                for k in keys
+            }
+        )
     return merge_task_vectors(deltas, method, **params)
 
 
@@ -186,6 +201,15 @@ class LoraSource(Source):
         r0, r1 = start // cols, -(-stop // cols)
         rows = m.delta_rows(r0, r1).reshape(-1)
         return rows[start - r0 * cols : stop - r0 * cols]
+
+    def low_rank(self, key):
+        m = self.adapter.modules.get(key)
+        if m is not None:
+            return m.low_rank()
+        if len(self.infos[key].shape) != 2:
+            return None
+        rows, cols = self.infos[key].shape  # not adapted: ΔW = 0, of rank 0
+        return LowRank(torch.zeros(rows, 0), torch.zeros(0, cols))
 
 
 class LoraSink(Sink):

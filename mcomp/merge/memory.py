@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from mcomp.merge.registry import Segment
-from mcomp.merge.sources import MemorySource, ZeroSource
+from mcomp.merge.sources import LowRank, MemorySource, ZeroSource
 from mcomp.merge.streaming import DEFAULT_CHUNK, DEFAULT_SAMPLE, MergeEngine, Sink
 
 INMEMORY_ELEMS = 1 << 24
@@ -89,7 +89,7 @@ def merge_state_dicts(
 
 
 def merge_task_vectors(
-    deltas: list[dict[str, torch.Tensor]],
+    deltas: list[dict[str, torch.Tensor | LowRank]],
     method: str = "task_arithmetic",
     *,
     device: str = "cpu",
@@ -101,11 +101,15 @@ def merge_task_vectors(
     """Merge task vectors τ_i directly (deltas in, merged float32 delta out, scale included).
 
     Same semantics as `merge_state_dicts` with θ0 = 0; used for LoRA, whose task vectors are
-    ΔW = (α/r)·B·A. All deltas must have the same keys and shapes.
+    ΔW = (α/r)·B·A (a `LowRank` value holds one as its factors, for methods that take them).
+    All deltas must have the same keys and shapes.
     """
     if not deltas:
         raise ValueError("need at least one task vector to merge")
-    srcs = [MemorySource({k: v.float() for k, v in d.items()}, f"task vector {i}") for i, d in enumerate(deltas)]
+    srcs = [
+        MemorySource({k: v if isinstance(v, LowRank) else v.float() for k, v in d.items()}, f"task vector {i}")
+        for i, d in enumerate(deltas)
+    ]
     base = ZeroSource(srcs[0].infos)
     engine = MergeEngine(
         base, srcs, method, device=device, **_engine_options(chunk_elems, inmemory_elems, sample_size), **params

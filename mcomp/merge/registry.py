@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from mcomp.plugins import MERGE_METHODS, Registry
+
+if TYPE_CHECKING:
+    from mcomp.merge.sources import LowRank
 
 SCOPES = ("global", "tensor")
 
@@ -116,8 +120,11 @@ class MergeMethod:
     `whole_tensors`: every chunk holds exactly one whole tensor, its shape in the segment (methods whose
     maths is per matrix: SVDs, sorts, norms); memory is then the largest tensor × models.
     `uses_base`: `merge` also receives θ0 of the chunk (`base=`), for methods defined on the weights
-    themselves rather than on task vectors (SLERP). Parameters are named as in mergekit where it has
-    the method; its `lambda` is `scale` (a Python keyword), and `make_params` takes either."""
+    themselves rather than on task vectors (SLERP). `takes_factors`: the method can use low-rank task
+    vectors' factors (LoRA): the engine sets `low_rank_inputs(name)`, every model's `LowRank` of that tensor
+    or None unless all have one, and callers holding LoRA updates pass them as factors. Parameters are named
+    as in mergekit where it has the method; its `lambda` is `scale` (a Python keyword), and `make_params`
+    takes either."""
 
     name: ClassVar[str]
     Params: ClassVar[type[MethodParams]] = MethodParams
@@ -125,10 +132,12 @@ class MergeMethod:
     whole_tensors: ClassVar[bool] = False
     uses_base: ClassVar[bool] = False
     model_count: ClassVar[int | None] = None  # exactly this many models besides the base (SLERP: 1)
+    takes_factors: ClassVar[bool] = False
 
     def __init__(self, params: MethodParams, n: int):
         self.p = params
         self.n = n
+        self.low_rank_inputs: Callable[[str], list[LowRank] | None] = lambda name: None
 
     def scope(self) -> str:
         """`global` (statistics over all merged tensors) or `tensor` (per tensor)."""

@@ -53,6 +53,31 @@ class TensorInfo:
         return n
 
 
+@dataclass(frozen=True)
+class LowRank:
+    """A 2-D task vector held as factors, `left @ right` ((O, r) @ (r, I)): a LoRA update s·B·A."""
+
+    left: torch.Tensor
+    right: torch.Tensor
+
+    def __post_init__(self):
+        if self.left.dim() != 2 or self.right.dim() != 2 or self.left.shape[1] != self.right.shape[0]:
+            raise ValueError(
+                f"low-rank factors must be (O, r) and (r, I), got {list(self.left.shape)} and {list(self.right.shape)}"
+            )
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.left.shape[0], self.right.shape[1])
+
+    def flat(self, start: int, stop: int) -> torch.Tensor:
+        """Flat elements [start, stop) of left @ right (float32), from the rows they lie in."""
+        cols = self.shape[1]
+        r0, r1 = start // cols, -(-stop // cols)
+        rows = (self.left[r0:r1].float() @ self.right.float()).reshape(-1)
+        return rows[start - r0 * cols : stop - r0 * cols]
+
+
 class Source:
     """Interface: `name`, `infos` (tensor name -> TensorInfo), `read(name, start, stop)`."""
 
@@ -65,6 +90,10 @@ class Source:
 
     def read_delta(self, key: str, start: int, stop: int, base: torch.Tensor) -> torch.Tensor | None:
         """The task vector slice directly, when the source has it exactly (LoRA); else None."""
+        return None
+
+    def low_rank(self, key: str) -> LowRank | None:
+        """The task vector of 2-D tensor `key` as factors, when the source holds it so (LoRA); else None."""
         return None
 
     # whether `read` gives this model's own weights (False for sources whose task vector comes
@@ -85,15 +114,25 @@ class Source:
 
 
 class MemorySource(Source):
-    """A state dict in memory."""
+    """A state dict in memory; a value may be a `LowRank` (float32 when read)."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor], name: str = "model"):
+    def __init__(self, tensors: dict[str, torch.Tensor | LowRank], name: str = "model"):
         self.name = name
         self.tensors = tensors
-        self.infos = {k: TensorInfo(tuple(v.shape), v.dtype) for k, v in tensors.items()}
+        self.infos = {
+            k: TensorInfo(tuple(v.shape), torch.float32 if isinstance(v, LowRank) else v.dtype)
+            for k, v in tensors.items()
+        }
 
     def read(self, key: str, start: int, stop: int) -> torch.Tensor:
-        return self.tensors[key].detach().reshape(-1)[start:stop].cpu()
+        value = self.tensors[key]
+        if isinstance(value, LowRank):
+            return value.flat(start, stop)
+        return value.detach().reshape(-1)[start:stop].cpu()
+
+    def low_rank(self, key: str) -> LowRank | None:
+        value = self.tensors[key]
+        return value if isinstance(value, LowRank) else None
 
 
 class ZeroSource(Source):

@@ -283,7 +283,15 @@ class MergeEngine:
     def method(self, workspace: Workspace | None = None) -> MergeMethod:
         """An instance of the method to run: its acceleration where one is available (given
         `workspace` for its scratch buffers), else the method itself."""
-        return instantiate(self.method_cls, self.params, self.n, workspace)
+        method = instantiate(self.method_cls, self.params, self.n, workspace)
+        if self.method_cls.takes_factors:
+            method.low_rank_inputs = self.low_rank_inputs
+        return method
+
+    def low_rank_inputs(self, name: str) -> list | None:
+        """Every model's task vector of 2-D tensor `name` as `LowRank` factors, or None unless all have them."""
+        factors = [m.low_rank(name) for m in self.models]
+        return None if any(f is None for f in factors) else factors
 
     def _read_for(self, method: MergeMethod, stage: int | None, chunk: Chunk, checked: list[bool]):
         """(float32 θ0 or None, the chunk for `method`): stored values when it takes them, else the

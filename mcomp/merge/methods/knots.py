@@ -11,6 +11,14 @@ Tensors that are not 2-D take part in the base merge as they are.
 its configs set to 1). All R_t are held in memory until the base merge has run, as the release holds
 them; for LoRA inputs they are small (k ≤ T·r rows). A full-rank delta makes each R_t as large as the
 tensor itself, so KnOTS is meant for LoRA inputs (merges of LoRA adapters, and compose's text adapters).
+
+Where every input holds a tensor's update as factors (`LowRank`: LoRA adapters), the same SVD is taken
+from them (`factors`, default true): with L = [s_1·B_1 | … | s_T·B_T] = Q·R_L (QR, O × T·r) and
+blockdiag(A_1, …, A_T), M = Q · (R_L · blockdiag(A)), so the SVD of that (T·r × T·I) matrix gives
+M's with U = Q·U'. That is the released decomposition without its O × T·I float64 SVD; it keeps M's
+exact rank, where the release decomposes the float32 product B·A, whose rounding adds singular values
+of about 1e-7·‖ΔW‖ that the 1e-5 threshold drops for updates of ordinary size. `factors: false` takes
+the dense path.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ class KnotsParams(MethodParams):
     base_method: str = "ties"
     base_params: dict[str, Any] = field(default_factory=dict)
     threshold: float = 1e-5
+    factors: bool = True
 
     def validate(self, n: int) -> None:
         super().validate(n)
@@ -40,6 +49,17 @@ class KnotsParams(MethodParams):
         if clash:
             raise ValueError(f"give {clash} as knots' own parameters, not in 'base_params'")
         _number(self, "threshold", 0.0)
+        if not isinstance(self.factors, bool):
+            raise ValueError(f"parameter 'factors' must be true or false, got {self.factors!r}")
+
+
+def _svd_of_factors(factors: list, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD (float64) of [left_1 @ right_1 | … | left_T @ right_T] from the factors alone."""
+    left = torch.cat([f.left.to(device, torch.float64) for f in factors], dim=1)
+    q, r = torch.linalg.qr(left)
+    inner = r @ torch.block_diag(*[f.right.to(device, torch.float64) for f in factors])
+    u, s, vh = torch.linalg.svd(inner, full_matrices=False)
+    return q @ u, s, vh
 
 
 class _Stash:
@@ -54,6 +74,7 @@ class Knots(MergeMethod):
     name = "knots"
     Params = KnotsParams
     whole_tensors = True
+    takes_factors = True
     description = "KnOTS: LoRA updates aligned in their shared SVD basis, then merged by a base method"
 
     def scope(self) -> str:
@@ -72,8 +93,12 @@ class Knots(MergeMethod):
             aligned[seg.name] = (None, [tau[i].clone() for i in range(self.n)])
             return
         rows, cols = seg.shape
-        side_by_side = torch.cat([tau[i].view(rows, cols) for i in range(self.n)], dim=1).double()
-        u, s, vh = torch.linalg.svd(side_by_side, full_matrices=False)
+        factors = self.low_rank_inputs(seg.name) if self.p.factors else None
+        if factors is not None:
+            u, s, vh = _svd_of_factors(factors, tau.device)
+        else:
+            side_by_side = torch.cat([tau[i].view(rows, cols) for i in range(self.n)], dim=1).double()
+            u, s, vh = torch.linalg.svd(side_by_side, full_matrices=False)
         keep = s > self.p.threshold
         u, s, vh = u[:, keep].float(), s[keep].float(), vh[keep].float()
         blocks = torch.diag(s) @ vh
