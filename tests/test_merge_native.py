@@ -159,3 +159,52 @@ def test_every_stored_bit_pattern_decodes_exactly(dtype):
     assert not native.all_finite(stored) and not finite
     small = native.StoredColumns(torch.zeros(3, dtype=dtype), [patterns[:3]])
     assert native.all_finite(small) and native.abs_brackets(small, [[(0.0, 1.0)]]).finite
+
+
+FAMILY_CASES = [
+    ("task_arithmetic", {}),
+    ("task_arithmetic", {"weights": [0.3, 1.7, -0.4], "scale": 0.9}),
+    ("linear", {"weights": [1.0, 2.0, 0.5]}),
+    ("ties", {"density": 0.3}),
+    ("ties", {"density": 0.5, "sign": "frequency", "weights": [0.5, 1.5, 1.0], "scale": 1.3}),
+    ("ties", {"density": 0.4, "scope": "tensor"}),
+    ("ties", {"density": 1.0}),
+    ("dare_linear", {"density": 0.6, "seed": 3}),
+    ("dare_linear", {"density": 0.6, "rescale": "l1", "weights": [1.0, 0.4, 2.0]}),
+    ("dare_ties", {"density": 0.7, "seed": 5, "sign": "frequency"}),
+    ("dare_ties", {"density": 0.5, "rescale": "l1", "scope": "global", "scale": 0.7}),
+    ("dare_ties", {"density": 1.0}),
+]
+
+
+@pytest.mark.parametrize("method,params", FAMILY_CASES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_the_family_kernels_give_the_torch_paths_bits(method, params, dtype, tmp_path, monkeypatch):
+    """Task arithmetic, linear, TIES and DARE on the fused kernels, streamed in the stored dtype over
+    chunks that cut tensors, equal the torch path (the method's rule alone) bit for bit."""
+    from safetensors.torch import load_file, save_file
+
+    from mcomp.merge import acceleration, merge_checkpoints
+
+    g = torch.Generator().manual_seed(7)
+    shapes = {"a": (70, 301), "b": (1000,), "c": (33, 64)}
+    base = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    models = [{k: v + 0.02 * torch.randn(v.shape, generator=g) ** 3 for k, v in base.items()} for _ in range(3)]
+    models[1]["a"][:, :40] = base["a"][:, :40]  # exact zeros in one task: the elected sign can be 0
+    models[2]["a"][:, :20] = base["a"][:, :20]
+    paths = []
+    for name, sd in [("base", base)] + [(f"m{i}", m) for i, m in enumerate(models)]:
+        (tmp_path / name).mkdir()
+        save_file({k: v.to(dtype) for k, v in sd.items()}, tmp_path / name / "model.safetensors")
+        paths.append(tmp_path / name)
+
+    def merged(tag: str) -> dict:
+        out = tmp_path / tag
+        merge_checkpoints(paths[0], paths[1:], out, method, chunk_elems=4099, dtype="float32", **params)
+        return load_file(out / "model.safetensors")
+
+    fast = merged("fast")
+    monkeypatch.setattr(acceleration, "acceleration_of", lambda cls: None)
+    rule = merged("rule")
+    for k in shapes:
+        assert torch.equal(fast[k], rule[k]), (method, params, k, float((fast[k] - rule[k]).abs().max()))

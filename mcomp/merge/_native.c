@@ -533,6 +533,241 @@ MC_CLONES long mc_mark_above(const float *x, int n, long w, long ld, const float
     return marked;
 }
 
+/* The task-arithmetic family's steps (mcomp/merge/methods/family.py), as its torch path computes
+ * them: trim t_i = τ_i · [|τ_i| >= thr_i]; drop t_i = τ_i · [u_i < density], then / density
+ * (inverse) or · rescale_i (l1); t_i · w_i; then the sum t_0 + t_1 + … or TIES's election and
+ * disjoint mean. Task arithmetic and linear (no sparsify, no election) are Σ_i w_i τ_i as
+ * τ_0 w_0 then fused multiply-adds, as torch's vectorised add with alpha does. */
+typedef struct {
+    const float *thr;     /* per row; NULL: no trim */
+    const float *u;       /* DARE's uniform draws, n rows of stride ldu, column 0 at src's; NULL: no drop */
+    long ldu;
+    float density;
+    const float *rescale; /* per row (l1 rescale); NULL: divide by density */
+    const float *weights; /* per row; NULL: none */
+    int consensus;        /* 0 none, 1 sign by mass, 2 sign by frequency */
+    int plain;            /* 1: Σ_i w_i τ_i with the weights inside the sum (no sparsify) */
+    float majority;       /* the scope's majority sign, where the elected sign is 0 */
+    float scale;
+} family_args_t;
+
+/* The sparsified, weighted task vectors of the loaded tile into tl->a (n × MC_TILE). */
+static inline void family_sparsify(tile_t *tl, int n, long c, long tw, const family_args_t *g) {
+    float ub[MC_TILE] __attribute__((aligned(64)));
+    for (int i = 0; i < n; i++) {
+        const float *t = ROW(tl->tau, i);
+        float *a = ROW(tl->a, i);
+#pragma omp simd
+        for (long j = 0; j < MC_TILE; j++) a[j] = t[j];
+        if (g->thr) {
+            float th = g->thr[i];
+#pragma omp simd
+            for (long j = 0; j < MC_TILE; j++) a[j] = a[j] * (float)(fabsf(a[j]) >= th);
+        }
+        if (g->u) {
+            memcpy(ub, g->u + i * g->ldu + c, sizeof(float) * (size_t)tw);
+            for (long j = tw; j < MC_TILE; j++) ub[j] = 1.0f;
+            float d = g->density;
+#pragma omp simd
+            for (long j = 0; j < MC_TILE; j++) a[j] = a[j] * (float)(ub[j] < d);
+            if (g->rescale) {
+                float r = g->rescale[i];
+#pragma omp simd
+                for (long j = 0; j < MC_TILE; j++) a[j] = a[j] * r;
+            } else {
+#pragma omp simd
+                for (long j = 0; j < MC_TILE; j++) a[j] = a[j] / d;
+            }
+        }
+        if (g->weights) {
+            float wi = g->weights[i];
+#pragma omp simd
+            for (long j = 0; j < MC_TILE; j++) a[j] = a[j] * wi;
+        }
+    }
+}
+
+/* The elected sign per column into el (before the majority fix-up). */
+static inline void family_elect(tile_t *tl, int n, int consensus, float *el) {
+    float sum[MC_TILE] __attribute__((aligned(64)));
+#pragma omp simd
+    for (long j = 0; j < MC_TILE; j++) sum[j] = 0.0f;
+    for (int i = 0; i < n; i++) {
+        const float *a = ROW(tl->a, i);
+        if (consensus == 1) {
+#pragma omp simd
+            for (long j = 0; j < MC_TILE; j++) sum[j] += a[j];
+        } else {
+#pragma omp simd
+            for (long j = 0; j < MC_TILE; j++) sum[j] += sign_of(a[j]);
+        }
+    }
+#pragma omp simd
+    for (long j = 0; j < MC_TILE; j++) el[j] = sign_of(sum[j]);
+}
+
+/* The family's merged values of the w columns of src to out[0:w]. */
+MC_CLONES int mc_family_merge(const src_t *src, int n, long w, const family_args_t *g, float *out) {
+    tile_t tl;
+    if (tile_alloc(&tl, n)) return -1;
+    float acc[MC_TILE] __attribute__((aligned(64))), cnt[MC_TILE] __attribute__((aligned(64)));
+    for (long c = 0; c < w; c += MC_TILE) {
+        long tw = w - c < MC_TILE ? w - c : MC_TILE;
+        tile_load(&tl, src, n, NULL, c, tw);
+        if (g->plain) {
+            const float *t0 = ROW(tl.tau, 0);
+            float w0 = g->weights ? g->weights[0] : 1.0f;
+#pragma omp simd
+            for (long j = 0; j < MC_TILE; j++) acc[j] = t0[j] * w0;
+            for (int i = 1; i < n; i++) {
+                const float *ti = ROW(tl.tau, i);
+                float wi = g->weights ? g->weights[i] : 1.0f;
+#pragma omp simd
+                for (long j = 0; j < MC_TILE; j++) acc[j] = fmaf(ti[j], wi, acc[j]);
+            }
+        } else {
+            family_sparsify(&tl, n, c, tw, g);
+            if (g->consensus == 0) {
+                const float *a0 = ROW(tl.a, 0);
+#pragma omp simd
+                for (long j = 0; j < MC_TILE; j++) acc[j] = a0[j];
+                for (int i = 1; i < n; i++) {
+                    const float *ai = ROW(tl.a, i);
+#pragma omp simd
+                    for (long j = 0; j < MC_TILE; j++) acc[j] += ai[j];
+                }
+            } else {
+                float *el = ROW(tl.norm, 0);
+                family_elect(&tl, n, g->consensus, el);
+                float maj = g->majority;
+#pragma omp simd
+                for (long j = 0; j < MC_TILE; j++) {
+                    el[j] = el[j] == 0.0f ? maj : el[j];
+                    acc[j] = 0.0f;
+                    cnt[j] = 0.0f;
+                }
+                for (int i = 0; i < n; i++) {
+                    const float *a = ROW(tl.a, i);
+#pragma omp simd
+                    for (long j = 0; j < MC_TILE; j++) {
+                        float x = a[j] * (float)(el[j] > 0.0f ? a[j] > 0.0f : a[j] < 0.0f);
+                        acc[j] += x;
+                        cnt[j] += (float)(x != 0.0f);
+                    }
+                }
+#pragma omp simd
+                for (long j = 0; j < MC_TILE; j++) acc[j] = acc[j] / (cnt[j] < 1.0f ? 1.0f : cnt[j]);
+            }
+        }
+        float scale = g->scale;
+        for (long j = 0; j < tw; j++) out[c + j] = scale != 1.0f ? acc[j] * scale : acc[j];
+    }
+    free(tl.tau);
+    return 0;
+}
+
+/* TIES's majority statistic over the w columns of src: *balance += #{elected > 0} − #{elected < 0}. */
+MC_CLONES int mc_family_signs(const src_t *src, int n, long w, const family_args_t *g, int64_t *balance) {
+    tile_t tl;
+    if (tile_alloc(&tl, n)) return -1;
+    int64_t total = 0;
+    for (long c = 0; c < w; c += MC_TILE) {
+        long tw = w - c < MC_TILE ? w - c : MC_TILE;
+        tile_load(&tl, src, n, NULL, c, tw);
+        family_sparsify(&tl, n, c, tw, g);
+        float *el = ROW(tl.norm, 0);
+        family_elect(&tl, n, g->consensus, el);
+        int pos = 0, neg = 0;
+#pragma omp simd reduction(+ : pos, neg)
+        for (long j = 0; j < MC_TILE; j++) { /* padding columns elect 0 */
+            pos += el[j] > 0.0f;
+            neg += el[j] < 0.0f;
+        }
+        total += pos - neg;
+    }
+    free(tl.tau);
+    *balance += total;
+    return 0;
+}
+
+/* DARE's l1 rescale statistics over the w columns of src, per row i: before[i] += Σ|τ_i|,
+ * after[i] += Σ|τ_i|·[u_i < density] (float64 sums). */
+MC_CLONES int mc_family_l1(const src_t *src, int n, long w, const float *u, long ldu, float density, double *before,
+                           double *after) {
+    tile_t tl;
+    if (tile_alloc(&tl, n)) return -1;
+    for (long c = 0; c < w; c += MC_TILE) {
+        long tw = w - c < MC_TILE ? w - c : MC_TILE;
+        tile_load(&tl, src, n, NULL, c, tw);
+        for (int i = 0; i < n; i++) {
+            const float *t = ROW(tl.tau, i), *ui = u + i * ldu + c;
+            double b = 0.0, a = 0.0;
+            for (long j = 0; j < tw; j++) {
+                double v = fabsf(t[j]);
+                b += v;
+                a += ui[j] < density ? v : 0.0;
+            }
+            before[i] += b;
+            after[i] += a;
+        }
+    }
+    free(tl.tau);
+    return 0;
+}
+
+/* torch's CPU generator, mt19937 (the reference algorithm: state twisted before the first
+ * output), and torch.rand's float32 uniforms from it, one 32-bit output each: (r & 0xFFFFFF)·2^-24.
+ * DARE's masks come from torch generators seeded per tensor and model; drawing the same numbers
+ * here, several streams at once on the pool, spares torch.rand's per-value overhead. st[0..623]
+ * is the state, st[624] the position of the next output (624: twist first). */
+#define MT_N 624
+#define MT_M 397
+
+void mc_mt_seed(uint32_t *st, uint64_t seed) {
+    st[0] = (uint32_t)(seed & 0xffffffffu);
+    for (int i = 1; i < MT_N; i++) st[i] = 1812433253u * (st[i - 1] ^ (st[i - 1] >> 30)) + (uint32_t)i;
+    st[MT_N] = MT_N;
+}
+
+static void mt_twist(uint32_t *mt) {
+    int i = 0;
+    uint32_t y;
+    for (; i < MT_N - MT_M; i++) {
+        y = (mt[i] & 0x80000000u) | (mt[i + 1] & 0x7fffffffu);
+        mt[i] = mt[i + MT_M] ^ (y >> 1) ^ ((y & 1u) ? 0x9908b0dfu : 0u);
+    }
+    for (; i < MT_N - 1; i++) {
+        y = (mt[i] & 0x80000000u) | (mt[i + 1] & 0x7fffffffu);
+        mt[i] = mt[i + (MT_M - MT_N)] ^ (y >> 1) ^ ((y & 1u) ? 0x9908b0dfu : 0u);
+    }
+    y = (mt[MT_N - 1] & 0x80000000u) | (mt[0] & 0x7fffffffu);
+    mt[MT_N - 1] = mt[MT_M - 1] ^ (y >> 1) ^ ((y & 1u) ? 0x9908b0dfu : 0u);
+}
+
+MC_CLONES void mc_mt_uniform(uint32_t *st, long count, float *out) {
+    long done = 0;
+    while (done < count) {
+        if (st[MT_N] >= MT_N) {
+            mt_twist(st);
+            st[MT_N] = 0;
+        }
+        long pos = st[MT_N], take = MT_N - pos < count - done ? MT_N - pos : count - done;
+        const uint32_t *s = st + pos;
+        float *o = out + done;
+#pragma omp simd
+        for (long j = 0; j < take; j++) {
+            uint32_t y = s[j];
+            y ^= y >> 11;
+            y ^= (y << 7) & 0x9d2c5680u;
+            y ^= (y << 15) & 0xefc60000u;
+            y ^= y >> 18;
+            o[j] = (float)(y & 0xFFFFFFu) * 0x1p-24f;
+        }
+        st[MT_N] = (uint32_t)(pos + take);
+        done += take;
+    }
+}
+
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, .m_name = "_native",
                                     .m_doc = "mcomp's fused merge kernels (used through ctypes)", .m_size = -1};
 

@@ -61,6 +61,16 @@ def _load() -> ctypes.CDLL | None:
     lib.mc_all_finite.restype = ctypes.c_int
     lib.mc_mark_above.argtypes = [_P, ctypes.c_int, _L, _L, _P, _P]
     lib.mc_mark_above.restype = _L
+    lib.mc_family_merge.argtypes = [_P, ctypes.c_int, _L, _P, _P]
+    lib.mc_family_merge.restype = ctypes.c_int
+    lib.mc_family_signs.argtypes = [_P, ctypes.c_int, _L, _P, _P]
+    lib.mc_family_signs.restype = ctypes.c_int
+    lib.mc_family_l1.argtypes = [_P, ctypes.c_int, _L, _P, _L, ctypes.c_float, _P, _P]
+    lib.mc_family_l1.restype = ctypes.c_int
+    lib.mc_mt_seed.argtypes = [_P, ctypes.c_uint64]
+    lib.mc_mt_seed.restype = None
+    lib.mc_mt_uniform.argtypes = [_P, _L, _P]
+    lib.mc_mt_uniform.restype = None
     return lib
 
 
@@ -340,3 +350,116 @@ def mark_above(x: torch.Tensor, floors: list[float]) -> tuple[np.ndarray, int]:
     f = _floats(floors)
     marked = _lib.mc_mark_above(x.data_ptr(), n, w, x.stride(0), f.ctypes.data, bits.ctypes.data)
     return bits, int(marked)
+
+
+class FamilyArgs(ctypes.Structure):  # family_args_t in _native.c
+    _fields_ = [
+        ("thr", _P),
+        ("u", _P),
+        ("ldu", _L),
+        ("density", ctypes.c_float),
+        ("rescale", _P),
+        ("weights", _P),
+        ("consensus", ctypes.c_int),
+        ("plain", ctypes.c_int),
+        ("majority", ctypes.c_float),
+        ("scale", ctypes.c_float),
+    ]
+
+
+_CONSENSUS = {None: 0, "mass": 1, "frequency": 2}
+
+
+def family_args(
+    *,
+    thresholds: list[float] | None = None,
+    uniform: torch.Tensor | None = None,
+    density: float = 1.0,
+    rescale: list[float] | None = None,
+    weights: list[float] | None = None,
+    sign: str | None = None,
+    plain: bool = False,
+    majority: float = 0.0,
+    scale: float = 1.0,
+) -> FamilyArgs:
+    """The task-arithmetic family's steps for `family_merge`/`family_signs` (see `family_args_t`):
+    `uniform` are DARE's draws (n, C) for the columns the kernels see, `sign` the election (None: a
+    plain sum). The arrays are kept alive on the returned struct."""
+    thr, res, wts = (None if v is None else _floats(v) for v in (thresholds, rescale, weights))
+    args = FamilyArgs(
+        thr=None if thr is None else thr.ctypes.data,
+        u=None if uniform is None else uniform.data_ptr(),
+        ldu=0 if uniform is None else uniform.stride(0),
+        density=density,
+        rescale=None if res is None else res.ctypes.data,
+        weights=None if wts is None else wts.ctypes.data,
+        consensus=_CONSENSUS[sign],
+        plain=int(plain),
+        majority=majority,
+        scale=scale,
+    )
+    args._keep = (thr, res, wts, uniform)
+    return args
+
+
+def _offset(args: FamilyArgs, start: int) -> FamilyArgs:
+    """`args` for the columns from `start` on (the draws move with them)."""
+    if not args.u or start == 0:
+        return args
+    moved = FamilyArgs.from_buffer_copy(args)
+    moved.u = args.u + 4 * start
+    moved._keep = args._keep
+    return moved
+
+
+def family_merge(tau, args: FamilyArgs, out: torch.Tensor, start: int = 0) -> None:
+    """The family's merged values of `tau` (n, w; a tensor or `StoredColumns`, the columns from `start`
+    of those `args` was made for) into `out` (w,)."""
+    n, w = tau.shape
+    src = _src(tau)
+    _check(_lib.mc_family_merge(ctypes.byref(src), n, w, ctypes.byref(_offset(args, start)), out.data_ptr()))
+
+
+def family_signs(tau, args: FamilyArgs, start: int = 0) -> int:
+    """#{elected sign > 0} − #{< 0} over the columns of `tau` (as `family_merge`)."""
+    n, w = tau.shape
+    src = _src(tau)
+    balance = ctypes.c_int64()
+    _check(_lib.mc_family_signs(ctypes.byref(src), n, w, ctypes.byref(_offset(args, start)), ctypes.byref(balance)))
+    return balance.value
+
+
+def family_l1(tau, uniform: torch.Tensor, density: float, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(Σ|τ_i|, Σ|τ_i|·[u_i < density]) per row, float64, over the columns of `tau`, which are the
+    columns from `start` of the chunk whose draws `uniform` (n, C) holds."""
+    n, w = tau.shape
+    before, after = np.zeros(n), np.zeros(n)
+    src = _src(tau)
+    _check(
+        _lib.mc_family_l1(
+            ctypes.byref(src),
+            n,
+            w,
+            uniform.data_ptr() + 4 * start,
+            uniform.stride(0),
+            density,
+            before.ctypes.data,
+            after.ctypes.data,
+        )
+    )
+    return before, after
+
+
+class TorchUniformStream:
+    """torch.rand(count, generator=torch.Generator().manual_seed(seed)) drawn in pieces, the same bits:
+    torch's CPU generator (mt19937) and its float32 uniform, in the native library (the GIL is
+    released, so several streams draw at once)."""
+
+    def __init__(self, seed: int):
+        self.state = np.empty(625, dtype=np.uint32)
+        _lib.mc_mt_seed(self.state.ctypes.data, seed & ((1 << 64) - 1))
+
+    def draw(self, out: torch.Tensor) -> torch.Tensor:
+        """Fill the contiguous float32 `out` with the stream's next out.numel() uniforms."""
+        _lib.mc_mt_uniform(self.state.ctypes.data, out.numel(), out.data_ptr())
+        return out

@@ -1,0 +1,184 @@
+"""The task-arithmetic family's acceleration (task arithmetic, linear, TIES, DARE): the rule of
+`mcomp.merge.methods.family`, on the fused native kernels.
+
+Each pass reads the chunk in its stored dtype (the kernels decode θ_i − θ0 as they load a tile) and
+runs on column blocks on the thread pool. TIES's trim thresholds are order statistics of |τ_i| scanned
+against their sample brackets as PCB's clip statistics are (and the NaN/Inf check rides along); the
+majority sign is an exact count; DARE's draws are the method's mask stream's numbers (torch's
+generator, from its native copy: the models' rows drawn at once), so the same seed gives the same bytes
+on both paths. Where the kernels are not built, or
+the maths runs on another device, the method's torch path runs instead.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from mcomp.merge import native
+from mcomp.merge.acceleration import Acceleration, NonFiniteInput
+from mcomp.merge.kernels import Workspace, column_blocks, parallel_map, scratch
+from mcomp.merge.methods.family import DareLinear, DareTies, Linear, TaskArithmetic, Ties, mask_seed
+from mcomp.merge.registry import Chunk
+from mcomp.merge.selection import RowQuantiles
+
+_FLOAT32 = torch.empty(0)
+
+
+class NativeDraws:
+    """`MaskStream.uniform`'s numbers (torch generators seeded per tensor and model, drawn in element
+    order) from the native copy of torch's generator; each model's row can be drawn on its own thread."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self._streams: dict[tuple[str, int], tuple[native.TorchUniformStream, int]] = {}
+
+    def row(self, chunk: Chunk, model: int, out: torch.Tensor) -> None:
+        pos = 0
+        for s in chunk.segments:
+            key = (s.name, model)
+            if s.start == 0:
+                stream = native.TorchUniformStream(mask_seed(self.seed, s.name, model))
+            else:
+                stream, expected = self._streams.get(key, (None, -1))
+                if stream is None or expected != s.start:
+                    raise RuntimeError(
+                        f"DARE masks must be drawn in order: {s.name!r} model {model} at {s.start}, expected {expected}"
+                    )
+            stream.draw(out[pos : pos + s.size])
+            self._streams[key] = (stream, s.stop)
+            pos += s.size
+
+
+class AcceleratedFamily(Acceleration):
+    """Mixed into each member: `class AcceleratedTies(AcceleratedFamily, Ties)`."""
+
+    _draws: NativeDraws | None = None
+
+    # columns per block: the kernels tile internally, so a block only shares the chunk between workers
+    BLOCK_VALUES = 3 << 19
+
+    def _block_columns(self) -> int:
+        return max(1, self.BLOCK_VALUES // self.n)
+
+    def accepts_stored(self, stage: int | None) -> bool:
+        return self.workspace is not None and native.available()
+
+    def checks_finite(self, stage: int) -> bool:
+        # the trim pass loads every τ_i anyway: the check rides along
+        return self.stages[stage] == "trim" and self.accepts_stored(stage)
+
+    def _native(self, tau) -> bool:
+        return self.workspace is not None and native.usable(tau)
+
+    def _uniform(self, chunk: Chunk) -> torch.Tensor | None:
+        """DARE's draws for the chunk (n, C), the method's mask stream's numbers; None without a drop."""
+        if self.sparsify != "random" or self.p.density >= 1:
+            return None
+        if self._draws is None:
+            self._draws = NativeDraws(self.p.seed)
+        out = scratch(self.workspace, "family.uniform", (self.n, chunk.size), _FLOAT32)
+        parallel_map(lambda i: self._draws.row(chunk, i, out[i]), list(range(self.n)))
+        return out
+
+    def _args(self, stats: dict, uniform: torch.Tensor | None) -> native.FamilyArgs:
+        if self.sparsify == "none" and self.consensus == "none":
+            w = self.p.weight_list(self.n)
+            return native.family_args(
+                weights=[x / sum(w) for x in w] if self.normalise else w, plain=True, scale=self.p.scale
+            )
+        rescale = stats.get("l1_factor") if self.sparsify == "random" and self.p.rescale == "l1" else None
+        return native.family_args(
+            thresholds=stats.get("threshold_values") if self.sparsify == "magnitude" else None,
+            uniform=uniform,
+            density=self.p.density if uniform is not None else 1.0,
+            rescale=rescale if uniform is not None else None,
+            weights=list(self.p.weights) if self.p.weights is not None else None,
+            sign=self.p.sign if self.consensus == "sign" else None,
+            majority=stats.get("majority", 0.0),
+            scale=self.p.scale,
+        )
+
+    def observe(self, stage, tau, chunk, stats, reducers):
+        if not self._native(tau) or not chunk.segments:
+            return super().observe(stage, native.materialise(tau), chunk, stats, reducers)
+        kind = self.stages[stage]
+        if kind == "trim":
+            return self._observe_trim(tau, reducers)
+        size, parts = tau.shape[1], []
+        if kind == "l1":
+            uniform = self._uniform(chunk)
+
+            def block(start: int, stop: int, ws: Workspace | None) -> None:
+                parts.append(native.family_l1(native.columns(tau, start, stop), uniform, self.p.density, start))
+
+            column_blocks(block, size, self._block_columns(), self.workspace)
+            reducers["before"].values += torch.from_numpy(np.sum([b for b, _ in parts], axis=0))
+            reducers["after"].values += torch.from_numpy(np.sum([a for _, a in parts], axis=0))
+            return
+        args = self._args(stats, self._uniform(chunk))
+
+        def signs(start: int, stop: int, ws: Workspace | None) -> None:
+            parts.append(native.family_signs(native.columns(tau, start, stop), args, start))
+
+        column_blocks(signs, size, self._block_columns(), self.workspace)
+        reducers["signs"].values[0] += float(sum(parts))
+
+    def _observe_trim(self, tau, reducers) -> None:
+        if "trim" not in reducers:  # density 1: nothing is trimmed
+            return
+        quantiles = reducers["trim"]
+        brackets = quantiles.row_brackets() if isinstance(quantiles, RowQuantiles) else None
+        nonfinite = []
+
+        def block(start: int, stop: int, ws: Workspace | None) -> None:
+            part = native.columns(tau, start, stop)
+            if brackets is not None:
+                got = native.abs_brackets(part, brackets)
+                quantiles.add_scanned(part.shape[1], got.below, got.inside)
+                if not got.finite:
+                    nonfinite.append(start)
+                return
+            a = native.materialise(part).abs()
+            if not bool(torch.isfinite(a).all()):
+                nonfinite.append(start)
+            quantiles.update(a)  # the whole chunk is one block here
+
+        if brackets is not None and quantiles.blockwise:
+            column_blocks(block, tau.shape[1], self._block_columns(), self.workspace)
+        else:
+            block(0, tau.shape[1], self.workspace)
+        if nonfinite:
+            raise NonFiniteInput("a chunk contains NaN or Inf")
+
+    def merge(self, tau: torch.Tensor, chunk: Chunk, stats: dict) -> torch.Tensor:
+        if not self._native(tau) or not chunk.segments:
+            return super().merge(native.materialise(tau), chunk, stats)
+        args = self._args(stats, self._uniform(chunk))
+        delta = scratch(self.workspace, "family.delta", (tau.shape[1],), _FLOAT32)
+
+        def block(start: int, stop: int, ws: Workspace | None) -> None:
+            native.family_merge(native.columns(tau, start, stop), args, delta[start:stop], start)
+
+        column_blocks(block, tau.shape[1], self._block_columns(), self.workspace)
+        return delta
+
+
+class AcceleratedTaskArithmetic(AcceleratedFamily, TaskArithmetic):
+    accelerates = "task_arithmetic"
+
+
+class AcceleratedLinear(AcceleratedFamily, Linear):
+    accelerates = "linear"
+
+
+class AcceleratedTies(AcceleratedFamily, Ties):
+    accelerates = "ties"
+
+
+class AcceleratedDareLinear(AcceleratedFamily, DareLinear):
+    accelerates = "dare_linear"
+
+
+class AcceleratedDareTies(AcceleratedFamily, DareTies):
+    accelerates = "dare_ties"
