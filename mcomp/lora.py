@@ -70,6 +70,7 @@ class RoutingState:
         self._groups_of: torch.Tensor | None = None  # the route_ids the cached groups were made for
         self._groups: list = []
         self._inverse: torch.Tensor | None = None  # token order from the groups' concatenated rows
+        self._masks: dict[tuple, torch.Tensor] = {}  # rank_mask's, for the current groups
 
     def text_terms(self) -> list[tuple[str, float]]:
         return self.routes.get(TEXT_ROUTE, [])
@@ -93,11 +94,25 @@ class RoutingState:
             self._groups = self._make_groups(ids)
             self._groups_of = ids
             self._inverse = None
+            self._masks = {}
             if len(self._groups) > 1:
                 perm = torch.cat([index for _, index in self._groups])
                 self._inverse = torch.empty_like(perm)
                 self._inverse[perm] = torch.arange(perm.numel(), device=perm.device)
         return self._groups
+
+    def rank_mask(self, columns: list[tuple[int, int]], dtype: torch.dtype) -> torch.Tensor:
+        """(tokens, Σ ranks): 1 where a column belongs to the token's group. `columns`: (group, rank)
+        of each group's stacked adapters, side by side. Made once per forward and layout."""
+        key = (tuple(columns), dtype)
+        kept = self._masks.get(key)
+        if kept is None:
+            group = torch.empty(self.route_ids.numel(), dtype=torch.long, device=self.route_ids.device)
+            for g, (_, index) in enumerate(self._groups):
+                group[index] = g
+            owner = torch.cat([torch.full((r,), g, dtype=torch.long, device=group.device) for g, r in columns])
+            self._masks[key] = kept = (group.unsqueeze(1) == owner.unsqueeze(0)).to(dtype)
+        return kept
 
     def in_token_order(self, parts: list[torch.Tensor]) -> torch.Tensor:
         """Rows computed per group of the current forward (the groups partition the tokens), back
@@ -231,7 +246,11 @@ class RoutedLinear(nn.Module):
             return y if stacked is None else y + self._delta(x, stacked).to(y.dtype)
         flat_x = x.reshape(-1, x.shape[-1])
         flat_y = y.reshape(-1, y.shape[-1])
-        parts = []
+        stacks = [self._stacked(terms) for terms, _ in groups]
+        if not (self.training and any(s is not None and s[2] > 0 for s in stacks)):
+            delta = self._routed_delta(flat_x, stacks)
+            return y if delta is None else (flat_y + delta.to(y.dtype)).view_as(y)
+        parts = []  # dropout draws per group, as each group's own forward would
         for terms, index in groups:
             stacked = self._stacked(terms)
             if stacked is None or index.numel() == 0:
@@ -239,6 +258,18 @@ class RoutedLinear(nn.Module):
             else:
                 parts.append(self._delta(flat_x.index_select(0, index), stacked).to(y.dtype))
         return (flat_y + self._state[0].in_token_order(parts)).view_as(y)
+
+    def _routed_delta(self, flat_x: torch.Tensor, stacks: list) -> torch.Tensor | None:
+        """Every token's LoRA update from its own route's adapters, in one matmul pair: the groups'
+        stacked A and B side by side, and each token's rank columns outside its group zeroed between
+        the two (no gathers of token rows; the zeros add nothing to the sums)."""
+        present = [(g, s) for g, s in enumerate(stacks) if s is not None]
+        if not present:
+            return None
+        a = torch.cat([s[0] for _, s in present], dim=0)
+        b = torch.cat([s[1] for _, s in present], dim=1)
+        mask = self._state[0].rank_mask([(g, s[0].shape[0]) for g, s in present], a.dtype)
+        return ((flat_x.to(a.dtype) @ a.t()) * mask) @ b.t()
 
     def _forward_dense(self, x: torch.Tensor, groups) -> torch.Tensor:
         """Each group of tokens through its route's dense weight: one matmul per group."""

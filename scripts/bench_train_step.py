@@ -1,7 +1,10 @@
 #!/usr/bin/env python
 """Time of a training step (forward + backward) with the plain forward against the shared-prefix
 forward (`MultimodalLM.forward(..., share_prefix=True)`: the batch's common system prompt runs once,
-logits only from the first answer token), side by side on the same model and batches.
+logits only from the first answer token), side by side on the same model and batches. With
+`--decoupled` (DAMC: text and image tokens through their own LoRA), the same step of a plain-LoRA
+twin (same seed, same batches) runs interleaved with it, and the ratio of the two is printed: what
+routing the tokens costs.
 
     .venv/bin/python scripts/bench_train_step.py [--hidden 128] [--layers 4] [--batch 16] [--decoupled]
 
@@ -15,6 +18,7 @@ script exits non-zero if they differ.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
 import time
@@ -64,7 +68,7 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--batches", type=int, default=6)
-    ap.add_argument("--repeats", type=int, default=3, help="timed passes over the batches (best is reported)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed rounds over the batches (medians are reported)")
     ap.add_argument("--decoupled", action="store_true", help="DAMC: text and image LoRA routed per token")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
@@ -74,30 +78,42 @@ def main(argv=None) -> int:
     from mcomp.feature_cache import FeatureCache
     from mcomp.train import TrainConfig, prepare_for_training
 
-    model = build_model(args.hidden, args.layers, args.seed, modalities=("image",))
-    prepare_for_training(model, TrainConfig(stage=2, decoupled=args.decoupled, lora_r=8))
+    def trained(decoupled: bool):
+        model = build_model(args.hidden, args.layers, args.seed, modalities=("image",))
+        prepare_for_training(model, TrainConfig(stage=2, decoupled=decoupled, lora_r=8))
+        return model
+
+    model = trained(args.decoupled)
+    twin = trained(False) if args.decoupled else None  # plain LoRA on the same batches
     with tempfile.TemporaryDirectory() as tmp:
-        model.feature_cache = FeatureCache(Path(tmp) / "features")
+        for m in (model, twin):
+            if m is not None:
+                m.feature_cache = FeatureCache(Path(tmp) / "features")
         samples = make_samples(Path(tmp), args.batch * args.batches, args.seed)
         batches = [samples[k : k + args.batch] for k in range(0, len(samples), args.batch)]
 
-        def one_pass(share: bool) -> tuple[float, list[float]]:
+        def one_pass(m, share: bool) -> tuple[float, list[float]]:
             losses, start = [], time.perf_counter()
             for batch in batches:
-                model.zero_grad()
-                inputs = model.prepare_conversations([c for c, _ in batch], [m for _, m in batch])
-                loss = model(inputs, share_prefix=share).loss
+                m.zero_grad()
+                inputs = m.prepare_conversations([c for c, _ in batch], [x for _, x in batch])
+                loss = m(inputs, share_prefix=share).loss
                 loss.backward()
                 losses.append(float(loss.detach()))
             return (time.perf_counter() - start) / len(batches), losses
 
-        one_pass(False)  # warm-up: fills the feature cache
-        best = {False: float("inf"), True: float("inf")}
+        one_pass(model, False)  # warm-up: fills the feature cache
+        if twin is not None:
+            one_pass(twin, False)
+        times: dict = {False: [], True: [], "twin": []}
         losses = {}
-        for _ in range(args.repeats):
+        for _ in range(args.repeats):  # interleaved, so a slow spell of the machine hits every path
             for share in (False, True):
-                seconds, losses[share] = one_pass(share)
-                best[share] = min(best[share], seconds)
+                seconds, losses[share] = one_pass(model, share)
+                times[share].append(seconds)
+            if twin is not None:
+                times["twin"].append(one_pass(twin, False)[0])
+        best = {k: statistics.median(v) for k, v in times.items() if v}
     mismatch = max(abs(a - b) / abs(a) for a, b in zip(losses[False], losses[True]))
     print(
         f"hidden {args.hidden}, {args.layers} layers, batch {args.batch}, "
@@ -106,6 +122,11 @@ def main(argv=None) -> int:
     print(f"plain forward:        {best[False]:.3f} s a step")
     print(f"shared-prefix forward: {best[True]:.3f} s a step  ({best[False] / best[True]:.2f}x)")
     print(f"largest relative loss difference: {mismatch:.1e}")
+    if twin is not None:
+        print(
+            f"plain LoRA twin:       {best['twin']:.3f} s a step  "
+            f"(DAMC's routed step / plain LoRA's: {best[False] / best['twin']:.2f}x)"
+        )
     if mismatch > 1e-5:
         print("the two paths disagree", file=sys.stderr)
         return 1
