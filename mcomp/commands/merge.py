@@ -18,7 +18,15 @@ def add_parser(sub) -> None:
     p.add_argument("config", help="merge YAML")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--force", action="store_true", help="replace the output directory if it exists")
-    p.add_argument("--device", default="cpu", help="device for the per-tensor maths, e.g. cuda (default cpu)")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="where the per-chunk maths runs (default cpu, where the elementwise methods run fused native kernels "
+        "on the stored values; on the GPU machines measured so far the CPU was the faster for them). cuda: chunks "
+        "8x larger, the next read into pinned memory and sent on a side stream while the current one is "
+        "computed; expected to pay for the SVD methods (tsv, iso_c, iso_cts, knots): measure with "
+        "scripts/bench_merge.py --device cuda",
+    )
     p.add_argument("--dtype", help="output dtype (float16, bfloat16, float32); overrides the YAML; default: the base's")
     p.add_argument("--chunk-size", type=int, default=None, help="coordinates per chunk (memory vs overhead)")
     p.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")

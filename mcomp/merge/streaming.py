@@ -32,6 +32,7 @@ from mcomp.progress import progress_bar
 logger = logging.getLogger(__name__)
 
 DEFAULT_CHUNK = 1 << 20
+DEVICE_CHUNK = 1 << 23
 DEFAULT_SAMPLE = 1 << 20
 SAMPLE_BLOCK = 2048
 
@@ -87,7 +88,9 @@ class MergeEngine:
 
     `keys`: restrict merging to these tensors (others are copied from the base).
     `device`: where the per-chunk maths runs ("cpu", "cuda", ...); reading and writing stay
-    on the CPU. `chunk_elems`: coordinates per chunk. `inmemory_elems`: groups up to this many
+    on the CPU. `pipeline`: read the next chunk on a thread (into pinned memory, sent to the device
+    on a side stream) while the current one is computed; default on for a device other than the CPU.
+    `chunk_elems`: coordinates per chunk (8× larger by default on a device). `inmemory_elems`: groups up to this many
     coordinates are processed as one chunk. `sample_size`: coordinates sampled per group to
     bracket order statistics (0: use the two-pass histogram instead).
     """
@@ -105,6 +108,7 @@ class MergeEngine:
         sample_size: int = DEFAULT_SAMPLE,
         progress: bool = False,
         check_finite: bool = True,
+        pipeline: bool | None = None,
         **params: Any,
     ):
         if not models:
@@ -117,7 +121,11 @@ class MergeEngine:
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' requested but CUDA is not available")
+        if chunk_elems == DEFAULT_CHUNK and self.device.type != "cpu":
+            chunk_elems = DEVICE_CHUNK  # fewer, larger transfers and kernel launches
         self.chunk_elems = max(int(chunk_elems), 1)
+        # read chunk k+1 while chunk k is computed (on by default where the maths runs off the host)
+        self.pipeline = self.device.type != "cpu" if pipeline is None else bool(pipeline)
         self.inmemory_elems = int(inmemory_elems)
         self.sample_size = int(sample_size)
         self.progress = progress
@@ -222,10 +230,23 @@ class MergeEngine:
         """(θ0, τ) of a chunk as float32 on the engine device: shapes (C,) and (n, C).
 
         With a `workspace` they live in its buffers (valid until the next read)."""
+        base, tau = self.read_host(chunk, check, workspace if self.device.type == "cpu" else None)
+        if self.device.type != "cpu":
+            base, tau = base.to(self.device, non_blocking=True), tau.to(self.device, non_blocking=True)
+        return base, tau
+
+    def read_host(
+        self, chunk: Chunk, check: bool = False, workspace: Workspace | None = None, pinned: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(θ0, τ) of a chunk as float32 on the CPU (in page-locked memory if `pinned`)."""
         size = chunk.size
         like = torch.empty(0, dtype=torch.float32)
-        base = scratch(workspace if self.device.type == "cpu" else None, "read.base", (size,), like)
-        tau = scratch(workspace if self.device.type == "cpu" else None, "read.tau", (self.n, size), like)
+        if pinned:
+            base = torch.empty(size, dtype=torch.float32, pin_memory=True)
+            tau = torch.empty(self.n, size, dtype=torch.float32, pin_memory=True)
+        else:
+            base = scratch(workspace, "read.base", (size,), like)
+            tau = scratch(workspace, "read.tau", (self.n, size), like)
         pos = 0
         for seg in chunk.segments:
             end = pos + seg.size
@@ -240,8 +261,6 @@ class MergeEngine:
             pos = end
         if check:
             self._check_finite(chunk, base, tau)
-        if self.device.type != "cpu":
-            base, tau = base.to(self.device, non_blocking=True), tau.to(self.device, non_blocking=True)
         return base, tau
 
     def can_read_stored(self) -> bool:
@@ -314,6 +333,46 @@ class MergeEngine:
         base, tau = self.read(chunk, check=not checked[chunk.index], workspace=workspace)
         checked[chunk.index] = True
         return base, tau
+
+    def _reads(self, method: MergeMethod, stage: int | None, chunks: list[Chunk], checked: list[bool]):
+        """(chunk, θ0, τ) for each chunk in order, as `_read_for` gives them. Pipelined (`pipeline`,
+        and the chunks are not handed over as stored values): chunk k+1 is read on a thread while
+        chunk k is used; for a CUDA device into pinned memory and sent on a side stream, the compute
+        stream waiting on its copy. Each chunk gets its own host buffers: a method may keep what it
+        was given."""
+        stored = self.can_read_stored() and isinstance(method, Acceleration) and method.accepts_stored(stage)
+        if not self.pipeline or stored or len(chunks) < 2:
+            for chunk in chunks:
+                yield (chunk, *self._read_for(method, stage, chunk, checked))
+            return
+        cuda = self.device.type == "cuda"
+        copy_stream = torch.cuda.Stream(self.device) if cuda else None
+
+        def load(chunk: Chunk):
+            base, tau = self.read_host(chunk, check=not checked[chunk.index], pinned=cuda)
+            checked[chunk.index] = True
+            if not cuda:
+                return base, tau, None
+            with torch.cuda.stream(copy_stream):
+                moved = base.to(self.device, non_blocking=True), tau.to(self.device, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(copy_stream)
+            return (*moved, done)
+
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1, thread_name_prefix="mcomp-read") as reader:
+            pending = reader.submit(load, chunks[0])
+            for k, chunk in enumerate(chunks):
+                base, tau, done = pending.result()
+                if k + 1 < len(chunks):
+                    pending = reader.submit(load, chunks[k + 1])
+                if done is not None:  # the compute stream waits for the copy; the allocator learns who uses it
+                    compute = torch.cuda.current_stream(self.device)
+                    compute.wait_event(done)
+                    base.record_stream(compute)
+                    tau.record_stream(compute)
+                yield chunk, base, tau
 
     def _check_finite(self, chunk: Chunk, base: torch.Tensor, tau: torch.Tensor) -> None:
         # fast path: one reduction each; a NaN/Inf anywhere makes the sum non-finite (a finite
@@ -394,8 +453,7 @@ class MergeEngine:
                     q.begin_pass()
                 self._group_passes += 1
                 with self._bar(d, f"{method.name} stage {stage + 1}") as bar:
-                    for chunk in chunks:
-                        _, tau = self._read_for(method, stage, chunk, checked)
+                    for chunk, _, tau in self._reads(method, stage, chunks, checked):
                         try:
                             method.observe(stage, tau, chunk, stats, view)
                         except NonFiniteInput:
@@ -428,8 +486,7 @@ class MergeEngine:
             logger.debug("%s: statistics %s", self.method_cls.name, stats)
             self.report.passes = max(self.report.passes, self._group_passes)
             with self._bar(sum(c.size for c in chunks), f"{method.name} merge") as bar:
-                for chunk in chunks:
-                    base, tau = self._read_for(method, None, chunk, checked)
+                for chunk, base, tau in self._reads(method, None, chunks, checked):
                     if method.uses_base:
                         delta = method.merge(tau, chunk, stats, base=base)
                     else:
