@@ -184,6 +184,74 @@ def method_spec(spec: str) -> tuple[str, dict]:
     return name.strip(), params
 
 
+# mcomp's methods that mergekit has too, with the parameters mcomp's defaults use (mergekit's names)
+MERGEKIT_METHODS = {
+    "task_arithmetic": {},
+    "linear": {},
+    "ties": {"density": 0.2},
+    "dare_ties": {"density": 0.5},
+    "dare_linear": {"density": 0.5},
+    "breadcrumbs": {"density": 0.9, "gamma": 0.01},
+    "breadcrumbs_ties": {"density": 0.9, "gamma": 0.01},
+    "della": {"density": 0.7, "epsilon": 0.15},
+    "della_linear": {"density": 0.7, "epsilon": 0.15},
+    "model_stock": {},
+}
+
+
+def has_mergekit() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("mergekit") is not None
+
+
+def llama_config(shapes: dict, dtype_name: str) -> dict:
+    """A config.json for the synthetic Llama-like checkpoints (mergekit reads the architecture from it)."""
+    hidden = shapes["model.embed_tokens.weight"][1]
+    kv = shapes["model.layers.0.self_attn.k_proj.weight"][0]
+    head = 64
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": shapes["model.layers.0.mlp.up_proj.weight"][0],
+        "num_hidden_layers": sum(1 for k in shapes if k.endswith("self_attn.q_proj.weight")),
+        "num_attention_heads": hidden // head,
+        "num_key_value_heads": kv // head,
+        "vocab_size": shapes["model.embed_tokens.weight"][0],
+        "torch_dtype": dtype_name,
+        "tie_word_embeddings": False,
+    }
+
+
+def worker_mergekit(a) -> None:
+    """The same merge through mergekit's own `run_merge` (lazy loading, its defaults otherwise)."""
+    import torch
+
+    torch.set_num_threads(a.threads)
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    method, params = method_spec(a.worker.removeprefix("mergekit:"))
+    per_model = {
+        k: v for k, v in {**MERGEKIT_METHODS[method], **params}.items() if k in ("density", "gamma", "epsilon")
+    }
+    config = MergeConfiguration.model_validate(
+        {
+            "merge_method": method,
+            "base_model": a.base,
+            "models": [{"model": m, "parameters": {"weight": 1.0, **per_model}} for m in a.model],
+            "dtype": "float16",
+        }
+    )
+    t0 = time.perf_counter()
+    options = MergeOptions(lazy_unpickle=True, copy_tokenizer=False, write_model_card=False, quiet=True)
+    run_merge(config, a.out, options=options)
+    seconds = time.perf_counter() - t0
+    shutil.rmtree(a.out, ignore_errors=True)
+    print(json.dumps({"seconds": seconds, "passes": 1, "final_anon": rss_anon(os.getpid())}))
+
+
 def worker_merge(a) -> None:
     import torch
 
@@ -305,7 +373,9 @@ def main() -> int:
         help="hidden,intermediate,kv,vocab of the Llama-like tensors (default TinyLlama-1.1B's 2048,5632,256,32000)",
     )
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    ap.add_argument("--methods", default="task_arithmetic,ties,pcb", help="comma-separated methods")
+    ap.add_argument(
+        "--methods", default="task_arithmetic,ties,pcb", help="comma-separated methods, or 'all' (every registered one)"
+    )
     ap.add_argument("--threads", type=int, default=2, help="torch threads per worker (default 2 = this machine)")
     ap.add_argument("--chunk", type=int, default=1 << 20, help="engine chunk (coordinates)")
     ap.add_argument(
@@ -330,6 +400,12 @@ def main() -> int:
         default=0,
         help="make the models LoRA adapters of this rank on every projection (for KnOTS; 0: full checkpoints)",
     )
+    ap.add_argument(
+        "--mergekit",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run mergekit on the same inputs for the methods it has, when it is installed (default on)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep", action="store_true", help="keep the checkpoints")
     # worker mode (internal)
@@ -341,6 +417,9 @@ def main() -> int:
     a = ap.parse_args()
     if a.worker == "reference":
         worker_reference(a)
+        return 0
+    if a.worker and a.worker.startswith("mergekit:"):
+        worker_mergekit(a)
         return 0
     if a.worker:
         worker_merge(a)
@@ -367,6 +446,18 @@ def main() -> int:
         common = ["--base", str(dirs[0])] + sum((["--model", str(d)] for d in dirs[1:]), [])
         common += ["--threads", str(a.threads), "--chunk", str(a.chunk), "--device", a.device]
         methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+        if methods == ["all"]:  # every registered method that merges these n models
+            from mcomp.merge import available_methods
+
+            methods = [n for n, c in available_methods().items() if c.model_count in (None, a.models)]
+            if a.lora_rank == 0:
+                methods.remove("knots")  # made for LoRA inputs (see --lora-rank)
+        if a.mergekit and has_mergekit() and not a.lora_rank:
+            for d in dirs:
+                (d / "config.json").write_text(json.dumps(llama_config(shapes, a.dtype)))
+            methods += [f"mergekit:{m}" for m in methods if method_spec(m)[0] in MERGEKIT_METHODS]
+        elif a.mergekit:
+            print("mergekit is not installed (or the models are LoRA adapters): its column is skipped", flush=True)
         runs: dict[str, list[dict]] = {m: [] for m in methods}
         pairs = compared_pairs(methods)
         compared = {m for pair in pairs for m in pair}
@@ -432,6 +523,14 @@ def main() -> int:
                 f"{variant} against {exact}: per-tensor max|Δ_variant − Δ_exact| / max|Δ_exact| up to {worst:.2e}; "
                 f"‖Δ_variant − Δ_exact‖ / ‖Δ_exact‖ = {overall:.2e} over all merged tensors"
             )
+        by_name = dict(rows)
+        for method, r in rows:
+            if method.startswith("mergekit:") and method.removeprefix("mergekit:") in by_name:
+                ours = by_name[method.removeprefix("mergekit:")]
+                print(
+                    f"mcomp {method.removeprefix('mergekit:')} / mergekit's: {ours['seconds'] / r['seconds']:.2f}x the "
+                    f"time, {ours['peak_anon'] / max(r['peak_anon'], 1):.2f}x the peak private memory"
+                )
         pcb = next((r for m, r in rows if m == "pcb"), None)
         if pcb and ta:
             print()
