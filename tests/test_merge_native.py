@@ -208,3 +208,13 @@ def test_the_family_kernels_give_the_torch_paths_bits(method, params, dtype, tmp
     rule = merged("rule")
     for k in shapes:
         assert torch.equal(fast[k], rule[k]), (method, params, k, float((fast[k] - rule[k]).abs().max()))
+
+
+@pytest.mark.parametrize("seed", [0, 12345, 2**40 + 7, 2**63 - 1])
+def test_the_native_generator_draws_torch_rands_bits(seed):
+    """DARE's draws: the native mt19937 gives torch.rand's float32 uniforms of a generator seeded the
+    same, bit for bit, drawn in pieces of any size (across the 624-word state's refills)."""
+    g = torch.Generator().manual_seed(seed)
+    stream = native.TorchUniformStream(seed)
+    for size in (1, 623, 624, 625, 5000, 100_003):
+        assert torch.equal(stream.draw(torch.empty(size)), torch.rand(size, generator=g)), size
