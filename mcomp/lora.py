@@ -70,7 +70,7 @@ class RoutingState:
         self._groups_of: torch.Tensor | None = None  # the route_ids the cached groups were made for
         self._groups: list = []
         self._inverse: torch.Tensor | None = None  # token order from the groups' concatenated rows
-        self._masks: dict[tuple, torch.Tensor] = {}  # rank_mask's, for the current groups
+        self._masks: dict[tuple, torch.Tensor] = {}  # rank_weights', for the current groups
 
     def text_terms(self) -> list[tuple[str, float]]:
         return self.routes.get(TEXT_ROUTE, [])
@@ -101,17 +101,18 @@ class RoutingState:
                 self._inverse[perm] = torch.arange(perm.numel(), device=perm.device)
         return self._groups
 
-    def rank_mask(self, columns: list[tuple[int, int]], dtype: torch.dtype) -> torch.Tensor:
-        """(tokens, Σ ranks): 1 where a column belongs to the token's group. `columns`: (group, rank)
-        of each group's stacked adapters, side by side. Made once per forward and layout."""
-        key = (tuple(columns), dtype)
+    def rank_weights(self, layout: tuple[tuple[int, int, float], ...], dtype: torch.dtype) -> torch.Tensor:
+        """(tokens, Σ ranks): a column's factor where it belongs to the token's group, else 0. `layout`:
+        (group, rank, factor) of each adapter's columns, side by side. Made once per forward and layout."""
+        key = (layout, dtype)
         kept = self._masks.get(key)
         if kept is None:
             group = torch.empty(self.route_ids.numel(), dtype=torch.long, device=self.route_ids.device)
             for g, (_, index) in enumerate(self._groups):
                 group[index] = g
-            owner = torch.cat([torch.full((r,), g, dtype=torch.long, device=group.device) for g, r in columns])
-            self._masks[key] = kept = (group.unsqueeze(1) == owner.unsqueeze(0)).to(dtype)
+            owner = torch.cat([torch.full((r,), g, dtype=torch.long, device=group.device) for g, r, _ in layout])
+            factor = torch.cat([torch.full((r,), f, dtype=dtype, device=group.device) for _, r, f in layout])
+            self._masks[key] = kept = (group.unsqueeze(1) == owner.unsqueeze(0)).to(dtype) * factor
         return kept
 
     def in_token_order(self, parts: list[torch.Tensor]) -> torch.Tensor:
@@ -246,9 +247,14 @@ class RoutedLinear(nn.Module):
             return y if stacked is None else y + self._delta(x, stacked).to(y.dtype)
         flat_x = x.reshape(-1, x.shape[-1])
         flat_y = y.reshape(-1, y.shape[-1])
-        stacks = [self._stacked(terms) for terms, _ in groups]
-        if not (self.training and any(s is not None and s[2] > 0 for s in stacks)):
-            delta = self._routed_delta(flat_x, stacks)
+        columns = [
+            (g, n, c * self.scaling[n])
+            for g, (terms, _) in enumerate(groups)
+            for n, c in terms
+            if c != 0.0 and n in self.lora_A
+        ]
+        if not (self.training and any(self.dropout[n] > 0 for _, n, _ in columns)):
+            delta = self._routed_delta(flat_x, columns)
             return y if delta is None else (flat_y + delta.to(y.dtype)).view_as(y)
         parts = []  # dropout draws per group, as each group's own forward would
         for terms, index in groups:
@@ -259,17 +265,18 @@ class RoutedLinear(nn.Module):
                 parts.append(self._delta(flat_x.index_select(0, index), stacked).to(y.dtype))
         return (flat_y + self._state[0].in_token_order(parts)).view_as(y)
 
-    def _routed_delta(self, flat_x: torch.Tensor, stacks: list) -> torch.Tensor | None:
-        """Every token's LoRA update from its own route's adapters, in one matmul pair: the groups'
-        stacked A and B side by side, and each token's rank columns outside its group zeroed between
-        the two (no gathers of token rows; the zeros add nothing to the sums)."""
-        present = [(g, s) for g, s in enumerate(stacks) if s is not None]
-        if not present:
+    def _routed_delta(self, flat_x: torch.Tensor, columns: list[tuple[int, str, float]]) -> torch.Tensor | None:
+        """Every token's LoRA update from its own route's adapters, in one matmul pair: the adapters of
+        all groups side by side (`columns`: group, adapter, coefficient·scaling), and between the two
+        matmuls each token's rank columns weighted by their factor in its group, 0 in the others (no
+        gathers of token rows; the zeros add nothing to the sums)."""
+        if not columns:
             return None
-        a = torch.cat([s[0] for _, s in present], dim=0)
-        b = torch.cat([s[1] for _, s in present], dim=1)
-        mask = self._state[0].rank_mask([(g, s[0].shape[0]) for g, s in present], a.dtype)
-        return ((flat_x.to(a.dtype) @ a.t()) * mask) @ b.t()
+        a = torch.cat([self.lora_A[n] for _, n, _ in columns], dim=0)
+        b = torch.cat([self.lora_B[n] for _, n, _ in columns], dim=1)
+        layout = tuple((g, self.lora_A[n].shape[0], f) for g, n, f in columns)
+        weights = self._state[0].rank_weights(layout, a.dtype)
+        return ((flat_x.to(a.dtype) @ a.t()) * weights) @ b.t()
 
     def _forward_dense(self, x: torch.Tensor, groups) -> torch.Tensor:
         """Each group of tokens through its route's dense weight: one matmul per group."""
