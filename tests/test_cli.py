@@ -28,11 +28,32 @@ def test_console_script_is_installed():
     assert out.stdout.strip() == f"mcomp {mcomp.__version__}"
 
 
-def test_info_lists_versions_devices_modalities(capsys):
+def test_info_lists_versions_devices_kernels_modalities(capsys, monkeypatch):
+    from mcomp.merge import native
+
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "torch " in out and "transformers" in out and "devices: cpu" in out
     assert "placeholder=<image>" in out
+    kernels = next(line for line in out.splitlines() if line.startswith("merge kernels: "))
+    assert ("accelerating" in kernels and "ties" in kernels) == native.available()
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setenv("MCOMP_NATIVE", "0")
+    assert main(["info"]) == 0
+    assert "merge kernels: NumPy/torch path (MCOMP_NATIVE=0" in capsys.readouterr().out
+
+
+def test_every_flag_of_every_command_says_what_it_does():
+    import argparse
+
+    from mcomp.cli import build_parser
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    silent = {
+        name: [a.option_strings[0] if a.option_strings else a.dest for a in parser._actions if not a.help]
+        for name, parser in commands.choices.items()
+    }
+    assert {name: flags for name, flags in silent.items() if flags} == {}
 
 
 def test_ask_generates_and_scores(capsys, image_files):

@@ -25,9 +25,9 @@ def add_parser(sub) -> None:
         help="an input file, e.g. image=cat.png (repeatable; order is kept)",
     )
     p.add_argument("--options", help="comma-separated options to score by log-likelihood instead of generating")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=32, help="answer length in tokens (default 32)")
     p.add_argument("--seed", type=int, default=0, help="seed for --tiny")
-    p.add_argument("question")
+    p.add_argument("question", help="the question; the media's placeholders are added for you")
     p.set_defaults(func=run)
 
 

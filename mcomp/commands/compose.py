@@ -27,7 +27,13 @@ def add_parser(sub) -> None:
         "(default: the tiny zoo's models for --modalities, built locally if needed)",
     )
     p.add_argument("--zoo-size", default="full", help="without --models: which zoo (full or test)")
-    p.add_argument("--method", choices=("naivemc", "damc"), default="naivemc")
+    p.add_argument(
+        "--method",
+        choices=("naivemc", "damc"),
+        default="naivemc",
+        help="naivemc: merge the models' LLM parameters; damc: merge only their text parameters, each "
+        "modality keeps its own (needs models trained with --decoupled, or --convert) (default naivemc)",
+    )
     p.add_argument(
         "--merge",
         default="linear",

@@ -13,7 +13,12 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="world and zoo seed")
     p.add_argument("--root", help="zoo directory (default: the user cache directory)")
     p.add_argument("--out", default="runs/demo", help="where runs, leaderboard.md and index.html go")
-    p.add_argument("--mode", choices=("loglik", "generate"), default="loglik")
+    p.add_argument(
+        "--mode",
+        choices=("loglik", "generate"),
+        default="loglik",
+        help="score each option by log-likelihood, or generate an answer and match it (default loglik)",
+    )
     p.add_argument(
         "--merge",
         help="comma-separated merge backends to compose with, any registered ones (default: linear, ties, "

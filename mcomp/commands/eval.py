@@ -42,7 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, help="evaluate only the first N samples of each subset")
     p.add_argument("--feature-cache", help="directory for cached encoder features (shared between runs)")
     p.add_argument("--max-new-tokens", type=int, help="generation length (default: the task's, 128 as published)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the tiny models (tiny:...) and of any sampling (default 0)"
+    )
     p.add_argument(
         "--batch-size",
         type=int,

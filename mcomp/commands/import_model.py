@@ -21,7 +21,7 @@ def add_parser(sub) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    kinds = p.add_subparsers(dest="kind", metavar="KIND")
+    kinds = p.add_subparsers(dest="kind", metavar="KIND", help="what to import (each has its own --help)")
     mc = kinds.add_parser(
         "modelcompose",
         help="a released ModelCompose folder (config.json + adapter_model.bin) -> mcomp model dir",

@@ -12,7 +12,7 @@ logger = logging.getLogger(__name__)
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories written by `mcomp eval`")
     p.add_argument("--out", required=True, help="output directory (leaderboard.md, index.html)")
-    p.add_argument("--title", default="mcomp leaderboard")
+    p.add_argument("--title", default="mcomp leaderboard", help="the page's title (default: mcomp leaderboard)")
 
 
 def add_parser(sub) -> None:

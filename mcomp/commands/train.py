@@ -52,7 +52,13 @@ def add_parser(sub) -> None:
         "--config and the flags below override them",
     )
     p.add_argument("--config", help="a JSON file with TrainConfig fields; flags below override it")
-    p.add_argument("--stage", type=int, choices=(1, 2))
+    p.add_argument(
+        "--stage",
+        type=int,
+        choices=(1, 2),
+        help=f"1: the projector alone (alignment); 2: the projector and a LoRA (instruction tuning) (default: "
+        f"{_default('stage')})",
+    )
     p.add_argument("--decoupled", action="store_true", default=None, help="DAMC: separate text/modality LoRA")
     p.add_argument(
         "--template",
@@ -67,26 +73,38 @@ def add_parser(sub) -> None:
         help="stage 2 fine-tunes the whole LLM instead of a LoRA (saved as sharded safetensors; the base "
         "folder it starts from stays its reference)",
     )
-    for name, typ in (
-        ("lora-r", int),
-        ("lora-alpha", float),
-        ("learning-rate", float),
-        ("epochs", int),
-        ("max-steps", int),
-        ("batch-size", int),
-        ("grad-accum", int),
-        ("seed", int),
-        ("save-every", int),
-        ("prefix-tokens", int),
-        ("suffix-tokens", int),
-        ("warmup-steps", int),
-        ("warmup-ratio", float),
-        ("projector-lr", float),
-        ("global-batch-size", int),
+    for name, typ, what in (
+        ("lora-r", int, "LoRA rank"),
+        ("lora-alpha", float, "LoRA alpha (the update is scaled by alpha / r)"),
+        ("learning-rate", float, "peak learning rate (AdamW)"),
+        ("epochs", int, "passes over the data"),
+        ("max-steps", int, "optimizer steps; > 0 overrides --epochs"),
+        ("batch-size", int, "samples per step and process"),
+        ("grad-accum", int, "micro-batches per optimizer step"),
+        ("seed", int, "seed of every random step: init, shuffling, dropout"),
+        ("save-every", int, "optimizer steps between resumable checkpoints (0: only at the end)"),
+        ("prefix-tokens", int, "with --decoupled: learned tokens before each modality input"),
+        ("suffix-tokens", int, "with --decoupled: learned tokens after each modality input"),
+        ("warmup-steps", int, "linear warmup steps"),
+        ("warmup-ratio", float, "without --warmup-steps: warmup as this share of the steps, as transformers' Trainer"),
+        ("projector-lr", float, "the projector's learning rate (unset: --learning-rate; 0 freezes it)"),
+        ("global-batch-size", int, "> 0: --grad-accum set to reach this many samples a step over all processes"),
     ):
-        p.add_argument(f"--{name}", type=typ)
+        field = name.replace("-", "_")
+        default = _default(field)
+        p.add_argument(f"--{name}", type=typ, help=what if default is None else f"{what} (default: {default})")
     p.add_argument("--lr-scheduler", choices=("constant", "cosine"), help="after warmup (default: constant)")
     p.set_defaults(func=run)
+
+
+def _default(field: str):
+    """TrainConfig's default of `field` (the flags' help names it; the dataclass holds it)."""
+    import dataclasses
+
+    from mcomp.train import TrainConfig
+
+    (f,) = [f for f in dataclasses.fields(TrainConfig) if f.name == field]
+    return f.default
 
 
 def build_start_model(args):

@@ -9,7 +9,7 @@ def add_parser(sub) -> None:
     p = sub.add_parser("zoo", help="build the tiny model zoo behind the demo (cached)")
     p.add_argument("action", choices=("build", "path"), help="build (or reuse) the zoo, or print where it is")
     p.add_argument("--size", default="full", help="full (the demo) or test (reduced)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="world and zoo seed (default 0)")
     p.add_argument("--root", help="where to build it (default: the user cache directory, or $MCOMP_CACHE)")
     p.add_argument(
         "--workers", type=int, help="processes running the training jobs (default: 2 on 2+ cores; 1: in this process)"

@@ -81,6 +81,11 @@ def available() -> bool:
     return _lib is not None
 
 
+def library_path() -> str | None:
+    """The loaded kernel library's file (None where it is not in use)."""
+    return None if _lib is None else _lib._name
+
+
 _STORED_DTYPES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3}
 
 
