@@ -95,8 +95,9 @@ def test_mcub4_generate_and_loglik(bench, model, tmp_path):
     _check_consistent(ll, records)
 
 
-def test_mcub3_avqa_music_modelnet_end_to_end(bench, model, tmp_path):
+def test_mcub3_avqa_music_modelnet_end_to_end(bench, model, tmp_path, capsys):
     mcub3 = evaluate(model, load_task("mcub3"), bench, tmp_path / "m3", mode="loglik", limit=1)
+    assert "mcub3 loglik: 100%" in capsys.readouterr().err  # a progress bar over the samples, left on screen
     subsets = [r["subset"] for r in mcub3["results"] if r["metric"] == "accuracy"]
     assert subsets == [
         "image-audio-video",

@@ -55,6 +55,7 @@ from mcomp.conversation import CHAT, get_template
 from mcomp.errors import MediaBatchError, MediaError, PlaceholderMismatchError
 from mcomp.fingerprint import check_same_work, code_versions, fingerprint, tensors_sha256
 from mcomp.io import atomic_write_text, sha256_file
+from mcomp.progress import progress_bar
 from mcomp.scoring import EvalModel
 
 logger = logging.getLogger(__name__)
@@ -513,7 +514,8 @@ def evaluate(
     start = time.perf_counter()
     written = ignored = 0
     try:
-        with RecordWriter(run_dir / f"samples.part-{proc.rank}.jsonl") as writer:
+        bar = progress_bar(total=n_mine, desc=f"{task.name} {mode}", unit="sample", leave=True)
+        with RecordWriter(run_dir / f"samples.part-{proc.rank}.jsonl") as writer, bar:
             for k, batch in mine:
                 _seed_batch(seed, k)
                 records = evaluate_samples(
@@ -526,6 +528,7 @@ def evaluate(
                     writer.write(record)
                     faults.point("eval.record")
                     written += 1
+                    bar.update(1)
                     if record["error"]:
                         logger.warning("sample %r (%s): %s", sample.id, sample.subset, record["error"])
                     if record["media_ignored"]:
