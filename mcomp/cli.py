@@ -10,7 +10,19 @@ import sys
 
 import mcomp
 
-SUBCOMMANDS = ["info", "ask", "train", "merge", "compose", "import_model", "eval", "leaderboard", "zoo", "demo"]
+SUBCOMMANDS = [
+    "info",
+    "ask",
+    "train",
+    "merge",
+    "compose",
+    "import_model",
+    "eval",
+    "leaderboard",
+    "world",
+    "zoo",
+    "demo",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

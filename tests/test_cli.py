@@ -1,4 +1,4 @@
-"""The `mcomp` command line: help, version, info, ask."""
+"""The `mcomp` command line: help, version, info, ask, every flag's help, world generate."""
 
 from __future__ import annotations
 
@@ -73,3 +73,16 @@ def test_ask_errors_are_one_clear_line(capsys, image_files):
     assert main(["ask", "--tiny", "--media", f"image={image_files['truncated']}", "q"]) == 1
     err = capsys.readouterr().err
     assert "truncated.png" in err and "Traceback" not in err
+
+
+def test_world_generate_writes_the_benchmark_a_seed_fixes(tmp_path, capsys):
+    """`mcomp world generate` is `generate_world`: the same seed gives the same files, byte for byte."""
+    from mcomp.world import generate_world
+    from mcomp.world.generate import WorldManifest
+
+    assert main(["world", "generate", "--size", "test", "--seed", "3", "--out", str(tmp_path / "cli")]) == 0
+    out = capsys.readouterr().out
+    cli = WorldManifest.load(tmp_path / "cli")
+    assert f"--data-root {cli.mcub_root('test')}" in out and (cli.mcub_questions("test")).is_file()
+    direct = generate_world(tmp_path / "direct", size="test", seed=3)
+    assert cli.files == direct.files and cli.config_digest == direct.config_digest
