@@ -76,13 +76,13 @@ def test_ask_errors_are_one_clear_line(capsys, image_files):
 
 
 def test_world_generate_writes_the_benchmark_a_seed_fixes(tmp_path, capsys):
-    """`mcomp world generate` is `generate_world`: the same seed gives the same files, byte for byte."""
-    from mcomp.world import generate_world
-    from mcomp.world.generate import WorldManifest
+    """`mcomp world generate` writes the world of its size and seed (same seed, same bytes:
+    tests/test_world.py), and names the benchmark's data root for `mcomp eval`."""
+    from mcomp.world.generate import WorldManifest, digest, load_world_config
 
     assert main(["world", "generate", "--size", "test", "--seed", "3", "--out", str(tmp_path / "cli")]) == 0
     out = capsys.readouterr().out
-    cli = WorldManifest.load(tmp_path / "cli")
-    assert f"--data-root {cli.mcub_root('test')}" in out and (cli.mcub_questions("test")).is_file()
-    direct = generate_world(tmp_path / "direct", size="test", seed=3)
-    assert cli.files == direct.files and cli.config_digest == direct.config_digest
+    world = WorldManifest.load(tmp_path / "cli")
+    assert (world.seed, world.size, world.config_digest) == (3, "test", digest(load_world_config("test")))
+    assert f"--data-root {world.mcub_root('test')}" in out and world.mcub_questions("test").is_file()
+    assert all(world.path(rel).stat().st_size == meta["bytes"] for rel, meta in world.files.items())

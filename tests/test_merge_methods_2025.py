@@ -298,6 +298,12 @@ def test_knots_takes_the_svd_from_lora_factors(n, tmp_path, monkeypatch):
         write_adapter(tmp_path / f"a{t}", pairs, config=config)
     merge_checkpoints(tmp_path / "base", [tmp_path / f"a{t}" for t in range(n)], tmp_path / "out", "knots", **params)
     assert len(factored_svds) == 8
+    from mcomp.merge.lora import load_lora, merge_lora_adapters
+
+    adapters = [load_lora(tmp_path / f"a{t}") for t in range(n)]
+    merged = merge_lora_adapters(adapters, "knots", **params)
+    assert ref.relative_error({k: merged[f"model.{k}.weight"] for k in zero}, want, zero) <= SVD
+    assert len(factored_svds) == 12
     from safetensors.torch import load_file
 
     out = load_file(tmp_path / "out" / "model.safetensors")

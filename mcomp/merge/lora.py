@@ -112,19 +112,15 @@ def merge_lora_adapters(
                 raise ValueError(
                     f"LoRA weight {k!r}: ΔW shape {list(shape)} in {a.path} but {list(shapes[k])} elsewhere"
                 )
-    factored = get_method(method).takes_factors
-    zero = {k: LowRank(torch.zeros(o, 0), torch.zeros(0, i)) for k, (o, i) in shapes.items()}
-    deltas = []
-    for a in adapters:
-        deltas.append(
-            {
-                k: (a.modules[k].low_rank() if factored else a.modules[k].delta())
-                if k in a.modules
-                else (zero[k] if factored else torch.zeros(shapes[k]))
-                for k in keys
-            }
-        )
-    return merge_task_vectors(deltas, method, **params)
+    factored = get_method(method).takes_factors  # as factors to a method that takes them (KnOTS)
+
+    def update(adapter: LoraAdapter, key: str):
+        if key in adapter.modules:
+            return adapter.modules[key].low_rank() if factored else adapter.modules[key].delta()
+        rows, cols = shapes[key]
+        return LowRank(torch.zeros(rows, 0), torch.zeros(0, cols)) if factored else torch.zeros(rows, cols)
+
+    return merge_task_vectors([{k: update(a, k) for k in keys} for a in adapters], method, **params)
 
 
 def lora_linear_terms(
