@@ -8,7 +8,7 @@ import torch
 
 from mcomp.merge.registry import Segment
 from mcomp.merge.sources import LowRank, MemorySource, ZeroSource
-from mcomp.merge.streaming import DEFAULT_CHUNK, DEFAULT_SAMPLE, MergeEngine, Sink
+from mcomp.merge.streaming import DEFAULT_SAMPLE, MergeEngine, Sink
 
 INMEMORY_ELEMS = 1 << 24
 DTYPE_BY_NAME = {
@@ -54,7 +54,7 @@ class MemorySink(Sink):
 
 def _engine_options(chunk_elems, inmemory_elems, sample_size) -> dict:
     return {
-        "chunk_elems": chunk_elems or DEFAULT_CHUNK,
+        "chunk_elems": chunk_elems or None,  # None: the engine's default for its device
         "inmemory_elems": INMEMORY_ELEMS if inmemory_elems is None else inmemory_elems,
         "sample_size": DEFAULT_SAMPLE if sample_size is None else sample_size,
     }

@@ -90,7 +90,7 @@ class MergeEngine:
     `device`: where the per-chunk maths runs ("cpu", "cuda", ...); reading and writing stay
     on the CPU. `pipeline`: read the next chunk on a thread (into pinned memory, sent to the device
     on a side stream) while the current one is computed; default on for a device other than the CPU.
-    `chunk_elems`: coordinates per chunk (8× larger by default on a device). `inmemory_elems`: groups up to this many
+    `chunk_elems`: coordinates per chunk (default 2^20, 2^23 on a device). `inmemory_elems`: groups up to this many
     coordinates are processed as one chunk. `sample_size`: coordinates sampled per group to
     bracket order statistics (0: use the two-pass histogram instead).
     """
@@ -103,7 +103,7 @@ class MergeEngine:
         *,
         keys: list[str] | None = None,
         device: str | torch.device = "cpu",
-        chunk_elems: int = DEFAULT_CHUNK,
+        chunk_elems: int | None = None,
         inmemory_elems: int = 0,
         sample_size: int = DEFAULT_SAMPLE,
         progress: bool = False,
@@ -121,8 +121,8 @@ class MergeEngine:
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' requested but CUDA is not available")
-        if chunk_elems == DEFAULT_CHUNK and self.device.type != "cpu":
-            chunk_elems = DEVICE_CHUNK  # fewer, larger transfers and kernel launches
+        if chunk_elems is None:  # on a device: fewer, larger transfers and kernel launches
+            chunk_elems = DEFAULT_CHUNK if self.device.type == "cpu" else DEVICE_CHUNK
         self.chunk_elems = max(int(chunk_elems), 1)
         # read chunk k+1 while chunk k is computed (on by default where the maths runs off the host)
         self.pipeline = self.device.type != "cpu" if pipeline is None else bool(pipeline)
