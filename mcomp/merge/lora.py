@@ -118,7 +118,7 @@ def merge_lora_adapters(
         if key in adapter.modules:
             return adapter.modules[key].low_rank() if factored else adapter.modules[key].delta()
         rows, cols = shapes[key]
-        return LowRank(torch.zeros(rows, 0), torch.zeros(0, cols)) if factored else torch.zeros(rows, cols)
+        return LowRank.zero(rows, cols) if factored else torch.zeros(rows, cols)
 
     return merge_task_vectors([{k: update(a, k) for k in keys} for a in adapters], method, **params)
 
@@ -204,8 +204,7 @@ class LoraSource(Source):
             return m.low_rank()
         if len(self.infos[key].shape) != 2:
             return None
-        rows, cols = self.infos[key].shape  # not adapted: ΔW = 0, of rank 0
-        return LowRank(torch.zeros(rows, 0), torch.zeros(0, cols))
+        return LowRank.zero(*self.infos[key].shape)  # not adapted: ΔW = 0
 
 
 class LoraSink(Sink):

@@ -66,6 +66,11 @@ class LowRank:
                 f"low-rank factors must be (O, r) and (r, I), got {list(self.left.shape)} and {list(self.right.shape)}"
             )
 
+    @classmethod
+    def zero(cls, rows: int, cols: int) -> "LowRank":
+        """The zero update of a (rows, cols) weight: rank 0 (an adapter that does not touch it)."""
+        return cls(torch.zeros(rows, 0), torch.zeros(0, cols))
+
     @property
     def shape(self) -> tuple[int, int]:
         return (self.left.shape[0], self.right.shape[1])

@@ -4,9 +4,8 @@
 Each pass reads the chunk in its stored dtype (the kernels decode θ_i − θ0 as they load a tile) and
 runs on column blocks on the thread pool. TIES's trim thresholds are order statistics of |τ_i| scanned
 against their sample brackets as PCB's clip statistics are (and the NaN/Inf check rides along); the
-majority sign is an exact count; DARE's draws are the method's mask stream's numbers (torch's
-generator, from its native copy: the models' rows drawn at once), so the same seed gives the same bytes
-on both paths. Where the kernels are not built, or
+majority sign is an exact count; DARE's draws come from the method's own mask stream, the models'
+rows at once, so the same seed gives the same bytes on both paths. Where the kernels are not built, or
 the maths runs on another device, the method's torch path runs instead.
 """
 
@@ -18,42 +17,15 @@ import torch
 from mcomp.merge import native
 from mcomp.merge.acceleration import Acceleration, NonFiniteInput
 from mcomp.merge.kernels import Workspace, column_blocks, parallel_map, scratch
-from mcomp.merge.methods.family import DareLinear, DareTies, Linear, TaskArithmetic, Ties, mask_seed
+from mcomp.merge.methods.family import DareLinear, DareTies, Linear, TaskArithmetic, Ties
 from mcomp.merge.registry import Chunk
 from mcomp.merge.selection import RowQuantiles
 
 _FLOAT32 = torch.empty(0)
 
 
-class NativeDraws:
-    """`MaskStream.uniform`'s numbers (torch generators seeded per tensor and model, drawn in element
-    order) from the native copy of torch's generator; each model's row can be drawn on its own thread."""
-
-    def __init__(self, seed: int):
-        self.seed = seed
-        self._streams: dict[tuple[str, int], tuple[native.TorchUniformStream, int]] = {}
-
-    def row(self, chunk: Chunk, model: int, out: torch.Tensor) -> None:
-        pos = 0
-        for s in chunk.segments:
-            key = (s.name, model)
-            if s.start == 0:
-                stream = native.TorchUniformStream(mask_seed(self.seed, s.name, model))
-            else:
-                stream, expected = self._streams.get(key, (None, -1))
-                if stream is None or expected != s.start:
-                    raise RuntimeError(
-                        f"DARE masks must be drawn in order: {s.name!r} model {model} at {s.start}, expected {expected}"
-                    )
-            stream.draw(out[pos : pos + s.size])
-            self._streams[key] = (stream, s.stop)
-            pos += s.size
-
-
 class AcceleratedFamily(Acceleration):
     """Mixed into each member: `class AcceleratedTies(AcceleratedFamily, Ties)`."""
-
-    _draws: NativeDraws | None = None
 
     # columns per block: the kernels tile internally, so a block only shares the chunk between workers
     BLOCK_VALUES = 3 << 19
@@ -75,10 +47,15 @@ class AcceleratedFamily(Acceleration):
         """DARE's draws for the chunk (n, C), the method's mask stream's numbers; None without a drop."""
         if self.sparsify != "random" or self.p.density >= 1:
             return None
-        if self._draws is None:
-            self._draws = NativeDraws(self.p.seed)
         out = scratch(self.workspace, "family.uniform", (self.n, chunk.size), _FLOAT32)
-        parallel_map(lambda i: self._draws.row(chunk, i, out[i]), list(range(self.n)))
+
+        def row(model: int) -> None:  # the models' streams at once (the draws release the GIL)
+            pos = 0
+            for s in chunk.segments:
+                self.masks.uniform(s.name, model, s.start, s.stop, out=out[model, pos : pos + s.size])
+                pos += s.size
+
+        parallel_map(row, list(range(self.n)))
         return out
 
     def _args(self, stats: dict, uniform: torch.Tensor | None) -> native.FamilyArgs:

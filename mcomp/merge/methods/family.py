@@ -24,7 +24,8 @@ DARE (Yu et al. 2024): drop each task-vector entry with probability 1 − densit
 `density` is the keep probability. `rescale: inverse` (the paper) divides kept entries by
 density, so E[result] = τ; `rescale: l1` (mergekit) multiplies them by ||τ||_1 / ||kept||_1 of
 the scope (0 when nothing is kept). Reproducibility: the mask of tensor `name` of model i comes
-from its own torch.Generator seeded with sha256(seed, name, i), drawn in element order. Slicing a
+from its own torch.Generator seeded with sha256(seed, name, i), drawn in element order (torch.rand's
+numbers, which the native copy of that generator draws where it is built). Slicing a
 tensor into chunks does not change the draws (the CPU generator is sequential), so the same seed
 gives the same bytes in memory, streaming, with any chunk size, on any device (masks are drawn on
 the CPU).
@@ -38,6 +39,7 @@ from typing import ClassVar
 
 import torch
 
+from mcomp.merge import native
 from mcomp.merge.registry import Chunk, MergeMethod, MethodParams, _choice, _count, _number, register
 from mcomp.merge.selection import RowQuantiles, RowSum
 
@@ -88,30 +90,48 @@ def mask_seed(seed: int, name: str, model: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+class _TorchDraws:
+    """torch's own generator, where the native copy is not built."""
+
+    def __init__(self, seed: int):
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def draw(self, out: torch.Tensor) -> torch.Tensor:
+        return torch.rand(out.numel(), generator=self.gen, out=out)
+
+
+def _draws(seed: int):
+    """A uniform stream with torch.rand's numbers for `seed`: the native copy of torch's mt19937 where
+    it is built (the same bits, drawn faster and without the GIL), else torch's generator."""
+    return native.TorchUniformStream(seed) if native.available() else _TorchDraws(seed)
+
+
 class MaskStream:
     """Bernoulli(keep) masks per (tensor, model), reproducible and chunk-independent."""
 
     def __init__(self, seed: int, density: float):
         self.seed = seed
         self.density = density
-        self._state: dict[tuple[str, int], tuple[torch.Generator, int]] = {}
+        self._state: dict[tuple[str, int], tuple[object, int]] = {}
 
     def mask(self, name: str, model: int, start: int, stop: int) -> torch.Tensor:
         return self.uniform(name, model, start, stop) < self.density
 
-    def uniform(self, name: str, model: int, start: int, stop: int) -> torch.Tensor:
-        """The stream's uniform draws for elements [start, stop) of (tensor, model), drawn in order."""
+    def uniform(self, name: str, model: int, start: int, stop: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The stream's uniform draws for elements [start, stop) of (tensor, model), drawn in order
+        (into `out`, contiguous float32, if given). Different (tensor, model) streams may be drawn
+        from different threads."""
         key = (name, model)
         if start == 0:
-            gen = torch.Generator().manual_seed(mask_seed(self.seed, name, model))
+            stream = _draws(mask_seed(self.seed, name, model))
         else:
-            gen, expected = self._state.get(key, (None, -1))
-            if gen is None or expected != start:
+            stream, expected = self._state.get(key, (None, -1))
+            if stream is None or expected != start:
                 raise RuntimeError(
                     f"DARE masks must be drawn in order: {name!r} model {model} at {start}, expected {expected}"
                 )
-        out = torch.rand(stop - start, generator=gen)
-        self._state[key] = (gen, stop)
+        out = stream.draw(torch.empty(stop - start) if out is None else out)
+        self._state[key] = (stream, stop)
         return out
 
 
