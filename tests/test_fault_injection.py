@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mcomp.cli import main
-from mcomp.io import NonFiniteError, OutputBusyError, atomic_directory, output_lock
+from mcomp.io import NonFiniteError, OutputBusyError, atomic_directory, check_finite, output_lock
 from mcomp.merge import merge_checkpoints
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -200,6 +200,19 @@ def test_a_merge_that_overflows_fp16_is_refused_naming_the_tensor(tmp_path):
     assert not (tmp_path / "out").exists() and leftovers(tmp_path, "out") == []
     merge_checkpoints(base, models, tmp_path / "out32", "task_arithmetic", dtype="float32")  # fits in fp32
     assert load_file(str(tmp_path / "out32" / "model.safetensors"))["layers.0.q.weight"].isfinite().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_the_finite_check_finds_one_bad_value_anywhere(dtype):
+    values = torch.randn(1 << 21, generator=torch.Generator().manual_seed(0)).to(dtype)
+    check_finite("w", values, "out.safetensors")
+    # the first value, one inside a vector, one in the second thread's share, the last
+    for pos in (0, 12345, values.numel() // 2 + 7, values.numel() - 1):
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            spoilt = values.clone()
+            spoilt[pos] = bad
+            with pytest.raises(NonFiniteError, match="'w' has 1 Inf/NaN"):
+                check_finite("w", spoilt, "out.safetensors")
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])
