@@ -2,9 +2,11 @@
 """Time of a training step (forward + backward) with the plain forward against the shared-prefix
 forward (`MultimodalLM.forward(..., share_prefix=True)`: the batch's common system prompt runs once,
 logits only from the first answer token), side by side on the same model and batches. With
-`--decoupled` (DAMC: text and image tokens through their own LoRA), the same step of a plain-LoRA
-twin (same seed, same batches) runs interleaved with it, and the ratio of the two is printed: what
-routing the tokens costs.
+`--decoupled` (DAMC: text and image tokens through their own LoRA), two plain-LoRA twins (same seed,
+same batches) run interleaved with it: one with DAMC's learnable modality tokens around each image
+(so its sequences are DAMC's, token for token: the ratio to it is what routing the tokens costs),
+and the NaiveMC recipe itself (no modality tokens: the ratio to it adds the cost of DAMC's longer
+sequences).
 
     .venv/bin/python scripts/bench_train_step.py [--hidden 128] [--layers 4] [--batch 16] [--decoupled]
 
@@ -78,17 +80,21 @@ def main(argv=None) -> int:
     from mcomp.feature_cache import FeatureCache
     from mcomp.train import TrainConfig, prepare_for_training
 
-    def trained(decoupled: bool):
+    def trained(decoupled: bool, modality_tokens: bool = False):
         model = build_model(args.hidden, args.layers, args.seed, modalities=("image",))
-        prepare_for_training(model, TrainConfig(stage=2, decoupled=decoupled, lora_r=8))
+        config = TrainConfig(stage=2, decoupled=decoupled, lora_r=8)
+        prepare_for_training(model, config)
+        if modality_tokens:  # DAMC's sequences without its routing: the same tokens, learnt the same way
+            model.add_modality_tokens("image", config.prefix_tokens, config.suffix_tokens)
         return model
 
     model = trained(args.decoupled)
-    twin = trained(False) if args.decoupled else None  # plain LoRA on the same batches
+    twins = {}
+    if args.decoupled:  # plain LoRA on the same batches
+        twins = {"same sequences": trained(False, modality_tokens=True), "naivemc": trained(False)}
     with tempfile.TemporaryDirectory() as tmp:
-        for m in (model, twin):
-            if m is not None:
-                m.feature_cache = FeatureCache(Path(tmp) / "features")
+        for m in (model, *twins.values()):
+            m.feature_cache = FeatureCache(Path(tmp) / "features")
         samples = make_samples(Path(tmp), args.batch * args.batches, args.seed)
         batches = [samples[k : k + args.batch] for k in range(0, len(samples), args.batch)]
 
@@ -103,16 +109,16 @@ def main(argv=None) -> int:
             return (time.perf_counter() - start) / len(batches), losses
 
         one_pass(model, False)  # warm-up: fills the feature cache
-        if twin is not None:
+        for twin in twins.values():
             one_pass(twin, False)
-        times: dict = {False: [], True: [], "twin": []}
+        times: dict = {False: [], True: [], **{name: [] for name in twins}}
         losses = {}
         for _ in range(args.repeats):  # interleaved, so a slow spell of the machine hits every path
             for share in (False, True):
                 seconds, losses[share] = one_pass(model, share)
                 times[share].append(seconds)
-            if twin is not None:
-                times["twin"].append(one_pass(twin, False)[0])
+            for name, twin in twins.items():
+                times[name].append(one_pass(twin, False)[0])
         best = {k: statistics.median(v) for k, v in times.items() if v}
     mismatch = max(abs(a - b) / abs(a) for a, b in zip(losses[False], losses[True]))
     print(
@@ -122,10 +128,15 @@ def main(argv=None) -> int:
     print(f"plain forward:        {best[False]:.3f} s a step")
     print(f"shared-prefix forward: {best[True]:.3f} s a step  ({best[False] / best[True]:.2f}x)")
     print(f"largest relative loss difference: {mismatch:.1e}")
-    if twin is not None:
+    if twins:
         print(
-            f"plain LoRA twin:       {best['twin']:.3f} s a step  "
-            f"(DAMC's routed step / plain LoRA's: {best[False] / best['twin']:.2f}x)"
+            f"plain LoRA, same sequences: {best['same sequences']:.3f} s a step  "
+            f"(DAMC's routed step / plain LoRA's on the same tokens: {best[False] / best['same sequences']:.2f}x)"
+        )
+        print(
+            f"NaiveMC recipe:        {best['naivemc']:.3f} s a step  "
+            f"(DAMC's step / NaiveMC's, with DAMC's {TrainConfig.prefix_tokens}+{TrainConfig.suffix_tokens} "
+            f"modality tokens per image: {best[False] / best['naivemc']:.2f}x)"
         )
     if mismatch > 1e-5:
         print("the two paths disagree", file=sys.stderr)
