@@ -4,13 +4,24 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# open3d needs libusb-1.0 at import time. (grep reads all of ldconfig's output: with -q it would
-# stop at the first match, ldconfig could die of SIGPIPE, and pipefail would call that "missing".)
+# System packages, installed with apt-get when missing. open3d needs libusb-1.0 at import time.
+# (grep reads all of ldconfig's output: with -q it would stop at the first match, ldconfig could
+# die of SIGPIPE, and pipefail would call that "missing".)
+packages=()
 if ! ldconfig -p 2>/dev/null | grep 'libusb-1.0.so.0' >/dev/null; then
-  echo "[setup] installing libusb-1.0-0 (needed by open3d)"
+  packages+=(libusb-1.0-0)
+fi
+# the leaderboard page's browser test and scripts/screenshot_leaderboard.sh need a headless Chromium
+browser=""
+for name in chromium-headless-shell chromium chromium-browser google-chrome; do
+  command -v "$name" >/dev/null && { browser=$name; break; }
+done
+[ -z "$browser" ] && packages+=(chromium-headless-shell)
+if [ ${#packages[@]} -gt 0 ]; then
+  echo "[setup] installing ${packages[*]} (open3d needs libusb; the leaderboard test a headless Chromium)"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
-  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libusb-1.0-0 >/dev/null
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
 fi
 
 PY=${PYTHON:-python3}
