@@ -126,10 +126,11 @@ def _save_llm(llm, path: Path, max_shard_size: str | int = "5GB") -> None:
 
 
 def save_mllm(
-    model, path: str | os.PathLike, *, overwrite: bool = False, base_model: str | None = None, inputs=()
+    model, path: str | os.PathLike, *, overwrite: bool = False, base_model: str | None = None, inputs=(), record=None
 ) -> None:
     """Save atomically: the directory appears only when every file is written (`mcomp.io.atomic_directory`:
-    `path` must not be, contain or lie inside any of `inputs` nor the base model's directory)."""
+    `path` must not be, contain or lie inside any of `inputs` nor the base model's directory). `record`
+    (`mcomp.output_record.OutputRecord`): the recipe and model card written with it."""
     from mcomp.peft_format import save_adapter
 
     finetuned_from = getattr(model, "finetuned_from", None)
@@ -187,7 +188,24 @@ def save_mllm(
             llm_sha256=llm_files_sha256(tmp / LLM_DIR) if finetuned_from else "",
             provenance=model.provenance,
         ).to_json_file(tmp / CONFIG_NAME)
+        if record is not None:
+            record.write(tmp)
     logger.info("saved multimodal model to %s", path)
+
+
+# adapter-config fields that may name files saved with the model: relative to its directory there
+# (so that a model directory can move, and the same model saved elsewhere has the same bytes)
+ADAPTER_PATH_FIELDS = ("checkpoint", "image_processor", "video_processor")
+
+
+def inside_paths(adapter: dict, model_dir: str | os.PathLike) -> dict:
+    """`adapter` (a saved adapter config) with its relative file fields resolved against `model_dir`."""
+    out = dict(adapter)
+    for name in ADAPTER_PATH_FIELDS:
+        value = out.get(name)
+        if isinstance(value, str) and value and not os.path.isabs(value):
+            out[name] = str(Path(model_dir).resolve() / value)
+    return out
 
 
 def read_config(path: str | os.PathLike) -> MLLMConfig:
@@ -231,7 +249,7 @@ def load_mllm(
     else:
         llm = load_base_llm(path, cfg, dtype, check=check_base)
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
-    model = model_class.build(llm, tokenizer, cfg.adapters, template=cfg.template)
+    model = model_class.build(llm, tokenizer, [inside_paths(a, path) for a in cfg.adapters], template=cfg.template)
     model.provenance = cfg.provenance
     if cfg.llm:
         model.finetuned_from = {"base_model": cfg.base_model, "base_model_sha256": cfg.base_model_sha256}

@@ -38,8 +38,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_parser(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[list[str], argparse.ArgumentParser]:
+    """The subcommand path named at the front of `argv` (e.g. ["import", "modelcompose"]) and its parser."""
+    path, current = [], parser
+    for token in argv:
+        if token.startswith("-"):
+            continue
+        sub = next((a for a in current._actions if isinstance(a, argparse._SubParsersAction)), None)
+        if sub is None or token not in sub.choices:
+            break
+        path.append(token)
+        current = sub.choices[token]
+    return path, current
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(t == "--from" or t.startswith("--from=") for t in argv):  # the recipe's arguments become defaults
+        from mcomp.output_record import apply_recipe
+
+        command, command_parser = _command_parser(parser, argv)
+        try:
+            apply_recipe(command_parser, command, argv)
+        except (FileNotFoundError, ValueError) as err:
+            print(f"mcomp {' '.join(command)}: error: {err}", file=sys.stderr)
+            return 1
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")

@@ -28,6 +28,7 @@ from mcomp.checkpoint import (
     CONFIG_NAME,
     MLLMConfig,
     base_weights_sha256,
+    inside_paths,
     load_adapter_weights,
     load_modality_tokens,
     read_config,
@@ -80,6 +81,7 @@ def read_inputs(models: Mapping[str, str | os.PathLike]) -> list[ComposeInput]:
         cfg = read_config(path)
         adapters = {}
         for adapter in cfg.adapters:
+            adapter = inside_paths(adapter, path)  # its files, wherever the composition is saved
             cls = get_adapter_class(adapter["adapter"])
             adapters.update({name: (cls.modality, adapter) for name in (cls.modality, *cls.aliases)})
         if key not in adapters:

@@ -51,8 +51,10 @@ def compose_checkpoint(
     overwrite: bool = False,
     max_shard_size: str | int = "5GB",
     progress: bool = False,
+    record=None,
 ) -> Path:
-    """Compose `modality -> model directory` inputs (LoRA or full fine-tunes of one base) into `out`."""
+    """Compose `modality -> model directory` inputs (LoRA or full fine-tunes of one base) into `out`.
+    `record` (`mcomp.output_record.OutputRecord`): the recipe and model card written with it."""
     from transformers import AutoTokenizer
 
     from mcomp.compose import LINEAR, coefficients, merge_parameters, model_groups, read_inputs, set_weights
@@ -109,6 +111,8 @@ def compose_checkpoint(
                 }
             },
         ).to_json_file(tmp / CONFIG_NAME)
+        if record is not None:
+            record.write(tmp, {"coefficients": coef, **report})
     logger.info("composed %s into %s", ", ".join(i.modality for i in inputs), out)
     return Path(out)
 

@@ -197,7 +197,26 @@ def save_tensors(
         check_finite(name, value, str(path), origin)
     with atomic_path(path) as tmp:
         save_file(flat, str(tmp), metadata=metadata)
+        _sort_metadata(tmp)
         _follow_umask(tmp, 0o666)
+
+
+def _sort_metadata(path: Path) -> None:
+    """Rewrite a safetensors header with its metadata keys in sorted order: safetensors writes them in
+    hash-map order, which changes from process to process, so the same tensors would not give the
+    same bytes. Only the order changes, so the header keeps its length and the data stays in place."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        raw = f.read(size)
+        header = json.loads(raw)
+        if len(header.get("__metadata__") or {}) < 2:
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(text) > size or raw[len(text) :].strip(b" "):
+            raise RuntimeError(f"{path}: unexpected safetensors header layout")
+        f.seek(8)
+        f.write(text + b" " * (size - len(text)))
 
 
 def load_tensors(path: str | os.PathLike, device: str = "cpu") -> dict[str, torch.Tensor]:

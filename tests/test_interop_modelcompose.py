@@ -360,6 +360,21 @@ def test_malicious_pickle_is_refused_and_never_executed(world, tmp_path, capsys,
     assert not marker.exists() and not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()
 
 
+def test_an_import_recipe_imports_the_same_model_again_byte_for_byte(world, tmp_path, monkeypatch):
+    from mcomp.output_record import CARD_NAME, RECIPE_NAME
+    from tests.test_train_identity import files_of
+
+    _with_import_command(monkeypatch)
+    first, again = tmp_path / "first", tmp_path / "again"
+    src = world["released"]["vision", "damc"]
+    argv = ["import", "modelcompose", str(src), "--base", str(world["base"]), "--encoder-root", str(world["enc"])]
+    assert cli.main([*argv, "--out", str(first)]) == 0
+    assert cli.main(["import", "modelcompose", "--from", str(first / RECIPE_NAME), "--out", str(again)]) == 0
+    assert files_of(again) == files_of(first)  # the encoder weights are named relative to the model directory
+    assert "| flavour | damc |" in (first / CARD_NAME).read_text()
+    assert mcomp.load(again).modalities == ["image"]
+
+
 def _with_import_command(monkeypatch):
     if "import_model" not in cli.SUBCOMMANDS:  # until the lead registers it
         monkeypatch.setattr(cli, "SUBCOMMANDS", [*cli.SUBCOMMANDS, "import_model"])

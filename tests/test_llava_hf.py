@@ -304,6 +304,7 @@ def test_every_backend_composes_llava_hf_with_lora_models(imported, lora_models,
 
 def test_the_cli_imports_and_the_model_answers(imported, tmp_path, capsys):
     from mcomp.cli import main
+    from tests.test_train_identity import files_of
 
     out = tmp_path / "cli"
     assert (
@@ -313,6 +314,9 @@ def test_the_cli_imports_and_the_model_answers(imported, tmp_path, capsys):
     cli_llm = sorted(p.name for p in (out / "llm").iterdir())
     assert cli_llm == sorted(p.name for p in (imported["out"] / "llm").iterdir())
     assert read_config(out).llm_sha256 == read_config(imported["out"]).llm_sha256
+    again = tmp_path / "again"  # its recipe imports it again, byte for byte
+    assert main(["import", "llava-hf", "--from", str(out / "mcomp_recipe.yaml"), "--out", str(again)]) == 0
+    assert files_of(again) == files_of(out)
 
 
 def test_video_pixel_values_are_the_folders_video_processor_output(imported):

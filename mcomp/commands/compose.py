@@ -7,6 +7,7 @@ import logging
 
 from mcomp.configuration import parse_pairs
 from mcomp.merge.registry import available_methods
+from mcomp.output_record import OutputRecord, add_from_option
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +77,26 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--out", required=True, help="output model directory (loads with mcomp.load)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
+    add_from_option(p)
     p.set_defaults(func=run)
+
+
+def _record(args, models: dict, weights) -> OutputRecord:
+    """The recipe holds the models resolved (the zoo's too) and the searched weights, so that it
+    composes again without a zoo build or a search."""
+    import os
+
+    resolved = ",".join(f"{m}={os.path.abspath(p)}" for m, p in models.items())
+    inlined = {"models": resolved, "search_weights": False, "dev": None, "dev_root": None, "budget": None}
+    if weights:
+        inlined["weights"] = ",".join(f"{m}={w!r}" for m, w in weights.items())
+    return OutputRecord.from_args(
+        ["compose"],
+        args,
+        inlined=inlined,
+        inputs={f"{m} model": str(p) for m, p in models.items()},
+        summary=f"A {args.method} composition of the {', '.join(models)} models, merged with {args.merge}.",
+    )
 
 
 def _param_value(value: str):
@@ -108,6 +128,7 @@ def _compose_on_disk(args, models: dict, merge: str, weights, params: dict) -> i
     out = compose_checkpoint(
         models,
         args.out,
+        record=_record(args, models, weights),
         method=args.method,
         merge=merge,
         weights=weights,
@@ -168,8 +189,10 @@ def run(args: argparse.Namespace) -> int:
     if any(read_config(path).llm for path in models.values()):
         return _compose_on_disk(args, models, merge, weights, params)
     model = compose(models, weights=weights, seed=args.seed, **kwargs)
-    model.save_pretrained(args.out, overwrite=args.force, inputs=list(models.values()))
     comp = model.provenance["composition"]
+    record = _record(args, models, weights)
+    record.facts["coefficients"] = comp["weights"]
+    model.save_pretrained(args.out, overwrite=args.force, inputs=list(models.values()), record=record)
     resolved = ", ".join(f"{m}={w:g}" for m, w in comp["weights"].items())
     print(
         f"composed {', '.join(model.modalities)} with {comp['method']} + {comp['merge']} "

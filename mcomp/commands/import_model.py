@@ -11,6 +11,8 @@ import argparse
 import json
 import logging
 
+from mcomp.output_record import OutputRecord, add_from_option
+
 logger = logging.getLogger(__name__)
 
 
@@ -43,6 +45,7 @@ def add_parser(sub) -> None:
         "LanguageBind_Video_merge/, point_bert_v1.2.pt)",
     )
     mc.add_argument("--force", action="store_true", help="replace an existing --out")
+    add_from_option(mc)
     mc.set_defaults(func=run_modelcompose)
 
     hf = kinds.add_parser(
@@ -74,6 +77,7 @@ def add_parser(sub) -> None:
         "--num-frames", type=int, default=32, help="frames a LLaVA-OneVision video adapter samples (default 32)"
     )
     hf.add_argument("--force", action="store_true", help="replace an existing --out")
+    add_from_option(hf)
     hf.set_defaults(func=run_llava_hf)
 
     clip = kinds.add_parser(
@@ -91,8 +95,15 @@ def add_parser(sub) -> None:
 def run_modelcompose(args: argparse.Namespace) -> int:
     from mcomp.interop.modelcompose import import_modelcompose
 
+    record = OutputRecord.from_args(
+        ["import", "modelcompose"],
+        args,
+        paths=("src", "base", "encoder_root"),
+        inputs={"released folder": args.src, "base LLM": args.base, "encoder root": args.encoder_root},
+        summary="A released ModelCompose checkpoint converted to an mcomp model.",
+    )
     model = import_modelcompose(
-        args.src, args.out, base=args.base, encoder_root=args.encoder_root, overwrite=args.force
+        args.src, args.out, base=args.base, encoder_root=args.encoder_root, overwrite=args.force, record=record
     )
     info = model.provenance["import"]
     print(
@@ -114,6 +125,13 @@ def run_llava_hf(args: argparse.Namespace) -> int:
         template=args.template,
         num_frames=args.num_frames,
         overwrite=args.force,
+        record=OutputRecord.from_args(
+            ["import", "llava-hf"],
+            args,
+            paths=("src", "base"),
+            inputs={"transformers folder": args.src, "base LLM": args.base},
+            summary="A transformers LLaVA-family model converted to an mcomp model (its LLM a full fine-tune).",
+        ),
     )
     info = read_config(out).provenance["import"]
     print(

@@ -7,6 +7,8 @@ import json
 import logging
 from pathlib import Path
 
+from mcomp.output_record import OutputRecord, add_from_option
+
 logger = logging.getLogger(__name__)
 
 
@@ -94,7 +96,41 @@ def add_parser(sub) -> None:
         default = _default(field)
         p.add_argument(f"--{name}", type=typ, help=what if default is None else f"{what} (default: {default})")
     p.add_argument("--lr-scheduler", choices=("constant", "cosine"), help="after warmup (default: constant)")
+    add_from_option(p)
     p.set_defaults(func=run)
+
+
+# the flags that set TrainConfig fields (the recipe holds them resolved, as `config`)
+CONFIG_FLAGS = (
+    "stage",
+    "decoupled",
+    "full",
+    "lora_r",
+    "lora_alpha",
+    "learning_rate",
+    "epochs",
+    "max_steps",
+    "batch_size",
+    "grad_accum",
+    "seed",
+    "save_every",
+    "prefix_tokens",
+    "suffix_tokens",
+    "warmup_steps",
+    "lr_scheduler",
+    "warmup_ratio",
+    "projector_lr",
+    "global_batch_size",
+)
+
+
+def _mapping(value, what: str) -> dict:
+    """A JSON file's object, or the mapping a recipe holds in its place."""
+    if isinstance(value, dict):
+        return dict(value)
+    from mcomp.resources import read_document
+
+    return read_document(value, what, dict)
 
 
 def _default(field: str):
@@ -120,7 +156,7 @@ def build_start_model(args):
     if args.init:
         return mcomp.load(args.init), {"init_digest": directory_digest(args.init)}
     if args.adapter_config:
-        adapter_cfg = json.loads(Path(args.adapter_config).read_text())
+        adapter_cfg = _mapping(args.adapter_config, "--adapter-config")
     elif args.adapter.startswith("tiny:"):
         kind = args.adapter.split(":", 1)[1]
         factory = getattr(tiny, f"tiny_{kind}_adapter_config", None)
@@ -151,28 +187,8 @@ def run(args: argparse.Namespace) -> int:
     from mcomp.io import check_apart, sha256_file
     from mcomp.train import TrainConfig, train
 
-    fields = json.loads(Path(args.config).read_text()) if args.config else {}
-    for key in (
-        "stage",
-        "decoupled",
-        "full",
-        "lora_r",
-        "lora_alpha",
-        "learning_rate",
-        "epochs",
-        "max_steps",
-        "batch_size",
-        "grad_accum",
-        "seed",
-        "save_every",
-        "prefix_tokens",
-        "suffix_tokens",
-        "warmup_steps",
-        "lr_scheduler",
-        "warmup_ratio",
-        "projector_lr",
-        "global_batch_size",
-    ):
+    fields = _mapping(args.config, "--config") if args.config else {}
+    for key in CONFIG_FLAGS:
         value = getattr(args, key)
         if value is not None:
             fields[key] = value
@@ -194,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
     samples = load_conversation_data(args.data, args.data_root)
     data_sha256 = sha256_file(args.data)
     model, start = build_start_model(args)
-    source = args.config or "command line"
+    source = args.config if isinstance(args.config, str) else "command line"
     if args.recipe:
         from mcomp.recipes import recipe_fields
 
@@ -235,7 +251,26 @@ def run(args: argparse.Namespace) -> int:
         }
     )
     model.provenance = {**model.provenance, "training": history}
-    model.save_pretrained(out, overwrite=args.force, inputs=inputs)
+    record = OutputRecord.from_args(
+        ["train"],
+        args,
+        paths=("init", "base", "data", "data_root"),
+        inlined={
+            "config": cfg.to_dict(),
+            "recipe": None,
+            "adapter_config": _mapping(args.adapter_config, "--adapter-config") if args.adapter_config else None,
+            **{key: None for key in CONFIG_FLAGS},
+        },
+        inputs={
+            "start model": args.init,
+            "base LLM": None if args.base in (None, "tiny") else args.base,
+            "data": args.data,
+        },
+        summary=f"A stage-{cfg.stage} {'DAMC ' if cfg.decoupled else ''}training run of a "
+        f"{', '.join(model.modalities)} MLLM.",
+    )
+    record.facts.update({"optimizer steps": summary["steps"], "final loss": summary["final_loss"]})
+    model.save_pretrained(out, overwrite=args.force, inputs=inputs, record=record)
     done = summary["steps"] - summary["resumed_from"]
     resumed = (
         f" ({done} in this run, resumed from step {summary['resumed_from']} in {checkpoints})"

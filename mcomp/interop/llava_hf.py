@@ -244,9 +244,11 @@ def import_llava_hf(
     template: str | None = None,
     num_frames: int = 32,
     overwrite: bool = False,
+    record=None,
 ) -> Path:
     """Convert the transformers LLaVA folder `src` into the mcomp model directory `out` (see the module
-    docstring); returns `out`. `num_frames`: the frames a OneVision video adapter samples."""
+    docstring); returns `out`. `num_frames`: the frames a OneVision video adapter samples. `record`
+    (`mcomp.output_record.OutputRecord`): the recipe and model card written with it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mcomp.tokenization import save_tokenizer
@@ -291,7 +293,6 @@ def import_llava_hf(
         template = _template(template, arch, tokenizer, folder_template, str(src))
 
         out = Path(out)
-        final = out.resolve()
         with atomic_directory(out, overwrite=overwrite, inputs=[src, base]) as tmp:
             delta2, norm2 = 0.0, 0.0
             order = base_src.storage_order()
@@ -343,7 +344,7 @@ def import_llava_hf(
             adapters = []
             for modality in modalities:
                 _save_processor(modality, src, tmp / PROCESSOR_DIR)
-                where = (tower_config, str(final / encoder_file), str(final / PROCESSOR_DIR), layer, strategy)
+                where = (tower_config, encoder_file, PROCESSOR_DIR, layer, strategy)  # relative to the model
                 adapters.append(
                     _onevision_adapter_config(modality, config, *where, num_frames)
                     if arch == ONEVISION
@@ -383,6 +384,15 @@ def import_llava_hf(
                 },
             ).to_json_file(tmp / CONFIG_NAME)
             del base_llm
+            if record is not None:
+                record.write(
+                    tmp,
+                    {
+                        "architecture": arch,
+                        "relative delta to the base": round(relative, 6),
+                        "vocabulary rows dropped": folder_vocab - vocab,
+                    },
+                )
     finally:
         folder.close()
         base_src.close()

@@ -492,8 +492,10 @@ def import_modelcompose(
     base: str | os.PathLike | None = None,
     encoder_root: str | os.PathLike | None = None,
     overwrite: bool = False,
+    record=None,
 ):
     """Convert the released folder `src` into the mcomp model directory `out`; returns the loaded model.
+    `record` (`mcomp.output_record.OutputRecord`): the recipe and model card written with it.
 
     The output is verified before it appears: the model is built from the written files (encoders loaded
     strictly from their weights, projectors, LoRA adapters and modality tokens read back).
@@ -505,6 +507,7 @@ def import_modelcompose(
         CONFIG_NAME,
         MLLMConfig,
         base_weights_sha256,
+        inside_paths,
         load_adapter_weights,
         load_modality_tokens,
     )
@@ -540,7 +543,7 @@ def import_modelcompose(
         check_lora(ckpt, plan, llm, r)
 
     out = Path(out)
-    final_weights = out.resolve() / ENCODER_WEIGHTS_DIR
+    final_weights = Path(ENCODER_WEIGHTS_DIR)  # in the saved config: relative to the model directory
     with atomic_directory(out, overwrite=overwrite, inputs=[src, base, encoder_root]) as tmp:
         adapters_now, adapters_final, encoders = build_adapter_configs(
             ckpt, roots, tmp / ENCODER_WEIGHTS_DIR, final_weights
@@ -660,9 +663,19 @@ def import_modelcompose(
             lora=lora_cfg,
             provenance=provenance,
         ).to_json_file(tmp / CONFIG_NAME)
+        if record is not None:
+            record.write(
+                tmp,
+                {
+                    "flavour": ckpt.flavour,
+                    "LoRA strategy": ckpt.strategy,
+                    "modalities": provenance["import"]["modalities"],
+                    "LoRA adapters": plan.adapters,
+                },
+            )
     # the model now refers to the final files
     for m, cfg in zip(ckpt.modalities, adapters_final):
-        model.adapters[TO_MCOMP[m]].config.checkpoint = cfg["checkpoint"]
+        model.adapters[TO_MCOMP[m]].config.checkpoint = inside_paths(cfg, out)["checkpoint"]
     logger.info("imported %s (%s, %s) -> %s", ckpt.path, ckpt.flavour, ", ".join(model.modalities), out)
     return model.eval()
 
