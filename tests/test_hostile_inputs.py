@@ -339,7 +339,7 @@ def test_eval_records_the_bomb_as_that_samples_error_and_goes_on(bomb, tmp_path,
     for r in records[:1] + records[2:]:
         assert r["error"] is None and isinstance(r["response"], str)
     results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert results["results"][0]["n_errors"] == 1 and results["results"][0]["n_samples"] == 4
+    assert results["metrics"][0]["n_errors"] == 1 and results["metrics"][0]["n_samples"] == 4
     assert any("bomb.png" in rec.getMessage() for rec in caplog.records)
 
     samples_bytes = (tmp_path / "run" / "samples.jsonl").read_bytes()
@@ -348,7 +348,7 @@ def test_eval_records_the_bomb_as_that_samples_error_and_goes_on(bomb, tmp_path,
     assert code == 0, err
     assert not any("bomb.png" in rec.getMessage() for rec in caplog.records)
     assert (tmp_path / "run" / "samples.jsonl").read_bytes() == samples_bytes
-    assert json.loads((tmp_path / "run" / "results.json").read_text())["results"] == results["results"]
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["metrics"] == results["metrics"]
     assert not list((tmp_path / "run").glob("samples.part-*"))
 
 
@@ -487,4 +487,4 @@ def test_allow_task_code_runs_a_legitimate_module_function(tmp_path, monkeypatch
     assert code == 0, err
     assert marker.exists()
     results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert results["results"][0]["value"] == 100.0 and results["results"][0]["n_samples"] == 4
+    assert results["metrics"][0]["value"] == 100.0 and results["metrics"][0]["n_samples"] == 4

@@ -427,4 +427,4 @@ def test_cli_import_compose_eval_four_modalities(world, tmp_path, monkeypatch, c
     )
     assert rc == 0, capsys.readouterr().err
     results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert results["results"][0]["n_samples"] == 2 and results["results"][0]["n_errors"] == 0
+    assert results["metrics"][0]["n_samples"] == 2 and results["metrics"][0]["n_errors"] == 0

@@ -76,7 +76,7 @@ def test_two_processes_equal_one(tmp_path):
     single = evaluate(
         build_tiny_model(TINY4, seed=0), load_task("mcub4"), root, tmp_path / "single", mode="loglik", model_name=TINY4
     )
-    assert dist["results"] == single["results"]
+    assert dist["metrics"] == single["metrics"] and dist["results"] == single["results"]
     dist_records, single_records = (
         read_records(run_dir / "samples.jsonl"),
         read_records(tmp_path / "single" / "samples.jsonl"),

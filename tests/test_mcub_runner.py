@@ -50,7 +50,7 @@ def _results(run_dir) -> dict:
 
 def _check_consistent(results: dict, records: list[dict]) -> None:
     """Metrics recomputed from the records; denominators are all samples of the subset."""
-    for r in results["results"]:
+    for r in results["metrics"]:
         if r["subset"] == "mean":
             continue
         rows = [x for x in records if x["subset"] == r["subset"]]
@@ -79,7 +79,7 @@ def test_mcub4_generate_and_loglik(bench, model, tmp_path):
     _check_consistent(gen, records)
     assert _results(tmp_path / "gen") == json.loads(json.dumps(gen))
     assert gen["max_new_tokens"] == 3 and gen["model"]["modalities"] == ["image", "audio", "video", "point"]
-    assert {"torch", "transformers", "python"} <= set(gen["versions"]) and gen["seed"] == 0
+    assert {"torch", "transformers", "python"} <= set(gen["code_versions"]) and gen["seed"] == 0
     assert gen["data"]["questions"]["MCUB-4"]["sha256"]
 
     ll = evaluate(model, task, bench, tmp_path / "ll", mode="loglik", model_name=TINY4)
@@ -91,14 +91,14 @@ def test_mcub4_generate_and_loglik(bench, model, tmp_path):
         assert r["prediction"] == best["key"] and r["correct"] == (best["key"] == r["target"])
         best_norm = max(scores, key=lambda s: s["logprob"] / s["num_chars"])
         assert r["prediction_norm"] == best_norm["key"]
-    assert [x["metric"] for x in ll["results"]] == ["accuracy", "accuracy_norm"]
+    assert [x["metric"] for x in ll["metrics"]] == ["accuracy", "accuracy_norm"]
     _check_consistent(ll, records)
 
 
 def test_mcub3_avqa_music_modelnet_end_to_end(bench, model, tmp_path, capsys):
     mcub3 = evaluate(model, load_task("mcub3"), bench, tmp_path / "m3", mode="loglik", limit=1)
     assert "mcub3 loglik: 100%" in capsys.readouterr().err  # a progress bar over the samples, left on screen
-    subsets = [r["subset"] for r in mcub3["results"] if r["metric"] == "accuracy"]
+    subsets = [r["subset"] for r in mcub3["metrics"] if r["metric"] == "accuracy"]
     assert subsets == [
         "image-audio-video",
         "audio-video-pointcloud",
@@ -107,8 +107,8 @@ def test_mcub3_avqa_music_modelnet_end_to_end(bench, model, tmp_path, capsys):
         "mean",
     ]
     _check_consistent(mcub3, _samples(tmp_path / "m3"))
-    mean = [r for r in mcub3["results"] if r["subset"] == "mean" and r["metric"] == "accuracy"][0]
-    assert mean["value"] == pytest.approx(sum(r["value"] for r in mcub3["results"][:8:2]) / 4)
+    mean = [r for r in mcub3["metrics"] if r["subset"] == "mean" and r["metric"] == "accuracy"][0]
+    assert mean["value"] == pytest.approx(sum(r["value"] for r in mcub3["metrics"][:8:2]) / 4)
 
     avqa = evaluate(model, load_task("avqa"), bench, tmp_path / "avqa", mode="generate", limit=1, max_new_tokens=2)
     records = _samples(tmp_path / "avqa")
@@ -137,7 +137,7 @@ def test_mcub3_avqa_music_modelnet_end_to_end(bench, model, tmp_path, capsys):
         for e in json.loads((bench / "data/test/music-avqa-test_mm_answer.json").read_text())
     }
     assert {evalai_normalize(s["key"]) for s in rec["option_scores"]} == vocabulary - {""}
-    assert [r["subset"] for r in music_ll["results"]][-1] == "mean"
+    assert [r["subset"] for r in music_ll["metrics"]][-1] == "mean"
 
     mn = evaluate(model, load_task("modelnet40"), bench, tmp_path / "mn", limit=2)  # default mode: loglik
     records = _samples(tmp_path / "mn")
@@ -171,7 +171,7 @@ def test_missing_and_unreadable_media_are_counted(bench, model, tmp_path):
     assert "truncated.png" in records[2]["error"] and records[2]["correct"] is False
     assert records[3]["target"] is None and records[3]["error"] is None and records[3]["correct"] is False
     assert records[3]["option_scores"] == records[1]["option_scores"]  # it was scored, but counts as wrong
-    acc = res["results"][0]
+    acc = res["metrics"][0]
     assert acc["n_errors"] == 2 and acc["n_samples"] == 4 and acc["n_missing_answer"] == 1
     assert acc["value"] == pytest.approx(100 * records[1]["correct"] / 4)
 
@@ -203,7 +203,7 @@ def test_batched_contexts_give_the_same_records(bench, model, tmp_path):
         )
         for sx, sy in zip(x["option_scores"] or [], y["option_scores"] or []):
             assert sy["logprob"] == pytest.approx(sx["logprob"], abs=1e-4, rel=1e-5)
-    assert [r["value"] for r in many["results"]] == [r["value"] for r in one["results"]]
+    assert [r["value"] for r in many["metrics"]] == [r["value"] for r in one["metrics"]]
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         evaluate(model, task, bench, tmp_path / "zero", mode="loglik", batch_size=0)
 
@@ -250,7 +250,7 @@ def test_resume_after_an_exception_gives_identical_numbers(bench, model, tmp_pat
         model, task, bench, tmp_path / "part", mode="loglik", limit=1, on_record=lambda r: resumed_ids.append(r["id"])
     )
     assert len(resumed_ids) == 2 and not set(resumed_ids) & set(seen)  # only the missing samples ran
-    assert resumed["results"] == full["results"]
+    assert resumed["metrics"] == full["metrics"]
     assert _samples(tmp_path / "part") == _samples(tmp_path / "full")
     assert not list((tmp_path / "part").glob("samples.part-*"))
 
@@ -316,7 +316,7 @@ def test_resume_after_kill(bench, model, tmp_path):
         max_new_tokens=4,
         model_name=TINY4,
     )
-    assert resumed["results"] == reference["results"]
+    assert resumed["metrics"] == reference["metrics"]
     killed, ref = _samples(run_dir), _samples(tmp_path / "ref")
     assert [r["id"] for r in killed] == [r["id"] for r in ref] and len({r["id"] for r in killed}) == n
     assert killed == ref
@@ -373,7 +373,7 @@ def test_user_task_file_with_own_function(bench, model, tmp_path, monkeypatch):
         load_task(str(tmp_path / "mine.yaml"))  # a task file is data: its modules are not imported by default
     assert "my_scorers" not in sys.modules
     res = evaluate(model, load_task(str(tmp_path / "mine.yaml"), allow_code=True), bench, tmp_path / "run")
-    assert res["task"] == "mine" and res["results"][0]["value"] == 100.0
+    assert res["task"] == "mine" and res["metrics"][0]["value"] == 100.0
 
 
 def test_cli(bench, tmp_path, capsys):

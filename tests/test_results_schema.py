@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from mcomp.benchmarks.mcub.results import RESULTS_SCHEMA, MetricRow, ResultsFile
+from mcomp.benchmarks.mcub.results import LM_EVAL_SECTIONS, RESULTS_SCHEMA, MetricRow, ResultsFile
 from mcomp.benchmarks.mcub.runner import evaluate
 from mcomp.benchmarks.mcub.synthetic import write_benchmark
 from mcomp.benchmarks.mcub.tasks import load_task
@@ -41,18 +41,54 @@ def test_readers_refuse_what_the_schema_does_not_say(run, tmp_path):
     cases = {
         "version": (dict(raw, schema="mcomp.eval.results/9"), r"schema 'mcomp.eval.results/9'; known: "),
         "field": (dict(raw, accuracy=1), r"unknown field\(s\) \['accuracy'\]"),
-        "row value": (dict(raw, results=[dict(raw["results"][0], value="50")]), r"results\[0\]\.value must be"),
+        "row value": (dict(raw, metrics=[dict(raw["metrics"][0], value="50")]), r"metrics\[0\]\.value must be"),
         "row metric": (
-            dict(raw, results=[{k: v for k, v in raw["results"][0].items() if k != "metric"}]),
-            r"results\[0\] has no 'metric' field",
+            dict(raw, metrics=[{k: v for k, v in raw["metrics"][0].items() if k != "metric"}]),
+            r"metrics\[0\] has no 'metric' field",
         ),
-        "row count": (dict(raw, results=[dict(raw["results"][0], n_samples=-1)]), r"n_samples must be a count"),
+        "row count": (dict(raw, metrics=[dict(raw["metrics"][0], n_samples=-1)]), r"n_samples must be a count"),
+        "lm-eval view": (
+            dict(
+                raw,
+                results={**raw["results"], "mcub4_MCUB-4": {**raw["results"]["mcub4_MCUB-4"], "accuracy,loglik": 1.0}},
+            ),
+            r"section 'results' does not follow from the metric rows",
+        ),
     }
     for name, (data, message) in cases.items():
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps(data))
         with pytest.raises(ValueError, match=message):
             ResultsFile.read(path)
+
+
+def test_the_file_follows_lm_evaluation_harness_layout(run):
+    raw = json.loads(run[0].read_text())
+    rows = raw["metrics"]
+    version = load_task("mcub4").raw["version"]
+    assert version == 1 and raw["config"]["random_seed"] == 0 and raw["config"]["model_args"] == "pretrained=tiny4"
+    for row in rows:  # a subset is the task <task>_<subset>; fractions, the mode as the filter
+        name = f"mcub4_{row['subset']}"
+        entry = raw["results"][name]
+        assert entry["alias"] == row["subset"]
+        assert entry[f"{row['metric']},loglik"] == pytest.approx(row["value"] / 100)
+        stderr = entry[f"{row['metric']}_stderr,loglik"]
+        assert stderr == ("N/A" if row["stderr"] is None else pytest.approx(row["stderr"] / 100))
+        assert raw["versions"][name] == version and raw["n-shot"][name] == 0
+        assert raw["n-samples"][name] == {"original": row["n_samples"], "effective": row["n_samples"]}
+        assert raw["higher_is_better"][name][row["metric"]] is True
+        assert raw["configs"][name]["output_type"] == "loglikelihood"
+        assert raw["configs"][name]["metadata"] == {"version": version}
+    assert set(raw["results"]) == {f"mcub4_{r['subset']}" for r in rows}
+
+
+def test_version_1_files_are_still_read(run, tmp_path):
+    raw = json.loads(run[0].read_text())
+    old = {k: v for k, v in raw.items() if k not in ("metrics", "code_versions", *LM_EVAL_SECTIONS)}
+    old.update(schema="mcomp.eval.results/1", results=raw["metrics"], versions=raw["code_versions"])
+    path = tmp_path / "v1.json"
+    path.write_text(json.dumps(old))
+    assert ResultsFile.read(path).to_dict() == raw  # read, it is written as the current version
 
 
 def test_the_harness_refuses_a_model_without_the_evaluation_api(tmp_path):

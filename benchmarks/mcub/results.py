@@ -1,9 +1,18 @@
 """The results file of an evaluation run (`results.json`): one typed schema, versioned, that the
 runner writes and the leaderboard reads.
 
-`schema` names the format and its version ("mcomp.eval.results/1"); a reader accepts the versions
-it knows. Each metric row is typed (`MetricRow`); the run's descriptive sections (model,
-provenance, prompt, data, versions, ...) are mappings kept as written.
+`schema` names the format and its version; a reader accepts the versions it knows. Each metric row
+is typed (`MetricRow`); the run's descriptive sections (model, provenance, prompt, data, versions,
+...) are mappings kept as written.
+
+Version 2 (written now) also follows lm-evaluation-harness's results layout, so that the tools of
+its users read it: `results` (per task, `"<metric>,<filter>"` keys with fractions, the mode as the
+filter), `groups` and `group_subtasks` (a task's mean over its subsets), `configs`, `versions`,
+`n-shot`, `higher_is_better`, `n-samples` and `config`; there a subset is the task
+`<task>_<subset>`. mcomp's own fields sit beside them, renamed where lm-eval uses the name: the
+metric rows are `metrics`, the code versions `code_versions`. The lm-eval sections are derived
+from the rows and checked against them when read. Version 1 (rows under `results`, code versions
+under `versions`) is still read.
 """
 
 from __future__ import annotations
@@ -15,8 +24,23 @@ from typing import Any, Mapping
 
 from mcomp.resources import read_document
 
-RESULTS_SCHEMA = "mcomp.eval.results/1"
-KNOWN_SCHEMAS = (RESULTS_SCHEMA,)
+RESULTS_SCHEMA_V1 = "mcomp.eval.results/1"
+RESULTS_SCHEMA = "mcomp.eval.results/2"
+KNOWN_SCHEMAS = (RESULTS_SCHEMA_V1, RESULTS_SCHEMA)
+MEAN = "mean"  # the subset name of a task's mean over its subsets
+# lm-evaluation-harness's sections, derived from the metric rows (version 2)
+LM_EVAL_SECTIONS = (
+    "results",
+    "groups",
+    "group_subtasks",
+    "configs",
+    "versions",
+    "n-shot",
+    "higher_is_better",
+    "n-samples",
+    "config",
+)
+RENAMED = {"metrics": "results", "code_versions": "versions"}  # version 2 name -> field
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,26 +99,101 @@ class ResultsFile:
     run: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        """The file's content in the current version (with lm-evaluation-harness's sections)."""
         out = dataclasses.asdict(self)
-        out["results"] = [dataclasses.asdict(r) for r in self.results]
+        out["schema"] = RESULTS_SCHEMA
+        out["metrics"] = [dataclasses.asdict(r) for r in self.results]
+        out["code_versions"] = out.pop("versions")
+        del out["results"]
+        out.update(self.lm_eval_sections())
         return out
+
+    def subtask(self, subset: str) -> str:
+        """lm-eval's task name of a subset (the task itself for the mean)."""
+        return self.task if subset == MEAN else f"{self.task}_{subset}"
+
+    def lm_eval_sections(self) -> dict[str, Any]:
+        """lm-evaluation-harness's results layout of the metric rows (see the module docstring)."""
+        version = self.task_config.get("version", 0)
+        results: dict[str, dict[str, Any]] = {}
+        counts: dict[str, int] = {}
+        better: dict[str, dict[str, bool]] = {}
+        for row in self.results:
+            name = self.subtask(row.subset)
+            entry = results.setdefault(name, {"alias": row.subset if row.subset != MEAN else self.task})
+            entry[f"{row.metric},{row.mode}"] = None if row.value is None else row.value / 100
+            entry[f"{row.metric}_stderr,{row.mode}"] = "N/A" if row.stderr is None else row.stderr / 100
+            counts[name] = max(counts.get(name, 0), row.n_samples)
+            better.setdefault(name, {})[row.metric] = True
+        subtasks = [n for n in results if n != self.task]
+        grouped = self.task in results and bool(subtasks)
+        output_type = "generate_until" if self.mode == "generate" else "loglikelihood"
+        return {
+            "results": results,
+            "groups": {self.task: results[self.task]} if grouped else {},
+            "group_subtasks": {self.task: subtasks} if grouped else {},
+            "configs": {
+                n: {"task": n, "group": self.task, "output_type": output_type, "metadata": {"version": version}}
+                for n in subtasks or list(results)
+            },
+            "versions": {n: version for n in results},
+            "n-shot": {n: 0 for n in results},
+            "higher_is_better": better,
+            "n-samples": {
+                n: {"original": counts[n] if self.limit is None else None, "effective": counts[n]}
+                for n in subtasks or list(results)
+            },
+            "config": {
+                "model": "mcomp",
+                "model_args": f"pretrained={self.model.get('name', '')}",
+                "limit": self.limit,
+                "random_seed": self.seed,
+                "gen_kwargs": {"max_new_tokens": self.max_new_tokens} if self.mode == "generate" else None,
+            },
+        }
 
     @classmethod
     def from_dict(cls, data: Any, source: str) -> ResultsFile:
+        """A results file's content, of any known version."""
+        cls._check_schema(data, source)
+        if data["schema"] == RESULTS_SCHEMA_V1:
+            return cls.from_fields(data, source)
+        fields = {k: v for k, v in data.items() if k not in LM_EVAL_SECTIONS and k not in RENAMED}
+        for name, field_name in RENAMED.items():
+            if name not in data:
+                raise ValueError(f"{source}: no {name!r} section")
+            fields[field_name] = data[name]
+        parsed = cls.from_fields({**fields, "schema": RESULTS_SCHEMA}, source, rows_name="metrics")
+        derived = parsed.lm_eval_sections()
+        for name in LM_EVAL_SECTIONS:  # never a file whose two views of the scores disagree
+            if data.get(name) != derived[name]:
+                raise ValueError(
+                    f"{source}: section {name!r} does not follow from the metric rows ('metrics'); was the file edited?"
+                )
+        return parsed
+
+    @staticmethod
+    def _check_schema(data: Any, source: str) -> None:
         if not isinstance(data, Mapping) or data.get("schema") not in KNOWN_SCHEMAS:
             found = data.get("schema") if isinstance(data, Mapping) else None
             raise ValueError(
                 f"{source}: not an mcomp eval results file of a known version (schema {found!r}; "
                 f"known: {', '.join(KNOWN_SCHEMAS)})"
             )
+
+    @classmethod
+    def from_fields(cls, data: Any, source: str, rows_name: str = "results") -> ResultsFile:
+        """From the fields themselves (metric rows under `results`, code versions under `versions`, as the
+        runner gathers them and version 1 stored them), checked."""
+        cls._check_schema(data, source)
         unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
             raise ValueError(f"{source}: unknown field(s) {unknown}")
         rows = data.get("results", [])
         if not isinstance(rows, list):
-            raise ValueError(f"{source}: 'results' must be a list")
+            raise ValueError(f"{source}: {rows_name!r} must be a list")
         fields = dict(data)
-        fields["results"] = tuple(MetricRow.from_dict(r, f"{source}: results[{i}]") for i, r in enumerate(rows))
+        fields["results"] = tuple(MetricRow.from_dict(r, f"{source}: {rows_name}[{i}]") for i, r in enumerate(rows))
         for name in ("model", "provenance", "prompt", "data", "task_config", "versions", "run"):
             if fields.get(name) is None:
                 fields[name] = {}

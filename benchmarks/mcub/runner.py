@@ -48,7 +48,7 @@ from mcomp.benchmarks.mcub.features import EvalFeatureCache
 from mcomp.benchmarks.mcub.loglik import score_options, score_options_batch
 from mcomp.benchmarks.mcub.prompting import build_prompt
 from mcomp.benchmarks.mcub.records import RecordWriter, iter_record_files, read_records
-from mcomp.benchmarks.mcub.results import RESULTS_SCHEMA, ResultsFile  # noqa: F401 (re-exported)
+from mcomp.benchmarks.mcub.results import MEAN, RESULTS_SCHEMA, ResultsFile  # noqa: F401 (re-exported)
 from mcomp.benchmarks.mcub.scoring import accuracy
 from mcomp.benchmarks.mcub.tasks import ModeSpec, Task
 from mcomp.conversation import CHAT, get_template
@@ -601,7 +601,7 @@ def evaluate(
         },
     }
     # NaN (e.g. the standard error of a single sample) -> None, as written; the schema checks the rest
-    payload = ResultsFile.from_dict(_finite(payload), str(run_dir / "results.json")).to_dict()
+    payload = ResultsFile.from_fields(_finite(payload), str(run_dir / "results.json")).to_dict()
     atomic_write_text(run_dir / "results.json", json.dumps(payload, indent=2, sort_keys=True) + "\n")
     logger.info("wrote %s", run_dir / "results.json")
     return payload
@@ -668,7 +668,7 @@ def compute_results(task: Task, mode: str, data: EvalData, records: Sequence[Map
             out.append(
                 {
                     "task": task.name,
-                    "subset": "mean",
+                    "subset": MEAN,
                     "mode": mode,
                     "metric": metric,
                     "value": sum(r["value"] for r in rows) / k,

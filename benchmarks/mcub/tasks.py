@@ -122,7 +122,18 @@ def _require(data: Mapping, field: str, source: str, kind=None):
     return value
 
 
-_TASK_FIELDS = {"name", "description", "functions", "prompt", "answers", "target", "subsets", "modes", "default_mode"}
+_TASK_FIELDS = {
+    "name",
+    "version",
+    "description",
+    "functions",
+    "prompt",
+    "answers",
+    "target",
+    "subsets",
+    "modes",
+    "default_mode",
+}
 _MODE_FIELDS = {"scorer", "max_new_tokens", "options", "continuation", "option_batch_size"}
 
 
@@ -151,6 +162,9 @@ def parse_task(data: Any, source: str = "task", allow_code: bool = False) -> Tas
         resolve(kind, name, where, allow_code=allow_code)  # refuses code unless allowed, before anything runs
 
     name = _require(data, "name", source, str)
+    version = data.get("version", 0)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise ValueError(f"{source}: field 'version' must be a whole number >= 0, got {version!r}")
     prompt = data.get("prompt", {}) or {}
     subsets = []
     for i, s in enumerate(_require(data, "subsets", source, list)):

@@ -121,7 +121,7 @@ def load_model(spec: str, seed: int, device, dtype: str | None):
 
 def format_results(results: dict) -> str:
     lines = [f"{results['task']} ({results['mode']}), model {results['model']['name']}"]
-    for r in results["results"]:
+    for r in results["metrics"]:
         value = "nan" if r["value"] is None else f"{r['value']:.2f}"
         stderr = "-" if r["stderr"] is None else f"{r['stderr']:.2f}"
         lines.append(
