@@ -96,17 +96,22 @@ class RowQuantiles:
         m = sample.shape[1]
         if m == 0:
             return
+        ranks: list[tuple[_Target, int, int]] = []
         for t in self.targets:
             if t.mode != "histogram":
                 continue
             p = (t.rank + 0.5) / self.total
             centre = p * m
             width = self.z * math.sqrt(m * p * (1 - p)) + 4
-            j_lo, j_hi = math.floor(centre - width), math.ceil(centre + width)
-            row = sample[t.row]
-            t.lo = float(torch.kthvalue(row, j_lo + 1).values) if j_lo >= 0 else -math.inf
-            t.hi = float(torch.kthvalue(row, j_hi + 1).values) if j_hi < m else math.inf
-            t.mode = "bracket"
+            ranks.append((t, math.floor(centre - width), math.ceil(centre + width)))
+        for row in sorted({t.row for t, _, _ in ranks}):  # one partial sort per row for all its bracket ends
+            kth = sorted({j for t, *js in ranks if t.row == row for j in js if 0 <= j < m})
+            values = np.partition(sample[row].numpy(), kth) if kth else None
+            for t, j_lo, j_hi in ranks:
+                if t.row == row:
+                    t.lo = float(values[j_lo]) if j_lo >= 0 else -math.inf
+                    t.hi = float(values[j_hi]) if j_hi < m else math.inf
+                    t.mode = "bracket"
 
     def bracket_floors(self) -> list[float] | None:
         """Per row, the lowest bracket bound of its targets, while every target is bracketed
