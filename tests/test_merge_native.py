@@ -218,3 +218,17 @@ def test_the_native_generator_draws_torch_rands_bits(seed):
     stream = native.TorchUniformStream(seed)
     for size in (1, 623, 624, 625, 5000, 100_003):
         assert torch.equal(stream.draw(torch.empty(size)), torch.rand(size, generator=g)), size
+
+
+def test_pool_threads_hold_torch_at_one_thread_and_the_pool_at_its_width():
+    from mcomp.merge import kernels
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with kernels.pool_threads():
+            assert torch.get_num_threads() == 1 and kernels.parallel_width() == 2
+            assert kernels.parallel_map(lambda x: x * x, [1, 2, 3]) == [1, 4, 9] and kernels._pool_size == 2
+        assert torch.get_num_threads() == 2 and kernels.parallel_width() == 2
+    finally:
+        torch.set_num_threads(before)

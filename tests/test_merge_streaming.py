@@ -370,7 +370,7 @@ def test_streaming_pcb_parallel_blocks_change_nothing(ckpts, tmp_path, monkeypat
     real = kernels.column_blocks
 
     def spy(fn, size, block, workspace):
-        parallel.append(size > block and torch.get_num_threads() > 1)
+        parallel.append(size > block and kernels.parallel_width() > 1)
         return real(fn, size, block, workspace)
 
     monkeypatch.setattr("mcomp.merge.accelerated.pcb.column_blocks", spy)

@@ -12,6 +12,7 @@ NumPy kernels remain the fallback.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -27,12 +28,39 @@ _local = threading.local()  # .in_block: this thread runs one of `column_blocks`
 _blocks_lock = threading.Lock()  # one `column_blocks` run at a time (it changes torch's thread count)
 
 
+_width: int | None = None  # the pool's width while `pool_threads` holds torch at one thread
+
+
+def parallel_width() -> int:
+    """How many workers the pool runs: torch's thread count, or what it was when `pool_threads` began."""
+    return _width if _width is not None else max(1, torch.get_num_threads())
+
+
+@contextlib.contextmanager
+def pool_threads():
+    """Run the pool as wide as torch's thread count while torch itself runs single-threaded: for work
+    whose heavy maths is on the pool and whose torch ops in between are small (an accelerated merge).
+    Otherwise torch's OpenMP workers spin after each of those ops, on the cores the pool works on."""
+    global _width
+    if _width is not None:
+        yield
+        return
+    before = torch.get_num_threads()
+    _width = max(1, before)
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+        _width = None
+
+
 def _workers() -> ThreadPoolExecutor | None:
-    """A pool as wide as torch's thread count (None when that is 1, or inside a block)."""
+    """A pool `parallel_width()` wide (None when that is 1, or inside a block)."""
     global _pool, _pool_size
     if getattr(_local, "in_block", False):
         return None  # already one of the parallel workers: split no further
-    workers = max(1, torch.get_num_threads())
+    workers = parallel_width()
     if workers == 1:
         return None
     if _pool is None or _pool_size != workers:
@@ -59,7 +87,7 @@ def column_blocks(fn, size: int, block: int, workspace: "Workspace | None") -> N
     same chain runs about twice as fast (measured: PCB's β, 7.4 ms -> 3.9 ms per 3 × 2^20
     values on 2 cores). `fn` must write only its own columns.
     """
-    workers = max(1, torch.get_num_threads())
+    workers = parallel_width()
     pool = _workers() if size > block else None
     if pool is None or workspace is None:
         fn(0, size, workspace)
@@ -79,12 +107,13 @@ def column_blocks(fn, size: int, block: int, workspace: "Workspace | None") -> N
             _local.in_block = False
 
     with _blocks_lock:
+        before = torch.get_num_threads()
         torch.set_num_threads(1)  # process-wide; restored below
         try:
             for f in [pool.submit(run, k) for k in range(workers)]:
                 f.result()
         finally:
-            torch.set_num_threads(workers)
+            torch.set_num_threads(before)
 
 
 def _ufunc_inplace(ufunc: np.ufunc, view: np.ndarray) -> None:
