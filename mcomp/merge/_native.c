@@ -615,11 +615,15 @@ static inline void family_sparsify(tile_t *tl, int n, long c, long tw, const fam
             for (long j = 0; j < MC_TILE; j++) a[j] = a[j] * (float)(fabsf(a[j]) >= th);
         }
         if (g->u) {
-            memcpy(ub, g->u + i * g->ldu + c, sizeof(float) * (size_t)tw);
-            for (long j = tw; j < MC_TILE; j++) ub[j] = 1.0f;
+            const float *u = g->u + i * g->ldu + c;
+            if (tw < MC_TILE) { /* a short tile: its draws padded (the padding's τ is 0 anyway) */
+                memcpy(ub, u, sizeof(float) * (size_t)tw);
+                for (long j = tw; j < MC_TILE; j++) ub[j] = 1.0f;
+                u = ub;
+            }
             float d = g->density;
 #pragma omp simd
-            for (long j = 0; j < MC_TILE; j++) a[j] = a[j] * (float)(ub[j] < d);
+            for (long j = 0; j < MC_TILE; j++) a[j] = a[j] * (float)(u[j] < d);
             if (g->rescale) {
                 float r = g->rescale[i];
 #pragma omp simd
