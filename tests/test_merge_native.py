@@ -232,3 +232,33 @@ def test_pool_threads_hold_torch_at_one_thread_and_the_pool_at_its_width():
         assert torch.get_num_threads() == 2 and kernels.parallel_width() == 2
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("width", [5003, 4096])
+def test_merge_bits_from_stored_float16_gives_the_float32_paths_bits(width):
+    """The merge pass over candidate bits gathers stored float16 values: the same bits as the float32
+    task vectors' path, with candidates dense, sparse, across tile ends and at the last column."""
+    g = torch.Generator().manual_seed(6)
+    base = (0.02 * torch.randn(width, generator=g)).half()
+    models = (base.float() + 0.003 * torch.randn(3, width, generator=g)).half()
+    stored = native.StoredColumns(base, models)
+    tau = native.materialise(stored)
+    lo = [float(r.abs().kthvalue(int(width * 0.01) + 1).values) for r in tau]
+    hi = [float(r.abs().kthvalue(int(width * 0.99)).values) for r in tau]
+    beta = native.pcb_beta(tau, lo, hi, "v1", torch.empty_like(tau))
+    stats = {
+        "lo": lo,
+        "hi": hi,
+        "t": [float(b.kthvalue(int(width * 0.9) + 1).values) for b in beta],
+        "m": [float(b.max()) for b in beta],
+    }
+    marked = np.random.default_rng(1).random(width) < 0.3
+    marked[:300] = True  # a dense run: more than a tile's worth in a row
+    marked[1000:1100] = False
+    marked[-1] = True
+    bits = np.packbits(marked)
+    want, got = torch.full((width,), 7.0), torch.full((width,), 7.0)
+    native.pcb_merge(tau, stats, "v1", None, 1.0, want, bits=bits)
+    native.pcb_merge(stored, stats, "v1", None, 1.0, got, bits=bits)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    assert bool((got[~torch.from_numpy(marked)] == 0.0).all()) and bool(got[torch.from_numpy(marked)].ne(0).any())
