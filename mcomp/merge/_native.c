@@ -119,49 +119,56 @@ static void halves_sub(const uint16_t *m, const uint16_t *b, long tw, float *t) 
 static void halves_sub(const uint16_t *m, const uint16_t *b, long tw, float *t) { halves_sub_portable(m, b, tw, t); }
 #endif
 
-/* τ = θ_i − θ0 at the columns col[0..tw) of 16-bit stored values (dtype 1 float16, 2 bfloat16):
- * gathered raw first, so that the decoding vectorises. Kept out of line: inlined, its buffers
- * slowed the contiguous loads of `tile_load` by a quarter. */
-MC_CLONES __attribute__((noinline)) static void gather_halves(const uint16_t *m, const uint16_t *b, int dtype,
-                                                              const int64_t *col, long tw, float *t) {
+/* τ_i = θ_i − θ0 for every row i at the columns col[0..tw) of 16-bit stored values (dtype 1 float16,
+ * 2 bfloat16), into the tile's rows: θ0's values gathered once for all rows, each row's raw values
+ * gathered, then decoded together so that the decoding vectorises. Kept out of line: inlined, its
+ * buffers slowed the contiguous loads of `tile_load` by a quarter. */
+MC_CLONES __attribute__((noinline)) static void gather_halves(tile_t *tl, const src_t *src, int n,
+                                                              const int64_t *col, long tw) {
     uint16_t gm[MC_TILE], gb[MC_TILE];
-    for (long j = 0; j < tw; j++) {
-        gm[j] = m[col[j]];
-        gb[j] = b[col[j]];
+    const uint16_t *b = src->base;
+    for (long j = 0; j < tw; j++) gb[j] = b[col[j]];
+    for (int i = 0; i < n; i++) {
+        const uint16_t *m = src->models[i];
+        float *t = ROW(tl->tau, i);
+        for (long j = 0; j < tw; j++) gm[j] = m[col[j]];
+        if (src->dtype == 1)
+            halves_sub(gm, gb, tw, t);
+        else
+            for (long j = 0; j < tw; j++) t[j] = bf16_float(gm[j]) - bf16_float(gb[j]);
     }
-    if (dtype == 1)
-        halves_sub(gm, gb, tw, t);
-    else
-        for (long j = 0; j < tw; j++) t[j] = bf16_float(gm[j]) - bf16_float(gb[j]);
 }
 
 /* Load columns [c, c + tw), or columns col[c..c+tw) when col is set, zero-padded to the tile. */
 static inline void tile_load(tile_t *tl, const src_t *src, int n, const int64_t *col, long c, long tw) {
-    for (int i = 0; i < n; i++) {
-        float *t = ROW(tl->tau, i);
-        if (src->tau) {
-            const float *row = src->tau + i * src->ld;
-            if (col)
-                for (long j = 0; j < tw; j++) t[j] = row[col[c + j]];
-            else
-                for (long j = 0; j < tw; j++) t[j] = row[c + j];
-        } else if (col && src->dtype != 3) {
-            gather_halves(src->models[i], src->base, src->dtype, col + c, tw, t);
-        } else if (col) {
-            const float *m = src->models[i], *b = src->base;
-            for (long j = 0; j < tw; j++) t[j] = m[col[c + j]] - b[col[c + j]];
-        } else if (src->dtype == 1) {
-            const uint16_t *m = (const uint16_t *)src->models[i] + c, *b = (const uint16_t *)src->base + c;
-            halves_sub(m, b, tw, t);
-        } else if (src->dtype == 2) {
-            const uint16_t *m = (const uint16_t *)src->models[i] + c, *b = (const uint16_t *)src->base + c;
-            for (long j = 0; j < tw; j++) t[j] = bf16_float(m[j]) - bf16_float(b[j]);
-        } else {
-            const float *m = (const float *)src->models[i] + c, *b = (const float *)src->base + c;
-            for (long j = 0; j < tw; j++) t[j] = m[j] - b[j];
+    if (col && !src->tau && src->dtype != 3) {
+        gather_halves(tl, src, n, col + c, tw);
+    } else {
+        for (int i = 0; i < n; i++) {
+            float *t = ROW(tl->tau, i);
+            if (src->tau) {
+                const float *row = src->tau + i * src->ld;
+                if (col)
+                    for (long j = 0; j < tw; j++) t[j] = row[col[c + j]];
+                else
+                    for (long j = 0; j < tw; j++) t[j] = row[c + j];
+            } else if (col) {
+                const float *m = src->models[i], *b = src->base;
+                for (long j = 0; j < tw; j++) t[j] = m[col[c + j]] - b[col[c + j]];
+            } else if (src->dtype == 1) {
+                const uint16_t *m = (const uint16_t *)src->models[i] + c, *b = (const uint16_t *)src->base + c;
+                halves_sub(m, b, tw, t);
+            } else if (src->dtype == 2) {
+                const uint16_t *m = (const uint16_t *)src->models[i] + c, *b = (const uint16_t *)src->base + c;
+                for (long j = 0; j < tw; j++) t[j] = bf16_float(m[j]) - bf16_float(b[j]);
+            } else {
+                const float *m = (const float *)src->models[i] + c, *b = (const float *)src->base + c;
+                for (long j = 0; j < tw; j++) t[j] = m[j] - b[j];
+            }
         }
-        for (long j = tw; j < MC_TILE; j++) t[j] = 0.0f;
     }
+    for (int i = 0; i < n; i++)
+        for (long j = tw; j < MC_TILE; j++) ROW(tl->tau, i)[j] = 0.0f;
 }
 
 /* One row's tile x[0:tw] against a bracket [l, u]: *below += #{x < l}; the values inside are
