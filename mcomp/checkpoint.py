@@ -21,7 +21,7 @@ import hashlib
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -30,6 +30,9 @@ from mcomp.fingerprint import tensors_sha256
 from mcomp.io import atomic_directory, check_state_dict, load_tensors, save_tensors, sha256_file
 from mcomp.tokenization import save_tokenizer
 from mcomp.version import __version__
+
+if TYPE_CHECKING:
+    from mcomp.output_record import OutputRecord
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +129,13 @@ def _save_llm(llm, path: Path, max_shard_size: str | int = "5GB") -> None:
 
 
 def save_mllm(
-    model, path: str | os.PathLike, *, overwrite: bool = False, base_model: str | None = None, inputs=(), record=None
+    model,
+    path: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    base_model: str | None = None,
+    inputs=(),
+    record: OutputRecord | None = None,
 ) -> None:
     """Save atomically: the directory appears only when every file is written (`mcomp.io.atomic_directory`:
     `path` must not be, contain or lie inside any of `inputs` nor the base model's directory). `record`

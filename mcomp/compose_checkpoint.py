@@ -17,13 +17,16 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from mcomp.checkpoint import CONFIG_NAME, LLM_DIR, MLLMConfig, llm_files_sha256, read_adapter_tensors, resolve_base
 from mcomp.io import atomic_directory, save_tensors, sha256_file
 from mcomp.lora import TEXT_ROUTE
 from mcomp.tokenization import save_tokenizer
 from mcomp.version import __version__
+
+if TYPE_CHECKING:
+    from mcomp.output_record import OutputRecord
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +54,7 @@ def compose_checkpoint(
     overwrite: bool = False,
     max_shard_size: str | int = "5GB",
     progress: bool = False,
-    record=None,
+    record: OutputRecord | None = None,
 ) -> Path:
     """Compose `modality -> model directory` inputs (LoRA or full fine-tunes of one base) into `out`.
     `record` (`mcomp.output_record.OutputRecord`): the recipe and model card written with it."""

@@ -41,7 +41,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -53,6 +53,9 @@ from mcomp.merge.sources import SafetensorsCheckpoint, TensorInfo
 from mcomp.merge.writer import ShardedWriter, parse_size
 from mcomp.tokenization import vocabulary_difference
 from mcomp.version import __version__
+
+if TYPE_CHECKING:
+    from mcomp.output_record import OutputRecord
 
 logger = logging.getLogger(__name__)
 
@@ -244,7 +247,7 @@ def import_llava_hf(
     template: str | None = None,
     num_frames: int = 32,
     overwrite: bool = False,
-    record=None,
+    record: OutputRecord | None = None,
 ) -> Path:
     """Convert the transformers LLaVA folder `src` into the mcomp model directory `out` (see the module
     docstring); returns `out`. `num_frames`: the frames a OneVision video adapter samples. `record`

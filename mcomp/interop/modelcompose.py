@@ -36,7 +36,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -47,6 +47,9 @@ from mcomp.lora import LLAMA_TARGETS, TEXT_ROUTE, LoraSpec
 from mcomp.modalities import MODALITIES
 from mcomp.peft_format import write_adapter
 from mcomp.tokenization import save_tokenizer
+
+if TYPE_CHECKING:
+    from mcomp.output_record import OutputRecord
 
 logger = logging.getLogger(__name__)
 
@@ -492,7 +495,7 @@ def import_modelcompose(
     base: str | os.PathLike | None = None,
     encoder_root: str | os.PathLike | None = None,
     overwrite: bool = False,
-    record=None,
+    record: OutputRecord | None = None,
 ):
     """Convert the released folder `src` into the mcomp model directory `out`; returns the loaded model.
     `record` (`mcomp.output_record.OutputRecord`): the recipe and model card written with it.
