@@ -67,7 +67,7 @@ def test_markdown_and_html(runs, tmp_path):
     col = header.index("mcub4 / MCUB-4 (loglik, accuracy)")
     for row in rows:
         method_dir = [d for d in runs if d.name == f"{row[1]}-mcub4"][0]
-        result = json.loads((method_dir / "results.json").read_text())["results"][0]
+        result = json.loads((method_dir / "results.json").read_text())["metrics"][0]
         assert row[col] == f"{result['value']:.2f} ± {result['stderr']:.2f}"
 
     page = paths["html"].read_text()
@@ -117,7 +117,7 @@ def test_runs_of_one_cell_are_averaged_with_their_spread(tmp_path):
     import statistics
 
     from mcomp.benchmarks.mcub import leaderboard as lb
-    from mcomp.benchmarks.mcub.runner import RESULTS_SCHEMA
+    from mcomp.benchmarks.mcub.results import RESULTS_SCHEMA_V1
 
     values = [40.0, 55.0, 61.0]
     runs = []
@@ -127,7 +127,7 @@ def test_runs_of_one_cell_are_averaged_with_their_spread(tmp_path):
         (run / "results.json").write_text(
             json.dumps(
                 {
-                    "schema": RESULTS_SCHEMA,
+                    "schema": RESULTS_SCHEMA_V1,  # the version-1 layout: rows under "results"
                     "provenance": {"composition": {"method": "damc", "merge": "pcb"}},
                     "model": {"name": "pair"},
                     "results": [
