@@ -1,7 +1,6 @@
 """Every output directory carries its recipe and model card: `mcomp COMMAND --from OUT/mcomp_recipe.yaml
---out OTHER` makes the output again byte for byte (train and compose here; import in the import tests,
-merge in the merge CLI tests), flags beside --from override the recipe, and the card names the inputs
-with their sha256."""
+--out OTHER` makes the output again byte for byte (train, compose and merge here; import in the import
+tests), flags beside --from override the recipe, and the card names the inputs with their sha256."""
 
 from __future__ import annotations
 
@@ -13,6 +12,7 @@ import yaml
 from mcomp.cli import main
 from mcomp.output_record import CARD_NAME, RECIPE_NAME
 from tests.composition_fixtures import write_audio_data, write_image_data
+from tests.test_fault_injection import merge_yaml, write_checkpoints
 from tests.test_train_identity import files_of
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -92,3 +92,21 @@ def test_a_recipe_is_refused_by_another_command_and_with_unknown_arguments(train
     assert main(["train", "--from", str(spoilt), "--out", str(tmp_path / "y")]) == 1
     assert "['learning_rat'] are not options of `mcomp train`" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_a_merge_recipe_merges_the_same_checkpoint_again(tmp_path, monkeypatch):
+    base, models = write_checkpoints(tmp_path / "inputs")
+    monkeypatch.chdir(tmp_path)  # the YAML names its inputs relative to here; the recipe holds them absolute
+    config = merge_yaml(tmp_path, base.relative_to(tmp_path), [m.relative_to(tmp_path) for m in models], "dare_ties")
+    first, again = tmp_path / "merged", tmp_path / "again"
+    assert main(["merge", str(config), "--out", str(first), "--no-progress"]) == 0
+    monkeypatch.chdir(first)  # anywhere else
+    assert main(["merge", "--from", str(first / RECIPE_NAME), "--out", str(again), "--no-progress"]) == 0
+    assert files_of(again) == files_of(first)
+    recipe = recipe_of(first)["arguments"]["config"]
+    assert recipe["merge_method"] == "dare_ties" and recipe["base_model"] == str(base)
+    assert [m["model"] for m in recipe["models"]] == [str(m) for m in models]
+    card = (first / CARD_NAME).read_text()
+    digest = hashlib.sha256((base / "model.safetensors").read_bytes()).hexdigest()
+    files = hashlib.sha256(f"model.safetensors\0{digest}\n".encode()).hexdigest()  # directory_digest's rule
+    assert f"| base | `{base}` | `{files}` |" in card and "| passes over the inputs | 2 |" in card

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from mcomp.output_record import OutputRecord, add_from_option
+
 logger = logging.getLogger(__name__)
 
 
@@ -32,6 +34,7 @@ def add_parser(sub) -> None:
     p.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_from_option(p)
     p.set_defaults(func=run)
 
 
@@ -43,8 +46,19 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = MergeConfig.from_yaml(args.config)
+    if isinstance(args.config, dict):  # from a recipe: the config itself
+        cfg = MergeConfig.from_mapping(args.config, f"{args.from_recipe}: config")
+    else:
+        cfg = MergeConfig.from_yaml(args.config)
+    cfg = cfg.with_absolute_paths()  # the recipe and card name the inputs wherever they are read from
     models = [e.model for e in cfg.resolved_models()]
+    record = OutputRecord.from_args(
+        ["merge"],
+        args,
+        inlined={"config": cfg.to_dict()},
+        inputs={"base": cfg.base_model, **{f"model {i + 1}": m for i, m in enumerate(models)}},
+        summary=f"A {cfg.merge_method} merge of {len(models)} model(s) onto {cfg.base_model}.",
+    )
     report = merge_checkpoints(
         cfg.base_model,
         models,
@@ -57,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         max_shard_size=args.max_shard_size,
         progress=not args.no_progress,
         lora_rank=cfg.lora_rank,
+        record=record,
         **cfg.method_params(),
     )
     print(

@@ -8,7 +8,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -25,6 +25,9 @@ from mcomp.merge.memory import (  # noqa: F401  (re-exported: the public merge f
 from mcomp.merge.sources import SafetensorsCheckpoint, Source
 from mcomp.merge.streaming import MergeEngine, MergeReport, Sink
 from mcomp.merge.writer import ShardedWriter, parse_size
+
+if TYPE_CHECKING:
+    from mcomp.output_record import OutputRecord
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +106,7 @@ def merge_checkpoints(
     max_shard_size: str | int = "5GB",
     progress: bool = False,
     lora_rank: int | None = None,
+    record: OutputRecord | None = None,
     **params: Any,
 ) -> MergeReport:
     """Merge checkpoints on disk into `out` (sharded safetensors + index, written atomically).
@@ -110,7 +114,8 @@ def merge_checkpoints(
     `models` may be checkpoints (safetensors dirs/files) or peft LoRA adapter directories.
     When all are adapters, only their target weights are merged (in ΔW space); with
     `lora_rank` the merged ΔW is re-factorised into a peft adapter of that rank instead of
-    being folded into the base. `out` must not exist unless `force`.
+    being folded into the base. `out` must not exist unless `force`. `record`
+    (`mcomp.output_record.OutputRecord`): the recipe and model card written with the output.
     """
     out = Path(out)
     if out.exists() and not force:
@@ -154,6 +159,10 @@ def merge_checkpoints(
                     writer.abort()
                     raise
                 copy_aux_files(Path(base), tmp, out_dtype)
+            if record is not None:
+                record.write(
+                    tmp, {"method": report.method, "passes over the inputs": report.passes, "groups": report.groups}
+                )
     finally:
         for s in [base_src, *srcs]:
             s.close()

@@ -48,7 +48,12 @@ class MergeConfig(JsonConfig):
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "MergeConfig":
         path = Path(path)
-        data = read_document(path, "merge config", dict)
+        return cls.from_mapping(read_document(path, "merge config", dict), str(path))
+
+    @classmethod
+    def from_mapping(cls, data: dict, source: str) -> "MergeConfig":
+        """The config from its content (a YAML file's, or a recipe's `config`); errors name `source`."""
+        path = source
         for key in ("merge_method", "base_model", "models"):
             if key not in data:
                 raise ValueError(f"{path}: missing required field {key!r}")
@@ -92,3 +97,12 @@ class MergeConfig(JsonConfig):
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         return d
+
+    def with_absolute_paths(self) -> "MergeConfig":
+        """The same config with the base and model paths that exist made absolute (a recipe's form)."""
+
+        def absolute(path: str) -> str:
+            return os.path.abspath(path) if os.path.exists(path) else path
+
+        models = [ModelEntry(absolute(e.model), dict(e.parameters)) for e in self.models]
+        return dataclasses.replace(self, base_model=absolute(self.base_model), models=models)
