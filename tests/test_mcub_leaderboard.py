@@ -1,4 +1,5 @@
-"""`mcomp leaderboard`: Markdown table and a static HTML page with embedded charts, from real runs."""
+"""`mcomp leaderboard`: Markdown table and the self-contained HTML page, from real runs (the page in a browser,
+sorting and drill-down included: test_mcub_leaderboard_page.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import base64
 import io
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -19,6 +19,7 @@ from mcomp.benchmarks.mcub.synthetic import write_benchmark
 from mcomp.benchmarks.mcub.tasks import load_task
 from mcomp.commands import leaderboard as leaderboard_cmd
 from mcomp.commands.eval import build_tiny_model
+from tests.test_mcub_leaderboard_page import require_browser
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "screenshot_leaderboard.sh"
 COMPOSITIONS = [
@@ -74,11 +75,15 @@ def test_markdown_and_html(runs, tmp_path):
     assert page.startswith("<!DOCTYPE html>") and "MCUB (tiny)" in page
     assert not re.search(r'(src|href)="(https?:)?//', page)  # nothing to fetch: opens from disk
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
-    assert len(images) == len(header) - 3  # one chart per task/subset/metric column
+    assert len(images) == 2  # the per-benchmark charts of each metric (accuracy, accuracy_norm), one image each
     for data in images:
         img = Image.open(io.BytesIO(base64.b64decode(data)))
-        assert img.format == "PNG" and img.width > 300
+        assert img.format == "PNG" and img.width > 1000
     assert "naive_mc" in page and "damc" in page
+    # the table holds every metric column, the heatmaps one column per benchmark of each metric
+    assert len(re.findall(r"<th data-col=c\d+ data-metric=", page)) == len(header) - 3
+    assert len(re.findall(r"<table class=heat ", page)) == 2
+    assert page.index("mcub4 / MCUB-4 (loglik, accuracy)") < page.index("mcub3 / mean (loglik, accuracy)")
 
 
 def test_bad_run_dirs(runs, tmp_path, capsys):
@@ -94,8 +99,7 @@ def test_bad_run_dirs(runs, tmp_path, capsys):
 
 
 def test_page_renders_in_headless_chromium(runs, tmp_path):
-    if not any(shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")):
-        pytest.skip("no chromium/chrome installed (Debian: apt-get install -y chromium); screenshot not taken")
+    require_browser()
     paths = leaderboard.write(runs, tmp_path / "board")
     shot = tmp_path / "shot.png"
     out = subprocess.run(

@@ -1,23 +1,22 @@
-"""Leaderboard from evaluation run directories: a Markdown table and a self-contained HTML page.
+"""Leaderboard from evaluation run directories: the table of cells, as Markdown and as a self-contained page.
 
 Rows are model x composition method x merge backend (read from each run's provenance); columns are
-task / subset / mode / metric. The HTML page embeds one bar chart per column (matplotlib PNG as
-base64, error bars = standard error), so it opens from disk in any browser, without a server.
+task / subset / mode / metric, MCUB-4 first. Runs of one row and column (seeds) are averaged: mean and
+the sample std across runs. Reference rows (the base LLM, single-modality models) are set apart from the
+compositions. The HTML page (`leaderboard_page`) is built from the same board and the runs' per-sample
+records; it opens from disk in any browser, without a server.
 """
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import html
-import io
 import logging
 import math
 import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from mcomp.benchmarks.mcub.results import ResultsFile
+from mcomp.benchmarks.mcub.results import MEAN, ResultsFile
 from mcomp.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -26,6 +25,10 @@ logger = logging.getLogger(__name__)
 METHOD_KEYS = ("method", "composition_method", "strategy")
 BACKEND_KEYS = ("merge_backend", "backend", "merge")
 NONE = "-"
+# Composition methods of the reference rows: the base LLM and each single-modality model (mcomp demo)
+REFERENCE_METHODS = ("base", "single")
+# Task families in the order the leaderboard shows them; other tasks follow, by name.
+TASK_ORDER = ("mcub4", "mcub3")
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -37,6 +40,11 @@ class RowKey:
     def label(self) -> str:
         return " / ".join(x for x in (self.model, self.method, self.backend) if x != NONE) or self.model
 
+    @property
+    def is_reference(self) -> bool:
+        """A model that is not a composition (base LLM, single-modality model): a reference row."""
+        return self.method in REFERENCE_METHODS or self.method == NONE
+
 
 @dataclasses.dataclass(frozen=True, order=True)
 class ColumnKey:
@@ -47,6 +55,11 @@ class ColumnKey:
 
     def label(self) -> str:
         return f"{self.task} / {self.subset} ({self.mode}, {self.metric})"
+
+    @property
+    def benchmark(self) -> tuple[str, str, str]:
+        """The question file (or a task's mean over its files) scored, and how: one heatmap column."""
+        return (self.task, self.subset, self.mode)
 
 
 @dataclasses.dataclass
@@ -73,9 +86,19 @@ def row_key(results: ResultsFile) -> RowKey:
     return RowKey(str(model), _first(composition, METHOD_KEYS), _first(composition, BACKEND_KEYS))
 
 
+def modality_set(results: ResultsFile) -> str:
+    """The modalities the run's model reads, as "image+audio" (its model section), or "-"."""
+    modalities = results.model.get("modalities")
+    return "+".join(str(m) for m in modalities) if isinstance(modalities, (list, tuple)) and modalities else NONE
+
+
+def results_path(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / "results.json" if Path(run_dir).is_dir() else Path(run_dir)
+
+
 def load_run(run_dir: str | os.PathLike) -> ResultsFile:
     """A run's results.json (the run folder or the file itself), read and checked by its schema."""
-    path = Path(run_dir) / "results.json" if Path(run_dir).is_dir() else Path(run_dir)
+    path = results_path(run_dir)
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir}: no results.json (is the run finished?)")
     return ResultsFile.read(path)
@@ -83,44 +106,66 @@ def load_run(run_dir: str | os.PathLike) -> ResultsFile:
 
 @dataclasses.dataclass
 class Leaderboard:
-    rows: list[RowKey]
+    rows: list[RowKey]  # compositions first, then the reference rows
     columns: list[ColumnKey]
     cells: dict[tuple[RowKey, ColumnKey], Cell]
-    runs: list[str]
+    runs: list[str]  # the run directories (or results files), sorted
+    members: dict[tuple[RowKey, ColumnKey], list[Cell]] = dataclasses.field(default_factory=dict)  # each run's cell
+    run_rows: dict[str, RowKey] = dataclasses.field(default_factory=dict)  # run -> its row
+    modalities: dict[RowKey, str] = dataclasses.field(default_factory=dict)  # row -> its modality set
+
+    def best_rows(self, column: ColumnKey) -> set[RowKey]:
+        """The rows with the highest mean in `column` (every metric is higher-is-better), where two or more
+        rows have a value to compare."""
+        scored = {r: c.value for (r, col), c in self.cells.items() if col == column and _number(c.value)}
+        if len(scored) < 2:
+            return set()
+        top = max(scored.values())
+        return {r for r, v in scored.items() if v == top}
+
+
+def _number(value: float | None) -> bool:
+    return value is not None and not (isinstance(value, float) and math.isnan(value))
+
+
+def _task_rank(task: str) -> tuple[int, str, bool, str]:
+    """MCUB-4 before MCUB-3 before the other tasks; a family's full task before its reduced variants
+    ("mcub4" before "mcub4[image+audio]")."""
+    family = task.split("[", 1)[0]
+    rank = TASK_ORDER.index(family) if family in TASK_ORDER else len(TASK_ORDER)
+    return (rank, family, task != family, task)
 
 
 def build(run_dirs: Iterable[str | os.PathLike]) -> Leaderboard:
-    cells: dict[tuple[RowKey, ColumnKey], Cell] = {}
-    runs_of: dict[tuple[RowKey, ColumnKey], list[Cell]] = {}  # several runs (seeds) of one cell
-    runs = []
+    members: dict[tuple[RowKey, ColumnKey], list[Cell]] = {}  # several runs (seeds) of one cell
+    runs, run_rows, modalities = [], {}, {}
     seen: dict[ColumnKey, int] = {}  # first appearance: subsets keep their task-file order
-    for run_dir in run_dirs:
+    for run_dir in sorted({str(d) for d in run_dirs}):  # sorted: the same runs give the same page
         data = load_run(run_dir)
-        runs.append(str(Path(run_dir) / "results.json" if Path(run_dir).is_dir() else Path(run_dir)))
+        runs.append(run_dir)
         row = row_key(data)
+        run_rows[run_dir] = row
+        modalities.setdefault(row, modality_set(data))
         for r in data.results:
             col = ColumnKey(r.task, r.subset, r.mode, r.metric)
             seen.setdefault(col, len(seen))
-            runs_of.setdefault((row, col), []).append(Cell(r.value, r.stderr, r.n_samples, str(run_dir)))
-    for key, group in runs_of.items():
-        cells[key] = group[0] if len(group) == 1 else _aggregate(group)
+            members.setdefault((row, col), []).append(Cell(r.value, r.stderr, r.n_samples, run_dir))
+    cells = {key: group[0] if len(group) == 1 else _aggregate(group) for key, group in members.items()}
     if not cells:
         raise ValueError("no results in the given run directories")
-    rows = sorted({k[0] for k in cells})
+    rows = sorted({k[0] for k in cells}, key=lambda r: (r.is_reference, r))
     group_first: dict[tuple[str, str, str], int] = {}
     for col, i in seen.items():
-        group_first.setdefault((col.task, col.subset, col.mode), i)
+        group_first.setdefault(col.benchmark, i)
     columns = sorted(
-        seen, key=lambda c: (c.task, c.mode, c.subset == "mean", group_first[(c.task, c.subset, c.mode)], seen[c])
+        seen, key=lambda c: (_task_rank(c.task), c.mode, c.subset == MEAN, group_first[c.benchmark], seen[c])
     )
-    return Leaderboard(rows, columns, cells, runs)
+    return Leaderboard(rows, columns, cells, runs, members, run_rows, modalities)
 
 
 def _aggregate(group: list[Cell]) -> Cell:
     """Runs of the same row and column (e.g. seeds): mean, and the sample std across runs as spread."""
-    values = [
-        c.value for c in group if c.value is not None and not (isinstance(c.value, float) and math.isnan(c.value))
-    ]
+    values = [c.value for c in group if _number(c.value)]
     if not values:
         return Cell(None, None, group[0].n_samples, group[0].run_dir, len(group))
     mean = sum(values) / len(values)
@@ -129,9 +174,9 @@ def _aggregate(group: list[Cell]) -> Cell:
 
 
 def _fmt(cell: Cell | None) -> str:
-    if cell is None or cell.value is None or (isinstance(cell.value, float) and math.isnan(cell.value)):
+    if cell is None or not _number(cell.value):
         return NONE
-    if cell.stderr is None or (isinstance(cell.stderr, float) and math.isnan(cell.stderr)):
+    if not _number(cell.stderr):
         return f"{cell.value:.2f}"
     runs = f" (n={cell.n_runs})" if cell.n_runs > 1 else ""
     return f"{cell.value:.2f} ± {cell.stderr:.2f}{runs}"
@@ -150,92 +195,16 @@ def to_markdown(board: Leaderboard) -> str:
     return "\n".join(lines) + "\n"
 
 
-def chart_png(board: Leaderboard, column: ColumnKey) -> bytes:
-    """Horizontal bars (one per row that has this column), error bars = standard error."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in board.rows if (r, column) in board.cells]
-    values = [board.cells[(r, column)].value or 0.0 for r in rows]
-    errors = [board.cells[(r, column)].stderr or 0.0 for r in rows]
-    errors = [0.0 if (isinstance(e, float) and math.isnan(e)) else e for e in errors]
-    fig, ax = plt.subplots(figsize=(6.4, 0.45 * len(rows) + 1.2), dpi=100)
-    try:
-        positions = list(range(len(rows)))
-        ax.barh(positions, values, xerr=errors, color="#4c78a8", ecolor="#333333", capsize=3)
-        ax.set_yticks(positions, [r.label() for r in rows])
-        ax.invert_yaxis()
-        ax.set_xlim(0, 100)
-        ax.set_xlabel(f"{column.metric} (%)")
-        ax.set_title(column.label(), fontsize=10)
-        for y, v, err in zip(positions, values, errors):
-            ax.text(min(v + err + 1.5, 90), y, f"{v:.1f}", va="center", fontsize=8)
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-        return buf.getvalue()
-    finally:
-        plt.close(fig)
-
-
-_CSS = """
-body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
-table { border-collapse: collapse; margin-bottom: 2em; font-size: 14px; }
-th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: right; white-space: nowrap; }
-th { background: #f0f0f0; text-align: center; } .name { text-align: left; }
-.scroll { overflow-x: auto; }
-.charts { display: flex; flex-wrap: wrap; gap: 1em; } .charts figure { margin: 0; }
-.runs { font-size: 12px; color: #666; }
-"""
-
-
-def to_html(board: Leaderboard, title: str = "mcomp leaderboard") -> str:
-    e = html.escape
-    groups: list[tuple[tuple[str, str, str], list[ColumnKey]]] = []  # (task, subset, mode) -> its metric columns
-    for col in board.columns:
-        key = (col.task, col.subset, col.mode)
-        if groups and groups[-1][0] == key:
-            groups[-1][1].append(col)
-        else:
-            groups.append((key, [col]))
-    top = "".join(f"<th rowspan=2 class=name>{h}</th>" for h in ("model", "method", "merge backend"))
-    top += "".join(
-        f"<th colspan={len(cols)}>{e(task)}<br>{e(subset)}<br><small>{e(mode)}</small></th>"
-        for (task, subset, mode), cols in groups
-    )
-    second = "".join(f"<th>{e(c.metric)}</th>" for _, cols in groups for c in cols)
-    body = []
-    for row in board.rows:
-        cells = "".join(f"<td>{e(_fmt(board.cells.get((row, c))))}</td>" for c in board.columns)
-        body.append(
-            f"<tr><td class=name>{e(row.model)}</td><td class=name>{e(row.method)}</td>"
-            f"<td class=name>{e(row.backend)}</td>{cells}</tr>"
-        )
-    charts = []
-    for col in board.columns:
-        data = base64.b64encode(chart_png(board, col)).decode("ascii")
-        charts.append(f'<figure><img alt="{e(col.label())}" src="data:image/png;base64,{data}"></figure>')
-    runs = "".join(f"<li>{e(r)}</li>" for r in board.runs)
-    return (
-        "<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>"
-        f"<title>{e(title)}</title><style>{_CSS}</style></head><body>"
-        f"<h1>{e(title)}</h1><p>Accuracy in % &plusmn; standard error. Rows: model / composition method / "
-        f"merge backend (from each run's provenance).</p>"
-        f"<div class=scroll><table><thead><tr>{top}</tr><tr>{second}</tr></thead>"
-        f"<tbody>{''.join(body)}</tbody></table></div>"
-        f"<h2>Charts</h2><div class=charts>{''.join(charts)}</div>"
-        f"<h2>Runs</h2><ul class=runs>{runs}</ul></body></html>\n"
-    )
-
-
 def write(
     run_dirs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, title: str = "mcomp leaderboard"
 ) -> dict[str, Path]:
+    from mcomp.benchmarks.mcub.leaderboard_page import to_html
+
     board = build(run_dirs)
     out = Path(out_dir)
     paths = {"markdown": out / "leaderboard.md", "html": out / "index.html"}
     atomic_write_text(paths["markdown"], f"# {title}\n\n" + to_markdown(board))
-    atomic_write_text(paths["html"], to_html(board, title))
+    page = to_html(board, title)
+    atomic_write_text(paths["html"], page)
+    logger.info("leaderboard: %d runs, %d rows, page %.0f kB", len(board.runs), len(board.rows), len(page) / 1e3)
     return paths

@@ -262,6 +262,7 @@ def _prepare_sample(
         "correct": False,
         "error": sample.error,
         "media_ignored": False,
+        "media": {k: list(v) for k, v in sample.media.items()},  # shown by the leaderboard's drill-down
     }
     if mode == "generate":
         record["response"] = None
