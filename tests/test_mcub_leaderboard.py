@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from mcomp.benchmarks.mcub import leaderboard
+from mcomp.benchmarks.mcub import leaderboard, leaderboard_page
 from mcomp.benchmarks.mcub.runner import evaluate
 from mcomp.benchmarks.mcub.synthetic import write_benchmark
 from mcomp.benchmarks.mcub.tasks import load_task
@@ -56,7 +56,7 @@ def runs(tmp_path_factory):
 
 
 def test_markdown_and_html(runs, tmp_path):
-    paths = leaderboard.write(runs, tmp_path / "board", title="MCUB (tiny)")
+    paths = leaderboard_page.write(runs, tmp_path / "board", title="MCUB (tiny)")
     md = paths["markdown"].read_text()
     lines = [line for line in md.splitlines() if line.startswith("|")]
     header = [c.strip() for c in lines[0].strip("|").split("|")]
@@ -100,7 +100,7 @@ def test_bad_run_dirs(runs, tmp_path, capsys):
 
 def test_page_renders_in_headless_chromium(runs, tmp_path):
     require_browser()
-    paths = leaderboard.write(runs, tmp_path / "board")
+    paths = leaderboard_page.write(runs, tmp_path / "board")
     shot = tmp_path / "shot.png"
     out = subprocess.run(
         ["bash", str(SCRIPT), str(paths["html"]), str(shot), "1200,1400"], capture_output=True, text=True, timeout=120

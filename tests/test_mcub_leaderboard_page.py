@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from mcomp.benchmarks.mcub import leaderboard
+from mcomp.benchmarks.mcub import leaderboard_page
 from mcomp.benchmarks.mcub.records import RecordWriter
 from mcomp.benchmarks.mcub.results import RESULTS_SCHEMA, MetricRow, ResultsFile
 from mcomp.conversation import get_template
@@ -147,7 +147,7 @@ def runs(tmp_path_factory) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def page(runs, tmp_path_factory) -> Path:
-    return leaderboard.write(runs, tmp_path_factory.mktemp("board"), title="MCUB page test")["html"]
+    return leaderboard_page.write(runs, tmp_path_factory.mktemp("board"), title="MCUB page test")["html"]
 
 
 def expected_cells(runs: list[Path]) -> dict[tuple, tuple[float, float]]:
@@ -320,7 +320,7 @@ def test_page_is_self_contained_and_reads_without_javascript(page):
 
 
 def test_same_runs_give_the_same_bytes(runs, page, tmp_path):
-    again = leaderboard.write(list(reversed(runs)), tmp_path, title="MCUB page test")["html"]
+    again = leaderboard_page.write(list(reversed(runs)), tmp_path, title="MCUB page test")["html"]
     assert again.read_bytes() == page.read_bytes()
 
 

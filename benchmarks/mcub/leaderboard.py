@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from mcomp.benchmarks.mcub.results import MEAN, ResultsFile
-from mcomp.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -193,18 +192,3 @@ def to_markdown(board: Leaderboard) -> str:
         values = [_fmt(board.cells.get((row, c))) for c in board.columns]
         lines.append("| " + " | ".join(_md_escape(x) for x in [row.model, row.method, row.backend, *values]) + " |")
     return "\n".join(lines) + "\n"
-
-
-def write(
-    run_dirs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, title: str = "mcomp leaderboard"
-) -> dict[str, Path]:
-    from mcomp.benchmarks.mcub.leaderboard_page import to_html
-
-    board = build(run_dirs)
-    out = Path(out_dir)
-    paths = {"markdown": out / "leaderboard.md", "html": out / "index.html"}
-    atomic_write_text(paths["markdown"], f"# {title}\n\n" + to_markdown(board))
-    page = to_html(board, title)
-    atomic_write_text(paths["html"], page)
-    logger.info("leaderboard: %d runs, %d rows, page %.0f kB", len(board.runs), len(board.rows), len(page) / 1e3)
-    return paths

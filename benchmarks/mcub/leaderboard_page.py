@@ -14,14 +14,17 @@ from __future__ import annotations
 import html
 import json
 import logging
-from typing import Any
+import os
+from pathlib import Path
+from typing import Any, Iterable
 
-from mcomp.benchmarks.mcub.leaderboard import ColumnKey, Leaderboard, RowKey, load_run
+from mcomp.benchmarks.mcub.leaderboard import ColumnKey, Leaderboard, RowKey, build, load_run, to_markdown
 from mcomp.benchmarks.mcub.leaderboard_overview import benchmark_name, charts_img, finite, heatmap_html
 from mcomp.benchmarks.mcub.leaderboard_samples import pack_samples
 from mcomp.benchmarks.mcub.leaderboard_script import JS
 from mcomp.benchmarks.mcub.leaderboard_style import CSS
 from mcomp.benchmarks.mcub.leaderboard_table import table_html
+from mcomp.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -143,3 +146,17 @@ def to_html(board: Leaderboard, title: str = "mcomp leaderboard") -> str:
         f"<script type=application/json id=lb-data>{_json_block(page_data(board))}</script>"
         f"<script>{JS}</script></body></html>\n"
     )
+
+
+def write(
+    run_dirs: Iterable[str | os.PathLike], out_dir: str | os.PathLike, title: str = "mcomp leaderboard"
+) -> dict[str, Path]:
+    """leaderboard.md and index.html of the runs in `run_dirs` into `out_dir` (each written atomically)."""
+    board = build(run_dirs)
+    out = Path(out_dir)
+    paths = {"markdown": out / "leaderboard.md", "html": out / "index.html"}
+    atomic_write_text(paths["markdown"], f"# {title}\n\n" + to_markdown(board))
+    page = to_html(board, title)
+    atomic_write_text(paths["html"], page)
+    logger.info("leaderboard: %d runs, %d rows, page %.0f kB", len(board.runs), len(board.rows), len(page) / 1e3)
+    return paths

@@ -24,7 +24,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mcomp.benchmarks.mcub.leaderboard import write
+    from mcomp.benchmarks.mcub.leaderboard_page import write
 
     paths = write(args.runs, args.out, args.title)
     print(f"markdown: {paths['markdown']}")

@@ -164,7 +164,7 @@ def run_demo(
     """Evaluation runs are jobs (`mcomp.jobs`, `workers` at a time), one per model. They are kept
     in the zoo cache (`evals/`, by model, task and mode: the zoo's models never change once built),
     so a second demo only gathers them; each is copied under `out_dir/runs/` next to the leaderboard."""
-    from mcomp.benchmarks.mcub import leaderboard
+    from mcomp.benchmarks.mcub import leaderboard, leaderboard_page
     from mcomp.jobs import JobPool
 
     started = time.perf_counter()
@@ -224,7 +224,7 @@ def run_demo(
         pool.run(jobs, "demo: evaluation runs")
     logger.info("demo: %d evaluation run(s), %d reused from %s", len(kept) - reused, reused, cache)
     runs = [_copy_run(src, dst) for src, dst in kept]
-    paths = leaderboard.write(runs, out, title=f"mcomp demo ({size}, seeds {zoo.settings.model_seeds})")
+    paths = leaderboard_page.write(runs, out, title=f"mcomp demo ({size}, seeds {zoo.settings.model_seeds})")
     paths["demo_markdown"] = out / "demo.md"
     note = (
         "Accuracy (%) on the synthetic MCUB test split; mean ± spread across model seeds (n runs), or "
