@@ -97,7 +97,10 @@ def test_a_recipe_is_refused_by_another_command_and_with_unknown_arguments(train
 def test_a_merge_recipe_merges_the_same_checkpoint_again(tmp_path, monkeypatch):
     base, models = write_checkpoints(tmp_path / "inputs")
     monkeypatch.chdir(tmp_path)  # the YAML names its inputs relative to here; the recipe holds them absolute
-    config = merge_yaml(tmp_path, base.relative_to(tmp_path), [m.relative_to(tmp_path) for m in models], "dare_ties")
+    inputs = base.relative_to(tmp_path), [m.relative_to(tmp_path) for m in models]
+    config = merge_yaml(
+        tmp_path, *inputs, "dare_ties", density=0.5, seed=3
+    )  # mcomp's reading: the seed fixes the draws
     first, again = tmp_path / "merged", tmp_path / "again"
     assert main(["merge", str(config), "--out", str(first), "--no-progress"]) == 0
     monkeypatch.chdir(first)  # anywhere else
@@ -105,6 +108,7 @@ def test_a_merge_recipe_merges_the_same_checkpoint_again(tmp_path, monkeypatch):
     assert files_of(again) == files_of(first)
     recipe = recipe_of(first)["arguments"]["config"]
     assert recipe["merge_method"] == "dare_ties" and recipe["base_model"] == str(base)
+    assert recipe["parameters"] == {"density": 0.5, "seed": 3}
     assert [m["model"] for m in recipe["models"]] == [str(m) for m in models]
     card = (first / CARD_NAME).read_text()
     digest = hashlib.sha256((base / "model.safetensors").read_bytes()).hexdigest()

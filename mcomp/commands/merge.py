@@ -14,8 +14,11 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "merge",
         help="merge fine-tuned checkpoints or LoRA adapters (task arithmetic, TIES, DARE, PCB)",
-        description="Merge models that share a base, streaming safetensors from disk. The YAML follows "
-        "mergekit: merge_method, base_model, models: [{model, parameters: {weight}}], parameters, dtype.",
+        description="Merge models that share a base, streaming safetensors from disk. The YAML is mergekit's "
+        "(merge_method, base_model, models or slices, parameters with gradients and filters, dtype, out_dtype, "
+        "tokenizer_source, model+lora): a config in mergekit's vocabulary is merged as mergekit merges it; one "
+        "naming mcomp's own parameters (scope, sign, seed, scale, ...) or methods gets mcomp's. "
+        "See docs/merging_with_mergekit_yaml.md.",
     )
     p.add_argument("config", help="merge YAML")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
@@ -29,7 +32,11 @@ def add_parser(sub) -> None:
         "computed; expected to pay for the SVD methods (tsv, iso_c, iso_cts, knots): measure with "
         "scripts/bench_merge.py --device cuda",
     )
-    p.add_argument("--dtype", help="output dtype (float16, bfloat16, float32); overrides the YAML; default: the base's")
+    p.add_argument(
+        "--dtype",
+        help="output dtype (float16, bfloat16, float32); overrides the YAML's (mergekit's reading: its out_dtype); "
+        "default: the YAML's, else the base's",
+    )
     p.add_argument("--chunk-size", type=int, default=None, help="coordinates per chunk (memory vs overhead)")
     p.add_argument("--max-shard-size", default="5GB", help="largest output shard (default 5GB)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -38,11 +45,22 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+def engine_options(args: argparse.Namespace) -> dict:
+    """The command's options both readings pass to the merge."""
+    return {
+        "force": args.force,
+        "device": args.device,
+        "chunk_elems": args.chunk_size,
+        "max_shard_size": args.max_shard_size,
+        "progress": not args.no_progress,
+    }
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from mcomp.merge import merge_checkpoints
-    from mcomp.merge.config import MergeConfig
+    from mcomp.merge.config import MERGEKIT, MergeConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -51,6 +69,27 @@ def run(args: argparse.Namespace) -> int:
     else:
         cfg = MergeConfig.from_yaml(args.config)
     cfg = cfg.with_absolute_paths()  # the recipe and card name the inputs wherever they are read from
+    if cfg.reading() == MERGEKIT:
+        from mcomp.merge.plan_merge import merge_config
+
+        models = cfg.model_paths()
+        inputs = {"base": cfg.base_model} if cfg.base_model else {}
+        for i, text in enumerate(models):  # 'model+lora': both checksummed
+            model, _, lora = text.partition("+")
+            inputs.update({f"model {i + 1}": model, **({f"model {i + 1} LoRA": lora} if lora else {})})
+        record = OutputRecord.from_args(
+            ["merge"],
+            args,
+            inlined={"config": cfg.to_dict()},
+            inputs=inputs,
+            summary=f"A {cfg.merge_method} merge (mergekit's reading) of {len(models)} model input(s).",
+        )
+        report = merge_config(cfg, args.out, dtype=args.dtype, record=record, **engine_options(args))
+        print(
+            f"merged {len(models)} model input(s) with {report.method} (mergekit's reading) -> {args.out} "
+            f"({report.seconds:.1f} s)"
+        )
+        return 0
     models = [e.model for e in cfg.resolved_models()]
     record = OutputRecord.from_args(
         ["merge"],
@@ -64,14 +103,10 @@ def run(args: argparse.Namespace) -> int:
         models,
         args.out,
         cfg.merge_method,
-        force=args.force,
-        device=args.device,
         dtype=args.dtype or cfg.dtype,
-        chunk_elems=args.chunk_size,
-        max_shard_size=args.max_shard_size,
-        progress=not args.no_progress,
         lora_rank=cfg.lora_rank,
         record=record,
+        **engine_options(args),
         **cfg.method_params(),
     )
     print(

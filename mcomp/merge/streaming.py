@@ -84,9 +84,11 @@ def _fmt_models(names: list[str]) -> str:
 
 
 class MergeEngine:
-    """Merge `models` onto `base` with `method` (a registered name) and its parameters.
+    """Merge `models` onto `base` with `method` (a registered name, or a method class) and its parameters.
 
-    `keys`: restrict merging to these tensors (others are copied from the base).
+    `keys`: restrict merging to these tensors (others are copied from the base). `tensor_params`: per merged
+    tensor, its own parameters (over `params`); each tensor is then a group of its own (mergekit's per-tensor
+    parameters: gradients over the layers, filters).
     `device`: where the per-chunk maths runs ("cpu", "cuda", ...); reading and writing stay
     on the CPU. `pipeline`: read the next chunk on a thread (into pinned memory, sent to the device
     on a side stream) while the current one is computed; default on for a device other than the CPU.
@@ -99,9 +101,10 @@ class MergeEngine:
         self,
         base: Source,
         models: list[Source],
-        method: str,
+        method: str | type[MergeMethod],
         *,
         keys: list[str] | None = None,
+        tensor_params: dict[str, dict[str, Any]] | None = None,
         device: str | torch.device = "cpu",
         chunk_elems: int | None = None,
         inmemory_elems: int = 0,
@@ -116,8 +119,15 @@ class MergeEngine:
         self.base = base
         self.models = models
         self.n = len(models)
-        self.method_cls = get_method(method)
-        self.params = make_params(self.method_cls, self.n, **params)
+        self.method_cls = method if isinstance(method, type) else get_method(method)
+        self.tensor_params = None
+        if tensor_params is None:
+            self.params = make_params(self.method_cls, self.n, **params)
+        else:
+            self.tensor_params = {
+                k: make_params(self.method_cls, self.n, **{**params, **v}) for k, v in tensor_params.items()
+            }
+            self.params = next(iter(self.tensor_params.values()))
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' requested but CUDA is not available")
@@ -131,6 +141,12 @@ class MergeEngine:
         self.progress = progress
         self.check_finite = check_finite
         self.merge_keys, self.copy_keys = self._validate(keys)
+        if self.tensor_params is not None:
+            missing = [k for k in self.merge_keys if k not in self.tensor_params]
+            if missing:
+                raise ValueError(f"per-tensor parameters missing for {missing[:5]} ({len(missing)})")
+            if any(self.method_cls(p, self.n).scope() == "global" for p in self.tensor_params.values()):
+                raise ValueError("per-tensor parameters need the method's per-tensor scope (scope: tensor)")
         self.report = MergeReport(method=self.method_cls.name, params=self._params_dict())
         self._group_passes = 0
         self._stored_ok: bool | None = None
@@ -186,7 +202,7 @@ class MergeEngine:
     # -- planning -----------------------------------------------------------------------------
     def groups(self) -> list[list[str]]:
         method = self.method_cls(self.params, self.n)
-        if method.scope() == "global":
+        if self.tensor_params is None and method.scope() == "global":
             return [list(self.merge_keys)]
         return [[k] for k in self.merge_keys]
 
@@ -299,10 +315,10 @@ class MergeEngine:
             pos = end
         return native.StoredColumns(base, list(models))
 
-    def method(self, workspace: Workspace | None = None) -> MergeMethod:
-        """An instance of the method to run: its acceleration where one is available (given
-        `workspace` for its scratch buffers), else the method itself."""
-        method = instantiate(self.method_cls, self.params, self.n, workspace)
+    def method(self, workspace: Workspace | None = None, params: Any = None) -> MergeMethod:
+        """An instance of the method to run (with `params`, default the merge's): its acceleration where one
+        is available (given `workspace` for its scratch buffers), else the method itself."""
+        method = instantiate(self.method_cls, params or self.params, self.n, workspace)
         if self.method_cls.takes_factors:
             method.low_rank_inputs = self.low_rank_inputs
         return method
@@ -484,6 +500,9 @@ class MergeEngine:
             sink.copy(k, self.base.read(k, 0, info.numel).reshape(info.shape))
         groups = self.groups()
         for group in groups:
+            if self.tensor_params is not None:  # this tensor's own parameters
+                workspace = method.workspace if isinstance(method, Acceleration) else None
+                method = self.method(workspace, self.tensor_params[group[0]])
             chunks = self.chunks(group)
             checked = [not self.check_finite] * len(chunks)
             self._group_passes = 1  # the merge pass
