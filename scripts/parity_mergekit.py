@@ -1,12 +1,12 @@
 #!/usr/bin/env python
 """Run mergekit's own example configs through mergekit and `mcomp merge` and compare every output tensor.
 
-    PYTHONPATH=/tmp/x/mk python scripts/parity_mergekit.py [--mergekit-path /tmp/x/mk] [--keep DIR]
+    PYTHONPATH=MERGEKIT_DIR python scripts/parity_mergekit.py [--mergekit-path MERGEKIT_DIR] [--mergekit-repo REPO]
 
-mergekit's examples (`examples/*.yml`) are read from its mirrored repository when present, else from the
-copies in tests/data/mergekit_examples/. Their model names become small local checkpoints: random Llama
-(`LlamaForCausalLM`'s config and tensor names, 40 layers as the 13B models the examples name, hidden size
-32), in the example's dtype; the example's `base_model` is the shared initialisation, every other model the
+mergekit's examples (`examples/*.yml`) are read from a clone of its repository when `--mergekit-repo` names
+one, else from the copies in tests/data/mergekit_examples/. Their model names become small local
+checkpoints: random Llama (`LlamaForCausalLM`'s config and tensor names, 40 layers as the 13B models the
+examples name, hidden size 32), in the example's dtype; the example's `base_model` is the shared initialisation, every other model the
 same plus seeded noise. A few configs of this script's own (rows `extra: ...`) cover what the examples do
 not: `model+lora` (a peft LoRA made with peft), breadcrumbs, model_stock, task arithmetic with filters and
 `lambda`, passthrough with `scale`.
@@ -32,7 +32,6 @@ import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-MIRROR = Path("/work/.mirror/arcee-ai+mergekit/repo")
 COPIES = ROOT / "tests" / "data" / "mergekit_examples"
 EXAMPLES = ("arcee_fusion", "bio-merge", "gradient-slerp", "linear", "orcamini-platy-44layer", "ties")
 LAYERS = 40
@@ -84,14 +83,13 @@ dtype: bfloat16
 }
 
 
-def read_example(name: str) -> tuple[str, str]:
-    """(YAML text, where it came from): the mirror's examples/<name>.yml, else the copy under tests/data."""
-    if MIRROR.exists():
-        got = subprocess.run(
-            ["git", "-C", str(MIRROR), "show", f"HEAD:examples/{name}.yml"], capture_output=True, text=True
-        )
+def read_example(name: str, repo: str | None = None) -> tuple[str, str]:
+    """(YAML text, where it came from): examples/<name>.yml at the HEAD of mergekit's repository `repo`, else
+    the copy under tests/data."""
+    if repo:
+        got = subprocess.run(["git", "-C", repo, "show", f"HEAD:examples/{name}.yml"], capture_output=True, text=True)
         if got.returncode == 0:
-            return got.stdout, "mergekit mirror"
+            return got.stdout, "mergekit repository"
     return (COPIES / f"{name}.yml").read_text(encoding="utf-8"), "tests/data copy"
 
 
@@ -282,10 +280,10 @@ def run_config(label: str, config: dict, work: Path, mergekit_path: str) -> dict
     return {"config": label, "method": method, **compare(load_dir(work / "mergekit"), load_dir(work / "mcomp"))}
 
 
-def all_configs() -> list[tuple[str, dict]]:
+def all_configs(repo: str | None = None) -> list[tuple[str, dict]]:
     out = []
     for name in EXAMPLES:
-        text, _ = read_example(name)
+        text, _ = read_example(name, repo)
         out.append((f"{name}.yml", yaml.safe_load(text)))
     for label, text in EXTRAS.items():
         out.append((label, yaml.safe_load(text)))
@@ -309,17 +307,20 @@ def table(rows: list[dict]) -> str:
 
 
 def default_mergekit_path() -> str:
+    """The directory that holds the importable mergekit package (give --mergekit-path when none is)."""
     try:
         import mergekit
-
-        return str(Path(mergekit.__file__).resolve().parents[1])
     except ImportError:
-        return "/tmp/x/mk"
+        raise SystemExit("mergekit is not importable: put it on PYTHONPATH or give --mergekit-path") from None
+    return str(Path(mergekit.__file__).resolve().parents[1])
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mergekit-path", default=None, help="directory holding the mergekit package")
+    parser.add_argument(
+        "--mergekit-repo", help="a clone of mergekit's repository to read examples/*.yml from (default: tests/data)"
+    )
     parser.add_argument("--keep", help="keep the checkpoints and outputs in this directory")
     parser.add_argument("--only", help="comma-separated config labels to run (default: all)")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
@@ -332,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="parity-mergekit-"))
     rows = []
     try:
-        for i, (label, config) in enumerate(all_configs()):
+        for i, (label, config) in enumerate(all_configs(a.mergekit_repo)):
             if a.only and label not in a.only.split(","):
                 continue
             rows.append(run_config(label, config, work / f"{i:02d}", mergekit_path))
