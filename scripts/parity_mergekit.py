@@ -4,12 +4,12 @@
     PYTHONPATH=MERGEKIT_DIR python scripts/parity_mergekit.py [--mergekit-path MERGEKIT_DIR] [--mergekit-repo REPO]
 
 mergekit's examples (`examples/*.yml`) are read from a clone of its repository when `--mergekit-repo` names
-one, else from the copies in tests/data/mergekit_examples/. Their model names become small local
-checkpoints: random Llama (`LlamaForCausalLM`'s config and tensor names, 40 layers as the 13B models the
-examples name, hidden size 32), in the example's dtype; the example's `base_model` is the shared initialisation, every other model the
-same plus seeded noise. A few configs of this script's own (rows `extra: ...`) cover what the examples do
-not: `model+lora` (a peft LoRA made with peft), breadcrumbs, model_stock, task arithmetic with filters and
-`lambda`, passthrough with `scale`.
+one, else from the copies in tests/data/mergekit_examples/. Their model names become small local checkpoints:
+random Llama (`LlamaForCausalLM`'s config and tensor names, 40 layers as the 13B models the examples name,
+hidden size 32), in the example's dtype; the example's `base_model` is the shared initialisation, every other
+model the same plus seeded noise. A few configs of this script's own (rows `extra: ...`) cover what the
+examples do not: `model+lora` (a peft LoRA made with peft), breadcrumbs, model_stock, task arithmetic with
+filters and `lambda`, passthrough with `scale`.
 
 mergekit runs in a subprocess (`run_merge`, with `--mergekit-path` on PYTHONPATH), mcomp through its command
 (`mcomp merge`). Tensors are equal when names, shapes and dtypes match and every value is within one rounding
