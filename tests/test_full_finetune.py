@@ -152,6 +152,7 @@ def test_damc_with_a_full_fine_tune_is_refused_with_the_reason(models, tmp_path)
 
 def test_the_cli_trains_a_full_fine_tune_and_composes_it_on_disk(models, tmp_path, capsys):
     from mcomp.cli import main
+    from tests.test_train_identity import files_of
 
     data = models["root"] / "image_train.json"
     args = ["train", "--base", str(models["base"]), "--adapter", "tiny:image", "--data", str(data)]
@@ -170,3 +171,9 @@ def test_the_cli_trains_a_full_fine_tune_and_composes_it_on_disk(models, tmp_pat
     composed = mcomp.load(tmp_path / "c")
     assert composed.modalities == ["image", "audio"] and composed.finetuned_from is not None
     assert torch.isfinite(_logits(composed, models["media"])).all()
+    # the full fine-tune and the streamed composition each carry a recipe that makes them again, byte for byte
+    for out in ("img", "c"):
+        command = "train" if out == "img" else "compose"
+        again = tmp_path / f"{out}-again"
+        assert main([command, "--from", str(tmp_path / out / "mcomp_recipe.yaml"), "--out", str(again)]) == 0
+        assert files_of(again) == files_of(tmp_path / out), out
