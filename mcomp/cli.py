@@ -55,9 +55,9 @@ def _command_parser(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[l
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if any(t == "--from" or t.startswith("--from=") for t in argv):  # the recipe's arguments become defaults
-        from mcomp.output_record import apply_recipe
+    from mcomp.output_record import FROM_FLAG, apply_recipe  # (the commands' parsers have imported it)
 
+    if any(t == FROM_FLAG or t.startswith(FROM_FLAG + "=") for t in argv):  # the recipe's arguments: defaults
         command, command_parser = _command_parser(parser, argv)
         try:
             apply_recipe(command_parser, command, argv)

@@ -56,6 +56,23 @@ def engine_options(args: argparse.Namespace) -> dict:
     }
 
 
+def _record(args: argparse.Namespace, cfg) -> OutputRecord:
+    """The output's recipe (the config inlined, its paths absolute) and card; a 'model+lora' input is
+    checksummed as its two parts."""
+    models = list(dict.fromkeys(cfg.model_paths()))  # a model in several slices is one input
+    inputs = {"base": cfg.base_model} if cfg.base_model else {}
+    for i, text in enumerate(models):
+        model, _, lora = text.partition("+")
+        inputs.update({f"model {i + 1}": model, **({f"model {i + 1} LoRA": lora} if lora else {})})
+    return OutputRecord.from_args(
+        ["merge"],
+        args,
+        inlined={"config": cfg.to_dict()},
+        inputs=inputs,
+        summary=f"A {cfg.merge_method} merge ({cfg.reading()}'s reading) of {len(models)} model input(s).",
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -69,35 +86,17 @@ def run(args: argparse.Namespace) -> int:
     else:
         cfg = MergeConfig.from_yaml(args.config)
     cfg = cfg.with_absolute_paths()  # the recipe and card name the inputs wherever they are read from
+    record = _record(args, cfg)
     if cfg.reading() == MERGEKIT:
         from mcomp.merge.plan_merge import merge_config
 
-        models = cfg.model_paths()
-        inputs = {"base": cfg.base_model} if cfg.base_model else {}
-        for i, text in enumerate(models):  # 'model+lora': both checksummed
-            model, _, lora = text.partition("+")
-            inputs.update({f"model {i + 1}": model, **({f"model {i + 1} LoRA": lora} if lora else {})})
-        record = OutputRecord.from_args(
-            ["merge"],
-            args,
-            inlined={"config": cfg.to_dict()},
-            inputs=inputs,
-            summary=f"A {cfg.merge_method} merge (mergekit's reading) of {len(models)} model input(s).",
-        )
         report = merge_config(cfg, args.out, dtype=args.dtype, record=record, **engine_options(args))
         print(
-            f"merged {len(models)} model input(s) with {report.method} (mergekit's reading) -> {args.out} "
+            f"merged {len(cfg.model_paths())} model input(s) with {report.method} (mergekit's reading) -> {args.out} "
             f"({report.seconds:.1f} s)"
         )
         return 0
     models = [e.model for e in cfg.resolved_models()]
-    record = OutputRecord.from_args(
-        ["merge"],
-        args,
-        inlined={"config": cfg.to_dict()},
-        inputs={"base": cfg.base_model, **{f"model {i + 1}": m for i, m in enumerate(models)}},
-        summary=f"A {cfg.merge_method} merge of {len(models)} model(s) onto {cfg.base_model}.",
-    )
     report = merge_checkpoints(
         cfg.base_model,
         models,

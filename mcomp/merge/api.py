@@ -160,9 +160,7 @@ def merge_checkpoints(
                     raise
                 copy_aux_files(Path(base), tmp, out_dtype)
             if record is not None:
-                record.write(
-                    tmp, {"method": report.method, "passes over the inputs": report.passes, "groups": report.groups}
-                )
+                record.write(tmp, report.card_facts())
     finally:
         for s in [base_src, *srcs]:
             s.close()

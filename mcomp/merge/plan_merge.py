@@ -216,9 +216,7 @@ def run_plan(
             _write_aux(plan, tmp, final or cast, tokenizer_donor)
             report.seconds = time.perf_counter() - t0
             if record is not None:
-                record.write(
-                    tmp, {"method": report.method, "passes over the inputs": report.passes, "groups": report.groups}
-                )
+                record.write(tmp, report.card_facts())
     finally:
         for s in sources.values():
             s.close()

@@ -49,6 +49,10 @@ class MergeReport:
     groups: int = 0
     stats: list[dict] = field(default_factory=list)
 
+    def card_facts(self) -> dict:
+        """The figures a model card shows: the same on every run (the time is not)."""
+        return {"method": self.method, "passes over the inputs": self.passes, "groups": self.groups}
+
 
 class _Collect:
     """Stands in for an order-statistic reducer while the sample is observed."""
