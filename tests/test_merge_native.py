@@ -25,6 +25,16 @@ def task_vectors(n=3, d=5003, seed=0):
     return tau, lo, hi
 
 
+@pytest.fixture(params=["dispatched", "portable"])
+def cpu_paths(request):
+    """The kernels as dispatched on this CPU, then on their portable paths (no AVX-512, no F16C)."""
+    if request.param == "dispatched":
+        yield request.param
+        return
+    with native.portable_paths():
+        yield request.param
+
+
 def rel(a, b):
     return float((a - b).abs().max() / b.abs().max())
 
@@ -67,7 +77,7 @@ def test_merge_matches_numpy_chain(inter, weights, scale):
         native.pcb_merge(tau, stats, inter, weights, scale, sparse, bits=np.packbits(marked)[:-1])
 
 
-def test_bracket_scan_counts_and_collects_like_numpy():
+def test_bracket_scan_counts_and_collects_like_numpy(cpu_paths):
     row = torch.randn(10007, generator=torch.Generator().manual_seed(2))
     row[::50] = 0.25  # ties on the bracket's low end
     lo, hi = 0.25, 0.31
@@ -87,17 +97,38 @@ def test_candidate_bits_match_numpy_packbits():
 
 
 @pytest.mark.parametrize("with_floors", [False, True])
-def test_stage1_reduces_beta_like_separate_steps(with_floors):
-    tau, lo, hi = task_vectors(seed=4)
-    beta = native.pcb_beta(tau, lo, hi, "v1", torch.empty_like(tau))
-    brackets = [(float(b.quantile(0.85)), float(b.quantile(0.9))) for b in beta]
-    floors = [b[0] for b in brackets] if with_floors else None
-    got = native.pcb_stage1(tau[:, 3:], lo, hi, "v1", brackets, floors)  # strided rows, odd width
+@pytest.mark.parametrize("inter,n", [("v1", 3), ("v1", 32), ("v1", 33), ("v2", 3), ("v3", 3)])
+@pytest.mark.parametrize("where", ["near the top", "above every value", "around zero"])
+def test_stage1_reduces_beta_like_separate_steps(with_floors, inter, n, where, cpu_paths):
+    """Stage 1's fused pass against β computed everywhere: the counts below, the values inside (in
+    column order), the candidate bits, and the maximum, exact where it reaches the row's floor
+    (variant 1 computes β only where a bound says it may reach it; more than 32 tasks, or another
+    variant, computes it everywhere)."""
+    tau, lo, hi = task_vectors(n=n, seed=4)
+    tau[:, 200:260] *= 1e4  # large products: the vector tanh, not its small-argument shortcut
+    beta = native.pcb_beta(tau, lo, hi, inter, torch.empty_like(tau))
+    quantiles = {"near the top": (0.85, 0.9), "around zero": (0.3, 0.6)}
+    if where in quantiles:  # the low end one of the values: a column tied with it must be computed
+        k = [int(q * (beta.shape[1] - 3)) for q in quantiles[where]]
+        brackets = [(float(b[3:].kthvalue(k[0]).values), float(b[3:].kthvalue(k[1]).values)) for b in beta]
+    else:
+        brackets = [(float(b.max()) * 2 + 1.0, float(b.max()) * 4 + 2.0) for b in beta]  # β > 0 somewhere
+    if where == "around zero" and inter == "v1":
+        assert all(b[0] <= 0.0 for b in brackets)  # a bound of 0 does not rule a column out
+    floors = [b[0] - 1e-9 * (i % 2) for i, b in enumerate(brackets)] if with_floors else None
+    got = native.pcb_stage1(tau[:, 3:], lo, hi, inter, brackets, floors)  # strided rows, odd width
     part = beta[:, 3:]
     for i, (blo, bhi) in enumerate(brackets):
         assert got.below[i] == int((part[i] < blo).sum())
-        assert torch.equal(torch.from_numpy(got.inside[i]), part[i][(part[i] >= blo) & (part[i] <= bhi)])
-    assert torch.equal(got.maxima, part.amax(1))
+        if blo == bhi:  # a point bracket (a row of equal values) only counts
+            assert got.inside[i] == int((part[i] == blo).sum())
+        else:
+            assert torch.equal(torch.from_numpy(got.inside[i]), part[i][(part[i] >= blo) & (part[i] <= bhi)])
+        floor = min(blo, floors[i]) if with_floors else blo
+        if float(part[i].max()) >= floor or inter != "v1" or n > 32:
+            assert float(got.maxima[i]) == float(part[i].max())
+        else:
+            assert float(got.maxima[i]) < floor
     if with_floors:
         bits, marked = native.mark_above(part.contiguous(), floors)
         assert np.array_equal(got.bits, bits) and got.marked == marked
@@ -106,7 +137,7 @@ def test_stage1_reduces_beta_like_separate_steps(with_floors):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_stored_values_decode_like_the_reader(dtype):
+def test_stored_values_decode_like_the_reader(dtype, cpu_paths):
     """From stored fp16/bf16 values the kernels see τ_i = float(θ_i) − float(θ0): the |τ| brackets
     count and collect what the reader's float32 task vectors give, and NaN/Inf is found."""
     g = torch.Generator().manual_seed(5)

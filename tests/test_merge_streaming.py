@@ -352,6 +352,31 @@ def test_streaming_pcb_candidate_columns_change_nothing(ckpts, tmp_path, monkeyp
         assert torch.equal(a[k], b[k]), k
 
 
+def test_streaming_pcb_stage1_bracket_miss_recomputes_the_maximum(ckpts, tmp_path, monkeypatch):
+    """Stage 1's sample brackets above every β: the fused pass computes β only where it may reach a
+    bracket, here nowhere, so its maxima are not β's; the fallback pass that finds the thresholds
+    must find the maxima too. The output equals the one from the sample's brackets."""
+    from mcomp.merge.selection import RowQuantiles
+
+    base, models, paths = ckpts
+    good = merge_checkpoints(paths[0], paths[1:], tmp_path / "good", "pcb", chunk_elems=1000, dtype="float32")
+    real = RowQuantiles.use_sample
+
+    def too_high(self, sample):
+        real(self, sample)
+        if len(self.targets) == len(models):  # stage 1's thresholds, one per row (stage 0 has two)
+            for t in self.targets:
+                t.lo, t.hi = 1e6, 2e6
+
+    monkeypatch.setattr(RowQuantiles, "use_sample", too_high)
+    missed = merge_checkpoints(paths[0], paths[1:], tmp_path / "missed", "pcb", chunk_elems=1000, dtype="float32")
+    assert missed.passes > good.passes  # the fallback ran
+    assert missed.stats[0]["m"] == good.stats[0]["m"] and missed.stats[0]["t"] == good.stats[0]["t"]
+    a, b = load_dir(tmp_path / "missed"), load_dir(tmp_path / "good")
+    for k in base:
+        assert torch.equal(a[k], b[k]), k
+
+
 @pytest.mark.parametrize("kernels_used", ["native", "numpy"])
 def test_streaming_pcb_parallel_blocks_change_nothing(ckpts, tmp_path, monkeypatch, kernels_used):
     """With two threads the per-chunk maths runs in column blocks on a pool (statistics reduced

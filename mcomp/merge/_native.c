@@ -30,6 +30,12 @@ extern float tanhf(float) __attribute__((simd("notinbranch")));
 #define MC_CLONES
 #endif
 
+/* Set through mc_use_portable (tests): the CPU-feature dispatchers take their portable paths, so
+ * that those are checked on machines that would never run them. */
+static int use_portable = 0;
+
+void mc_use_portable(int on) { use_portable = on; }
+
 #define MC_TILE 256 /* columns per tile: n tiles of intermediates stay in L1; a multiple of 16 */
 
 /* Every loop over a tile runs over all MC_TILE lanes of 64-byte aligned buffers (a short tile is
@@ -110,7 +116,7 @@ __attribute__((target("avx,f16c"))) static void halves_sub_f16c(const uint16_t *
 }
 
 static void halves_sub(const uint16_t *m, const uint16_t *b, long tw, float *t) {
-    if (__builtin_cpu_supports("f16c"))
+    if (!use_portable && __builtin_cpu_supports("f16c"))
         halves_sub_f16c(m, b, tw, t);
     else
         halves_sub_portable(m, b, tw, t);
@@ -234,7 +240,7 @@ __attribute__((target("avx512f"))) static void bracket_tile_avx512(const float *
 
 static inline void bracket_tile(const float *x, long tw, float l, float u, int64_t *below, float *out,
                                 int64_t *found) {
-    if (__builtin_cpu_supports("avx512f"))
+    if (!use_portable && __builtin_cpu_supports("avx512f"))
         bracket_tile_avx512(x, tw, l, u, below, out, found);
     else
         bracket_tile_portable(x, tw, l, u, below, out, found);
@@ -357,9 +363,9 @@ MC_CLONES int mc_pcb_beta(const src_t *src, int n, long w, const float *lo, cons
     return 0;
 }
 
-/* For each byte value, the positions of its set bits (np.packbits order: the top bit first)
- * and their count. Filled once; concurrent first calls write the same bytes. */
-static uint8_t bit_pos[256][8], bit_count[256];
+/* For each byte value, the positions of its set bits (np.packbits order: the top bit first),
+ * their count and the byte reversed. Filled once; concurrent first calls write the same bytes. */
+static uint8_t bit_pos[256][8], bit_count[256], bit_rev[256]; /* bit_rev: the byte's bits in reverse order */
 static int bit_table_ready = 0;
 
 static void bit_table_init(void) {
@@ -369,6 +375,9 @@ static void bit_table_init(void) {
         for (int j = 0; j < 8; j++)
             if (b & (0x80 >> j)) bit_pos[b][k++] = (uint8_t)j;
         bit_count[b] = (uint8_t)k;
+        unsigned r = 0;
+        for (int j = 0; j < 8; j++) r |= ((b >> j) & 1u) << (7 - j);
+        bit_rev[b] = (uint8_t)r;
     }
     __atomic_store_n(&bit_table_ready, 1, __ATOMIC_RELEASE);
 }
@@ -462,37 +471,316 @@ MC_CLONES int mc_pcb_merge_bits(const src_t *src, int n, long w, const uint8_t *
     return 0;
 }
 
+/* One tile of β (its first tw columns) reduced into stage 1's statistics (see mc_pcb_stage1);
+ * keep[j] gets whether some β_i exceeds floors[i] (when floors is set). The maximum and keep run
+ * over the first `lanes` columns: tw, or the whole tile when its padding repeats a real column. */
+static inline void stage1_reduce(const tile_t *tl, int n, long tw, long lanes, const float *blo, const float *bhi,
+                                 int64_t *below, float *collect, long ldc, int64_t *found, float *maxv,
+                                 const float *floors, uint8_t *keep) {
+    memset(keep, 0, MC_TILE);
+    for (int i = 0; i < n; i++) {
+        const float *b = ROW(tl->beta, i);
+        float mx = maxv[i];
+#pragma omp simd reduction(max : mx)
+        for (long j = 0; j < lanes; j++) mx = b[j] > mx ? b[j] : mx;
+        maxv[i] = mx;
+        bracket_tile(b, tw, blo[i], bhi[i], &below[i], collect + i * ldc, &found[i]);
+        if (floors) {
+            float f = floors[i];
+#pragma omp simd
+            for (long j = 0; j < lanes; j++) keep[j] |= b[j] > f;
+        }
+    }
+}
+
+/* An upper bound of exp(x) for 0 <= x < 64 in three operations: with z = x·log2(e) = k + f,
+ * f in [0, 1), the float whose exponent field is 127 + k and whose mantissa field is f is
+ * 2^k·(1 + f) >= 2^(k + f), as 2^f <= 1 + f on [0, 1] (the chord lies above the convex curve).
+ * log2(e) is rounded up and one unit added where the conversion truncates; the product's own
+ * rounding (a relative 2^-24) is left to the caller's margin. */
+static inline float exp_upper(float x) {
+    int32_t i = (int32_t)(x * (1.4427f * 0x1p23f)) + ((127 << 23) + 1);
+    return bits_float((uint32_t)i);
+}
+
+/* The positions j of the set keep[j] (0/1 bytes, MC_TILE of them), in order; returns how many
+ * (cols needs room for MC_TILE + 8). */
+static inline long keep_columns(const uint8_t *keep, int64_t *cols) {
+    long k = 0;
+    for (long b = 0; b < MC_TILE / 8; b++) {
+        uint64_t x;
+        memcpy(&x, keep + b * 8, 8);
+        if (!x) continue;
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+        unsigned byte = (unsigned)((x * 0x8040201008040201ULL) >> 56); /* as pack_bits */
+#else
+        const uint8_t *k8 = keep + b * 8;
+        unsigned byte = (unsigned)k8[0] << 7 | (unsigned)k8[1] << 6 | (unsigned)k8[2] << 5 | (unsigned)k8[3] << 4 |
+                        (unsigned)k8[4] << 3 | (unsigned)k8[5] << 2 | (unsigned)k8[6] << 1 | (unsigned)k8[7];
+#endif
+        k += byte_positions(byte, b * 8, cols + k);
+    }
+    return k;
+}
+
+/* The statistics stage 1 accumulates over a call (see mc_pcb_stage1). */
+typedef struct {
+    const float *lo, *hi, *blo, *bhi, *floors;
+    int64_t *below, *found, *marked;
+    float *collect, *maxv;
+    long ldc;
+    uint8_t *bits;
+} stage1_out_t;
+
+/* β of the pk (> 0) columns gathered into pt reduced into `o`; keep[q] gets whether some β_i of
+ * gathered column q exceeds floors[i]. The padding repeats the last column, so the maximum and
+ * keep run over the whole tile. */
+MC_CLONES __attribute__((noinline)) static void stage1_gathered(tile_t *pt, int n, long pk, const stage1_out_t *o,
+                                                                uint8_t *keep) {
+    for (int i = 0; i < n; i++) {
+        float *row = ROW(pt->tau, i), last = row[pk - 1];
+        for (long j = pk; j < MC_TILE; j++) row[j] = last;
+    }
+    tile_beta(pt, n, o->lo, o->hi, 1);
+    stage1_reduce(pt, n, pk, MC_TILE, o->blo, o->bhi, o->below, o->collect, o->ldc, o->found, o->maxv, o->floors,
+                  keep);
+}
+
+/* stage1_gathered, then the candidate bits of the gathered columns (pcol[q]: column numbers in
+ * the call) set; the caller cleared them all. */
+static void stage1_flush(tile_t *pt, int n, long pk, const int32_t *pcol, const stage1_out_t *o) {
+    uint8_t keep[MC_TILE];
+    stage1_gathered(pt, n, pk, o, keep);
+    if (!o->floors) return;
+    uint8_t *bits = o->bits;
+    int64_t marked = 0;
+    for (long q = 0; q < pk; q++) {
+        int32_t col = pcol[q];
+        bits[col >> 3] |= (uint8_t)(keep[q] << (7 - (col & 7)));
+        marked += keep[q];
+    }
+    *o->marked += marked;
+}
+
+/* Tasks up to which variant 1's β has the cheap bound below (exp_upper's x stays under 64). */
+#define MC_BOUND_TASKS 32
+
+/* Variant 1's per-row constants for the bound on β (see mc_pcb_stage1). */
+typedef struct {
+    const float *lo, *hi;
+    float rinv[MC_BOUND_TASKS], thr[MC_BOUND_TASKS], nf;
+} bound_t;
+
+/* The columns of a loaded tile (first tw) whose bound on β reaches thr_i in some row appended,
+ * all n rows of them, to the gathering tile pt (pt holds *pk, flushed when full), their column
+ * numbers (c + j) to pcol; returns how many. */
+static long bound_tile_portable(tile_t *tl, int n, long tw, long c, const bound_t *bd, tile_t *pt, long *pk,
+                                int32_t *pcol, const stage1_out_t *o) {
+    float sum[MC_TILE] __attribute__((aligned(64)));
+    uint8_t keep[MC_TILE];
+    int64_t cols[MC_TILE + 8];
+    const float *t0 = ROW(tl->tau, 0);
+#pragma omp simd
+    for (long j = 0; j < MC_TILE; j++) sum[j] = t0[j];
+    for (int i = 1; i < n; i++) {
+        const float *ti = ROW(tl->tau, i);
+#pragma omp simd
+        for (long j = 0; j < MC_TILE; j++) sum[j] += ti[j];
+    }
+    memset(keep, 0, sizeof keep);
+    for (int i = 0; i < n; i++) {
+        const float *t = ROW(tl->tau, i);
+        float l = bd->lo[i], u = bd->hi[i], r = bd->rinv[i], th = bd->thr[i];
+#pragma omp simd
+        for (long j = 0; j < MC_TILE; j++) {
+            float v = fabsf(t[j]);
+            v = v < l ? l : v;
+            v = v > u ? u : v;
+            float nn = (v - l) * r, y = t[j] * sum[j];
+            float bound = y > 0.0f ? exp_upper((nn * nn) * bd->nf) * y * 1.0078125f : 0.0f;
+            keep[j] |= !(bound < th);
+        }
+    }
+    if (tw < MC_TILE) memset(keep + tw, 0, (size_t)(MC_TILE - tw)); /* the zero padding */
+    long k = keep_columns(keep, cols);
+    for (long q = 0; q < k; q++) {
+        for (int i = 0; i < n; i++) ROW(pt->tau, i)[*pk] = ROW(tl->tau, i)[cols[q]];
+        pcol[(*pk)++] = (int32_t)(c + cols[q]);
+        if (*pk == MC_TILE) {
+            stage1_flush(pt, n, *pk, pcol, o);
+            *pk = 0;
+        }
+    }
+    return k;
+}
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+/* The 16-column groups whose kept columns are gathered in pt, for the AVX-512 bound_tile. */
+typedef struct {
+    long ng;
+    int32_t byte[MC_TILE];               /* the group's first column / 8 (groups start on a byte) */
+    uint16_t mask[MC_TILE], at[MC_TILE]; /* its kept columns; where in pt the first went */
+} groups_t;
+
+/* stage1_gathered on pt, then each group's candidate bits: the keep flags of its gathered columns
+ * deposited at its kept columns (pdep), bit-reversed into np.packbits order. */
+__attribute__((target("avx512f,avx512bw,bmi2"))) static void flush_groups(tile_t *pt, int n, long pk, groups_t *gr,
+                                                                        const stage1_out_t *o, long nbytes) {
+    uint8_t keep[MC_TILE] __attribute__((aligned(64)));
+    stage1_gathered(pt, n, pk, o, keep);
+    if (o->floors) {
+        uint64_t kb[MC_TILE / 64 + 1];
+        for (int k = 0; k < MC_TILE / 64; k++) {
+            __m512i v = _mm512_load_si512((const void *)(keep + 64 * k));
+            kb[k] = _mm512_test_epi8_mask(v, v);
+        }
+        kb[MC_TILE / 64] = 0;
+        int64_t marked = 0;
+        for (long g = 0; g < gr->ng; g++) {
+            unsigned at = gr->at[g], sh = at & 63;
+            uint64_t flags = kb[at >> 6] >> sh;
+            if (sh) flags |= kb[(at >> 6) + 1] << (64 - sh);
+            unsigned m = _pdep_u32((unsigned)flags, gr->mask[g]);
+            marked += __builtin_popcount(m);
+            o->bits[gr->byte[g]] = bit_rev[m & 0xFF];
+            if (gr->byte[g] + 1 < nbytes) o->bits[gr->byte[g] + 1] = bit_rev[m >> 8];
+        }
+        *o->marked += marked;
+    }
+    gr->ng = 0;
+}
+
+/* bound_tile with AVX-512: per 16 columns, the bound in every row gives a lane mask, and each
+ * row's kept values go to pt by one compress (the group's mask and place recorded for its bits);
+ * a group that might not fit in pt first flushes it (a tile computed part-full). Kept columns
+ * keep their order. */
+__attribute__((target("avx512f,avx512bw,bmi2"))) static long bound_tile_avx512(tile_t *tl, int n, long tw, long c,
+                                                                             const bound_t *bd, tile_t *pt, long *pk,
+                                                                             groups_t *gr, const stage1_out_t *o,
+                                                                             long nbytes) {
+    float sum[MC_TILE] __attribute__((aligned(64)));
+    __m512 lo[MC_BOUND_TASKS], hi[MC_BOUND_TASKS], rinv[MC_BOUND_TASKS], thr[MC_BOUND_TASKS];
+    for (int i = 0; i < n; i++) {
+        lo[i] = _mm512_set1_ps(bd->lo[i]);
+        hi[i] = _mm512_set1_ps(bd->hi[i]);
+        rinv[i] = _mm512_set1_ps(bd->rinv[i]);
+        thr[i] = _mm512_set1_ps(bd->thr[i]);
+    }
+    const __m512 zero = _mm512_setzero_ps(), pad = _mm512_set1_ps(1.0078125f),
+                 scale = _mm512_set1_ps(1.4427f * 0x1p23f), nf = _mm512_set1_ps(bd->nf);
+    const __m512i bias = _mm512_set1_epi32((127 << 23) + 1);
+    for (long j = 0; j < MC_TILE; j += 16) {
+        __m512 s = _mm512_load_ps(ROW(tl->tau, 0) + j);
+        for (int i = 1; i < n; i++) s = _mm512_add_ps(s, _mm512_load_ps(ROW(tl->tau, i) + j));
+        _mm512_store_ps(sum + j, s);
+    }
+    long kept = 0, at = *pk;
+    for (long j = 0; j < tw; j += 16) {
+        __mmask16 live = tw - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (tw - j)) - 1u), keep = 0;
+        __m512 s = _mm512_load_ps(sum + j);
+        for (int i = 0; i < n; i++) {
+            __m512 t = _mm512_load_ps(ROW(tl->tau, i) + j);
+            __m512 v = _mm512_min_ps(_mm512_max_ps(_mm512_abs_ps(t), lo[i]), hi[i]);
+            __m512 nn = _mm512_mul_ps(_mm512_sub_ps(v, lo[i]), rinv[i]);
+            __m512 x = _mm512_mul_ps(_mm512_mul_ps(nn, nn), nf);
+            __m512 e = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_cvttps_epi32(_mm512_mul_ps(x, scale)), bias));
+            __m512 y = _mm512_mul_ps(t, s);
+            __mmask16 pos = _mm512_cmp_ps_mask(y, zero, _CMP_GT_OQ);
+            __m512 bound = _mm512_maskz_mul_ps(pos, _mm512_mul_ps(e, y), pad);
+            keep |= _mm512_cmp_ps_mask(bound, thr[i], _CMP_NLT_UQ);
+        }
+        keep &= live;
+        if (!keep) continue;
+        if (at > MC_TILE - 16) { /* the full-width stores below need 16 free lanes */
+            flush_groups(pt, n, at, gr, o, nbytes);
+            at = 0;
+        }
+        /* compressed in a register, stored full width: a compress straight to memory is slower */
+        for (int i = 0; i < n; i++)
+            _mm512_storeu_ps(ROW(pt->tau, i) + at, _mm512_maskz_compress_ps(keep, _mm512_load_ps(ROW(tl->tau, i) + j)));
+        gr->byte[gr->ng] = (int32_t)((c + j) >> 3);
+        gr->mask[gr->ng] = keep;
+        gr->at[gr->ng++] = (uint16_t)at;
+        int cnt = __builtin_popcount(keep);
+        at += cnt;
+        kept += cnt;
+    }
+    *pk = at;
+    return kept;
+}
+#endif
+
 /* PCB stage 1 on w columns of src, everything a block contributes in one sweep while the tile
  * is in cache: β (as mc_pcb_beta), and per row i
  *   below[i] += #{β < blo[i]}, the β in [blo[i], bhi[i]] appended to row i of collect (stride
  *   ldc >= w + 1; found[i] += their number; a point bracket only counts), maxv[i] = max(maxv[i], max β);
- * and, when floors is set, PCB's candidate bits (as mc_mark_above, of β against floors). */
+ * and, when floors is set, PCB's candidate bits (as mc_mark_above, of β against floors).
+ *
+ * Variant 1 computes β only where it may reach the row's threshold thr_i = min(blo[i], floors[i]):
+ * β_i = exp(n·N_i²)·tanh(y_i) with y_i = τ_i·Σ_j τ_j is at most 0 where y_i <= 0 and at most
+ * exp(n·N_i²)·y_i where y_i > 0 (tanh y < y), so with N_i from a reciprocal and exp_upper, a bound
+ * of β_i padded by 2^-7 (its roundings come to under 2^-15) takes a few vector operations. A column
+ * whose bound is below thr_i in every row counts below every bracket and marks no bit; the other
+ * columns (about a quarter of a fine-tuned model's at ratio 0.1) are gathered into full tiles
+ * whose β tile_beta computes, the same bits as computed in place. maxv[i] is then exact where the
+ * row's largest β reaches thr_i, and otherwise below thr_i (then so is the row's k-th value, and
+ * the caller's bracket misses). */
 MC_CLONES int mc_pcb_stage1(const src_t *src, int n, long w, const float *lo, const float *hi, int variant,
                             const float *blo, const float *bhi, int64_t *below, float *collect, long ldc,
                             int64_t *found, float *maxv, const float *floors, uint8_t *bits, int64_t *marked) {
-    tile_t tl;
-    if (tile_alloc(&tl, n)) return -1;
+    tile_t tl, pt;
     uint8_t keep[MC_TILE];
+    stage1_out_t o = {lo, hi, blo, bhi, floors, below, found, marked, collect, maxv, ldc, bits};
+    if (tile_alloc(&tl, n)) return -1;
+    if (variant != 1 || n > MC_BOUND_TASKS) {
+        for (long c = 0; c < w; c += MC_TILE) {
+            long tw = w - c < MC_TILE ? w - c : MC_TILE;
+            tile_load(&tl, src, n, NULL, c, tw);
+            tile_beta(&tl, n, lo, hi, variant);
+            stage1_reduce(&tl, n, tw, tw, blo, bhi, below, collect, ldc, found, maxv, floors, keep);
+            if (floors) *marked += pack_bits(keep, tw, bits + c / 8); /* tiles start on a byte */
+        }
+        free(tl.tau);
+        return 0;
+    }
+    if (tile_alloc(&pt, n)) {
+        free(tl.tau);
+        return -1;
+    }
+    bound_t bd = {.lo = lo, .hi = hi, .nf = (float)n};
+    for (int i = 0; i < n; i++) {
+        bd.thr[i] = floors && floors[i] < blo[i] ? floors[i] : blo[i];
+        bd.rinv[i] = hi[i] - lo[i] > 0.0f ? 1.0f / (hi[i] - lo[i]) : 0.0f;
+    }
+    if (floors) memset(bits, 0, (size_t)(w + 7) / 8);
+    bit_table_init();
+    long pk = 0; /* columns gathered into pt */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+    if (!use_portable && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("bmi2")) {
+        groups_t gr;
+        gr.ng = 0;
+        for (long c = 0; c < w; c += MC_TILE) {
+            long tw = w - c < MC_TILE ? w - c : MC_TILE;
+            tile_load(&tl, src, n, NULL, c, tw);
+            long kept = bound_tile_avx512(&tl, n, tw, c, &bd, &pt, &pk, &gr, &o, (w + 7) / 8);
+            for (int i = 0; i < n; i++) below[i] += tw - kept;
+        }
+        if (pk) flush_groups(&pt, n, pk, &gr, &o, (w + 7) / 8);
+        free(pt.tau);
+        free(tl.tau);
+        return 0;
+    }
+#endif
+    int32_t pcol[MC_TILE];
     for (long c = 0; c < w; c += MC_TILE) {
         long tw = w - c < MC_TILE ? w - c : MC_TILE;
         tile_load(&tl, src, n, NULL, c, tw);
-        tile_beta(&tl, n, lo, hi, variant);
-        memset(keep, 0, sizeof keep);
-        for (int i = 0; i < n; i++) {
-            const float *b = ROW(tl.beta, i);
-            float mx = maxv[i];
-#pragma omp simd reduction(max : mx)
-            for (long j = 0; j < tw; j++) mx = b[j] > mx ? b[j] : mx;
-            maxv[i] = mx;
-            bracket_tile(b, tw, blo[i], bhi[i], &below[i], collect + i * ldc, &found[i]);
-            if (floors) {
-                float f = floors[i];
-#pragma omp simd
-                for (long j = 0; j < tw; j++) keep[j] |= b[j] > f;
-            }
-        }
-        if (floors) *marked += pack_bits(keep, tw, bits + c / 8); /* tiles start on a byte */
+        long kept = bound_tile_portable(&tl, n, tw, c, &bd, &pt, &pk, pcol, &o);
+        for (int i = 0; i < n; i++) below[i] += tw - kept;
     }
+    if (pk) stage1_flush(&pt, n, pk, pcol, &o);
+    free(pt.tau);
     free(tl.tau);
     return 0;
 }

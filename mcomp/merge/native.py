@@ -15,6 +15,7 @@ releases the GIL during each call, so the engine's worker threads run them in pa
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib.util
 import logging
@@ -67,6 +68,8 @@ def _load() -> ctypes.CDLL | None:
     lib.mc_family_signs.restype = ctypes.c_int
     lib.mc_family_l1.argtypes = [_P, ctypes.c_int, _L, _P, _L, ctypes.c_float, _P, _P]
     lib.mc_family_l1.restype = ctypes.c_int
+    lib.mc_use_portable.argtypes = [ctypes.c_int]
+    lib.mc_use_portable.restype = None
     lib.mc_mt_seed.argtypes = [_P, ctypes.c_uint64]
     lib.mc_mt_seed.restype = None
     lib.mc_mt_uniform.argtypes = [_P, _L, _P]
@@ -79,6 +82,17 @@ _lib = _load()
 
 def available() -> bool:
     return _lib is not None
+
+
+@contextlib.contextmanager
+def portable_paths():
+    """Within: the kernels take their portable paths where they have CPU-specific ones (AVX-512,
+    F16C), as on a CPU without those; for checking that both give the same results."""
+    _lib.mc_use_portable(1)
+    try:
+        yield
+    finally:
+        _lib.mc_use_portable(0)
 
 
 def library_path() -> str | None:
@@ -230,7 +244,7 @@ class Stage1Block:
 
     below: list[int]  # per row: β below the row's bracket
     inside: list[np.ndarray | int]  # per row: the β inside it, in column order (a point bracket: their count)
-    maxima: torch.Tensor  # per row: the largest β
+    maxima: torch.Tensor  # per row: the largest β (see pcb_stage1 for where it is exact)
     bits: np.ndarray | None  # candidate bits (np.packbits order), when floors were given
     marked: int
 
@@ -240,7 +254,9 @@ def pcb_stage1(
 ) -> Stage1Block:
     """PCB's β on the columns of `tau` (n, w) reduced on the fly: per row i, the count below and
     the values inside `brackets[i]`, and the maximum; with `floors`, the candidate bits of
-    `mark_above`. β itself is never stored."""
+    `mark_above`. β itself is never stored. Variant v1 (up to 32 tasks) computes β only where a
+    bound says it may reach min(bracket low, floor) of its row, so a row's maximum is exact where
+    it reaches that and is otherwise some value below it (as is then the row's k-th value)."""
     n, w = tau.shape
     buf = _collect_buffer(n, w)
     below, found = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)

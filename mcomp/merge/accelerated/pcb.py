@@ -92,11 +92,16 @@ class AcceleratedPcb(Acceleration, Pcb):
     NATIVE_BLOCK_VALUES = 3 << 19
     _candidates: CandidateColumns | None = None  # this group's, once stage 1 recorded them
     _candidates_possible = False  # may stage 1 (still) record them for this group
+    _max = None  # stage 1's RowMax
+    _max_floors: list[float] | None = None  # per row, below what the fused pass's maximum is not exact
+    _max_rebuild_pass = 0  # the fallback pass that recomputes the maximum (-1: checked exact; 0: not yet)
 
     def reducers(self, stage: int, d: int) -> dict:
         self._candidates = None
         self._candidates_possible = stage == 1 and self.workspace is not None and d / 8 <= self.CANDIDATE_MASK_BYTES
-        return super().reducers(stage, d)
+        reducers = super().reducers(stage, d)
+        self._max, self._max_floors, self._max_rebuild_pass = reducers.get("max"), None, 0
+        return reducers
 
     def beta(self, tau: torch.Tensor, stats: dict, workspace: Workspace | None = None) -> torch.Tensor:
         """β for this chunk (fused native kernel when available, else the NumPy/torch chain)."""
@@ -140,6 +145,11 @@ class AcceleratedPcb(Acceleration, Pcb):
         brackets = quantiles.row_brackets() if blockwise and native.usable(tau) else None
         if stage == 1 and brackets is not None:
             brackets = [row[0] for row in brackets]  # one target per row
+            # the fused kernel computes β only where it may reach the bracket (or the candidate floor):
+            # a row's maximum is exact where it reaches that
+            floors = candidates.floors if candidates is not None else [b[0] for b in brackets]
+            self._max_floors = [min(b[0], f) for b, f in zip(brackets, floors)]
+        rebuild_max = stage == 1 and self._max_rebuild(quantiles)
 
         nonfinite = []  # stage 0 on stored values: the blocks that found NaN/Inf (see checks_finite)
         verify = stage == 0 and isinstance(tau, native.StoredColumns)
@@ -177,7 +187,7 @@ class AcceleratedPcb(Acceleration, Pcb):
             if candidates is not None:
                 candidates.record(chunk.index, beta, start)
             update(beta)
-            reducers["max"].update(beta)
+            (self._max if rebuild_max else reducers["max"]).update(beta)
 
         if blockwise:
             column_blocks(block, tau.shape[1], self._block_columns(), self.workspace)
@@ -185,6 +195,19 @@ class AcceleratedPcb(Acceleration, Pcb):
             block(0, tau.shape[1], self.workspace)
         if verify and nonfinite:
             raise NonFiniteInput(f"chunk {chunk.index} contains NaN or Inf")
+
+    def _max_rebuild(self, quantiles) -> bool:
+        """Whether this (fallback) pass recomputes stage 1's maximum: the first one after a fused pass
+        whose maximum of some row stayed below that row's floor (then so did its k-th value, and the
+        bracket missed), when the fused kernel had left that row's maximum inexact."""
+        if self._max_floors is None or not isinstance(quantiles, RowQuantiles) or quantiles.passes < 2:
+            return False
+        if self._max_rebuild_pass == 0:
+            exact = all(m >= f for m, f in zip(self._max.result(), self._max_floors))
+            if not exact:
+                self._max.values = None
+            self._max_rebuild_pass = -1 if exact else quantiles.passes
+        return self._max_rebuild_pass == quantiles.passes
 
     def _candidate_record(self, stage: int, threshold) -> CandidateColumns | None:
         """Where stage 1's candidate bits go for this pass (None: not recorded)."""
