@@ -257,11 +257,12 @@ class RowQuantiles:
     def end_pass(self) -> None:
         if self._seen != self.total:
             raise RuntimeError(f"a pass saw {self._seen} values per row, expected {self.total}")
+        brackets = [t for t in self.targets if t.mode == "bracket"]
         for t in self.targets:
+            if t.mode == "bracket":
+                continue
             if t.mode == "whole":
                 t.mode = "done"
-            elif t.mode == "bracket":
-                self._bracket_resolve(t)
             elif t.mode == "histogram":
                 hist = self._hist[t.row].cpu()
                 cum = torch.cumsum(hist, 0)
@@ -276,6 +277,8 @@ class RowQuantiles:
                 key = ((t.coarse_bin - 32768) << 16) | low
                 t.value = key_to_float(key)
                 t.mode = "done"
+        # the brackets' selections are independent NumPy work: the targets in parallel
+        parallel_map(self._bracket_resolve, brackets)
         self._hist = {}
 
     def _bracket_resolve(self, t: _Target) -> None:
@@ -286,7 +289,7 @@ class RowQuantiles:
             else:
                 t.mode = "histogram"
         elif not t.overflow and 0 <= j < t.found:
-            t.value = kth_smallest(torch.from_numpy(t.pieces.view()), j)
+            t.value = float(np.partition(t.pieces.view(), j)[j])  # introselect: the k-th value, as a sort gives it
             t.mode = "done"
         else:
             t.mode = "histogram"  # the bracket missed (or overflowed): exact fallback
