@@ -144,12 +144,21 @@ def test_bad_inputs_are_named(ckpts, tmp_path):
 
 @pytest.mark.skipif(not native.available(), reason="the native kernels are not built")
 @pytest.mark.parametrize("where", ["model", "base"])
-def test_pcb_checks_finite_as_it_reads(ckpts, tmp_path, monkeypatch, where):
-    """PCB's first pass over stored values checks NaN/Inf itself (the engine's separate check is
-    not run), and the error still names the tensor and the checkpoint at fault."""
+@pytest.mark.parametrize(
+    "method,params",
+    [
+        ("pcb", {}),
+        ("ties", {"density": 0.3}),
+        ("dare_ties", {"density": 0.5, "seed": 1}),
+        ("dare_linear", {"density": 0.5, "rescale": "l1", "seed": 1}),
+    ],
+)
+def test_first_pass_checks_finite_as_it_reads(ckpts, tmp_path, monkeypatch, where, method, params):
+    """A method's first statistics pass over stored values checks NaN/Inf itself (the engine's
+    separate check is not run), and the error still names the tensor and the checkpoint at fault."""
     base, models, paths = ckpts
     monkeypatch.setattr(native, "all_finite", lambda *a: pytest.fail("the engine read the chunk to check it"))
-    merge_checkpoints(paths[0], paths[1:], tmp_path / "ok", "pcb", chunk_elems=500)  # finite: merges
+    merge_checkpoints(paths[0], paths[1:], tmp_path / "ok", method, chunk_elems=500, **params)  # finite: merges
     bad = {k: v.clone() for k, v in (models[2] if where == "model" else base).items()}
     bad["layers.0.q.weight"][3, 9] = float("inf")
     save_file(bad, str(tmp_path / "bad.safetensors"))
@@ -160,7 +169,7 @@ def test_pcb_checks_finite_as_it_reads(ckpts, tmp_path, monkeypatch, where):
     )
     name = r"bad\.safetensors" if where == "model" else r"base.*bad\.safetensors"
     with pytest.raises(ValueError, match=r"layers\.0\.q\.weight.*" + name):
-        merge_checkpoints(inputs[0], inputs[1:], tmp_path / "out", "pcb", chunk_elems=500)
+        merge_checkpoints(inputs[0], inputs[1:], tmp_path / "out", method, chunk_elems=500, **params)
     assert not (tmp_path / "out").exists()
 
 

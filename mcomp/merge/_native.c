@@ -878,15 +878,28 @@ MC_CLONES long mc_mark_above(const float *x, int n, long w, long ld, const float
     return marked;
 }
 
+/* Whether every τ_i of the loaded tile is finite (its zero padding is); a NaN or ±Inf in θ0 or θ_i
+ * makes τ_i one, as does a float32 overflow of the subtraction. */
+static inline int tile_finite(const tile_t *tl, int n) {
+    int bad = 0;
+    for (int i = 0; i < n; i++) {
+        const float *t = ROW(tl->tau, i);
+#pragma omp simd reduction(| : bad)
+        for (long j = 0; j < MC_TILE; j++) bad |= !(fabsf(t[j]) <= FLT_MAX);
+    }
+    return !bad;
+}
+
 /* The task-arithmetic family's steps (mcomp/merge/methods/family.py), as its torch path computes
- * them: trim t_i = τ_i · [|τ_i| >= thr_i]; drop t_i = τ_i · [u_i < density], then / density
+ * them: trim t_i = τ_i · [|τ_i| >= thr_i]; drop t_i = τ_i · [u_i < density] (the comparison made
+ * as the draws are, mc_mt_keep: a byte per value stays in cache where a float draw did not), then / density
  * (inverse) or · rescale_i (l1); t_i · w_i; then the sum t_0 + t_1 + … or TIES's election and
  * disjoint mean. Task arithmetic and linear (no sparsify, no election) are Σ_i w_i τ_i as
  * τ_0 w_0 then fused multiply-adds, as torch's vectorised add with alpha does. */
 typedef struct {
     const float *thr;     /* per row; NULL: no trim */
-    const float *u;       /* DARE's uniform draws, n rows of stride ldu, column 0 at src's; NULL: no drop */
-    long ldu;
+    const uint8_t *keep;  /* DARE's [u_i < density] (0/1), n rows of stride ldk, column 0 at src's; NULL: no drop */
+    long ldk;
     float density;
     const float *rescale; /* per row (l1 rescale); NULL: divide by density */
     const float *weights; /* per row; NULL: none */
@@ -898,7 +911,7 @@ typedef struct {
 
 /* The sparsified, weighted task vectors of the loaded tile into tl->a (n × MC_TILE). */
 static inline void family_sparsify(tile_t *tl, int n, long c, long tw, const family_args_t *g) {
-    float ub[MC_TILE] __attribute__((aligned(64)));
+    uint8_t kb[MC_TILE];
     for (int i = 0; i < n; i++) {
         const float *t = ROW(tl->tau, i);
         float *a = ROW(tl->a, i);
@@ -909,16 +922,16 @@ static inline void family_sparsify(tile_t *tl, int n, long c, long tw, const fam
 #pragma omp simd
             for (long j = 0; j < MC_TILE; j++) a[j] = a[j] * (float)(fabsf(a[j]) >= th);
         }
-        if (g->u) {
-            const float *u = g->u + i * g->ldu + c;
-            if (tw < MC_TILE) { /* a short tile: its draws padded (the padding's τ is 0 anyway) */
-                memcpy(ub, u, sizeof(float) * (size_t)tw);
-                for (long j = tw; j < MC_TILE; j++) ub[j] = 1.0f;
-                u = ub;
+        if (g->keep) {
+            const uint8_t *k = g->keep + i * g->ldk + c;
+            if (tw < MC_TILE) { /* a short tile: its mask padded (the padding's τ is 0 anyway) */
+                memcpy(kb, k, (size_t)tw);
+                memset(kb + tw, 0, (size_t)(MC_TILE - tw));
+                k = kb;
             }
             float d = g->density;
 #pragma omp simd
-            for (long j = 0; j < MC_TILE; j++) a[j] = a[j] * (float)(u[j] < d);
+            for (long j = 0; j < MC_TILE; j++) a[j] = a[j] * (float)k[j];
             if (g->rescale) {
                 float r = g->rescale[i];
 #pragma omp simd
@@ -1015,14 +1028,18 @@ MC_CLONES int mc_family_merge(const src_t *src, int n, long w, const family_args
     return 0;
 }
 
-/* TIES's majority statistic over the w columns of src: *balance += #{elected > 0} − #{elected < 0}. */
-MC_CLONES int mc_family_signs(const src_t *src, int n, long w, const family_args_t *g, int64_t *balance) {
+/* TIES's majority statistic over the w columns of src: *balance += #{elected > 0} − #{elected < 0};
+ * *finite = whether every τ_i is (the first pass over the inputs checks them on the way). */
+MC_CLONES int mc_family_signs(const src_t *src, int n, long w, const family_args_t *g, int64_t *balance,
+                              int *finite) {
     tile_t tl;
     if (tile_alloc(&tl, n)) return -1;
     int64_t total = 0;
+    int bad = 0;
     for (long c = 0; c < w; c += MC_TILE) {
         long tw = w - c < MC_TILE ? w - c : MC_TILE;
         tile_load(&tl, src, n, NULL, c, tw);
+        bad |= !tile_finite(&tl, n);
         family_sparsify(&tl, n, c, tw, g);
         float *el = ROW(tl.norm, 0);
         family_elect(&tl, n, g->consensus, el);
@@ -1036,31 +1053,36 @@ MC_CLONES int mc_family_signs(const src_t *src, int n, long w, const family_args
     }
     free(tl.tau);
     *balance += total;
+    *finite = !bad;
     return 0;
 }
 
 /* DARE's l1 rescale statistics over the w columns of src, per row i: before[i] += Σ|τ_i|,
- * after[i] += Σ|τ_i|·[u_i < density] (float64 sums). */
-MC_CLONES int mc_family_l1(const src_t *src, int n, long w, const float *u, long ldu, float density, double *before,
-                           double *after) {
+ * after[i] += Σ|τ_i|·keep_i (float64 sums; keep as family_args_t's); *finite as mc_family_signs's. */
+MC_CLONES int mc_family_l1(const src_t *src, int n, long w, const uint8_t *keep, long ldk, double *before,
+                           double *after, int *finite) {
     tile_t tl;
     if (tile_alloc(&tl, n)) return -1;
+    int bad = 0;
     for (long c = 0; c < w; c += MC_TILE) {
         long tw = w - c < MC_TILE ? w - c : MC_TILE;
         tile_load(&tl, src, n, NULL, c, tw);
+        bad |= !tile_finite(&tl, n);
         for (int i = 0; i < n; i++) {
-            const float *t = ROW(tl.tau, i), *ui = u + i * ldu + c;
+            const float *t = ROW(tl.tau, i);
+            const uint8_t *ki = keep + i * ldk + c;
             double b = 0.0, a = 0.0;
             for (long j = 0; j < tw; j++) {
                 double v = fabsf(t[j]);
                 b += v;
-                a += ui[j] < density ? v : 0.0;
+                a += ki[j] ? v : 0.0;
             }
             before[i] += b;
             after[i] += a;
         }
     }
     free(tl.tau);
+    *finite = !bad;
     return 0;
 }
 
@@ -1115,6 +1137,17 @@ MC_CLONES void mc_mt_uniform(uint32_t *st, long count, float *out) {
         }
         st[MT_N] = (uint32_t)(pos + take);
         done += take;
+    }
+}
+
+/* mc_mt_uniform's draws u, as DARE's keep mask: out[j] = u < density (0/1). */
+MC_CLONES void mc_mt_keep(uint32_t *st, long count, float density, uint8_t *out) {
+    float u[MT_N] __attribute__((aligned(64)));
+    for (long done = 0; done < count; done += MT_N) {
+        long take = count - done < MT_N ? count - done : MT_N;
+        mc_mt_uniform(st, take, u);
+#pragma omp simd
+        for (long j = 0; j < take; j++) out[done + j] = u[j] < density;
     }
 }
 

@@ -64,9 +64,9 @@ def _load() -> ctypes.CDLL | None:
     lib.mc_mark_above.restype = _L
     lib.mc_family_merge.argtypes = [_P, ctypes.c_int, _L, _P, _P]
     lib.mc_family_merge.restype = ctypes.c_int
-    lib.mc_family_signs.argtypes = [_P, ctypes.c_int, _L, _P, _P]
+    lib.mc_family_signs.argtypes = [_P, ctypes.c_int, _L, _P, _P, _P]
     lib.mc_family_signs.restype = ctypes.c_int
-    lib.mc_family_l1.argtypes = [_P, ctypes.c_int, _L, _P, _L, ctypes.c_float, _P, _P]
+    lib.mc_family_l1.argtypes = [_P, ctypes.c_int, _L, _P, _L, _P, _P, _P]
     lib.mc_family_l1.restype = ctypes.c_int
     lib.mc_use_portable.argtypes = [ctypes.c_int]
     lib.mc_use_portable.restype = None
@@ -74,6 +74,8 @@ def _load() -> ctypes.CDLL | None:
     lib.mc_mt_seed.restype = None
     lib.mc_mt_uniform.argtypes = [_P, _L, _P]
     lib.mc_mt_uniform.restype = None
+    lib.mc_mt_keep.argtypes = [_P, _L, ctypes.c_float, _P]
+    lib.mc_mt_keep.restype = None
     return lib
 
 
@@ -376,8 +378,8 @@ def mark_above(x: torch.Tensor, floors: list[float]) -> tuple[np.ndarray, int]:
 class FamilyArgs(ctypes.Structure):  # family_args_t in _native.c
     _fields_ = [
         ("thr", _P),
-        ("u", _P),
-        ("ldu", _L),
+        ("keep", _P),
+        ("ldk", _L),
         ("density", ctypes.c_float),
         ("rescale", _P),
         ("weights", _P),
@@ -394,7 +396,7 @@ _CONSENSUS = {None: 0, "mass": 1, "frequency": 2}
 def family_args(
     *,
     thresholds: list[float] | None = None,
-    uniform: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
     density: float = 1.0,
     rescale: list[float] | None = None,
     weights: list[float] | None = None,
@@ -404,13 +406,13 @@ def family_args(
     scale: float = 1.0,
 ) -> FamilyArgs:
     """The task-arithmetic family's steps for `family_merge`/`family_signs` (see `family_args_t`):
-    `uniform` are DARE's draws (n, C) for the columns the kernels see, `sign` the election (None: a
-    plain sum). The arrays are kept alive on the returned struct."""
+    `keep` is DARE's mask (n, C; uint8, [u < density] of its draws) for the columns the kernels see,
+    `sign` the election (None: a plain sum). The arrays are kept alive on the returned struct."""
     thr, res, wts = (None if v is None else _floats(v) for v in (thresholds, rescale, weights))
     args = FamilyArgs(
         thr=None if thr is None else thr.ctypes.data,
-        u=None if uniform is None else uniform.data_ptr(),
-        ldu=0 if uniform is None else uniform.stride(0),
+        keep=None if keep is None else keep.data_ptr(),
+        ldk=0 if keep is None else keep.stride(0),
         density=density,
         rescale=None if res is None else res.ctypes.data,
         weights=None if wts is None else wts.ctypes.data,
@@ -419,16 +421,16 @@ def family_args(
         majority=majority,
         scale=scale,
     )
-    args._keep = (thr, res, wts, uniform)
+    args._keep = (thr, res, wts, keep)
     return args
 
 
 def _offset(args: FamilyArgs, start: int) -> FamilyArgs:
-    """`args` for the columns from `start` on (the draws move with them)."""
-    if not args.u or start == 0:
+    """`args` for the columns from `start` on (the mask moves with them)."""
+    if not args.keep or start == 0:
         return args
     moved = FamilyArgs.from_buffer_copy(args)
-    moved.u = args.u + 4 * start
+    moved.keep = args.keep + start
     moved._keep = args._keep
     return moved
 
@@ -441,34 +443,41 @@ def family_merge(tau, args: FamilyArgs, out: torch.Tensor, start: int = 0) -> No
     _check(_lib.mc_family_merge(ctypes.byref(src), n, w, ctypes.byref(_offset(args, start)), out.data_ptr()))
 
 
-def family_signs(tau, args: FamilyArgs, start: int = 0) -> int:
-    """#{elected sign > 0} − #{< 0} over the columns of `tau` (as `family_merge`)."""
+def family_signs(tau, args: FamilyArgs, start: int = 0) -> tuple[int, bool]:
+    """(#{elected sign > 0} − #{< 0}, whether every τ_i is finite) over the columns of `tau` (as
+    `family_merge`)."""
     n, w = tau.shape
     src = _src(tau)
-    balance = ctypes.c_int64()
-    _check(_lib.mc_family_signs(ctypes.byref(src), n, w, ctypes.byref(_offset(args, start)), ctypes.byref(balance)))
-    return balance.value
+    balance, finite = ctypes.c_int64(), ctypes.c_int()
+    _check(
+        _lib.mc_family_signs(
+            ctypes.byref(src), n, w, ctypes.byref(_offset(args, start)), ctypes.byref(balance), ctypes.byref(finite)
+        )
+    )
+    return balance.value, bool(finite.value)
 
 
-def family_l1(tau, uniform: torch.Tensor, density: float, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(Σ|τ_i|, Σ|τ_i|·[u_i < density]) per row, float64, over the columns of `tau`, which are the
-    columns from `start` of the chunk whose draws `uniform` (n, C) holds."""
+def family_l1(tau, keep: torch.Tensor, start: int = 0) -> tuple[np.ndarray, np.ndarray, bool]:
+    """(Σ|τ_i|, Σ|τ_i|·keep_i) per row, float64, over the columns of `tau`, which are the columns
+    from `start` of the chunk whose DARE mask `keep` (n, C; uint8) holds; and whether every τ_i is
+    finite."""
     n, w = tau.shape
     before, after = np.zeros(n), np.zeros(n)
+    finite = ctypes.c_int()
     src = _src(tau)
     _check(
         _lib.mc_family_l1(
             ctypes.byref(src),
             n,
             w,
-            uniform.data_ptr() + 4 * start,
-            uniform.stride(0),
-            density,
+            keep.data_ptr() + start,
+            keep.stride(0),
             before.ctypes.data,
             after.ctypes.data,
+            ctypes.byref(finite),
         )
     )
-    return before, after
+    return before, after, bool(finite.value)
 
 
 class TorchUniformStream:
@@ -483,4 +492,9 @@ class TorchUniformStream:
     def draw(self, out: torch.Tensor) -> torch.Tensor:
         """Fill the contiguous float32 `out` with the stream's next out.numel() uniforms."""
         _lib.mc_mt_uniform(self.state.ctypes.data, out.numel(), out.data_ptr())
+        return out
+
+    def keep(self, out: torch.Tensor, density: float) -> torch.Tensor:
+        """Fill the contiguous uint8 `out` with [u < density] of the stream's next out.numel() uniforms."""
+        _lib.mc_mt_keep(self.state.ctypes.data, out.numel(), density, out.data_ptr())
         return out

@@ -4,9 +4,10 @@
 Each pass reads the chunk in its stored dtype (the kernels decode θ_i − θ0 as they load a tile) and
 runs on column blocks on the thread pool. TIES's trim thresholds are order statistics of |τ_i| scanned
 against their sample brackets as PCB's clip statistics are (and the NaN/Inf check rides along); the
-majority sign is an exact count; DARE's draws come from the method's own mask stream, the models'
-rows at once, so the same seed gives the same bytes on both paths. Where the kernels are not built, or
-the maths runs on another device, the method's torch path runs instead.
+majority sign is an exact count; DARE's masks come from the method's own mask stream (a byte per
+value, compared as drawn), the models' rows at once, so the same seed gives the same bytes on both
+paths. Where the kernels are not built, or the maths runs on another device, the method's torch path
+runs instead.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from mcomp.merge.registry import Chunk
 from mcomp.merge.selection import RowQuantiles
 
 _FLOAT32 = torch.empty(0)
+_UINT8 = torch.empty(0, dtype=torch.uint8)
 
 
 class AcceleratedFamily(Acceleration):
@@ -37,28 +39,28 @@ class AcceleratedFamily(Acceleration):
         return self.workspace is not None and native.available()
 
     def checks_finite(self, stage: int) -> bool:
-        # the trim pass loads every τ_i anyway: the check rides along
-        return self.stages[stage] == "trim" and self.accepts_stored(stage)
+        # a statistics pass loads every τ_i anyway: the check rides along
+        return self.stages[stage] in ("trim", "signs", "l1") and self.accepts_stored(stage)
 
     def _native(self, tau) -> bool:
         return self.workspace is not None and native.usable(tau)
 
-    def _uniform(self, chunk: Chunk) -> torch.Tensor | None:
-        """DARE's draws for the chunk (n, C), the method's mask stream's numbers; None without a drop."""
+    def _keep(self, chunk: Chunk) -> torch.Tensor | None:
+        """DARE's mask for the chunk (n, C; uint8), from the method's mask stream; None without a drop."""
         if self.sparsify != "random" or self.p.density >= 1:
             return None
-        out = scratch(self.workspace, "family.uniform", (self.n, chunk.size), _FLOAT32)
+        out = scratch(self.workspace, "family.keep", (self.n, chunk.size), _UINT8)
 
         def row(model: int) -> None:  # the models' streams at once (the draws release the GIL)
             pos = 0
             for s in chunk.segments:
-                self.masks.uniform(s.name, model, s.start, s.stop, out=out[model, pos : pos + s.size])
+                self.masks.keep(s.name, model, s.start, s.stop, out=out[model, pos : pos + s.size])
                 pos += s.size
 
         parallel_map(row, list(range(self.n)))
         return out
 
-    def _args(self, stats: dict, uniform: torch.Tensor | None) -> native.FamilyArgs:
+    def _args(self, stats: dict, keep: torch.Tensor | None) -> native.FamilyArgs:
         if self.sparsify == "none" and self.consensus == "none":
             w = self.p.weight_list(self.n)
             return native.family_args(
@@ -67,9 +69,9 @@ class AcceleratedFamily(Acceleration):
         rescale = stats.get("l1_factor") if self.sparsify == "random" and self.p.rescale == "l1" else None
         return native.family_args(
             thresholds=stats.get("threshold_values") if self.sparsify == "magnitude" else None,
-            uniform=uniform,
-            density=self.p.density if uniform is not None else 1.0,
-            rescale=rescale if uniform is not None else None,
+            keep=keep,
+            density=self.p.density if keep is not None else 1.0,
+            rescale=rescale if keep is not None else None,
             weights=list(self.p.weights) if self.p.weights is not None else None,
             sign=self.p.sign if self.consensus == "sign" else None,
             majority=stats.get("majority", 0.0),
@@ -84,22 +86,29 @@ class AcceleratedFamily(Acceleration):
             return self._observe_trim(tau, reducers)
         size, parts = tau.shape[1], []
         if kind == "l1":
-            uniform = self._uniform(chunk)
+            keep = self._keep(chunk)
 
             def block(start: int, stop: int, ws: Workspace | None) -> None:
-                parts.append(native.family_l1(native.columns(tau, start, stop), uniform, self.p.density, start))
+                parts.append(native.family_l1(native.columns(tau, start, stop), keep, start))
 
             column_blocks(block, size, self._block_columns(), self.workspace)
-            reducers["before"].values += torch.from_numpy(np.sum([b for b, _ in parts], axis=0))
-            reducers["after"].values += torch.from_numpy(np.sum([a for _, a in parts], axis=0))
+            self._raise_nonfinite(all(f for _, _, f in parts))
+            reducers["before"].values += torch.from_numpy(np.sum([b for b, _, _ in parts], axis=0))
+            reducers["after"].values += torch.from_numpy(np.sum([a for _, a, _ in parts], axis=0))
             return
-        args = self._args(stats, self._uniform(chunk))
+        args = self._args(stats, self._keep(chunk))
 
         def signs(start: int, stop: int, ws: Workspace | None) -> None:
             parts.append(native.family_signs(native.columns(tau, start, stop), args, start))
 
         column_blocks(signs, size, self._block_columns(), self.workspace)
-        reducers["signs"].values[0] += float(sum(parts))
+        self._raise_nonfinite(all(f for _, f in parts))
+        reducers["signs"].values[0] += float(sum(b for b, _ in parts))
+
+    @staticmethod
+    def _raise_nonfinite(finite: bool) -> None:
+        if not finite:  # the engine reads the chunk again to name the tensor and model(s) at fault
+            raise NonFiniteInput("a chunk contains NaN or Inf")
 
     def _observe_trim(self, tau, reducers) -> None:
         if "trim" not in reducers:  # density 1: nothing is trimmed
@@ -125,13 +134,12 @@ class AcceleratedFamily(Acceleration):
             column_blocks(block, tau.shape[1], self._block_columns(), self.workspace)
         else:
             block(0, tau.shape[1], self.workspace)
-        if nonfinite:
-            raise NonFiniteInput("a chunk contains NaN or Inf")
+        self._raise_nonfinite(not nonfinite)
 
     def merge(self, tau: torch.Tensor, chunk: Chunk, stats: dict) -> torch.Tensor:
         if not self._native(tau) or not chunk.segments:
             return super().merge(native.materialise(tau), chunk, stats)
-        args = self._args(stats, self._uniform(chunk))
+        args = self._args(stats, self._keep(chunk))
         delta = scratch(self.workspace, "family.delta", (tau.shape[1],), _FLOAT32)
 
         def block(start: int, stop: int, ws: Workspace | None) -> None:

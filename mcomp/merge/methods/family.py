@@ -99,6 +99,9 @@ class _TorchDraws:
     def draw(self, out: torch.Tensor) -> torch.Tensor:
         return torch.rand(out.numel(), generator=self.gen, out=out)
 
+    def keep(self, out: torch.Tensor, density: float) -> torch.Tensor:
+        return torch.lt(self.draw(torch.empty(out.numel())), density, out=out.view(torch.bool)).view(torch.uint8)
+
 
 def _draws(seed: int):
     """A uniform stream with torch.rand's numbers for `seed`: the native copy of torch's mt19937 where
@@ -121,18 +124,28 @@ class MaskStream:
         """The stream's uniform draws for elements [start, stop) of (tensor, model), drawn in order
         (into `out`, contiguous float32, if given). Different (tensor, model) streams may be drawn
         from different threads."""
-        key = (name, model)
-        if start == 0:
-            stream = _draws(mask_seed(self.seed, name, model))
-        else:
-            stream, expected = self._state.get(key, (None, -1))
-            if stream is None or expected != start:
-                raise RuntimeError(
-                    f"DARE masks must be drawn in order: {name!r} model {model} at {start}, expected {expected}"
-                )
+        stream = self._stream(name, model, start)
         out = stream.draw(torch.empty(stop - start) if out is None else out)
-        self._state[key] = (stream, stop)
+        self._state[(name, model)] = (stream, stop)
         return out
+
+    def keep(self, name: str, model: int, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        """`mask` into the contiguous uint8 `out` (0/1): the same draws, compared as they are made."""
+        stream = self._stream(name, model, start)
+        stream.keep(out, self.density)
+        self._state[(name, model)] = (stream, stop)
+        return out
+
+    def _stream(self, name: str, model: int, start: int):
+        """The (tensor, model) stream positioned at element `start` (a new one at 0)."""
+        if start == 0:
+            return _draws(mask_seed(self.seed, name, model))
+        stream, expected = self._state.get((name, model), (None, -1))
+        if stream is None or expected != start:
+            raise RuntimeError(
+                f"DARE masks must be drawn in order: {name!r} model {model} at {start}, expected {expected}"
+            )
+        return stream
 
 
 # --- the parameters of each member ------------------------------------------------------------
