@@ -148,14 +148,16 @@ def test_bad_inputs_are_named(ckpts, tmp_path):
     "method,params",
     [
         ("pcb", {}),
+        ("task_arithmetic", {}),
         ("ties", {"density": 0.3}),
         ("dare_ties", {"density": 0.5, "seed": 1}),
         ("dare_linear", {"density": 0.5, "rescale": "l1", "seed": 1}),
     ],
 )
 def test_first_pass_checks_finite_as_it_reads(ckpts, tmp_path, monkeypatch, where, method, params):
-    """A method's first statistics pass over stored values checks NaN/Inf itself (the engine's
-    separate check is not run), and the error still names the tensor and the checkpoint at fault."""
+    """A method's first pass over stored values (a statistics pass, or task arithmetic's merge pass)
+    checks NaN/Inf itself (the engine's separate check is not run), and the error still names the
+    tensor and the checkpoint at fault."""
     base, models, paths = ckpts
     monkeypatch.setattr(native, "all_finite", lambda *a: pytest.fail("the engine read the chunk to check it"))
     merge_checkpoints(paths[0], paths[1:], tmp_path / "ok", method, chunk_elems=500, **params)  # finite: merges

@@ -968,14 +968,16 @@ static inline void family_elect(tile_t *tl, int n, int consensus, float *el) {
     for (long j = 0; j < MC_TILE; j++) el[j] = sign_of(sum[j]);
 }
 
-/* The family's merged values of the w columns of src to out[0:w]. */
-MC_CLONES int mc_family_merge(const src_t *src, int n, long w, const family_args_t *g, float *out) {
+/* The family's merged values of the w columns of src to out[0:w]; *finite as mc_family_signs's. */
+MC_CLONES int mc_family_merge(const src_t *src, int n, long w, const family_args_t *g, float *out, int *finite) {
     tile_t tl;
     if (tile_alloc(&tl, n)) return -1;
     float acc[MC_TILE] __attribute__((aligned(64))), cnt[MC_TILE] __attribute__((aligned(64)));
+    int bad = 0;
     for (long c = 0; c < w; c += MC_TILE) {
         long tw = w - c < MC_TILE ? w - c : MC_TILE;
         tile_load(&tl, src, n, NULL, c, tw);
+        bad |= !tile_finite(&tl, n);
         if (g->plain) {
             const float *t0 = ROW(tl.tau, 0);
             float w0 = g->weights ? g->weights[0] : 1.0f;
@@ -1025,6 +1027,7 @@ MC_CLONES int mc_family_merge(const src_t *src, int n, long w, const family_args
         for (long j = 0; j < tw; j++) out[c + j] = scale != 1.0f ? acc[j] * scale : acc[j];
     }
     free(tl.tau);
+    *finite = !bad;
     return 0;
 }
 

@@ -47,10 +47,11 @@ class Acceleration(MergeMethod):
         (`mcomp.merge.native.StoredColumns`) instead of a float32 task-vector matrix."""
         return False
 
-    def checks_finite(self, stage: int) -> bool:
-        """Whether `observe` for `stage`, given stored values, itself checks that every task vector
-        is finite as it goes (raising `NonFiniteInput`), so that the engine need not read each
-        chunk once more to check it."""
+    def checks_finite(self, stage: int | None) -> bool:
+        """Whether `observe` for `stage` (`merge` for None, the merge pass), given stored values,
+        itself checks that every task vector is finite as it goes (raising `NonFiniteInput`), so
+        that the engine need not read each chunk once more to check it. Asked only of the first
+        pass over a chunk."""
         return False
 
 

@@ -62,7 +62,7 @@ def _load() -> ctypes.CDLL | None:
     lib.mc_all_finite.restype = ctypes.c_int
     lib.mc_mark_above.argtypes = [_P, ctypes.c_int, _L, _L, _P, _P]
     lib.mc_mark_above.restype = _L
-    lib.mc_family_merge.argtypes = [_P, ctypes.c_int, _L, _P, _P]
+    lib.mc_family_merge.argtypes = [_P, ctypes.c_int, _L, _P, _P, _P]
     lib.mc_family_merge.restype = ctypes.c_int
     lib.mc_family_signs.argtypes = [_P, ctypes.c_int, _L, _P, _P, _P]
     lib.mc_family_signs.restype = ctypes.c_int
@@ -435,12 +435,15 @@ def _offset(args: FamilyArgs, start: int) -> FamilyArgs:
     return moved
 
 
-def family_merge(tau, args: FamilyArgs, out: torch.Tensor, start: int = 0) -> None:
+def family_merge(tau, args: FamilyArgs, out: torch.Tensor, start: int = 0) -> bool:
     """The family's merged values of `tau` (n, w; a tensor or `StoredColumns`, the columns from `start`
-    of those `args` was made for) into `out` (w,)."""
+    of those `args` was made for) into `out` (w,); returns whether every τ_i was finite."""
     n, w = tau.shape
     src = _src(tau)
-    _check(_lib.mc_family_merge(ctypes.byref(src), n, w, ctypes.byref(_offset(args, start)), out.data_ptr()))
+    finite = ctypes.c_int()
+    args = ctypes.byref(_offset(args, start))
+    _check(_lib.mc_family_merge(ctypes.byref(src), n, w, args, out.data_ptr(), ctypes.byref(finite)))
+    return bool(finite.value)
 
 
 def family_signs(tau, args: FamilyArgs, start: int = 0) -> tuple[int, bool]:

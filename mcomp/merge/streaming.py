@@ -340,7 +340,7 @@ class MergeEngine:
         if self.can_read_stored() and isinstance(method, Acceleration) and method.accepts_stored(stage):
             stored = self.read_stored(chunk, workspace)
             if not checked[chunk.index]:
-                if stage is None or not method.checks_finite(stage):
+                if not method.checks_finite(stage):
                     halves = [(0, chunk.size // 2), (chunk.size // 2, chunk.size)]  # both cores
                     if not all(parallel_map(lambda h: native.all_finite(stored.columns(*h)), halves)):
                         self.read(chunk, check=True)  # names the tensor and model(s) at fault
@@ -516,10 +516,14 @@ class MergeEngine:
             self.report.passes = max(self.report.passes, self._group_passes)
             with self._bar(sum(c.size for c in chunks), f"{method.name} merge") as bar:
                 for chunk, base, tau in self._reads(method, None, chunks, checked):
-                    if method.uses_base:
-                        delta = method.merge(tau, chunk, stats, base=base)
-                    else:
-                        delta = method.merge(tau, chunk, stats)
+                    try:
+                        if method.uses_base:
+                            delta = method.merge(tau, chunk, stats, base=base)
+                        else:
+                            delta = method.merge(tau, chunk, stats)
+                    except NonFiniteInput:
+                        self.read(chunk, check=True)  # names the tensor and model(s) at fault
+                        raise
                     pos = 0
                     for seg in chunk.segments:
                         end = pos + seg.size

@@ -38,9 +38,10 @@ class AcceleratedFamily(Acceleration):
     def accepts_stored(self, stage: int | None) -> bool:
         return self.workspace is not None and native.available()
 
-    def checks_finite(self, stage: int) -> bool:
-        # a statistics pass loads every τ_i anyway: the check rides along
-        return self.stages[stage] in ("trim", "signs", "l1") and self.accepts_stored(stage)
+    def checks_finite(self, stage: int | None) -> bool:
+        # every pass loads each τ_i anyway: the check rides along the first (the merge pass where
+        # there are no statistics)
+        return self.accepts_stored(stage) and (stage is not None or not self.stages)
 
     def _native(self, tau) -> bool:
         return self.workspace is not None and native.usable(tau)
@@ -141,11 +142,13 @@ class AcceleratedFamily(Acceleration):
             return super().merge(native.materialise(tau), chunk, stats)
         args = self._args(stats, self._keep(chunk))
         delta = scratch(self.workspace, "family.delta", (tau.shape[1],), _FLOAT32)
+        finite = []
 
         def block(start: int, stop: int, ws: Workspace | None) -> None:
-            native.family_merge(native.columns(tau, start, stop), args, delta[start:stop], start)
+            finite.append(native.family_merge(native.columns(tau, start, stop), args, delta[start:stop], start))
 
         column_blocks(block, tau.shape[1], self._block_columns(), self.workspace)
+        self._raise_nonfinite(all(finite))
         return delta
 
 

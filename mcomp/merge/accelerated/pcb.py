@@ -127,7 +127,7 @@ class AcceleratedPcb(Acceleration, Pcb):
         # every pass reads each chunk straight from its stored dtype (the kernels decode as they load)
         return self.workspace is not None and native.available()
 
-    def checks_finite(self, stage: int) -> bool:
+    def checks_finite(self, stage: int | None) -> bool:
         # stage 0 loads every τ_i anyway: the check rides along (about 1 s less over 3 × 1B values)
         return stage == 0 and self.accepts_stored(stage)
 
