@@ -251,6 +251,25 @@ def test_the_native_generator_draws_torch_rands_bits(seed):
         assert torch.equal(stream.draw(torch.empty(size)), torch.rand(size, generator=g)), size
 
 
+@pytest.mark.parametrize("draws", ["native", "torch"])
+def test_dare_keep_masks_are_the_draws_compared_as_drawn(monkeypatch, draws):
+    """DARE's byte masks (what the kernels take) are [u < density] of the stream's own draws, in
+    pieces of any size, from the native generator and from torch's."""
+    from mcomp.merge.methods.family import MaskStream
+
+    if draws == "torch":
+        monkeypatch.setattr(native, "_lib", None)
+    density = 0.37
+    masks, keeps = MaskStream(5, density), MaskStream(5, density)
+    pos = 0
+    for size in (1, 700, 624, 5000):
+        expected = masks.mask("w", 1, pos, pos + size)
+        got = keeps.keep("w", 1, pos, pos + size, out=torch.empty(size, dtype=torch.uint8))
+        assert torch.equal(got.bool(), expected), size
+        pos += size
+    assert 0.3 < float(got.float().mean()) < 0.45
+
+
 def test_pool_threads_hold_torch_at_one_thread_and_the_pool_at_its_width():
     from mcomp.merge import kernels
 
