@@ -175,6 +175,24 @@ def test_first_pass_checks_finite_as_it_reads(ckpts, tmp_path, monkeypatch, wher
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.skipif(not native.available(), reason="the native kernels are not built")
+@pytest.mark.parametrize("method,params", [("task_arithmetic", {}), ("dare_ties", {"density": 0.5, "seed": 1})])
+def test_stored_values_the_kernels_refuse_are_still_checked(ckpts, tmp_path, monkeypatch, method, params):
+    """Stored values that reach a family method's torch path (the kernels refusing them) are checked
+    for NaN/Inf there, as the method told the engine it would."""
+    base, models, paths = ckpts
+    bad = {k: v.clone() for k, v in models[1].items()}
+    bad["layers.1.up.weight"][5, 7] = float("nan")
+    save_file(bad, str(tmp_path / "bad.safetensors"))
+    real = native.usable
+    monkeypatch.setattr(native, "usable", lambda x: False if isinstance(x, native.StoredColumns) else real(x))
+    monkeypatch.setattr(native, "all_finite", lambda *a: pytest.fail("the engine read the chunk to check it"))
+    # the input's own check names the model (the output's check, a last guard, would name every input)
+    with pytest.raises(ValueError, match=r"'layers\.1\.up\.weight' contains NaN or Inf.*model\(s\) .*bad\.safetensors"):
+        merge_checkpoints(paths[0], [paths[1], tmp_path / "bad.safetensors"], tmp_path / "out", method, **params)
+    assert not (tmp_path / "out").exists()
+
+
 def test_existing_output_refused_unless_force(ckpts, tmp_path):
     base, models, paths = ckpts
     out = tmp_path / "out"

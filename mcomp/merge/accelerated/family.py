@@ -46,7 +46,7 @@ class AcceleratedFamily(Acceleration):
     def _native(self, tau) -> bool:
         return self.workspace is not None and native.usable(tau)
 
-    def _keep(self, chunk: Chunk) -> torch.Tensor | None:
+    def _drop_mask(self, chunk: Chunk) -> torch.Tensor | None:
         """DARE's mask for the chunk (n, C; uint8), from the method's mask stream; None without a drop."""
         if self.sparsify != "random" or self.p.density >= 1:
             return None
@@ -81,13 +81,13 @@ class AcceleratedFamily(Acceleration):
 
     def observe(self, stage, tau, chunk, stats, reducers):
         if not self._native(tau) or not chunk.segments:
-            return super().observe(stage, native.materialise(tau), chunk, stats, reducers)
+            return super().observe(stage, self._materialise(tau), chunk, stats, reducers)
         kind = self.stages[stage]
         if kind == "trim":
             return self._observe_trim(tau, reducers)
         size, parts = tau.shape[1], []
         if kind == "l1":
-            keep = self._keep(chunk)
+            keep = self._drop_mask(chunk)
 
             def block(start: int, stop: int, ws: Workspace | None) -> None:
                 parts.append(native.family_l1(native.columns(tau, start, stop), keep, start))
@@ -97,7 +97,7 @@ class AcceleratedFamily(Acceleration):
             reducers["before"].values += torch.from_numpy(np.sum([b for b, _, _ in parts], axis=0))
             reducers["after"].values += torch.from_numpy(np.sum([a for _, a, _ in parts], axis=0))
             return
-        args = self._args(stats, self._keep(chunk))
+        args = self._args(stats, self._drop_mask(chunk))
 
         def signs(start: int, stop: int, ws: Workspace | None) -> None:
             parts.append(native.family_signs(native.columns(tau, start, stop), args, start))
@@ -105,6 +105,15 @@ class AcceleratedFamily(Acceleration):
         column_blocks(signs, size, self._block_columns(), self.workspace)
         self._raise_nonfinite(all(f for _, f in parts))
         reducers["signs"].values[0] += float(sum(b for b, _ in parts))
+
+    def _materialise(self, tau) -> torch.Tensor:
+        """The float32 task vectors for the torch path; stored values the kernels cannot take are
+        checked here, as `checks_finite` promised the engine."""
+        if not isinstance(tau, native.StoredColumns):
+            return tau
+        tau = native.materialise(tau)
+        self._raise_nonfinite(bool(torch.isfinite(tau).all()))
+        return tau
 
     @staticmethod
     def _raise_nonfinite(finite: bool) -> None:
@@ -139,8 +148,8 @@ class AcceleratedFamily(Acceleration):
 
     def merge(self, tau: torch.Tensor, chunk: Chunk, stats: dict) -> torch.Tensor:
         if not self._native(tau) or not chunk.segments:
-            return super().merge(native.materialise(tau), chunk, stats)
-        args = self._args(stats, self._keep(chunk))
+            return super().merge(self._materialise(tau), chunk, stats)
+        args = self._args(stats, self._drop_mask(chunk))
         delta = scratch(self.workspace, "family.delta", (tau.shape[1],), _FLOAT32)
         finite = []
 
