@@ -177,6 +177,18 @@ static inline void tile_load(tile_t *tl, const src_t *src, int n, const int64_t 
         for (long j = tw; j < MC_TILE; j++) ROW(tl->tau, i)[j] = 0.0f;
 }
 
+/* Whether every τ_i of the loaded tile is finite (its zero padding is); a NaN or ±Inf in θ0 or θ_i
+ * makes τ_i one, as does a float32 overflow of the subtraction. */
+static inline int tile_finite(const tile_t *tl, int n) {
+    int bad = 0;
+    for (int i = 0; i < n; i++) {
+        const float *t = ROW(tl->tau, i);
+#pragma omp simd reduction(| : bad)
+        for (long j = 0; j < MC_TILE; j++) bad |= !(fabsf(t[j]) <= FLT_MAX);
+    }
+    return !bad;
+}
+
 /* One row's tile x[0:tw] against a bracket [l, u]: *below += #{x < l}; the values inside are
  * appended to out[*found...] (one spare slot needed), or, for a point bracket (l == u, a mass
  * of tied values), only counted. Hits are sparse (a narrow bracket) but land in most tiles, so
@@ -506,20 +518,11 @@ static inline float exp_upper(float x) {
 /* The positions j of the set keep[j] (0/1 bytes, MC_TILE of them), in order; returns how many
  * (cols needs room for MC_TILE + 8). */
 static inline long keep_columns(const uint8_t *keep, int64_t *cols) {
+    uint8_t bytes[MC_TILE / 8];
+    pack_bits(keep, MC_TILE, bytes);
     long k = 0;
-    for (long b = 0; b < MC_TILE / 8; b++) {
-        uint64_t x;
-        memcpy(&x, keep + b * 8, 8);
-        if (!x) continue;
-#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-        unsigned byte = (unsigned)((x * 0x8040201008040201ULL) >> 56); /* as pack_bits */
-#else
-        const uint8_t *k8 = keep + b * 8;
-        unsigned byte = (unsigned)k8[0] << 7 | (unsigned)k8[1] << 6 | (unsigned)k8[2] << 5 | (unsigned)k8[3] << 4 |
-                        (unsigned)k8[4] << 3 | (unsigned)k8[5] << 2 | (unsigned)k8[6] << 1 | (unsigned)k8[7];
-#endif
-        k += byte_positions(byte, b * 8, cols + k);
-    }
+    for (long b = 0; b < MC_TILE / 8; b++)
+        if (bytes[b]) k += byte_positions(bytes[b], b * 8, cols + k);
     return k;
 }
 
@@ -836,11 +839,7 @@ MC_CLONES int mc_all_finite(const src_t *src, int n, long w) {
     for (long c = 0; c < w && !bad; c += MC_TILE) {
         long tw = w - c < MC_TILE ? w - c : MC_TILE;
         tile_load(&tl, src, n, NULL, c, tw);
-        for (int i = 0; i < n; i++) {
-            const float *t = ROW(tl.tau, i);
-#pragma omp simd reduction(| : bad)
-            for (long j = 0; j < MC_TILE; j++) bad |= !(fabsf(t[j]) <= FLT_MAX);
-        }
+        bad = !tile_finite(&tl, n);
     }
     free(tl.tau);
     return !bad;
@@ -876,18 +875,6 @@ MC_CLONES long mc_mark_above(const float *x, int n, long w, long ld, const float
         marked += pack_bits(keep, tw, bits + c / 8);
     }
     return marked;
-}
-
-/* Whether every τ_i of the loaded tile is finite (its zero padding is); a NaN or ±Inf in θ0 or θ_i
- * makes τ_i one, as does a float32 overflow of the subtraction. */
-static inline int tile_finite(const tile_t *tl, int n) {
-    int bad = 0;
-    for (int i = 0; i < n; i++) {
-        const float *t = ROW(tl->tau, i);
-#pragma omp simd reduction(| : bad)
-        for (long j = 0; j < MC_TILE; j++) bad |= !(fabsf(t[j]) <= FLT_MAX);
-    }
-    return !bad;
 }
 
 /* The task-arithmetic family's steps (mcomp/merge/methods/family.py), as its torch path computes
