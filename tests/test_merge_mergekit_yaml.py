@@ -15,6 +15,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from mcomp.cli import main
+from mcomp.merge.api import TOKENIZER_FILES
 from mcomp.merge.config import MCOMP, MERGEKIT, MergeConfig
 from mcomp.merge.tensor_parameters import ParameterKind, evaluate_setting
 
@@ -191,6 +192,27 @@ def test_model_plus_lora_merges_the_lora_applied_model(tmp_path, models):
 
 
 # -- readings, errors, round trip -------------------------------------------------------------------
+def test_tokenizer_source_gives_every_tokenizer_file_from_the_donor(tmp_path, models):
+    """The output's tokenizer is the donor's whole (no file of the base's left beside it)."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(VOCAB - 1)} | {"<unk>": VOCAB - 1}
+    for name, template in (("base", "{{ 'base' }}"), ("a", "{{ 'donor' }}"), ("b", "{{ 'b' }}")):
+        fast = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="<unk>")))
+        fast.chat_template = template
+        fast.save_pretrained(tmp_path / name)
+    (tmp_path / "base" / "merges.txt").write_text("#version: 0.2\n")  # a file the donor has not
+    config = config_of(tmp_path, "task_arithmetic", [("a", {"weight": 1.0}), ("b", {"weight": 1.0})])
+    merge(tmp_path, {**config, "tokenizer_source": str(tmp_path / "a")})
+    out, donor = tmp_path / "out", tmp_path / "a"
+    for name in TOKENIZER_FILES:
+        assert (out / name).is_file() == (donor / name).is_file(), name
+        if (donor / name).is_file():
+            assert (out / name).read_bytes() == (donor / name).read_bytes(), name
+
+
 def test_the_parameter_names_choose_the_reading(tmp_path):
     def cfg(method, params, model_params=None):
         data = {
@@ -207,6 +229,8 @@ def test_the_parameter_names_choose_the_reading(tmp_path):
     assert cfg("dare_ties", {"rescale": "inverse"}).reading() == MCOMP
     assert cfg("dare_ties", {"rescale": True}).reading() == MERGEKIT
     assert cfg("pcb", {"ratio": 0.1}).reading() == MCOMP
+    with_rank = MergeConfig.from_mapping({**cfg("ties", {"density": 0.2}).to_dict(), "lora_rank": 8}, "x.yml")
+    assert with_rank.reading() == MCOMP  # mcomp's own key: mergekit's reading would drop it
     with pytest.raises(ValueError, match=r"x.yml: models\[0\].parameters: per-model parameter\(s\) \['density'\]"):
         cfg("ties", {"scope": "global"}, {"density": 0.5})
 

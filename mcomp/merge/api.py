@@ -32,9 +32,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # Files copied from the base model directory so the output loads like the base.
-AUX_FILES = (
-    "config.json",
-    "generation_config.json",
+TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -44,8 +42,8 @@ AUX_FILES = (
     "merges.txt",
     "chat_template.jinja",
     "chat_template.json",
-    "preprocessor_config.json",
 )
+AUX_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES, "preprocessor_config.json")
 
 
 class CheckpointSink(Sink):

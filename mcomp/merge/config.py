@@ -140,6 +140,8 @@ class MergeConfig(JsonConfig):
         """MERGEKIT (mergekit's semantics) or MCOMP (mcomp's own), see `mcomp.merge.mergekit_schema`."""
         from mcomp.merge.registry import REGISTRY
 
+        if self.lora_rank is not None:
+            return MCOMP  # mcomp's own key: a re-factorised adapter out
         cls = REGISTRY.get(self.merge_method)
         names = {f.name for f in dataclasses.fields(cls.Params)} if cls is not None else None
         return reading(self.merge_method, self.parameters, names, self.model_paths())

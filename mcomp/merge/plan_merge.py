@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,11 +20,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from mcomp.io import atomic_directory
-from mcomp.merge.api import CheckpointSink, copy_aux_files
+from mcomp.merge.api import TOKENIZER_FILES, CheckpointSink, copy_aux_files
 from mcomp.merge.lora import LoraAdapter, load_lora
 from mcomp.merge.memory import _engine_options, resolve_dtype
 from mcomp.merge.mergekit_plan import MergePlan, PlannedTensor
-from mcomp.merge.mergekit_schema import ModelRef
+from mcomp.merge.mergekit_schema import ModelRef, is_adapter_dir
 from mcomp.merge.methods.mergekit_family import GTA_METHODS, MergekitLinear, MergekitModelStock
 from mcomp.merge.sources import SafetensorsCheckpoint, Source, TensorInfo
 from mcomp.merge.streaming import MergeEngine, MergeReport
@@ -33,8 +34,6 @@ if TYPE_CHECKING:
     from mcomp.output_record import OutputRecord
 
 logger = logging.getLogger(__name__)
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 
 
 class LoraApplied(Source):
@@ -95,7 +94,7 @@ def open_ref(ref: ModelRef) -> Source:
     model = SafetensorsCheckpoint(ref.model, name=ref.model)
     if ref.lora is None:
         return model
-    if not (Path(ref.lora) / "adapter_config.json").is_file():
+    if not is_adapter_dir(ref.lora):
         raise ValueError(f"{ref}: {ref.lora!r} is not a peft LoRA adapter directory (no adapter_config.json)")
     return LoraApplied(model, load_lora(ref.lora), name=str(ref))
 
@@ -122,7 +121,7 @@ def check_vocabularies(donor: ModelRef, models: list[ModelRef]) -> None:
 
     wanted = vocabulary(donor)
     for ref in models:
-        if vocabulary(ref) != wanted:
+        if not ref.same_as(donor) and vocabulary(ref) != wanted:  # the donor's own is read once
             raise ValueError(
                 f"tokenizer_source: {ref.model!r} has a vocabulary other than {donor.model!r}'s; re-mapping "
                 "embedding rows between vocabularies is not supported"
@@ -317,5 +316,5 @@ def _write_aux(plan: MergePlan, out: Path, dtype: torch.dtype | None, tokenizer_
         for name in TOKENIZER_FILES:
             (out / name).unlink(missing_ok=True)
             src = Path(tokenizer_donor.model) / name
-            if src.is_file():
-                (out / name).write_bytes(src.read_bytes())
+            if src.is_file():  # every tokenizer file the donor's: no mix of two tokenizers
+                shutil.copy2(src, out / name)
