@@ -43,7 +43,11 @@ NOT_RECIPE = frozenset(
 
 def input_sha256(path: str | os.PathLike) -> str:
     """sha256 of an input file, or `directory_digest` of an input directory."""
-    return sha256_file(path) if Path(path).is_file() else directory_digest(path)
+    if Path(path).is_file():
+        return sha256_file(path)
+    if not Path(path).is_dir():  # not the digest of nothing
+        raise FileNotFoundError(f"{path}: an input of this output is neither a file nor a directory")
+    return directory_digest(path)
 
 
 @dataclass

@@ -114,3 +114,10 @@ def test_a_merge_recipe_merges_the_same_checkpoint_again(tmp_path, monkeypatch):
     digest = hashlib.sha256((base / "model.safetensors").read_bytes()).hexdigest()
     files = hashlib.sha256(f"model.safetensors\0{digest}\n".encode()).hexdigest()  # directory_digest's rule
     assert f"| base | `{base}` | `{files}` |" in card and "| passes over the inputs | 2 |" in card
+
+
+def test_an_input_that_is_not_there_is_refused_not_digested_as_nothing(tmp_path):
+    from mcomp.output_record import input_sha256
+
+    with pytest.raises(FileNotFoundError, match="neither a file nor a directory"):
+        input_sha256(tmp_path / "missing")

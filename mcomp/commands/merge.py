@@ -59,11 +59,16 @@ def engine_options(args: argparse.Namespace) -> dict:
 def _record(args: argparse.Namespace, cfg) -> OutputRecord:
     """The output's recipe (the config inlined, its paths absolute) and card; a 'model+lora' input is
     checksummed as its two parts."""
+    from mcomp.merge.mergekit_schema import ModelRef
+
+    def parts(label: str, text: str) -> dict[str, str]:
+        ref = ModelRef.parse(text, f"{cfg.source}: {label}")
+        return {label: ref.model, **({f"{label} LoRA": ref.lora} if ref.lora else {})}
+
     models = list(dict.fromkeys(cfg.model_paths()))  # a model in several slices is one input
-    inputs = {"base": cfg.base_model} if cfg.base_model else {}
+    inputs = parts("base", cfg.base_model) if cfg.base_model else {}
     for i, text in enumerate(models):
-        model, _, lora = text.partition("+")
-        inputs.update({f"model {i + 1}": model, **({f"model {i + 1} LoRA": lora} if lora else {})})
+        inputs.update(parts(f"model {i + 1}", text))
     return OutputRecord.from_args(
         ["merge"],
         args,
