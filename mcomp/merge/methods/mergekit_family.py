@@ -111,8 +111,6 @@ class MergekitGta(MergeMethod):
     whole_tensors = True
     sparsification: ClassVar[str | None] = None  # magnitude | random | magnitude_outliers | della_magprune
     consensus: ClassVar[bool] = False
-    default_normalize: ClassVar[bool] = False
-    default_rescale: ClassVar[bool] = False
 
     def __init__(self, params, n):
         super().__init__(params, n)
@@ -175,28 +173,27 @@ class MergekitGta(MergeMethod):
         return mixed.reshape(-1).float()
 
 
-def _gta(name: str, sparsification: str | None, consensus: bool, normalize: bool, rescale: bool) -> type:
+def _gta(name: str, sparsification: str | None, consensus: bool) -> type:
     attrs = {
         "name": name,
         "sparsification": sparsification,
         "consensus": consensus,
-        "default_normalize": normalize,
-        "default_rescale": rescale,
         "description": f"mergekit's {name}",
     }
     return type(f"Mergekit_{name}", (MergekitGta,), attrs)
 
 
-# mergekit's registry (`merge_methods/registry.py`): sparsifier, sign consensus, default normalize and rescale
+# mergekit's registry (`merge_methods/registry.py`): sparsifier and sign consensus (the parameters' defaults,
+# normalize and rescale among them, are `mergekit_schema.METHODS`')
 GTA_METHODS: dict[str, type[MergekitGta]] = {
-    "task_arithmetic": _gta("task_arithmetic", None, False, False, False),
-    "ties": _gta("ties", "magnitude", True, True, False),
-    "dare_ties": _gta("dare_ties", "random", True, False, True),
-    "dare_linear": _gta("dare_linear", "random", False, False, True),
-    "breadcrumbs": _gta("breadcrumbs", "magnitude_outliers", False, False, False),
-    "breadcrumbs_ties": _gta("breadcrumbs_ties", "magnitude_outliers", True, False, False),
-    "della": _gta("della", "della_magprune", True, True, True),
-    "della_linear": _gta("della_linear", "della_magprune", False, False, True),
+    "task_arithmetic": _gta("task_arithmetic", None, False),
+    "ties": _gta("ties", "magnitude", True),
+    "dare_ties": _gta("dare_ties", "random", True),
+    "dare_linear": _gta("dare_linear", "random", False),
+    "breadcrumbs": _gta("breadcrumbs", "magnitude_outliers", False),
+    "breadcrumbs_ties": _gta("breadcrumbs_ties", "magnitude_outliers", True),
+    "della": _gta("della", "della_magprune", True),
+    "della_linear": _gta("della_linear", "della_magprune", False),
 }
 
 
