@@ -112,18 +112,20 @@ class Leaderboard:
     members: dict[tuple[RowKey, ColumnKey], list[Cell]] = dataclasses.field(default_factory=dict)  # each run's cell
     run_rows: dict[str, RowKey] = dataclasses.field(default_factory=dict)  # run -> its row
     modalities: dict[RowKey, str] = dataclasses.field(default_factory=dict)  # row -> its modality set
+    templates: dict[str, str | None] = dataclasses.field(default_factory=dict)  # run -> its prompt template
 
     def best_rows(self, column: ColumnKey) -> set[RowKey]:
         """The rows with the highest mean in `column` (every metric is higher-is-better), where two or more
         rows have a value to compare."""
-        scored = {r: c.value for (r, col), c in self.cells.items() if col == column and _number(c.value)}
+        scored = {r: c.value for (r, col), c in self.cells.items() if col == column and finite(c.value)}
         if len(scored) < 2:
             return set()
         top = max(scored.values())
         return {r for r, v in scored.items() if v == top}
 
 
-def _number(value: float | None) -> bool:
+def finite(value: float | None) -> bool:
+    """Whether a cell holds a number (not missing, not NaN)."""
     return value is not None and not (isinstance(value, float) and math.isnan(value))
 
 
@@ -137,7 +139,7 @@ def _task_rank(task: str) -> tuple[int, str, bool, str]:
 
 def build(run_dirs: Iterable[str | os.PathLike]) -> Leaderboard:
     members: dict[tuple[RowKey, ColumnKey], list[Cell]] = {}  # several runs (seeds) of one cell
-    runs, run_rows, modalities = [], {}, {}
+    runs, run_rows, modalities, templates = [], {}, {}, {}
     seen: dict[ColumnKey, int] = {}  # first appearance: subsets keep their task-file order
     for run_dir in sorted({str(d) for d in run_dirs}):  # sorted: the same runs give the same page
         data = load_run(run_dir)
@@ -145,6 +147,7 @@ def build(run_dirs: Iterable[str | os.PathLike]) -> Leaderboard:
         row = row_key(data)
         run_rows[run_dir] = row
         modalities.setdefault(row, modality_set(data))
+        templates[run_dir] = data.prompt.get("template")
         for r in data.results:
             col = ColumnKey(r.task, r.subset, r.mode, r.metric)
             seen.setdefault(col, len(seen))
@@ -159,12 +162,12 @@ def build(run_dirs: Iterable[str | os.PathLike]) -> Leaderboard:
     columns = sorted(
         seen, key=lambda c: (_task_rank(c.task), c.mode, c.subset == MEAN, group_first[c.benchmark], seen[c])
     )
-    return Leaderboard(rows, columns, cells, runs, members, run_rows, modalities)
+    return Leaderboard(rows, columns, cells, runs, members, run_rows, modalities, templates)
 
 
 def _aggregate(group: list[Cell]) -> Cell:
     """Runs of the same row and column (e.g. seeds): mean, and the sample std across runs as spread."""
-    values = [c.value for c in group if _number(c.value)]
+    values = [c.value for c in group if finite(c.value)]
     if not values:
         return Cell(None, None, group[0].n_samples, group[0].run_dir, len(group))
     mean = sum(values) / len(values)
@@ -173,9 +176,9 @@ def _aggregate(group: list[Cell]) -> Cell:
 
 
 def _fmt(cell: Cell | None) -> str:
-    if cell is None or not _number(cell.value):
+    if cell is None or not finite(cell.value):
         return NONE
-    if not _number(cell.stderr):
+    if not finite(cell.stderr):
         return f"{cell.value:.2f}"
     runs = f" (n={cell.n_runs})" if cell.n_runs > 1 else ""
     return f"{cell.value:.2f} ± {cell.stderr:.2f}{runs}"

@@ -16,7 +16,7 @@ import io
 import math
 import textwrap
 
-from mcomp.benchmarks.mcub.leaderboard import MEAN, NONE, Cell, ColumnKey, Leaderboard, RowKey
+from mcomp.benchmarks.mcub.leaderboard import MEAN, NONE, Cell, ColumnKey, Leaderboard, RowKey, finite
 
 # Sequential palette, pale (the column's lowest composition mean) to dark (its highest); ColorBrewer YlGnBu.
 PALETTE = ("#ffffd9", "#edf8b1", "#c7e9b4", "#7fcdbb", "#41b6c4", "#1d91c0", "#225ea8", "#0c2c84")
@@ -36,10 +36,6 @@ TITLE_IN = 0.36  # above a plot: two title lines
 AXIS_IN = 0.36  # below a plot: ticks and the metric's note
 EDGE_IN = 0.04  # left of each panel's title
 PANEL_EXTRA_IN = TITLE_IN + AXIS_IN + 0.08
-
-
-def finite(value: float | None) -> bool:
-    return value is not None and not (isinstance(value, float) and math.isnan(value))
 
 
 def metric_columns(board: Leaderboard, metric: str) -> list[ColumnKey]:

@@ -18,8 +18,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
-from mcomp.benchmarks.mcub.leaderboard import ColumnKey, Leaderboard, RowKey, build, load_run, to_markdown
-from mcomp.benchmarks.mcub.leaderboard_overview import benchmark_name, charts_img, finite, heatmap_html
+from mcomp.benchmarks.mcub.leaderboard import ColumnKey, Leaderboard, RowKey, build, finite, to_markdown
+from mcomp.benchmarks.mcub.leaderboard_overview import benchmark_name, charts_img, heatmap_html
 from mcomp.benchmarks.mcub.leaderboard_samples import pack_samples
 from mcomp.benchmarks.mcub.leaderboard_script import JS
 from mcomp.benchmarks.mcub.leaderboard_style import CSS
@@ -63,7 +63,7 @@ def page_data(board: Leaderboard) -> dict[str, Any]:
             "stderr": [_value(m.stderr) for m in members],
             "n_samples": [m.n_samples for m in members],
         }
-    samples = pack_samples((run, load_run(run).prompt.get("template")) for run in board.runs)
+    samples = pack_samples((run, board.templates.get(run)) for run in board.runs)
     for run, packed in zip(board.runs, samples["runs"]):
         packed["row"] = row_ids[board.run_rows[run]]
     return {

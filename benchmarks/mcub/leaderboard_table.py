@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import html
 
-from mcomp.benchmarks.mcub.leaderboard import ColumnKey, Leaderboard, RowKey
-from mcomp.benchmarks.mcub.leaderboard_overview import benchmark_name, finite, spread_text
+from mcomp.benchmarks.mcub.leaderboard import ColumnKey, Leaderboard, RowKey, finite
+from mcomp.benchmarks.mcub.leaderboard_overview import benchmark_name, spread_text
 
 LABEL_COLUMNS = (("model", "model"), ("method", "method"), ("backend", "merge"), ("modalities", "modalities"))
 
