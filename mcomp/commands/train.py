@@ -188,6 +188,8 @@ def run(args: argparse.Namespace) -> int:
     from mcomp.train import TrainConfig, train
 
     fields = _mapping(args.config, "--config") if args.config else {}
+    if args.adapter_config:  # read once: the recipe holds what training used
+        args.adapter_config = _mapping(args.adapter_config, "--adapter-config")
     for key in CONFIG_FLAGS:
         value = getattr(args, key)
         if value is not None:
@@ -258,7 +260,7 @@ def run(args: argparse.Namespace) -> int:
         inlined={
             "config": cfg.to_dict(),
             "recipe": None,
-            "adapter_config": _mapping(args.adapter_config, "--adapter-config") if args.adapter_config else None,
+            "adapter_config": args.adapter_config or None,  # the mapping read at the start
             **{key: None for key in CONFIG_FLAGS},
         },
         inputs={
