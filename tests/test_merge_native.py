@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -99,14 +101,19 @@ def test_candidate_bits_match_numpy_packbits():
 @pytest.mark.parametrize("with_floors", [False, True])
 @pytest.mark.parametrize("inter,n", [("v1", 3), ("v1", 32), ("v1", 33), ("v2", 3), ("v3", 3)])
 @pytest.mark.parametrize("where", ["near the top", "above every value", "around zero"])
-def test_stage1_reduces_beta_like_separate_steps(with_floors, inter, n, where, cpu_paths):
+@pytest.mark.parametrize("start", [None, "the maximum", "a lower value"])
+def test_stage1_reduces_beta_like_separate_steps(with_floors, inter, n, where, start, cpu_paths):
     """Stage 1's fused pass against β computed everywhere: the counts below, the values inside (in
     column order), the candidate bits, and the maximum, exact where it reaches the row's floor
-    (variant 1 computes β only where a bound says it may reach it; more than 32 tasks, or another
-    variant, computes it everywhere)."""
+    (variant 1 computes β only where an estimate leaves a column open; more than 32 tasks, or another
+    variant, computes it everywhere). A running maximum handed in (a β of the row seen earlier) lets
+    variant 1 decide the columns above the bracket and under it without computing them."""
     tau, lo, hi = task_vectors(n=n, seed=4)
     tau[:, 200:260] *= 1e4  # large products: the vector tanh, not its small-argument shortcut
     beta = native.pcb_beta(tau, lo, hi, inter, torch.empty_like(tau))
+    maxima = None
+    if start is not None:  # a β of each row, from columns 0-2 (outside the block scanned below)
+        maxima = beta[:, :3].amax(dim=1) if start == "a lower value" else beta.amax(dim=1)
     quantiles = {"near the top": (0.85, 0.9), "around zero": (0.3, 0.6)}
     if where in quantiles:  # the low end one of the values: a column tied with it must be computed
         k = [int(q * (beta.shape[1] - 3)) for q in quantiles[where]]
@@ -116,7 +123,7 @@ def test_stage1_reduces_beta_like_separate_steps(with_floors, inter, n, where, c
     if where == "around zero" and inter == "v1":
         assert all(b[0] <= 0.0 for b in brackets)  # a bound of 0 does not rule a column out
     floors = [b[0] - 1e-9 * (i % 2) for i, b in enumerate(brackets)] if with_floors else None
-    got = native.pcb_stage1(tau[:, 3:], lo, hi, inter, brackets, floors)  # strided rows, odd width
+    got = native.pcb_stage1(tau[:, 3:], lo, hi, inter, brackets, floors, maxima)  # strided rows, odd width
     part = beta[:, 3:]
     for i, (blo, bhi) in enumerate(brackets):
         assert got.below[i] == int((part[i] < blo).sum())
@@ -125,8 +132,9 @@ def test_stage1_reduces_beta_like_separate_steps(with_floors, inter, n, where, c
         else:
             assert torch.equal(torch.from_numpy(got.inside[i]), part[i][(part[i] >= blo) & (part[i] <= bhi)])
         floor = min(blo, floors[i]) if with_floors else blo
-        if float(part[i].max()) >= floor or inter != "v1" or n > 32:
-            assert float(got.maxima[i]) == float(part[i].max())
+        largest = max(float(part[i].max()), float(maxima[i]) if maxima is not None else -math.inf)
+        if largest >= floor or inter != "v1" or n > 32:
+            assert float(got.maxima[i]) == largest
         else:
             assert float(got.maxima[i]) < floor
     if with_floors:
@@ -134,6 +142,21 @@ def test_stage1_reduces_beta_like_separate_steps(with_floors, inter, n, where, c
         assert np.array_equal(got.bits, bits) and got.marked == marked
     else:
         assert got.bits is None
+
+
+def test_stage1_with_a_clip_range_too_small_to_estimate(cpu_paths):
+    """A clip range whose reciprocal overflows (under 2^-128) leaves variant 1's estimate aside:
+    β is computed everywhere, and the statistics are still exact."""
+    tau, lo, hi = task_vectors(seed=6)
+    lo[0], hi[0] = 0.0, 1e-39  # subnormal: 1/(hi − lo) is not finite
+    beta = native.pcb_beta(tau, lo, hi, "v1", torch.empty_like(tau))
+    k = [int(q * beta.shape[1]) for q in (0.85, 0.9)]
+    brackets = [(float(b.kthvalue(k[0]).values), float(b.kthvalue(k[1]).values)) for b in beta]
+    got = native.pcb_stage1(tau, lo, hi, "v1", brackets, [b[0] for b in brackets])
+    for i, (blo, bhi) in enumerate(brackets):
+        assert got.below[i] == int((beta[i] < blo).sum())
+        assert torch.equal(torch.from_numpy(got.inside[i]), beta[i][(beta[i] >= blo) & (beta[i] <= bhi)])
+        assert float(got.maxima[i]) == float(beta[i].max())
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -505,16 +505,6 @@ static inline void stage1_reduce(const tile_t *tl, int n, long tw, long lanes, c
     }
 }
 
-/* An upper bound of exp(x) for 0 <= x < 64 in three operations: with z = x·log2(e) = k + f,
- * f in [0, 1), the float whose exponent field is 127 + k and whose mantissa field is f is
- * 2^k·(1 + f) >= 2^(k + f), as 2^f <= 1 + f on [0, 1] (the chord lies above the convex curve).
- * log2(e) is rounded up and one unit added where the conversion truncates; the product's own
- * rounding (a relative 2^-24) is left to the caller's margin. */
-static inline float exp_upper(float x) {
-    int32_t i = (int32_t)(x * (1.4427f * 0x1p23f)) + ((127 << 23) + 1);
-    return bits_float((uint32_t)i);
-}
-
 /* The positions j of the set keep[j] (0/1 bytes, MC_TILE of them), in order; returns how many
  * (cols needs room for MC_TILE + 8). */
 static inline long keep_columns(const uint8_t *keep, int64_t *cols) {
@@ -565,22 +555,49 @@ static void stage1_flush(tile_t *pt, int n, long pk, const int32_t *pcol, const 
     *o->marked += marked;
 }
 
-/* Tasks up to which variant 1's β has the cheap bound below (exp_upper's x stays under 64). */
+/* Tasks up to which variant 1's β has the estimate below (its exponent field stays in range). */
 #define MC_BOUND_TASKS 32
 
-/* Variant 1's per-row constants for the bound on β (see mc_pcb_stage1). */
+/* Variant 1's constants for deciding columns by an estimate of β (see mc_pcb_stage1): per row
+ * 1/(hi − lo) and the limits the estimate is compared with; scale = n·log2(e)·2^23. */
 typedef struct {
     const float *lo, *hi;
-    float rinv[MC_BOUND_TASKS], thr[MC_BOUND_TASKS], nf;
+    float rinv[MC_BOUND_TASKS], below[MC_BOUND_TASKS], above[MC_BOUND_TASKS], scale;
 } bound_t;
 
-/* The columns of a loaded tile (first tw) whose bound on β reaches thr_i in some row appended,
- * all n rows of them, to the gathering tile pt (pt holds *pk, flushed when full), their column
- * numbers (c + j) to pcol; returns how many. */
-static long bound_tile_portable(tile_t *tl, int n, long tw, long c, const bound_t *bd, tile_t *pt, long *pk,
+/* The estimate's relative error, from above: exp(x) <= 2^k·(1 + f) <= 1.0615·exp(x) for
+ * x·log2(e) = k + f, f in [0, 1) (2^f lies under its chord 1 + f, at most 1.0615 times below it);
+ * the roundings of the estimate, of libmvec's exp and tanh and of tile_beta's own are under 2^-13. */
+#define MC_ESTIMATE_HIGH 1.072f  /* > 1.0615 with the roundings and tanh's shortfall below */
+#define MC_ESTIMATE_LOW 0.9921875f /* 1 − 2^-7 */
+#define MC_TANH_NEAR 0x1p-6f     /* for 0 < y below this, tanh y >= y·(1 − y²/3) > y·(1 − 2^-13.6) */
+
+/* The estimate exp(n·N²)·y (N = (clamp(|τ|, lo, hi) − lo)/(hi − lo), y = τ·Σ_j τ_j) of one value's β:
+ * 2^k·(1 + f)·y, the float whose exponent field is 127 + k and mantissa field f made by one
+ * conversion. */
+static inline float beta_estimate(float t, float y, float l, float u, float rinv, float scale) {
+    float v = fabsf(t);
+    v = v < l ? l : v;
+    v = v > u ? u : v;
+    float nn = (v - l) * rinv;
+    return bits_float((uint32_t)((int32_t)((nn * nn) * scale) + (127 << 23))) * y;
+}
+
+/* The row limit under which an estimate decides β below `limit`, over which (with y < MC_TANH_NEAR)
+ * it decides β above it: β <= 0 where y <= 0, and otherwise β lies within the estimate's error
+ * (above). A limit that is not positive decides nothing on that side. */
+static inline float estimate_below(float limit) { return limit > 0.0f ? limit * MC_ESTIMATE_LOW : -INFINITY; }
+static inline float estimate_above(float limit) { return limit > 0.0f ? limit * MC_ESTIMATE_HIGH : INFINITY; }
+
+/* Variant 1's stage 1 on a loaded tile (first tw columns): per row, a column's estimate of β decides
+ * it below bd->below[i] (counted below the row's bracket) or above bd->above[i] and under the row's
+ * running maximum (its candidate bit set); the columns some row leaves open are appended, all n rows
+ * of them, to the gathering tile pt (pt holds *pk, flushed when full), their column numbers (c + j)
+ * to pcol. */
+static void bound_tile_portable(tile_t *tl, int n, long tw, long c, const bound_t *bd, tile_t *pt, long *pk,
                                 int32_t *pcol, const stage1_out_t *o) {
     float sum[MC_TILE] __attribute__((aligned(64)));
-    uint8_t keep[MC_TILE];
+    uint8_t open[MC_TILE], over[MC_TILE], bytes[MC_TILE / 8];
     int64_t cols[MC_TILE + 8];
     const float *t0 = ROW(tl->tau, 0);
 #pragma omp simd
@@ -590,22 +607,38 @@ static long bound_tile_portable(tile_t *tl, int n, long tw, long c, const bound_
 #pragma omp simd
         for (long j = 0; j < MC_TILE; j++) sum[j] += ti[j];
     }
-    memset(keep, 0, sizeof keep);
-    for (int i = 0; i < n; i++) {
+    memset(open, 0, sizeof open);
+    memset(over, 0, sizeof over);
+    for (int i = 0; i < n; i++) { /* the estimates go to the tile's free rows (a) */
         const float *t = ROW(tl->tau, i);
-        float l = bd->lo[i], u = bd->hi[i], r = bd->rinv[i], th = bd->thr[i];
+        float *e = ROW(tl->a, i);
+        float l = bd->lo[i], u = bd->hi[i], r = bd->rinv[i], fb = bd->below[i], fa = bd->above[i];
+        float mx = estimate_below(o->maxv[i]);
 #pragma omp simd
         for (long j = 0; j < MC_TILE; j++) {
-            float v = fabsf(t[j]);
-            v = v < l ? l : v;
-            v = v > u ? u : v;
-            float nn = (v - l) * r, y = t[j] * sum[j];
-            float bound = y > 0.0f ? exp_upper((nn * nn) * bd->nf) * y * 1.0078125f : 0.0f;
-            keep[j] |= !(bound < th);
+            float y = t[j] * sum[j];
+            e[j] = beta_estimate(t[j], y, l, u, r, bd->scale);
+            uint8_t up = (e[j] > fa) & (e[j] <= mx) & (y < MC_TANH_NEAR);
+            open[j] |= !((e[j] < fb) | up);
+            over[j] |= up;
         }
     }
-    if (tw < MC_TILE) memset(keep + tw, 0, (size_t)(MC_TILE - tw)); /* the zero padding */
-    long k = keep_columns(keep, cols);
+    for (long j = tw; j < MC_TILE; j++) open[j] = 0; /* the zero padding */
+    for (int i = 0; i < n; i++) {
+        const float *e = ROW(tl->a, i);
+        float fb = bd->below[i];
+        int64_t cnt = 0;
+#pragma omp simd reduction(+ : cnt)
+        for (long j = 0; j < tw; j++) cnt += !open[j] & (e[j] < fb);
+        o->below[i] += cnt;
+    }
+    if (o->floors) {
+#pragma omp simd
+        for (long j = 0; j < MC_TILE; j++) over[j] &= !open[j] & (j < tw);
+        *o->marked += pack_bits(over, tw, bytes);
+        for (long b = 0; b * 8 < tw; b++) o->bits[c / 8 + b] |= bytes[b]; /* tiles start on a byte */
+    }
+    long k = keep_columns(open, cols);
     for (long q = 0; q < k; q++) {
         for (int i = 0; i < n; i++) ROW(pt->tau, i)[*pk] = ROW(tl->tau, i)[cols[q]];
         pcol[(*pk)++] = (int32_t)(c + cols[q]);
@@ -614,19 +647,19 @@ static long bound_tile_portable(tile_t *tl, int n, long tw, long c, const bound_
             *pk = 0;
         }
     }
-    return k;
 }
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-/* The 16-column groups whose kept columns are gathered in pt, for the AVX-512 bound_tile. */
+/* The 16-column groups whose open columns are gathered in pt, for the AVX-512 bound_tile. */
 typedef struct {
     long ng;
     int32_t byte[MC_TILE];               /* the group's first column / 8 (groups start on a byte) */
-    uint16_t mask[MC_TILE], at[MC_TILE]; /* its kept columns; where in pt the first went */
+    uint16_t mask[MC_TILE], at[MC_TILE]; /* its gathered columns; where in pt the first went */
 } groups_t;
 
 /* stage1_gathered on pt, then each group's candidate bits: the keep flags of its gathered columns
- * deposited at its kept columns (pdep), bit-reversed into np.packbits order. */
+ * deposited at its gathered columns (pdep), bit-reversed into np.packbits order, added to the bits
+ * its decided columns set. */
 __attribute__((target("avx512f,avx512bw,bmi2"))) static void flush_groups(tile_t *pt, int n, long pk, groups_t *gr,
                                                                         const stage1_out_t *o, long nbytes) {
     uint8_t keep[MC_TILE] __attribute__((aligned(64)));
@@ -645,73 +678,102 @@ __attribute__((target("avx512f,avx512bw,bmi2"))) static void flush_groups(tile_t
             if (sh) flags |= kb[(at >> 6) + 1] << (64 - sh);
             unsigned m = _pdep_u32((unsigned)flags, gr->mask[g]);
             marked += __builtin_popcount(m);
-            o->bits[gr->byte[g]] = bit_rev[m & 0xFF];
-            if (gr->byte[g] + 1 < nbytes) o->bits[gr->byte[g] + 1] = bit_rev[m >> 8];
+            o->bits[gr->byte[g]] |= bit_rev[m & 0xFF];
+            if (gr->byte[g] + 1 < nbytes) o->bits[gr->byte[g] + 1] |= bit_rev[m >> 8];
         }
         *o->marked += marked;
     }
     gr->ng = 0;
 }
 
-/* bound_tile with AVX-512: per 16 columns, the bound in every row gives a lane mask, and each
- * row's kept values go to pt by one compress (the group's mask and place recorded for its bits);
- * a group that might not fit in pt first flushes it (a tile computed part-full). Kept columns
- * keep their order. */
-__attribute__((target("avx512f,avx512bw,bmi2"))) static long bound_tile_avx512(tile_t *tl, int n, long tw, long c,
+/* One 16-column group of bound_tile_avx512 (n rows; a constant n keeps every mask in a register):
+ * the lanes some row leaves open, the decided ones above some row's limit to *over, and per row the
+ * decided lanes below its limit counted into below[i]. */
+__attribute__((target("avx512f,avx512bw,bmi2"), always_inline)) static inline __mmask16
+group_decide(const tile_t *tl, const int n, long j, __mmask16 live, const float *sum, const bound_t *bd,
+             const float *mx, int64_t *below, __mmask16 *over) {
+    __mmask16 under[MC_BOUND_TASKS], open = 0, up_any = 0;
+    const __m512 s = _mm512_load_ps(sum + j), near = _mm512_set1_ps(MC_TANH_NEAR);
+    const __m512i bias = _mm512_set1_epi32(127 << 23);
+    for (int i = 0; i < n; i++) {
+        __m512 t = _mm512_load_ps(ROW(tl->tau, i) + j);
+        __m512 v = _mm512_min_ps(_mm512_max_ps(_mm512_abs_ps(t), _mm512_set1_ps(bd->lo[i])), _mm512_set1_ps(bd->hi[i]));
+        __m512 nn = _mm512_mul_ps(_mm512_sub_ps(v, _mm512_set1_ps(bd->lo[i])), _mm512_set1_ps(bd->rinv[i]));
+        __m512i bits = _mm512_cvttps_epi32(_mm512_mul_ps(_mm512_mul_ps(nn, nn), _mm512_set1_ps(bd->scale)));
+        __m512 y = _mm512_mul_ps(t, s);
+        __m512 e = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_add_epi32(bits, bias)), y);
+        __mmask16 lt = _mm512_cmp_ps_mask(e, _mm512_set1_ps(bd->below[i]), _CMP_LT_OQ);
+        __mmask16 up = _mm512_cmp_ps_mask(e, _mm512_set1_ps(bd->above[i]), _CMP_GT_OQ) &
+                       _mm512_cmp_ps_mask(e, _mm512_set1_ps(mx[i]), _CMP_LE_OQ) &
+                       _mm512_cmp_ps_mask(y, near, _CMP_LT_OQ);
+        under[i] = lt;
+        up_any |= up;
+        open |= (__mmask16)~(lt | up);
+    }
+    open &= live;
+    __mmask16 decided = live & (__mmask16)~open;
+    for (int i = 0; i < n; i++) below[i] += __builtin_popcount(under[i] & decided);
+    *over = up_any & decided;
+    return open;
+}
+
+/* bound_tile_portable with AVX-512: per 16 columns, group_decide, the decided columns' candidate
+ * bits set at once, and each row's open values moved to pt by one compress (the group's mask and
+ * place recorded for its bits); a group that might not fit in pt first flushes it (a tile computed
+ * part-full). Gathered columns keep their order. */
+__attribute__((target("avx512f,avx512bw,bmi2"))) static void bound_tile_avx512(tile_t *tl, int n, long tw, long c,
                                                                              const bound_t *bd, tile_t *pt, long *pk,
                                                                              groups_t *gr, const stage1_out_t *o,
                                                                              long nbytes) {
-    float sum[MC_TILE] __attribute__((aligned(64)));
-    __m512 lo[MC_BOUND_TASKS], hi[MC_BOUND_TASKS], rinv[MC_BOUND_TASKS], thr[MC_BOUND_TASKS];
-    for (int i = 0; i < n; i++) {
-        lo[i] = _mm512_set1_ps(bd->lo[i]);
-        hi[i] = _mm512_set1_ps(bd->hi[i]);
-        rinv[i] = _mm512_set1_ps(bd->rinv[i]);
-        thr[i] = _mm512_set1_ps(bd->thr[i]);
-    }
-    const __m512 zero = _mm512_setzero_ps(), pad = _mm512_set1_ps(1.0078125f),
-                 scale = _mm512_set1_ps(1.4427f * 0x1p23f), nf = _mm512_set1_ps(bd->nf);
-    const __m512i bias = _mm512_set1_epi32((127 << 23) + 1);
+    float sum[MC_TILE] __attribute__((aligned(64))), mx[MC_BOUND_TASKS];
+    int64_t below[MC_BOUND_TASKS] = {0}, marked = 0;
     for (long j = 0; j < MC_TILE; j += 16) {
         __m512 s = _mm512_load_ps(ROW(tl->tau, 0) + j);
         for (int i = 1; i < n; i++) s = _mm512_add_ps(s, _mm512_load_ps(ROW(tl->tau, i) + j));
         _mm512_store_ps(sum + j, s);
     }
-    long kept = 0, at = *pk;
+    for (int i = 0; i < n; i++) mx[i] = estimate_below(o->maxv[i]);
+    long at = *pk;
     for (long j = 0; j < tw; j += 16) {
-        __mmask16 live = tw - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (tw - j)) - 1u), keep = 0;
-        __m512 s = _mm512_load_ps(sum + j);
-        for (int i = 0; i < n; i++) {
-            __m512 t = _mm512_load_ps(ROW(tl->tau, i) + j);
-            __m512 v = _mm512_min_ps(_mm512_max_ps(_mm512_abs_ps(t), lo[i]), hi[i]);
-            __m512 nn = _mm512_mul_ps(_mm512_sub_ps(v, lo[i]), rinv[i]);
-            __m512 x = _mm512_mul_ps(_mm512_mul_ps(nn, nn), nf);
-            __m512 e = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_cvttps_epi32(_mm512_mul_ps(x, scale)), bias));
-            __m512 y = _mm512_mul_ps(t, s);
-            __mmask16 pos = _mm512_cmp_ps_mask(y, zero, _CMP_GT_OQ);
-            __m512 bound = _mm512_maskz_mul_ps(pos, _mm512_mul_ps(e, y), pad);
-            keep |= _mm512_cmp_ps_mask(bound, thr[i], _CMP_NLT_UQ);
+        __mmask16 live = tw - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (tw - j)) - 1u), open, over;
+        switch (n) { /* the common task counts unrolled */
+        case 2: open = group_decide(tl, 2, j, live, sum, bd, mx, below, &over); break;
+        case 3: open = group_decide(tl, 3, j, live, sum, bd, mx, below, &over); break;
+        case 4: open = group_decide(tl, 4, j, live, sum, bd, mx, below, &over); break;
+        default: open = group_decide(tl, n, j, live, sum, bd, mx, below, &over);
         }
-        keep &= live;
-        if (!keep) continue;
+        if (o->floors && over) {
+            o->bits[(c + j) >> 3] |= bit_rev[over & 0xFF];
+            if (((c + j) >> 3) + 1 < nbytes) o->bits[((c + j) >> 3) + 1] |= bit_rev[over >> 8];
+            marked += __builtin_popcount(over);
+        }
+        if (!open) continue;
         if (at > MC_TILE - 16) { /* the full-width stores below need 16 free lanes */
             flush_groups(pt, n, at, gr, o, nbytes);
             at = 0;
+            for (int i = 0; i < n; i++) mx[i] = estimate_below(o->maxv[i]);
         }
         /* compressed in a register, stored full width: a compress straight to memory is slower */
         for (int i = 0; i < n; i++)
-            _mm512_storeu_ps(ROW(pt->tau, i) + at, _mm512_maskz_compress_ps(keep, _mm512_load_ps(ROW(tl->tau, i) + j)));
+            _mm512_storeu_ps(ROW(pt->tau, i) + at, _mm512_maskz_compress_ps(open, _mm512_load_ps(ROW(tl->tau, i) + j)));
         gr->byte[gr->ng] = (int32_t)((c + j) >> 3);
-        gr->mask[gr->ng] = keep;
+        gr->mask[gr->ng] = open;
         gr->at[gr->ng++] = (uint16_t)at;
-        int cnt = __builtin_popcount(keep);
-        at += cnt;
-        kept += cnt;
+        at += __builtin_popcount(open);
     }
+    for (int i = 0; i < n; i++) o->below[i] += below[i];
+    if (o->floors) *o->marked += marked;
     *pk = at;
-    return kept;
 }
 #endif
+
+/* Whether every row's 1/(hi − lo) is finite (the estimate's N stays within [0, 1]); a range so
+ * small that it is not (under 2^-128) leaves the estimate aside. */
+static int estimable(const float *lo, const float *hi, int n) {
+    for (int i = 0; i < n; i++)
+        if (hi[i] - lo[i] > 0.0f && !(1.0f / (hi[i] - lo[i]) <= FLT_MAX)) return 0;
+    return 1;
+}
 
 /* PCB stage 1 on w columns of src, everything a block contributes in one sweep while the tile
  * is in cache: β (as mc_pcb_beta), and per row i
@@ -719,15 +781,17 @@ __attribute__((target("avx512f,avx512bw,bmi2"))) static long bound_tile_avx512(t
  *   ldc >= w + 1; found[i] += their number; a point bracket only counts), maxv[i] = max(maxv[i], max β);
  * and, when floors is set, PCB's candidate bits (as mc_mark_above, of β against floors).
  *
- * Variant 1 computes β only where it may reach the row's threshold thr_i = min(blo[i], floors[i]):
- * β_i = exp(n·N_i²)·tanh(y_i) with y_i = τ_i·Σ_j τ_j is at most 0 where y_i <= 0 and at most
- * exp(n·N_i²)·y_i where y_i > 0 (tanh y < y), so with N_i from a reciprocal and exp_upper, a bound
- * of β_i padded by 2^-7 (its roundings come to under 2^-15) takes a few vector operations. A column
- * whose bound is below thr_i in every row counts below every bracket and marks no bit; the other
- * columns (about a quarter of a fine-tuned model's at ratio 0.1) are gathered into full tiles
- * whose β tile_beta computes, the same bits as computed in place. maxv[i] is then exact where the
- * row's largest β reaches thr_i, and otherwise below thr_i (then so is the row's k-th value, and
- * the caller's bracket misses). */
+ * Variant 1 computes β only where a cheap estimate leaves a column open: β_i = exp(n·N_i²)·tanh(y_i)
+ * with y_i = τ_i·Σ_j τ_j is at most 0 where y_i <= 0, and where 0 < y_i < 2^-6 within a factor
+ * 1.072 under beta_estimate's exp(n·N_i²)·y_i (a few vector operations; tanh y < y). A row decides a
+ * column when the estimate lies below min(blo[i], floors[i]) (counted below the bracket, no bit) or
+ * above max(bhi[i], floors[i]) and under maxv[i] (its bit set; neither the bracket nor the maximum
+ * changes), each limit widened by the estimate's error. Columns some row leaves open (those near a
+ * bracket, new maxima: a few in a hundred of a fine-tuned model's at ratio 0.1) are gathered into
+ * full tiles whose β tile_beta computes, the same bits as computed in place. maxv[i] (which may come
+ * in with a β of the row from earlier calls) is then exact where the row's largest β reaches
+ * min(blo[i], floors[i]), and otherwise below it (then so is the row's k-th value, and the caller's
+ * bracket misses). */
 MC_CLONES int mc_pcb_stage1(const src_t *src, int n, long w, const float *lo, const float *hi, int variant,
                             const float *blo, const float *bhi, int64_t *below, float *collect, long ldc,
                             int64_t *found, float *maxv, const float *floors, uint8_t *bits, int64_t *marked) {
@@ -735,7 +799,7 @@ MC_CLONES int mc_pcb_stage1(const src_t *src, int n, long w, const float *lo, co
     uint8_t keep[MC_TILE];
     stage1_out_t o = {lo, hi, blo, bhi, floors, below, found, marked, collect, maxv, ldc, bits};
     if (tile_alloc(&tl, n)) return -1;
-    if (variant != 1 || n > MC_BOUND_TASKS) {
+    if (variant != 1 || n > MC_BOUND_TASKS || !estimable(lo, hi, n)) {
         for (long c = 0; c < w; c += MC_TILE) {
             long tw = w - c < MC_TILE ? w - c : MC_TILE;
             tile_load(&tl, src, n, NULL, c, tw);
@@ -750,10 +814,11 @@ MC_CLONES int mc_pcb_stage1(const src_t *src, int n, long w, const float *lo, co
         free(tl.tau);
         return -1;
     }
-    bound_t bd = {.lo = lo, .hi = hi, .nf = (float)n};
+    bound_t bd = {.lo = lo, .hi = hi, .scale = (float)n * (1.4427f * 0x1p23f)};
     for (int i = 0; i < n; i++) {
-        bd.thr[i] = floors && floors[i] < blo[i] ? floors[i] : blo[i];
-        bd.rinv[i] = hi[i] - lo[i] > 0.0f ? 1.0f / (hi[i] - lo[i]) : 0.0f;
+        bd.rinv[i] = hi[i] - lo[i] > 0.0f ? 1.0f / (hi[i] - lo[i]) : 0.0f; /* finite: see estimable */
+        bd.below[i] = estimate_below(floors && floors[i] < blo[i] ? floors[i] : blo[i]);
+        bd.above[i] = estimate_above(floors && floors[i] > bhi[i] ? floors[i] : bhi[i]);
     }
     if (floors) memset(bits, 0, (size_t)(w + 7) / 8);
     bit_table_init();
@@ -766,8 +831,7 @@ MC_CLONES int mc_pcb_stage1(const src_t *src, int n, long w, const float *lo, co
         for (long c = 0; c < w; c += MC_TILE) {
             long tw = w - c < MC_TILE ? w - c : MC_TILE;
             tile_load(&tl, src, n, NULL, c, tw);
-            long kept = bound_tile_avx512(&tl, n, tw, c, &bd, &pt, &pk, &gr, &o, (w + 7) / 8);
-            for (int i = 0; i < n; i++) below[i] += tw - kept;
+            bound_tile_avx512(&tl, n, tw, c, &bd, &pt, &pk, &gr, &o, (w + 7) / 8);
         }
         if (pk) flush_groups(&pt, n, pk, &gr, &o, (w + 7) / 8);
         free(pt.tau);
@@ -779,8 +843,7 @@ MC_CLONES int mc_pcb_stage1(const src_t *src, int n, long w, const float *lo, co
     for (long c = 0; c < w; c += MC_TILE) {
         long tw = w - c < MC_TILE ? w - c : MC_TILE;
         tile_load(&tl, src, n, NULL, c, tw);
-        long kept = bound_tile_portable(&tl, n, tw, c, &bd, &pt, &pk, pcol, &o);
-        for (int i = 0; i < n; i++) below[i] += tw - kept;
+        bound_tile_portable(&tl, n, tw, c, &bd, &pt, &pk, pcol, &o);
     }
     if (pk) stage1_flush(&pt, n, pk, pcol, &o);
     free(pt.tau);

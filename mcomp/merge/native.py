@@ -252,17 +252,27 @@ class Stage1Block:
 
 
 def pcb_stage1(
-    tau, lo: list[float], hi: list[float], inter: str, brackets: list[tuple[float, float]], floors: list[float] | None
+    tau,
+    lo: list[float],
+    hi: list[float],
+    inter: str,
+    brackets: list[tuple[float, float]],
+    floors: list[float] | None,
+    maxima: torch.Tensor | None = None,
 ) -> Stage1Block:
     """PCB's β on the columns of `tau` (n, w) reduced on the fly: per row i, the count below and
-    the values inside `brackets[i]`, and the maximum; with `floors`, the candidate bits of
-    `mark_above`. β itself is never stored. Variant v1 (up to 32 tasks) computes β only where a
-    bound says it may reach min(bracket low, floor) of its row, so a row's maximum is exact where
-    it reaches that and is otherwise some value below it (as is then the row's k-th value)."""
+    the values inside `brackets[i]`, and the maximum (of these columns and `maxima`, per row a β
+    of other columns of the same rows, or -inf); with `floors`, the candidate bits of `mark_above`.
+    β itself is never stored. Variant v1 (up to 32 tasks) computes β only where a cheap estimate
+    leaves a column open, so a row's maximum is exact where it reaches min(bracket low, floor) of
+    its row and is otherwise some value below it (as is then the row's k-th value)."""
     n, w = tau.shape
     buf = _collect_buffer(n, w)
     below, found = np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
-    maxima = np.full(n, -np.inf, dtype=np.float32)
+    if maxima is None:
+        maxima = np.full(n, -np.inf, dtype=np.float32)
+    else:
+        maxima = maxima.detach().to("cpu", torch.float32).numpy().copy()
     bits = np.empty((w + 7) // 8, dtype=np.uint8) if floors is not None else None
     marked = ctypes.c_int64()
     lo_a, hi_a = _floats(lo), _floats(hi)

@@ -177,6 +177,7 @@ class AcceleratedPcb(Acceleration, Pcb):
                     self.p.inter,
                     brackets,
                     candidates.floors if candidates is not None else None,
+                    reducers["max"].values,  # a row's running maximum decides the columns above it
                 )
                 quantiles.add_scanned(part.shape[1], got.below, got.inside)
                 reducers["max"].update_max(got.maxima)
