@@ -176,6 +176,37 @@ def test_first_pass_checks_finite_as_it_reads(ckpts, tmp_path, monkeypatch, wher
 
 
 @pytest.mark.skipif(not native.available(), reason="the native kernels are not built")
+@pytest.mark.parametrize("method", ["pcb", "ties"])
+def test_deferred_blocks_name_the_chunk_they_found_nan_in(ckpts, tmp_path, monkeypatch, method):
+    """The statistics blocks of PCB and TIES run on while the next chunks are read (the stored views
+    last); an Inf one of them finds is raised once every block of the pass has finished, and the error
+    names the tensor and checkpoint at fault, not the chunk being read when it surfaced."""
+    from mcomp.merge import kernels
+    from mcomp.merge.accelerated.family import AcceleratedFamily
+    from mcomp.merge.accelerated.pcb import AcceleratedPcb
+
+    base, models, paths = ckpts
+    bad = {k: v.clone() for k, v in models[2].items()}
+    bad["layers.0.q.weight"][3, 9] = float("inf")
+    save_file(bad, str(tmp_path / "bad.safetensors"))
+    queued = []
+    real = kernels.queue_blocks
+    module = "pcb" if method == "pcb" else "family"
+    monkeypatch.setattr(
+        f"mcomp.merge.accelerated.{module}.queue_blocks", lambda *a: queued.append(real(*a)) or queued[-1]
+    )
+    monkeypatch.setattr(AcceleratedPcb, "NATIVE_BLOCK_VALUES", 3 * 70)
+    monkeypatch.setattr(AcceleratedFamily, "BLOCK_VALUES", 3 * 70)
+    torch.set_num_threads(2)  # the module fixture restores it
+    with pytest.raises(ValueError, match=r"'layers\.0\.q\.weight' contains NaN or Inf.*model\(s\) .*bad\.safetensors"):
+        inputs = [*paths[1:3], tmp_path / "bad.safetensors"]
+        merge_checkpoints(paths[0], inputs, tmp_path / "out", method, chunk_elems=500)
+    assert sum(len(f) for f in queued) > 10  # blocks were left running between chunks
+    assert all(f.done() for blocks in queued for f in blocks)  # none outlived the pass
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not native.available(), reason="the native kernels are not built")
 @pytest.mark.parametrize("method,params", [("task_arithmetic", {}), ("dare_ties", {"density": 0.5, "seed": 1})])
 def test_stored_values_the_kernels_refuse_are_still_checked(ckpts, tmp_path, monkeypatch, method, params):
     """Stored values that reach a family method's torch path (the kernels refusing them) are checked
@@ -421,13 +452,18 @@ def test_streaming_pcb_parallel_blocks_change_nothing(ckpts, tmp_path, monkeypat
 
     base, models, paths = ckpts
     parallel = []
-    real = kernels.column_blocks
+    real, real_queue = kernels.column_blocks, kernels.queue_blocks
 
     def spy(fn, size, block, workspace):
         parallel.append(size > block and kernels.parallel_width() > 1)
         return real(fn, size, block, workspace)
 
+    def spy_queue(fn, size, block):  # the statistics passes' blocks, left running between chunks
+        parallel.append(size > block and kernels.parallel_width() > 1)
+        return real_queue(fn, size, block)
+
     monkeypatch.setattr("mcomp.merge.accelerated.pcb.column_blocks", spy)
+    monkeypatch.setattr("mcomp.merge.accelerated.pcb.queue_blocks", spy_queue)
     fused = []
     real_stage1 = native.pcb_stage1
     monkeypatch.setattr(native, "pcb_stage1", lambda *a: fused.append(1) or real_stage1(*a))

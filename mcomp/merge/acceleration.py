@@ -14,28 +14,54 @@ of the method they accelerate.
 
 from __future__ import annotations
 
+from collections import deque
+from concurrent.futures import Future
 from typing import ClassVar
 
-from mcomp.merge.kernels import Workspace
-from mcomp.merge.registry import MergeMethod, MethodParams
+from mcomp.merge.kernels import Workspace, wait_all
+from mcomp.merge.registry import Chunk, MergeMethod, MethodParams
 from mcomp.plugins import MERGE_ACCELERATIONS, Registry
 
 
 class NonFiniteInput(ValueError):
-    """Raised by an acceleration's `observe` when the stored values it checks (see
-    `checks_finite`) contain NaN or Inf; the engine then names the tensor and models at fault."""
+    """Raised by an acceleration's `observe` or `settle` when the stored values it checks (see
+    `checks_finite`) contain NaN or Inf in `chunk`; the engine then names the tensor and models at
+    fault."""
+
+    def __init__(self, chunk: Chunk):
+        super().__init__(f"chunk {chunk.index} contains NaN or Inf")
+        self.chunk = chunk
 
 
 class Acceleration(MergeMethod):
     """Base of accelerations; subclass the accelerated method too: `class Fast(Acceleration, Slow)`."""
 
     accelerates: ClassVar[str]
+    # chunks whose deferred blocks may still run while the engine reads the next (see `defer`)
+    DEFERRED_CHUNKS: ClassVar[int] = 8
 
     def __init__(self, params: MethodParams, n: int, workspace: Workspace | None = None):
         super().__init__(params, n)
         # scratch buffers for the per-chunk maths; None (fresh tensors) when the caller keeps
         # what `merge`/`observe` return across chunks
         self.workspace = workspace
+        self._deferred: deque[list[Future]] = deque()
+
+    def defer(self, blocks: list[Future]) -> None:
+        """Let a chunk's queued blocks (`mcomp.merge.kernels.queue_blocks`) run on after `observe`
+        returns, so that the pool never waits for the engine between chunks; once more than
+        DEFERRED_CHUNKS chunks are unfinished, wait for the oldest. Only for work whose inputs last
+        (`StoredColumns.lasting`) and whose statistics take blocks in any order."""
+        self._deferred.append(blocks)
+        while len(self._deferred) > self.DEFERRED_CHUNKS:
+            wait_all(self._deferred.popleft())
+
+    def settle(self) -> None:
+        """Wait for every deferred block (the engine calls this at the end of each statistics pass,
+        and before it unwinds from an error); then raise the first error one of them raised."""
+        blocks = [f for chunk in self._deferred for f in chunk]
+        self._deferred.clear()
+        wait_all(blocks)
 
     @classmethod
     def available(cls) -> bool:

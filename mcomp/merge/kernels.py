@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -110,10 +110,43 @@ def column_blocks(fn, size: int, block: int, workspace: "Workspace | None") -> N
         before = torch.get_num_threads()
         torch.set_num_threads(1)  # process-wide; restored below
         try:
-            for f in [pool.submit(run, k) for k in range(workers)]:
-                f.result()
+            wait_all([pool.submit(run, k) for k in range(workers)])
         finally:
             torch.set_num_threads(before)
+
+
+def wait_all(futures: list[Future]) -> None:
+    """Wait for every future, then raise the first error one of them raised (none is left running)."""
+    error = None
+    for f in futures:
+        try:
+            f.result()
+        except BaseException as exc:
+            error = error or exc
+    if error is not None:
+        raise error
+
+
+def queue_blocks(fn, size: int, block: int) -> list[Future]:
+    """fn(start, stop) for consecutive column blocks [start, stop) of `size`, queued on the pool one
+    task each (whichever worker is free takes the next) and not waited for: their futures are
+    returned, for the caller to wait on every one (none when the pool is not used: then the blocks
+    have run). For work on inputs that outlive the call, with no scratch workspace and no torch maths
+    (`column_blocks` sets torch's thread count for that)."""
+    pool = _workers() if size > block else None
+    if pool is None:
+        fn(0, size)
+        return []
+    step = -(-size // -(-size // block))
+
+    def run(start: int) -> None:
+        _local.in_block = True
+        try:
+            fn(start, min(start + step, size))
+        finally:
+            _local.in_block = False
+
+    return [pool.submit(run, start) for start in range(0, size, step)]
 
 
 def _ufunc_inplace(ufunc: np.ufunc, view: np.ndarray) -> None:

@@ -110,10 +110,12 @@ class StoredColumns:
     """A chunk's columns as stored on disk: θ0 (C,) and each θ_i (C,) in their storage dtype
     (possibly views of memory-mapped files). The kernels compute τ_i = float(θ_i) − float(θ0)
     as they load each tile (exactly the reader's float32 subtraction), which spares a float32
-    copy of the chunk per pass."""
+    copy of the chunk per pass. `lasting`: the tensors are views of the sources, not buffers the
+    next read reuses, so work on them may go on after the call they were handed to returns."""
 
     base: torch.Tensor
     models: list[torch.Tensor]
+    lasting: bool = False
 
     def __post_init__(self):
         self.models = list(self.models)  # a 2-D tensor gives its rows
@@ -127,7 +129,7 @@ class StoredColumns:
         return self.base.device
 
     def columns(self, start: int, stop: int) -> "StoredColumns":
-        return StoredColumns(self.base[start:stop], [m[start:stop] for m in self.models])
+        return StoredColumns(self.base[start:stop], [m[start:stop] for m in self.models], self.lasting)
 
     @staticmethod
     def supports(dtype: torch.dtype) -> bool:
@@ -139,6 +141,11 @@ def materialise(x) -> torch.Tensor:
     if not isinstance(x, StoredColumns):
         return x
     return torch.sub(torch.stack(x.models), x.base.float())  # float(θ_i) − float(θ0), as the reader does
+
+
+def lasting(x) -> bool:
+    """Whether work on `x` may go on after the call it was handed to returns (`StoredColumns.lasting`)."""
+    return isinstance(x, StoredColumns) and x.lasting
 
 
 def columns(x, start: int, stop: int):

@@ -13,6 +13,7 @@ so the result does not depend on the chunking.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -305,6 +306,7 @@ class MergeEngine:
             return native.StoredColumns(
                 self.base.view(seg.name, seg.start, seg.stop),
                 [m.view(seg.name, seg.start, seg.stop) for m in self.models],
+                lasting=True,
             )
         size = chunk.size
         like = torch.empty(0, dtype=self.base.infos[chunk.segments[0].name].dtype)
@@ -473,13 +475,7 @@ class MergeEngine:
                     q.begin_pass()
                 self._group_passes += 1
                 with self._bar(d, f"{method.name} stage {stage + 1}") as bar:
-                    for chunk, _, tau in self._reads(method, stage, chunks, checked):
-                        try:
-                            method.observe(stage, tau, chunk, stats, view)
-                        except NonFiniteInput:
-                            self.read(chunk, check=True)  # names the tensor and model(s) at fault
-                            raise
-                        bar.update(chunk.size)
+                    self._observe_pass(method, stage, chunks, checked, stats, view, bar)
                 for q in quantiles.values():
                     q.end_pass()
                 first = False
@@ -489,6 +485,24 @@ class MergeEngine:
                 )
             method.finish(stage, reducers, stats)
         return stats
+
+    def _observe_pass(
+        self, method: MergeMethod, stage: int, chunks: list[Chunk], checked: list[bool], stats, view, bar
+    ):
+        """One statistics pass: every chunk observed, and an acceleration's deferred blocks waited for
+        (also when an error unwinds the pass: none may outlive it)."""
+        settle = method.settle if isinstance(method, Acceleration) else lambda: None
+        try:
+            for chunk, _, tau in self._reads(method, stage, chunks, checked):
+                method.observe(stage, tau, chunk, stats, view)
+                bar.update(chunk.size)
+            settle()
+        except BaseException as exc:
+            with contextlib.suppress(BaseException):
+                settle()
+            if isinstance(exc, NonFiniteInput):
+                self.read(exc.chunk, check=True)  # names the tensor and model(s) at fault
+            raise
 
     def run(self, sink: Sink) -> MergeReport:
         method = self.method(Workspace())
@@ -521,8 +535,8 @@ class MergeEngine:
                             delta = method.merge(tau, chunk, stats, base=base)
                         else:
                             delta = method.merge(tau, chunk, stats)
-                    except NonFiniteInput:
-                        self.read(chunk, check=True)  # names the tensor and model(s) at fault
+                    except NonFiniteInput as exc:
+                        self.read(exc.chunk, check=True)  # names the tensor and model(s) at fault
                         raise
                     pos = 0
                     for seg in chunk.segments:

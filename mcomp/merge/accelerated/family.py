@@ -17,7 +17,7 @@ import torch
 
 from mcomp.merge import native
 from mcomp.merge.acceleration import Acceleration, NonFiniteInput
-from mcomp.merge.kernels import Workspace, column_blocks, parallel_map, scratch
+from mcomp.merge.kernels import Workspace, column_blocks, parallel_map, queue_blocks, scratch
 from mcomp.merge.methods.family import DareLinear, DareTies, Linear, TaskArithmetic, Ties
 from mcomp.merge.registry import Chunk
 from mcomp.merge.selection import RowQuantiles
@@ -81,10 +81,10 @@ class AcceleratedFamily(Acceleration):
 
     def observe(self, stage, tau, chunk, stats, reducers):
         if not self._native(tau) or not chunk.segments:
-            return super().observe(stage, self._materialise(tau), chunk, stats, reducers)
+            return super().observe(stage, self._materialise(tau, chunk), chunk, stats, reducers)
         kind = self.stages[stage]
         if kind == "trim":
-            return self._observe_trim(tau, reducers)
+            return self._observe_trim(tau, chunk, reducers)
         size, parts = tau.shape[1], []
         if kind == "l1":
             keep = self._drop_mask(chunk)
@@ -93,7 +93,7 @@ class AcceleratedFamily(Acceleration):
                 parts.append(native.family_l1(native.columns(tau, start, stop), keep, start))
 
             column_blocks(block, size, self._block_columns(), self.workspace)
-            self._raise_nonfinite(all(f for _, _, f in parts))
+            self._raise_nonfinite(all(f for _, _, f in parts), chunk)
             reducers["before"].values += torch.from_numpy(np.sum([b for b, _, _ in parts], axis=0))
             reducers["after"].values += torch.from_numpy(np.sum([a for _, a, _ in parts], axis=0))
             return
@@ -103,52 +103,51 @@ class AcceleratedFamily(Acceleration):
             parts.append(native.family_signs(native.columns(tau, start, stop), args, start))
 
         column_blocks(signs, size, self._block_columns(), self.workspace)
-        self._raise_nonfinite(all(f for _, f in parts))
+        self._raise_nonfinite(all(f for _, f in parts), chunk)
         reducers["signs"].values[0] += float(sum(b for b, _ in parts))
 
-    def _materialise(self, tau) -> torch.Tensor:
+    def _materialise(self, tau, chunk: Chunk) -> torch.Tensor:
         """The float32 task vectors for the torch path; stored values the kernels cannot take are
         checked here, as `checks_finite` promised the engine."""
         if not isinstance(tau, native.StoredColumns):
             return tau
         tau = native.materialise(tau)
-        self._raise_nonfinite(bool(torch.isfinite(tau).all()))
+        self._raise_nonfinite(bool(torch.isfinite(tau).all()), chunk)
         return tau
 
     @staticmethod
-    def _raise_nonfinite(finite: bool) -> None:
+    def _raise_nonfinite(finite: bool, chunk: Chunk) -> None:
         if not finite:  # the engine reads the chunk again to name the tensor and model(s) at fault
-            raise NonFiniteInput("a chunk contains NaN or Inf")
+            raise NonFiniteInput(chunk)
 
-    def _observe_trim(self, tau, reducers) -> None:
+    def _observe_trim(self, tau, chunk: Chunk, reducers) -> None:
         if "trim" not in reducers:  # density 1: nothing is trimmed
             return
         quantiles = reducers["trim"]
         brackets = quantiles.row_brackets() if isinstance(quantiles, RowQuantiles) else None
-        nonfinite = []
 
-        def block(start: int, stop: int, ws: Workspace | None) -> None:
+        def block(start: int, stop: int, ws: Workspace | None = None) -> None:
             part = native.columns(tau, start, stop)
             if brackets is not None:
                 got = native.abs_brackets(part, brackets)
                 quantiles.add_scanned(part.shape[1], got.below, got.inside)
-                if not got.finite:
-                    nonfinite.append(start)
+                self._raise_nonfinite(got.finite, chunk)
                 return
             a = native.materialise(part).abs()
-            if not bool(torch.isfinite(a).all()):
-                nonfinite.append(start)
+            self._raise_nonfinite(bool(torch.isfinite(a).all()), chunk)
             quantiles.update(a)  # the whole chunk is one block here
 
-        if brackets is not None and quantiles.blockwise:
+        if brackets is not None and quantiles.blockwise and native.lasting(tau):
+            # views of the sources: the blocks run on while the next chunks are read
+            self.defer(queue_blocks(block, tau.shape[1], self._block_columns()))
+        elif brackets is not None and quantiles.blockwise:
             column_blocks(block, tau.shape[1], self._block_columns(), self.workspace)
         else:
             block(0, tau.shape[1], self.workspace)
-        self._raise_nonfinite(not nonfinite)
 
     def merge(self, tau: torch.Tensor, chunk: Chunk, stats: dict) -> torch.Tensor:
         if not self._native(tau) or not chunk.segments:
-            return super().merge(self._materialise(tau), chunk, stats)
+            return super().merge(self._materialise(tau, chunk), chunk, stats)
         args = self._args(stats, self._drop_mask(chunk))
         delta = scratch(self.workspace, "family.delta", (tau.shape[1],), _FLOAT32)
         finite = []
@@ -157,7 +156,7 @@ class AcceleratedFamily(Acceleration):
             finite.append(native.family_merge(native.columns(tau, start, stop), args, delta[start:stop], start))
 
         column_blocks(block, tau.shape[1], self._block_columns(), self.workspace)
-        self._raise_nonfinite(all(finite))
+        self._raise_nonfinite(all(finite), chunk)
         return delta
 
 

@@ -19,7 +19,7 @@ import torch
 
 from mcomp.merge import native
 from mcomp.merge.acceleration import Acceleration, NonFiniteInput
-from mcomp.merge.kernels import GrowableArray, Workspace, column_blocks, parallel_map, scratch
+from mcomp.merge.kernels import GrowableArray, Workspace, column_blocks, parallel_map, queue_blocks, scratch
 from mcomp.merge.methods.pcb import Pcb, balance, clip, clip_and_normalise, combine, scores_from_beta
 from mcomp.merge.registry import Chunk
 from mcomp.merge.selection import RowQuantiles
@@ -151,10 +151,9 @@ class AcceleratedPcb(Acceleration, Pcb):
             self._max_floors = [min(b[0], f) for b, f in zip(brackets, floors)]
         rebuild_max = stage == 1 and self._max_rebuild(quantiles)
 
-        nonfinite = []  # stage 0 on stored values: the blocks that found NaN/Inf (see checks_finite)
         verify = stage == 0 and isinstance(tau, native.StoredColumns)
 
-        def block(start: int, stop: int, ws: Workspace | None) -> None:
+        def block(start: int, stop: int, ws: Workspace | None = None) -> None:
             part = native.columns(tau, start, stop)
             if stage == 0:
                 if brackets is not None:  # fused: |τ| never stored
@@ -167,7 +166,7 @@ class AcceleratedPcb(Acceleration, Pcb):
                     finite = not verify or bool(torch.isfinite(a).all())
                     update(a)
                 if not finite:
-                    nonfinite.append(start)
+                    raise NonFiniteInput(chunk)
                 return
             if brackets is not None:  # fused: β never leaves the cache
                 got = native.pcb_stage1(
@@ -190,12 +189,13 @@ class AcceleratedPcb(Acceleration, Pcb):
             update(beta)
             (self._max if rebuild_max else reducers["max"]).update(beta)
 
-        if blockwise:
+        if blockwise and brackets is not None and native.lasting(tau):
+            # the fused kernels on views of the sources: the blocks run on while the next chunks are read
+            self.defer(queue_blocks(block, tau.shape[1], self._block_columns()))
+        elif blockwise:
             column_blocks(block, tau.shape[1], self._block_columns(), self.workspace)
         else:
             block(0, tau.shape[1], self.workspace)
-        if verify and nonfinite:
-            raise NonFiniteInput(f"chunk {chunk.index} contains NaN or Inf")
 
     def _max_rebuild(self, quantiles) -> bool:
         """Whether this (fallback) pass recomputes stage 1's maximum: the first one after a fused pass
