@@ -456,6 +456,8 @@ MC_CLONES int mc_pcb_merge(const src_t *src, int n, long w, const float *lo, con
     return 0;
 }
 
+#define MC_GATHER_AHEAD 2048 /* columns */
+
 /* The merge pass over w columns of src where stage 1 recorded candidate bits (np.packbits
  * order, a short last byte padded with 0): out[0:w] gets exact zeros where the bit is clear
  * (no task can pass its threshold there) and merge_tile's value where it is set. The set
@@ -470,7 +472,14 @@ MC_CLONES int mc_pcb_merge_bits(const src_t *src, int n, long w, const uint8_t *
     long k = 0;
     bit_table_init();
     memset(out, 0, sizeof(float) * (size_t)w);
+    /* the stored rows are read a few in a column here and there: their 64-byte lines are fetched
+     * MC_GATHER_AHEAD columns ahead, the hardware prefetchers not following such reads */
+    long es = src->tau ? 0 : src->dtype == 3 ? 4 : 2, every = es ? 64 / (8 * es) : 0; /* bytes of bits a line */
     for (long b = 0; b * 8 < w; b++) {
+        if (every && b % every == 0 && b * 8 + MC_GATHER_AHEAD < w) {
+            __builtin_prefetch((const char *)src->base + (b * 8 + MC_GATHER_AHEAD) * es);
+            for (int i = 0; i < n; i++) __builtin_prefetch((const char *)src->models[i] + (b * 8 + MC_GATHER_AHEAD) * es);
+        }
         k += byte_positions(bits[b], b * 8, col + k); /* the last byte's padding bits are 0 */
         if (k >= MC_TILE) {
             merge_tile(&tl, src, n, col, 0, MC_TILE, &g, out);
