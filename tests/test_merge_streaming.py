@@ -484,6 +484,43 @@ def test_streaming_pcb_parallel_blocks_change_nothing(ckpts, tmp_path, monkeypat
         assert torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.skipif(not native.available(), reason="the native kernels are not built")
+@pytest.mark.parametrize(
+    "method,params,deferred",
+    [
+        ("ties", {"density": 0.3}, True),
+        ("dare_ties", {"density": 0.5, "seed": 3}, False),
+        ("dare_linear", {"density": 0.5, "rescale": "l1", "scope": "global", "seed": 3}, False),
+    ],
+)
+def test_streaming_family_deferred_blocks_change_nothing(ckpts, tmp_path, monkeypatch, method, params, deferred):
+    """With two threads TIES's trim blocks are left running while the next chunks are read; DARE's
+    passes (masks drawn chunk by chunk, float64 L1 sums whose order matters) wait for each chunk. The
+    sign balance and the output must be bit-identical to one block on one thread."""
+    from mcomp.merge import kernels
+    from mcomp.merge.accelerated.family import AcceleratedFamily
+
+    base, models, paths = ckpts
+    queued, balances = [], []
+    real, real_signs = kernels.queue_blocks, native.family_signs
+    spy = lambda *a: queued.append(real(*a)) or queued[-1]  # noqa: E731
+    monkeypatch.setattr("mcomp.merge.accelerated.family.queue_blocks", spy)
+    # the sign balance itself (the merged values change only where it flips the majority sign)
+    monkeypatch.setattr(native, "family_signs", lambda *a: balances.append(real_signs(*a)[0]) or real_signs(*a))
+    monkeypatch.setattr(AcceleratedFamily, "BLOCK_VALUES", 3 * 70)
+    torch.set_num_threads(2)  # the module fixture restores it
+    merge_checkpoints(paths[0], paths[1:], tmp_path / "blocked", method, chunk_elems=1000, **params)
+    assert (sum(len(f) for f in queued) > 10) == deferred
+    blocked_balance, balances[:] = sum(balances), []
+    torch.set_num_threads(1)
+    monkeypatch.setattr(AcceleratedFamily, "BLOCK_VALUES", 1 << 30)
+    merge_checkpoints(paths[0], paths[1:], tmp_path / "single", method, chunk_elems=1000, **params)
+    assert blocked_balance == sum(balances)
+    a, b = load_dir(tmp_path / "blocked"), load_dir(tmp_path / "single")
+    for k in base:
+        assert torch.equal(a[k], b[k]), k
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("inter", ["v1", "v3"])
 def test_streaming_pcb_from_stored_values_changes_nothing(tmp_path, monkeypatch, dtype, inter):
