@@ -425,6 +425,8 @@ def main() -> int:
         worker_merge(a)
         return 0
 
+    if not Path(a.workdir).is_dir():
+        ap.error(f"--workdir {a.workdir}: no such directory")
     root = Path(tempfile.mkdtemp(prefix="mcomp-bench-", dir=a.workdir))
     try:
         hidden, inter, kv, vocab = (int(v) for v in a.shape.split(","))
