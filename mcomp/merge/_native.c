@@ -1073,7 +1073,10 @@ MC_CLONES int mc_family_merge(const src_t *src, int n, long w, const family_args
                     const float *a = ROW(tl.a, i);
 #pragma omp simd
                     for (long j = 0; j < MC_TILE; j++) {
-                        float x = a[j] * (float)(el[j] > 0.0f ? a[j] > 0.0f : a[j] < 0.0f);
+                        /* the agreeing sign in mask arithmetic: a conditional here vectorised to masked
+                         * stores, which the next row's loads of acc and cnt then waited on */
+                        int up = el[j] > 0.0f;
+                        float x = a[j] * (float)((up & (a[j] > 0.0f)) | (!up & (a[j] < 0.0f)));
                         acc[j] += x;
                         cnt[j] += (float)(x != 0.0f);
                     }
