@@ -474,11 +474,13 @@ MC_CLONES int mc_pcb_merge_bits(const src_t *src, int n, long w, const uint8_t *
     memset(out, 0, sizeof(float) * (size_t)w);
     /* the stored rows are read a few in a column here and there: their 64-byte lines are fetched
      * MC_GATHER_AHEAD columns ahead, the hardware prefetchers not following such reads */
-    long es = src->tau ? 0 : src->dtype == 3 ? 4 : 2, line_mask = es ? 64 / (8 * es) - 1 : -1; /* bytes of bits a line − 1 */
+    long es = src->tau ? 0 : src->dtype == 3 ? 4 : 2;      /* bytes a value */
+    long line_mask = es ? 64 / (8 * es) - 1 : -1;            /* bytes of bits a line, less 1 */
     for (long b = 0; b * 8 < w; b++) {
         if (line_mask >= 0 && (b & line_mask) == 0 && b * 8 + MC_GATHER_AHEAD < w) {
-            __builtin_prefetch((const char *)src->base + (b * 8 + MC_GATHER_AHEAD) * es);
-            for (int i = 0; i < n; i++) __builtin_prefetch((const char *)src->models[i] + (b * 8 + MC_GATHER_AHEAD) * es);
+            long ahead = (b * 8 + MC_GATHER_AHEAD) * es;
+            __builtin_prefetch((const char *)src->base + ahead);
+            for (int i = 0; i < n; i++) __builtin_prefetch((const char *)src->models[i] + ahead);
         }
         k += byte_positions(bits[b], b * 8, col + k); /* the last byte's padding bits are 0 */
         if (k >= MC_TILE) {
