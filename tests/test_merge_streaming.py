@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -222,6 +224,56 @@ def test_stored_values_the_kernels_refuse_are_still_checked(ckpts, tmp_path, mon
     with pytest.raises(ValueError, match=r"'layers\.1\.up\.weight' contains NaN or Inf.*model\(s\) .*bad\.safetensors"):
         merge_checkpoints(paths[0], [paths[1], tmp_path / "bad.safetensors"], tmp_path / "out", method, **params)
     assert not (tmp_path / "out").exists()
+
+
+def test_the_writer_behind_the_merge_pass(ckpts, tmp_path, monkeypatch):
+    """On the CPU the sink's part of an acceleration's merge pass runs on a writer thread one chunk
+    behind: the sink sees every chunk once, in order, with this chunk's values (not the next one's,
+    merged meanwhile in the other workspace), and an error in the sink ends the merge with no write
+    after it."""
+    from mcomp.merge.memory import MemorySink
+    from mcomp.merge.sources import SafetensorsCheckpoint
+    from mcomp.merge.streaming import MergeEngine
+
+    base, models, paths = ckpts
+    engine = (
+        lambda: MergeEngine(  # noqa: E731
+            SafetensorsCheckpoint(paths[0]), [SafetensorsCheckpoint(p) for p in paths[1:]], "ties", chunk_elems=500
+        )
+    )
+    seen, threads = [], set()
+
+    class Recording(MemorySink):
+        def put(self, seg, base, delta):
+            threads.add(threading.current_thread().name)
+            seen.append((seg.name, seg.start))
+            super().put(seg, base, delta)
+
+    eng = engine()
+    behind = Recording(dict(eng.layout()))
+    eng.run(behind)
+    assert any(t.startswith("mcomp-write") for t in threads)
+    assert seen == [(s.name, s.start) for c in eng.chunks(eng.merge_keys) for s in c.segments]
+    eng = engine()
+    eng.pipeline = True  # the plain merge pass, in this thread
+    plain = MemorySink(dict(eng.layout()))
+    eng.run(plain)
+    for k in eng.merge_keys:
+        assert torch.equal(behind.out[k], plain.out[k]), k
+
+    class Failing(MemorySink):
+        def put(self, seg, base, delta):
+            seen.append(seg.start)
+            if len(seen) == 3:
+                raise OSError("disk full")
+            super().put(seg, base, delta)
+
+    seen.clear()
+    eng = engine()
+    with pytest.raises(OSError, match="disk full"):
+        eng.run(Failing(dict(eng.layout())))
+    time.sleep(0.05)
+    assert len(seen) == 3  # nothing written after the error
 
 
 def test_existing_output_refused_unless_force(ckpts, tmp_path):

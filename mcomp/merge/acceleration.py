@@ -43,7 +43,9 @@ class Acceleration(MergeMethod):
     def __init__(self, params: MethodParams, n: int, workspace: Workspace | None = None):
         super().__init__(params, n)
         # scratch buffers for the per-chunk maths; None (fresh tensors) when the caller keeps
-        # what `merge`/`observe` return across chunks
+        # what `merge`/`observe` return across chunks. What `merge` returns must be fresh or live
+        # in it: the engine may swap in another workspace for the next chunk while a writer thread
+        # still reads this chunk's result
         self.workspace = workspace
         self._deferred: deque[list[Future]] = deque()
 

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -381,8 +382,6 @@ class MergeEngine:
                 done.record(copy_stream)
             return (*moved, done)
 
-        from concurrent.futures import ThreadPoolExecutor
-
         with ThreadPoolExecutor(1, thread_name_prefix="mcomp-read") as reader:
             pending = reader.submit(load, chunks[0])
             for k, chunk in enumerate(chunks):
@@ -504,6 +503,50 @@ class MergeEngine:
                 self.read(exc.chunk, check=True)  # names the tensor and model(s) at fault
             raise
 
+    def _merge_pass(
+        self, method: MergeMethod, chunks: list[Chunk], checked: list[bool], stats: dict, sink: Sink, bar
+    ) -> None:
+        """The merge pass: each chunk's merged delta, then θ0 + delta to the sink. For an acceleration
+        on the CPU the sink's part (the sum, the cast, the write) runs on a writer thread while the
+        next chunk is merged: the chunks alternate between two workspaces, so the one the writer reads
+        is not the one being filled, and the writer is at most one chunk behind."""
+
+        def put(chunk: Chunk, base: torch.Tensor, delta: torch.Tensor) -> None:
+            pos = 0
+            for seg in chunk.segments:
+                end = pos + seg.size
+                sink.put(seg, base[pos:end], delta[pos:end])
+                pos = end
+
+        behind = isinstance(method, Acceleration) and method.workspace is not None and self.device.type == "cpu"
+        if not behind or self.pipeline:
+            for chunk, base, tau in self._reads(method, None, chunks, checked):
+                put(chunk, base, self._merge_chunk(method, chunk, base, tau, stats))
+                bar.update(chunk.size)
+            return
+        spaces, pending = [method.workspace, Workspace()], None
+        writer = ThreadPoolExecutor(1, thread_name_prefix="mcomp-write")
+        try:
+            for k, chunk in enumerate(chunks):
+                method.workspace = spaces[k % 2]  # the writer may still read the other one
+                base, tau = self._read_for(method, None, chunk, checked)
+                delta = self._merge_chunk(method, chunk, base, tau, stats)
+                if pending is not None:
+                    pending.result()
+                pending = writer.submit(put, chunk, base, delta)
+                bar.update(chunk.size)
+            pending.result()
+        finally:
+            writer.shutdown(wait=True)  # nothing writes to the sink once this returns
+            method.workspace = spaces[0]
+
+    def _merge_chunk(self, method: MergeMethod, chunk: Chunk, base, tau, stats: dict) -> torch.Tensor:
+        try:
+            return method.merge(tau, chunk, stats, base=base) if method.uses_base else method.merge(tau, chunk, stats)
+        except NonFiniteInput as exc:
+            self.read(exc.chunk, check=True)  # names the tensor and model(s) at fault
+            raise
+
     def run(self, sink: Sink) -> MergeReport:
         method = self.method(Workspace())
         if isinstance(method, Acceleration) and self.device.type == "cpu":
@@ -529,21 +572,7 @@ class MergeEngine:
             logger.debug("%s: statistics %s", self.method_cls.name, stats)
             self.report.passes = max(self.report.passes, self._group_passes)
             with self._bar(sum(c.size for c in chunks), f"{method.name} merge") as bar:
-                for chunk, base, tau in self._reads(method, None, chunks, checked):
-                    try:
-                        if method.uses_base:
-                            delta = method.merge(tau, chunk, stats, base=base)
-                        else:
-                            delta = method.merge(tau, chunk, stats)
-                    except NonFiniteInput as exc:
-                        self.read(exc.chunk, check=True)  # names the tensor and model(s) at fault
-                        raise
-                    pos = 0
-                    for seg in chunk.segments:
-                        end = pos + seg.size
-                        sink.put(seg, base[pos:end], delta[pos:end])
-                        pos = end
-                    bar.update(chunk.size)
+                self._merge_pass(method, chunks, checked, stats, sink, bar)
         self.report.groups = len(groups)
         self.report.seconds = time.perf_counter() - t0
         logger.info(
