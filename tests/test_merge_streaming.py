@@ -236,11 +236,11 @@ def test_the_writer_behind_the_merge_pass(ckpts, tmp_path, monkeypatch):
     from mcomp.merge.streaming import MergeEngine
 
     base, models, paths = ckpts
-    engine = (
-        lambda: MergeEngine(  # noqa: E731
-            SafetensorsCheckpoint(paths[0]), [SafetensorsCheckpoint(p) for p in paths[1:]], "ties", chunk_elems=500
-        )
-    )
+
+    def engine() -> MergeEngine:
+        inputs = [SafetensorsCheckpoint(p) for p in paths]
+        return MergeEngine(inputs[0], inputs[1:], "ties", chunk_elems=500)
+
     seen, threads = [], set()
 
     class Recording(MemorySink):
