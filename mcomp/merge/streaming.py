@@ -156,6 +156,7 @@ class MergeEngine:
         self.report = MergeReport(method=self.method_cls.name, params=self._params_dict())
         self._group_passes = 0
         self._stored_ok: bool | None = None
+        self._second_workspace: Workspace | None = None  # the merge pass's, beside the method's
 
     def _params_dict(self) -> dict:
         import dataclasses
@@ -524,7 +525,9 @@ class MergeEngine:
                 put(chunk, base, self._merge_chunk(method, chunk, base, tau, stats))
                 bar.update(chunk.size)
             return
-        spaces, pending = [method.workspace, Workspace()], None
+        if self._second_workspace is None:  # kept for the next groups: its buffers are reused
+            self._second_workspace = Workspace()
+        spaces, pending = [method.workspace, self._second_workspace], None
         writer = ThreadPoolExecutor(1, thread_name_prefix="mcomp-write")
         try:
             for k, chunk in enumerate(chunks):
@@ -535,7 +538,8 @@ class MergeEngine:
                     pending.result()
                 pending = writer.submit(put, chunk, base, delta)
                 bar.update(chunk.size)
-            pending.result()
+            if pending is not None:
+                pending.result()
         finally:
             writer.shutdown(wait=True)  # nothing writes to the sink once this returns
             method.workspace = spaces[0]
