@@ -98,21 +98,26 @@ def column_blocks(fn, size: int, block: int, workspace: "Workspace | None") -> N
     starts = list(range(0, size, step))
 
     def run(slot: int) -> None:
-        _local.in_block = True
-        try:
-            ws = workspace.slot(slot)
-            for start in starts[slot::workers]:
-                fn(start, min(start + step, size), ws)
-        finally:
-            _local.in_block = False
+        ws = workspace.slot(slot)
+        for start in starts[slot::workers]:
+            fn(start, min(start + step, size), ws)
 
     with _blocks_lock:
         before = torch.get_num_threads()
         torch.set_num_threads(1)  # process-wide; restored below
         try:
-            wait_all([pool.submit(run, k) for k in range(workers)])
+            wait_all([pool.submit(_as_block, run, k) for k in range(workers)])
         finally:
             torch.set_num_threads(before)
+
+
+def _as_block(fn, *args) -> None:
+    """fn(*args) on a pool worker, marked as one of the blocks (see `_workers`: it splits no further)."""
+    _local.in_block = True
+    try:
+        fn(*args)
+    finally:
+        _local.in_block = False
 
 
 def wait_all(futures: list[Future]) -> None:
@@ -138,15 +143,7 @@ def queue_blocks(fn, size: int, block: int) -> list[Future]:
         fn(0, size)
         return []
     step = -(-size // -(-size // block))
-
-    def run(start: int) -> None:
-        _local.in_block = True
-        try:
-            fn(start, min(start + step, size))
-        finally:
-            _local.in_block = False
-
-    return [pool.submit(run, start) for start in range(0, size, step)]
+    return [pool.submit(_as_block, fn, start, min(start + step, size)) for start in range(0, size, step)]
 
 
 def _ufunc_inplace(ufunc: np.ufunc, view: np.ndarray) -> None:
