@@ -44,6 +44,20 @@ def random_models(n=3, seed=0, dtype=torch.float16):
     return base, models
 
 
+def record_queued_blocks(monkeypatch, module: str) -> list:
+    """The futures of every `queue_blocks` call the acceleration module makes (blocks left running)."""
+    from mcomp.merge import kernels
+
+    queued, real = [], kernels.queue_blocks
+
+    def spy(fn, size, block):
+        queued.append(real(fn, size, block))
+        return queued[-1]
+
+    monkeypatch.setattr(f"mcomp.merge.accelerated.{module}.queue_blocks", spy)
+    return queued
+
+
 def save_sharded(sd, directory: Path, shard_bytes=20_000):
     """Write a sharded checkpoint + index with the streaming writer (also exercises it)."""
     directory.mkdir(parents=True)
@@ -183,7 +197,6 @@ def test_deferred_blocks_name_the_chunk_they_found_nan_in(ckpts, tmp_path, monke
     """The statistics blocks of PCB and TIES run on while the next chunks are read (the stored views
     last); an Inf one of them finds is raised once every block of the pass has finished, and the error
     names the tensor and checkpoint at fault, not the chunk being read when it surfaced."""
-    from mcomp.merge import kernels
     from mcomp.merge.accelerated.family import AcceleratedFamily
     from mcomp.merge.accelerated.pcb import AcceleratedPcb
 
@@ -191,12 +204,7 @@ def test_deferred_blocks_name_the_chunk_they_found_nan_in(ckpts, tmp_path, monke
     bad = {k: v.clone() for k, v in models[2].items()}
     bad["layers.0.q.weight"][3, 9] = float("inf")
     save_file(bad, str(tmp_path / "bad.safetensors"))
-    queued = []
-    real = kernels.queue_blocks
-    module = "pcb" if method == "pcb" else "family"
-    monkeypatch.setattr(
-        f"mcomp.merge.accelerated.{module}.queue_blocks", lambda *a: queued.append(real(*a)) or queued[-1]
-    )
+    queued = record_queued_blocks(monkeypatch, "pcb" if method == "pcb" else "family")
     monkeypatch.setattr(AcceleratedPcb, "NATIVE_BLOCK_VALUES", 3 * 70)
     monkeypatch.setattr(AcceleratedFamily, "BLOCK_VALUES", 3 * 70)
     torch.set_num_threads(2)  # the module fixture restores it
@@ -549,14 +557,11 @@ def test_streaming_family_deferred_blocks_change_nothing(ckpts, tmp_path, monkey
     """With two threads TIES's trim blocks are left running while the next chunks are read; DARE's
     passes (masks drawn chunk by chunk, float64 L1 sums whose order matters) wait for each chunk. The
     sign balance and the output must be bit-identical to one block on one thread."""
-    from mcomp.merge import kernels
     from mcomp.merge.accelerated.family import AcceleratedFamily
 
     base, models, paths = ckpts
-    queued, balances = [], []
-    real, real_signs = kernels.queue_blocks, native.family_signs
-    spy = lambda *a: queued.append(real(*a)) or queued[-1]  # noqa: E731
-    monkeypatch.setattr("mcomp.merge.accelerated.family.queue_blocks", spy)
+    queued, balances = record_queued_blocks(monkeypatch, "family"), []
+    real_signs = native.family_signs
     # the sign balance itself (the merged values change only where it flips the majority sign)
     monkeypatch.setattr(native, "family_signs", lambda *a: balances.append(real_signs(*a)[0]) or real_signs(*a))
     monkeypatch.setattr(AcceleratedFamily, "BLOCK_VALUES", 3 * 70)
