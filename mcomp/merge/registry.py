@@ -30,7 +30,8 @@ SCOPES = ("global", "tensor")
 
 @dataclass(frozen=True)
 class Segment:
-    """Flat elements [start, stop) of tensor `name` (`shape`: the tensor's, given to whole-tensor methods)."""
+    """Flat elements [start, stop) of tensor `name` (`shape`: the shape they form, given to whole-tensor and
+    whole-slice methods)."""
 
     name: str
     start: int
@@ -118,9 +119,11 @@ class MergeMethod:
     """Base class. Subclasses set `name`, `Params`, and implement the hooks below.
 
     `whole_tensors`: every chunk holds exactly one whole tensor, its shape in the segment (methods whose
-    maths is per matrix: SVDs, sorts, norms); memory is then the largest tensor × models.
-    `uses_base`: `merge` also receives θ0 of the chunk (`base=`), for methods defined on the weights
-    themselves rather than on task vectors (SLERP). `takes_factors`: the method can use low-rank task
+    maths is per matrix: SVDs, sorts, norms); memory is then the largest tensor × models. `whole_slices`: every
+    chunk holds whole slices along dim 0 of one tensor (a 1-D tensor whole), its shape in the segment (methods
+    whose maths is along the other dimensions, e.g. ranks along dim 1).
+    `uses_base`: `merge` and `observe` also receive θ0 of the chunk (`base=`), for methods defined on the
+    weights themselves rather than on task vectors (SLERP). `takes_factors`: the method can use low-rank task
     vectors' factors (LoRA): the engine sets `low_rank_inputs(name)`, every model's `LowRank` of that tensor
     or None unless all have one, and callers holding LoRA updates pass them as factors. Parameters are named
     as in mergekit where it has the method; its `lambda` is `scale` (a Python keyword), and `make_params`
@@ -130,6 +133,7 @@ class MergeMethod:
     Params: ClassVar[type[MethodParams]] = MethodParams
     description: ClassVar[str] = ""
     whole_tensors: ClassVar[bool] = False
+    whole_slices: ClassVar[bool] = False
     uses_base: ClassVar[bool] = False
     model_count: ClassVar[int | None] = None  # exactly this many models besides the base (SLERP: 1)
     takes_factors: ClassVar[bool] = False

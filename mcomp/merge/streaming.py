@@ -217,6 +217,8 @@ class MergeEngine:
         infos = self.base.infos
         if self.method_cls.whole_tensors:
             return [Chunk((Segment(k, 0, infos[k].numel, tuple(infos[k].shape)),), i) for i, k in enumerate(group)]
+        if self.method_cls.whole_slices:
+            return self._slice_chunks(group)
         total = sum(infos[k].numel for k in group)
         if total <= self.inmemory_elems:
             return [Chunk(tuple(Segment(k, 0, infos[k].numel) for k in group), 0)]
@@ -233,6 +235,23 @@ class MergeEngine:
             step = math.ceil(numel / pieces / row) * row if row <= self.chunk_elems else math.ceil(numel / pieces)
             for start in range(0, numel, step):
                 out.append(Chunk((Segment(k, start, min(start + step, numel)),), len(out)))
+        return out
+
+    def _slice_chunks(self, group: list[str]) -> list[Chunk]:
+        """Chunks of whole dim-0 slices of one tensor (as many as fit in `chunk_elems`, at least one; a
+        tensor of fewer than two dimensions whole), each segment with the shape of its slices."""
+        out: list[Chunk] = []
+        for k in group:
+            info = self.base.infos[k]
+            shape = tuple(info.shape)
+            if len(shape) < 2 or info.numel == 0:
+                out.append(Chunk((Segment(k, 0, info.numel, shape or (info.numel,)),), len(out)))
+                continue
+            row = info.numel // shape[0]
+            rows = max(self.chunk_elems // row, 1)
+            for first in range(0, shape[0], rows):
+                last = min(first + rows, shape[0])
+                out.append(Chunk((Segment(k, first * row, last * row, (last - first, *shape[1:])),), len(out)))
         return out
 
     def layout(self, out_dtype: torch.dtype | None = None) -> list[tuple[str, TensorInfo]]:
@@ -493,8 +512,11 @@ class MergeEngine:
         (also when an error unwinds the pass: none may outlive it)."""
         settle = method.settle if isinstance(method, Acceleration) else lambda: None
         try:
-            for chunk, _, tau in self._reads(method, stage, chunks, checked):
-                method.observe(stage, tau, chunk, stats, view)
+            for chunk, base, tau in self._reads(method, stage, chunks, checked):
+                if method.uses_base:
+                    method.observe(stage, tau, chunk, stats, view, base=base)
+                else:
+                    method.observe(stage, tau, chunk, stats, view)
                 bar.update(chunk.size)
             settle()
         except BaseException as exc:
