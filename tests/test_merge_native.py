@@ -293,6 +293,34 @@ def test_dare_keep_masks_are_the_draws_compared_as_drawn(monkeypatch, draws):
     assert 0.3 < float(got.float().mean()) < 0.45
 
 
+@pytest.mark.parametrize("shape", [(64, 2048), (300, 17), (1, 1), (5, 4096)])
+def test_abs_ranks_are_a_stable_argsorts(shape):
+    """DELLA's ranks: where each |x| lands in torch.argsort(stable=True) along the last dimension, with
+    ties (equal magnitudes of either sign, +0 and -0) in position order, and magnitudes that differ only
+    in the low bits, the middle bits or the top bits (each radix pass, and the skipped ones)."""
+    g = torch.Generator().manual_seed(shape[-1])
+    x = (torch.randn(shape, generator=g) * 0.01).half().float() - (
+        torch.randn(shape, generator=g) * 0.01
+    ).half().float()
+    if shape[-1] > 8:
+        x[:, 3], x[:, 7], x[:, 8] = -x[:, 5], 0.0, -0.0
+        x[0] = torch.randn(shape[-1], generator=g) * torch.logspace(-30, 30, shape[-1])  # every exponent
+    want = torch.empty(shape, dtype=torch.int64).scatter_(
+        -1, torch.argsort(x.abs(), dim=-1, stable=True), torch.arange(shape[-1]).expand(shape)
+    )
+    assert torch.equal(native.abs_ranks(x).long(), want)
+
+
+def test_della_probabilities_take_the_native_ranks_or_the_argsorts(monkeypatch):
+    """rank_probabilities along dim 1 of a 3-D tensor: the native ranks give the argsort's numbers."""
+    from mcomp.merge.methods.gta import rank_probabilities
+
+    x = torch.randn(4, 33, 5, generator=torch.Generator().manual_seed(1)).half().float()
+    fast = rank_probabilities(x, 0.5, 0.2)
+    monkeypatch.setattr(native, "_lib", None)
+    assert torch.equal(fast, rank_probabilities(x, 0.5, 0.2))
+
+
 def test_pool_threads_hold_torch_at_one_thread_and_the_pool_at_its_width():
     from mcomp.merge import kernels
 

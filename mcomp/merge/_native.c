@@ -1218,6 +1218,62 @@ MC_CLONES void mc_mt_keep(uint32_t *st, long count, float density, uint8_t *out)
     }
 }
 
+/* Stable ascending ranks of |x| along each of `rows` rows of `len` values (row r at x + r·len):
+ * rank[r·len + j] is where x[j] of row r lands in a stable sort of the row by |x| (ties in position
+ * order, as torch.argsort(stable=True) orders them). |x| orders as its bit pattern, so the sort is an
+ * LSD radix sort of those bits, 11 at a time, a pass skipped where every key shares its digit (the
+ * low bits of values decoded from 16-bit floats are all zero). */
+MC_CLONES int mc_abs_ranks(const float *x, long rows, long len, int32_t *rank) {
+    uint32_t *keys = malloc(sizeof(uint32_t) * (size_t)len * 2);
+    int32_t *order = malloc(sizeof(int32_t) * (size_t)len * 2);
+    uint32_t *count = malloc(sizeof(uint32_t) * 2048);
+    if (!keys || !order || !count) {
+        free(keys);
+        free(order);
+        free(count);
+        return -1;
+    }
+    for (long r = 0; r < rows; r++) {
+        const float *row = x + r * len;
+        uint32_t *k = keys, *k2 = keys + len;
+        int32_t *o = order, *o2 = order + len;
+        for (long j = 0; j < len; j++) {
+            uint32_t u;
+            memcpy(&u, row + j, sizeof u);
+            k[j] = u & 0x7FFFFFFFu;
+            o[j] = (int32_t)j;
+        }
+        for (int shift = 0; shift < 31; shift += 11) {
+            memset(count, 0, sizeof(uint32_t) * 2048);
+            for (long j = 0; j < len; j++) count[(k[j] >> shift) & 0x7FF]++;
+            if (count[(k[0] >> shift) & 0x7FF] == (uint32_t)len) continue; /* one digit: order unchanged */
+            uint32_t at = 0;
+            for (int b = 0; b < 2048; b++) {
+                uint32_t c = count[b];
+                count[b] = at;
+                at += c;
+            }
+            for (long j = 0; j < len; j++) {
+                uint32_t p = count[(k[j] >> shift) & 0x7FF]++;
+                k2[p] = k[j];
+                o2[p] = o[j];
+            }
+            uint32_t *kt = k;
+            k = k2;
+            k2 = kt;
+            int32_t *ot = o;
+            o = o2;
+            o2 = ot;
+        }
+        int32_t *out = rank + r * len;
+        for (long p = 0; p < len; p++) out[o[p]] = (int32_t)p;
+    }
+    free(keys);
+    free(order);
+    free(count);
+    return 0;
+}
+
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, .m_name = "_native",
                                     .m_doc = "mcomp's fused merge kernels (used through ctypes)", .m_size = -1};
 

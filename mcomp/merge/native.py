@@ -58,6 +58,8 @@ def _load() -> ctypes.CDLL | None:
     lib.mc_pcb_stage1.restype = ctypes.c_int
     lib.mc_abs_brackets.argtypes = [_P, ctypes.c_int, _L, ctypes.c_int, _P, _P, _P, _P, _L, _P, _P]
     lib.mc_abs_brackets.restype = ctypes.c_int
+    lib.mc_abs_ranks.argtypes = [_P, _L, _L, _P]
+    lib.mc_abs_ranks.restype = ctypes.c_int
     lib.mc_all_finite.argtypes = [_P, ctypes.c_int, _L]
     lib.mc_all_finite.restype = ctypes.c_int
     lib.mc_mark_above.argtypes = [_P, ctypes.c_int, _L, _L, _P, _P]
@@ -360,6 +362,17 @@ def abs_brackets(tau, brackets: list[list[tuple[float, float]]]) -> AbsBrackets:
         [_inside(buf[q], int(found[q]), *flat[q]) for q in range(len(flat))],
         bool(finite.value),
     )
+
+
+def abs_ranks(x: torch.Tensor) -> torch.Tensor:
+    """Stable ascending ranks (int32) of |x| along the last dimension of the float32 `x` (ties in
+    position order): where each value lands in torch.argsort(x.abs(), dim=-1, stable=True)."""
+    x = x.detach().contiguous()
+    rank = torch.empty(x.shape, dtype=torch.int32)
+    length = x.shape[-1] if x.dim() else 1
+    if x.numel():
+        _check(_lib.mc_abs_ranks(x.data_ptr(), x.numel() // length, length, rank.data_ptr()))
+    return rank
 
 
 def all_finite(tau) -> bool:
