@@ -7,7 +7,8 @@ either summed or passed through mergekit's sign consensus, optionally normalised
     della             della_magprune,     sign consensus, normalize true,  rescale true
     della_linear      della_magprune,     no consensus,   normalize false, rescale true
 
-Sparsifiers (per model, the whole tensor; `density >= 1` leaves it unchanged):
+Sparsifiers (per model, over the whole tensor, streamed in chunks: the order statistics and L1 norms
+they need come from passes over the tensor; `density >= 1` leaves it unchanged):
 * magnitude_outliers (Breadcrumbs): sort |τ| ascending; drop the int(gamma·N) largest (outliers) and the
   smallest, keeping int(density·N) entries (the outlier cut shrinks when both do not fit). Deviation, on
   purpose: mergekit keeps nothing when the outlier cut is 0 (an empty `[n_bot:-0]` slice: fewer than
@@ -17,7 +18,8 @@ Sparsifiers (per model, the whole tensor; `density >= 1` leaves it unchanged):
   probability `density`, where mergekit divides 0 by 0. Draws: mcomp's reproducible per-(tensor, model)
   streams (`family.MaskStream`), where mergekit draws from torch's global generator.
 * rescale: the kept entries are multiplied by ||τ||₁ / ||kept||₁ of the tensor (mergekit's l1 rescale,
-  not the paper's 1/p), unless either norm is below 1e-7.
+  not the paper's 1/p), unless either norm is below 1e-7. The norms are summed in float64 chunk by chunk,
+  where mergekit sums the whole tensor in float32: the factor can differ from its in the last bit.
 
 Sign consensus (mergekit "sum"): the elected sign is + where Σ_i w_i τ_i ≥ 0, else −; an entry counts where
 its weighted value has that sign (so pruned or zero-weight entries never count); `normalize` divides by
@@ -32,8 +34,10 @@ from typing import ClassVar
 
 import torch
 
+from mcomp.merge import native
 from mcomp.merge.methods.family import MaskStream
 from mcomp.merge.registry import Chunk, MergeMethod, MethodParams, _count, _number, register
+from mcomp.merge.selection import RowQuantiles, RowSum
 
 RESCALE_EPS = 1e-7
 
@@ -46,41 +50,16 @@ def l1_rescaled(tau: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return kept * (before / after)
 
 
-def rank_band(values: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """The entries of 1-D `values` whose rank in ascending order is in [start, stop), equal values ranked
-    by position (a stable sort's order), found in linear time: two order statistics bound the band,
-    and only the entries equal to a bound are told apart by position."""
-    mask = torch.zeros_like(values, dtype=torch.bool)
-    if stop <= start:
-        return mask
-    lo = values.kthvalue(start + 1).values
-    hi = values.kthvalue(stop).values
-    mask |= (values > lo) & (values < hi)
-    for bound in (lo, hi) if lo != hi else (lo,):
-        positions = torch.nonzero(values == bound).flatten()  # in position order
-        rank = int((values < bound).sum()) + torch.arange(positions.numel(), device=values.device)
-        mask[positions[(rank >= start) & (rank < stop)]] = True
-    return mask
-
-
-def outlier_mask(tau: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
-    """Breadcrumbs: keep int(density·N) entries of |τ| after dropping the int(gamma·N) largest."""
-    numel = tau.numel()
-    keep = int(density * numel)
-    top = int(gamma * numel)
-    bottom = numel - keep - top
-    if bottom < 0:
-        top, bottom = top + bottom, 0
-    return rank_band(tau.abs().reshape(-1), bottom, numel - top).view_as(tau).to(tau.dtype)
-
-
 def rank_probabilities(tau: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """DELLA's keep probabilities, linear in the rank of |τ| along dim 1 (a 1-D tensor is one row)."""
     t = tau.unsqueeze(0) if tau.dim() < 2 else tau
     length = t.shape[1]
-    order = torch.argsort(t.abs(), dim=1, stable=True)
-    steps = torch.arange(length, dtype=tau.dtype, device=tau.device).view(1, length, *([1] * (t.dim() - 2)))
-    ranks = torch.empty_like(t).scatter_(1, order, steps.expand_as(t))  # 0 = smallest
+    if native.available() and t.device.type == "cpu" and t.dtype == torch.float32:  # the argsort's ranks, faster
+        ranks = native.abs_ranks(t.movedim(1, -1)).movedim(-1, 1).to(tau.dtype)
+    else:
+        order = torch.argsort(t.abs(), dim=1, stable=True)
+        steps = torch.arange(length, dtype=tau.dtype, device=tau.device).view(1, length, *([1] * (t.dim() - 2)))
+        ranks = torch.empty_like(t).scatter_(1, order, steps.expand_as(t))  # 0 = smallest
     spread = ranks / (length - 1) if length > 1 else torch.full_like(ranks, 0.5)
     return ((density - epsilon) + spread * 2 * epsilon).reshape(tau.shape)
 
@@ -134,20 +113,17 @@ class DellaTiesParams(DellaParams):
 
 
 class GeneralizedTaskArithmetic(MergeMethod):
-    """sparsify → weight → (sign consensus) → sum → (normalise) → λ, per tensor."""
+    """sparsify → weight → (sign consensus) → sum → (normalise) → λ, per tensor; streamed: the statistics a
+    sparsifier needs of the whole tensor (order statistics, L1 norms) come from passes over its chunks."""
 
-    whole_tensors = True
     consensus: ClassVar[bool] = False
 
-    def sparsify(self, tau: torch.Tensor, name: str, model: int) -> torch.Tensor:
+    def sparsified(self, tau: torch.Tensor, chunk: Chunk, stats: dict) -> torch.Tensor:
+        """The chunk's task vectors (n, C) after the sparsifier."""
         raise NotImplementedError
 
     def merge(self, tau: torch.Tensor, chunk: Chunk, stats: dict) -> torch.Tensor:
-        (seg,) = chunk.segments
-        shape = seg.shape or (seg.size,)
-        deltas = tau
-        if self.p.density < 1:
-            deltas = torch.stack([self.sparsify(tau[i].view(shape), seg.name, i).reshape(-1) for i in range(self.n)])
+        deltas = self.sparsified(tau, chunk, stats) if self.p.density < 1 else tau
         w = torch.tensor(self.p.weight_list(self.n), dtype=tau.dtype, device=tau.device).unsqueeze(1)
         weighted = deltas * w
         if self.consensus:
@@ -166,26 +142,167 @@ class GeneralizedTaskArithmetic(MergeMethod):
         return mixed * self.p.scale if self.p.scale != 1.0 else mixed
 
 
+def l1_factors(before: list[float], after: list[float]) -> list[float | None]:
+    """Per model, mergekit's l1 rescale factor ||τ||₁ / ||kept||₁ (float32, as it divides), None where
+    either norm is below RESCALE_EPS (the kept entries stay as they are)."""
+    return [
+        None if b < RESCALE_EPS or a < RESCALE_EPS else float(torch.tensor(b) / torch.tensor(a))
+        for b, a in zip(before, after)
+    ]
+
+
+def rescaled(kept: torch.Tensor, factors: list[float | None] | None) -> torch.Tensor:
+    """`kept` (n, C) with row i multiplied by factors[i] (left as it is where that is None)."""
+    for i, f in enumerate(factors or ()):
+        if f is not None:
+            kept[i] *= f
+    return kept
+
+
+class BandCounts:
+    """Breadcrumbs' second pass: per model, against its band's bounds (lo, hi) of |τ|, the entries below
+    and equal to each bound, equal ones per chunk (to rank them by position in the merge pass), and the
+    L1 norms of the whole tensor and of the entries strictly inside the band (float64)."""
+
+    def __init__(self, n: int):
+        self.below = torch.zeros(n, 2, dtype=torch.int64)
+        # chunk index -> per model, the entries equal to lo and to hi; Python ints, as a small tensor kept
+        # per chunk among the chunk's large temporaries would keep the C heap from reusing their space
+        self.equal: dict[int, list[list[int]]] = {}
+        self.total = torch.zeros(n, dtype=torch.float64)
+        self.inside = torch.zeros(n, dtype=torch.float64)
+
+    def update(self, index: int, a: torch.Tensor, bounds: torch.Tensor) -> None:
+        """`a`: |τ| of chunk `index` (n, C); `bounds`: (n, 2) lo, hi."""
+        lo, hi = bounds[:, :1], bounds[:, 1:]
+        self.below += torch.stack([(a < lo).sum(1), (a < hi).sum(1)], 1).cpu()
+        self.equal[index] = torch.stack([(a == lo).sum(1), (a == hi).sum(1)], 1).tolist()
+        self.total += a.sum(1, dtype=torch.float64).cpu()
+        self.inside += (a * ((a > lo) & (a < hi))).sum(1, dtype=torch.float64).cpu()
+
+
+def band_ranks(d: int, density: float, gamma: float) -> tuple[int, int]:
+    """Breadcrumbs' kept band [start, stop) of ranks in ascending |τ| for d entries."""
+    keep, top = int(density * d), int(gamma * d)
+    bottom = d - keep - top
+    if bottom < 0:
+        top, bottom = top + bottom, 0
+    return bottom, d - top
+
+
 class BreadcrumbsFamily(GeneralizedTaskArithmetic):
+    """Stage 0: the band's bounds per model, exact order statistics of |τ| over the tensor (the rank-start
+    and rank-(stop − 1) values); stage 1: `BandCounts`. The merge pass keeps the entries strictly between
+    the bounds and, of those equal to a bound, the ones whose rank (equal values ranked by position, as a
+    stable sort ranks them) falls in the band."""
+
     Params = BreadcrumbsParams
 
-    def sparsify(self, tau, name, model):
-        mask = outlier_mask(tau, self.p.density, self.p.gamma)
-        return l1_rescaled(tau, mask) if self.p.rescale else tau * mask
+    def num_stages(self) -> int:
+        return 2 if self.p.density < 1 else 0
+
+    def reducers(self, stage: int, d: int) -> dict:
+        self._band = band_ranks(d, self.p.density, self.p.gamma)
+        start, stop = self._band
+        if stop <= start:
+            return {}  # nothing kept
+        if stage == 0:
+            return {"bounds": RowQuantiles([[start, stop - 1]] * self.n, d)}
+        return {"counts": BandCounts(self.n)}
+
+    def observe(self, stage, tau, chunk, stats, reducers):
+        if stage == 0:
+            reducers["bounds"].update(tau.abs())
+        else:
+            bounds = torch.tensor(stats["bounds"], dtype=tau.dtype, device=tau.device)
+            reducers["counts"].update(chunk.index, tau.abs(), bounds)
+
+    def finish(self, stage, reducers, stats):
+        if not reducers:
+            stats["bounds"] = None
+            return
+        if stage == 0:
+            q = reducers["bounds"]
+            start, stop = (t.rank for t in q.targets[:2])
+            stats["bounds"] = [[q.value(i, start), q.value(i, stop)] for i in range(self.n)]
+            return
+        counts: BandCounts = reducers["counts"]
+        order = sorted(counts.equal)
+        before = [[0, 0] for _ in range(self.n)]  # per chunk: equal entries in the chunks before it
+        stats["equal_before"] = {}
+        for index in order:
+            stats["equal_before"][index] = [list(row) for row in before]
+            before = [[b + e for b, e in zip(rb, re)] for rb, re in zip(before, counts.equal[index])]
+        stats["below"] = counts.below
+        if self.p.rescale:
+            start, stop = self._band
+            after = []
+            for i, (lo, hi) in enumerate(stats["bounds"]):
+                kept = counts.inside[i].item()
+                for k, bound in enumerate((lo, hi) if lo != hi else (lo,)):
+                    first = int(counts.below[i, k])  # ranks of the equal entries: first, first + 1, ...
+                    last = first + before[i][k]
+                    kept += max(0, min(last, stop) - max(first, start)) * bound
+                after.append(kept)
+            stats["l1"] = l1_factors(counts.total.tolist(), after)
+
+    def sparsified(self, tau, chunk, stats):
+        if stats.get("bounds") is None:
+            return torch.zeros_like(tau)
+        start, stop = self._band
+        a = tau.abs()
+        bounds = torch.tensor(stats["bounds"], dtype=tau.dtype, device=tau.device)
+        lo, hi = bounds[:, :1], bounds[:, 1:]
+        keep = (a > lo) & (a < hi)
+        equal_before = stats["equal_before"][chunk.index]
+        for i, (lo_i, hi_i) in enumerate(stats["bounds"]):
+            for k, bound in enumerate((lo_i, hi_i) if lo_i != hi_i else (lo_i,)):
+                positions = torch.nonzero(a[i] == bound).flatten()  # in position order
+                first = int(stats["below"][i, k]) + equal_before[i][k]
+                rank = first + torch.arange(positions.numel(), device=tau.device)
+                keep[i, positions[(rank >= start) & (rank < stop)]] = True
+        return rescaled(tau * keep, stats.get("l1"))
 
 
 class DellaFamily(GeneralizedTaskArithmetic):
+    """Each chunk holds whole slices along dim 0 (`whole_slices`), so the ranks along dim 1 are the
+    tensor's; with rescale, stage 0 takes the L1 norms of τ and of the kept entries (the masks drawn once
+    for it, and again, the same draws, in the merge pass)."""
+
     Params = DellaParams
+    whole_slices = True
 
     def __init__(self, params, n):
         super().__init__(params, n)
         self.draws = MaskStream(params.seed, 0.0)
 
-    def sparsify(self, tau, name, model):
-        probabilities = rank_probabilities(tau, self.p.density, self.p.epsilon)
-        uniform = self.draws.uniform(name, model, 0, tau.numel()).to(tau.device).view_as(tau)
-        mask = (uniform < probabilities).to(tau.dtype)
-        return l1_rescaled(tau, mask) if self.p.rescale else tau * mask
+    def num_stages(self) -> int:
+        return 1 if self.p.density < 1 and self.p.rescale else 0
+
+    def reducers(self, stage: int, d: int) -> dict:
+        return {"before": RowSum(self.n), "after": RowSum(self.n)}
+
+    def observe(self, stage, tau, chunk, stats, reducers):
+        a = tau.abs()
+        reducers["before"].update(a)
+        reducers["after"].update(a * self._keep(tau, chunk))
+
+    def finish(self, stage, reducers, stats):
+        stats["l1"] = l1_factors(reducers["before"].result(), reducers["after"].result())
+
+    def _keep(self, tau: torch.Tensor, chunk: Chunk) -> torch.Tensor:
+        """DELLA's keep mask (n, C) of the chunk's entries (0/1 in τ's dtype)."""
+        (seg,) = chunk.segments
+        shape = seg.shape or (seg.size,)
+        rows = []
+        for i in range(self.n):
+            probabilities = rank_probabilities(tau[i].view(shape), self.p.density, self.p.epsilon).reshape(-1)
+            uniform = self.draws.uniform(seg.name, i, seg.start, seg.stop).to(tau.device)
+            rows.append(uniform < probabilities)
+        return torch.stack(rows).to(tau.dtype)
+
+    def sparsified(self, tau, chunk, stats):
+        return rescaled(tau * self._keep(tau, chunk), stats.get("l1"))
 
 
 @register
