@@ -2,7 +2,11 @@
 between the models' task vectors over all pairs (each cosine's denominator clamped at 1e-6, the cosine
 to [−1, 1]) gives t = N·cos / (1 + (N − 1)·cos) (not clamped), and θ = t·mean(θ_i) + (1 − t)·θ0, i.e.
 θ0 + t·mean(τ_i). `filter_wise`: one cosine per row along the last dimension instead of one per tensor.
-It needs at least two models and takes no per-model weights."""
+It needs at least two models and takes no per-model weights.
+
+Streamed: each chunk holds whole slices along dim 0, so a filter's row is in one chunk; a tensor's
+cosines come from a pass that sums the models' dot products (float64, where mergekit takes float32
+norms of the whole tensor: t can differ from its in the last bits)."""
 
 from __future__ import annotations
 
@@ -27,23 +31,62 @@ class ModelStockParams(MethodParams):
             raise ValueError(f"parameter 'filter_wise' must be true or false, got {self.filter_wise!r}")
 
 
+class Gram:
+    """Σ over the columns of τ_i·τ_j for every pair of models (float64)."""
+
+    def __init__(self, n: int):
+        self.values = torch.zeros(n, n, dtype=torch.float64)
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.double()
+        self.values += (x @ x.T).cpu()
+
+
+def mean_cosine(gram: torch.Tensor) -> torch.Tensor:
+    """The mean over model pairs of their cosine (denominator clamped at 1e-6, cosine to [−1, 1]),
+    from a Gram matrix (..., n, n)."""
+    n = gram.shape[-1]
+    norms = gram.diagonal(dim1=-2, dim2=-1).sqrt()
+    cosines = [
+        (gram[..., i, j] / (norms[..., i] * norms[..., j]).clamp(min=1e-6)).clamp(-1, 1)
+        for i in range(n)
+        for j in range(i + 1, n)
+    ]
+    return torch.stack(cosines).mean(0)
+
+
 @register
 class ModelStock(MergeMethod):
     name = "model_stock"
     Params = ModelStockParams
-    whole_tensors = True
+    whole_slices = True
     description = "Model Stock: interpolate the models' average toward the base by their angle (mergekit)"
+
+    def num_stages(self) -> int:
+        return 0 if self.p.filter_wise else 1
+
+    def reducers(self, stage: int, d: int) -> dict:
+        return {"gram": Gram(self.n)}
+
+    def observe(self, stage, tau, chunk, stats, reducers):
+        reducers["gram"].update(tau)
+
+    def finish(self, stage, reducers, stats):
+        stats["cos"] = float(mean_cosine(reducers["gram"].values))
 
     def merge(self, tau: torch.Tensor, chunk: Chunk, stats: dict) -> torch.Tensor:
         (seg,) = chunk.segments
         shape = seg.shape or (seg.size,)
-        rows = tau.view(self.n, -1, shape[-1]) if self.p.filter_wise and len(shape) > 0 else tau.unsqueeze(1)
-        cosines = []
-        for i in range(self.n):
-            for j in range(i + 1, self.n):
-                norms = rows[i].norm(dim=-1) * rows[j].norm(dim=-1)
-                cosines.append(((rows[i] * rows[j]).sum(-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
-        cos = torch.stack(cosines).mean(0).unsqueeze(-1)
+        if self.p.filter_wise and len(shape) > 0:  # a cosine per row, each row within the chunk
+            rows = tau.view(self.n, -1, shape[-1])
+            cosines = []
+            for i in range(self.n):
+                for j in range(i + 1, self.n):
+                    norms = rows[i].norm(dim=-1) * rows[j].norm(dim=-1)
+                    cosines.append(((rows[i] * rows[j]).sum(-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
+            cos, mean = torch.stack(cosines).mean(0).unsqueeze(-1), rows.mean(0)
+        else:
+            cos, mean = torch.tensor(stats["cos"], dtype=tau.dtype, device=tau.device), tau.mean(0)
         t = self.n * cos / (1 + (self.n - 1) * cos)
-        out = (t * rows.mean(0)).reshape(-1)
+        out = (t * mean).reshape(-1)
         return out.mul_(self.p.scale) if self.p.scale != 1.0 else out
