@@ -233,14 +233,14 @@ class BreadcrumbsFamily(GeneralizedTaskArithmetic):
         for index in order:
             stats["equal_before"][index] = [list(row) for row in before]
             before = [[b + e for b, e in zip(rb, re)] for rb, re in zip(before, counts.equal[index])]
-        stats["below"] = counts.below
+        stats["below"] = counts.below.tolist()  # ints: the engine's report keeps every group's statistics
         if self.p.rescale:
             start, stop = self._band
             after = []
             for i, (lo, hi) in enumerate(stats["bounds"]):
                 kept = counts.inside[i].item()
                 for k, bound in enumerate((lo, hi) if lo != hi else (lo,)):
-                    first = int(counts.below[i, k])  # ranks of the equal entries: first, first + 1, ...
+                    first = stats["below"][i][k]  # ranks of the equal entries: first, first + 1, ...
                     last = first + before[i][k]
                     kept += max(0, min(last, stop) - max(first, start)) * bound
                 after.append(kept)
@@ -258,7 +258,7 @@ class BreadcrumbsFamily(GeneralizedTaskArithmetic):
         for i, (lo_i, hi_i) in enumerate(stats["bounds"]):
             for k, bound in enumerate((lo_i, hi_i) if lo_i != hi_i else (lo_i,)):
                 positions = torch.nonzero(a[i] == bound).flatten()  # in position order
-                first = int(stats["below"][i, k]) + equal_before[i][k]
+                first = stats["below"][i][k] + equal_before[i][k]
                 rank = first + torch.arange(positions.numel(), device=tau.device)
                 keep[i, positions[(rank >= start) & (rank < stop)]] = True
         return rescaled(tau * keep, stats.get("l1"))
