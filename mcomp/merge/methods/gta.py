@@ -32,9 +32,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 
 from mcomp.merge import native
+from mcomp.merge.kernels import GrowableArray, parallel_map
 from mcomp.merge.methods.family import MaskStream
 from mcomp.merge.registry import Chunk, MergeMethod, MethodParams, _count, _number, register
 from mcomp.merge.selection import RowQuantiles, RowSum
@@ -264,10 +266,34 @@ class BreadcrumbsFamily(GeneralizedTaskArithmetic):
         return rescaled(tau * keep, stats.get("l1"))
 
 
+class KeptMasks:
+    """A group's keep masks, chunk by chunk, as bits (np.packbits of each model's row): what stage 0
+    drew, for the merge pass. One growing buffer per model rather than arrays kept per chunk, which
+    would sit among the chunks' temporaries and keep the C heap from reusing their space."""
+
+    def __init__(self, n: int, d: int):
+        self.rows = [GrowableArray(np.uint8, capacity=d // 8 + 1024) for _ in range(n)]
+        self.spans: dict[int, tuple[int, int, int]] = {}  # chunk index -> (first byte, last byte, columns)
+
+    def put(self, index: int, keep: torch.Tensor) -> None:
+        packed = np.packbits(keep.cpu().numpy(), axis=1)
+        for row, bits in zip(self.rows, packed):
+            first, last = row.append(bits)
+        self.spans[index] = (first, last, keep.shape[1])
+
+    def get(self, index: int) -> torch.Tensor | None:
+        """The chunk's mask (n, C; bool), None where it was not kept."""
+        if index not in self.spans:
+            return None
+        first, last, columns = self.spans[index]
+        bits = np.stack([np.unpackbits(row.view(first, last), count=columns) for row in self.rows])
+        return torch.from_numpy(bits.view(np.bool_))
+
+
 class DellaFamily(GeneralizedTaskArithmetic):
     """Each chunk holds whole slices along dim 0 (`whole_slices`), so the ranks along dim 1 are the
-    tensor's; with rescale, stage 0 takes the L1 norms of τ and of the kept entries (the masks drawn once
-    for it, and again, the same draws, in the merge pass)."""
+    tensor's; with rescale, stage 0 takes the L1 norms of τ and of the kept entries, and keeps its masks
+    (`KeptMasks`) for the merge pass, which otherwise draws them itself."""
 
     Params = DellaParams
     whole_slices = True
@@ -275,34 +301,41 @@ class DellaFamily(GeneralizedTaskArithmetic):
     def __init__(self, params, n):
         super().__init__(params, n)
         self.draws = MaskStream(params.seed, 0.0)
+        self._masks: KeptMasks | None = None
 
     def num_stages(self) -> int:
         return 1 if self.p.density < 1 and self.p.rescale else 0
 
     def reducers(self, stage: int, d: int) -> dict:
+        self._masks = KeptMasks(self.n, d)
         return {"before": RowSum(self.n), "after": RowSum(self.n)}
 
     def observe(self, stage, tau, chunk, stats, reducers):
+        keep = self._keep(tau, chunk)
+        self._masks.put(chunk.index, keep)
         a = tau.abs()
         reducers["before"].update(a)
-        reducers["after"].update(a * self._keep(tau, chunk))
+        reducers["after"].update(a * keep)
 
     def finish(self, stage, reducers, stats):
         stats["l1"] = l1_factors(reducers["before"].result(), reducers["after"].result())
 
     def _keep(self, tau: torch.Tensor, chunk: Chunk) -> torch.Tensor:
-        """DELLA's keep mask (n, C) of the chunk's entries (0/1 in τ's dtype)."""
+        """DELLA's keep mask (n, C; bool) of the chunk's entries."""
         (seg,) = chunk.segments
         shape = seg.shape or (seg.size,)
-        rows = []
-        for i in range(self.n):
+
+        def row(i: int) -> torch.Tensor:
             probabilities = rank_probabilities(tau[i].view(shape), self.p.density, self.p.epsilon).reshape(-1)
-            uniform = self.draws.uniform(seg.name, i, seg.start, seg.stop).to(tau.device)
-            rows.append(uniform < probabilities)
-        return torch.stack(rows).to(tau.dtype)
+            return self.draws.uniform(seg.name, i, seg.start, seg.stop).to(tau.device) < probabilities
+
+        # the models on the pool: the ranks and the draws release the GIL, each model's stream its own
+        return torch.stack(parallel_map(row, list(range(self.n))))
 
     def sparsified(self, tau, chunk, stats):
-        return rescaled(tau * self._keep(tau, chunk), stats.get("l1"))
+        keep = self._masks.get(chunk.index) if self._masks is not None and "l1" in stats else None
+        keep = self._keep(tau, chunk) if keep is None else keep.to(tau.device)
+        return rescaled(tau * keep, stats.get("l1"))
 
 
 @register
