@@ -236,6 +236,7 @@ class BreadcrumbsFamily(GeneralizedTaskArithmetic):
             stats["equal_before"][index] = [list(row) for row in before]
             before = [[b + e for b, e in zip(rb, re)] for rb, re in zip(before, counts.equal[index])]
         stats["below"] = counts.below.tolist()  # ints: the engine's report keeps every group's statistics
+        stats["equal"] = counts.equal
         if self.p.rescale:
             start, stop = self._band
             after = []
@@ -253,16 +254,26 @@ class BreadcrumbsFamily(GeneralizedTaskArithmetic):
             return torch.zeros_like(tau)
         start, stop = self._band
         a = tau.abs()
-        bounds = torch.tensor(stats["bounds"], dtype=tau.dtype, device=tau.device)
-        lo, hi = bounds[:, :1], bounds[:, 1:]
-        keep = (a > lo) & (a < hi)
-        equal_before = stats["equal_before"][chunk.index]
-        for i, (lo_i, hi_i) in enumerate(stats["bounds"]):
-            for k, bound in enumerate((lo_i, hi_i) if lo_i != hi_i else (lo_i,)):
-                positions = torch.nonzero(a[i] == bound).flatten()  # in position order
-                first = stats["below"][i][k] + equal_before[i][k]
-                rank = first + torch.arange(positions.numel(), device=tau.device)
-                keep[i, positions[(rank >= start) & (rank < stop)]] = True
+        low, high, partial = [], [], []  # per model: keep low <= |τ| <= high; equal entries ranked one by one
+        for i, (lo, hi) in enumerate(stats["bounds"]):
+            keeps = []  # per bound: whether this chunk keeps all, none or some of the entries equal to it
+            for k, bound in enumerate((lo, hi) if lo != hi else (lo,)):
+                first = stats["below"][i][k] + stats["equal_before"][chunk.index][i][k]  # their ranks: first, ...
+                last = first + stats["equal"][chunk.index][i][k]
+                keeps.append(
+                    "all" if start <= first and last <= stop else "none" if last <= start or first >= stop else "some"
+                )
+                if keeps[-1] == "some":
+                    partial.append((i, bound, first))
+            # the next float32 past a bound leaves its equal entries out
+            low.append(lo if keeps[0] == "all" else float(np.nextafter(np.float32(lo), np.float32(np.inf))))
+            high.append(hi if keeps[-1] == "all" else float(np.nextafter(np.float32(hi), np.float32(-np.inf))))
+        column = {"dtype": tau.dtype, "device": tau.device}
+        keep = (a >= torch.tensor(low, **column).unsqueeze(1)) & (a <= torch.tensor(high, **column).unsqueeze(1))
+        for i, bound, first in partial:  # at most one chunk a bound
+            positions = torch.nonzero(a[i] == bound).flatten()  # in position order
+            rank = first + torch.arange(positions.numel(), device=tau.device)
+            keep[i, positions[(rank >= start) & (rank < stop)]] = True
         return rescaled(tau * keep, stats.get("l1"))
 
 
