@@ -415,9 +415,15 @@ def test_breadcrumbs_keeps_a_stable_sorts_band_when_streamed(chunk_elems, tmp_pa
             gamma=gamma,
         )
         assert torch.equal(load_file(out / "model.safetensors")["w"].reshape(-1), tau.reshape(-1) * keep), band
-        rescaled = merge_state_dicts(base, [{"w": tau}], "breadcrumbs", density=density, gamma=gamma, rescale=True)
         want = ref.breadcrumbs_sparsify(tau.double(), density, gamma, rescale=True)
+        rescaled = merge_state_dicts(base, [{"w": tau}], "breadcrumbs", density=density, gamma=gamma, rescale=True)
         torch.testing.assert_close(rescaled["w"].double(), want, rtol=1e-6, atol=1e-6)
+        merge_checkpoints(
+            tmp_path / "base", [tmp_path / "m"], out, "breadcrumbs", chunk_elems=chunk_elems, force=True,
+            density=density, gamma=gamma, rescale=True,
+        )  # fmt: skip
+        streamed = load_file(out / "model.safetensors")["w"].double()
+        torch.testing.assert_close(streamed, want, rtol=1e-6, atol=1e-6)
 
 
 def test_an_svd_that_does_not_converge_in_float32_is_retried_in_float64(monkeypatch):

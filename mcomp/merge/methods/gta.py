@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from mcomp.merge import native
-from mcomp.merge.kernels import GrowableArray, parallel_map
+from mcomp.merge.kernels import GrowableArray, count_below, count_equal, parallel_map
 from mcomp.merge.methods.family import MaskStream
 from mcomp.merge.registry import Chunk, MergeMethod, MethodParams, _count, _number, register
 from mcomp.merge.selection import RowQuantiles, RowSum
@@ -163,24 +163,34 @@ def rescaled(kept: torch.Tensor, factors: list[float | None] | None) -> torch.Te
 
 class BandCounts:
     """Breadcrumbs' second pass: per model, against its band's bounds (lo, hi) of |τ|, the entries below
-    and equal to each bound, equal ones per chunk (to rank them by position in the merge pass), and the
-    L1 norms of the whole tensor and of the entries strictly inside the band (float64)."""
+    and equal to each bound, equal ones per chunk (to rank them by position in the merge pass), and, for
+    the l1 rescale (`norms`), the L1 norms of the whole tensor and of the entries strictly inside the
+    band (float64). Counts are Python ints: a small tensor kept per chunk among the chunk's large
+    temporaries would keep the C heap from reusing their space."""
 
-    def __init__(self, n: int):
-        self.below = torch.zeros(n, 2, dtype=torch.int64)
-        # chunk index -> per model, the entries equal to lo and to hi; Python ints, as a small tensor kept
-        # per chunk among the chunk's large temporaries would keep the C heap from reusing their space
-        self.equal: dict[int, list[list[int]]] = {}
-        self.total = torch.zeros(n, dtype=torch.float64)
-        self.inside = torch.zeros(n, dtype=torch.float64)
+    def __init__(self, n: int, norms: bool):
+        self.norms = norms
+        self.below = [[0, 0] for _ in range(n)]
+        self.equal: dict[int, list[list[int]]] = {}  # chunk index -> per model, the entries equal to lo, hi
+        self.total, self.inside = [0.0] * n, [0.0] * n
 
-    def update(self, index: int, a: torch.Tensor, bounds: torch.Tensor) -> None:
-        """`a`: |τ| of chunk `index` (n, C); `bounds`: (n, 2) lo, hi."""
-        lo, hi = bounds[:, :1], bounds[:, 1:]
-        self.below += torch.stack([(a < lo).sum(1), (a < hi).sum(1)], 1).cpu()
-        self.equal[index] = torch.stack([(a == lo).sum(1), (a == hi).sum(1)], 1).tolist()
-        self.total += a.sum(1, dtype=torch.float64).cpu()
-        self.inside += (a * ((a > lo) & (a < hi))).sum(1, dtype=torch.float64).cpu()
+    def update(self, index: int, a: torch.Tensor, bounds: list[list[float]]) -> None:
+        """`a`: |τ| of chunk `index` (n, C); `bounds`: per model [lo, hi]."""
+
+        def row(i: int) -> tuple[list[int], list[int], float, float]:
+            x, (lo, hi) = a[i], bounds[i]
+            below, equal = [count_below(x, lo), count_below(x, hi)], [count_equal(x, lo), count_equal(x, hi)]
+            if not self.norms:
+                return below, equal, 0.0, 0.0
+            inside = x[(x > lo) & (x < hi)].sum(dtype=torch.float64)
+            return below, equal, float(x.sum(dtype=torch.float64)), float(inside)
+
+        rows = parallel_map(row, list(range(a.shape[0])))  # NumPy's counts release the GIL
+        self.equal[index] = [equal for _, equal, _, _ in rows]
+        for i, (below, _, total, inside) in enumerate(rows):
+            self.below[i] = [b + c for b, c in zip(self.below[i], below)]
+            self.total[i] += total
+            self.inside[i] += inside
 
 
 def band_ranks(d: int, density: float, gamma: float) -> tuple[int, int]:
@@ -210,14 +220,13 @@ class BreadcrumbsFamily(GeneralizedTaskArithmetic):
             return {}  # nothing kept
         if stage == 0:
             return {"bounds": RowQuantiles([[start, stop - 1]] * self.n, d)}
-        return {"counts": BandCounts(self.n)}
+        return {"counts": BandCounts(self.n, self.p.rescale)}
 
     def observe(self, stage, tau, chunk, stats, reducers):
         if stage == 0:
             reducers["bounds"].update(tau.abs())
         else:
-            bounds = torch.tensor(stats["bounds"], dtype=tau.dtype, device=tau.device)
-            reducers["counts"].update(chunk.index, tau.abs(), bounds)
+            reducers["counts"].update(chunk.index, tau.abs(), stats["bounds"])
 
     def finish(self, stage, reducers, stats):
         if not reducers:
@@ -235,19 +244,19 @@ class BreadcrumbsFamily(GeneralizedTaskArithmetic):
         for index in order:
             stats["equal_before"][index] = [list(row) for row in before]
             before = [[b + e for b, e in zip(rb, re)] for rb, re in zip(before, counts.equal[index])]
-        stats["below"] = counts.below.tolist()  # ints: the engine's report keeps every group's statistics
+        stats["below"] = counts.below  # ints: the engine's report keeps every group's statistics
         stats["equal"] = counts.equal
         if self.p.rescale:
             start, stop = self._band
             after = []
             for i, (lo, hi) in enumerate(stats["bounds"]):
-                kept = counts.inside[i].item()
+                kept = counts.inside[i]
                 for k, bound in enumerate((lo, hi) if lo != hi else (lo,)):
                     first = stats["below"][i][k]  # ranks of the equal entries: first, first + 1, ...
                     last = first + before[i][k]
                     kept += max(0, min(last, stop) - max(first, start)) * bound
                 after.append(kept)
-            stats["l1"] = l1_factors(counts.total.tolist(), after)
+            stats["l1"] = l1_factors(counts.total, after)
 
     def sparsified(self, tau, chunk, stats):
         if stats.get("bounds") is None:
