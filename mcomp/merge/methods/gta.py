@@ -244,6 +244,7 @@ class BreadcrumbsFamily(GeneralizedTaskArithmetic):
         for index in order:
             stats["equal_before"][index] = [list(row) for row in before]
             before = [[b + e for b, e in zip(rb, re)] for rb, re in zip(before, counts.equal[index])]
+        equal_total = before  # per model: the entries equal to lo, to hi, over the tensor
         stats["below"] = counts.below  # ints: the engine's report keeps every group's statistics
         stats["equal"] = counts.equal
         if self.p.rescale:
@@ -253,7 +254,7 @@ class BreadcrumbsFamily(GeneralizedTaskArithmetic):
                 kept = counts.inside[i]
                 for k, bound in enumerate((lo, hi) if lo != hi else (lo,)):
                     first = stats["below"][i][k]  # ranks of the equal entries: first, first + 1, ...
-                    last = first + before[i][k]
+                    last = first + equal_total[i][k]
                     kept += max(0, min(last, stop) - max(first, start)) * bound
                 after.append(kept)
             stats["l1"] = l1_factors(counts.total, after)
@@ -301,11 +302,13 @@ class KeptMasks:
             first, last = row.append(bits)
         self.spans[index] = (first, last, keep.shape[1])
 
-    def get(self, index: int) -> torch.Tensor | None:
-        """The chunk's mask (n, C; bool), None where it was not kept."""
+    def get(self, index: int, columns: int) -> torch.Tensor | None:
+        """The mask (n, columns; bool) of chunk `index`, None where it was not kept."""
         if index not in self.spans:
             return None
-        first, last, columns = self.spans[index]
+        first, last, kept = self.spans[index]
+        if kept != columns:
+            raise RuntimeError(f"DELLA: chunk {index} has {columns} columns, its kept mask {kept}")
         bits = np.stack([np.unpackbits(row.view(first, last), count=columns) for row in self.rows])
         return torch.from_numpy(bits.view(np.bool_))
 
@@ -353,7 +356,7 @@ class DellaFamily(GeneralizedTaskArithmetic):
         return torch.stack(parallel_map(row, list(range(self.n))))
 
     def sparsified(self, tau, chunk, stats):
-        keep = self._masks.get(chunk.index) if self._masks is not None and "l1" in stats else None
+        keep = self._masks.get(chunk.index, tau.shape[1]) if self._masks is not None and "l1" in stats else None
         keep = self._keep(tau, chunk) if keep is None else keep.to(tau.device)
         return rescaled(tau * keep, stats.get("l1"))
 
