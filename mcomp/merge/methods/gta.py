@@ -238,15 +238,14 @@ class BreadcrumbsFamily(GeneralizedTaskArithmetic):
             stats["bounds"] = [[q.value(i, start), q.value(i, stop)] for i in range(self.n)]
             return
         counts: BandCounts = reducers["counts"]
-        order = sorted(counts.equal)
-        before = [[0, 0] for _ in range(self.n)]  # per chunk: equal entries in the chunks before it
-        stats["equal_before"] = {}
-        for index in order:
-            stats["equal_before"][index] = [list(row) for row in before]
-            before = [[b + e for b, e in zip(rb, re)] for rb, re in zip(before, counts.equal[index])]
-        equal_total = before  # per model: the entries equal to lo, to hi, over the tensor
-        stats["below"] = counts.below  # ints: the engine's report keeps every group's statistics
-        stats["equal"] = counts.equal
+        if sorted(counts.equal) != list(range(len(counts.equal))):
+            raise RuntimeError(f"breadcrumbs: the count pass saw chunks {sorted(counts.equal)} of the tensor")
+        # per chunk k, per model: the entries equal to lo, to hi in the chunks before k (k = the chunk
+        # count: the tensor's); ints, as the engine's report keeps every group's statistics
+        upto = [[[0, 0] for _ in range(self.n)]]
+        for k in range(len(counts.equal)):
+            upto.append([[u + e for u, e in zip(ru, re)] for ru, re in zip(upto[-1], counts.equal[k])])
+        stats["equal_upto"], stats["below"] = upto, counts.below
         if self.p.rescale:
             start, stop = self._band
             after = []
@@ -254,7 +253,7 @@ class BreadcrumbsFamily(GeneralizedTaskArithmetic):
                 kept = counts.inside[i]
                 for k, bound in enumerate((lo, hi) if lo != hi else (lo,)):
                     first = stats["below"][i][k]  # ranks of the equal entries: first, first + 1, ...
-                    last = first + equal_total[i][k]
+                    last = first + upto[-1][i][k]
                     kept += max(0, min(last, stop) - max(first, start)) * bound
                 after.append(kept)
             stats["l1"] = l1_factors(counts.total, after)
@@ -268,8 +267,9 @@ class BreadcrumbsFamily(GeneralizedTaskArithmetic):
         for i, (lo, hi) in enumerate(stats["bounds"]):
             keeps = []  # per bound: whether this chunk keeps all, none or some of the entries equal to it
             for k, bound in enumerate((lo, hi) if lo != hi else (lo,)):
-                first = stats["below"][i][k] + stats["equal_before"][chunk.index][i][k]  # their ranks: first, ...
-                last = first + stats["equal"][chunk.index][i][k]
+                # the ranks of this chunk's entries equal to the bound: first, first + 1, ..., last - 1
+                first = stats["below"][i][k] + stats["equal_upto"][chunk.index][i][k]
+                last = stats["below"][i][k] + stats["equal_upto"][chunk.index + 1][i][k]
                 keeps.append(
                     "all" if start <= first and last <= stop else "none" if last <= start or first >= stop else "some"
                 )
