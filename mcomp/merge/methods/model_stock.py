@@ -42,15 +42,11 @@ class Gram:
         self.values += (x @ x.T).cpu()
 
 
-def mean_cosine(gram: torch.Tensor) -> torch.Tensor:
-    """The mean over model pairs of their cosine (denominator clamped at 1e-6, cosine to [−1, 1]),
-    from a Gram matrix (..., n, n)."""
-    n = gram.shape[-1]
-    norms = gram.diagonal(dim1=-2, dim2=-1).sqrt()
+def mean_cosine(n: int, dot, norm) -> torch.Tensor:
+    """The mean over model pairs i < j of their cosine dot(i, j) / (norm(i)·norm(j)), the denominator
+    clamped at 1e-6 and the cosine to [−1, 1] (mergekit's)."""
     cosines = [
-        (gram[..., i, j] / (norms[..., i] * norms[..., j]).clamp(min=1e-6)).clamp(-1, 1)
-        for i in range(n)
-        for j in range(i + 1, n)
+        (dot(i, j) / (norm(i) * norm(j)).clamp(min=1e-6)).clamp(-1, 1) for i in range(n) for j in range(i + 1, n)
     ]
     return torch.stack(cosines).mean(0)
 
@@ -72,19 +68,18 @@ class ModelStock(MergeMethod):
         reducers["gram"].update(tau)
 
     def finish(self, stage, reducers, stats):
-        stats["cos"] = float(mean_cosine(reducers["gram"].values))
+        gram = reducers["gram"].values
+        norms = gram.diagonal().sqrt()
+        stats["cos"] = float(mean_cosine(self.n, lambda i, j: gram[i, j], lambda i: norms[i]))
 
     def merge(self, tau: torch.Tensor, chunk: Chunk, stats: dict) -> torch.Tensor:
         (seg,) = chunk.segments
         shape = seg.shape or (seg.size,)
         if self.p.filter_wise and len(shape) > 0:  # a cosine per row, each row within the chunk
             rows = tau.view(self.n, -1, shape[-1])
-            cosines = []
-            for i in range(self.n):
-                for j in range(i + 1, self.n):
-                    norms = rows[i].norm(dim=-1) * rows[j].norm(dim=-1)
-                    cosines.append(((rows[i] * rows[j]).sum(-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
-            cos, mean = torch.stack(cosines).mean(0).unsqueeze(-1), rows.mean(0)
+            norms = rows.norm(dim=-1)
+            cos = mean_cosine(self.n, lambda i, j: (rows[i] * rows[j]).sum(-1), lambda i: norms[i]).unsqueeze(-1)
+            mean = rows.mean(0)
         else:
             cos, mean = torch.tensor(stats["cos"], dtype=tau.dtype, device=tau.device), tau.mean(0)
         t = self.n * cos / (1 + (self.n - 1) * cos)
