@@ -85,6 +85,11 @@ class Sink:
         raise NotImplementedError
 
 
+def _base_argument(method: MergeMethod, base: torch.Tensor) -> dict:
+    """θ0 of the chunk as `observe`'s and `merge`'s keyword, for the methods that take it (`uses_base`)."""
+    return {"base": base} if method.uses_base else {}
+
+
 def _fmt_models(names: list[str]) -> str:
     return ", ".join(repr(n) for n in names)
 
@@ -513,10 +518,7 @@ class MergeEngine:
         settle = method.settle if isinstance(method, Acceleration) else lambda: None
         try:
             for chunk, base, tau in self._reads(method, stage, chunks, checked):
-                if method.uses_base:
-                    method.observe(stage, tau, chunk, stats, view, base=base)
-                else:
-                    method.observe(stage, tau, chunk, stats, view)
+                method.observe(stage, tau, chunk, stats, view, **_base_argument(method, base))
                 bar.update(chunk.size)
             settle()
         except BaseException as exc:
@@ -568,7 +570,7 @@ class MergeEngine:
 
     def _merge_chunk(self, method: MergeMethod, chunk: Chunk, base, tau, stats: dict) -> torch.Tensor:
         try:
-            return method.merge(tau, chunk, stats, base=base) if method.uses_base else method.merge(tau, chunk, stats)
+            return method.merge(tau, chunk, stats, **_base_argument(method, base))
         except NonFiniteInput as exc:
             self.read(exc.chunk, check=True)  # names the tensor and model(s) at fault
             raise
